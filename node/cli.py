@@ -1,0 +1,144 @@
+"""The ``lowband`` command line. Logging is configured here and only here."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from node.config import TaskConfig, parse_value
+from node.errors import ConfigError
+from node.recipes import RECIPES, make_run_config
+
+log = logging.getLogger("lowband")
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _add_run_args(p: argparse.ArgumentParser, rounds: int) -> None:
+    p.add_argument("--recipe", default="sign", choices=sorted(RECIPES), help="algorithm preset (default: sign)")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--H", type=int, default=None, help="inner steps per round (default: the recipe's)")
+    p.add_argument("--task", default="gpt", help="'gpt' or package.module:function")
+    p.add_argument("--size", default="tiny", help="gpt size: tiny, small, medium, gpt2")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe/run field, e.g. --set codec.k=16 --set inner.lr=1e-3 (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+
+
+def _run_config(args: argparse.Namespace):
+    overrides = _overrides(args.sets)
+    if args.H is not None:
+        overrides.setdefault("H", args.H)
+    task_params: dict[str, Any] = {"batch_size": args.batch_size}
+    if args.task == "gpt":
+        task_params["size"] = args.size
+    return make_run_config(args.recipe, overrides, task=TaskConfig(args.task, task_params), workers=args.workers,
+                           rounds=args.rounds, seed=args.seed)
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from node.train.simulate import simulate
+
+    cfg = _run_config(args)
+    H = cfg.recipe.H
+    log.info("simulate: recipe=%s workers=%d rounds=%d H=%d codec=%s outer=%s", cfg.recipe.name, cfg.workers,
+             cfg.rounds, H, cfg.recipe.codec.name, cfg.recipe.outer.name)
+    result = simulate(cfg, device=_device(args.device), eval_every=args.eval_every)
+    summary = {k: v for k, v in result.to_dict().items() if k != "history"}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(result.to_dict(), indent=2))
+        os.replace(tmp, path)
+        log.info("wrote %s", path)
+    return 0
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from node.bench.quality import run_quality_bench
+
+    run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device))
+    return 0
+
+
+def cmd_bench_codecs(args: argparse.Namespace) -> int:
+    from node.bench.codecs import run_codec_bench
+
+    run_codec_bench(size=args.size, repeats=args.repeats, out=Path(args.out) if args.out else None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowband", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="N workers in one process through the in-process transport")
+    _add_run_args(sim, rounds=12)
+    sim.add_argument("--eval-every", type=int, default=0, help="evaluate every K rounds (0: only at the end)")
+    sim.add_argument("--json", default=None, help="write the full result (with per-round history) here")
+    sim.set_defaults(func=cmd_simulate)
+
+    bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    q = bsub.add_parser("quality", help="all recipes at equal tokens per worker: loss vs bytes")
+    q.add_argument("--profile", default="quick", choices=["quick", "full"])
+    q.add_argument("--out", default="out/bench-quality")
+    q.add_argument("--recipes", nargs="*", default=None, help="subset of recipes (default: all)")
+    q.add_argument("--device", default="cpu")
+    q.set_defaults(func=cmd_bench_quality)
+    c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")
+    c.add_argument("--size", default="medium", help="gpt size whose tensors are encoded (medium ≈ 25M params)")
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--out", default=None, help="write results.json here")
+    c.set_defaults(func=cmd_bench_codecs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"lowband: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The codec seam: how one tensor becomes a few raw buffers and back, and how many are combined.
+
+A codec is stateless and deterministic. It describes the exact buffers it produces for a tensor shape
+(``layout``), which lets the wire layer check sizes *before* it allocates anything and makes the byte
+formula of every codec exact by construction. Error feedback is a separate wrapper (``feedback.py``).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from node.errors import PayloadError
+
+Shape = tuple[int, ...]
+#: buffer name → 1-D tensor whose dtype and length match the codec's layout for the tensor's shape
+Encoded = dict[str, torch.Tensor]
+
+_ITEMSIZE = {torch.uint8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+WIRE_DTYPES: dict[str, torch.dtype] = {"u8": torch.uint8, "f16": torch.float16, "bf16": torch.bfloat16,
+                                       "f32": torch.float32}
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """One raw buffer: its element type and exact element count."""
+
+    dtype: torch.dtype
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _ITEMSIZE[self.dtype]
+
+
+def numel_of(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class Codec(ABC):
+    """Turns an fp32 tensor into buffers (``encode``), back (``decode``), and combines many (``reduce``)."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Parameters that change the bytes or their meaning; sent in the envelope, part of the config hash."""
+
+    @abstractmethod
+    def layout(self, shape: Shape) -> dict[str, BufferSpec]:
+        """The exact buffers ``encode`` produces for a tensor of ``shape``."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """fp32 tensor (any shape, any device) → buffers on the same device."""
+
+    @abstractmethod
+    def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
+        """Buffers → the fp32 tensor they stand for (what the receiver reconstructs)."""
+
+    def reduce(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
+        """Combine the payloads of several workers into one fp32 tensor; default: mean of decodes.
+
+        Callers pass payloads in a fixed order (by sender) so every replica gets bit-identical results.
+        """
+        if not encs:
+            raise ValueError("reduce needs at least one payload")
+        total = self.decode(encs[0], shape).clone()
+        for enc in encs[1:]:
+            total.add_(self.decode(enc, shape))
+        return total.div_(len(encs))
+
+    def nbytes(self, shape: Shape) -> int:
+        """Exact payload bytes for one tensor (the byte formula)."""
+        return sum(spec.nbytes for spec in self.layout(shape).values())
+
+    def validate(self, enc: Encoded, shape: Shape) -> None:
+        """Check buffer contents from outside (lengths were checked by the wire); raise PayloadError."""
+        for key, buf in enc.items():
+            if buf.is_floating_point() and not bool(torch.isfinite(buf).all()):
+                raise PayloadError(f"buffer {key!r} holds non-finite values")
+
+    def describe(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in sorted(self.params().items()))
+        return f"{self.name}({args})"

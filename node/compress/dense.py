@@ -1,0 +1,46 @@
+"""Dense passthrough codecs: fp32 (``identity``), ``bf16`` and ``fp16``. The DiLoCo/DSM wire format."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from node.compress.base import BufferSpec, Codec, Encoded, Shape, numel_of
+from node.errors import PayloadError
+
+
+class DenseCodec(Codec):
+    """Sends every element at a fixed float precision."""
+
+    name: ClassVar[str] = "identity"
+    wire_dtype: ClassVar[torch.dtype] = torch.float32
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def layout(self, shape: Shape) -> dict[str, BufferSpec]:
+        return {"values": BufferSpec(self.wire_dtype, numel_of(shape))}
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        values = x.detach().reshape(-1).to(self.wire_dtype)
+        if not bool(torch.isfinite(values).all()):
+            # fp16 overflows at 65504; saying so here beats a receiver rejecting the payload later
+            raise ValueError(f"{self.name}: tensor has values that are not finite at this precision")
+        return {"values": values.contiguous()}
+
+    def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
+        return enc["values"].to(torch.float32).reshape(shape)
+
+    def validate(self, enc: Encoded, shape: Shape) -> None:
+        if not bool(torch.isfinite(enc["values"]).all()):
+            raise PayloadError(f"{self.name}: buffer 'values' holds non-finite values")
+
+
+class Bf16Codec(DenseCodec):
+    name: ClassVar[str] = "bf16"
+    wire_dtype: ClassVar[torch.dtype] = torch.bfloat16
+
+
+class Fp16Codec(DenseCodec):
+    name: ClassVar[str] = "fp16"
+    wire_dtype: ClassVar[torch.dtype] = torch.float16

@@ -1,0 +1,86 @@
+"""1-bit sign codec: packed signs (8 per byte) plus one mean-magnitude scale per chunk.
+
+A chunk is the whole tensor (``block=0``) or consecutive runs of ``block`` elements (the last may be
+short). ``x ≥ 0`` is sent as +1: a bit cannot carry torch's sign(0) = 0, and error feedback keeps the
+difference. Reduce ``mean`` averages the scaled signs; ``vote`` takes the majority sign times the mean
+scale (ties give 0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from node.compress.base import WIRE_DTYPES, BufferSpec, Codec, Encoded, Shape, numel_of
+from node.compress.bitpack import pack_bools, unpack_bools
+from node.errors import ConfigError, PayloadError
+
+
+class SignCodec(Codec):
+    name: ClassVar[str] = "sign"
+
+    def __init__(self, block: int = 0, scale_dtype: str = "f32", reduce: str = "mean") -> None:
+        if block < 0:
+            raise ConfigError(f"sign.block must be ≥ 0 (0 = one scale per tensor), got {block}")
+        if scale_dtype not in ("f32", "f16", "bf16"):
+            raise ConfigError(f"sign.scale_dtype must be f32, f16 or bf16, got {scale_dtype!r}")
+        if reduce not in ("mean", "vote"):
+            raise ConfigError(f"sign.reduce must be 'mean' or 'vote', got {reduce!r}")
+        self.block, self.scale_dtype, self.reduce_mode = block, scale_dtype, reduce
+
+    def params(self) -> dict[str, Any]:
+        return {"block": self.block, "scale_dtype": self.scale_dtype, "reduce": self.reduce_mode}
+
+    def _chunks(self, n: int) -> int:
+        if n == 0:
+            return 0
+        return 1 if self.block == 0 else math.ceil(n / self.block)
+
+    def layout(self, shape: Shape) -> dict[str, BufferSpec]:
+        n = numel_of(shape)
+        return {"bits": BufferSpec(torch.uint8, math.ceil(n / 8)),
+                "scales": BufferSpec(WIRE_DTYPES[self.scale_dtype], self._chunks(n))}
+
+    def _chunk_ids(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n,) index of the chunk each element belongs to."""
+        if self.block == 0:
+            return torch.zeros(n, dtype=torch.int64, device=device)
+        return torch.arange(n, device=device) // self.block
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        flat = x.detach().reshape(-1).to(torch.float32)  # (N,)
+        n = flat.numel()
+        chunks = self._chunks(n)
+        abs_sum = torch.zeros(chunks, dtype=torch.float32, device=flat.device)
+        abs_sum.index_add_(0, self._chunk_ids(n, flat.device), flat.abs())
+        counts = torch.bincount(self._chunk_ids(n, flat.device), minlength=chunks).to(torch.float32)
+        scales = (abs_sum / counts.clamp_min(1)).to(WIRE_DTYPES[self.scale_dtype])  # (chunks,)
+        return {"bits": pack_bools(flat >= 0), "scales": scales}
+
+    def _signs(self, enc: Encoded, n: int) -> torch.Tensor:
+        """(N,) fp32 of ±1."""
+        return unpack_bools(enc["bits"], n).to(torch.float32) * 2 - 1
+
+    def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
+        n = numel_of(shape)
+        scales = enc["scales"].to(torch.float32)[self._chunk_ids(n, enc["bits"].device)]  # (N,)
+        return (self._signs(enc, n) * scales).reshape(shape)
+
+    def reduce(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
+        if self.reduce_mode == "mean":
+            return super().reduce(encs, shape)
+        if not encs:
+            raise ValueError("reduce needs at least one payload")
+        n = numel_of(shape)
+        votes = sum(self._signs(e, n) for e in encs)  # (N,) in [-n, n]
+        mean_scale = sum(e["scales"].to(torch.float32) for e in encs) / len(encs)  # (chunks,)
+        ids = self._chunk_ids(n, votes.device)
+        return (torch.sign(votes) * mean_scale[ids]).reshape(shape)
+
+    def validate(self, enc: Encoded, shape: Shape) -> None:
+        scales = enc["scales"]
+        if not bool(torch.isfinite(scales).all()):
+            raise PayloadError("sign: buffer 'scales' holds non-finite values")
+        if bool((scales < 0).any()):
+            raise PayloadError("sign: buffer 'scales' holds negative values (scales are mean magnitudes)")

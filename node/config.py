@@ -1,0 +1,194 @@
+"""Run configuration: one dataclass per component, validated on construction, composed into RunConfig.
+
+Precedence (resolved here, nowhere else): recipe defaults < run file < ``--set key=value`` flags.
+The config hash covers everything that changes the math or the bytes, so two nodes with different
+hashes are never mixed in one run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Mapping
+
+from node.errors import ConfigError
+
+PAYLOAD_SCALES = ("unit", "inverse_inner_lr", "inner_lr")
+INNER_OPTIMIZERS = ("adamw", "sgd", "grad")
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """The local optimizer. ``grad`` takes no local step: the payload is the gradient itself (H = 1)."""
+
+    optimizer: str = "adamw"
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+    warmup_steps: int | None = None  # None: min(500, total steps // 10)
+    min_lr_ratio: float = 0.1
+    total_steps: int | None = None  # None: rounds × H of the run
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in INNER_OPTIMIZERS:
+            raise ConfigError(f"inner.optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"inner.lr must be a positive number, got {self.lr}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"inner.warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"inner.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"inner.grad_clip must be > 0 or none, got {self.grad_clip}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    name: str = "identity"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    """The outer optimizer; ``lr_follows_inner`` makes its lr = lr × η_t (DSM's γ·η_t, DeMo's η_t)."""
+
+    name: str = "nesterov"
+    lr: float = 0.7
+    params: dict[str, Any] = field(default_factory=dict)
+    lr_follows_inner: bool = False
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"outer.lr must be ≥ 0, got {self.lr}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ConfigError(f"outer.clip_norm must be > 0 or none, got {self.clip_norm}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One codec + feedback policy + outer optimizer + defaults for H and the inner loop."""
+
+    name: str
+    H: int
+    codec: CodecConfig
+    outer: OuterConfig
+    inner: InnerConfig = InnerConfig()
+    feedback_decay: float | None = None  # None: no error feedback
+    payload_scale: str = "unit"  # what multiplies Δ before the codec: 1, 1/η_t or η_t
+
+    def __post_init__(self) -> None:
+        from node.compress import make_codec  # late import: config must stay importable on its own
+
+        if self.H < 1:
+            raise ConfigError(f"H must be ≥ 1, got {self.H}")
+        if self.payload_scale not in PAYLOAD_SCALES:
+            raise ConfigError(f"payload_scale must be one of {PAYLOAD_SCALES}, got {self.payload_scale!r}")
+        if self.feedback_decay is not None and not 0.0 <= self.feedback_decay <= 1.0:
+            raise ConfigError(f"feedback_decay must be in [0, 1] or none, got {self.feedback_decay}")
+        make_codec(self.codec.name, self.codec.params)  # raises ConfigError naming a bad codec/param
+        import torch
+
+        from node.outer import make_outer
+        make_outer(self.outer.name, [("probe", torch.zeros(1))], self.outer.lr, dict(self.outer.params))
+        if self.inner.optimizer == "grad" and self.H != 1:
+            raise ConfigError(f"inner.optimizer 'grad' exchanges every gradient, so H must be 1 (got H={self.H})")
+        if self.payload_scale == "inverse_inner_lr" and self.inner.min_lr_ratio == 0:
+            raise ConfigError("payload_scale 'inverse_inner_lr' divides by η_t: inner.min_lr_ratio must be > 0")
+        if self.outer.name == "decoupled_nesterov":
+            beta = self.outer.params.get("momentum", 0.95)
+            if self.feedback_decay is None or abs(self.feedback_decay - beta) > 1e-12:
+                raise ConfigError("outer 'decoupled_nesterov' keeps its Nesterov buffer in the codec's error feedback: "
+                                  f"feedback_decay ({self.feedback_decay}) must equal outer.momentum ({beta})")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "gpt"  # "gpt" or "package.module:function"
+    params: dict[str, Any] = field(default_factory=lambda: {"size": "tiny", "batch_size": 8})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    recipe: Recipe
+    task: TaskConfig = TaskConfig()
+    workers: int = 4
+    rounds: int = 10
+    seed: int = 0
+    run_id: str = "lowband"
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers must be ≥ 1, got {self.workers}")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be ≥ 1, got {self.rounds}")
+
+    @property
+    def total_inner_steps(self) -> int:
+        return self.recipe.inner.total_steps or self.rounds * self.recipe.H
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def config_hash(self, task_fingerprint: str = "") -> str:
+        """Identifies the math and the bytes: everything but the worker count, round count and run id."""
+        d = self.to_dict()
+        for volatile in ("workers", "rounds", "run_id"):
+            d.pop(volatile)
+        d["task_fingerprint"] = task_fingerprint
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: JSON where it parses (numbers, true/false, lists), ``none`` → None, else a string."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _set_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    """Return a copy of dataclass/dict ``obj`` with ``path`` set; codec/outer extras go into ``params``."""
+    head, rest = path[0], path[1:]
+    if isinstance(obj, Mapping):
+        new = dict(obj)
+        new[head] = _set_path(obj[head], rest, value, full) if rest else value
+        return new
+    names = {f.name for f in fields(obj)}
+    if head not in names:
+        if "params" in names and not rest:  # e.g. codec.k → codec.params.k
+            return replace(obj, params={**obj.params, head: value})
+        raise ConfigError(f"unknown setting {full!r}: {type(obj).__name__} has no field {head!r} "
+                          f"(fields: {sorted(names)})")
+    current = getattr(obj, head)
+    if rest:
+        if not (is_dataclass(current) or isinstance(current, Mapping)):
+            raise ConfigError(f"unknown setting {full!r}: {head!r} has no sub-fields")
+        return replace(obj, **{head: _set_path(current, rest, value, full)})
+    return replace(obj, **{head: value})
+
+
+def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """``{"H": 32, "codec.k": 16, "inner.lr": 1e-3, "task.size": "small"}`` → a new, validated RunConfig.
+
+    Keys without a prefix are looked up on the run, then the recipe (so ``H`` and ``feedback_decay`` work).
+    ``task.X`` sets a task parameter.
+    """
+    for key, value in overrides.items():
+        path = key.split(".")
+        if path[0] == "task" and len(path) == 2 and path[1] != "name":
+            path = ["task", "params", path[1]]
+        run_fields = {f.name for f in fields(RunConfig)}
+        if path[0] not in run_fields:
+            path = ["recipe", *path]
+        try:
+            cfg = _set_path(cfg, path, value, key)
+        except TypeError as exc:
+            raise ConfigError(f"setting {key!r}={value!r}: {exc}") from None
+    return copy.deepcopy(cfg)

@@ -1,0 +1,51 @@
+"""Named recipes: each a preset of codec × feedback × outer optimizer with the spec's defaults."""
+from __future__ import annotations
+
+from node.config import CodecConfig, InnerConfig, OuterConfig, Recipe, RunConfig, TaskConfig, apply_overrides
+from node.errors import ConfigError
+
+_DCT = CodecConfig("dct_topk", {"k": 32, "chunk": 64, "values": "f16", "reduce": "selector-mean"})
+
+RECIPES: dict[str, Recipe] = {
+    # Every step: mean gradient (fp32) then one AdamW step. The anchor for quality and bytes.
+    "ddp": Recipe("ddp", H=1, codec=CodecConfig("identity"), inner=InnerConfig(optimizer="grad"),
+                  outer=OuterConfig("adamw", lr=1.0, lr_follows_inner=True, clip_norm=1.0,
+                                    params={"betas": [0.9, 0.95], "weight_decay": 0.1})),
+    # DiLoCo: dense mean of Δ, Nesterov outer step (spec §2).
+    "diloco": Recipe("diloco", H=500, codec=CodecConfig("identity"),
+                     outer=OuterConfig("nesterov", lr=0.7, params={"momentum": 0.9})),
+    # Seed paper A as published: dense exchange, Lion-style sign-momentum global step (spec §3).
+    "dsm": Recipe("dsm", H=12, codec=CodecConfig("identity"), payload_scale="inverse_inner_lr",
+                  inner=InnerConfig(lr=5e-4),
+                  outer=OuterConfig("sign_momentum", lr=1.0, lr_follows_inner=True,
+                                    params={"betas": [0.95, 0.98], "weight_decay": 0.1})),
+    # dsm's global step on 1-bit sign uploads with error feedback (spec §4).
+    "sign": Recipe("sign", H=12, codec=CodecConfig("sign", {"block": 0, "scale_dtype": "f32", "reduce": "mean"}),
+                   feedback_decay=1.0, payload_scale="inverse_inner_lr", inner=InnerConfig(lr=5e-4),
+                   outer=OuterConfig("sign_momentum", lr=1.0, lr_follows_inner=True,
+                                     params={"betas": [0.95, 0.98], "weight_decay": 0.1})),
+    # Seed paper B, faithful: per-worker decoupled DCT momentum, replicas drift (spec §5).
+    "dct": Recipe("dct", H=128, codec=_DCT, feedback_decay=0.95,
+                  outer=OuterConfig("decoupled_nesterov", lr=0.7, params={"momentum": 0.95})),
+    # Replica-consistent variant: every worker applies only the agreed aggregate Q.
+    "dct-consistent": Recipe("dct-consistent", H=128, codec=_DCT, feedback_decay=0.95,
+                             outer=OuterConfig("nesterov", lr=0.7, params={"momentum": 0.0})),
+    # DeMo: every step, DCT-top-k of a local momentum of gradients, sign step on the aggregate (spec §6).
+    "demo": Recipe("demo", H=1, codec=_DCT, feedback_decay=0.999, payload_scale="inner_lr",
+                   inner=InnerConfig(optimizer="grad", grad_clip=None),
+                   outer=OuterConfig("sign_sgd", lr=1.0, lr_follows_inner=True, params={"weight_decay": 0.0})),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}") from None
+
+
+def make_run_config(recipe: str, overrides: dict | None = None, task: TaskConfig | None = None,
+                    workers: int = 4, rounds: int = 10, seed: int = 0, run_id: str = "lowband") -> RunConfig:
+    cfg = RunConfig(recipe=get_recipe(recipe), task=task or TaskConfig(), workers=workers, rounds=rounds,
+                    seed=seed, run_id=run_id)
+    return apply_overrides(cfg, overrides or {})

@@ -1,0 +1,60 @@
+"""The transport seam: moves opaque payload bytes between workers and decides whether a round commits.
+
+A transport knows nothing of codecs or tensors. ``submit`` hands over this worker's frame for a round;
+``collect`` waits (up to a deadline) for the round to close and returns every committed member's frame,
+sorted by sender so that every replica reduces the same payloads in the same order. Splitting submit
+from collect lets a node train the next round while an exchange is in flight. Retries, deadlines and
+heartbeats live only in transports.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Membership:
+    node_id: str
+    members: tuple[str, ...]
+    round: int  # the first round this node may contribute to
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    committed: bool
+    #: sender → frame, for every member whose payload made it into the round (sorted by sender)
+    payloads: dict[str, bytes] = field(default_factory=dict)
+    reason: str = ""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return tuple(sorted(self.payloads))
+
+
+class Transport(ABC):
+    @abstractmethod
+    def join(self) -> Membership:
+        """Enter the run; returns this node's id and the round it contributes to first."""
+
+    @abstractmethod
+    def submit(self, round_: int, payload: bytes) -> None:
+        """Offer this node's frame for ``round_``; never raises on network faults (the round just won't have it)."""
+
+    @abstractmethod
+    def collect(self, round_: int, timeout_s: float) -> RoundResult:
+        """Block until ``round_`` closes or ``timeout_s`` passes; an uncommitted result on timeout."""
+
+    def exchange(self, round_: int, payload: bytes, timeout_s: float) -> RoundResult:
+        self.submit(round_, payload)
+        return self.collect(round_, timeout_s)
+
+    def fetch_state(self) -> bytes | None:
+        """The current global state for a joiner, or None if the run has none yet."""
+        return None
+
+    @abstractmethod
+    def leave(self) -> None:
+        """Leave the run (immediately, not by lease expiry)."""

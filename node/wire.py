@@ -1,0 +1,168 @@
+"""The payload envelope: the only place where codec buffers become bytes and bytes become tensors.
+
+Frame: ``b"LBW1"`` + msgpack body + 8-byte BLAKE2b digest of the body. The body is a map
+
+    {"v": 1, "run": str, "round": int, "sender": str,
+     "codec": str, "codec_v": int, "params": {...},
+     "tensors": [[name, [dims...]], ...],          # the model's tensors, in model order
+     "buffers": [[bytes, ...], ...]}               # per tensor, in the codec's layout order
+
+``unpack`` checks everything against what the receiver expects — frame size, digest, msgpack limits,
+field types, run, round, codec and its parameters, tensor names and shapes, every buffer's exact length
+— *before* it allocates any tensor, then lets the codec check contents (finite values, index ranges).
+Every failure is a ``PayloadError`` whose message names the field.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+import torch
+
+from node.compress.base import Codec, Encoded, Shape
+from node.errors import PayloadError
+
+FORMAT_VERSION = 1
+MAGIC = b"LBW1"
+DIGEST_BYTES = 8
+_FIELDS = {"v", "run", "round", "sender", "codec", "codec_v", "params", "tensors", "buffers"}
+_MAX_NAME = 256
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: Shape
+
+
+ModelSpec = Sequence[TensorSpec]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A validated payload: who sent it, for which round, and each tensor's codec buffers."""
+
+    run: str
+    round: int
+    sender: str
+    tensors: dict[str, Encoded]
+    nbytes: int
+
+
+def model_spec(named: Sequence[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
+    return [TensorSpec(name, tuple(t.shape)) for name, t in named]
+
+
+def _digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=DIGEST_BYTES).digest()
+
+
+def _raw(buf: torch.Tensor) -> bytes:
+    return buf.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def pack(run: str, round_: int, sender: str, codec: Codec, spec: ModelSpec, encoded: dict[str, Encoded]) -> bytes:
+    """Codec buffers of every tensor → one frame."""
+    tensors, buffers = [], []
+    for t in spec:
+        enc = encoded[t.name]
+        tensors.append([t.name, list(t.shape)])
+        buffers.append([_raw(enc[key]) for key in codec.layout(t.shape)])
+    body = msgpack.packb({"v": FORMAT_VERSION, "run": run, "round": round_, "sender": sender,
+                          "codec": codec.name, "codec_v": codec.version, "params": codec.params(),
+                          "tensors": tensors, "buffers": buffers}, use_bin_type=True)
+    return MAGIC + body + _digest(body)
+
+
+def expected_size(codec: Codec, spec: ModelSpec, run: str, sender: str, round_: int = 0) -> int:
+    """Exact frame size for this model (depends on name lengths, so computed by packing zeros)."""
+    zeros = {t.name: {k: torch.zeros(b.numel, dtype=b.dtype) for k, b in codec.layout(t.shape).items()}
+             for t in spec}
+    return len(pack(run, round_, sender, codec, spec, zeros))
+
+
+def max_frame_size(codec: Codec, spec: ModelSpec) -> int:
+    """An upper bound on any honest frame for this model: payload bytes + generous header room."""
+    payload = sum(codec.nbytes(t.shape) for t in spec)
+    header = 1024 + sum(len(t.name.encode()) + 16 + 10 * len(t.shape) + 16 * len(codec.layout(t.shape))
+                        for t in spec)
+    return len(MAGIC) + payload + header + DIGEST_BYTES
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise PayloadError(message)
+
+
+def _decode_body(data: bytes, limit: int) -> dict[str, Any]:
+    _need(isinstance(data, (bytes, bytearray, memoryview)), f"payload must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    _need(len(data) <= limit, f"payload is {len(data)} bytes, more than the limit of {limit} for this model")
+    _need(len(data) >= len(MAGIC) + DIGEST_BYTES + 1, f"payload is truncated ({len(data)} bytes)")
+    _need(data[:len(MAGIC)] == MAGIC, f"payload does not start with the lowband magic {MAGIC!r}")
+    body, digest = data[len(MAGIC):-DIGEST_BYTES], data[-DIGEST_BYTES:]
+    _need(_digest(body) == digest, "payload digest mismatch (truncated or corrupted in transit)")
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
+                              max_bin_len=limit, max_str_len=64 * 1024, max_array_len=1 << 20,
+                              max_map_len=4096, max_ext_len=0)
+    except Exception as exc:  # msgpack raises many types; all mean "not an envelope"
+        raise PayloadError(f"payload body is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    _need(isinstance(obj, dict), f"envelope must be a map, got {type(obj).__name__}")
+    _need(set(obj) == _FIELDS, f"envelope fields are {sorted(map(str, obj))}, expected {sorted(_FIELDS)}")
+    return obj
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def unpack(data: bytes, codec: Codec, spec: ModelSpec, run: str, round_: int | None = None,
+           limit: int | None = None) -> Envelope:
+    """Validate a frame from outside against the expected run/round/codec/model; see module doc."""
+    limit = max_frame_size(codec, spec) if limit is None else limit
+    obj = _decode_body(data, limit)
+    _need(obj["v"] == FORMAT_VERSION, f"envelope format version {obj['v']!r} is not supported (expected {FORMAT_VERSION})")
+    _need(isinstance(obj["run"], str), "field 'run' must be a string")
+    _need(obj["run"] == run, f"payload is for run {obj['run']!r}, this run is {run!r}")
+    _need(_is_int(obj["round"]) and obj["round"] >= 0, f"field 'round' must be a non-negative integer, got {obj['round']!r}")
+    if round_ is not None:
+        _need(obj["round"] == round_, f"payload is for round {obj['round']}, expected round {round_}")
+    _need(isinstance(obj["sender"], str) and 0 < len(obj["sender"]) <= _MAX_NAME,
+          "field 'sender' must be a non-empty string of at most 256 characters")
+    _need(obj["codec"] == codec.name and obj["codec_v"] == codec.version,
+          f"payload codec {obj['codec']!r} v{obj['codec_v']!r} differs from this run's {codec.name!r} v{codec.version}")
+    _need(obj["params"] == codec.params(),
+          f"payload codec parameters {obj['params']!r} differ from this run's {codec.params()!r}")
+    tensors, buffers = obj["tensors"], obj["buffers"]
+    _need(isinstance(tensors, list) and len(tensors) == len(spec),
+          f"payload has {len(tensors) if isinstance(tensors, list) else 'no list of'} tensors, the model has {len(spec)}")
+    _need(isinstance(buffers, list) and len(buffers) == len(spec), "field 'buffers' must hold one list per tensor")
+    for i, (entry, want) in enumerate(zip(tensors, spec)):
+        _need(isinstance(entry, list) and len(entry) == 2, f"tensors[{i}] must be [name, shape]")
+        name, shape = entry
+        _need(name == want.name, f"tensors[{i}] is {name!r}, expected {want.name!r}")
+        _need(isinstance(shape, list) and all(_is_int(d) for d in shape) and tuple(shape) == want.shape,
+              f"tensor {want.name!r} has shape {shape!r}, the model has {list(want.shape)}")
+        layout = codec.layout(want.shape)
+        bufs = buffers[i]
+        _need(isinstance(bufs, list) and len(bufs) == len(layout),
+              f"tensor {want.name!r} must carry {len(layout)} buffers {list(layout)}")
+        for raw, (key, bspec) in zip(bufs, layout.items()):
+            _need(isinstance(raw, bytes), f"tensor {want.name!r} buffer {key!r} must be binary")
+            _need(len(raw) == bspec.nbytes,
+                  f"tensor {want.name!r} buffer {key!r} is {len(raw)} bytes, expected {bspec.nbytes}")
+    # Sizes are right: now allocate, then let the codec check contents.
+    out: dict[str, Encoded] = {}
+    for want, bufs in zip(spec, buffers):
+        layout = codec.layout(want.shape)
+        enc = {key: torch.frombuffer(bytearray(raw), dtype=bspec.dtype) if raw else torch.empty(0, dtype=bspec.dtype)
+               for raw, (key, bspec) in zip(bufs, layout.items())}
+        try:
+            codec.validate(enc, want.shape)
+        except PayloadError as exc:
+            raise PayloadError(f"tensor {want.name!r}: {exc}") from None
+        out[want.name] = enc
+    return Envelope(run=obj["run"], round=obj["round"], sender=obj["sender"], tensors=out, nbytes=len(data))
