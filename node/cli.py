@@ -99,6 +99,36 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.server import serve
+
+    return serve(args.listen, args.state_dir, args.run)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from node.daemon import NodeOptions, run_node
+
+    expected = None
+    if args.run:
+        from coordinator.config import load_run_file
+
+        expected = load_run_file(args.run).run
+    return run_node(NodeOptions(args.coordinator, Path(args.workdir), args.name or "", args.device, expected,
+                                args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""), args.max_rounds))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.status import print_status
+
+    return print_status(args.coordinator, as_json=args.json)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    return run_demo(recipe=args.recipe, nodes=args.nodes, rounds=args.rounds, H=args.H, workdir=args.workdir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowband", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -110,6 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--eval-every", type=int, default=0, help="evaluate every K rounds (0: only at the end)")
     sim.add_argument("--json", default=None, help="write the full result (with per-round history) here")
     sim.set_defaults(func=cmd_simulate)
+
+    demo = sub.add_parser("demo", help="a coordinator and 3 nodes as separate processes on 127.0.0.1")
+    demo.add_argument("--recipe", default="sign", choices=sorted(RECIPES))
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--rounds", type=int, default=12)
+    demo.add_argument("--H", type=int, default=16)
+    demo.add_argument("--workdir", default=None, help="keep logs, state and plot here (default: a temp dir)")
+    demo.set_defaults(func=cmd_demo)
+
+    co = sub.add_parser("coordinator", help="serve a run over gRPC")
+    co.add_argument("--listen", default="0.0.0.0:7070", help="HOST:PORT; port 0 picks a free one (printed)")
+    co.add_argument("--state-dir", required=True, help="persistent state (survives kill -9)")
+    co.add_argument("--run", required=True, help="the run file (TOML), see deploy/runs/")
+    co.set_defaults(func=cmd_coordinator)
+
+    nd = sub.add_parser("node", help="a worker that joins a coordinator's run")
+    nd.add_argument("--coordinator", required=True, help="HOST:PORT")
+    nd.add_argument("--workdir", required=True, help="checkpoint and round log (resume on restart)")
+    nd.add_argument("--name", default=None, help="unique node name (default: hostname-pid)")
+    nd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    nd.add_argument("--run", default=None, help="refuse to join unless the coordinator runs exactly this run file")
+    nd.add_argument("--join-token", default=None, help="the run's join token (or $LOWBAND_JOIN_TOKEN)")
+    nd.add_argument("--max-rounds", type=int, default=None, help="leave after applying this many rounds")
+    nd.set_defaults(func=cmd_node)
+
+    st = sub.add_parser("status", help="members, round, deadline, bytes and loss of a running coordinator")
+    st.add_argument("--coordinator", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
     bsub = bench.add_subparsers(dest="bench", required=True)

@@ -10,10 +10,15 @@ import copy
 import hashlib
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Mapping
 
 from node.errors import ConfigError
+
+# Set while ``apply_overrides`` applies its keys one by one: Recipe's cross-field checks (e.g. dct's
+# feedback_decay == outer.momentum) then run once on the final combination, not on each intermediate one.
+_DEFER_RECIPE_CHECKS = threading.local()
 
 PAYLOAD_SCALES = ("unit", "inverse_inner_lr", "inner_lr")
 INNER_OPTIMIZERS = ("adamw", "sgd", "grad")
@@ -84,6 +89,8 @@ class Recipe:
     def __post_init__(self) -> None:
         from node.compress import make_codec  # late import: config must stay importable on its own
 
+        if getattr(_DEFER_RECIPE_CHECKS, "active", False):
+            return  # apply_overrides validates the finished recipe
         if self.H < 1:
             raise ConfigError(f"H must be ≥ 1, got {self.H}")
         if self.payload_scale not in PAYLOAD_SCALES:
@@ -180,15 +187,49 @@ def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     Keys without a prefix are looked up on the run, then the recipe (so ``H`` and ``feedback_decay`` work).
     ``task.X`` sets a task parameter.
     """
-    for key, value in overrides.items():
-        path = key.split(".")
-        if path[0] == "task" and len(path) == 2 and path[1] != "name":
-            path = ["task", "params", path[1]]
-        run_fields = {f.name for f in fields(RunConfig)}
-        if path[0] not in run_fields:
-            path = ["recipe", *path]
-        try:
-            cfg = _set_path(cfg, path, value, key)
-        except TypeError as exc:
-            raise ConfigError(f"setting {key!r}={value!r}: {exc}") from None
+    _DEFER_RECIPE_CHECKS.active = True
+    try:
+        for key, value in overrides.items():
+            path = key.split(".")
+            if path[0] == "task" and len(path) == 2 and path[1] != "name":
+                path = ["task", "params", path[1]]
+            run_fields = {f.name for f in fields(RunConfig)}
+            if path[0] not in run_fields:
+                path = ["recipe", *path]
+            try:
+                cfg = _set_path(cfg, path, value, key)
+            except TypeError as exc:
+                raise ConfigError(f"setting {key!r}={value!r}: {exc}") from None
+    finally:
+        _DEFER_RECIPE_CHECKS.active = False
+    try:
+        cfg = replace(cfg, recipe=replace(cfg.recipe))  # validate the combination once
+    except TypeError as exc:
+        raise ConfigError(f"settings {dict(overrides)!r}: {exc}") from None
     return copy.deepcopy(cfg)
+
+
+def run_config_from_dict(d: Mapping[str, Any]) -> RunConfig:
+    """Inverse of ``RunConfig.to_dict`` (e.g. the JSON a coordinator hands a joining node); validates."""
+    try:
+        r = dict(d["recipe"])
+        recipe = Recipe(name=r["name"], H=r["H"], codec=CodecConfig(**r["codec"]), outer=OuterConfig(**r["outer"]),
+                        inner=InnerConfig(**r["inner"]), feedback_decay=r["feedback_decay"],
+                        payload_scale=r["payload_scale"])
+        return RunConfig(recipe=recipe, task=TaskConfig(**d["task"]), workers=d["workers"], rounds=d["rounds"],
+                         seed=d["seed"], run_id=d["run_id"])
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"run config is missing or has a malformed field: {exc}") from None
+
+
+def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two config dicts, with both values."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        path = f"{prefix}{key}"
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out.extend(diff_configs(va, vb, path + "."))
+        elif va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
+            out.append(f"{path}: {va!r} vs {vb!r}")
+    return out

@@ -8,7 +8,8 @@ _DCT = CodecConfig("dct_topk", {"k": 32, "chunk": 64, "values": "f16", "reduce":
 
 RECIPES: dict[str, Recipe] = {
     # Every step: mean gradient (fp32) then one AdamW step. The anchor for quality and bytes.
-    "ddp": Recipe("ddp", H=1, codec=CodecConfig("identity"), inner=InnerConfig(optimizer="grad"),
+    # Clipping happens once, on the mean gradient (outer clip_norm), as in DDP: no per-worker inner clip.
+    "ddp": Recipe("ddp", H=1, codec=CodecConfig("identity"), inner=InnerConfig(optimizer="grad", grad_clip=None),
                   outer=OuterConfig("adamw", lr=1.0, lr_follows_inner=True, clip_norm=1.0,
                                     params={"betas": [0.9, 0.95], "weight_decay": 0.1})),
     # DiLoCo: dense mean of Δ, Nesterov outer step (spec §2).

@@ -86,8 +86,9 @@ def expected_size(codec: Codec, spec: ModelSpec, run: str, sender: str, round_: 
 def max_frame_size(codec: Codec, spec: ModelSpec) -> int:
     """An upper bound on any honest frame for this model: payload bytes + generous header room."""
     payload = sum(codec.nbytes(t.shape) for t in spec)
-    header = 1024 + sum(len(t.name.encode()) + 16 + 10 * len(t.shape) + 16 * len(codec.layout(t.shape))
-                        for t in spec)
+    # 4 · _MAX_NAME: a sender of up to _MAX_NAME characters takes up to 4 bytes per character in UTF-8
+    header = 1024 + 4 * _MAX_NAME + sum(len(t.name.encode()) + 16 + 10 * len(t.shape)
+                                        + 16 * len(codec.layout(t.shape)) for t in spec)
     return len(MAGIC) + payload + header + DIGEST_BYTES
 
 
@@ -119,12 +120,22 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _same(got: Any, want: Any) -> bool:
+    """Equality that also requires equal types (True ≠ 1 ≠ 1.0); msgpack turns tuples into lists."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(_same(got[k], want[k]) for k in want)
+    if isinstance(want, (list, tuple)):
+        return isinstance(got, list) and len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want))
+    return type(got) is type(want) and got == want
+
+
 def unpack(data: bytes, codec: Codec, spec: ModelSpec, run: str, round_: int | None = None,
            limit: int | None = None) -> Envelope:
     """Validate a frame from outside against the expected run/round/codec/model; see module doc."""
     limit = max_frame_size(codec, spec) if limit is None else limit
     obj = _decode_body(data, limit)
-    _need(obj["v"] == FORMAT_VERSION, f"envelope format version {obj['v']!r} is not supported (expected {FORMAT_VERSION})")
+    _need(_is_int(obj["v"]) and obj["v"] == FORMAT_VERSION,
+          f"envelope format version {obj['v']!r} is not supported (expected {FORMAT_VERSION})")
     _need(isinstance(obj["run"], str), "field 'run' must be a string")
     _need(obj["run"] == run, f"payload is for run {obj['run']!r}, this run is {run!r}")
     _need(_is_int(obj["round"]) and obj["round"] >= 0, f"field 'round' must be a non-negative integer, got {obj['round']!r}")
@@ -132,9 +143,9 @@ def unpack(data: bytes, codec: Codec, spec: ModelSpec, run: str, round_: int | N
         _need(obj["round"] == round_, f"payload is for round {obj['round']}, expected round {round_}")
     _need(isinstance(obj["sender"], str) and 0 < len(obj["sender"]) <= _MAX_NAME,
           "field 'sender' must be a non-empty string of at most 256 characters")
-    _need(obj["codec"] == codec.name and obj["codec_v"] == codec.version,
+    _need(obj["codec"] == codec.name and _is_int(obj["codec_v"]) and obj["codec_v"] == codec.version,
           f"payload codec {obj['codec']!r} v{obj['codec_v']!r} differs from this run's {codec.name!r} v{codec.version}")
-    _need(obj["params"] == codec.params(),
+    _need(_same(obj["params"], codec.params()),
           f"payload codec parameters {obj['params']!r} differ from this run's {codec.params()!r}")
     tensors, buffers = obj["tensors"], obj["buffers"]
     _need(isinstance(tensors, list) and len(tensors) == len(spec),

@@ -28,10 +28,10 @@ class DctTopKCodec(Codec):
     name: ClassVar[str] = "dct_topk"
 
     def __init__(self, k: int = 32, chunk: int = 64, values: str = "f16", reduce: str = "selector-mean") -> None:
-        if k < 1:
-            raise ConfigError(f"dct_topk.k must be ≥ 1, got {k}")
-        if chunk < 1:
-            raise ConfigError(f"dct_topk.chunk must be ≥ 1, got {chunk}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"dct_topk.k must be an integer ≥ 1, got {k!r}")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ConfigError(f"dct_topk.chunk must be an integer ≥ 1, got {chunk!r}")
         if values not in VALUE_FORMATS:
             raise ConfigError(f"dct_topk.values must be one of {VALUE_FORMATS}, got {values!r}")
         if reduce not in ("selector-mean", "mean"):

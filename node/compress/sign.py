@@ -21,8 +21,8 @@ class SignCodec(Codec):
     name: ClassVar[str] = "sign"
 
     def __init__(self, block: int = 0, scale_dtype: str = "f32", reduce: str = "mean") -> None:
-        if block < 0:
-            raise ConfigError(f"sign.block must be ≥ 0 (0 = one scale per tensor), got {block}")
+        if not isinstance(block, int) or isinstance(block, bool) or block < 0:
+            raise ConfigError(f"sign.block must be an integer ≥ 0 (0 = one scale per tensor), got {block!r}")
         if scale_dtype not in ("f32", "f16", "bf16"):
             raise ConfigError(f"sign.scale_dtype must be f32, f16 or bf16, got {scale_dtype!r}")
         if reduce not in ("mean", "vote"):

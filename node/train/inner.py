@@ -16,7 +16,7 @@ from torch import nn
 
 from node.config import InnerConfig
 from node.tasks.base import Batch, Task
-from node.train.schedule import inner_lr
+from node.train.schedule import inner_lr, warmup_steps
 
 
 @dataclass
@@ -53,8 +53,7 @@ class InnerLoop:
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
-        warmup = c.warmup_steps if c.warmup_steps is not None else min(500, self.total_steps // 10)
-        return inner_lr(step, c.lr, warmup, self.total_steps, c.min_lr_ratio)
+        return inner_lr(step, c.lr, warmup_steps(c.warmup_steps, self.total_steps), self.total_steps, c.min_lr_ratio)
 
     def run(self, H: int) -> InnerStats:
         start = time.perf_counter()

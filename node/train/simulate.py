@@ -89,7 +89,7 @@ def simulate(cfg: RunConfig, task: Task | None = None, device: str = "cpu", eval
             stats = w.train()
             losses.append(stats.mean_loss)
             lrs.append(stats.last_lr)
-            link.submit(r, w.prepare(r, stats.last_lr))
+            link.submit(r, w.prepare(r))
         round_sent = round_received = 0
         members = 0
         for w, link in zip(workers, links):

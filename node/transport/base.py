@@ -28,6 +28,10 @@ class RoundResult:
     reason: str = ""
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: digest of the reference after this round, where the transport knows one (coordinator mode)
+    reference_fingerprint: str = ""
+    #: the round's result can no longer be had: the node must fetch the global state instead
+    state_needed: bool = False
 
     @property
     def members(self) -> tuple[str, ...]:

@@ -1,0 +1,123 @@
+"""The run file (TOML) a coordinator serves: the run itself plus membership and deadline policies.
+
+```toml
+[run]          # id, task, recipe, rounds, seed
+[task]         # task parameters (size, batch_size, ...)
+[recipe]       # any recipe override, flat ("inner.lr" = 1e-3) or nested ([recipe.inner] lr = 1e-3)
+[membership]   # min_nodes, max_nodes, heartbeat_s, lease_s, join_token
+[rounds]       # initial_wait_s, min_wait_s, max_wait_s, quantile, margin, eval_every
+```
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.config import RunConfig, TaskConfig
+from node.errors import ConfigError
+from node.recipes import make_run_config
+
+
+@dataclass(frozen=True)
+class MembershipPolicy:
+    min_nodes: int = 1
+    max_nodes: int = 64
+    heartbeat_s: float = 2.0
+    lease_s: float = 10.0
+    join_token: str = ""
+
+    def __post_init__(self) -> None:
+        if self.min_nodes < 1:
+            raise ConfigError(f"membership.min_nodes must be ≥ 1, got {self.min_nodes}")
+        if self.max_nodes < self.min_nodes:
+            raise ConfigError(f"membership.max_nodes ({self.max_nodes}) must be ≥ min_nodes ({self.min_nodes})")
+        if not 0 < self.heartbeat_s < self.lease_s:
+            raise ConfigError(f"membership: need 0 < heartbeat_s ({self.heartbeat_s}) < lease_s ({self.lease_s})")
+
+
+@dataclass(frozen=True)
+class DeadlinePolicy:
+    """Round deadline = first submission + clamp(margin × quantile(recent submission spreads))."""
+
+    initial_wait_s: float = 30.0
+    min_wait_s: float = 2.0
+    max_wait_s: float = 300.0
+    quantile: float = 0.9
+    margin: float = 2.0
+    history: int = 20
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_wait_s <= self.max_wait_s:
+            raise ConfigError(f"rounds: need 0 < min_wait_s ({self.min_wait_s}) ≤ max_wait_s ({self.max_wait_s})")
+        if not 0 < self.quantile <= 1:
+            raise ConfigError(f"rounds.quantile must be in (0, 1], got {self.quantile}")
+        if self.margin < 1:
+            raise ConfigError(f"rounds.margin must be ≥ 1, got {self.margin}")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    run: RunConfig
+    membership: MembershipPolicy = MembershipPolicy()
+    deadline: DeadlinePolicy = DeadlinePolicy()
+    eval_every: int = 1  # evaluate the reference every K committed rounds (0: never)
+    keep_results: int = 8  # committed round results held for late collectors
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.run.recipe.name == "dct" and self.run.recipe.outer.name == "decoupled_nesterov":
+            raise ConfigError("recipe 'dct' (faithful) lets replicas drift by design, so there is no global state "
+                              "for a coordinator to serve to joiners; use 'dct-consistent' in coordinator mode")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _section(doc: dict[str, Any], name: str, cls: type) -> Any:
+    try:
+        return cls(**doc.get(name, {}))
+    except TypeError as exc:
+        raise ConfigError(f"run file [{name}]: {exc}") from None
+
+
+def parse_run_file(text: str, source: str = "run file") -> CoordinatorConfig:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    unknown = set(doc) - {"run", "task", "recipe", "membership", "rounds"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown sections {sorted(unknown)}")
+    run = dict(doc.get("run", {}))
+    known_run = {"id", "task", "recipe", "rounds", "seed"}
+    if set(run) - known_run:
+        raise ConfigError(f"{source}: unknown [run] keys {sorted(set(run) - known_run)}; known: {sorted(known_run)}")
+    rounds_doc = dict(doc.get("rounds", {}))
+    eval_every = int(rounds_doc.pop("eval_every", 1))
+    keep = int(rounds_doc.pop("keep_results", 8))
+    task = TaskConfig(run.get("task", "gpt"), dict(doc.get("task", {"size": "tiny", "batch_size": 8})))
+    cfg = make_run_config(run.get("recipe", "sign"), _flatten(doc.get("recipe", {})), task=task,
+                          workers=1, rounds=int(run.get("rounds", 100)), seed=int(run.get("seed", 0)),
+                          run_id=str(run.get("id", "lowband")))
+    return CoordinatorConfig(run=cfg, membership=_section(doc, "membership", MembershipPolicy),
+                             deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy),
+                             eval_every=eval_every, keep_results=keep)
+
+
+def load_run_file(path: str | Path) -> CoordinatorConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read run file {p}: {exc}") from None
+    return parse_run_file(text, str(p))

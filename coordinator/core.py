@@ -1,0 +1,354 @@
+"""The coordinator's handlers: plain methods over its state; the gRPC servicer only translates.
+
+One lock guards membership, the open round and results; a condition wakes collectors when a round
+commits. The outer step runs at commit under the lock (the same ``Reference.apply`` every node runs),
+then the new state is persisted before any collector can see the result.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from coordinator import membership as policy
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import (BadPayload, Conflict, Full, NotSubmitted, Refused, ResultGone, StillOpen, Truncated,
+                                Unauthorized, UnknownNode, WrongRound)
+from coordinator.evaluator import Evaluator
+from coordinator.membership import Member
+from coordinator.store import RoundRow, Store
+from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_chunk
+from node import wire
+from node.config import diff_configs
+from node.errors import ConfigError, PayloadError
+from node.tasks import load_task
+from node.train.reference import Reference, model_digest
+
+log = logging.getLogger(__name__)
+PROTOCOL_VERSION = 1
+STATE_CHUNK = 1 << 20
+
+
+@dataclass
+class Committed:
+    round: int
+    frames: dict[str, bytes]  # member name → frame, sorted
+    fingerprint: str
+    reason: str
+
+
+@dataclass
+class Chunk:
+    """One SubmitChunk, transport-neutral."""
+
+    node_id: str
+    round: int
+    offset: int
+    total_size: int
+    data: bytes
+    train_loss: float = float("nan")
+
+
+class CoordinatorCore:
+    def __init__(self, cfg: CoordinatorConfig, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg, self.store, self.clock = cfg, store, clock
+        run = cfg.run
+        self.task = load_task(run.task.name, **run.task.params)
+        model = self.task.build_model(run.seed)
+        self.reference = Reference(run, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        self.config_hash = run.config_hash(self.task.fingerprint)
+        self.model_digest = model_digest(self.reference.spec)
+        problem = store.check_identity(run.run_id, self.config_hash)
+        if problem:
+            raise ConfigError(problem)
+        committed, blob = store.latest()
+        if blob is not None:
+            self.reference.load_bytes(blob)
+            log.info("resumed run %s after %d committed rounds (fingerprint %s)", run.run_id, committed,
+                     self.reference.fingerprint())
+        self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec)
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.members: dict[str, Member] = store.load_members(clock())
+        self.open_round = self.reference.committed_rounds
+        self.uploads: dict[str, Upload] = {}
+        self.submitted: dict[str, tuple[bytes, float, float]] = {}  # node id → (frame, at, loss)
+        self.first_submit_at: float | None = None
+        self.deadline: float | None = None
+        self.deadline_reason = ""
+        self.spreads: deque[float] = deque(maxlen=cfg.deadline.history)
+        self.results: OrderedDict[int, Committed] = OrderedDict()
+        self.recent: deque[RoundRow] = deque(store.recent_rounds(20), maxlen=20)
+        self._state_cache: tuple[int, bytes] | None = None
+        self._last_reason = ""
+        self.evaluator = Evaluator(self.task, model, self._record_val_loss) if cfg.eval_every else None
+
+    # -- run and membership --------------------------------------------------------------------------
+    def run_info(self, protocol_version: int) -> dict[str, Any]:
+        return {"run_id": self.cfg.run.run_id, "config_json": json.dumps(self.cfg.run.to_dict()),
+                "config_hash": self.config_hash, "task_fingerprint": self.task.fingerprint,
+                "model_digest": self.model_digest, "protocol_version": PROTOCOL_VERSION}
+
+    def join(self, name: str, protocol_version: int, config_json: str, config_hash: str, task_fingerprint: str,
+             digest: str, capabilities: Iterable[str], join_token: str) -> dict[str, Any]:
+        mp = self.cfg.membership
+        if protocol_version != PROTOCOL_VERSION:
+            raise Refused(f"protocol version {protocol_version} is not supported; this coordinator speaks {PROTOCOL_VERSION}")
+        if mp.join_token and not secrets.compare_digest(join_token, mp.join_token):
+            raise Unauthorized("join token missing or wrong for this run")
+        if not name or len(name) > 128:
+            raise Refused("node_name must be 1–128 characters")
+        try:
+            theirs = json.loads(config_json) if config_json else None
+        except json.JSONDecodeError as exc:
+            raise Refused(f"config_json is not valid JSON: {exc}") from None
+        if theirs is not None:
+            diffs = diff_configs(theirs, self.cfg.run.to_dict())
+            if diffs:
+                raise Refused("config differs from the run's (node vs run): " + "; ".join(diffs))
+        if task_fingerprint != self.task.fingerprint:
+            raise Refused(f"task fingerprint differs: node {task_fingerprint[:16]} vs run {self.task.fingerprint[:16]} "
+                          "(different data, e.g. another Python version's standard library, or task parameters)")
+        if digest != self.model_digest:
+            raise Refused(f"model tensors differ: node digest {digest} vs run {self.model_digest}")
+        if config_hash != self.config_hash:
+            raise Refused(f"config hash differs: node {config_hash} vs run {self.config_hash}")
+        with self.lock:
+            decision = policy.admit(self.members, name, mp)
+            if not decision.act:
+                raise (Full if "full" in decision.reason else Conflict)(decision.reason)
+            now = self.clock()
+            # A node joining before anyone submitted starts with this round; later joiners with the next one.
+            first = self.open_round if not self.submitted and not self.uploads else self.open_round + 1
+            shard = policy.free_shard(self.members.values(), mp.max_nodes)
+            assert shard is not None, "admit() bounds members by max_nodes"
+            node_id = secrets.token_hex(16)
+            self.members[node_id] = Member(node_id, name, first, shard, time.time(), now, tuple(capabilities))
+            self.store.save_members(self.members)
+            log.info("[round=%d] join %s (shard %d, first round %d)", self.open_round, name, shard, first)
+            return {"node_id": node_id, "lease_ms": int(mp.lease_s * 1000),
+                    "heartbeat_interval_ms": int(mp.heartbeat_s * 1000), "current_round": self.open_round,
+                    "first_round": first, "committed_rounds": self.reference.committed_rounds,
+                    "config_json": json.dumps(self.cfg.run.to_dict()), "shard": shard, "num_shards": mp.max_nodes}
+
+    def _member(self, node_id: str) -> Member:
+        m = self.members.get(node_id)
+        if m is None:
+            raise UnknownNode(f"unknown node id {node_id[:8]}…: never joined, left, or its lease expired; join again")
+        return m
+
+    def heartbeat(self, node_id: str) -> dict[str, Any]:
+        with self.lock:
+            self._member(node_id).last_heartbeat = self.clock()
+            return {"current_round": self.open_round, "committed_rounds": self.reference.committed_rounds,
+                    "lease_ms": int(self.cfg.membership.lease_s * 1000)}
+
+    def leave(self, node_id: str, reason: str) -> None:
+        with self.lock:
+            m = self._member(node_id)
+            del self.members[node_id]
+            self.uploads.pop(node_id, None)
+            self.store.save_members(self.members)
+            log.info("[round=%d] leave %s: %s", self.open_round, m.name, reason or "no reason given")
+            self._maybe_close()
+
+    def tick(self) -> None:
+        """Expire leases and close a round whose deadline passed; called periodically."""
+        with self.lock:
+            for node_id, reason in policy.expired_members(self.clock(), self.members, self.cfg.membership):
+                del self.members[node_id]
+                self.uploads.pop(node_id, None)
+                log.warning("[round=%d] lease expired: %s", self.open_round, reason)
+                self.store.save_members(self.members)
+            self._maybe_close()
+
+    # -- submissions ---------------------------------------------------------------------------------
+    def submit(self, chunks: Iterable[Chunk]) -> dict[str, Any]:
+        up: Upload | None = None
+        for chunk in chunks:
+            if up is None:
+                up = self._start_upload(chunk)
+                if up.complete:  # already accepted earlier: idempotent
+                    return {"round": up.round, "received_bytes": up.total, "accepted": True}
+            with self.lock:
+                append_chunk(up, chunk.node_id, chunk.round, chunk.offset, chunk.total_size, chunk.data)
+        if up is None:
+            raise BadPayload("empty upload stream: send at least one chunk")
+        if not up.complete:
+            raise Truncated(f"stream ended at byte {up.received} of {up.total}; resume from offset {up.received}",
+                            {RESUME_KEY: str(up.received)})
+        return self._finish_upload(up)
+
+    def _start_upload(self, chunk: Chunk) -> Upload:
+        with self.lock:
+            m = self._member(chunk.node_id)
+            self._check_round(m, chunk.round)
+            check_first_chunk(chunk.total_size, self.limit)
+            if chunk.node_id in self.submitted:
+                if len(self.submitted[chunk.node_id][0]) == chunk.total_size:
+                    return Upload(chunk.node_id, chunk.round, chunk.total_size, bytearray(self.submitted[chunk.node_id][0]))
+                raise Conflict(f"{m.name} already submitted a different payload for round {chunk.round}")
+            up = self.uploads.get(chunk.node_id)
+            if up is None or up.round != chunk.round or up.total != chunk.total_size or chunk.offset == 0:
+                up = self.uploads[chunk.node_id] = Upload(chunk.node_id, chunk.round, chunk.total_size)
+            up.loss = chunk.train_loss
+            return up
+
+    def _check_round(self, m: Member, round_: int) -> None:
+        if round_ < self.open_round:
+            raise WrongRound(f"round {round_} is closed (the open round is {self.open_round}); keep the update in "
+                             "error feedback and collect the round's result")
+        if round_ > self.open_round:
+            raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")
+        if m.first_round > round_:
+            raise WrongRound(f"{m.name} joined for round {m.first_round}; it cannot contribute to round {round_}")
+
+    def _finish_upload(self, up: Upload) -> dict[str, Any]:
+        frame = bytes(up.data)
+        with self.lock:
+            m = self._member(up.node_id)
+            self.uploads.pop(up.node_id, None)
+        try:
+            env = wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
+                              limit=self.limit)
+        except PayloadError as exc:
+            raise BadPayload(f"payload rejected: {exc}") from None
+        if env.sender != m.name:
+            raise BadPayload(f"payload names sender {env.sender!r} but node {m.name!r} sent it")
+        with self.lock:
+            self._member(up.node_id)
+            self._check_round(m, up.round)
+            now = self.clock()
+            self.submitted[up.node_id] = (frame, now, up.loss)
+            m.bytes_in += len(frame)
+            m.last_loss = up.loss
+            if self.first_submit_at is None:
+                self.first_submit_at = now
+                wait, self.deadline_reason = policy.round_wait(list(self.spreads), self.cfg.deadline)
+                self.deadline = now + wait
+                log.info("[round=%d] first payload from %s; deadline in %.1f s (%s)", up.round, m.name, wait,
+                         self.deadline_reason)
+            self._maybe_close()
+            return {"round": up.round, "received_bytes": len(frame), "accepted": True}
+
+    # -- closing rounds ------------------------------------------------------------------------------
+    def _maybe_close(self) -> None:
+        expected = policy.expected_members(self.members, self.open_round)
+        decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership)
+        if not decision.close:
+            if decision.reason != self._last_reason and "deadline" in decision.reason:
+                log.warning("[round=%d] %s", self.open_round, decision.reason)
+            self._last_reason = decision.reason
+            return
+        self._commit(decision)
+
+    def _commit(self, decision: policy.CloseDecision) -> None:
+        r, now = self.open_round, self.clock()
+        names = {nid: (self.members[nid].name if nid in self.members else nid) for nid in decision.members}
+        frames = dict(sorted((names[nid], self.submitted[nid][0]) for nid in decision.members))
+        envelopes, rejected = self.reference.unpack(frames, r)
+        assert not rejected, f"frames were validated on arrival: {rejected}"
+        self.reference.apply(envelopes, r)
+        fingerprint = self.reference.fingerprint()
+        times = [self.submitted[nid][1] for nid in decision.members]
+        losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
+        bytes_in = sum(len(f) for f in frames.values())
+        row = RoundRow(r, time.time(), list(frames), decision.reason, fingerprint, bytes_in, 0,
+                       now - (self.first_submit_at or now), sum(losses) / len(losses) if losses else float("nan"),
+                       float("nan"))
+        for nid in decision.members:
+            if nid in self.members:
+                self.members[nid].rounds_contributed += 1
+        self.store.commit_round(row, self.reference.to_bytes(), frames, self.members)
+        if set(decision.members) >= policy.expected_members(self.members, r):
+            self.spreads.append(max(times) - min(times))
+        self.results[r] = Committed(r, frames, fingerprint, decision.reason)
+        while len(self.results) > self.cfg.keep_results:
+            self.results.popitem(last=False)
+        self.recent.append(row)
+        self.open_round = r + 1
+        self.submitted.clear()
+        self.uploads = {k: u for k, u in self.uploads.items() if u.round > r}
+        self.first_submit_at = self.deadline = None
+        self._last_reason = ""
+        log.info("[round=%d] committed: members=%d in=%dB loss=%.4f fp=%s (%s)", r, len(frames), bytes_in,
+                 row.mean_loss, fingerprint, decision.reason)
+        if self.evaluator is not None and (r + 1) % self.cfg.eval_every == 0:
+            self.evaluator.submit(r, self.reference.tensors)
+        self.cond.notify_all()
+
+    def _record_val_loss(self, round_: int, val: float) -> None:
+        with self.lock:
+            for row in self.recent:
+                if row.round == round_:
+                    row.val_loss = val
+        self.store.set_val_loss(round_, val)
+        log.info("[round=%d] reference val_loss=%.4f", round_, val)
+
+    # -- results and state ---------------------------------------------------------------------------
+    def collect(self, node_id: str, round_: int, wait_s: float, submitted: bool) -> tuple[Committed, list[str]]:
+        """Block until ``round_`` closes (≤ wait_s); returns the result and the members to send (not the caller)."""
+        end = self.clock() + max(0.0, wait_s)
+        with self.cond:
+            m = self._member(node_id)
+            if round_ > self.open_round:
+                raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")
+            while round_ == self.open_round:
+                if submitted and node_id not in self.submitted and node_id not in self.uploads:
+                    raise NotSubmitted(f"no payload from {m.name} for round {round_} is held (the coordinator "
+                                       "may have restarted): submit it again", {"lowband-not-submitted": "1"})
+                remaining = end - self.clock()
+                if remaining <= 0:
+                    raise StillOpen(f"round {round_} is still open: {self._last_reason or 'waiting'}")
+                self.cond.wait(timeout=min(remaining, 1.0))
+                m = self._member(node_id)
+            result = self.results.get(round_)
+            if result is None:
+                frames = self.store.result(round_)
+                if frames is None or round_ != self.reference.committed_rounds - 1:
+                    raise ResultGone(f"the result of round {round_} is no longer held (the run is at round "
+                                     f"{self.open_round}); fetch the state instead")
+                result = Committed(round_, dict(sorted(frames.items())), self.reference.fingerprint(), "restored")
+            to_send = [name for name in result.frames if name != m.name]
+            m.bytes_out += sum(len(result.frames[n]) for n in to_send)
+            return result, to_send
+
+    def state_blob(self) -> tuple[int, bytes, str]:
+        with self.lock:
+            committed = self.reference.committed_rounds
+            if self._state_cache is None or self._state_cache[0] != committed:
+                self._state_cache = (committed, self.reference.to_bytes())
+            return committed, self._state_cache[1], self.reference.fingerprint()
+
+    def fetch_state(self, node_id: str, offset: int) -> Iterable[dict[str, Any]]:
+        with self.lock:
+            self._member(node_id)
+        committed, blob, fingerprint = self.state_blob()
+        if offset > len(blob):
+            raise WrongRound(f"offset {offset} is past the end of the {len(blob)}-byte state")
+        with self.lock:
+            if node_id in self.members:
+                self.members[node_id].bytes_out += len(blob) - offset
+        for start in range(offset, max(len(blob), offset + 1), STATE_CHUNK):
+            yield {"committed_rounds": committed, "total_size": len(blob), "offset": start,
+                   "data": blob[start:start + STATE_CHUNK], "reference_fingerprint": fingerprint}
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            now = self.clock()
+            return {"run_id": self.cfg.run.run_id, "recipe": self.cfg.run.recipe.name, "current_round": self.open_round,
+                    "committed_rounds": self.reference.committed_rounds,
+                    "deadline_in_s": (self.deadline - now) if self.deadline is not None else -1.0,
+                    "members": [m for m in self.members.values()], "recent": list(self.recent),
+                    "reference_fingerprint": self.reference.fingerprint(),
+                    "submitted": sorted(self.members[n].name for n in self.submitted if n in self.members), "now": now}
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.stop()

@@ -1,0 +1,71 @@
+"""Domain errors of the coordinator; the servicer maps each to one gRPC status code."""
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Base: ``code`` names a grpc.StatusCode member; ``metadata`` goes into trailing metadata."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.metadata = metadata or {}
+
+
+class Refused(CoordinatorError):
+    """Join refused: incompatible protocol, config, task or model."""
+    code = "FAILED_PRECONDITION"
+
+
+class Unauthorized(CoordinatorError):
+    code = "UNAUTHENTICATED"
+
+
+class UnknownNode(CoordinatorError):
+    """Node id unknown: never joined, left, or lease expired. The node must join again."""
+    code = "NOT_FOUND"
+
+
+class Conflict(CoordinatorError):
+    code = "ALREADY_EXISTS"
+
+
+class Full(CoordinatorError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class TooLarge(CoordinatorError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class BadPayload(CoordinatorError):
+    code = "INVALID_ARGUMENT"
+
+
+class WrongRound(CoordinatorError):
+    """A payload or request for a round that is closed or not yet open."""
+    code = "FAILED_PRECONDITION"
+
+
+class ResumeMismatch(CoordinatorError):
+    """Upload resumed at the wrong offset; metadata ``lowband-resume-offset`` holds the right one."""
+    code = "OUT_OF_RANGE"
+
+
+class Truncated(CoordinatorError):
+    """The upload stream ended before ``total_size`` bytes; resume from the offset in metadata."""
+    code = "DATA_LOSS"
+
+
+class NotSubmitted(CoordinatorError):
+    """Collect by a member that owes this round a payload the coordinator does not hold (e.g. after a restart)."""
+    code = "FAILED_PRECONDITION"
+
+
+class StillOpen(CoordinatorError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class ResultGone(CoordinatorError):
+    """The round's result is no longer held: fetch state instead."""
+    code = "OUT_OF_RANGE"

@@ -1,0 +1,52 @@
+"""Evaluates the reference parameters off the request path, one round at a time (latest wins)."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from node.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    def __init__(self, task: Task, model: nn.Module, on_result: Callable[[int, float], None]) -> None:
+        self.task, self.model, self.on_result = task, model, on_result
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._job: tuple[int, list[torch.Tensor]] | None = None
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="evaluator", daemon=True)
+        self._thread.start()
+
+    def submit(self, round_: int, tensors: Sequence[torch.Tensor]) -> None:
+        with self._cv:
+            self._job = (round_, [t.detach().clone() for t in tensors])
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._job is None and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                round_, tensors = self._job
+                self._job = None
+            with torch.no_grad():
+                for p, t in zip(self.params, tensors):
+                    p.copy_(t)
+            try:
+                self.on_result(round_, self.task.evaluate(self.model))
+            except Exception:  # evaluation must never take the coordinator down
+                log.exception("evaluation of round %d failed", round_)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=5)

@@ -1,0 +1,153 @@
+"""Crash-safe persistence of the coordinator: SQLite for metadata, write-then-rename files for blobs.
+
+Order at each commit: state blob and round result files are written to temporary names, fsynced and
+renamed; then one SQLite transaction records the round. On start the latest round in SQLite decides
+what is loaded, so a crash at any point leaves either the old or the new round, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from coordinator.membership import Member
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class RoundRow:
+    round: int
+    committed_at: float
+    members: list[str]
+    reason: str
+    fingerprint: str
+    bytes_in: int
+    bytes_out: int
+    duration_s: float
+    mean_loss: float
+    val_loss: float
+
+
+class Store:
+    def __init__(self, state_dir: str | Path, keep: int = 3) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self.db = sqlite3.connect(self.dir / "coordinator.sqlite", check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript("""
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, committed_at REAL, members TEXT,
+                reason TEXT, fingerprint TEXT, bytes_in INTEGER, bytes_out INTEGER, duration_s REAL,
+                mean_loss REAL, val_loss REAL);
+            CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY, name TEXT, first_round INTEGER,
+                shard INTEGER, joined_at REAL, capabilities TEXT, rounds_contributed INTEGER,
+                bytes_in INTEGER, bytes_out INTEGER);
+        """)
+
+    # -- identity ------------------------------------------------------------------------------------
+    def check_identity(self, run_id: str, config_hash: str) -> str | None:
+        """Record the run on first use; on later starts return a message if the run file changed."""
+        rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        if not rows:
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany("INSERT INTO meta VALUES (?, ?)", [("run_id", run_id), ("config_hash", config_hash)])
+            return None
+        if rows.get("run_id") != run_id or rows.get("config_hash") != config_hash:
+            return (f"state dir {self.dir} holds run {rows.get('run_id')!r} with config hash {rows.get('config_hash')}; "
+                    f"this run file is run {run_id!r} with config hash {config_hash}. Use another --state-dir.")
+        return None
+
+    # -- rounds --------------------------------------------------------------------------------------
+    def _state_path(self, committed: int) -> Path:
+        return self.dir / f"state-{committed:08d}.pt"
+
+    def _result_path(self, round_: int) -> Path:
+        return self.dir / f"result-{round_:08d}.msgpack"
+
+    def commit_round(self, row: RoundRow, state_blob: bytes, frames: dict[str, bytes],
+                     members: dict[str, Member]) -> None:
+        committed = row.round + 1
+        write_atomic(self._state_path(committed), state_blob)
+        write_atomic(self._result_path(row.round), msgpack.packb({"round": row.round, "frames": frames}, use_bin_type=True))
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?)",
+                            (row.round, row.committed_at, json.dumps(row.members), row.reason, row.fingerprint,
+                             row.bytes_in, row.bytes_out, row.duration_s, row.mean_loss, row.val_loss))
+            self._save_members(members)
+        for old in sorted(self.dir.glob("state-*.pt"))[:-self.keep]:
+            old.unlink(missing_ok=True)
+        for old in sorted(self.dir.glob("result-*.msgpack"))[:-self.keep]:
+            old.unlink(missing_ok=True)
+
+    def set_val_loss(self, round_: int, val_loss: float) -> None:
+        with self.db:
+            self.db.execute("UPDATE rounds SET val_loss = ? WHERE round = ?", (val_loss, round_))
+
+    def latest(self) -> tuple[int, bytes | None]:
+        """(committed rounds, state blob) of the last committed round; (0, None) for a new run."""
+        row = self.db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        if row[0] is None:
+            return 0, None
+        committed = int(row[0]) + 1
+        return committed, self._state_path(committed).read_bytes()
+
+    def result(self, round_: int) -> dict[str, bytes] | None:
+        path = self._result_path(round_)
+        if not path.exists():
+            return None
+        return msgpack.unpackb(path.read_bytes(), raw=False)["frames"]
+
+    def recent_rounds(self, limit: int = 20) -> list[RoundRow]:
+        rows = self.db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,)).fetchall()
+        return [RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in reversed(rows)]
+
+    # -- members -------------------------------------------------------------------------------------
+    def _save_members(self, members: dict[str, Member]) -> None:
+        self.db.execute("DELETE FROM members")
+        self.db.executemany("INSERT INTO members VALUES (?,?,?,?,?,?,?,?,?)", [
+            (m.node_id, m.name, m.first_round, m.shard, m.joined_at, json.dumps(list(m.capabilities)),
+             m.rounds_contributed, m.bytes_in, m.bytes_out) for m in members.values()])
+
+    def save_members(self, members: dict[str, Member]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self._save_members(members)
+
+    def load_members(self, now: float | None = None) -> dict[str, Member]:
+        """Members as of the last save; their leases restart now (a restart must not expel everyone)."""
+        now = time.monotonic() if now is None else now
+        out = {}
+        for r in self.db.execute("SELECT * FROM members").fetchall():
+            out[r[0]] = Member(node_id=r[0], name=r[1], first_round=r[2], shard=r[3], joined_at=r[4],
+                               last_heartbeat=now, capabilities=tuple(json.loads(r[5])), rounds_contributed=r[6],
+                               bytes_in=r[7], bytes_out=r[8])
+        return out
+
+    def close(self) -> None:
+        self.db.close()
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())

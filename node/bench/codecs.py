@@ -1,0 +1,78 @@
+"""``lowband bench codecs``: encode + decode throughput and exact wire size of every codec.
+
+The tensors are the built-in GPT's parameters at the chosen size (``medium`` ≈ 25M parameters), filled
+with Gaussian noise (top-k and sign costs do not depend on the values' meaning). Bits per parameter
+count the whole frame, envelope included.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from node import wire
+from node.compress import make_codec
+from node.tasks.gpt import GPT_SIZES, GPT
+
+log = logging.getLogger(__name__)
+
+CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("identity", {}),
+    ("bf16", {}),
+    ("sign", {"block": 0}),
+    ("sign", {"block": 4096}),
+    ("dct_topk", {"k": 32, "chunk": 64, "values": "f16"}),
+    ("dct_topk", {"k": 32, "chunk": 64, "values": "int8"}),
+    ("dct_topk", {"k": 32, "chunk": 64, "values": "sign"}),
+]
+
+
+def run_codec_bench(size: str = "medium", repeats: int = 3, out: Path | None = None,
+                    device: str = "cpu") -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(0)
+    model = GPT(GPT_SIZES[size])
+    named = [(n, torch.randn(p.shape, generator=gen).to(device)) for n, p in model.named_parameters()]
+    spec = wire.model_spec(named)
+    params = sum(t.numel() for _, t in named)
+    rows = []
+    for name, cparams in CONFIGS:
+        codec = make_codec(name, cparams)
+        best_enc = best_dec = float("inf")
+        frame = b""
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            encoded = {n: codec.encode(t) for n, t in named}
+            t1 = time.perf_counter()
+            for n, t in named:
+                codec.decode(encoded[n], tuple(t.shape))
+            t2 = time.perf_counter()
+            best_enc, best_dec = min(best_enc, t1 - t0), min(best_dec, t2 - t1)
+            frame = wire.pack("bench", 0, "w0", codec, spec, encoded)
+        formula = sum(codec.nbytes(t.shape) for t in spec)
+        row = {"codec": codec.describe(), "params": params, "frame_bytes": len(frame), "formula_bytes": formula,
+               "bits_per_param": len(frame) * 8 / params, "envelope_overhead": len(frame) / formula,
+               "encode_s": best_enc, "decode_s": best_dec,
+               "encode_Mparam_per_s": params / best_enc / 1e6, "decode_Mparam_per_s": params / best_dec / 1e6}
+        rows.append(row)
+        log.info("%s: %.3f bits/param, encode %.3f s, decode %.3f s", row["codec"], row["bits_per_param"],
+                 best_enc, best_dec)
+    lines = [f"Model: gpt {size}, {params:,} parameters; device {device}; {platform.machine()}, "
+             f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads", "",
+             "| codec | frame bytes | formula bytes | frame/formula | bits/param | encode s | decode s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['codec']} | {r['frame_bytes']:,} | {r['formula_bytes']:,} | {r['envelope_overhead']:.4f} | "
+                     f"{r['bits_per_param']:.3f} | {r['encode_s']:.3f} | {r['decode_s']:.3f} |")
+    print("\n".join(lines))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(rows, indent=2))
+        os.replace(tmp, out / "results.json")
+    return rows

@@ -1,0 +1,132 @@
+"""``lowband bench quality``: every recipe on the built-in task at equal tokens per worker.
+
+Writes DIR/results.json (one object per recipe), DIR/results.md (a table plus ratios against
+``diloco``) and DIR/loss_vs_bytes.png (validation loss against bytes sent per worker, log x).
+All recipes share the model, data, worker count, inner peak lr and token budget; recipes with local
+steps share one H, so byte ratios compare codecs at the same H.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.config import TaskConfig
+from node.recipes import make_run_config
+from node.train.simulate import SimResult, simulate
+
+log = logging.getLogger(__name__)
+
+ALL_RECIPES = ("ddp", "diloco", "dsm", "sign", "dct", "dct-consistent", "demo")
+
+
+@dataclass(frozen=True)
+class Profile:
+    size: str
+    batch_size: int
+    workers: int
+    steps_per_worker: int  # equal tokens: every recipe runs this many inner steps per worker
+    H: int  # for recipes with local steps; ddp and demo exchange every step
+    inner_lr: float
+    evals: int  # evaluation points along the run
+    task_params: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES = {
+    "quick": Profile(size="tiny", batch_size=8, workers=4, steps_per_worker=768, H=32, inner_lr=2e-3, evals=8),
+    "full": Profile(size="small", batch_size=16, workers=4, steps_per_worker=4096, H=64, inner_lr=1e-3, evals=16),
+}
+
+
+def _run_recipe(recipe: str, prof: Profile, device: str) -> SimResult:
+    local_steps = recipe not in ("ddp", "demo")
+    H = prof.H if local_steps else 1
+    rounds = prof.steps_per_worker // H
+    overrides: dict[str, Any] = {"H": H, "inner.lr": prof.inner_lr, "inner.total_steps": rounds * H}
+    task = TaskConfig("gpt", {"size": prof.size, "batch_size": prof.batch_size, **prof.task_params})
+    cfg = make_run_config(recipe, overrides, task=task, workers=prof.workers, rounds=rounds, seed=0,
+                          run_id=f"bench-{recipe}")
+    return simulate(cfg, device=device, eval_every=max(1, rounds // prof.evals))
+
+
+def _row(res: SimResult) -> dict[str, Any]:
+    d = res.to_dict()
+    d["bits_per_param_per_round"] = res.payload_bytes_per_round * 8 / res.params
+    d["curve"] = [{"round": h["round"], "bytes_sent_per_worker": h["bytes_sent_per_worker"],
+                   "tokens_per_worker": h["tokens_per_worker"], "val_loss": h["val_loss"]}
+                  for h in d.pop("history") if h["val_loss"] is not None]
+    return d
+
+
+def _markdown(rows: list[dict[str, Any]], prof: Profile, command: str) -> str:
+    base = next((r for r in rows if r["recipe"] == "diloco"), None)
+    lines = [f"Profile: {prof}", f"Command: `{command}`", f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+             f"Python {platform.python_version()}", "",
+             "| recipe | workers | H | rounds | tokens/worker | final val loss | Δ vs diloco (nats) | bytes sent/worker "
+             "| bytes recv/worker | bits/param/round | × fewer bytes than diloco | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dloss = f"{r['final_val_loss'] - base['final_val_loss']:+.3f}" if base else "n/a"
+        ratio = f"{base['bytes_sent_per_worker'] / r['bytes_sent_per_worker']:.1f}" if base else "n/a"
+        lines.append(f"| {r['recipe']} | {r['workers']} | {r['H']} | {r['rounds']} | {r['tokens_per_worker']} | "
+                     f"{r['final_val_loss']:.4f} | {dloss} | {r['bytes_sent_per_worker']:,} | "
+                     f"{r['bytes_received_per_worker']:,} | {r['bits_per_param_per_round']:.3f} | {ratio} | "
+                     f"{r['wall_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        xs = [c["bytes_sent_per_worker"] for c in r["curve"]]
+        ys = [c["val_loss"] for c in r["curve"]]
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{r['recipe']} (H={r['H']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per worker (log)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("lowband: validation loss vs bytes sent, equal tokens per worker")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_quality_bench(profile: str, out: Path, recipes: list[str] | None = None, device: str = "cpu",
+                      command: str = "") -> list[dict[str, Any]]:
+    prof = PROFILES[profile]
+    out.mkdir(parents=True, exist_ok=True)
+    command = command or f"lowband bench quality --profile {profile} --out {out}"
+    rows = []
+    started = time.perf_counter()
+    for recipe in recipes or ALL_RECIPES:
+        log.info("bench quality: %s ...", recipe)
+        res = _run_recipe(recipe, prof, device)
+        rows.append(_row(res))
+        log.info("bench quality: %s final val %.4f, %d bytes sent/worker, %.1f s", recipe, res.final_val_loss,
+                 res.bytes_sent_per_worker, res.wall_s)
+        # partial results survive an interrupted benchmark
+        _write(out / "results.json", json.dumps(rows, indent=2))
+    _write(out / "results.md", _markdown(rows, prof, command))
+    _plot(rows, out / "loss_vs_bytes.png")
+    log.info("bench quality: done in %.1f s → %s", time.perf_counter() - started, out)
+    print(_markdown(rows, prof, command))
+    return rows

@@ -1,0 +1,231 @@
+"""``lowband node``: the long-running worker. Join, (fetch state), train H steps, submit, collect,
+apply, checkpoint, repeat — until the run's last round, SIGTERM, or Ctrl-C.
+
+Files in the workdir: ``checkpoint.pt`` (write-then-rename after every applied round) and
+``rounds.jsonl`` (one line per applied round or adopted state: the exactly-once audit trail).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from node import wire
+from node.config import RunConfig, diff_configs, run_config_from_dict
+from node.tasks import load_task
+from node.train.reference import model_digest
+from node.train.worker import Worker
+from node.transport.grpc_client import GrpcTransport, Identity, JoinRefused, Rejoin, Stopped
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeOptions:
+    coordinator: str
+    workdir: Path
+    name: str = ""
+    device: str = "auto"
+    run: RunConfig | None = None  # what the operator expects; refused at Join if it differs
+    join_token: str = ""
+    max_rounds: int | None = None  # stop after this many applied rounds (tests, demos)
+    round_timeout_s: float = 3600.0
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class NodeDaemon:
+    def __init__(self, opts: NodeOptions, stop: threading.Event | None = None) -> None:
+        self.opts = opts
+        self.stop = stop or threading.Event()
+        self.name = opts.name or f"{socket.gethostname()}-{os.getpid()}"
+        self.workdir = Path(opts.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.transport = GrpcTransport(opts.coordinator, self.stop)
+        self.worker: Worker | None = None
+        self.applied = 0
+
+    # -- files ---------------------------------------------------------------------------------------
+    def _log_round(self, entry: dict[str, Any]) -> None:
+        with open(self.workdir / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _checkpoint(self, config_hash: str) -> None:
+        assert self.worker is not None
+        buf = io.BytesIO()
+        torch.save({"config_hash": config_hash, "name": self.name, "state": self.worker.state_dict()}, buf)
+        _write_atomic(self.workdir / "checkpoint.pt", buf.getvalue())
+
+    def _load_checkpoint(self, config_hash: str) -> dict[str, Any] | None:
+        path = self.workdir / "checkpoint.pt"
+        if not path.exists():
+            return None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
+            return None
+        if ckpt.get("config_hash") != config_hash:
+            log.info("checkpoint is from another run (config hash %s ≠ %s): not used", ckpt.get("config_hash"),
+                     config_hash)
+            return None
+        return ckpt
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def _join(self) -> tuple[RunConfig, str, int]:
+        info = self.transport.get_run()
+        cfg = run_config_from_dict(json.loads(info.config_json))
+        if self.opts.run is not None:
+            diffs = diff_configs(self.opts.run.to_dict(), cfg.to_dict())
+            if diffs:
+                log.warning("this node's run file differs from the coordinator's; Join will be refused")
+            cfg_for_join = self.opts.run
+        else:
+            cfg_for_join = cfg
+        task = load_task(cfg_for_join.task.name, **cfg_for_join.task.params)
+        probe = task.build_model(cfg_for_join.seed)
+        digest = model_digest(wire.model_spec([(n, p) for n, p in probe.named_parameters() if p.requires_grad]))
+        config_hash = cfg_for_join.config_hash(task.fingerprint)
+        self.transport.identity = Identity(self.name, json.dumps(cfg_for_join.to_dict()), config_hash,
+                                           task.fingerprint, digest, (f"device={_device(self.opts.device)}",),
+                                           self.opts.join_token)
+        membership = self.transport.join()
+        resp = self.transport.join_response
+        assert resp is not None
+        if self.worker is None:
+            self.worker = Worker(self.name, cfg, task, shard=resp.shard, num_shards=resp.num_shards,
+                                 device=_device(self.opts.device))
+        log.info("[node=%s] joined %s: shard %d/%d, first round %d, %d rounds committed", self.name,
+                 self.opts.coordinator, resp.shard, resp.num_shards, membership.round, resp.committed_rounds)
+        return cfg, config_hash, membership.round
+
+    def _sync_state(self, first_round: int, config_hash: str) -> None:
+        """Bring θ_ref to the run's state before contributing to ``first_round``."""
+        worker = self.worker
+        assert worker is not None
+        ckpt = self._load_checkpoint(config_hash)
+        if ckpt is not None:
+            worker.load_state_dict(ckpt["state"])
+            if worker.reference.committed_rounds == first_round:
+                log.info("[node=%s] resumed from checkpoint at round %d", self.name, first_round)
+                return
+        if first_round == 0:
+            return  # the run has not started: everyone starts from the same seeded init
+        # Wait for the round before ours to close, then take the state it produced.
+        self.transport.collect(first_round - 1, self.opts.round_timeout_s, submitted=False)
+        self._adopt_state("join")
+
+    def _adopt_state(self, why: str) -> None:
+        worker = self.worker
+        assert worker is not None
+        started = time.monotonic()
+        committed, blob, fingerprint = self.transport.fetch_state()
+        worker.adopt_global_state(blob)
+        if worker.fingerprint() != fingerprint:
+            raise RuntimeError(f"fetched state fingerprint {worker.fingerprint()} ≠ published {fingerprint}")
+        log.info("[node=%s] adopted state after %d rounds (%d bytes, %.2f s, %s)", self.name, committed, len(blob),
+                 time.monotonic() - started, why)
+        self._log_round({"event": "state", "committed_rounds": committed, "fingerprint": fingerprint, "why": why,
+                         "bytes": len(blob)})
+
+    def run(self) -> int:
+        try:
+            cfg, config_hash, first = self._join()
+        except JoinRefused as exc:
+            log.error("[node=%s] join refused: %s", self.name, exc)
+            return 3
+        except Stopped:
+            return 0
+        try:
+            self._sync_state(first, config_hash)
+            return self._loop(cfg, config_hash)
+        except Stopped:
+            return 0
+        finally:
+            if self.worker is not None and self.applied:
+                self._checkpoint(config_hash)
+            self.transport.leave("shutdown" if self.stop.is_set() else "done")
+            self.transport.close()
+
+    def _loop(self, cfg: RunConfig, config_hash: str) -> int:
+        worker = self.worker
+        assert worker is not None
+        while not self.stop.is_set():
+            r = worker.reference.committed_rounds
+            if r >= cfg.rounds or (self.opts.max_rounds is not None and self.applied >= self.opts.max_rounds):
+                log.info("[node=%s] done after round %d", self.name, r - 1)
+                return 0
+            try:
+                if self.transport.lost.is_set():
+                    raise Rejoin("lease lost")
+                stats = worker.train()
+                if self.stop.is_set():
+                    break
+                frame = worker.prepare(r)
+                t0 = time.monotonic()
+                result = self.transport.exchange(r, frame, self.opts.round_timeout_s, stats.mean_loss, self.name)
+                wait_s = time.monotonic() - t0
+            except Rejoin as exc:
+                log.warning("[node=%s] %s: joining again", self.name, exc)
+                worker.pending = None
+                _, _, first = self._join()
+                self._sync_state(first, config_hash)
+                continue
+            if result.state_needed:
+                worker.pending = None
+                self._adopt_state("round result gone")
+                continue
+            report = worker.apply(result)
+            if not report.committed:
+                log.warning("[node=%s round=%d] not committed: %s", self.name, r, result.reason)
+                continue
+            self.applied += 1
+            fp = worker.fingerprint()
+            self._log_round({"round": r, "members": list(report.members), "contributed": report.contributed,
+                             "fingerprint": fp, "coordinator_fingerprint": result.reference_fingerprint,
+                             "loss": stats.mean_loss, "bytes_out": result.bytes_sent, "bytes_in": result.bytes_received,
+                             "wait_s": round(wait_s, 3), "rejected": report.rejected})
+            log.info("[node=%s round=%d] loss=%.4f members=%d contributed=%s out=%dB in=%dB wait=%.2fs fp=%s", self.name,
+                     r, stats.mean_loss, len(report.members), report.contributed, result.bytes_sent,
+                     result.bytes_received, wait_s, fp)
+            if result.reference_fingerprint and fp != result.reference_fingerprint and worker.replica_consistent:
+                log.warning("[node=%s round=%d] fingerprint %s ≠ coordinator's %s: fetching state", self.name, r, fp,
+                            result.reference_fingerprint)
+                self._adopt_state("fingerprint mismatch")
+            elif self.transport.current_round > worker.reference.committed_rounds + 1:
+                self._adopt_state("fell behind")
+            self._checkpoint(config_hash)
+        return 0
+
+
+def run_node(opts: NodeOptions) -> int:
+    import signal
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return NodeDaemon(opts, stop).run()

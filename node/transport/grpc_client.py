@@ -1,0 +1,303 @@
+"""The node's side of the gRPC coordinator: retries with backoff, resumable uploads and downloads,
+heartbeats in the background. A network fault never raises out of ``exchange``: it waits, retries,
+and reports the round as not committed only when the caller's deadline passes.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import grpc
+
+from node.proto.lowband.v1 import coordinator_pb2 as pb
+from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
+from node.transport.base import Membership, RoundResult, Transport
+
+log = logging.getLogger(__name__)
+PROTOCOL_VERSION = 1
+CHUNK = 1 << 20
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED}
+REFUSALS = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS,
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
+
+
+class JoinRefused(Exception):
+    """The coordinator will not have this node (incompatible config, token, name taken, run full)."""
+
+
+class Rejoin(Exception):
+    """The coordinator no longer knows this node (lease expired): join again and fetch state."""
+
+
+class Stopped(Exception):
+    """The node is shutting down."""
+
+
+class NeedResubmit(Exception):
+    """The coordinator holds no payload from us for the open round (it restarted): upload it again."""
+
+
+@dataclass
+class Identity:
+    """What a node declares at Join."""
+
+    name: str
+    config_json: str
+    config_hash: str
+    task_fingerprint: str
+    model_digest: str
+    capabilities: tuple[str, ...] = ()
+    join_token: str = ""
+
+
+@dataclass
+class Backoff:
+    initial: float = 0.2
+    maximum: float = 5.0
+    _next: float = field(default=0.0, init=False)
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+    def sleep(self, stop: threading.Event) -> None:
+        self._next = min(self.maximum, max(self.initial, self._next * 2))
+        if stop.wait(self._next * random.uniform(0.8, 1.2)):
+            raise Stopped()
+
+
+def _metadata(exc: grpc.RpcError, key: str) -> str | None:
+    for k, v in (exc.trailing_metadata() or ()):
+        if k == key:
+            return v
+    return None
+
+
+class GrpcTransport(Transport):
+    def __init__(self, address: str, stop: threading.Event | None = None, rpc_timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.stop = stop or threading.Event()
+        self.rpc_timeout_s = rpc_timeout_s
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 << 20),
+                                                              ("grpc.max_send_message_length", 8 << 20)])
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.identity: Identity | None = None
+        self.node_id = ""
+        self.heartbeat_s = 2.0
+        self.current_round = 0
+        self.lost = threading.Event()  # the coordinator forgot us (seen by the heartbeat thread)
+        self._hb: threading.Thread | None = None
+        self._hb_stop = threading.Event()
+        self.join_response: pb.JoinResponse | None = None
+
+    # -- retrying ------------------------------------------------------------------------------------
+    def _retry(self, what: str, call: Callable[[], object]) -> object:
+        backoff = Backoff()
+        while True:
+            if self.stop.is_set():
+                raise Stopped()
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                log.warning("%s: coordinator unreachable (%s: %s); retrying", what, exc.code().name, exc.details())
+                backoff.sleep(self.stop)
+
+    # -- run and membership --------------------------------------------------------------------------
+    def get_run(self) -> pb.GetRunResponse:
+        return self._retry("GetRun", lambda: self.stub.GetRun(pb.GetRunRequest(protocol_version=PROTOCOL_VERSION),
+                                                              timeout=self.rpc_timeout_s))
+
+    def join(self) -> Membership:
+        ident = self.identity
+        assert ident is not None, "set .identity before join()"
+        req = pb.JoinRequest(node_name=ident.name, protocol_version=PROTOCOL_VERSION, config_json=ident.config_json,
+                             config_hash=ident.config_hash, task_fingerprint=ident.task_fingerprint,
+                             model_digest=ident.model_digest, capabilities=list(ident.capabilities),
+                             join_token=ident.join_token)
+        try:
+            resp = self._retry("Join", lambda: self.stub.Join(req, timeout=self.rpc_timeout_s))
+        except grpc.RpcError as exc:
+            if exc.code() in REFUSALS:
+                raise JoinRefused(f"{exc.code().name}: {exc.details()}") from None
+            raise
+        self.join_response = resp
+        self.node_id = resp.node_id
+        self.heartbeat_s = resp.heartbeat_interval_ms / 1000.0
+        self.current_round = resp.current_round
+        self.lost.clear()
+        self._start_heartbeats()
+        return Membership(resp.node_id, (), resp.first_round)
+
+    def _start_heartbeats(self) -> None:
+        self._hb_stop.set()
+        if self._hb is not None:
+            self._hb.join()
+        self._hb_stop = threading.Event()
+        self._hb = threading.Thread(target=self._heartbeat_loop, args=(self._hb_stop, self.node_id),
+                                    name="heartbeat", daemon=True)
+        self._hb.start()
+
+    def _heartbeat_loop(self, stop: threading.Event, node_id: str) -> None:
+        while not stop.wait(self.heartbeat_s):
+            try:
+                resp = self.stub.Heartbeat(pb.HeartbeatRequest(node_id=node_id), timeout=self.heartbeat_s * 2)
+                self.current_round = resp.current_round
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    log.warning("coordinator no longer knows this node: %s", exc.details())
+                    self.lost.set()
+                    return
+                log.debug("heartbeat failed: %s", exc.code().name)
+
+    def leave(self, reason: str = "shutdown") -> None:
+        self._hb_stop.set()
+        if self.node_id:
+            try:
+                self.stub.Leave(pb.LeaveRequest(node_id=self.node_id, reason=reason), timeout=5)
+            except grpc.RpcError as exc:
+                log.info("leave: %s", exc.code().name)
+
+    def close(self) -> None:
+        self._hb_stop.set()
+        self.channel.close()
+
+    # -- rounds --------------------------------------------------------------------------------------
+    def _chunks(self, round_: int, payload: bytes, offset: int, loss: float) -> Iterator[pb.SubmitChunk]:
+        for start in range(offset, len(payload), CHUNK):
+            yield pb.SubmitChunk(node_id=self.node_id, round=round_, offset=start, total_size=len(payload),
+                                 data=payload[start:start + CHUNK], train_loss=loss)
+
+    def submit(self, round_: int, payload: bytes, loss: float = float("nan")) -> str:
+        """Upload with resume. Returns "accepted", "late" (round closed) or "rejected: <why>"."""
+        offset, backoff = 0, Backoff()
+        while True:
+            if self.stop.is_set():
+                raise Stopped()
+            try:
+                self.stub.Submit(self._chunks(round_, payload, offset, loss), timeout=self.rpc_timeout_s)
+                return "accepted"
+            except grpc.RpcError as exc:
+                code = exc.code()
+                resume = _metadata(exc, "lowband-resume-offset")
+                if resume is not None:
+                    offset = int(resume)
+                    continue
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise Rejoin(exc.details()) from None
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    return "late"
+                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            grpc.StatusCode.ALREADY_EXISTS):
+                    return f"rejected: {exc.details()}"
+                log.warning("submit round %d: %s (%s); retrying", round_, code.name, exc.details())
+                backoff.sleep(self.stop)
+
+    def collect(self, round_: int, timeout_s: float, submitted: bool = True, own: bytes | None = None,
+                own_name: str = "") -> RoundResult:
+        end = time.monotonic() + timeout_s
+        backoff = Backoff()
+        while time.monotonic() < end:
+            if self.stop.is_set():
+                raise Stopped()
+            wait_ms = int(max(0.1, min(20.0, end - time.monotonic())) * 1000)
+            try:
+                stream = self.stub.Collect(pb.CollectRequest(node_id=self.node_id, round=round_, wait_ms=wait_ms,
+                                                             submitted=submitted), timeout=wait_ms / 1000 + 30)
+                return self._assemble(stream, round_, own, own_name)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise Rejoin(exc.details()) from None
+                if _metadata(exc, "lowband-not-submitted") is not None:
+                    raise NeedResubmit(exc.details()) from None
+                if code == grpc.StatusCode.OUT_OF_RANGE:
+                    return RoundResult(round_, False, reason=exc.details(), state_needed=True)
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    backoff.reset()
+                    continue  # the round is still open: ask again
+                if code in RETRYABLE:
+                    log.warning("collect round %d: %s (%s); retrying", round_, code.name, exc.details())
+                    backoff.sleep(self.stop)
+                    continue
+                raise
+        return RoundResult(round_, False, reason=f"round {round_} did not close within {timeout_s:.0f} s")
+
+    def _assemble(self, stream: Iterator[pb.CollectChunk], round_: int, own: bytes | None, own_name: str) -> RoundResult:
+        header: pb.CollectHeader | None = None
+        parts: dict[int, bytearray] = {}
+        for chunk in stream:
+            if chunk.HasField("header"):
+                header = chunk.header
+            else:
+                piece = chunk.piece
+                buf = parts.setdefault(piece.member, bytearray())
+                if piece.offset != len(buf):
+                    return RoundResult(round_, False, reason=f"result pieces of member {piece.member} out of order")
+                buf += piece.data
+        if header is None:
+            return RoundResult(round_, False, reason="empty result stream")
+        payloads: dict[str, bytes] = {}
+        received = 0
+        for i, (name, size) in enumerate(zip(header.members, header.payload_sizes)):
+            if name == own_name and own is not None:
+                payloads[name] = own
+                continue
+            data = bytes(parts.get(i, b""))
+            if len(data) != size:
+                return RoundResult(round_, False, reason=f"payload of {name} arrived incomplete ({len(data)}/{size})")
+            payloads[name] = data
+            received += size
+        sent = len(own) if own is not None and own_name in header.members else 0
+        return RoundResult(round_, header.committed, dict(sorted(payloads.items())), header.reason,
+                           bytes_sent=sent, bytes_received=received, reference_fingerprint=header.reference_fingerprint)
+
+    def exchange(self, round_: int, payload: bytes, timeout_s: float, loss: float = float("nan"),
+                 own_name: str = "") -> RoundResult:
+        """Submit then collect; resubmits when the coordinator lost our payload (e.g. it restarted)."""
+        end = time.monotonic() + timeout_s
+        outcome = self.submit(round_, payload, loss)
+        if outcome.startswith("rejected"):
+            log.error("round %d: payload %s", round_, outcome)
+        while True:
+            try:
+                result = self.collect(round_, max(0.0, end - time.monotonic()), submitted=outcome == "accepted",
+                                      own=payload, own_name=own_name)
+                return RoundResult(result.round, result.committed, result.payloads, result.reason,
+                                   len(payload), result.bytes_received, result.reference_fingerprint,
+                                   result.state_needed)
+            except NeedResubmit as exc:
+                log.warning("round %d: %s", round_, exc)
+                outcome = self.submit(round_, payload, loss)
+
+    def fetch_state(self) -> tuple[int, bytes, str]:
+        """(committed rounds, state blob, fingerprint); resumes from the last byte after a broken stream."""
+        buf, backoff = bytearray(), Backoff()
+        committed, total, fingerprint = -1, -1, ""
+        while True:
+            if self.stop.is_set():
+                raise Stopped()
+            try:
+                for chunk in self.stub.FetchState(pb.FetchStateRequest(node_id=self.node_id, offset=len(buf)),
+                                                  timeout=600):
+                    if committed not in (-1, chunk.committed_rounds):
+                        buf, committed = bytearray(), -1  # the state moved on: start over
+                        break
+                    committed, total, fingerprint = chunk.committed_rounds, chunk.total_size, chunk.reference_fingerprint
+                    if chunk.offset != len(buf):
+                        break
+                    buf += chunk.data
+                if total >= 0 and len(buf) == total:
+                    return committed, bytes(buf), fingerprint
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise Rejoin(exc.details()) from None
+                if exc.code() not in RETRYABLE:
+                    raise
+                log.warning("fetch state: %s; resuming at byte %d", exc.code().name, len(buf))
+                backoff.sleep(self.stop)
