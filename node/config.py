@@ -10,15 +10,10 @@ import copy
 import hashlib
 import json
 import math
-import threading
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from node.errors import ConfigError
-
-# Set while ``apply_overrides`` applies its keys one by one: Recipe's cross-field checks (e.g. dct's
-# feedback_decay == outer.momentum) then run once on the final combination, not on each intermediate one.
-_DEFER_RECIPE_CHECKS = threading.local()
 
 PAYLOAD_SCALES = ("unit", "inverse_inner_lr", "inner_lr")
 INNER_OPTIMIZERS = ("adamw", "sgd", "grad")
@@ -89,10 +84,8 @@ class Recipe:
     def __post_init__(self) -> None:
         from node.compress import make_codec  # late import: config must stay importable on its own
 
-        if getattr(_DEFER_RECIPE_CHECKS, "active", False):
-            return  # apply_overrides validates the finished recipe
-        if self.H < 1:
-            raise ConfigError(f"H must be ≥ 1, got {self.H}")
+        if not isinstance(self.H, int) or isinstance(self.H, bool) or self.H < 1:
+            raise ConfigError(f"H must be an integer ≥ 1, got {self.H!r}")
         if self.payload_scale not in PAYLOAD_SCALES:
             raise ConfigError(f"payload_scale must be one of {PAYLOAD_SCALES}, got {self.payload_scale!r}")
         if self.feedback_decay is not None and not 0.0 <= self.feedback_decay <= 1.0:
@@ -160,53 +153,40 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _set_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
-    """Return a copy of dataclass/dict ``obj`` with ``path`` set; codec/outer extras go into ``params``."""
+def _set_path(d: dict[str, Any], path: list[str], value: Any, full: str) -> None:
+    """Set ``path`` in the nested config dict ``d``; unknown leaf keys go into a sibling ``params``."""
     head, rest = path[0], path[1:]
-    if isinstance(obj, Mapping):
-        new = dict(obj)
-        new[head] = _set_path(obj[head], rest, value, full) if rest else value
-        return new
-    names = {f.name for f in fields(obj)}
-    if head not in names:
-        if "params" in names and not rest:  # e.g. codec.k → codec.params.k
-            return replace(obj, params={**obj.params, head: value})
-        raise ConfigError(f"unknown setting {full!r}: {type(obj).__name__} has no field {head!r} "
-                          f"(fields: {sorted(names)})")
-    current = getattr(obj, head)
+    if head not in d:
+        if "params" in d and not rest:  # e.g. codec.k → codec.params.k
+            d["params"] = {**d["params"], head: value}
+            return
+        raise ConfigError(f"unknown setting {full!r}: no field {head!r} here (fields: {sorted(d)})")
     if rest:
-        if not (is_dataclass(current) or isinstance(current, Mapping)):
+        if not isinstance(d[head], dict):
             raise ConfigError(f"unknown setting {full!r}: {head!r} has no sub-fields")
-        return replace(obj, **{head: _set_path(current, rest, value, full)})
-    return replace(obj, **{head: value})
+        d[head] = dict(d[head])
+        _set_path(d[head], rest, value, full)
+    else:
+        d[head] = value
 
 
 def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     """``{"H": 32, "codec.k": 16, "inner.lr": 1e-3, "task.size": "small"}`` → a new, validated RunConfig.
 
-    Keys without a prefix are looked up on the run, then the recipe (so ``H`` and ``feedback_decay`` work).
-    ``task.X`` sets a task parameter.
+    Keys without a prefix are looked up on the run, then the recipe (so ``H`` and ``feedback_decay`` work);
+    ``task.X`` sets a task parameter. All keys are applied to a plain dict first and validated once at the
+    end, so cross-field rules (dct's feedback_decay = outer.momentum) see the final combination.
     """
-    _DEFER_RECIPE_CHECKS.active = True
-    try:
-        for key, value in overrides.items():
-            path = key.split(".")
-            if path[0] == "task" and len(path) == 2 and path[1] != "name":
-                path = ["task", "params", path[1]]
-            run_fields = {f.name for f in fields(RunConfig)}
-            if path[0] not in run_fields:
-                path = ["recipe", *path]
-            try:
-                cfg = _set_path(cfg, path, value, key)
-            except TypeError as exc:
-                raise ConfigError(f"setting {key!r}={value!r}: {exc}") from None
-    finally:
-        _DEFER_RECIPE_CHECKS.active = False
-    try:
-        cfg = replace(cfg, recipe=replace(cfg.recipe))  # validate the combination once
-    except TypeError as exc:
-        raise ConfigError(f"settings {dict(overrides)!r}: {exc}") from None
-    return copy.deepcopy(cfg)
+    d = copy.deepcopy(cfg.to_dict())
+    run_fields = {f.name for f in fields(RunConfig)}
+    for key, value in overrides.items():
+        path = key.split(".")
+        if path[0] == "task" and len(path) == 2 and path[1] != "name":
+            path = ["task", "params", path[1]]
+        if path[0] not in run_fields:
+            path = ["recipe", *path]
+        _set_path(d, path, value, key)
+    return run_config_from_dict(d)
 
 
 def run_config_from_dict(d: Mapping[str, Any]) -> RunConfig:
@@ -218,8 +198,10 @@ def run_config_from_dict(d: Mapping[str, Any]) -> RunConfig:
                         payload_scale=r["payload_scale"])
         return RunConfig(recipe=recipe, task=TaskConfig(**d["task"]), workers=d["workers"], rounds=d["rounds"],
                          seed=d["seed"], run_id=d["run_id"])
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"run config is missing or has a malformed field: {exc}") from None
+    except KeyError as exc:
+        raise ConfigError(f"run config is missing the field {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"run config has a malformed field: {exc}") from None
 
 
 def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

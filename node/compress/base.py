@@ -18,6 +18,10 @@ Shape = tuple[int, ...]
 #: buffer name → 1-D tensor whose dtype and length match the codec's layout for the tensor's shape
 Encoded = dict[str, torch.Tensor]
 
+#: Largest magnitude any float buffer may carry. Honest pseudo-gradients are many orders smaller; the
+#: bound keeps every decode and every reduce of up to millions of payloads finite in fp32.
+MAX_MAGNITUDE = 1e30
+
 _ITEMSIZE = {torch.uint8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 WIRE_DTYPES: dict[str, torch.dtype] = {"u8": torch.uint8, "f16": torch.float16, "bf16": torch.bfloat16,
                                        "f32": torch.float32}
@@ -40,6 +44,17 @@ def numel_of(shape: Shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def check_floats(enc: Encoded, codec: str) -> None:
+    """Every float buffer finite and within ±MAX_MAGNITUDE; raises PayloadError naming the buffer."""
+    for key, buf in enc.items():
+        if not buf.is_floating_point() or buf.numel() == 0:
+            continue
+        if not bool(torch.isfinite(buf).all()):
+            raise PayloadError(f"{codec}: buffer {key!r} holds non-finite values")
+        if float(buf.abs().max()) > MAX_MAGNITUDE:
+            raise PayloadError(f"{codec}: buffer {key!r} holds a magnitude above {MAX_MAGNITUDE:g}")
 
 
 class Codec(ABC):
@@ -82,9 +97,7 @@ class Codec(ABC):
 
     def validate(self, enc: Encoded, shape: Shape) -> None:
         """Check buffer contents from outside (lengths were checked by the wire); raise PayloadError."""
-        for key, buf in enc.items():
-            if buf.is_floating_point() and not bool(torch.isfinite(buf).all()):
-                raise PayloadError(f"buffer {key!r} holds non-finite values")
+        check_floats(enc, self.name)
 
     def describe(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in sorted(self.params().items()))

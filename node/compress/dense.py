@@ -6,7 +6,6 @@ from typing import Any, ClassVar
 import torch
 
 from node.compress.base import BufferSpec, Codec, Encoded, Shape, numel_of
-from node.errors import PayloadError
 
 
 class DenseCodec(Codec):
@@ -31,9 +30,6 @@ class DenseCodec(Codec):
     def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
         return enc["values"].to(torch.float32).reshape(shape)
 
-    def validate(self, enc: Encoded, shape: Shape) -> None:
-        if not bool(torch.isfinite(enc["values"]).all()):
-            raise PayloadError(f"{self.name}: buffer 'values' holds non-finite values")
 
 
 class Bf16Codec(DenseCodec):

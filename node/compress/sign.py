@@ -79,8 +79,7 @@ class SignCodec(Codec):
         return (torch.sign(votes) * mean_scale[ids]).reshape(shape)
 
     def validate(self, enc: Encoded, shape: Shape) -> None:
+        super().validate(enc, shape)
         scales = enc["scales"]
-        if not bool(torch.isfinite(scales).all()):
-            raise PayloadError("sign: buffer 'scales' holds non-finite values")
         if bool((scales < 0).any()):
             raise PayloadError("sign: buffer 'scales' holds negative values (scales are mean magnitudes)")

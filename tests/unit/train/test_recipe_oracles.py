@@ -577,5 +577,7 @@ def test_dct_feedback_and_momentum_changed_together_is_valid(overrides: dict) ->
 
 
 def test_config_type_error_becomes_config_error() -> None:
-    with pytest.raises(ConfigError, match="settings"):
+    with pytest.raises(ConfigError, match="H must be an integer"):
         make_run_config("diloco", {"H": "many"})
+    with pytest.raises(ConfigError, match="malformed field"):
+        make_run_config("diloco", {"inner.betas": 3})
