@@ -79,6 +79,7 @@ class CoordinatorCore:
         self.open_round = self.reference.committed_rounds
         self.uploads: dict[str, Upload] = {}
         self.submitted: dict[str, tuple[bytes, float, float]] = {}  # node id → (frame, at, loss)
+        self.submitter_names: dict[str, str] = {}  # node id → name, kept if the member leaves before commit
         self.first_submit_at: float | None = None
         self.deadline: float | None = None
         self.deadline_reason = ""
@@ -122,7 +123,7 @@ class CoordinatorCore:
         with self.lock:
             decision = policy.admit(self.members, name, mp)
             if not decision.act:
-                raise (Full if "full" in decision.reason else Conflict)(decision.reason)
+                raise (Full if len(self.members) >= mp.max_nodes else Conflict)(decision.reason)
             now = self.clock()
             # A node joining before anyone submitted starts with this round; later joiners with the next one.
             first = self.open_round if not self.submitted and not self.uploads else self.open_round + 1
@@ -226,6 +227,7 @@ class CoordinatorCore:
             self._check_round(m, up.round)
             now = self.clock()
             self.submitted[up.node_id] = (frame, now, up.loss)
+            self.submitter_names[up.node_id] = m.name
             m.bytes_in += len(frame)
             m.last_loss = up.loss
             if self.first_submit_at is None:
@@ -250,7 +252,7 @@ class CoordinatorCore:
 
     def _commit(self, decision: policy.CloseDecision) -> None:
         r, now = self.open_round, self.clock()
-        names = {nid: (self.members[nid].name if nid in self.members else nid) for nid in decision.members}
+        names = {nid: self.submitter_names[nid] for nid in decision.members}
         frames = dict(sorted((names[nid], self.submitted[nid][0]) for nid in decision.members))
         envelopes, rejected = self.reference.unpack(frames, r)
         assert not rejected, f"frames were validated on arrival: {rejected}"
@@ -274,6 +276,7 @@ class CoordinatorCore:
         self.recent.append(row)
         self.open_round = r + 1
         self.submitted.clear()
+        self.submitter_names.clear()
         self.uploads = {k: u for k, u in self.uploads.items() if u.round > r}
         self.first_submit_at = self.deadline = None
         self._last_reason = ""

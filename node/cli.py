@@ -129,6 +129,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(recipe=args.recipe, nodes=args.nodes, rounds=args.rounds, H=args.H, workdir=args.workdir)
 
 
+def cmd_bench_coordinator(args: argparse.Namespace) -> int:
+    from node.bench.coordinator import run_coordinator_bench
+
+    run_coordinator_bench(args.nodes, args.rounds, args.recipe, args.size, Path(args.out) if args.out else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowband", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -183,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--out", default=None, help="write results.json here")
     c.set_defaults(func=cmd_bench_codecs)
+    bc = bsub.add_parser("coordinator", help="round latency and overhead of the gRPC coordinator on loopback")
+    bc.add_argument("--nodes", type=int, nargs="+", default=[3, 16])
+    bc.add_argument("--rounds", type=int, default=10)
+    bc.add_argument("--recipe", default="sign", choices=sorted(RECIPES))
+    bc.add_argument("--size", default="tiny")
+    bc.add_argument("--out", default=None)
+    bc.set_defaults(func=cmd_bench_coordinator)
     return parser
 
 

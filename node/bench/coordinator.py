@@ -1,0 +1,147 @@
+"""``lowband bench coordinator``: round latency and coordinator overhead on loopback.
+
+A real coordinator process serves a run; N client threads play the nodes with precomputed frames
+(no training), so a round's latency is pure protocol + validation + outer step + persistence +
+transfer. Overhead = latency − transfer time, where transfer time is the round's bytes through the
+coordinator divided by the loopback gRPC throughput measured in the same session (a FetchState of the
+model's state).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from node import wire
+from node.compress import make_codec
+from node.demo import _read_address, stop_group
+from node.tasks import load_task
+from node.train.reference import model_digest
+from node.transport.grpc_client import GrpcTransport, Identity
+
+log = logging.getLogger(__name__)
+
+RUN = """\
+[run]
+id = "bench-coordinator"
+task = "gpt"
+recipe = "{recipe}"
+rounds = 100000
+[task]
+size = "{size}"
+batch_size = 8
+[recipe]
+H = 16
+[membership]
+min_nodes = 1
+max_nodes = 64
+heartbeat_s = 2.0
+lease_s = 60.0
+[rounds]
+initial_wait_s = 120.0
+max_wait_s = 120.0
+eval_every = 0
+"""
+
+
+def _encoded_updates(cfg: Any, task: Any, names: list[str]) -> tuple[Any, wire.ModelSpec, dict[str, Any], int]:
+    """(codec, model spec, name → encoded random update, parameter count): what each fake node sends."""
+    model = task.build_model(cfg.seed)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    codec = make_codec(cfg.recipe.codec.name, cfg.recipe.codec.params)
+    gen = torch.Generator().manual_seed(1)
+    updates = {name: {n: codec.encode(torch.randn(p.shape, generator=gen) * 1e-3) for n, p in named} for name in names}
+    return codec, wire.model_spec(named), updates, sum(p.numel() for _, p in named)
+
+
+def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sign", size: str = "tiny",
+                          out: Path | None = None) -> list[dict[str, Any]]:
+    from coordinator.config import parse_run_file
+
+    text = RUN.format(recipe=recipe, size=size)
+    cfg = parse_run_file(text).run
+    task = load_task(cfg.task.name, **cfg.task.params)
+    results = []
+    for n in nodes_list:
+        root = Path(tempfile.mkdtemp(prefix="lowband-bench-coord-"))
+        (root / "run.toml").write_text(text)
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "-q", "coordinator", "--listen", "127.0.0.1:0",
+                                 "--state-dir", str(root / "state"), "--run", str(root / "run.toml")],
+                                stdout=subprocess.PIPE, stderr=open(root / "coordinator.log", "wb"),
+                                start_new_session=True)
+        try:
+            address = _read_address(proc, 120)
+            names = [f"b{i:02d}" for i in range(n)]
+            codec, spec, updates, params = _encoded_updates(cfg, task, names)
+            digest = model_digest(spec)
+            clients = []
+            for name in names:
+                t = GrpcTransport(address)
+                t.identity = Identity(name, json.dumps(cfg.to_dict()), cfg.config_hash(task.fingerprint),
+                                      task.fingerprint, digest)
+                t.join()
+                clients.append(t)
+            latencies, bytes_moved = [], []
+            for r in range(rounds + 1):  # round 0 warms up
+                frames = {name: wire.pack(cfg.run_id, r, name, codec, spec, updates[name]) for name in names}
+                barrier = threading.Barrier(n + 1)
+                done: list[float] = []
+                moved: list[int] = []
+
+                def play(t: GrpcTransport, name: str) -> None:
+                    barrier.wait()
+                    res = t.exchange(r, frames[name], 120.0, 0.0, name)
+                    assert res.committed, res.reason
+                    moved.append(res.bytes_sent + res.bytes_received)
+                    done.append(time.perf_counter())
+
+                threads = [threading.Thread(target=play, args=(t, name)) for t, name in zip(clients, names)]
+                for th in threads:
+                    th.start()
+                barrier.wait()
+                start = time.perf_counter()
+                for th in threads:
+                    th.join()
+                if r > 0:
+                    latencies.append(max(done) - start)
+                    bytes_moved.append(sum(moved))
+            t0 = time.perf_counter()
+            _, blob, _ = clients[0].fetch_state()
+            fetch_s = time.perf_counter() - t0
+            throughput = len(blob) / fetch_s
+            for t in clients:
+                t.leave()
+                t.close()
+            med = statistics.median(latencies)
+            transfer = statistics.median(bytes_moved) / throughput
+            row = {"nodes": n, "recipe": recipe, "size": size, "params": params, "rounds": rounds,
+                   "frame_bytes": len(next(iter(frames.values()))), "bytes_per_round": statistics.median(bytes_moved),
+                   "latency_median_s": med, "latency_p90_s": sorted(latencies)[int(0.9 * (len(latencies) - 1))],
+                   "loopback_Bps": throughput, "transfer_s": transfer, "overhead_s": med - transfer}
+            results.append(row)
+            log.info("%d nodes: median round %.3f s, transfer %.3f s, overhead %.3f s", n, med, transfer, med - transfer)
+        finally:
+            stop_group(proc)
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores; recipe {recipe}, gpt {size}", "",
+             "| nodes | params | frame bytes | bytes/round | median round s | p90 s | transfer s | overhead s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['nodes']} | {r['params']:,} | {r['frame_bytes']:,} | {int(r['bytes_per_round']):,} | "
+                     f"{r['latency_median_s']:.3f} | {r['latency_p90_s']:.3f} | {r['transfer_s']:.3f} | "
+                     f"{r['overhead_s']:.3f} |")
+    print("\n".join(lines))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "coordinator.json").write_text(json.dumps(results, indent=2))
+    return results
