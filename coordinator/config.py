@@ -55,6 +55,8 @@ class DeadlinePolicy:
             raise ConfigError(f"rounds.quantile must be in (0, 1], got {self.quantile}")
         if self.margin < 1:
             raise ConfigError(f"rounds.margin must be ≥ 1, got {self.margin}")
+        if self.history < 1:
+            raise ConfigError(f"rounds.history must be ≥ 1, got {self.history}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ class CoordinatorConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.eval_every < 0:
+            raise ConfigError(f"rounds.eval_every must be ≥ 0 (0: never), got {self.eval_every}")
+        if self.keep_results < 1:
+            raise ConfigError(f"rounds.keep_results must be ≥ 1, got {self.keep_results}")
         if self.run.recipe.name == "dct" and self.run.recipe.outer.name == "decoupled_nesterov":
             raise ConfigError("recipe 'dct' (faithful) lets replicas drift by design, so there is no global state "
                               "for a coordinator to serve to joiners; use 'dct-consistent' in coordinator mode")
@@ -90,6 +96,13 @@ def _section(doc: dict[str, Any], name: str, cls: type) -> Any:
         raise ConfigError(f"run file [{name}]: {exc}") from None
 
 
+def _int(source: str, key: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}") from None
+
+
 def parse_run_file(text: str, source: str = "run file") -> CoordinatorConfig:
     try:
         doc = tomllib.loads(text)
@@ -103,11 +116,12 @@ def parse_run_file(text: str, source: str = "run file") -> CoordinatorConfig:
     if set(run) - known_run:
         raise ConfigError(f"{source}: unknown [run] keys {sorted(set(run) - known_run)}; known: {sorted(known_run)}")
     rounds_doc = dict(doc.get("rounds", {}))
-    eval_every = int(rounds_doc.pop("eval_every", 1))
-    keep = int(rounds_doc.pop("keep_results", 8))
+    eval_every = _int(source, "rounds.eval_every", rounds_doc.pop("eval_every", 1))
+    keep = _int(source, "rounds.keep_results", rounds_doc.pop("keep_results", 8))
     task = TaskConfig(run.get("task", "gpt"), dict(doc.get("task", {"size": "tiny", "batch_size": 8})))
     cfg = make_run_config(run.get("recipe", "sign"), _flatten(doc.get("recipe", {})), task=task,
-                          workers=1, rounds=int(run.get("rounds", 100)), seed=int(run.get("seed", 0)),
+                          workers=1, rounds=_int(source, "run.rounds", run.get("rounds", 100)),
+                          seed=_int(source, "run.seed", run.get("seed", 0)),
                           run_id=str(run.get("id", "lowband")))
     return CoordinatorConfig(run=cfg, membership=_section(doc, "membership", MembershipPolicy),
                              deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy),

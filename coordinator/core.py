@@ -126,7 +126,9 @@ class CoordinatorCore:
                 raise (Full if len(self.members) >= mp.max_nodes else Conflict)(decision.reason)
             now = self.clock()
             # A node joining before anyone submitted starts with this round; later joiners with the next one.
-            first = self.open_round if not self.submitted and not self.uploads else self.open_round + 1
+            # Before the run has started (see _waiting_to_start) every joiner enters round 0.
+            first = (self.open_round if (not self.submitted and not self.uploads) or self._waiting_to_start()
+                     else self.open_round + 1)
             shard = policy.free_shard(self.members.values(), mp.max_nodes)
             assert shard is not None, "admit() bounds members by max_nodes"
             node_id = secrets.token_hex(16)
@@ -240,7 +242,19 @@ class CoordinatorCore:
             return {"round": up.round, "received_bytes": len(frame), "accepted": True}
 
     # -- closing rounds ------------------------------------------------------------------------------
+    def _waiting_to_start(self) -> bool:
+        """The run starts once min_nodes members have joined: until then round 0 stays open for everyone,
+        so that the first node up does not commit rounds alone while the others are still starting."""
+        return self.open_round == 0 and len(self.members) < self.cfg.membership.min_nodes
+
     def _maybe_close(self) -> None:
+        if self._waiting_to_start():
+            reason = (f"waiting for {self.cfg.membership.min_nodes} members to start the run "
+                      f"({len(self.members)} joined)")
+            if reason != self._last_reason:
+                log.info("[round=%d] %s", self.open_round, reason)
+            self._last_reason = reason
+            return
         expected = policy.expected_members(self.members, self.open_round)
         decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership)
         if not decision.close:
@@ -287,11 +301,11 @@ class CoordinatorCore:
         self.cond.notify_all()
 
     def _record_val_loss(self, round_: int, val: float) -> None:
-        with self.lock:
+        with self.lock:  # the store's connection is shared: never write inside another thread's commit
             for row in self.recent:
                 if row.round == round_:
                     row.val_loss = val
-        self.store.set_val_loss(round_, val)
+            self.store.set_val_loss(round_, val)
         log.info("[round=%d] reference val_loss=%.4f", round_, val)
 
     # -- results and state ---------------------------------------------------------------------------

@@ -33,6 +33,11 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _real(value: float | None) -> float:
+    """SQLite stores NaN as NULL: read it back as NaN ("not measured"), never as None or 0."""
+    return float("nan") if value is None else float(value)
+
+
 @dataclass
 class RoundRow:
     round: int
@@ -122,7 +127,8 @@ class Store:
 
     def recent_rounds(self, limit: int = 20) -> list[RoundRow]:
         rows = self.db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,)).fetchall()
-        return [RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in reversed(rows)]
+        return [RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], _real(r[8]), _real(r[9]))
+                for r in reversed(rows)]
 
     # -- members -------------------------------------------------------------------------------------
     def _save_members(self, members: dict[str, Member]) -> None:

@@ -136,6 +136,13 @@ def cmd_bench_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_join(args: argparse.Namespace) -> int:
+    from node.bench.join import run_join_bench
+
+    run_join_bench(size=args.size, recipe=args.recipe, H=args.H, batch=args.batch_size)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowband", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -197,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--size", default="tiny")
     bc.add_argument("--out", default=None)
     bc.set_defaults(func=cmd_bench_coordinator)
+    bj = bsub.add_parser("join", help="time from `lowband node` start to its first committed contribution")
+    bj.add_argument("--size", default="tiny")
+    bj.add_argument("--recipe", default="sign", choices=sorted(RECIPES))
+    bj.add_argument("--H", type=int, default=4)
+    bj.add_argument("--batch-size", type=int, default=8)
+    bj.set_defaults(func=cmd_bench_join)
     return parser
 
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,10 @@ min_wait_s = 2.0
 max_wait_s = 60.0
 eval_every = 1
 """
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _spawn(args: list[str], log_path: Path, stdout: int | None = None) -> subprocess.Popen:
@@ -114,6 +119,10 @@ def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16
     (root / "run.toml").write_text(run_text)
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
+    # The children run in their own process groups, so a SIGTERM to the demo would not reach them: turn it
+    # into KeyboardInterrupt so that the ``finally`` below stops every one of them.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     print(f"lowband demo: coordinator + {nodes} nodes, recipe {recipe}, {rounds} rounds of H={H}; files in {root}",
           flush=True)
     try:
@@ -144,8 +153,12 @@ def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16
         failed = [i for i, p in enumerate(nodes_procs) if p.returncode != 0]
         time.sleep(1.5)  # the last evaluation runs off the request path
     finally:
+        if main:  # a second SIGTERM must not cut the cleanup short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for p in reversed(procs):
             stop_group(p)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     from coordinator.store import Store
 
     store = Store(root / "state")

@@ -82,8 +82,12 @@ class GrpcTransport(Transport):
         self.address = address
         self.stop = stop or threading.Event()
         self.rpc_timeout_s = rpc_timeout_s
+        # gRPC's own reconnect backoff grows to 120 s by default: after a long coordinator outage a node would
+        # sit idle that long after the coordinator is back. Cap it at our retry backoff's maximum.
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 << 20),
-                                                              ("grpc.max_send_message_length", 8 << 20)])
+                                                              ("grpc.max_send_message_length", 8 << 20),
+                                                              ("grpc.max_reconnect_backoff_ms",
+                                                               int(Backoff.maximum * 1000))])
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.identity: Identity | None = None
         self.node_id = ""

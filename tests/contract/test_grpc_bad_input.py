@@ -1,0 +1,293 @@
+"""A real gRPC coordinator on 127.0.0.1 (port 0) against bad input: each bad request gets its precise status
+code and details, and afterwards honest nodes (GrpcTransport + Worker) still submit and the round commits
+with replicas bit-identical to the coordinator's reference."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator.server import SERVICE_NAME, CoordinatorServer
+from node.config import run_config_from_dict
+from node.proto.lowband.v1 import coordinator_pb2 as pb
+from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
+from node.tasks import load_task
+from node.train.worker import Worker
+from node.transport.grpc_client import GrpcTransport, Identity
+
+RPC_S = 10.0  # every RPC of this module is bounded by this
+ROUND_S = 30.0  # and every wait for a round to close by this
+
+RUN_FILE = """
+[run]
+id = "contract"
+task = "gpt"
+recipe = "sign"
+rounds = 10
+seed = 0
+
+[task]
+size = "tiny"
+batch_size = 2
+block_size = 32
+eval_batches = 1
+
+[recipe]
+H = 1
+
+[membership]
+min_nodes = 2
+max_nodes = 4
+heartbeat_s = 2.0
+lease_s = 30.0
+
+[rounds]
+initial_wait_s = 60.0
+eval_every = 1
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    cache = tmp_path_factory.getbasetemp() / "lowband-corpus-cache"
+    cache.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOWBAND_CACHE", str(cache))
+        yield
+
+
+@dataclass
+class Node:
+    name: str
+    transport: GrpcTransport
+    worker: Worker
+
+
+@dataclass
+class Run:
+    server: CoordinatorServer
+    channel: grpc.Channel
+    stub: pb_grpc.CoordinatorStub
+    info: pb.GetRunResponse
+    nodes: dict[str, Node]
+
+    @property
+    def open_round(self) -> int:
+        return int(self.stub.Status(pb.StatusRequest(), timeout=RPC_S).current_round)
+
+    def frame(self, name: str, round_: int) -> bytes:
+        w = self.nodes[name].worker
+        w.train()
+        return w.prepare(round_)
+
+    def honest_round(self, frames: dict[str, bytes] | None = None) -> int:
+        """Both honest nodes submit (a by submit + collect, b by exchange); the round commits for both and
+        every replica matches the coordinator's fingerprint. Returns the round."""
+        r = self.open_round
+        frames = dict(frames or {})
+        for name in self.nodes:
+            frames.setdefault(name, self.frame(name, r))
+        a, b = self.nodes["a"], self.nodes["b"]
+        assert a.transport.submit(r, frames["a"], loss=2.0) == "accepted"
+        res_b = b.transport.exchange(r, frames["b"], ROUND_S, loss=2.0, own_name="b")
+        res_a = a.transport.collect(r, ROUND_S, submitted=True, own=frames["a"], own_name="a")
+        for node, res in ((a, res_a), (b, res_b)):
+            assert res.committed, res.reason
+            assert res.members == ("a", "b") and res.payloads == frames
+            node.worker.apply(res)
+            assert node.worker.fingerprint() == res.reference_fingerprint
+        assert self.server.core.reference.fingerprint() == res_a.reference_fingerprint
+        assert self.open_round == r + 1
+        return r
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Iterator[Run]:
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(RUN_FILE)
+    server = CoordinatorServer("127.0.0.1:0", tmp_path / "state", run_file)
+    server.start()
+    channel = grpc.insecure_channel(server.address)
+    transports: list[GrpcTransport] = []
+    try:
+        stub = pb_grpc.CoordinatorStub(channel)
+        info = stub.GetRun(pb.GetRunRequest(protocol_version=1), timeout=RPC_S)
+        cfg = run_config_from_dict(json.loads(info.config_json))
+        task = load_task(cfg.task.name, **cfg.task.params)
+        nodes = {}
+        for name in ("a", "b"):
+            t = GrpcTransport(server.address, rpc_timeout_s=RPC_S)
+            transports.append(t)
+            t.identity = Identity(name, info.config_json, info.config_hash, info.task_fingerprint, info.model_digest,
+                                  ("device=cpu",))
+            membership = t.join()
+            assert membership.round == 0
+            resp = t.join_response
+            nodes[name] = Node(name, t, Worker(name, cfg, task, resp.shard, resp.num_shards))
+        yield Run(server, channel, stub, info, nodes)
+    finally:
+        for t in transports:
+            t.close()
+        channel.close()
+        server.stop(grace=1.0)
+
+
+def rpc_error(call: Any, *args: Any, **kw: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        out = call(*args, timeout=RPC_S, **kw)
+        if hasattr(out, "__iter__") and not isinstance(out, (bytes, str)) and not hasattr(out, "DESCRIPTOR"):
+            list(out)  # server-streaming: the status arrives with the stream
+    return info.value
+
+
+def trailing(exc: grpc.RpcError) -> dict[str, str]:
+    return dict(exc.trailing_metadata() or ())
+
+
+def chunk(node_id: str, round_: int, data: bytes, offset: int = 0, total: int | None = None) -> pb.SubmitChunk:
+    return pb.SubmitChunk(node_id=node_id, round=round_, offset=offset,
+                          total_size=len(data) if total is None else total, data=data, train_loss=1.0)
+
+
+# -- the contract ------------------------------------------------------------------------------------
+def test_health_check_reports_serving(run: Run) -> None:
+    health = health_pb2_grpc.HealthStub(run.channel)
+    for service in ("", SERVICE_NAME):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=RPC_S)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    err = rpc_error(health.Check, health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_get_run_describes_the_run(run: Run) -> None:
+    assert run.info.run_id == "contract" and run.info.protocol_version == 1
+    assert json.loads(run.info.config_json)["recipe"]["H"] == 1
+    assert run.info.config_hash == run.server.core.config_hash
+
+
+def test_honest_rounds_commit_and_status_reports_members_and_rounds(run: Run) -> None:
+    assert run.honest_round() == 0
+    assert run.honest_round() == 1
+    s = run.stub.Status(pb.StatusRequest(), timeout=RPC_S)
+    assert s.run_id == "contract" and s.recipe == "sign"
+    assert s.current_round == 2 and s.committed_rounds == 2
+    assert sorted(m.name for m in s.members) == ["a", "b"]
+    assert all(m.rounds_contributed == 2 and m.bytes_in > 0 and m.capabilities == ["device=cpu"] for m in s.members)
+    assert [r.round for r in s.recent_rounds] == [0, 1]
+    assert all(list(r.members) == ["a", "b"] and r.reason == "all 2 live members submitted" for r in s.recent_rounds)
+    assert s.recent_rounds[-1].reference_fingerprint == s.reference_fingerprint
+    assert s.reference_fingerprint == run.nodes["a"].worker.fingerprint()
+    assert list(s.submitted) == [] and s.deadline_in_s < 0
+
+
+def test_malformed_payload_is_invalid_argument(run: Run) -> None:
+    a = run.nodes["a"].transport
+    garbage = os.urandom(3000)
+    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, garbage)]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "payload rejected: payload does not start with the lowband magic" in err.details()
+    # a frame that names another member as its sender
+    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, run.frame("b", 0))]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "payload names sender 'b' but node 'a' sent it" in err.details()
+    run.honest_round()
+
+
+def test_oversized_payload_is_resource_exhausted(run: Run) -> None:
+    a = run.nodes["a"].transport
+    limit = run.server.core.limit
+    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, b"x" * 16, total=limit + 1)]))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"payload of {limit + 1} bytes exceeds this run's limit of {limit} bytes" in err.details()
+    run.honest_round()
+
+
+def test_wrong_round_is_failed_precondition(run: Run) -> None:
+    a = run.nodes["a"].transport
+    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 3, b"x" * 64)]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "round 3 is not open yet (the open round is 0)" in err.details()
+    run.honest_round()
+    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, b"x" * 64)]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "round 0 is closed (the open round is 1)" in err.details()
+    run.honest_round()
+
+
+def test_unknown_node_is_not_found(run: Run) -> None:
+    ghost = "0" * 32
+    for err in (rpc_error(run.stub.Submit, iter([chunk(ghost, 0, b"x" * 64)])),
+                rpc_error(run.stub.Heartbeat, pb.HeartbeatRequest(node_id=ghost)),
+                rpc_error(run.stub.Collect, pb.CollectRequest(node_id=ghost, round=0, wait_ms=0)),
+                rpc_error(run.stub.FetchState, pb.FetchStateRequest(node_id=ghost))):
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert "unknown node id 00000000…" in err.details() and "join again" in err.details()
+    run.honest_round()
+
+
+def test_truncated_stream_is_data_loss_with_resume_offset(run: Run) -> None:
+    a = run.nodes["a"].transport
+    frame = run.frame("a", 0)
+    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, frame[:1000], total=len(frame))]))
+    assert err.code() == grpc.StatusCode.DATA_LOSS
+    assert f"stream ended at byte 1000 of {len(frame)}; resume from offset 1000" in err.details()
+    assert trailing(err)["lowband-resume-offset"] == "1000"
+    # resuming at the wrong offset is OUT_OF_RANGE naming the right one
+    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, frame[2000:], offset=2000, total=len(frame))]))
+    assert err.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "resume from 1000" in err.details() and trailing(err)["lowband-resume-offset"] == "1000"
+    # resuming from the advertised offset completes the upload
+    resp = run.stub.Submit(iter([chunk(a.node_id, 0, frame[1000:], offset=1000, total=len(frame))]), timeout=RPC_S)
+    assert (resp.round, resp.received_bytes, resp.accepted) == (0, len(frame), True)
+    run.honest_round({"a": frame})  # a's transport resubmits: idempotent
+
+
+def test_refused_join_is_failed_precondition_naming_the_field(run: Run) -> None:
+    theirs = json.loads(run.info.config_json)
+    theirs["recipe"]["H"] = 4
+    req = pb.JoinRequest(node_name="mallory", protocol_version=1, config_json=json.dumps(theirs),
+                         config_hash=run.info.config_hash, task_fingerprint=run.info.task_fingerprint,
+                         model_digest=run.info.model_digest)
+    err = rpc_error(run.stub.Join, req)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "config differs from the run's (node vs run): recipe.H: 4 vs 1" in err.details()
+    # a duplicate name is ALREADY_EXISTS; a wrong protocol FAILED_PRECONDITION
+    dup = pb.JoinRequest(node_name="a", protocol_version=1, config_json=run.info.config_json,
+                         config_hash=run.info.config_hash, task_fingerprint=run.info.task_fingerprint,
+                         model_digest=run.info.model_digest)
+    err = rpc_error(run.stub.Join, dup)
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "already named 'a'" in err.details()
+    dup.protocol_version = 9
+    err = rpc_error(run.stub.Join, dup)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "protocol version 9 is not supported" in err.details()
+    s = run.stub.Status(pb.StatusRequest(), timeout=RPC_S)
+    assert sorted(m.name for m in s.members) == ["a", "b"]
+    run.honest_round()
+
+
+def test_collect_on_an_open_round_and_without_payload(run: Run) -> None:
+    a, b = run.nodes["a"].transport, run.nodes["b"].transport
+    frame = run.frame("a", 0)
+    assert a.submit(0, frame) == "accepted"
+    err = rpc_error(run.stub.Collect, pb.CollectRequest(node_id=a.node_id, round=0, wait_ms=0, submitted=True))
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "round 0 is still open" in err.details()
+    err = rpc_error(run.stub.Collect, pb.CollectRequest(node_id=b.node_id, round=0, wait_ms=0, submitted=True))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no payload from b for round 0 is held" in err.details()
+    assert trailing(err)["lowband-not-submitted"] == "1"
+    run.honest_round({"a": frame})

@@ -1,0 +1,280 @@
+"""The coordinator's run file (TOML → CoordinatorConfig) and its crash-safe store (SQLite + renamed blobs)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import (CoordinatorConfig, DeadlinePolicy, MembershipPolicy, load_run_file,
+                                parse_run_file)
+from coordinator.membership import Member
+from coordinator.store import RoundRow, Store, write_atomic
+from node.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+# -- run file ----------------------------------------------------------------------------------------
+def test_defaults_of_an_empty_run_file() -> None:
+    cfg = parse_run_file("")
+    run = cfg.run
+    assert run.run_id == "lowband" and run.rounds == 100 and run.seed == 0 and run.workers == 1
+    assert run.recipe.name == "sign"
+    assert run.task.name == "gpt" and run.task.params == {"size": "tiny", "batch_size": 8}
+    assert cfg.membership == MembershipPolicy()
+    assert cfg.deadline == DeadlinePolicy()
+    assert cfg.eval_every == 1 and cfg.keep_results == 8
+
+
+def test_full_run_file_sections() -> None:
+    cfg = parse_run_file("""
+        [run]
+        id = "r1"
+        task = "gpt"
+        recipe = "diloco"
+        rounds = 7
+        seed = 3
+        [task]
+        size = "small"
+        batch_size = 4
+        [membership]
+        min_nodes = 2
+        max_nodes = 5
+        heartbeat_s = 1.0
+        lease_s = 4.0
+        join_token = "tok"
+        [rounds]
+        initial_wait_s = 9.0
+        min_wait_s = 1.0
+        max_wait_s = 50.0
+        quantile = 0.5
+        margin = 1.5
+        history = 4
+        eval_every = 3
+        keep_results = 2
+    """)
+    assert (cfg.run.run_id, cfg.run.recipe.name, cfg.run.rounds, cfg.run.seed) == ("r1", "diloco", 7, 3)
+    assert cfg.run.task.params == {"size": "small", "batch_size": 4}
+    assert cfg.membership == MembershipPolicy(2, 5, 1.0, 4.0, "tok")
+    assert cfg.deadline == DeadlinePolicy(9.0, 1.0, 50.0, 0.5, 1.5, 4)
+    assert cfg.eval_every == 3 and cfg.keep_results == 2
+
+
+def test_recipe_overrides_nested_and_flat_are_equivalent() -> None:
+    nested = parse_run_file("""
+        [recipe]
+        H = 4
+        [recipe.inner]
+        lr = 1e-3
+        warmup_steps = 5
+        [recipe.codec]
+        block = 64
+    """)
+    flat = parse_run_file("""
+        [recipe]
+        H = 4
+        "inner.lr" = 1e-3
+        "inner.warmup_steps" = 5
+        "codec.block" = 64
+    """)
+    for cfg in (nested, flat):
+        r = cfg.run.recipe
+        assert r.H == 4 and r.inner.lr == 1e-3 and r.inner.warmup_steps == 5
+        assert r.codec.params["block"] == 64
+    assert nested.run.to_dict() == flat.run.to_dict()
+    assert nested.run.config_hash("fp") == flat.run.config_hash("fp")
+
+
+def test_the_shipped_sign_run_file_loads() -> None:
+    cfg = load_run_file(REPO / "deploy" / "runs" / "sign.toml")
+    assert cfg.run.run_id == "sign-demo" and cfg.run.recipe.name == "sign"
+    assert cfg.run.recipe.H == 16 and cfg.run.recipe.inner.lr == 2e-3
+    assert cfg.membership.min_nodes == 2 and cfg.deadline.max_wait_s == 120.0
+
+
+def test_missing_run_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read run file .*nope.toml"):
+        load_run_file(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("[run\nid = 1", r"^r\.toml: not valid TOML: "),
+    ("[runs]\nid = 'x'", r"^r\.toml: unknown sections \['runs'\]"),
+    ("[run]\nid = 'x'\nepochs = 3", r"^r\.toml: unknown \[run\] keys \['epochs'\]; known: \['id', 'recipe', 'rounds', 'seed', 'task'\]"),
+    ("[run]\nrounds = 'many'", r"^r\.toml: run\.rounds must be an integer, got 'many'"),
+    ("[rounds]\neval_every = 'often'", r"^r\.toml: rounds\.eval_every must be an integer, got 'often'"),
+    ("[rounds]\neval_every = -1", r"rounds\.eval_every must be ≥ 0"),
+    ("[rounds]\nkeep_results = 0", r"rounds\.keep_results must be ≥ 1, got 0"),
+    ("[membership]\nmin_nodes = 0", r"membership\.min_nodes must be ≥ 1, got 0"),
+    ("[membership]\nmin_nodes = 4\nmax_nodes = 3", r"membership\.max_nodes \(3\) must be ≥ min_nodes \(4\)"),
+    ("[membership]\nheartbeat_s = 10.0\nlease_s = 10.0", r"membership: need 0 < heartbeat_s \(10\.0\) < lease_s \(10\.0\)"),
+    ("[membership]\nquorum = 3", r"run file \[membership\]: .*unexpected keyword argument 'quorum'"),
+    ("[rounds]\nquantile = 1.5", r"rounds\.quantile must be in \(0, 1\], got 1\.5"),
+    ("[rounds]\nmargin = 0.5", r"rounds\.margin must be ≥ 1, got 0\.5"),
+    ("[rounds]\nmin_wait_s = 10.0\nmax_wait_s = 5.0", r"rounds: need 0 < min_wait_s \(10\.0\) ≤ max_wait_s \(5\.0\)"),
+    ("[rounds]\nhistory = 0", r"rounds\.history must be ≥ 1, got 0"),
+    ("[rounds]\npatience = 3", r"run file \[rounds\]: .*unexpected keyword argument 'patience'"),
+    ("[run]\nrecipe = 'nope'", r"unknown recipe 'nope'"),
+    ("[recipe]\nH = 0", r"H must be an integer ≥ 1, got 0"),
+    ("[recipe]\n'inner.nonsense' = 1", r"unknown setting 'inner\.nonsense'"),
+])
+def test_bad_run_files_raise_config_error_naming_the_problem(text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse_run_file(text, "r.toml")
+
+
+def test_faithful_dct_is_refused_pointing_to_dct_consistent() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_run_file("[run]\nrecipe = 'dct'")
+    msg = str(info.value)
+    assert "recipe 'dct'" in msg and "drift" in msg and "use 'dct-consistent'" in msg
+    assert parse_run_file("[run]\nrecipe = 'dct-consistent'").run.recipe.name == "dct-consistent"
+
+
+def test_coordinator_config_is_frozen() -> None:
+    cfg = parse_run_file("")
+    assert isinstance(cfg, CoordinatorConfig)
+    with pytest.raises(AttributeError):
+        cfg.eval_every = 5  # type: ignore[misc]
+
+
+# -- store -------------------------------------------------------------------------------------------
+def row(r: int, **kw: object) -> RoundRow:
+    base = dict(round=r, committed_at=1000.0 + r, members=["a", "b"], reason="all 2 live members submitted",
+                fingerprint=f"fp{r}", bytes_in=10 * (r + 1), bytes_out=0, duration_s=0.5, mean_loss=2.5,
+                val_loss=float("nan"))
+    base.update(kw)
+    return RoundRow(**base)  # type: ignore[arg-type]
+
+
+def mem(node_id: str, name: str, shard: int, hb: float = 5.0) -> Member:
+    return Member(node_id, name, first_round=1, shard=shard, joined_at=123.0, last_heartbeat=hb,
+                  capabilities=("device=cpu",), rounds_contributed=4, bytes_in=11, bytes_out=22)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store(tmp_path / "state")
+    yield s
+    s.close()
+
+
+def test_identity_recorded_then_mismatch_message(store: Store, tmp_path: Path) -> None:
+    assert store.check_identity("run-1", "hash-a") is None
+    assert store.check_identity("run-1", "hash-a") is None  # a restart with the same run file
+    assert store.info() == {"run_id": "run-1", "config_hash": "hash-a"}
+    msg = store.check_identity("run-1", "hash-b")
+    assert msg is not None
+    assert "holds run 'run-1' with config hash hash-a" in msg
+    assert "this run file is run 'run-1' with config hash hash-b" in msg
+    assert "Use another --state-dir" in msg
+    msg = store.check_identity("run-2", "hash-a")
+    assert msg is not None and "run 'run-2'" in msg
+
+
+def test_new_store_has_no_rounds(store: Store) -> None:
+    assert store.latest() == (0, None)
+    assert store.result(0) is None
+    assert store.recent_rounds() == []
+
+
+def test_commit_round_then_latest_and_result(store: Store) -> None:
+    frames = {"a": b"\x00frame-a", "b": b"frame-b\xff"}
+    members = {"n1": mem("n1", "a", 0)}
+    store.commit_round(row(0), b"state-after-round-0", frames, members)
+    assert store.latest() == (1, b"state-after-round-0")
+    assert store.result(0) == frames
+    store.commit_round(row(1), b"state-after-round-1", {"a": b"x"}, members)
+    assert store.latest() == (2, b"state-after-round-1")
+    assert store.result(1) == {"a": b"x"}
+    recent = store.recent_rounds()
+    assert [r.round for r in recent] == [0, 1]
+    assert recent[0].members == ["a", "b"] and recent[0].fingerprint == "fp0" and recent[0].bytes_in == 10
+    assert math.isnan(recent[0].val_loss)
+    store.set_val_loss(0, 1.25)
+    assert store.recent_rounds()[0].val_loss == 1.25
+    assert [r.round for r in store.recent_rounds(limit=1)] == [1]
+
+
+def test_only_keep_newest_state_and_result_files(tmp_path: Path) -> None:
+    s = Store(tmp_path / "st", keep=2)
+    try:
+        for r in range(5):
+            s.commit_round(row(r), f"state{r + 1}".encode(), {"a": bytes([r])}, {})
+        states = sorted(p.name for p in s.dir.glob("state-*.pt"))
+        results = sorted(p.name for p in s.dir.glob("result-*.msgpack"))
+        assert states == ["state-00000004.pt", "state-00000005.pt"]
+        assert results == ["result-00000003.msgpack", "result-00000004.msgpack"]
+        assert s.latest() == (5, b"state5")
+        assert s.result(4) == {"a": b"\x04"} and s.result(0) is None
+        assert len(s.recent_rounds()) == 5  # metadata of every round stays in SQLite
+    finally:
+        s.close()
+
+
+def test_members_save_and_load_restart_leases(store: Store) -> None:
+    members = {"n1": mem("n1", "alice", 0, hb=5.0), "n2": mem("n2", "bob", 3, hb=6.0)}
+    store.save_members(members)
+    loaded = store.load_members(now=777.0)
+    assert set(loaded) == {"n1", "n2"}
+    for nid, m in loaded.items():
+        want = members[nid]
+        assert (m.name, m.first_round, m.shard, m.joined_at, m.capabilities, m.rounds_contributed,
+                m.bytes_in, m.bytes_out) == (want.name, want.first_round, want.shard, want.joined_at,
+                                             want.capabilities, want.rounds_contributed, want.bytes_in,
+                                             want.bytes_out)
+        assert m.last_heartbeat == 777.0  # the lease restarts: a restart must not expel everyone
+    store.save_members({"n2": members["n2"]})
+    assert set(store.load_members(now=0.0)) == {"n2"}
+
+
+def test_commit_round_saves_members_atomically(store: Store) -> None:
+    store.commit_round(row(0), b"s", {}, {"n9": mem("n9", "zed", 1)})
+    assert [m.name for m in store.load_members(now=1.0).values()] == ["zed"]
+
+
+def test_leftover_tmp_files_from_a_crash_do_not_affect_latest(store: Store) -> None:
+    store.commit_round(row(0), b"good-state-1", {"a": b"f"}, {})
+    # A crash mid-write of round 1: temporary files exist, nothing was renamed or recorded.
+    (store.dir / "state-00000002.pt.tmp").write_bytes(b"half-written")
+    (store.dir / "result-00000001.msgpack.tmp").write_bytes(b"\x93")
+    assert store.latest() == (1, b"good-state-1")
+    assert store.result(1) is None
+    # A crash after the blob was renamed but before the SQLite transaction: still the old round.
+    write_atomic(store.dir / "state-00000002.pt", b"renamed-but-unrecorded")
+    assert store.latest() == (1, b"good-state-1")
+    # The next commit overwrites both and is what latest() returns; temp files never count as kept states.
+    store.commit_round(row(1), b"good-state-2", {"a": b"g"}, {})
+    assert store.latest() == (2, b"good-state-2")
+    assert store.result(1) == {"a": b"g"}
+
+
+def test_write_atomic_replaces_and_leaves_no_tmp(tmp_path: Path) -> None:
+    p = tmp_path / "blob.bin"
+    write_atomic(p, b"one")
+    write_atomic(p, b"two")
+    assert p.read_bytes() == b"two"
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_reopened_store_sees_committed_rounds(tmp_path: Path) -> None:
+    d = tmp_path / "state"
+    s = Store(d)
+    assert s.check_identity("run", "h") is None
+    s.commit_round(row(0), b"s1", {"a": b"1"}, {"n1": mem("n1", "a", 0)})
+    s.commit_round(row(1, mean_loss=float("nan")), b"s2", {"a": b"2", "b": b"3"},
+                   {"n1": mem("n1", "a", 0), "n2": mem("n2", "b", 1)})
+    s.close()
+    s2 = Store(d)
+    try:
+        assert s2.check_identity("run", "h") is None
+        assert s2.latest() == (2, b"s2")
+        assert s2.result(1) == {"a": b"2", "b": b"3"}
+        recent = s2.recent_rounds()
+        assert [r.round for r in recent] == [0, 1]
+        # NaN ("not measured") survives SQLite, which stores it as NULL: never None, never 0.0
+        assert recent[0].mean_loss == 2.5 and math.isnan(recent[1].mean_loss) and math.isnan(recent[1].val_loss)
+        assert {m.name for m in s2.load_members(now=0.0).values()} == {"a", "b"}
+    finally:
+        s2.close()
