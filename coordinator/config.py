@@ -5,7 +5,8 @@
 [task]         # task parameters (size, batch_size, ...)
 [recipe]       # any recipe override, flat ("inner.lr" = 1e-3) or nested ([recipe.inner] lr = 1e-3)
 [membership]   # min_nodes, max_nodes, heartbeat_s, lease_s, join_token
-[rounds]       # initial_wait_s, min_wait_s, max_wait_s, quantile, margin, eval_every
+[rounds]       # initial_wait_s, min_wait_s, max_wait_s, quantile, margin, eval_every, keep_results,
+               # result ("relay" | "aggregate"), aggregate_codec ("identity" | "bf16" | "fp16")
 ```
 """
 from __future__ import annotations
@@ -66,6 +67,10 @@ class CoordinatorConfig:
     deadline: DeadlinePolicy = DeadlinePolicy()
     eval_every: int = 1  # evaluate the reference every K committed rounds (0: never)
     keep_results: int = 8  # committed round results held for late collectors
+    #: "relay": every member receives every other member's payload (codec-agnostic, exact);
+    #: "aggregate": the coordinator reduces and sends one dense frame (wins for many members)
+    result: str = "relay"
+    aggregate_codec: str = "identity"  # identity (fp32), bf16 or fp16
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,6 +78,10 @@ class CoordinatorConfig:
             raise ConfigError(f"rounds.eval_every must be ≥ 0 (0: never), got {self.eval_every}")
         if self.keep_results < 1:
             raise ConfigError(f"rounds.keep_results must be ≥ 1, got {self.keep_results}")
+        if self.result not in ("relay", "aggregate"):
+            raise ConfigError(f"rounds.result must be 'relay' or 'aggregate', got {self.result!r}")
+        if self.aggregate_codec not in ("identity", "bf16", "fp16"):
+            raise ConfigError(f"rounds.aggregate_codec must be identity, bf16 or fp16, got {self.aggregate_codec!r}")
         if self.run.recipe.name == "dct" and self.run.recipe.outer.name == "decoupled_nesterov":
             raise ConfigError("recipe 'dct' (faithful) lets replicas drift by design, so there is no global state "
                               "for a coordinator to serve to joiners; use 'dct-consistent' in coordinator mode")
@@ -118,6 +127,8 @@ def parse_run_file(text: str, source: str = "run file") -> CoordinatorConfig:
     rounds_doc = dict(doc.get("rounds", {}))
     eval_every = _int(source, "rounds.eval_every", rounds_doc.pop("eval_every", 1))
     keep = _int(source, "rounds.keep_results", rounds_doc.pop("keep_results", 8))
+    result_mode = str(rounds_doc.pop("result", "relay"))
+    aggregate_codec = str(rounds_doc.pop("aggregate_codec", "identity"))
     task = TaskConfig(run.get("task", "gpt"), dict(doc.get("task", {"size": "tiny", "batch_size": 8})))
     cfg = make_run_config(run.get("recipe", "sign"), _flatten(doc.get("recipe", {})), task=task,
                           workers=1, rounds=_int(source, "run.rounds", run.get("rounds", 100)),
@@ -125,7 +136,8 @@ def parse_run_file(text: str, source: str = "run file") -> CoordinatorConfig:
                           run_id=str(run.get("id", "lowband")))
     return CoordinatorConfig(run=cfg, membership=_section(doc, "membership", MembershipPolicy),
                              deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy),
-                             eval_every=eval_every, keep_results=keep)
+                             eval_every=eval_every, keep_results=keep, result=result_mode,
+                             aggregate_codec=aggregate_codec)
 
 
 def load_run_file(path: str | Path) -> CoordinatorConfig:

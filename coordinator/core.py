@@ -41,6 +41,7 @@ class Committed:
     frames: dict[str, bytes]  # member name → frame, sorted
     fingerprint: str
     reason: str
+    aggregate: bytes | None = None  # result "aggregate": the one dense frame every member receives
 
 
 @dataclass
@@ -177,12 +178,17 @@ class CoordinatorCore:
         for chunk in chunks:
             if up is None:
                 up = self._start_upload(chunk)
-                if up.complete:  # already accepted earlier: idempotent
-                    return {"round": up.round, "received_bytes": up.total, "accepted": True}
             with self.lock:
                 append_chunk(up, chunk.node_id, chunk.round, chunk.offset, chunk.total_size, chunk.data)
         if up is None:
             raise BadPayload("empty upload stream: send at least one chunk")
+        if up.duplicate_of is not None:
+            if not up.duplicate_of.startswith(bytes(up.data)):
+                raise Conflict(f"a different payload for round {up.round} was already accepted from this node")
+            if not up.complete:  # repeats are not kept for resumption: send it whole
+                raise Truncated(f"repeated upload ended at byte {up.received} of {up.total}; resend from offset 0",
+                                {RESUME_KEY: "0"})
+            return {"round": up.round, "received_bytes": up.total, "accepted": True}
         if not up.complete:
             raise Truncated(f"stream ended at byte {up.received} of {up.total}; resume from offset {up.received}",
                             {RESUME_KEY: str(up.received)})
@@ -194,9 +200,8 @@ class CoordinatorCore:
             self._check_round(m, chunk.round)
             check_first_chunk(chunk.total_size, self.limit)
             if chunk.node_id in self.submitted:
-                if len(self.submitted[chunk.node_id][0]) == chunk.total_size:
-                    return Upload(chunk.node_id, chunk.round, chunk.total_size, bytearray(self.submitted[chunk.node_id][0]))
-                raise Conflict(f"{m.name} already submitted a different payload for round {chunk.round}")
+                # A retry after a lost response: take the whole stream, accept only the same bytes.
+                return Upload(chunk.node_id, chunk.round, chunk.total_size, duplicate_of=self.submitted[chunk.node_id][0])
             up = self.uploads.get(chunk.node_id)
             if up is None or up.round != chunk.round or up.total != chunk.total_size or chunk.offset == 0:
                 up = self.uploads[chunk.node_id] = Upload(chunk.node_id, chunk.round, chunk.total_size)
@@ -270,7 +275,13 @@ class CoordinatorCore:
         frames = dict(sorted((names[nid], self.submitted[nid][0]) for nid in decision.members))
         envelopes, rejected = self.reference.unpack(frames, r)
         assert not rejected, f"frames were validated on arrival: {rejected}"
-        self.reference.apply(envelopes, r)
+        aggregate_frame = None
+        if self.cfg.result == "aggregate":
+            aggregate_frame, decoded = self.reference.pack_aggregate(self.reference.reduce(envelopes), r,
+                                                                    self.cfg.aggregate_codec)
+            self.reference.step(decoded, r)
+        else:
+            self.reference.apply(envelopes, r)
         fingerprint = self.reference.fingerprint()
         times = [self.submitted[nid][1] for nid in decision.members]
         losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
@@ -281,10 +292,10 @@ class CoordinatorCore:
         for nid in decision.members:
             if nid in self.members:
                 self.members[nid].rounds_contributed += 1
-        self.store.commit_round(row, self.reference.to_bytes(), frames, self.members)
+        self.store.commit_round(row, self.reference.to_bytes(), frames, self.members, aggregate_frame)
         if set(decision.members) >= policy.expected_members(self.members, r):
             self.spreads.append(max(times) - min(times))
-        self.results[r] = Committed(r, frames, fingerprint, decision.reason)
+        self.results[r] = Committed(r, frames, fingerprint, decision.reason, aggregate_frame)
         while len(self.results) > self.cfg.keep_results:
             self.results.popitem(last=False)
         self.recent.append(row)
@@ -331,7 +342,11 @@ class CoordinatorCore:
                 if frames is None or round_ != self.reference.committed_rounds - 1:
                     raise ResultGone(f"the result of round {round_} is no longer held (the run is at round "
                                      f"{self.open_round}); fetch the state instead")
-                result = Committed(round_, dict(sorted(frames.items())), self.reference.fingerprint(), "restored")
+                result = Committed(round_, dict(sorted(frames.items())), self.reference.fingerprint(), "restored",
+                                   self.store.aggregate(round_))
+            if result.aggregate is not None:
+                m.bytes_out += len(result.aggregate)
+                return result, []
             to_send = [name for name in result.frames if name != m.name]
             m.bytes_out += sum(len(result.frames[n]) for n in to_send)
             return result, to_send

@@ -85,6 +85,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         wait_s = min(request.wait_ms, 60_000) / 1000.0
         result, to_send = self.core.collect(request.node_id, request.round, wait_s, request.submitted)
         members = list(result.frames)
+        if result.aggregate is not None:
+            yield pb.CollectChunk(header=pb.CollectHeader(
+                round=result.round, committed=True, members=members, reference_fingerprint=result.fingerprint,
+                reason=result.reason, aggregate_size=len(result.aggregate),
+                aggregate_codec=self.core.cfg.aggregate_codec))
+            for off in range(0, len(result.aggregate), PIECE):
+                yield pb.CollectChunk(piece=pb.PayloadPiece(member=0, offset=off,
+                                                            data=result.aggregate[off:off + PIECE]))
+            return
         yield pb.CollectChunk(header=pb.CollectHeader(
             round=result.round, committed=True, members=members,
             payload_sizes=[len(result.frames[m]) for m in members],

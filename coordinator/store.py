@@ -92,10 +92,11 @@ class Store:
         return self.dir / f"result-{round_:08d}.msgpack"
 
     def commit_round(self, row: RoundRow, state_blob: bytes, frames: dict[str, bytes],
-                     members: dict[str, Member]) -> None:
+                     members: dict[str, Member], aggregate: bytes | None = None) -> None:
         committed = row.round + 1
         write_atomic(self._state_path(committed), state_blob)
-        write_atomic(self._result_path(row.round), msgpack.packb({"round": row.round, "frames": frames}, use_bin_type=True))
+        write_atomic(self._result_path(row.round), msgpack.packb(
+            {"round": row.round, "frames": frames, "aggregate": aggregate}, use_bin_type=True))
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -124,6 +125,13 @@ class Store:
         if not path.exists():
             return None
         return msgpack.unpackb(path.read_bytes(), raw=False)["frames"]
+
+    def aggregate(self, round_: int) -> bytes | None:
+        """The aggregate frame of a round committed in aggregate mode (None in relay mode)."""
+        path = self._result_path(round_)
+        if not path.exists():
+            return None
+        return msgpack.unpackb(path.read_bytes(), raw=False).get("aggregate")
 
     def recent_rounds(self, limit: int = 20) -> list[RoundRow]:
         rows = self.db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,)).fetchall()

@@ -16,6 +16,7 @@ class Upload:
     total: int
     data: bytearray = field(default_factory=bytearray)
     loss: float = float("nan")
+    duplicate_of: bytes | None = None  # the payload already accepted, when this upload repeats it
 
     @property
     def received(self) -> int:

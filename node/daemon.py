@@ -70,7 +70,7 @@ class NodeDaemon:
     # -- files ---------------------------------------------------------------------------------------
     def _log_round(self, entry: dict[str, Any]) -> None:
         with open(self.workdir / "rounds.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json.dumps({**entry, "time": time.time()}) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -144,13 +144,14 @@ class NodeDaemon:
         assert worker is not None
         started = time.monotonic()
         committed, blob, fingerprint = self.transport.fetch_state()
+        download_s = time.monotonic() - started
         worker.adopt_global_state(blob)
         if worker.fingerprint() != fingerprint:
             raise RuntimeError(f"fetched state fingerprint {worker.fingerprint()} ≠ published {fingerprint}")
         log.info("[node=%s] adopted state after %d rounds (%d bytes, %.2f s, %s)", self.name, committed, len(blob),
                  time.monotonic() - started, why)
         self._log_round({"event": "state", "committed_rounds": committed, "fingerprint": fingerprint, "why": why,
-                         "bytes": len(blob)})
+                         "bytes": len(blob), "download_s": round(download_s, 3)})
 
     def run(self) -> int:
         try:

@@ -22,6 +22,7 @@ from node.outer import is_replica_consistent, make_outer
 from node.train.schedule import round_inner_lr
 
 log = logging.getLogger(__name__)
+AGGREGATE_SENDER = "coordinator"
 
 
 def tensors_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
@@ -74,14 +75,26 @@ class Reference:
                 rejected[sender] = str(exc)
         return good, rejected
 
+    def reduce(self, envelopes: Sequence[wire.Envelope]) -> list[torch.Tensor]:
+        """The codec's reduce of the envelopes (sorted by sender), per tensor, fp32."""
+        assert envelopes, "reduce() needs at least one payload"
+        assert [e.sender for e in envelopes] == sorted(e.sender for e in envelopes), "reduce order must be sorted"
+        out = []
+        for name, ref in zip(self.names, self.tensors):
+            encs = [{k: v.to(self.device) for k, v in e.tensors[name].items()} for e in envelopes]
+            out.append(self.codec.reduce(encs, tuple(ref.shape)))
+        return out
+
     def apply(self, envelopes: Sequence[wire.Envelope], round_: int,
               local_context: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None) -> None:
         """One outer step on θ_ref with .grad = the codec's reduce of the envelopes (sorted by sender)."""
-        assert envelopes, "apply() needs at least one payload"
-        assert [e.sender for e in envelopes] == sorted(e.sender for e in envelopes), "reduce order must be sorted"
-        for name, ref in zip(self.names, self.tensors):
-            encs = [{k: v.to(self.device) for k, v in e.tensors[name].items()} for e in envelopes]
-            ref.grad = self.codec.reduce(encs, tuple(ref.shape))
+        self.step(self.reduce(envelopes), round_, local_context)
+
+    def step(self, aggregate: Sequence[torch.Tensor], round_: int,
+             local_context: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None) -> None:
+        """The outer step of round ``round_`` with .grad = ``aggregate`` (one tensor per parameter)."""
+        for ref, agg in zip(self.tensors, aggregate, strict=True):
+            ref.grad = agg.to(self.device, torch.float32)
         recipe = self.cfg.recipe
         lr = recipe.outer.lr * (self.inner_lr(round_) if recipe.outer.lr_follows_inner else 1.0)
         for group in self.outer.param_groups:
@@ -97,6 +110,26 @@ class Reference:
         for ref in self.tensors:
             ref.grad = None
         self.committed_rounds = round_ + 1
+
+    # -- aggregate results (coordinator-side reduce) ------------------------------------------------
+    def pack_aggregate(self, aggregate: Sequence[torch.Tensor], round_: int, codec_name: str) -> tuple[bytes, list[torch.Tensor]]:
+        """Encode an aggregate for the wire with a dense codec; returns the frame and what it decodes to.
+
+        Whoever applies an aggregate applies the *decoded* one, so the sender and every receiver take the
+        same step even when the wire precision (bf16) is lower than fp32.
+        """
+        codec = make_codec(codec_name)
+        encoded = {name: codec.encode(agg) for name, agg in zip(self.names, aggregate)}
+        frame = wire.pack(self.cfg.run_id, round_, AGGREGATE_SENDER, codec, self.spec, encoded)
+        return frame, [codec.decode(encoded[n], tuple(a.shape)) for n, a in zip(self.names, aggregate)]
+
+    def unpack_aggregate(self, frame: bytes, round_: int, codec_name: str) -> list[torch.Tensor]:
+        """Validate an aggregate frame; raises PayloadError."""
+        codec = make_codec(codec_name)
+        env = wire.unpack(frame, codec, self.spec, self.cfg.run_id, round_)
+        if env.sender != AGGREGATE_SENDER:
+            raise PayloadError(f"aggregate frame names sender {env.sender!r}, expected {AGGREGATE_SENDER!r}")
+        return [codec.decode(env.tensors[n], tuple(t.shape)) for n, t in zip(self.names, self.tensors)]
 
     def fingerprint(self) -> str:
         return tensors_fingerprint(self.tensors)

@@ -22,6 +22,7 @@ import torch
 from node import wire
 from node.compress import make_feedback
 from node.config import RunConfig
+from node.errors import PayloadError
 from node.tasks.base import Task
 from node.train.inner import InnerLoop, InnerStats
 from node.train.reference import Reference
@@ -107,12 +108,22 @@ class Worker:
         self.pending = None
         if not result.committed:
             return ApplyReport(False, False, (), {})
-        envelopes, rejected = self.reference.unpack(result.payloads, result.round)
-        for sender, reason in rejected.items():
-            log.warning("[node=%s round=%d] rejected payload from %s: %s", self.name, result.round, sender, reason)
-        if not envelopes:
-            return ApplyReport(False, False, (), rejected)
-        members = tuple(e.sender for e in envelopes)
+        rejected: dict[str, str] = {}
+        if result.aggregate is not None:
+            try:
+                aggregate = self.reference.unpack_aggregate(result.aggregate, result.round, result.aggregate_codec)
+            except PayloadError as exc:
+                log.error("[node=%s round=%d] rejected the aggregate: %s", self.name, result.round, exc)
+                return ApplyReport(False, False, (), {"coordinator": str(exc)})
+            members = tuple(result.aggregate_members)
+        else:
+            envelopes, rejected = self.reference.unpack(result.payloads, result.round)
+            for sender, reason in rejected.items():
+                log.warning("[node=%s round=%d] rejected payload from %s: %s", self.name, result.round, sender, reason)
+            if not envelopes:
+                return ApplyReport(False, False, (), rejected)
+            members = tuple(e.sender for e in envelopes)
+            aggregate = self.reference.reduce(envelopes)
         contributed = self.name in members
         for name, u, enc in zip(self.names, pending.wanted, pending.encoded.values()):
             if contributed:
@@ -120,7 +131,7 @@ class Worker:
             else:
                 self.feedback.keep(name, u)
         residuals = [self.feedback.residuals.get(n, torch.zeros_like(r)) for n, r in zip(self.names, self.ref)]
-        self.reference.apply(envelopes, result.round, (pending.deltas, residuals))
+        self.reference.step(aggregate, result.round, (pending.deltas, residuals))
         self.load_reference_into_model()
         return ApplyReport(True, contributed, members, rejected)
 

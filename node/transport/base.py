@@ -32,6 +32,11 @@ class RoundResult:
     reference_fingerprint: str = ""
     #: the round's result can no longer be had: the node must fetch the global state instead
     state_needed: bool = False
+    #: coordinator-side reduce: one dense frame (codec ``aggregate_codec``) instead of every payload,
+    #: and the members whose payloads it combines
+    aggregate: bytes | None = None
+    aggregate_codec: str = ""
+    aggregate_members: tuple[str, ...] = ()
 
     @property
     def members(self) -> tuple[str, ...]:

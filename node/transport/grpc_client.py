@@ -4,6 +4,7 @@ and reports the round as not committed only when the caller's deadline passes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -246,6 +247,14 @@ class GrpcTransport(Transport):
                 buf += piece.data
         if header is None:
             return RoundResult(round_, False, reason="empty result stream")
+        if header.aggregate_size:
+            data = bytes(parts.get(0, b""))
+            if len(data) != header.aggregate_size:
+                return RoundResult(round_, False, reason=f"aggregate arrived incomplete ({len(data)}/{header.aggregate_size})")
+            sent = len(own) if own is not None and own_name in header.members else 0
+            return RoundResult(round_, header.committed, {}, header.reason, bytes_sent=sent, bytes_received=len(data),
+                               reference_fingerprint=header.reference_fingerprint, aggregate=data,
+                               aggregate_codec=header.aggregate_codec, aggregate_members=tuple(header.members))
         payloads: dict[str, bytes] = {}
         received = 0
         for i, (name, size) in enumerate(zip(header.members, header.payload_sizes)):
@@ -272,9 +281,7 @@ class GrpcTransport(Transport):
             try:
                 result = self.collect(round_, max(0.0, end - time.monotonic()), submitted=outcome == "accepted",
                                       own=payload, own_name=own_name)
-                return RoundResult(result.round, result.committed, result.payloads, result.reason,
-                                   len(payload), result.bytes_received, result.reference_fingerprint,
-                                   result.state_needed)
+                return dataclasses.replace(result, bytes_sent=len(payload))
             except NeedResubmit as exc:
                 log.warning("round %d: %s", round_, exc)
                 outcome = self.submit(round_, payload, loss)

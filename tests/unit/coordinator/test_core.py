@@ -438,8 +438,12 @@ def test_resubmitting_the_same_payload_is_idempotent_a_different_one_conflicts(h
     frame = h.frame("a", 0)
     assert h.submit("a", 0, frame)["accepted"]
     assert h.submit("a", 0, frame) == {"round": 0, "received_bytes": len(frame), "accepted": True}
-    with pytest.raises(Conflict, match="a already submitted a different payload for round 0"):
+    with pytest.raises(Conflict, match="a different payload for round 0 was already accepted"):
         h.submit("a", 0, frame + b"x")
+    same_size = bytearray(frame)
+    same_size[len(frame) // 2] ^= 0xFF
+    with pytest.raises(Conflict, match="a different payload for round 0 was already accepted"):
+        h.submit("a", 0, bytes(same_size))
     assert h.core.open_round == 0 and h.core.submitted[h.ids["a"]][0] == frame
 
 
@@ -665,3 +669,35 @@ def test_a_different_run_file_on_the_same_state_dir_is_refused(make: Callable[..
     assert what in str(info.value)
     # the same run with more rounds is the same math: allowed
     make({"run": {"rounds": 20}})
+
+
+@pytest.mark.parametrize("codec", ["identity", "bf16"])
+def test_aggregate_mode_sends_one_frame_and_replicas_match(tmp_path: Path, clock: Clock, codec: str) -> None:
+    """result = "aggregate": the coordinator reduces, applies the decoded aggregate, and every member applying
+    the same frame lands on the coordinator's fingerprint."""
+    h = Harness(tmp_path / "state", clock, {"rounds": {"result": "aggregate", "aggregate_codec": codec}})
+    try:
+        ja, jb = h.join("a"), h.join("b")
+        workers = {"a": h.worker("a", ja), "b": h.worker("b", jb)}
+        for r in range(2):
+            for name, w in workers.items():
+                w.train()
+                h.submit(name, r, w.prepare(r))
+            result, to_send = h.core.collect(h.ids["a"], r, 0.0, True)
+            assert to_send == [] and result.aggregate is not None
+            for w in workers.values():
+                report = w.apply(RoundResult(r, True, aggregate=result.aggregate, aggregate_codec=codec,
+                                             aggregate_members=tuple(result.frames)))
+                assert report.committed and report.contributed and report.members == ("a", "b")
+            assert all(w.fingerprint() == h.core.reference.fingerprint() == result.fingerprint
+                       for w in workers.values())
+        assert h.store.aggregate(1) == result.aggregate
+        bad = bytearray(result.aggregate)
+        bad[-1] ^= 1
+        w = workers["a"]
+        w.train()
+        w.prepare(2)
+        report = w.apply(RoundResult(2, True, aggregate=bytes(bad), aggregate_codec=codec, aggregate_members=("a",)))
+        assert not report.committed and "digest mismatch" in report.rejected["coordinator"]
+    finally:
+        h.close()

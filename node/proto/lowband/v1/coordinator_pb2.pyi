@@ -137,20 +137,24 @@ class CollectRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., wait_ms: _Optional[int] = ..., submitted: _Optional[bool] = ...) -> None: ...
 
 class CollectHeader(_message.Message):
-    __slots__ = ("round", "committed", "members", "payload_sizes", "reference_fingerprint", "reason")
+    __slots__ = ("round", "committed", "members", "payload_sizes", "reference_fingerprint", "reason", "aggregate_size", "aggregate_codec")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZES_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_CODEC_FIELD_NUMBER: _ClassVar[int]
     round: int
     committed: bool
     members: _containers.RepeatedScalarFieldContainer[str]
     payload_sizes: _containers.RepeatedScalarFieldContainer[int]
     reference_fingerprint: str
     reason: str
-    def __init__(self, round: _Optional[int] = ..., committed: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ..., payload_sizes: _Optional[_Iterable[int]] = ..., reference_fingerprint: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    aggregate_size: int
+    aggregate_codec: str
+    def __init__(self, round: _Optional[int] = ..., committed: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ..., payload_sizes: _Optional[_Iterable[int]] = ..., reference_fingerprint: _Optional[str] = ..., reason: _Optional[str] = ..., aggregate_size: _Optional[int] = ..., aggregate_codec: _Optional[str] = ...) -> None: ...
 
 class PayloadPiece(_message.Message):
     __slots__ = ("member", "offset", "data")

@@ -1,0 +1,287 @@
+"""Helpers for the multi-process integration tests: a coordinator and nodes as real processes on 127.0.0.1.
+
+Every process is started in its own session (so in its own process group) and stopped through that group
+only; the ``cluster`` fixture stops whatever a test started even when the test fails, and then prints the
+tail of every process's log so a failure can be read from the pytest output alone. Every wait is a poll
+under a deadline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+
+from node.status import fetch_status
+
+T = TypeVar("T")
+
+RUN_TEMPLATE = """\
+[run]
+id = "{run_id}"
+task = "gpt"
+recipe = "{recipe}"
+rounds = {rounds}
+seed = 0
+
+[task]
+size = "tiny"
+batch_size = 2
+block_size = 32
+
+[recipe]
+H = {H}
+"inner.lr" = 2e-3
+
+[membership]
+min_nodes = {min_nodes}
+max_nodes = 16
+heartbeat_s = 0.5
+lease_s = {lease_s}
+
+[rounds]
+initial_wait_s = {initial_wait_s}
+min_wait_s = {min_wait_s}
+max_wait_s = {max_wait_s}
+eval_every = 0
+"""
+
+
+def write_run_file(path: Path, *, recipe: str = "sign", rounds: int = 6, H: int = 2, min_nodes: int = 2,
+                   lease_s: float = 3.0, initial_wait_s: float = 20.0, min_wait_s: float = 1.0,
+                   max_wait_s: float = 20.0, run_id: str | None = None) -> Path:
+    path.write_text(RUN_TEMPLATE.format(run_id=run_id or f"it-{recipe}", recipe=recipe, rounds=rounds, H=H,
+                                        min_nodes=min_nodes, lease_s=lease_s, initial_wait_s=initial_wait_s,
+                                        min_wait_s=min_wait_s, max_wait_s=max_wait_s))
+    return path
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float, interval_s: float = 0.1) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = probe()
+            if value:
+                return value
+        except AssertionError:
+            raise
+        except Exception as exc:  # e.g. the coordinator is restarting: keep polling until the deadline
+            last_error = exc
+        if time.monotonic() >= end:
+            suffix = f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}{suffix}")
+        time.sleep(interval_s)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_log(workdir: Path) -> list[dict[str, Any]]:
+    """A node's rounds.jsonl (complete lines only: the node may be writing it right now)."""
+    path = workdir / "rounds.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+
+
+def applied_rounds(workdir: Path) -> list[dict[str, Any]]:
+    return [e for e in read_log(workdir) if "round" in e]
+
+
+class Proc:
+    def __init__(self, name: str, popen: subprocess.Popen, stdout: Path, stderr: Path, workdir: Path | None = None,
+                 address: str = "") -> None:
+        self.name, self.popen, self.stdout, self.stderr = name, popen, stdout, stderr
+        self.workdir, self.address = workdir, address
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait_exit(self, timeout_s: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} (pid {self.pid}) did not exit within {timeout_s:.0f} s") from None
+
+    def log_text(self) -> str:
+        return self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
+
+    def kill9(self) -> None:
+        """SIGKILL this process's group (it leads its own session) and reap it."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(timeout=30)
+
+
+class Cluster:
+    """Starts coordinator and node processes for one test; ``stop_all`` ends every one of them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[Proc] = []
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def spawn(self, name: str, args: list[str], workdir: Path | None = None) -> Proc:
+        """``python -m node.cli ARGS`` in a new session; stdout to NAME.stdout, stderr to NAME.log."""
+        n = sum(1 for p in self.procs if p.name == name)
+        tag = name if n == 0 else f"{name}.{n}"
+        out, err = self.root / f"{tag}.stdout", self.root / f"{tag}.log"
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            popen = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=fo, stderr=fe,
+                                     stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        proc = Proc(tag, popen, out, err, workdir)
+        self.procs.append(proc)
+        return proc
+
+    def coordinator(self, run_file: Path, state_dir: Path, listen: str = "127.0.0.1:0",
+                    timeout_s: float = 60.0) -> Proc:
+        proc = self.spawn("coordinator", ["coordinator", "--listen", listen, "--state-dir", str(state_dir),
+                                           "--run", str(run_file)])
+
+        def address() -> str | None:
+            if not proc.alive():
+                raise AssertionError(f"coordinator exited with {proc.popen.returncode} before listening:\n"
+                                     f"{proc.log_text()[-3000:]}")
+            for line in proc.stdout.read_text(errors="replace").splitlines():
+                if line.startswith("lowband coordinator listening on "):
+                    return line.rsplit(" ", 1)[-1].strip()
+            return None
+
+        end = time.monotonic() + timeout_s
+        while True:
+            found = address()  # raises at once if the coordinator died
+            if found:
+                proc.address = found
+                return proc
+            if time.monotonic() >= end:
+                raise AssertionError(f"coordinator printed no address within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    def node(self, address: str, name: str, *extra: str) -> Proc:
+        workdir = self.root / name
+        return self.spawn(name, ["node", "--coordinator", address, "--workdir", str(workdir), "--name", name,
+                                  "--device", "cpu", *extra], workdir)
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        live = [p for p in self.procs if p.alive()]
+        for p in live:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + grace_s
+        for p in live:
+            try:
+                p.popen.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in live:  # SIGKILL each group we started and found running: also ends anything its leader left
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                p.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def dump_logs(self, lines: int = 40) -> str:
+        parts = []
+        for p in self.procs:
+            text = p.log_text().splitlines()[-lines:]
+            parts.append(f"----- {p.name} (pid {p.pid}, exit {p.popen.returncode}) {p.stderr} -----")
+            parts.extend(text)
+        return "\n".join(parts)
+
+
+def status(address: str):
+    return fetch_status(address, timeout_s=5.0)
+
+
+def member_names(address: str) -> set[str]:
+    return {m.name for m in status(address).members}
+
+
+def wait_all_exit(procs: list[Proc], timeout_s: float) -> list[int]:
+    """Exit codes of ``procs``, waiting for all of them under one deadline."""
+    end = time.monotonic() + timeout_s
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.popen.wait(timeout=max(0.0, end - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{p.name} (pid {p.pid}) still running after {timeout_s:.0f} s") from None
+    return codes
+
+
+def terminate(*procs: Proc, timeout_s: float = 20.0) -> list[int]:
+    """SIGTERM each process's group at once (what an operator's Ctrl-C or systemd stop does), then wait for
+    all of them to exit; returns their exit codes."""
+    for p in procs:
+        if p.alive():
+            os.killpg(p.pid, signal.SIGTERM)
+    return wait_all_exit(list(procs), timeout_s)
+
+
+def rounds_table(state_dir: Path) -> list[Any]:
+    """The coordinator's committed rounds from its SQLite store (read after the coordinator stopped)."""
+    from coordinator.store import Store
+
+    store = Store(state_dir)
+    try:
+        return store.recent_rounds(limit=1_000_000)
+    finally:
+        store.close()
+
+
+def check_round_sequence(entries: list[dict[str, Any]], who: str) -> list[dict[str, Any]]:
+    """Applied rounds follow each other by exactly 1 (a state adoption resets the expected round to its
+    committed_rounds); no round is applied twice. Returns the applied-round entries."""
+    applied, expected = [], None
+    for e in entries:
+        if e.get("event") == "state":
+            assert expected is None or e["committed_rounds"] >= expected, f"{who}: state went back: {e}"
+            expected = e["committed_rounds"]
+            continue
+        assert expected is None or e["round"] == expected, f"{who}: applied round {e['round']}, expected {expected}"
+        expected = e["round"] + 1
+        applied.append(e)
+    rounds = [e["round"] for e in applied]
+    assert len(rounds) == len(set(rounds)), f"{who}: a round was applied twice: {rounds}"
+    return applied
+
+
+def check_replicas(workdirs: dict[str, Path], rows: list[Any]) -> dict[int, str]:
+    """Every node's reference after each applied round equals the coordinator's (the round's fingerprint
+    in the node's own log, the one the coordinator published, and the one in its rounds table), and every
+    node that applied a round saw the same members. Returns round → fingerprint."""
+    by_round = {row.round: row for row in rows}
+    assert sorted(by_round) == list(range(len(rows))), f"rounds table has gaps: {sorted(by_round)}"
+    fingerprints: dict[int, str] = {}
+    for name, wd in workdirs.items():
+        for e in check_round_sequence(read_log(wd), name):
+            r = e["round"]
+            assert r in by_round, f"{name} applied round {r}, which the coordinator never committed"
+            row = by_round[r]
+            assert e["fingerprint"] == e["coordinator_fingerprint"] == row.fingerprint, (name, e, row)
+            assert e["members"] == row.members, (name, e, row)
+            assert e["contributed"] == (name in row.members), (name, e)
+            assert fingerprints.setdefault(r, e["fingerprint"]) == e["fingerprint"]
+    return fingerprints

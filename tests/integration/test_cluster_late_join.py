@@ -1,0 +1,53 @@
+"""A fourth node joins a running run: it fetches the state, contributes from the next round on, and its
+replica matches everyone's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lowband_cluster import (Cluster, applied_rounds, check_replicas, read_log, rounds_table, status, terminate,
+                             wait_for, write_run_file)
+
+FIRST = ["n0", "n1", "n2"]
+
+
+@pytest.mark.timeout(120)
+def test_fourth_node_joins_at_round_3(cluster: Cluster, tmp_path: Path) -> None:
+    # The run is longer than the test: everyone is stopped once the joiner applied three rounds.
+    # min_wait_s 5: a round waits for the joiner's first payload however slowly it fetches the state.
+    run = write_run_file(tmp_path / "run.toml", rounds=1000, min_nodes=3, min_wait_s=5.0)
+    coord = cluster.coordinator(run, tmp_path / "state")
+    nodes = [cluster.node(coord.address, name) for name in FIRST]
+
+    def committed_3() -> bool:
+        for p in nodes:
+            assert p.alive(), f"{p.name} exited early with {p.popen.returncode}"
+        return status(coord.address).committed_rounds >= 3
+
+    wait_for("round 2 to commit", committed_3, timeout_s=60, interval_s=0.05)
+    joiner = cluster.node(coord.address, "n3")
+
+    def joiner_applied_3() -> bool:
+        assert joiner.alive(), f"n3 exited with {joiner.popen.returncode}"
+        return len(applied_rounds(joiner.workdir)) >= 3
+
+    wait_for("n3 to apply three rounds", joiner_applied_3, timeout_s=60)
+    assert terminate(*nodes, joiner) == [0, 0, 0, 0]
+    assert terminate(coord) == [0]
+
+    rows = rounds_table(tmp_path / "state")
+    log = read_log(joiner.workdir)
+    state = log[0]
+    assert state["event"] == "state" and state["why"] == "join", log[0]
+    start = state["committed_rounds"]
+    assert start >= 3, state
+    assert state["fingerprint"] == rows[start - 1].fingerprint  # the state after round start-1
+    first = log[1]
+    assert first["round"] == start and first["contributed"] and "n3" in first["members"], first
+    for row in rows[:start]:
+        assert "n3" not in row.members, row
+    for row in rows[start:start + 3]:
+        assert row.members == FIRST + ["n3"], row
+    fingerprints = check_replicas({p.name: p.workdir for p in nodes + [joiner]}, rows)
+    assert all(fingerprints[e["round"]] == e["fingerprint"] for e in log[1:])
