@@ -286,7 +286,10 @@ class CoordinatorCore:
         times = [self.submitted[nid][1] for nid in decision.members]
         losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
         bytes_in = sum(len(f) for f in frames.values())
-        row = RoundRow(r, time.time(), list(frames), decision.reason, fingerprint, bytes_in, 0,
+        # what the round's result costs to hand out: every other member's frame to each member, or one aggregate
+        bytes_out = (len(frames) * len(aggregate_frame) if aggregate_frame is not None
+                     else (len(frames) - 1) * bytes_in)
+        row = RoundRow(r, time.time(), list(frames), decision.reason, fingerprint, bytes_in, bytes_out,
                        now - (self.first_submit_at or now), sum(losses) / len(losses) if losses else float("nan"),
                        float("nan"))
         for nid in decision.members:

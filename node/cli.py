@@ -88,7 +88,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     from node.bench.quality import run_quality_bench
 
-    run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device))
+    run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device),
+                      command="lowband " + " ".join(sys.argv[1:]), variants=args.variant)
     return 0
 
 
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="out/bench-quality")
     q.add_argument("--recipes", nargs="*", default=None, help="subset of recipes (default: all)")
     q.add_argument("--device", default="cpu")
+    q.add_argument("--variant", action="append", default=[], metavar="RECIPE:KEY=VAL[,KEY=VAL]",
+                   help="an extra row: a recipe with overrides, e.g. sign:outer.lr=8 (repeatable)")
     q.set_defaults(func=cmd_bench_quality)
     c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")
     c.add_argument("--size", default="medium", help="gpt size whose tensors are encoded (medium ≈ 25M params)")

@@ -43,11 +43,11 @@ PROFILES = {
 }
 
 
-def _run_recipe(recipe: str, prof: Profile, device: str) -> SimResult:
+def _run_recipe(recipe: str, prof: Profile, device: str, extra: dict[str, Any] | None = None) -> SimResult:
     local_steps = recipe not in ("ddp", "demo")
     H = prof.H if local_steps else 1
     rounds = prof.steps_per_worker // H
-    overrides: dict[str, Any] = {"H": H, "inner.lr": prof.inner_lr, "inner.total_steps": rounds * H}
+    overrides: dict[str, Any] = {"H": H, "inner.lr": prof.inner_lr, "inner.total_steps": rounds * H, **(extra or {})}
     task = TaskConfig("gpt", {"size": prof.size, "batch_size": prof.batch_size, **prof.task_params})
     cfg = make_run_config(recipe, overrides, task=task, workers=prof.workers, rounds=rounds, seed=0,
                           run_id=f"bench-{recipe}")
@@ -72,7 +72,7 @@ def _markdown(rows: list[dict[str, Any]], prof: Profile, command: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dloss = f"{r['final_val_loss'] - base['final_val_loss']:+.3f}" if base else "n/a"
-        ratio = f"{base['bytes_sent_per_worker'] / r['bytes_sent_per_worker']:.1f}" if base else "n/a"
+        ratio = f"{base['bytes_sent_per_worker'] / r['bytes_sent_per_worker']:.3g}" if base else "n/a"
         lines.append(f"| {r['recipe']} | {r['workers']} | {r['H']} | {r['rounds']} | {r['tokens_per_worker']} | "
                      f"{r['final_val_loss']:.4f} | {dloss} | {r['bytes_sent_per_worker']:,} | "
                      f"{r['bytes_received_per_worker']:,} | {r['bits_per_param_per_round']:.3f} | {ratio} | "
@@ -110,17 +110,35 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``sign:outer.lr=8,H=16`` → ("sign", {"outer.lr": 8, "H": 16}): a recipe with overrides, as an extra row."""
+    from node.config import parse_value
+
+    recipe, _, rest = text.partition(":")
+    overrides = {}
+    for pair in filter(None, rest.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"variant {text!r}: expected KEY=VALUE, got {pair!r}")
+        overrides[key] = parse_value(value)
+    return recipe, overrides
+
+
 def run_quality_bench(profile: str, out: Path, recipes: list[str] | None = None, device: str = "cpu",
-                      command: str = "") -> list[dict[str, Any]]:
+                      command: str = "", variants: list[str] | None = None) -> list[dict[str, Any]]:
     prof = PROFILES[profile]
     out.mkdir(parents=True, exist_ok=True)
     command = command or f"lowband bench quality --profile {profile} --out {out}"
     rows = []
     started = time.perf_counter()
-    for recipe in recipes or ALL_RECIPES:
-        log.info("bench quality: %s ...", recipe)
-        res = _run_recipe(recipe, prof, device)
-        rows.append(_row(res))
+    runs = [(r, {}) for r in (ALL_RECIPES if recipes is None else recipes)] + [parse_variant(v) for v in variants or []]
+    for recipe, extra in runs:
+        log.info("bench quality: %s %s ...", recipe, extra or "")
+        res = _run_recipe(recipe, prof, device, extra)
+        row = _row(res)
+        if extra:
+            row["recipe"] = f"{recipe}[{','.join(f'{k}={v}' for k, v in extra.items())}]"
+        rows.append(row)
         log.info("bench quality: %s final val %.4f, %d bytes sent/worker, %.1f s", recipe, res.final_val_loss,
                  res.bytes_sent_per_worker, res.wall_s)
         # partial results survive an interrupted benchmark

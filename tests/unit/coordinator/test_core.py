@@ -260,6 +260,7 @@ def test_two_members_commit_and_replicas_match_the_reference(h: Harness, clock: 
     assert rows[-1].fingerprint == h.core.reference.fingerprint()
     assert rows[-1].mean_loss == pytest.approx(sum(losses[2:]) / 2, rel=1e-6)
     assert rows[-1].bytes_in == sum(len(f) for f in frames.values())
+    assert rows[-1].bytes_out == len(frames["a"]) + len(frames["b"])  # each member gets the other's frame
     m = h.core.members[h.ids["a"]]
     assert m.rounds_contributed == 2 and m.bytes_in == sent_by_a
     assert m.last_loss == pytest.approx(losses[2], rel=1e-6)
