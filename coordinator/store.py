@@ -7,7 +7,6 @@ what is loaded, so a crash at any point leaves either the old or the new round, 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -17,20 +16,7 @@ from typing import Any
 import msgpack
 
 from coordinator.membership import Member
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+from node.fsutil import write_atomic
 
 
 def _real(value: float | None) -> float:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from node.config import TaskConfig, parse_value
 from node.errors import ConfigError
+from node.fsutil import write_atomic
 from node.recipes import RECIPES, make_run_config
 
 log = logging.getLogger("lowband")
@@ -78,9 +79,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(result.to_dict(), indent=2))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(result.to_dict(), indent=2), durable=False)
         log.info("wrote %s", path)
     return 0
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from node import wire
+from node.fsutil import write_atomic
 from node.config import RunConfig, diff_configs, run_config_from_dict
 from node.tasks import load_task
 from node.train.reference import model_digest
@@ -47,15 +48,6 @@ def _device(name: str) -> str:
     return name
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class NodeDaemon:
     def __init__(self, opts: NodeOptions, stop: threading.Event | None = None) -> None:
         self.opts = opts
@@ -78,7 +70,7 @@ class NodeDaemon:
         assert self.worker is not None
         buf = io.BytesIO()
         torch.save({"config_hash": config_hash, "name": self.name, "state": self.worker.state_dict()}, buf)
-        _write_atomic(self.workdir / "checkpoint.pt", buf.getvalue())
+        write_atomic(self.workdir / "checkpoint.pt", buf.getvalue())
 
     def _load_checkpoint(self, config_hash: str) -> dict[str, Any] | None:
         path = self.workdir / "checkpoint.pt"

@@ -35,7 +35,7 @@ batch_size = 8
 [recipe]
 H = {H}
 "inner.lr" = 2e-3
-
+{tuning}
 [membership]
 min_nodes = {min_nodes}
 max_nodes = 16
@@ -52,6 +52,12 @@ eval_every = 1
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+#: Per-recipe settings for a short demo run: the sign-momentum global lr γ = 1 of the spec moves each
+#: coordinate by only η_t per round, which needs hundreds of rounds; γ = 4 was best in the quick
+#: quality benchmark (BENCHMARKS.md). The recipes themselves keep the spec's defaults.
+DEMO_TUNING: dict[str, dict[str, float]] = {"sign": {"outer.lr": 4.0}, "dsm": {"outer.lr": 4.0}}
 
 
 def _spawn(args: list[str], log_path: Path, stdout: int | None = None) -> subprocess.Popen:
@@ -115,7 +121,8 @@ def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16
 
     root = Path(workdir or tempfile.mkdtemp(prefix="lowband-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    run_text = RUN_TEMPLATE.format(recipe=recipe, rounds=rounds, H=H, min_nodes=max(1, nodes - 1))
+    tuning = "".join(f'"{k}" = {v}\n' for k, v in DEMO_TUNING.get(recipe, {}).items())
+    run_text = RUN_TEMPLATE.format(recipe=recipe, rounds=rounds, H=H, min_nodes=max(1, nodes - 1), tuning=tuning)
     (root / "run.toml").write_text(run_text)
     procs: list[subprocess.Popen] = []
     started = time.monotonic()

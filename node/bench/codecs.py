@@ -18,6 +18,7 @@ import torch
 
 from node import wire
 from node.compress import make_codec
+from node.fsutil import write_atomic
 from node.tasks.gpt import GPT_SIZES, GPT
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,5 @@ def run_codec_bench(size: str = "medium", repeats: int = 3, out: Path | None = N
     print("\n".join(lines))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(rows, indent=2))
-        os.replace(tmp, out / "results.json")
+        write_atomic(out / "results.json", json.dumps(rows, indent=2), durable=False)
     return rows

@@ -7,6 +7,7 @@ steps share one H, so byte ratios compare codecs at the same H.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import TaskConfig
+from node.fsutil import write_atomic
 from node.recipes import make_run_config
 from node.train.simulate import SimResult, simulate
 
@@ -98,16 +100,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue(), durable=False)
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -142,8 +138,8 @@ def run_quality_bench(profile: str, out: Path, recipes: list[str] | None = None,
         log.info("bench quality: %s final val %.4f, %d bytes sent/worker, %.1f s", recipe, res.final_val_loss,
                  res.bytes_sent_per_worker, res.wall_s)
         # partial results survive an interrupted benchmark
-        _write(out / "results.json", json.dumps(rows, indent=2))
-    _write(out / "results.md", _markdown(rows, prof, command))
+        write_atomic(out / "results.json", json.dumps(rows, indent=2))
+    write_atomic(out / "results.md", _markdown(rows, prof, command))
     _plot(rows, out / "loss_vs_bytes.png")
     log.info("bench quality: done in %.1f s → %s", time.perf_counter() - started, out)
     print(_markdown(rows, prof, command))

@@ -11,8 +11,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-import torch
-
 from node.config import RunConfig
 from node.tasks import Task, load_task
 from node.train.worker import Worker

@@ -9,7 +9,8 @@ import pytest
 from coordinator.config import (CoordinatorConfig, DeadlinePolicy, MembershipPolicy, load_run_file,
                                 parse_run_file)
 from coordinator.membership import Member
-from coordinator.store import RoundRow, Store, write_atomic
+from coordinator.store import RoundRow, Store
+from node.fsutil import write_atomic
 from node.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[3]

@@ -1,0 +1,41 @@
+"""SIGTERM makes a node leave at once, checkpoint and exit 0; the same command with the same workdir later
+resumes it (checkpoint, then the state it missed) and it keeps a replica identical to everyone's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lowband_cluster import (Cluster, applied_rounds, check_replicas, member_names, read_log, rounds_table, status,
+                             terminate, wait_all_exit, wait_for, write_run_file)
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_leaves_checkpoints_and_a_restart_resumes(cluster: Cluster, tmp_path: Path) -> None:
+    # A long lease proves the departure is the Leave RPC, not lease expiry.
+    run = write_run_file(tmp_path / "run.toml", rounds=9, min_nodes=2, H=2, lease_s=60.0, max_wait_s=2.0)
+    coord = cluster.coordinator(run, tmp_path / "state")
+    n0, n1, n2 = (cluster.node(coord.address, name) for name in ("n0", "n1", "n2"))
+    wait_for("two rounds with n1", lambda: len(applied_rounds(n1.workdir)) >= 2 or None, timeout_s=90)
+
+    assert terminate(n1) == [0]
+    assert (n1.workdir / "checkpoint.pt").exists()
+    assert "n1" not in member_names(coord.address)  # gone at once, 60 s before its lease would expire
+    assert "leave n1" in coord.log_text()
+    left_after = applied_rounds(n1.workdir)[-1]["round"]
+    wait_for("a round without n1", lambda: status(coord.address).committed_rounds >= left_after + 3 or None,
+             timeout_s=60)
+
+    again = cluster.node(coord.address, "n1")  # same name → same workdir
+    assert again.workdir == n1.workdir
+    codes = wait_all_exit([n0, n2, again], timeout_s=120)
+    assert codes == [0, 0, 0]
+    text = again.log_text()
+    assert "resumed from checkpoint" in text or "adopted state" in text, text[-2000:]
+    log = read_log(again.workdir)
+    resumed = [e for e in log if e.get("event") == "state"]
+    assert resumed and resumed[-1]["committed_rounds"] > left_after + 1, log
+    terminate(coord)
+    fingerprints = check_replicas({"n0": n0.workdir, "n1": n1.workdir, "n2": n2.workdir},
+                                  rounds_table(tmp_path / "state"))
+    assert len(fingerprints) == 9
