@@ -87,6 +87,8 @@ class CoordinatorCore:
         self.spreads: deque[float] = deque(maxlen=cfg.deadline.history)
         self.results: OrderedDict[int, Committed] = OrderedDict()
         self.recent: deque[RoundRow] = deque(store.recent_rounds(20), maxlen=20)
+        # Rounds every member made: their first-to-last submission spread seeds the adaptive deadline after a restart.
+        self.spreads.extend(row.duration_s for row in self.recent if row.reason.startswith("all "))
         self._state_cache: tuple[int, bytes] | None = None
         self._last_reason = ""
         self.evaluator = Evaluator(self.task, model, self._record_val_loss) if cfg.eval_every else None

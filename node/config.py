@@ -126,6 +126,8 @@ class RunConfig:
             raise ConfigError(f"workers must be ≥ 1, got {self.workers}")
         if self.rounds < 1:
             raise ConfigError(f"rounds must be ≥ 1, got {self.rounds}")
+        if not isinstance(self.run_id, str) or not 0 < len(self.run_id) <= 128:
+            raise ConfigError(f"run id must be a string of 1–128 characters, got {self.run_id!r}")
 
     @property
     def total_inner_steps(self) -> int:

@@ -637,12 +637,14 @@ def test_restart_resumes_rounds_fingerprint_and_members(make: Callable[..., Harn
     ja, jb = h1.join("a"), h1.join("b")
     h1.submit("a", 0), h1.submit("b", 0)
     h1.submit("a", 1)  # accepted but held only in memory
-    fp, ids = h1.core.reference.fingerprint(), dict(h1.ids)
+    fp, ids, spreads = h1.core.reference.fingerprint(), dict(h1.ids), list(h1.core.spreads)
+    assert len(spreads) == 1
     h1.close()
     clock.advance(100.0)  # far past every lease: a restart must not expel everyone
     h2 = make()
     assert h2.core.reference.committed_rounds == 1 and h2.core.open_round == 1
     assert h2.core.reference.fingerprint() == fp
+    assert list(h2.core.spreads) == pytest.approx(spreads)  # the adaptive deadline keeps its history
     assert {nid: (m.name, m.shard) for nid, m in h2.core.members.items()} == \
         {ja["node_id"]: ("a", 0), jb["node_id"]: ("b", 1)}
     assert all(m.last_heartbeat == clock.t and m.rounds_contributed == 1 for m in h2.core.members.values())
