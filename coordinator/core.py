@@ -250,17 +250,14 @@ class CoordinatorCore:
 
     # -- closing rounds ------------------------------------------------------------------------------
     def _waiting_to_start(self) -> bool:
-        """The run starts once min_nodes members have joined: until then round 0 stays open for everyone,
-        so that the first node up does not commit rounds alone while the others are still starting."""
-        return self.open_round == 0 and len(self.members) < self.cfg.membership.min_nodes
+        return not policy.run_started(self.open_round, len(self.members), self.cfg.membership).act
 
     def _maybe_close(self) -> None:
-        if self._waiting_to_start():
-            reason = (f"waiting for {self.cfg.membership.min_nodes} members to start the run "
-                      f"({len(self.members)} joined)")
-            if reason != self._last_reason:
-                log.info("[round=%d] %s", self.open_round, reason)
-            self._last_reason = reason
+        started = policy.run_started(self.open_round, len(self.members), self.cfg.membership)
+        if not started.act:
+            if started.reason != self._last_reason:
+                log.info("[round=%d] %s", self.open_round, started.reason)
+            self._last_reason = started.reason
             return
         expected = policy.expected_members(self.members, self.open_round)
         decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership)

@@ -68,6 +68,14 @@ def admit(members: Mapping[str, Member], name: str, policy: MembershipPolicy) ->
     return Decision(True, "admitted")
 
 
+def run_started(open_round: int, joined: int, policy: MembershipPolicy) -> Decision:
+    """The run starts once min_nodes members have joined: until then round 0 stays open for everyone, so the
+    first node up does not commit rounds alone while the others are still starting."""
+    if open_round == 0 and joined < policy.min_nodes:
+        return Decision(False, f"waiting for {policy.min_nodes} members to start the run ({joined} joined)")
+    return Decision(True, "started")
+
+
 def round_wait(spreads: Sequence[float], policy: DeadlinePolicy) -> tuple[float, str]:
     """How long after the first submission a round waits for the rest.
 

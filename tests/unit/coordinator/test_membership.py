@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.config import DeadlinePolicy, MembershipPolicy
-from coordinator.membership import (CloseDecision, Member, admit, decide_close, expected_members, expired_members,
+from coordinator.membership import (CloseDecision, Member, admit, run_started, decide_close, expected_members, expired_members,
                                     free_shard, round_wait)
 
 LEASE = MembershipPolicy(min_nodes=2, max_nodes=3, heartbeat_s=2.0, lease_s=10.0)
@@ -193,3 +193,11 @@ def test_close_counts_payloads_of_departed_members() -> None:
     # "a" left after submitting: it is no longer expected, but its payload still counts
     d = decide_close(0.0, {"b"}, {"a", "b"}, None, LEASE)
     assert d.close and d.members == ("a", "b")
+
+
+def test_run_starts_once_min_nodes_joined() -> None:
+    mp = MembershipPolicy(min_nodes=3)
+    waiting = run_started(0, 2, mp)
+    assert not waiting.act and waiting.reason == "waiting for 3 members to start the run (2 joined)"
+    assert run_started(0, 3, mp).act
+    assert run_started(5, 1, mp).act  # once under way, departures do not stop the run
