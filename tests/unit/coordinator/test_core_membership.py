@@ -1,0 +1,242 @@
+"""CoordinatorCore with a fake clock: joins and their refusals, deadlines, leases and leaving. Harness:
+core_harness.py; fixtures ``clock``, ``make``, ``h``: conftest.py."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Callable
+
+import pytest
+
+from core_harness import T0, Clock, Harness
+from core_harness import corpus_cache, one_thread  # noqa: F401  (module-scoped autouse fixtures)
+from coordinator.errors import Conflict, Full, Refused, StillOpen, Truncated, Unauthorized, UnknownNode
+from node.config import run_config_from_dict
+
+
+# -- joining -----------------------------------------------------------------------------------------
+def test_join_assigns_ids_shards_and_first_round(h: Harness) -> None:
+    a = h.join("a")
+    b = h.join("b")
+    assert re.fullmatch(r"[0-9a-f]{32}", a["node_id"]) and a["node_id"] != b["node_id"]
+    assert (a["shard"], b["shard"]) == (0, 1)
+    assert a["num_shards"] == 4
+    assert a["first_round"] == b["first_round"] == 0
+    assert a["current_round"] == 0 and a["committed_rounds"] == 0
+    assert a["lease_ms"] == 10_000 and a["heartbeat_interval_ms"] == 2000
+    assert run_config_from_dict(json.loads(a["config_json"])) == h.cfg.run
+    # Once a payload of round 0 is in, a joiner starts with the next round.
+    h.submit("a", 0)
+    c = h.join("c")
+    assert c["first_round"] == 1 and c["current_round"] == 0 and c["shard"] == 2
+    # Shards are reused: the smallest free slot.
+    h.core.leave(b["node_id"], "test")
+    assert h.join("d")["shard"] == 1
+    assert h.core.members[a["node_id"]].capabilities == ("device=cpu",)
+
+
+def test_join_same_name_is_a_conflict(h: Harness) -> None:
+    h.join("a")
+    with pytest.raises(Conflict, match="a live member is already named 'a'"):
+        h.join("a")
+    # a name that happens to contain "full" is still a conflict, not a full run
+    h.join("carefully")
+    with pytest.raises(Conflict, match="already named 'carefully'"):
+        h.join("carefully")
+
+
+def test_join_when_full(make: Callable[..., Harness]) -> None:
+    h = make({"membership": {"max_nodes": 2}})
+    h.join("a")
+    h.join("b")
+    with pytest.raises(Full, match=re.escape("the run is full (2 members)")):
+        h.join("c")
+
+
+def test_join_with_different_config_is_refused_naming_the_field(h: Harness) -> None:
+    theirs = json.loads(h.info["config_json"])
+    theirs["recipe"]["H"] = 2
+    with pytest.raises(Refused) as info:
+        h.join("a", config_json=json.dumps(theirs))
+    assert "config differs from the run's (node vs run)" in str(info.value)
+    assert "recipe.H: 2 vs 1" in str(info.value)
+    theirs["recipe"]["inner"]["lr"] = 1.0
+    with pytest.raises(Refused, match=r"recipe\.H: 2 vs 1; recipe\.inner\.lr: 1\.0 vs 0\.0005"):
+        h.join("a", config_json=json.dumps(theirs))
+    assert h.core.members == {}
+
+
+@pytest.mark.parametrize("kw, error, pattern", [
+    ({"protocol_version": 2}, Refused, "protocol version 2 is not supported; this coordinator speaks 1"),
+    ({"task_fingerprint": "0" * 64}, Refused, "task fingerprint differs: node 0000000000000000 vs run "),
+    ({"digest": "deadbeefdeadbeef"}, Refused, "model tensors differ: node digest deadbeefdeadbeef vs run "),
+    ({"config_json": "", "config_hash": "feedfeedfeedfeed"}, Refused, "config hash differs: node feedfeedfeedfeed"),
+    ({"config_json": "{not json"}, Refused, "config_json is not valid JSON"),
+    ({"name": ""}, Refused, "node_name must be 1–128 characters"),
+    ({"name": "x" * 129}, Refused, "node_name must be 1–128 characters"),
+])
+def test_join_refusals(h: Harness, kw: dict[str, Any], error: type, pattern: str) -> None:
+    with pytest.raises(error, match=re.escape(pattern)) as info:
+        h.join(kw.pop("name", "a"), **kw)
+    assert info.value.code == "FAILED_PRECONDITION"
+    assert h.core.members == {}
+
+
+def test_join_token(make: Callable[..., Harness]) -> None:
+    h = make({"membership": {"join_token": "s3cret"}})
+    with pytest.raises(Unauthorized, match="join token missing or wrong for this run") as info:
+        h.join("a")
+    assert info.value.code == "UNAUTHENTICATED"
+    with pytest.raises(Unauthorized):
+        h.join("a", join_token="s3cret-not")
+    assert h.join("a", join_token="s3cret")["first_round"] == 0
+
+
+# -- deadlines and leases ----------------------------------------------------------------------------
+def test_deadline_commits_with_the_payloads_that_arrived(h: Harness, clock: Clock) -> None:
+    for n in "abc":
+        h.join(n)
+    h.submit("a", 0)
+    assert h.core.deadline == T0 + 5.0  # no history: initial_wait_s
+    assert h.core.deadline_reason == "no history: initial wait 5.0 s"
+    clock.advance(1.0)
+    h.submit("b", 0)
+    assert h.core.deadline == T0 + 5.0  # set by the first payload only
+    clock.advance(3.9)
+    h.core.tick()
+    assert h.core.open_round == 0
+    assert h.core.status()["deadline_in_s"] == pytest.approx(0.1)
+    clock.advance(0.1)
+    h.core.tick()
+    assert h.core.open_round == 1
+    row = h.store.recent_rounds()[-1]
+    assert row.members == ["a", "b"]
+    assert row.reason == "deadline passed with 2/3 payloads (≥ min_nodes 2); missing 1"
+    assert row.duration_s == pytest.approx(5.0)
+    assert list(h.core.spreads) == []  # a round cut by its deadline says nothing about the spread
+    assert h.core.deadline is None and h.core.status()["deadline_in_s"] == -1.0
+    result, to_send = h.core.collect(h.ids["c"], 0, 0.0, False)  # the straggler collects the others
+    assert to_send == ["a", "b"] and result.reason == row.reason
+
+
+def test_deadline_below_quorum_waits_for_quorum(h: Harness, clock: Clock) -> None:
+    for n in "abc":
+        h.join(n)
+    h.submit("a", 0)
+    clock.advance(6.0)
+    h.core.tick()
+    assert h.core.open_round == 0
+    with pytest.raises(StillOpen, match="deadline passed but only 1 < min_nodes 2 payloads: waiting for quorum"):
+        h.core.collect(h.ids["a"], 0, 0.0, True)
+    h.submit("b", 0)  # quorum reached after the deadline: closes at once
+    assert h.core.open_round == 1
+    assert h.store.recent_rounds()[-1].reason == "deadline passed with 2/3 payloads (≥ min_nodes 2); missing 1"
+
+
+def test_deadline_adapts_to_the_observed_spread(h: Harness, clock: Clock) -> None:
+    for n in "ab":
+        h.join(n)
+    h.submit("a", 0)
+    clock.advance(3.0)
+    h.submit("b", 0)  # spread 3 s
+    assert list(h.core.spreads) == [3.0]
+    clock.advance(10.0)
+    h.submit("a", 1)
+    # quantile 1.0 × margin 2 of [3 s] = 6 s
+    assert h.core.deadline == pytest.approx(clock.t + 6.0)
+    assert h.core.deadline_reason == "q1.00 of 1 spreads = 3.00 s × 2.0 → 6.00 s (bounds 1.0–60.0 s)"
+
+
+def test_lease_expiry_by_tick_removes_a_silent_member(h: Harness, clock: Clock) -> None:
+    for n in "abc":
+        h.join(n)
+    clock.advance(10.0)
+    h.core.heartbeat(h.ids["a"])
+    h.core.heartbeat(h.ids["b"])
+    h.core.tick()
+    assert len(h.core.members) == 3  # silent exactly lease_s: still a member
+    clock.advance(0.5)
+    h.core.tick()
+    assert {m.name for m in h.core.members.values()} == {"a", "b"}
+    assert {m.name for m in h.store.load_members(now=0.0).values()} == {"a", "b"}
+    with pytest.raises(UnknownNode):
+        h.core.heartbeat(h.ids["c"])
+    assert h.core.heartbeat(h.ids["a"]) == {"current_round": 0, "committed_rounds": 0, "lease_ms": 10_000}
+
+
+def test_lease_expiry_can_close_a_round(h: Harness, clock: Clock) -> None:
+    for n in "abc":
+        h.join(n)
+    h.submit("a", 0)
+    h.submit("b", 0)
+    clock.advance(4.9)  # before the 5 s deadline: c is awaited
+    h.core.tick()
+    assert h.core.open_round == 0
+    clock.advance(5.6)  # c silent 10.5 s > lease; a and b renewed just now
+    h.core.heartbeat(h.ids["a"]), h.core.heartbeat(h.ids["b"])
+    h.core.tick()
+    assert h.core.open_round == 1 and h.ids["c"] not in h.core.members
+    row = h.store.recent_rounds()[-1]
+    assert row.members == ["a", "b"] and row.reason == "all 2 live members submitted"
+
+
+def test_leave_is_immediate_and_can_close_a_round(h: Harness) -> None:
+    for n in "abc":
+        h.join(n)
+    h.submit("a", 0)
+    h.submit("b", 0)
+    assert h.core.open_round == 0
+    h.core.leave(h.ids["c"], "shutting down")
+    assert h.ids["c"] not in h.core.members
+    assert h.core.open_round == 1
+    row = h.store.recent_rounds()[-1]
+    assert row.members == ["a", "b"] and row.reason == "all 2 live members submitted"
+    with pytest.raises(UnknownNode):
+        h.core.leave(h.ids["c"], "again")
+
+
+def test_leave_drops_a_partial_upload(h: Harness) -> None:
+    h.join("a"), h.join("b")
+    with pytest.raises(Truncated):
+        h.core.submit(iter(h.chunks("a", 0, b"z" * 100, total=1000)))
+    h.core.leave(h.ids["a"], "bye")
+    assert h.core.uploads == {}
+
+
+@pytest.mark.parametrize("how", ["leave", "lease"])
+def test_payload_of_a_member_gone_before_commit_still_counts(h: Harness, clock: Clock, how: str) -> None:
+    for n in "abc":
+        h.join(n)
+    fa = h.frame("a", 0)
+    h.submit("a", 0, fa)
+    if how == "leave":
+        h.core.leave(h.ids["a"], "bye")
+    else:
+        clock.advance(4.0)
+        h.core.heartbeat(h.ids["b"]), h.core.heartbeat(h.ids["c"])
+        h.submit("b", 0)
+        clock.advance(6.5)  # a silent 10.5 s, b and c 6.5 s; the 5 s deadline passed with 2 ≥ min_nodes
+        h.core.heartbeat(h.ids["b"]), h.core.heartbeat(h.ids["c"])
+        h.core.tick()
+    assert h.ids["a"] not in h.core.members
+    if how == "leave":
+        h.submit("b", 0)
+        assert h.core.open_round == 0
+        h.submit("c", 0)
+    assert h.core.open_round == 1
+    result, to_send = h.core.collect(h.ids["b"], 0, 0.0, True)
+    want = ["a", "b", "c"] if how == "leave" else ["a", "b"]
+    assert list(result.frames) == want and result.frames["a"] == fa and to_send == [n for n in want if n != "b"]
+    assert h.store.recent_rounds()[-1].members == want
+
+
+def test_the_first_node_up_does_not_commit_round_0_alone(h: Harness, clock: Clock) -> None:
+    h.join("a")
+    h.submit("a", 0)
+    clock.advance(30.0)
+    h.core.heartbeat(h.ids["a"])
+    h.core.tick()
+    assert h.core.open_round == 0  # min_nodes 2: the run has not started
+    assert h.join("b")["first_round"] == 0  # so a late starter still enters round 0
+    h.submit("b", 0)
+    assert h.core.open_round == 1 and h.store.recent_rounds()[-1].members == ["a", "b"]
