@@ -1,0 +1,188 @@
+"""DhtTransport: three peers in one process, each with its own hivemind DHT + p2pd on 127.0.0.1 (port 0, NAT
+traversal off), exchanging real lowband frames peer to peer."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from node.config import TaskConfig
+from node.recipes import make_run_config
+from node.train.simulate import build_task
+from node.train.worker import Worker
+from node.transport.base import RoundResult
+from node.transport.dht import DhtTransport
+
+NAMES = ("w0", "w1", "w2")
+ROUND_WAIT_S = 2.0
+NET: dict[str, Any] = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False,
+                       "use_relay": False}
+TASK_PARAMS: dict[str, Any] = {"size": "tiny", "batch_size": 2, "block_size": 32, "eval_batches": 2}
+
+
+def p2pd_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "p2pd"], capture_output=True, text=True, timeout=10).stdout
+    return {int(p) for p in out.split()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_orphaned_p2pd() -> Iterator[None]:
+    """Every p2pd these tests start must be gone after them (only pids that appeared during the module count)."""
+    before = p2pd_pids()
+    yield
+    deadline = time.monotonic() + 15
+    while (left := p2pd_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling a process table, not synchronising peers
+    assert not left, f"p2pd processes left behind: {sorted(left)}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
+    """A tiny sign-recipe run config and its task (the stdlib corpus cached under this session's temp dir)."""
+    cache = tmp_path_factory.getbasetemp() / "lowband-corpus-cache"
+    cache.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOWBAND_CACHE", str(cache))
+        cfg = make_run_config("sign", {"H": 2}, task=TaskConfig("gpt", dict(TASK_PARAMS)), workers=3, rounds=3,
+                              seed=0)
+        yield cfg, build_task(cfg)
+
+
+def workers(setup: tuple[Any, Any]) -> list[Worker]:
+    cfg, task = setup
+    return [Worker(n, cfg, task, shard=i, num_shards=len(NAMES)) for i, n in enumerate(NAMES)]
+
+
+@contextlib.contextmanager
+def peers(run_id: str) -> Iterator[list[DhtTransport]]:
+    """Three transports: the first starts the DHT, the others bootstrap from its visible addresses."""
+    made: list[DhtTransport] = []
+    try:
+        made.append(DhtTransport.create(run_id, NAMES[0], round_wait_s=ROUND_WAIT_S, **NET))
+        boot = made[0].visible_maddrs()
+        for name in NAMES[1:]:
+            made.append(DhtTransport.create(run_id, name, boot, round_wait_s=ROUND_WAIT_S, **NET))
+        for t in made:
+            t.join()
+        yield made
+    finally:
+        for t in made:
+            t.close()
+
+
+def collect_all(ts: list[DhtTransport], round_: int, timeout_s: float = 30.0) -> dict[str, RoundResult]:
+    """collect() on every peer at once, as separate nodes would; joins are bounded."""
+    results: dict[str, RoundResult] = {}
+    threads = [threading.Thread(target=lambda t=t: results.__setitem__(t.name, t.collect(round_, timeout_s)))
+               for t in ts]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout_s + 30)
+    assert not any(th.is_alive() for th in threads), "a collect() did not return in time"
+    assert set(results) == {t.name for t in ts}
+    return results
+
+
+@pytest.mark.timeout(120)
+def test_three_peers_commit_every_round_and_replicas_stay_identical(setup: tuple[Any, Any]) -> None:
+    ws = workers(setup)
+    with peers("run-ok") as ts:
+        for r in range(3):
+            for w, t in zip(ws, ts):
+                w.train()
+                t.submit(r, w.prepare(r))
+            results = collect_all(ts, r)
+            first = results[NAMES[0]]
+            for name, res in results.items():
+                assert res.committed, res.reason
+                assert res.members == NAMES
+                assert res.payloads == first.payloads  # identical payload sets, same order
+                assert list(res.payloads) == sorted(res.payloads)
+            reports = [w.apply(results[w.name]) for w in ws]
+            assert all(rep.committed and rep.contributed and not rep.rejected for rep in reports)
+            assert len({w.fingerprint() for w in ws}) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_crashes_before_submitting_is_left_out_after_a_bounded_wait(setup: tuple[Any, Any]) -> None:
+    ws = workers(setup)
+    with peers("run-crash") as ts:
+        for w, t in zip(ws, ts):
+            w.train()
+            t.submit(0, w.prepare(0))
+        first = collect_all(ts, 0)
+        for w in ws:
+            assert first[w.name].members == NAMES
+            assert w.apply(first[w.name]).committed
+        # round 1: w2 dies without a word (no leave record: its heartbeat is still "live" for a while)
+        ts[2].close(announce_leave=False)
+        for w, t in zip(ws[:2], ts[:2]):
+            w.train()
+            t.submit(1, w.prepare(1))
+        start = time.monotonic()
+        results = collect_all(ts[:2], 1)
+        elapsed = time.monotonic() - start
+        for res in results.values():
+            assert res.committed, res.reason
+            assert res.members == NAMES[:2]
+            assert res.payloads == results[NAMES[0]].payloads
+        assert elapsed < ROUND_WAIT_S + 10, f"the round took {elapsed:.1f}s"
+        reports = [w.apply(results[w.name]) for w in ws[:2]]
+        assert all(rep.committed and rep.contributed for rep in reports)
+        assert ws[0].fingerprint() == ws[1].fingerprint()
+
+
+@pytest.mark.timeout(120)
+def test_a_frame_that_does_not_match_its_announcement_is_dropped_by_everyone(
+        setup: tuple[Any, Any], caplog: pytest.LogCaptureFixture) -> None:
+    ws = workers(setup)
+    caplog.set_level(logging.WARNING, logger="node.transport.dht")
+    with peers("run-bad") as ts:
+        for w, t in zip(ws, ts):
+            w.train()
+            t.submit(0, w.prepare(0))
+        # w2 announced the hash of its frame but now serves different bytes (same length)
+        bad = bytearray(ts[2]._frames[0])
+        bad[-1] ^= 0xFF
+        ts[2]._frames[0] = bytes(bad)
+        results = collect_all(ts, 0)
+        for res in results.values():
+            assert res.committed, res.reason
+            assert res.members == NAMES[:2]  # w2 holds its own frame, but the others' have-lists exclude it
+            assert res.payloads == results[NAMES[0]].payloads
+        dropped = [r.getMessage() for r in caplog.records if "dropped w2" in r.getMessage()]
+        assert any("sha256 mismatch" in m for m in dropped), dropped
+        reports = [w.apply(results[w.name]) for w in ws]
+        assert all(rep.committed for rep in reports) and not reports[2].contributed
+        assert len({w.fingerprint() for w in ws}) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_leaves_is_not_waited_for() -> None:
+    """leave() publishes a record that outlives the last heartbeat, so the others close at once."""
+    with peers("run-leave") as ts:
+        ts[2].leave()
+        frames = {t.name: bytes([i]) * (5 << 20) for i, t in enumerate(ts[:2])}  # > 4 MiB: streamed, not unary
+        for t in ts[:2]:
+            t.submit(0, frames[t.name])
+        start = time.monotonic()
+        results = collect_all(ts[:2], 0)
+        elapsed = time.monotonic() - start
+        for res in results.values():
+            assert res.committed and res.payloads == frames
+        assert elapsed < ROUND_WAIT_S, f"waited {elapsed:.1f}s for a peer that left"
