@@ -105,16 +105,51 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return serve(args.listen, args.state_dir, args.run)
 
 
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from node.daemon import NodeOptions, run_node
 
-    expected = None
+    if bool(args.dht) == bool(args.coordinator):
+        raise ConfigError("give either --coordinator HOST:PORT or --dht --initial-peers MADDR[,MADDR...]")
+    expected, dht = None, None
     if args.run:
         from coordinator.config import load_run_file
 
-        expected = load_run_file(args.run).run
-    return run_node(NodeOptions(args.coordinator, Path(args.workdir), args.name or "", args.device, expected,
-                                args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""), args.max_rounds))
+        run_file = load_run_file(args.run)
+        expected = run_file.run
+    if args.dht:
+        from node.dht_peer import nat_enabled
+        from node.transport.dht_control import DhtSettings
+
+        if not args.run:
+            raise ConfigError("--dht needs --run RUN.toml: there is no coordinator to hand out the run")
+        peers, listen = _split(args.initial_peers), _split(args.listen)
+        if not peers:
+            raise ConfigError("--dht needs --initial-peers MADDR[,MADDR...] (e.g. from `lowband dht`)")
+        mp = run_file.membership
+        dht = DhtSettings(tuple(peers), tuple(listen), nat_enabled(listen, args.no_nat), args.identity,
+                          num_shards=mp.max_nodes, min_nodes=mp.min_nodes, heartbeat_s=mp.heartbeat_s,
+                          round_wait_s=run_file.deadline.max_wait_s)
+    return run_node(NodeOptions(args.coordinator or "", Path(args.workdir), args.name or "", args.device, expected,
+                                args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""), args.max_rounds,
+                                dht=dht))
+
+
+def cmd_dht(args: argparse.Namespace) -> int:
+    from node.dht_peer import run_dht_peer
+
+    return run_dht_peer(_split(args.listen), _split(args.initial_peers), args.identity, args.no_nat)
+
+
+def _add_dht_args(p: argparse.ArgumentParser, listen: str) -> None:
+    p.add_argument("--listen", default=listen, help="libp2p multiaddr(s) to listen on, comma-separated "
+                   f"(default {listen}; port 0 picks a free one)")
+    p.add_argument("--identity", default=None, help="private key file: a stable peer id (created if missing)")
+    p.add_argument("--no-nat", action="store_true", help="no NAT traversal (port mapping, AutoNAT, relays); "
+                   "always off when listening on 127.0.0.1 only")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -169,15 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--run", required=True, help="the run file (TOML), see deploy/runs/")
     co.set_defaults(func=cmd_coordinator)
 
-    nd = sub.add_parser("node", help="a worker that joins a coordinator's run")
-    nd.add_argument("--coordinator", required=True, help="HOST:PORT")
+    nd = sub.add_parser("node", help="a worker that joins a coordinator's run, or a serverless run over a DHT")
+    nd.add_argument("--coordinator", default=None, help="HOST:PORT")
+    nd.add_argument("--dht", action="store_true", help="serverless: agree on the run and exchange through a DHT")
+    nd.add_argument("--initial-peers", default=None, help="with --dht: bootstrap multiaddr(s), comma-separated")
+    _add_dht_args(nd, "/ip4/0.0.0.0/tcp/0")
     nd.add_argument("--workdir", required=True, help="checkpoint and round log (resume on restart)")
     nd.add_argument("--name", default=None, help="unique node name (default: hostname-pid)")
     nd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    nd.add_argument("--run", default=None, help="refuse to join unless the coordinator runs exactly this run file")
+    nd.add_argument("--run", default=None, help="refuse to join unless the run is exactly this run file "
+                    "(required with --dht)")
     nd.add_argument("--join-token", default=None, help="the run's join token (or $LOWBAND_JOIN_TOKEN)")
     nd.add_argument("--max-rounds", type=int, default=None, help="leave after applying this many rounds")
     nd.set_defaults(func=cmd_node)
+
+    dh = sub.add_parser("dht", help="a DHT bootstrap peer for serverless runs (prints its multiaddrs)")
+    _add_dht_args(dh, "/ip4/0.0.0.0/tcp/7071")
+    dh.add_argument("--initial-peers", default=None, help="other DHT peers to join, comma-separated")
+    dh.set_defaults(func=cmd_dht)
 
     st = sub.add_parser("status", help="members, round, deadline, bytes and loss of a running coordinator")
     st.add_argument("--coordinator", required=True)

@@ -1,6 +1,9 @@
 """``lowband node``: the long-running worker. Join, (fetch state), train H steps, submit, collect,
 apply, checkpoint, repeat — until the run's last round, SIGTERM, or Ctrl-C.
 
+The run is driven through a ``ControlPlane`` (node/transport/control.py): a gRPC coordinator by default, or
+with ``NodeOptions.dht`` a serverless hivemind DHT. The only mode switch is where the plane is built.
+
 Files in the workdir: ``checkpoint.pt`` (write-then-rename after every applied round) and
 ``rounds.jsonl`` (one line per applied round or adopted state: the exactly-once audit trail).
 """
@@ -15,24 +18,27 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from node import wire
 from node.fsutil import write_atomic
-from node.config import RunConfig, diff_configs, run_config_from_dict
+from node.config import RunConfig, diff_configs
 from node.tasks import load_task
 from node.train.reference import model_digest
 from node.train.worker import Worker
-from node.transport.grpc_client import GrpcTransport, Identity, JoinRefused, Rejoin, Stopped
+from node.transport.control import ControlPlane, Identity, JoinRefused, Rejoin, Stopped
+
+if TYPE_CHECKING:
+    from node.transport.dht_control import DhtSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class NodeOptions:
-    coordinator: str
+    coordinator: str  # HOST:PORT; unused in DHT mode
     workdir: Path
     name: str = ""
     device: str = "auto"
@@ -40,6 +46,7 @@ class NodeOptions:
     join_token: str = ""
     max_rounds: int | None = None  # stop after this many applied rounds (tests, demos)
     round_timeout_s: float = 3600.0
+    dht: DhtSettings | None = None  # serverless: join the run through this DHT (``run`` is then required)
 
 
 def _device(name: str) -> str:
@@ -55,7 +62,7 @@ class NodeDaemon:
         self.name = opts.name or f"{socket.gethostname()}-{os.getpid()}"
         self.workdir = Path(opts.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.transport = GrpcTransport(opts.coordinator, self.stop)
+        self.plane: ControlPlane | None = None  # built in run(): starting a DHT can fail, and must be closed
         self.worker: Worker | None = None
         self.applied = 0
 
@@ -88,9 +95,24 @@ class NodeDaemon:
         return ckpt
 
     # -- lifecycle -----------------------------------------------------------------------------------
+    def _make_plane(self) -> ControlPlane:
+        if self.opts.dht is not None:
+            from node.transport.dht_control import DhtControl  # hivemind is imported only in DHT mode
+
+            if self.opts.run is None:
+                raise ValueError("DHT mode needs the run file: there is no coordinator to hand it out")
+            return DhtControl(self.opts.run, self.opts.dht, self.name, self.stop)
+        from node.transport.grpc_control import GrpcControl
+
+        return GrpcControl(self.opts.coordinator, self.stop)
+
+    @property
+    def _plane(self) -> ControlPlane:
+        assert self.plane is not None
+        return self.plane
+
     def _join(self) -> tuple[RunConfig, str, int]:
-        info = self.transport.get_run()
-        cfg = run_config_from_dict(json.loads(info.config_json))
+        cfg = self._plane.get_run_config()
         if self.opts.run is not None:
             diffs = diff_configs(self.opts.run.to_dict(), cfg.to_dict())
             if diffs:
@@ -102,18 +124,15 @@ class NodeDaemon:
         probe = task.build_model(cfg_for_join.seed)
         digest = model_digest(wire.model_spec([(n, p) for n, p in probe.named_parameters() if p.requires_grad]))
         config_hash = cfg_for_join.config_hash(task.fingerprint)
-        self.transport.identity = Identity(self.name, json.dumps(cfg_for_join.to_dict()), config_hash,
-                                           task.fingerprint, digest, (f"device={_device(self.opts.device)}",),
-                                           self.opts.join_token)
-        membership = self.transport.join()
-        resp = self.transport.join_response
-        assert resp is not None
+        identity = Identity(self.name, json.dumps(cfg_for_join.to_dict()), config_hash, task.fingerprint, digest,
+                            (f"device={_device(self.opts.device)}",), self.opts.join_token)
+        info = self._plane.join(identity)
         if self.worker is None:
-            self.worker = Worker(self.name, cfg, task, shard=resp.shard, num_shards=resp.num_shards,
+            self.worker = Worker(self.name, cfg, task, shard=info.shard, num_shards=info.num_shards,
                                  device=_device(self.opts.device))
         log.info("[node=%s] joined %s: shard %d/%d, first round %d, %d rounds committed", self.name,
-                 self.opts.coordinator, resp.shard, resp.num_shards, membership.round, resp.committed_rounds)
-        return cfg, config_hash, membership.round
+                 self._plane.where, info.shard, info.num_shards, info.first_round, info.committed_rounds)
+        return cfg, config_hash, info.first_round
 
     def _sync_state(self, first_round: int, config_hash: str) -> None:
         """Bring θ_ref to the run's state before contributing to ``first_round``."""
@@ -128,14 +147,16 @@ class NodeDaemon:
         if first_round == 0:
             return  # the run has not started: everyone starts from the same seeded init
         # Wait for the round before ours to close, then take the state it produced.
-        self.transport.collect(first_round - 1, self.opts.round_timeout_s, submitted=False)
-        self._adopt_state("join")
+        self._adopt_state("join", after_round=first_round - 1)
 
-    def _adopt_state(self, why: str) -> None:
+    def _adopt_state(self, why: str, after_round: int | None = None) -> None:
         worker = self.worker
         assert worker is not None
         started = time.monotonic()
-        committed, blob, fingerprint = self.transport.fetch_state()
+        state = self._plane.fetch_state(after_round, self.opts.round_timeout_s)
+        if state is None:
+            raise RuntimeError(f"the global state is needed ({why}) but {self._plane.where} cannot serve it")
+        committed, blob, fingerprint = state
         download_s = time.monotonic() - started
         worker.adopt_global_state(blob)
         if worker.fingerprint() != fingerprint:
@@ -147,22 +168,26 @@ class NodeDaemon:
 
     def run(self) -> int:
         try:
-            cfg, config_hash, first = self._join()
-        except JoinRefused as exc:
-            log.error("[node=%s] join refused: %s", self.name, exc)
-            return 3
-        except Stopped:
-            return 0
-        try:
-            self._sync_state(first, config_hash)
-            return self._loop(cfg, config_hash)
-        except Stopped:
-            return 0
+            self.plane = self._make_plane()
+            try:
+                cfg, config_hash, first = self._join()
+            except JoinRefused as exc:
+                log.error("[node=%s] join refused: %s", self.name, exc)
+                return 3
+            except Stopped:
+                return 0
+            try:
+                self._sync_state(first, config_hash)
+                return self._loop(cfg, config_hash)
+            except Stopped:
+                return 0
+            finally:
+                if self.worker is not None and self.applied:
+                    self._checkpoint(config_hash)
+                self.plane.leave("shutdown" if self.stop.is_set() else "done")
         finally:
-            if self.worker is not None and self.applied:
-                self._checkpoint(config_hash)
-            self.transport.leave("shutdown" if self.stop.is_set() else "done")
-            self.transport.close()
+            if self.plane is not None:
+                self.plane.close()  # also on refusal: a DHT plane owns a p2pd that must not outlive us
 
     def _loop(self, cfg: RunConfig, config_hash: str) -> int:
         worker = self.worker
@@ -173,14 +198,14 @@ class NodeDaemon:
                 log.info("[node=%s] done after round %d", self.name, r - 1)
                 return 0
             try:
-                if self.transport.lost.is_set():
+                if self._plane.lost.is_set():
                     raise Rejoin("lease lost")
                 stats = worker.train()
                 if self.stop.is_set():
                     break
                 frame = worker.prepare(r)
                 t0 = time.monotonic()
-                result = self.transport.exchange(r, frame, self.opts.round_timeout_s, stats.mean_loss, self.name)
+                result = self._plane.exchange(r, frame, self.opts.round_timeout_s, stats.mean_loss, self.name)
                 wait_s = time.monotonic() - t0
             except Rejoin as exc:
                 log.warning("[node=%s] %s: joining again", self.name, exc)
@@ -209,7 +234,7 @@ class NodeDaemon:
                 log.warning("[node=%s round=%d] fingerprint %s ≠ coordinator's %s: fetching state", self.name, r, fp,
                             result.reference_fingerprint)
                 self._adopt_state("fingerprint mismatch")
-            elif self.transport.current_round > worker.reference.committed_rounds + 1:
+            elif self._plane.current_round > worker.reference.committed_rounds + 1:
                 self._adopt_state("fell behind")
             self._checkpoint(config_hash)
         return 0

@@ -17,6 +17,8 @@ import grpc
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 from node.transport.base import Membership, RoundResult, Transport
+# re-exported: callers import them from here too
+from node.transport.control import Identity, JoinRefused, Rejoin, Stopped  # noqa: F401
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
@@ -27,33 +29,8 @@ REFUSALS = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED
             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
 
 
-class JoinRefused(Exception):
-    """The coordinator will not have this node (incompatible config, token, name taken, run full)."""
-
-
-class Rejoin(Exception):
-    """The coordinator no longer knows this node (lease expired): join again and fetch state."""
-
-
-class Stopped(Exception):
-    """The node is shutting down."""
-
-
 class NeedResubmit(Exception):
     """The coordinator holds no payload from us for the open round (it restarted): upload it again."""
-
-
-@dataclass
-class Identity:
-    """What a node declares at Join."""
-
-    name: str
-    config_json: str
-    config_hash: str
-    task_fingerprint: str
-    model_digest: str
-    capabilities: tuple[str, ...] = ()
-    join_token: str = ""
 
 
 @dataclass

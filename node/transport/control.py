@@ -1,0 +1,82 @@
+"""The control plane: what ``lowband node`` needs from whatever runs the run — a gRPC coordinator, or nobody
+(peers agreeing over a hivemind DHT). The daemon talks only to this interface, so its round loop is the same in
+both modes; each mode has a thin adapter (``grpc_control.GrpcControl``, ``dht_control.DhtControl``).
+
+The exceptions and ``Identity`` live here, not in a transport, because both adapters raise / take them.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from node.config import RunConfig
+from node.transport.base import RoundResult
+
+
+class JoinRefused(Exception):
+    """The run will not have this node (incompatible config, token, name taken, run full, joined too late)."""
+
+
+class Rejoin(Exception):
+    """The coordinator no longer knows this node (lease expired): join again and fetch state."""
+
+
+class Stopped(Exception):
+    """The node is shutting down."""
+
+
+@dataclass
+class Identity:
+    """What a node declares when it joins."""
+
+    name: str
+    config_json: str
+    config_hash: str
+    task_fingerprint: str
+    model_digest: str
+    capabilities: tuple[str, ...] = ()
+    join_token: str = ""
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    """What joining tells the node: its data shard and the first round it contributes to."""
+
+    shard: int
+    num_shards: int
+    first_round: int
+    committed_rounds: int  # rounds the run had committed when we joined (for the log)
+
+
+#: (committed rounds, state blob, reference fingerprint)
+State = tuple[int, bytes, str]
+
+
+class ControlPlane(Protocol):
+    #: where the run lives, for log lines ("127.0.0.1:7070", "dht")
+    where: str
+    #: set when the run forgot this node (the daemon then joins again)
+    lost: threading.Event
+
+    @property
+    def current_round(self) -> int:
+        """The run's open round as last seen (0 when unknown): the daemon fetches state when it fell behind."""
+
+    def get_run_config(self) -> RunConfig:
+        """The run as the control plane defines it (the coordinator's; in serverless mode the local run file)."""
+
+    def join(self, identity: Identity) -> JoinInfo:
+        """Enter the run; raises ``JoinRefused`` with the reason (e.g. the differing config fields)."""
+
+    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str) -> RoundResult:
+        """Offer this node's frame for ``round_`` and return the round's outcome (never raises on network faults)."""
+
+    def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
+        """The run's global state — once ``after_round`` closed, if given — or None where none can be had."""
+
+    def leave(self, reason: str) -> None:
+        """Leave the run now (not by lease expiry)."""
+
+    def close(self) -> None:
+        """Release connections, threads and child processes."""

@@ -1,0 +1,45 @@
+"""``ControlPlane`` over the gRPC coordinator: a thin adapter around ``GrpcTransport``."""
+from __future__ import annotations
+
+import json
+import threading
+
+from node.config import RunConfig, run_config_from_dict
+from node.transport.base import RoundResult
+from node.transport.control import Identity, JoinInfo, State
+from node.transport.grpc_client import GrpcTransport
+
+
+class GrpcControl:
+    def __init__(self, address: str, stop: threading.Event) -> None:
+        self.where = address
+        self.transport = GrpcTransport(address, stop)
+        self.lost: threading.Event = self.transport.lost
+
+    @property
+    def current_round(self) -> int:
+        return self.transport.current_round
+
+    def get_run_config(self) -> RunConfig:
+        return run_config_from_dict(json.loads(self.transport.get_run().config_json))
+
+    def join(self, identity: Identity) -> JoinInfo:
+        self.transport.identity = identity
+        membership = self.transport.join()
+        resp = self.transport.join_response
+        assert resp is not None
+        return JoinInfo(resp.shard, resp.num_shards, membership.round, resp.committed_rounds)
+
+    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str) -> RoundResult:
+        return self.transport.exchange(round_, frame, timeout_s, loss, own_name)
+
+    def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
+        if after_round is not None:  # observe the round close (we did not submit to it), then take its state
+            self.transport.collect(after_round, timeout_s, submitted=False)
+        return self.transport.fetch_state()
+
+    def leave(self, reason: str) -> None:
+        self.transport.leave(reason)
+
+    def close(self) -> None:
+        self.transport.close()
