@@ -11,7 +11,6 @@ from typing import Any, Iterator
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.server import SERVICE_NAME, CoordinatorServer
@@ -52,23 +51,6 @@ lease_s = 30.0
 initial_wait_s = 60.0
 eval_every = 1
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    cache = tmp_path_factory.getbasetemp() / "lowband-corpus-cache"
-    cache.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOWBAND_CACHE", str(cache))
-        yield
 
 
 @dataclass

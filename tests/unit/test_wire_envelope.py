@@ -16,7 +16,6 @@ from node.compress.bitpack import pack_uints
 from node.errors import PayloadError
 from wire_harness import (CODECS, FRAMES, RUN, ROUND, SENDER, SIGN, SIGN_FRAME, SPEC, WIRE_CODECS, IDS, _body, _frame,
                           _raw, _reframe, _reframe_raw)
-from wire_harness import _one_thread  # noqa: F401  (module-scoped autouse fixture: applies to this module)
 
 
 # -- round trips ---------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from node.compress.bitpack import pack_uints
 from node.errors import PayloadError
 from wire_harness import (CODECS, FRAMES, FUZZ, IDS, RUN, ROUND, SIGN, SIGN_FRAME, SPEC, TINY_SPEC, _body, _frame,
                           _raw, _reframe, _reframe_raw)
-from wire_harness import _one_thread  # noqa: F401  (module-scoped autouse fixture: applies to this module)
 
 
 # -- property-based -----------------------------------------------------------------------------------------

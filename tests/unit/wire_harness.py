@@ -7,22 +7,12 @@ import hashlib
 from typing import Any
 
 import msgpack
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 from node import wire
 from node.compress import make_codec
 from node.compress.base import Codec, Encoded
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only contend (4× slower on a busy 2-core box); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 RUN, ROUND, SENDER = "run-a", 7, "worker-1"

@@ -8,19 +8,9 @@ import itertools
 import math
 from typing import Any
 
-import pytest
 import torch
 
 from node.compress.base import numel_of
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only contend (4× slower on a busy 2-core box); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 SHAPES = [(), (1,), (7,), (96,), (256, 128), (3, 4, 5), (97, 29)]

@@ -10,14 +10,6 @@ from node.compress.bitpack import (index_width, pack_bools, pack_uints, packed_b
                                    unpack_uints)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only contend (4× slower on a busy 2-core box); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 LENGTHS = [0, 1, 7, 8, 9, 1000]
 WIDTHS = list(range(17))
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from codecs_harness import SMALL_CONFIGS, SMALL_IDS, _sign_expected, _x
-from codecs_harness import _one_thread  # noqa: F401  (module-scoped autouse fixture: applies to this module)
 from node.compress import ErrorFeedback, NoFeedback, make_codec, make_feedback
 from node.compress import dct
 from node.compress.bitpack import pack_uints, unpack_uints

@@ -11,7 +11,6 @@ import torch
 
 from codecs_harness import (CONFIG_IDS, CONFIGS, SHAPES, SIGN_PARAMS, SMALL_CONFIGS, SMALL_IDS, _blocks, _raw,
                             _sign_expected, _x, expected_nbytes)
-from codecs_harness import _one_thread  # noqa: F401  (module-scoped autouse fixture: applies to this module)
 from node.compress import CODECS, make_codec
 from node.compress.bitpack import pack_bools, unpack_uints
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from codecs_harness import _x
-from codecs_harness import _one_thread  # noqa: F401  (module-scoped autouse fixture: applies to this module)
 from node.compress import CODECS, DctTopKCodec, SignCodec, make_codec
 from node.compress.base import Codec
 from node.compress.bitpack import pack_uints

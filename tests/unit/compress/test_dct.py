@@ -9,15 +9,6 @@ import torch
 from node.compress import dct
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only contend (4× slower on a busy 2-core box); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _dct_fft(x: torch.Tensor) -> torch.Tensor:
     """Independent orthonormal DCT-II along the last axis via an FFT (Makhoul's reordering), fp64."""
     n = x.shape[-1]

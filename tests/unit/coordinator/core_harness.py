@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import pytest
 import torch
 
 from coordinator.config import parse_run_file
@@ -37,25 +36,6 @@ def run_text(overrides: dict[str, dict[str, Any]] | None = None) -> str:
         lines.append(f"[{section}]")
         lines.extend(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in merged.items())
     return "\n".join(lines) + "\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from intra-op threads on a shared box; restore for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The stdlib corpus cached under this session's temp dir (shared with the other coordinator modules)."""
-    cache = tmp_path_factory.getbasetemp() / "lowband-corpus-cache"
-    cache.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOWBAND_CACHE", str(cache))
-        yield
 
 
 class Clock:

@@ -9,7 +9,6 @@ from typing import Any, Callable
 import pytest
 
 from core_harness import T0, Clock, Harness
-from core_harness import corpus_cache, one_thread  # noqa: F401  (module-scoped autouse fixtures)
 from coordinator.errors import Conflict, Full, Refused, StillOpen, Truncated, Unauthorized, UnknownNode
 from node.config import run_config_from_dict
 

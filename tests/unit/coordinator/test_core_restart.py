@@ -8,7 +8,6 @@ from typing import Callable
 import pytest
 
 from core_harness import Clock, Harness
-from core_harness import corpus_cache, one_thread  # noqa: F401  (module-scoped autouse fixtures)
 from coordinator.errors import NotSubmitted, WrongRound
 from node.errors import ConfigError
 from node.train.reference import Reference

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from core_harness import Clock, Harness
-from core_harness import corpus_cache, one_thread  # noqa: F401  (module-scoped autouse fixtures)
 from coordinator.core import Chunk
 from coordinator.errors import (BadPayload, Conflict, NotSubmitted, ResumeMismatch, StillOpen, TooLarge, Truncated,
                                 UnknownNode, WrongRound)

@@ -6,7 +6,6 @@ import math
 from typing import Any, Iterator
 
 import pytest
-import torch
 
 from node.config import RunConfig, TaskConfig
 from node.recipes import RECIPES, make_run_config
@@ -17,16 +16,6 @@ from node.train.simulate import SimResult, simulate
 TASK_PARAMS: dict[str, Any] = {"size": "tiny", "batch_size": 2, "block_size": 32, "eval_batches": 2}
 WORKERS, ROUNDS = 2, 2
 REPLICA_CONSISTENT = {"ddp", "diloco", "dsm", "sign", "dct-consistent", "demo"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from intra-op threads, and on a shared 2-core box two spinning
-    threads slow every step down many times over; restore the setting for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,7 +10,6 @@ import time
 from typing import Any, Iterator
 
 import pytest
-import torch
 
 from node.config import TaskConfig
 from node.recipes import make_run_config
@@ -40,14 +39,6 @@ def no_orphaned_p2pd() -> Iterator[None]:
     while (left := p2pd_pids() - before) and time.monotonic() < deadline:
         time.sleep(0.1)  # polling a process table, not synchronising peers
     assert not left, f"p2pd processes left behind: {sorted(left)}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
