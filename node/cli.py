@@ -129,10 +129,15 @@ def cmd_node(args: argparse.Namespace) -> int:
         peers, listen = _split(args.initial_peers), _split(args.listen)
         if not peers:
             raise ConfigError("--dht needs --initial-peers MADDR[,MADDR...] (e.g. from `lowband dht`)")
+        from node.transport.dht_state import MAX_CHUNK
+
+        if not 0 < args.state_chunk_bytes <= MAX_CHUNK:
+            raise ConfigError(f"--state-chunk-bytes must be in 1..{MAX_CHUNK}, got {args.state_chunk_bytes}")
         mp = run_file.membership
         dht = DhtSettings(tuple(peers), tuple(listen), nat_enabled(listen, args.no_nat), args.identity,
                           num_shards=mp.max_nodes, min_nodes=mp.min_nodes, heartbeat_s=mp.heartbeat_s,
-                          round_wait_s=run_file.deadline.max_wait_s)
+                          round_wait_s=run_file.deadline.max_wait_s, deadline=run_file.deadline,
+                          state_chunk_bytes=args.state_chunk_bytes)
     return run_node(NodeOptions(args.coordinator or "", Path(args.workdir), args.name or "", args.device, expected,
                                 args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""), args.max_rounds,
                                 dht=dht))
@@ -174,7 +179,16 @@ def cmd_bench_coordinator(args: argparse.Namespace) -> int:
 def cmd_bench_join(args: argparse.Namespace) -> int:
     from node.bench.join import run_join_bench
 
-    run_join_bench(size=args.size, recipe=args.recipe, H=args.H, batch=args.batch_size)
+    run_join_bench(size=args.size, recipe=args.recipe, H=args.H, batch=args.batch_size, dht=args.dht,
+                   donors=args.donors)
+    return 0
+
+
+def cmd_bench_exchange(args: argparse.Namespace) -> int:
+    from node.bench.exchange import run_exchange_bench
+
+    run_exchange_bench(args.peers, args.recipes, args.size, args.rounds, args.modes,
+                       Path(args.out) if args.out else None)
     return 0
 
 
@@ -216,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(required with --dht)")
     nd.add_argument("--join-token", default=None, help="the run's join token (or $LOWBAND_JOIN_TOKEN)")
     nd.add_argument("--max-rounds", type=int, default=None, help="leave after applying this many rounds")
+    nd.add_argument("--state-chunk-bytes", type=int, default=4 << 20,
+                    help="with --dht: a joiner fetches the state in chunks of this size, spread over the donors")
     nd.set_defaults(func=cmd_node)
 
     dh = sub.add_parser("dht", help="a DHT bootstrap peer for serverless runs (prints its multiaddrs)")
@@ -255,7 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     bj.add_argument("--recipe", default="sign", choices=sorted(RECIPES))
     bj.add_argument("--H", type=int, default=4)
     bj.add_argument("--batch-size", type=int, default=8)
+    bj.add_argument("--dht", action="store_true", help="serverless: the joiner fetches the state from peers")
+    bj.add_argument("--donors", type=int, default=2, help="with --dht: training peers serving the state")
     bj.set_defaults(func=cmd_bench_join)
+    be = bsub.add_parser("exchange", help="one round's exchange time, DHT vs coordinator mode, for N peers")
+    be.add_argument("--peers", type=int, nargs="+", default=[3, 8, 16])
+    be.add_argument("--recipes", nargs="+", default=["sign", "dct-consistent"], choices=sorted(RECIPES))
+    be.add_argument("--modes", nargs="+", default=["dht", "coordinator"], choices=["dht", "coordinator"])
+    be.add_argument("--size", default="medium")
+    be.add_argument("--rounds", type=int, default=3)
+    be.add_argument("--out", default=None, help="write exchange.json here")
+    be.set_defaults(func=cmd_bench_exchange)
     return parser
 
 

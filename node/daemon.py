@@ -237,6 +237,8 @@ class NodeDaemon:
             elif self._plane.current_round > worker.reference.committed_rounds + 1:
                 self._adopt_state("fell behind")
             self._checkpoint(config_hash)
+            self._plane.offer_state(worker.reference.committed_rounds, worker.fingerprint(),
+                                    worker.reference.to_bytes)
         return 0
 
 

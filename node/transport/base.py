@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
+
+#: (committed rounds, state blob, reference fingerprint): what a joiner adopts
+State = tuple[int, bytes, str]
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,14 @@ class Transport(ABC):
         self.submit(round_, payload)
         return self.collect(round_, timeout_s)
 
-    def fetch_state(self) -> bytes | None:
-        """The current global state for a joiner, or None if the run has none yet."""
+    def fetch_state(self, timeout_s: float = 60.0) -> State | None:
+        """The run's current global state for a joiner, or None if none can be had within ``timeout_s``."""
         return None
+
+    def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> bool:
+        """After applying a round: make this replica's state available to joiners, where peers serve it. Returns
+        whether a snapshot was taken (``make_blob`` is called only then). A no-op where a server holds the state."""
+        return False
 
     @abstractmethod
     def leave(self) -> None:

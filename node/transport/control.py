@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
+
+__all__ = ["ControlPlane", "Identity", "JoinInfo", "JoinRefused", "Rejoin", "State", "Stopped"]
 
 from node.config import RunConfig
-from node.transport.base import RoundResult
+from node.transport.base import RoundResult, State
 
 
 class JoinRefused(Exception):
@@ -49,10 +51,6 @@ class JoinInfo:
     committed_rounds: int  # rounds the run had committed when we joined (for the log)
 
 
-#: (committed rounds, state blob, reference fingerprint)
-State = tuple[int, bytes, str]
-
-
 class ControlPlane(Protocol):
     #: where the run lives, for log lines ("127.0.0.1:7070", "dht")
     where: str
@@ -74,6 +72,10 @@ class ControlPlane(Protocol):
 
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
         """The run's global state — once ``after_round`` closed, if given — or None where none can be had."""
+
+    def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
+        """After applying a round: serve this replica's state to joiners where peers do that (serverless); a no-op
+        where a server holds the state. ``make_blob`` is called only if someone needs it."""
 
     def leave(self, reason: str) -> None:
         """Leave the run now (not by lease expiry)."""

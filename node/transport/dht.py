@@ -2,14 +2,18 @@
 
 Keys (all values msgpack, every record expires):
 
-- ``{run}/peers``         subkey=name → (peer_id, live)   heartbeat, refreshed every ``heartbeat_s``, ttl 3×
+- ``{run}/peers``         subkey=name → (peer_id, live, from_round)   heartbeat, refreshed every ``heartbeat_s``,
+  ttl 3×; a peer is waited for in the rounds from ``from_round`` on (a joiner is not, while it fetches state)
 - ``{run}/round/{r}``      subkey=name → (peer_id, size, sha256)   "I submitted a frame for round r"
 - ``{run}/round/{r}/have`` subkey=name → sorted names whose frames this peer fetched and verified
 
 A round, as every peer runs it in ``collect``:
 
-1. close: wait until every live peer announced, or ``round_wait_s`` after the first announcement this peer saw
-   (bounded by ``timeout_s``); the group G = the announcements read then.
+1. close: wait until every live peer (and every joiner this peer just gave the state of this round) announced,
+   or the round's wait after the first announcement this peer saw (bounded by ``timeout_s``); the group G =
+   the announcements read then. The wait adapts as in the coordinator (``coordinator.membership.round_wait``:
+   clamp(margin × quantile of this peer's recent first-to-last announcement spreads)) when a
+   ``DeadlinePolicy`` is given, else it is the fixed ``round_wait_s``.
 2. fetch: pull every other member's frame over the stream handler ``lowband.{run}.frame`` (request: the round;
    answer: status byte + length-prefixed frame), each within ``fetch_timeout_s``; check size and sha256 against
    the announcement. A member whose frame does not arrive or does not match is dropped, with a logged reason.
@@ -26,7 +30,7 @@ Limits, stated plainly:
   (``RoundResult.reference_fingerprint`` is left empty: there is no reference to compare against here).
 - A peer whose clock of "first announcement seen" starts late closes later; a latecomer that announced after
   some peers closed is excluded by them and, through their have-lists, by everyone.
-- ``fetch_state`` returns None in this slice: joiners cannot yet get the global state from peers.
+- State for joiners is served by the peers themselves (``dht_state.StateShare``: chunked, multi-donor).
 - Leave is announced by a (peer, False) record; hivemind cannot shorten a record's expiration.
 """
 from __future__ import annotations
@@ -36,13 +40,16 @@ import hashlib
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import hivemind
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
-from node.transport.base import Membership, RoundResult, Transport
+from coordinator.config import DeadlinePolicy
+from coordinator.membership import round_wait
+from node.transport.base import Membership, RoundResult, State, Transport
+from node.transport.dht_state import DEFAULT_CHUNK, StateShare
 
 log = logging.getLogger(__name__)
 _OK, _MISSING = b"\x00", b"\x01"
@@ -53,13 +60,18 @@ class DhtTransport(Transport):
     def __init__(self, run_id: str, name: str, dht: hivemind.DHT, round_wait_s: float = 5.0, *,
                  first_round: int = 0, heartbeat_s: float = 1.0, rpc_timeout_s: float = 5.0,
                  fetch_timeout_s: float = 10.0, agree_wait_s: float | None = None, poll_s: float = 0.05,
-                 owns_dht: bool = False) -> None:
+                 owns_dht: bool = False, deadline: DeadlinePolicy | None = None,
+                 state_chunk_bytes: int = DEFAULT_CHUNK) -> None:
         self.run_id, self.name, self.dht = run_id, name, dht
         self.round_wait_s, self.first_round = round_wait_s, first_round
         self.heartbeat_s, self.rpc_timeout_s, self.poll_s = heartbeat_s, rpc_timeout_s, poll_s
         self.fetch_timeout_s = fetch_timeout_s
         self.agree_wait_s = fetch_timeout_s + round_wait_s if agree_wait_s is None else agree_wait_s
         self.owns_dht = owns_dht
+        self.deadline = deadline
+        self.spreads: list[float] = []  # first-to-last announcement times of recent complete rounds
+        self.from_round = first_round
+        self.joined = False
         self.handler_name = f"lowband.{run_id}.frame"
         self._frames: dict[int, bytes] = {}
         self._served: dict[int, int] = {}  # round → bytes this node streamed to peers
@@ -77,6 +89,8 @@ class DhtTransport(Transport):
             self.p2p: P2P = self._run(P2P.replicate(maddr))
             self.peer_id: str = self.p2p.peer_id.to_base58()
             self._run(self.p2p.add_binary_stream_handler(self.handler_name, self._serve))
+            self.state = StateShare(self, state_chunk_bytes)
+            self._run(self.p2p.add_binary_stream_handler(self.state.handler_name, self.state.serve))
         except BaseException:
             self.close(announce_leave=False)
             raise
@@ -140,23 +154,33 @@ class DhtTransport(Transport):
         return {k: v.value for k, v in found.value.items() if v.expiration_time > now}
 
     # -- membership ---------------------------------------------------------------------------------------
-    def live_peers(self) -> set[str]:
-        return {n for n, v in self._read(f"{self.run_id}/peers").items() if isinstance(v, (list, tuple)) and v[1]}
+    def live_peers(self, round_: int | None = None) -> set[str]:
+        """Peers with a live heartbeat (that take part in ``round_``, if given)."""
+        live = set()
+        for name, v in self._read(f"{self.run_id}/peers").items():
+            if isinstance(v, (list, tuple)) and len(v) == 3 and v[1] is True and isinstance(v[2], int):
+                if round_ is None or v[2] <= round_:
+                    live.add(name)
+        return live
 
     def _heartbeat(self) -> None:
         self._hb_expiration = get_dht_time() + 3 * self.heartbeat_s
-        self._store(f"{self.run_id}/peers", self.name, (self.peer_id, True), self._hb_expiration)
+        self._store(f"{self.run_id}/peers", self.name, (self.peer_id, True, self.from_round), self._hb_expiration)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             self._heartbeat()
 
-    def join(self) -> Membership:
+    def join(self, from_round: int | None = None) -> Membership:
+        """Start heartbeats: from now on the peers wait for this peer's frame in rounds ≥ ``from_round``."""
+        if from_round is not None:
+            self.from_round = from_round
+        self.joined = True
         self._heartbeat()
         if self._hb is None:
             self._hb = threading.Thread(target=self._heartbeat_loop, name=f"dht-hb-{self.name}", daemon=True)
             self._hb.start()
-        return Membership(self.name, tuple(sorted(self.live_peers() | {self.name})), self.first_round)
+        return Membership(self.name, tuple(sorted(self.live_peers() | {self.name})), self.from_round)
 
     # -- serving frames -----------------------------------------------------------------------------------
     async def _serve(self, _info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -221,21 +245,37 @@ class DhtTransport(Transport):
             for old in [r for r in self._frames if r <= round_ - _KEEP_ROUNDS]:
                 self._frames.pop(old, None)
                 self._served.pop(old, None)
+            for old in [r for r in self.state.expected if r < round_]:
+                self.state.expected.pop(old, None)
         value = (self.peer_id, len(payload), hashlib.sha256(payload).hexdigest())
         ttl = max(60.0, 4 * (self.round_wait_s + self.agree_wait_s))
         self._store(f"{self.run_id}/round/{round_}", self.name, value, get_dht_time() + ttl)
 
+    def round_wait(self) -> tuple[float, str]:
+        if self.deadline is None:
+            return self.round_wait_s, f"fixed {self.round_wait_s:.1f} s"
+        return round_wait(self.spreads, self.deadline)
+
     def _close_group(self, round_: int, deadline: float) -> dict[str, Any]:
-        """Phase 1: the announcements once everyone live announced or the round's wait ran out."""
-        key, first_seen = f"{self.run_id}/round/{round_}", None
+        """Phase 1: the announcements once everyone expected announced or the round's wait ran out."""
+        key, first_seen, last_new, count = f"{self.run_id}/round/{round_}", None, 0.0, 0
+        wait, why = self.round_wait()
         while True:
             announced = self._read(key)
             now = time.monotonic()
             if announced and first_seen is None:
                 first_seen = now
-            if announced and self.live_peers() <= set(announced):
+            if len(announced) > count:
+                count, last_new = len(announced), now
+            expected = self.live_peers(round_) | self.state.expected.get(round_, set())
+            if announced and expected <= set(announced):
+                if first_seen is not None:
+                    self.spreads = (self.spreads + [last_new - first_seen])[-50:]
                 return announced
-            if (first_seen is not None and now >= first_seen + self.round_wait_s) or now >= deadline:
+            if (first_seen is not None and now >= first_seen + wait) or now >= deadline:
+                missing = sorted(expected - set(announced))
+                log.info("[node=%s round=%d] closing without %s after the round's wait (%s)", self.name, round_,
+                         ", ".join(missing) or "nobody", why)
                 return announced
             if self._stop.wait(self.poll_s):  # closed meanwhile: nothing more will arrive
                 return {}
@@ -295,8 +335,13 @@ class DhtTransport(Transport):
         return RoundResult(round_, True, payloads, reason=reason, bytes_sent=sent, bytes_received=received)
 
     # -- state and shutdown -------------------------------------------------------------------------------
-    def fetch_state(self) -> bytes | None:
-        return None  # not in this slice: see the module docstring
+    def fetch_state(self, timeout_s: float = 60.0) -> State | None:
+        """The newest state any peer serves (asking for it through ``{run}/want``), or None within ``timeout_s``."""
+        got = self.state.fetch(0, timeout_s)
+        return None if got is None else (got.offer.committed, got.blob, got.offer.fingerprint)
+
+    def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> bool:
+        return self.state.offer(committed, fingerprint, make_blob)
 
     def leave(self) -> None:
         self.close(announce_leave=True)
@@ -315,7 +360,10 @@ class DhtTransport(Transport):
             expiration = max(self._hb_expiration, get_dht_time()) + 1.0
             self._store(f"{self.run_id}/peers", self.name, (self.peer_id, False), expiration)
         if hasattr(self, "p2p"):
-            for step in (self.p2p.remove_binary_stream_handler(self.handler_name), self.p2p.shutdown()):
+            steps = [self.p2p.remove_binary_stream_handler(self.handler_name)]
+            if hasattr(self, "state"):
+                steps.append(self.p2p.remove_binary_stream_handler(self.state.handler_name))
+            for step in (*steps, self.p2p.shutdown()):
                 try:
                     self._run(step)
                 except Exception as exc:

@@ -16,8 +16,11 @@ diversity).
 
 Start and late joiners: nodes wait until ``membership.min_nodes`` peers are live before round 0, so the nodes
 present from the start all contribute to it. Every node records under ``{run_id}/progress`` the round it
-entered; a node that finds any such record before joining is refused: joining a run under way needs the global
-state, which this serverless mode cannot serve yet (``fetch_state`` returns None).
+entered. A node that finds such a record joins mid-way: it does not heartbeat yet (nobody waits for it), asks
+for the state (``dht_state``: the peers snapshot it at their next round boundary and it downloads the chunks
+from all of them), checks the fingerprint, and only then heartbeats with ``from_round`` = the state's round,
+so the peers wait for its frame from that round on — its first contribution is the round after the one that
+was open when it arrived.
 """
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from hivemind.utils import get_dht_time
 
+from coordinator.config import DeadlinePolicy
 from node.config import RunConfig, diff_configs
 from node.transport.base import RoundResult
 from node.transport.control import Identity, JoinInfo, JoinRefused, State, Stopped
@@ -40,7 +44,6 @@ from node.transport.dht import DhtTransport
 
 log = logging.getLogger(__name__)
 CONFIG_TTL_S = 7 * 24 * 3600.0  # outlives any run: a late node must still find what the run agreed on
-MIDWAY = "joining a serverless run mid-way needs state transfer, not implemented yet"
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class DhtSettings:
     heartbeat_s: float = 1.0
     round_wait_s: float = 30.0  # how long a round stays open after its first frame for the stragglers
     start_timeout_s: float = 3600.0  # the most a node waits for min_nodes peers before round 0
+    deadline: DeadlinePolicy | None = None  # adaptive round wait (None: the fixed round_wait_s)
+    state_chunk_bytes: int = 4 << 20  # joiners fetch the state in chunks of this size, spread over donors
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,7 +96,10 @@ class DhtControl:
                 run.run_id, name, list(settings.initial_peers), host_maddrs=list(settings.host_maddrs),
                 nat_port_map=settings.nat, auto_nat=settings.nat, use_relay=settings.nat,
                 identity_path=settings.identity_path, round_wait_s=settings.round_wait_s,
-                heartbeat_s=settings.heartbeat_s, **settings.extra)
+                heartbeat_s=settings.heartbeat_s, deadline=settings.deadline,
+                state_chunk_bytes=settings.state_chunk_bytes, **settings.extra)
+        for maddr in self.transport.visible_maddrs():  # other nodes can bootstrap through any of these
+            log.info("[node=%s] DHT address %s", name, maddr)
         self._key = f"{run.run_id}/config"
         self._progress_key = f"{run.run_id}/progress"
 
@@ -135,7 +143,10 @@ class DhtControl:
         text = json.dumps(mine, sort_keys=True, default=str)
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         self._check(mine, digest)  # before publishing: a refused node leaves no record behind
-        if not self.transport._store(self._key, digest, (text, get_dht_time()), get_dht_time() + CONFIG_TTL_S):
+        stored = self.transport._store(self._key, digest, (text, get_dht_time()), get_dht_time() + CONFIG_TTL_S)
+        # a node with the same config may have published the same subkey a moment later (its record wins, and
+        # ours is refused as older): the run's record exists either way
+        if not stored and digest not in self.transport._read(self._key):
             raise JoinRefused("could not publish the run config to the DHT")
         self._check(mine, digest)  # a node with another config may have published at the same moment
 
@@ -146,10 +157,13 @@ class DhtControl:
     # -- ControlPlane -------------------------------------------------------------------------------------
     def join(self, identity: Identity) -> JoinInfo:
         self._agree(identity)
+        shard = shard_of(self.name, self.settings.num_shards)
         at = self._under_way()
         if at is not None:
-            raise JoinRefused(f"{MIDWAY} (the run is at round {at})")
-        self.transport.join()  # heartbeats start: the peers now wait for our frame in every round
+            # mid-way: the state comes first (fetch_state), heartbeats only once we can train from it
+            self._round = at
+            return JoinInfo(shard, self.settings.num_shards, at + 1, at)
+        self.transport.join(0)  # heartbeats start: the peers now wait for our frame in every round
         until = time.monotonic() + self.settings.start_timeout_s
         while len(self.transport.live_peers() | {self.name}) < self.settings.min_nodes:
             if self._under_way() is not None:
@@ -159,17 +173,36 @@ class DhtControl:
                                   f"{self.settings.start_timeout_s:.0f} s")
             if self.stop.wait(0.2):
                 raise Stopped()
-        return JoinInfo(shard_of(self.name, self.settings.num_shards), self.settings.num_shards, 0, 0)
+        return JoinInfo(shard, self.settings.num_shards, 0, 0)
 
     def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str) -> RoundResult:
-        # mark the run as under way before offering the frame, so no later node joins without the state
+        if not self.transport.joined:  # resumed from a checkpoint without fetching state: be waited for from now
+            self.transport.join(round_)
+        # mark the run as under way before offering the frame, so a later node knows to fetch the state
         self.transport._store(self._progress_key, self.name, round_, get_dht_time() + CONFIG_TTL_S)
         result = self.transport.exchange(round_, frame, timeout_s)
         self._round = round_ + 1 if result.committed else round_
         return result
 
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
-        return None  # no peer serves the global state yet (see the module docstring)
+        """Download the newest state of at least ``after_round + 1`` rounds from the peers, then start heartbeats
+        from that round. None when no peer offered one within ``timeout_s``."""
+        need = 0 if after_round is None else after_round + 1
+        got = self.transport.state.fetch(need, timeout_s, cancelled=self.stop)
+        if self.stop.is_set():
+            raise Stopped()
+        if got is None:
+            return None
+        served = ", ".join(f"{d}: {n} B" for d, n in sorted(got.per_donor.items()))
+        log.info("[node=%s] fetched the state after %d rounds (%d bytes) in %.2f s (transfer %.2f s) from %d donors "
+                 "(%s)", self.name, got.offer.committed, got.offer.size, got.seconds, got.transfer_s,
+                 sum(1 for n in got.per_donor.values() if n), served)
+        self._round = got.offer.committed
+        self.transport.join(got.offer.committed)
+        return got.offer.committed, got.blob, got.offer.fingerprint
+
+    def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
+        self.transport.offer_state(committed, fingerprint, make_blob)
 
     def leave(self, reason: str) -> None:
         log.info("[node=%s] leaving the DHT run (%s)", self.name, reason)

@@ -16,7 +16,7 @@ import grpc
 
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
-from node.transport.base import Membership, RoundResult, Transport
+from node.transport.base import Membership, RoundResult, State, Transport
 # re-exported: callers import them from here too
 from node.transport.control import Identity, JoinRefused, Rejoin, Stopped  # noqa: F401
 
@@ -75,6 +75,7 @@ class GrpcTransport(Transport):
         self._hb: threading.Thread | None = None
         self._hb_stop = threading.Event()
         self.join_response: pb.JoinResponse | None = None
+        self._own: tuple[int, bytes] | None = None  # the last frame we submitted: Collect does not send it back
 
     # -- retrying ------------------------------------------------------------------------------------
     def _retry(self, what: str, call: Callable[[], object]) -> object:
@@ -158,6 +159,7 @@ class GrpcTransport(Transport):
     def submit(self, round_: int, payload: bytes, loss: float = float("nan")) -> str:
         """Upload with resume. Returns "accepted", "late" (round closed) or "rejected: <why>"."""
         offset, backoff = 0, Backoff()
+        self._own = (round_, payload)
         while True:
             if self.stop.is_set():
                 raise Stopped()
@@ -184,6 +186,8 @@ class GrpcTransport(Transport):
                 own_name: str = "") -> RoundResult:
         end = time.monotonic() + timeout_s
         backoff = Backoff()
+        if own is None and self._own is not None and self._own[0] == round_ and self.identity is not None:
+            own, own_name = self._own[1], self.identity.name
         while time.monotonic() < end:
             if self.stop.is_set():
                 raise Stopped()
@@ -263,7 +267,7 @@ class GrpcTransport(Transport):
                 log.warning("round %d: %s", round_, exc)
                 outcome = self.submit(round_, payload, loss)
 
-    def fetch_state(self) -> tuple[int, bytes, str]:
+    def fetch_state(self, timeout_s: float = 600.0) -> State:
         """(committed rounds, state blob, fingerprint); resumes from the last byte after a broken stream."""
         buf, backoff = bytearray(), Backoff()
         committed, total, fingerprint = -1, -1, ""
@@ -272,7 +276,7 @@ class GrpcTransport(Transport):
                 raise Stopped()
             try:
                 for chunk in self.stub.FetchState(pb.FetchStateRequest(node_id=self.node_id, offset=len(buf)),
-                                                  timeout=600):
+                                                  timeout=timeout_s):
                     if committed not in (-1, chunk.committed_rounds):
                         buf, committed = bytearray(), -1  # the state moved on: start over
                         break

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Callable
 
 from node.config import RunConfig, run_config_from_dict
 from node.transport.base import RoundResult
@@ -37,6 +38,9 @@ class GrpcControl:
         if after_round is not None:  # observe the round close (we did not submit to it), then take its state
             self.transport.collect(after_round, timeout_s, submitted=False)
         return self.transport.fetch_state()
+
+    def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
+        pass  # the coordinator serves the state
 
     def leave(self, reason: str) -> None:
         self.transport.leave(reason)

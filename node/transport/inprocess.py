@@ -8,8 +8,9 @@ its frame once and receives every other member's frame.
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
-from node.transport.base import Membership, RoundResult, Transport
+from node.transport.base import Membership, RoundResult, State, Transport
 
 
 class InProcessHub:
@@ -18,7 +19,9 @@ class InProcessHub:
         self.members: list[str] = []
         self._pending: dict[int, dict[str, bytes]] = {}
         self._closed: dict[int, dict[str, bytes] | None] = {}
+        self.state: State | None = None  # the newest state a worker offered (for joiners)
         self._lock = threading.Lock()
+        self._state_offered = threading.Condition(self._lock)
 
     def connect(self, name: str) -> "InProcessTransport":
         return InProcessTransport(self, name)
@@ -59,6 +62,19 @@ class InProcessTransport(Transport):
         received = sum(len(p) for s, p in payloads.items() if s != self.name)
         return RoundResult(round_, True, payloads, reason="all live members submitted",
                            bytes_sent=sent, bytes_received=received)
+
+    def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> bool:
+        with self.hub._lock:
+            if self.hub.state is not None and self.hub.state[0] >= committed:
+                return False  # another replica already offered this round's state
+            self.hub.state = (committed, make_blob(), fingerprint)
+            self.hub._state_offered.notify_all()
+            return True
+
+    def fetch_state(self, timeout_s: float = 60.0) -> State | None:
+        with self.hub._state_offered:
+            self.hub._state_offered.wait_for(lambda: self.hub.state is not None, timeout=timeout_s)
+            return self.hub.state
 
     def leave(self) -> None:
         with self.hub._lock:

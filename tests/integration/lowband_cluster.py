@@ -285,3 +285,41 @@ def check_replicas(workdirs: dict[str, Path], rows: list[Any]) -> dict[int, str]
             assert e["contributed"] == (name in row.members), (name, e)
             assert fingerprints.setdefault(r, e["fingerprint"]) == e["fingerprint"]
     return fingerprints
+
+
+# -- serverless (DHT) mode -----------------------------------------------------------------------------------
+def p2pd_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "p2pd"], capture_output=True, text=True, timeout=10).stdout
+    return {int(p) for p in out.split()}
+
+
+def dht_peer(cluster: Cluster, timeout_s: float = 60.0) -> tuple[Proc, str]:
+    """A ``lowband dht`` bootstrap peer on 127.0.0.1 and its multiaddr."""
+    proc = cluster.spawn("dht", ["dht", "--listen", "/ip4/127.0.0.1/tcp/0"])
+
+    def maddr() -> str | None:
+        assert proc.alive(), f"dht peer exited with {proc.popen.returncode}:\n{proc.log_text()[-3000:]}"
+        for line in proc.stdout.read_text(errors="replace").splitlines():
+            if line.startswith("lowband dht peer ") and "/127.0.0.1/" in line:
+                return line.rsplit(" ", 1)[-1].strip()
+        return None
+
+    return proc, wait_for("the DHT peer's multiaddr", maddr, timeout_s)
+
+
+def dht_node(cluster: Cluster, maddr: str, name: str, run: Path, *extra: str) -> Proc:
+    workdir = cluster.root / name
+    return cluster.spawn(name, ["node", "--dht", "--initial-peers", maddr, "--listen", "/ip4/127.0.0.1/tcp/0",
+                                "--run", str(run), "--workdir", str(workdir), "--name", name, "--device", "cpu",
+                                *extra], workdir)
+
+
+def node_maddr(proc: Proc, timeout_s: float = 60.0) -> str:
+    """A DHT node's own 127.0.0.1 multiaddr, from its log: other nodes can bootstrap through it."""
+    def find() -> str | None:
+        for line in proc.log_text().splitlines():
+            if "DHT address " in line and "/127.0.0.1/" in line:
+                return line.rsplit(" ", 1)[-1].strip()
+        return None
+
+    return wait_for(f"{proc.name}'s DHT address", find, timeout_s)

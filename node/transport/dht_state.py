@@ -1,0 +1,289 @@
+"""Global state for serverless joiners: peers serve snapshots of their reference state, a joiner pulls it in
+chunks from several of them at once.
+
+Keys (msgpack values, expiring):
+
+- ``{run}/want``  subkey=joiner → target   a joiner is looking for state: ``-1`` (any) or the committed-round
+  count it is downloading. Refreshed while the joiner waits; withdrawn (``None``) when it is done, and it lapses
+  by itself if the joiner dies.
+- ``{run}/state`` subkey=donor → (peer_id, committed, size, sha256, fingerprint)   "I serve this snapshot".
+
+Donors snapshot only on demand: after applying a round a peer checks ``{run}/want`` (one DHT read) and, if
+anyone wants state, serialises its reference (θ_ref + outer state, identical bytes on every replica of a
+replica-consistent recipe) and announces it. It keeps the newest snapshot and every one a live joiner is
+still downloading, so a long download survives later rounds.
+
+The joiner groups the announcements by (committed, size, sha256, fingerprint), takes the newest version
+offered by the most donors, and spreads fixed-size chunks over those donors through a shared work queue
+(a fast donor takes more chunks; a chunk that fails goes back to the queue and a donor that fails twice is
+dropped). Chunks already held survive a failed attempt, so a retry — against the same version, possibly from
+other donors — fetches only what is missing. The assembled blob must match the announced size and sha256;
+the daemon then checks the model fingerprint after loading it.
+
+Stream ``lowband.{run}.state``: request = msgpack [committed, offset, length]; answer = status byte +
+length-prefixed bytes. Requests are validated (types, ``length ≤ MAX_CHUNK``, range inside the snapshot).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgpack
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+
+if TYPE_CHECKING:
+    from node.transport.dht import DhtTransport
+
+log = logging.getLogger(__name__)
+_OK, _MISSING, _BAD = b"\x00", b"\x01", b"\x02"
+MAX_CHUNK = 16 << 20  # a request for more is refused: a peer cannot make us buffer an arbitrary range
+DEFAULT_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class Offer:
+    committed: int
+    size: int
+    sha256: str
+    fingerprint: str
+
+
+@dataclass
+class Download:
+    """What a joiner got: the blob, its announcement, and how many bytes each donor served."""
+
+    offer: Offer
+    blob: bytes
+    per_donor: dict[str, int]
+    seconds: float  # from asking to holding the verified blob
+    transfer_s: float  # the chunk transfers alone (without waiting for donors to offer)
+
+
+@dataclass
+class _Partial:
+    offer: Offer
+    chunk: int
+    parts: list[bytes | None] = field(default_factory=list)
+
+    def missing(self) -> list[int]:
+        return [i for i, p in enumerate(self.parts) if p is None]
+
+
+def _parse_offer(value: Any) -> tuple[str, Offer] | None:
+    if not isinstance(value, (list, tuple)) or len(value) != 5:
+        return None
+    peer_id, committed, size, sha, fingerprint = value
+    if not (isinstance(peer_id, str) and isinstance(committed, int) and isinstance(size, int) and size > 0
+            and isinstance(sha, str) and isinstance(fingerprint, str) and committed >= 0):
+        return None
+    return peer_id, Offer(committed, size, sha, fingerprint)
+
+
+class StateShare:
+    """Both sides of state transfer for one ``DhtTransport`` (which owns the DHT, the P2P replica and the loop)."""
+
+    def __init__(self, transport: "DhtTransport", chunk_bytes: int = DEFAULT_CHUNK) -> None:
+        if not 0 < chunk_bytes <= MAX_CHUNK:
+            raise ValueError(f"state chunk size must be in (0, {MAX_CHUNK}], got {chunk_bytes}")
+        self.t = transport
+        self.chunk_bytes = chunk_bytes
+        self.handler_name = f"lowband.{transport.run_id}.state"
+        self.want_key = f"{transport.run_id}/want"
+        self.offer_key = f"{transport.run_id}/state"
+        self._snapshots: dict[int, bytes] = {}  # committed → blob
+        self._served: dict[str, int] = {}  # joiner peer id → bytes streamed to it
+        self._lock = threading.Lock()
+        self._partial: _Partial | None = None
+        self._want_target = -1
+        self.expected: dict[int, set[str]] = {}  # round → joiners we gave the state of that round to
+
+    @property
+    def ttl(self) -> float:
+        return max(30.0, 10 * self.t.heartbeat_s)
+
+    # -- donor side ---------------------------------------------------------------------------------------
+    def wanted(self) -> dict[str, int]:
+        """joiner → target of every live want record (one DHT read)."""
+        return {name: v for name, v in self.t._read(self.want_key).items() if isinstance(v, int) and name != self.t.name}
+
+    def offer(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> bool:
+        """Serve the state after ``committed`` rounds if a joiner wants state; returns whether a snapshot was made.
+        ``make_blob`` is called only then: serialising a large model every round would be waste."""
+        wants = self.wanted()
+        if not wants:
+            return False
+        targets = {v for v in wants.values() if v >= 0}
+        with self._lock:
+            if committed not in self._snapshots:
+                self._snapshots[committed] = make_blob()
+            for old in [c for c in self._snapshots if c != committed and c not in targets]:
+                del self._snapshots[old]
+            blob = self._snapshots[committed]
+        # the joiners will contribute from this round: wait for them like for any live member
+        self.expected.setdefault(committed, set()).update(n for n, v in wants.items() if v in (-1, committed))
+        value = (self.t.peer_id, committed, len(blob), hashlib.sha256(blob).hexdigest(), fingerprint)
+        self.t._store(self.offer_key, self.t.name, value, get_dht_time() + self.ttl)
+        log.info("[node=%s] offering the state after %d rounds (%d bytes) to %s", self.t.name, committed, len(blob),
+                 ", ".join(sorted(wants)))
+        return True
+
+    async def serve(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        timeout = self.t.fetch_timeout_s
+        try:
+            request = msgpack.unpackb(await asyncio.wait_for(P2P.receive_raw_data(reader), timeout), max_bin_len=0,
+                                      max_str_len=0, max_array_len=3, max_map_len=0)
+            status, data = self._answer(request)
+            if status == _OK:
+                with self._lock:
+                    peer = str(getattr(info, "peer_id", "?"))
+                    self._served[peer] = self._served.get(peer, 0) + len(data)
+            writer.write(status)
+            await asyncio.wait_for(P2P.send_raw_data(data, writer), timeout)
+            await asyncio.wait_for(reader.read(1), timeout)  # hold the stream until the joiner read it (see dht.py)
+        except Exception as exc:
+            log.debug("[node=%s] serving state failed: %r", self.t.name, exc)
+        finally:
+            writer.close()
+
+    def _answer(self, request: Any) -> tuple[bytes, bytes]:
+        if not (isinstance(request, list) and len(request) == 3 and all(isinstance(x, int) for x in request)):
+            return _BAD, b"request must be [committed, offset, length] integers"
+        committed, offset, length = request
+        if not 0 < length <= MAX_CHUNK or offset < 0:
+            return _BAD, f"bad range offset={offset} length={length} (length must be in (0, {MAX_CHUNK}])".encode()
+        with self._lock:
+            blob = self._snapshots.get(committed)
+        if blob is None:
+            return _MISSING, f"no snapshot after {committed} rounds here".encode()
+        if offset + length > len(blob):
+            return _BAD, f"range {offset}+{length} is past the snapshot's {len(blob)} bytes".encode()
+        return _OK, blob[offset:offset + length]
+
+    # -- joiner side --------------------------------------------------------------------------------------
+    def offers(self, min_committed: int) -> dict[Offer, dict[str, str]]:
+        """Offer → {donor: peer_id} for every live announcement of at least ``min_committed`` rounds."""
+        found: dict[Offer, dict[str, str]] = {}
+        for donor, value in self.t._read(self.offer_key).items():
+            parsed = _parse_offer(value)
+            if parsed is None:
+                log.warning("[node=%s] ignoring a malformed state announcement from %s", self.t.name, donor)
+                continue
+            peer_id, offer = parsed
+            if offer.committed >= min_committed and donor != self.t.name:
+                found.setdefault(offer, {})[donor] = peer_id
+        return found
+
+    def _want(self, stop: threading.Event) -> None:
+        while True:
+            self.t._store(self.want_key, self.t.name, self._want_target, get_dht_time() + 3 * self.t.heartbeat_s)
+            if stop.wait(self.t.heartbeat_s):
+                return
+
+    def fetch(self, min_committed: int, timeout_s: float, gather_s: float | None = None,
+              cancelled: threading.Event | None = None) -> Download | None:
+        """The newest state of at least ``min_committed`` rounds, or None when none arrived within ``timeout_s``.
+        Announces the want record for as long as it runs."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        gather = 2 * self.t.heartbeat_s if gather_s is None else gather_s
+        self._want_target = -1
+        stop = threading.Event()
+        refresher = threading.Thread(target=self._want, args=(stop,), name=f"want-{self.t.name}", daemon=True)
+        refresher.start()
+        per_donor: dict[str, int] = {}
+        transfer_s = 0.0
+        try:
+            first_seen: float | None = None
+            while time.monotonic() < deadline and not (cancelled is not None and cancelled.is_set()):
+                offers = self.offers(min_committed)
+                if not offers:
+                    first_seen = None
+                    time.sleep(self.t.poll_s * 4)  # polling the DHT for announcements, bounded by the deadline
+                    continue
+                first_seen = first_seen or time.monotonic()
+                offer, donors = max(offers.items(), key=lambda kv: (kv[0].committed, len(kv[1]), kv[0].sha256))
+                live = self.t.live_peers()
+                if len(donors) < len(live - {self.t.name}) and time.monotonic() < first_seen + gather:
+                    time.sleep(self.t.poll_s)  # more donors of this version may still be announcing
+                    continue
+                self._want_target = offer.committed  # donors keep this snapshot while we download it
+                if self._partial is None or self._partial.offer != offer:
+                    n = -(-offer.size // self.chunk_bytes)
+                    self._partial = _Partial(offer, self.chunk_bytes, [None] * n)
+                budget = max(0.1, deadline - time.monotonic())
+                t0 = time.monotonic()
+                got = self.t._run(self._download(self._partial, donors), timeout=budget + self.t.rpc_timeout_s)
+                transfer_s += time.monotonic() - t0
+                for donor, n in got.items():
+                    per_donor[donor] = per_donor.get(donor, 0) + n
+                if not self._partial.missing():
+                    blob = b"".join(p for p in self._partial.parts if p is not None)
+                    self._partial = None
+                    if len(blob) == offer.size and hashlib.sha256(blob).hexdigest() == offer.sha256:
+                        return Download(offer, blob, per_donor, time.monotonic() - started, transfer_s)
+                    log.warning("[node=%s] assembled state does not match its announcement: fetching again",
+                                self.t.name)
+                else:
+                    log.info("[node=%s] state download incomplete (%d chunks missing): retrying", self.t.name,
+                             len(self._partial.missing()))
+            return None
+        finally:
+            stop.set()
+            refresher.join(timeout=self.t.rpc_timeout_s + self.t.heartbeat_s)
+            # withdraw the want at once (a record cannot be deleted: outlive the last refresh with a non-int), so
+            # the donors stop snapshotting for us
+            self.t._store(self.want_key, self.t.name, None, get_dht_time() + 3 * self.t.heartbeat_s + 1.0)
+
+    async def _chunk(self, peer_id: str, committed: int, offset: int, length: int) -> bytes:
+        _info, reader, writer = await self.t.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
+                                                                            self.handler_name)
+        try:
+            await P2P.send_raw_data(msgpack.packb([committed, offset, length]), writer)
+            status = await reader.readexactly(1)
+            data = await P2P.receive_raw_data(reader)
+        finally:
+            writer.close()
+        if status != _OK:
+            raise LookupError(data[:200].decode(errors="replace"))
+        if len(data) != length:
+            raise ValueError(f"chunk of {len(data)} bytes, asked for {length}")
+        return data
+
+    async def _download(self, partial: _Partial, donors: dict[str, str]) -> dict[str, int]:
+        """Fill ``partial``'s missing chunks from ``donors`` in parallel; returns bytes per donor."""
+        queue = deque(partial.missing())
+        got: dict[str, int] = {d: 0 for d in donors}
+        size, chunk, committed = partial.offer.size, partial.chunk, partial.offer.committed
+
+        async def drain(donor: str, peer_id: str) -> None:
+            failures = 0
+            while queue:
+                i = queue.popleft()
+                length = min(chunk, size - i * chunk)
+                try:
+                    data = await asyncio.wait_for(self._chunk(peer_id, committed, i * chunk, length),
+                                                  self.t.fetch_timeout_s)
+                except Exception as exc:
+                    queue.append(i)  # another donor (or a later attempt) takes it
+                    failures += 1
+                    log.info("[node=%s] chunk %d from %s failed (%r)", self.t.name, i, donor, exc)
+                    if failures >= 2:
+                        return
+                    await asyncio.sleep(0.05)
+                    continue
+                partial.parts[i] = data
+                got[donor] += len(data)
+
+        await asyncio.gather(*(drain(d, p) for d, p in sorted(donors.items())))
+        return got
+
+    def served_bytes(self) -> int:
+        with self._lock:
+            return sum(self._served.values())
