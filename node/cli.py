@@ -135,6 +135,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             raise ConfigError(f"--state-chunk-bytes must be in 1..{MAX_CHUNK}, got {args.state_chunk_bytes}")
         mp = run_file.membership
         dht = DhtSettings(tuple(peers), tuple(listen), nat_enabled(listen, args.no_nat), args.identity,
+                          client_mode=args.client_mode,
                           num_shards=mp.max_nodes, min_nodes=mp.min_nodes, heartbeat_s=mp.heartbeat_s,
                           round_wait_s=run_file.deadline.max_wait_s, deadline=run_file.deadline,
                           state_chunk_bytes=args.state_chunk_bytes)
@@ -146,7 +147,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_dht(args: argparse.Namespace) -> int:
     from node.dht_peer import run_dht_peer
 
-    return run_dht_peer(_split(args.listen), _split(args.initial_peers), args.identity, args.no_nat)
+    return run_dht_peer(_split(args.listen), _split(args.initial_peers), args.identity, args.no_nat,
+                        args.client_mode)
 
 
 def _add_dht_args(p: argparse.ArgumentParser, listen: str) -> None:
@@ -155,6 +157,8 @@ def _add_dht_args(p: argparse.ArgumentParser, listen: str) -> None:
     p.add_argument("--identity", default=None, help="private key file: a stable peer id (created if missing)")
     p.add_argument("--no-nat", action="store_true", help="no NAT traversal (port mapping, AutoNAT, relays); "
                    "always off when listening on 127.0.0.1 only")
+    p.add_argument("--client-mode", action="store_true", help="hivemind client mode, for a peer others cannot dial "
+                   "(behind NAT): it stores no DHT records and is reached through libp2p relays")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -190,6 +194,26 @@ def cmd_bench_exchange(args: argparse.Namespace) -> int:
     run_exchange_bench(args.peers, args.recipes, args.size, args.rounds, args.modes,
                        Path(args.out) if args.out else None)
     return 0
+
+
+def cmd_bench_network(args: argparse.Namespace) -> int:
+    from node.bench.network import run_network_bench
+
+    overlaps = {"both": [False, True], "on": [True], "off": [False]}[args.overlap]
+    run_network_bench(args.recipes, args.profiles, overlaps, nodes=args.nodes, size=args.size, H=args.H,
+                      batch=args.batch_size, rounds=args.rounds, warm=args.warm, join=not args.no_join,
+                      out=Path(args.out) if args.out else None, netns={"auto": None, "on": True, "off": False}[args.netns])
+    return 0
+
+
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    from node.bench.soak import SoakConfig, run_soak
+
+    report = run_soak(SoakConfig(args.mode, args.nodes, args.rounds, args.events, args.coordinator_restarts,
+                                 args.profile, args.seed, args.recipe, args.size, args.H),
+                      out=Path(args.out) if args.out else None)
+    print(json.dumps({k: v for k, v in report.to_dict().items() if k != "schedule"}, indent=2))
+    return 0 if not report.problems else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +306,35 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--rounds", type=int, default=3)
     be.add_argument("--out", default=None, help="write exchange.json here")
     be.set_defaults(func=cmd_bench_exchange)
+    bn = bsub.add_parser("network", help="nodes behind emulated links: utilization, bytes on the wire, join time")
+    bn.add_argument("--recipes", nargs="+", default=["diloco", "sign", "dct-consistent"], choices=sorted(RECIPES))
+    bn.add_argument("--profiles", nargs="+", default=["home", "cross-region"],
+                    help="link profiles (node/netem/profiles.py): loopback datacenter cross-region home bad")
+    bn.add_argument("--overlap", default="both", choices=["both", "on", "off"])
+    bn.add_argument("--nodes", type=int, default=4)
+    bn.add_argument("--size", default="medium")
+    bn.add_argument("--H", type=int, default=8)
+    bn.add_argument("--batch-size", type=int, default=1)
+    bn.add_argument("--rounds", type=int, default=6, help="measured rounds (after --warm)")
+    bn.add_argument("--warm", type=int, default=2)
+    bn.add_argument("--no-join", action="store_true", help="skip the join measurement")
+    bn.add_argument("--netns", default="auto", choices=["auto", "on", "off"],
+                    help="one network namespace per process with tc-shaped veths (auto: where root allows)")
+    bn.add_argument("--out", default=None, help="write network.json here")
+    bn.set_defaults(func=cmd_bench_network)
+    bs = bsub.add_parser("soak", help="a long run under seeded churn, then its invariants (exit 1 on a violation)")
+    bs.add_argument("--mode", default="coordinator", choices=["coordinator", "dht"])
+    bs.add_argument("--nodes", type=int, default=6)
+    bs.add_argument("--rounds", type=int, default=100)
+    bs.add_argument("--events", type=int, default=20, help="node churn events (kills, pauses, joins, a partition)")
+    bs.add_argument("--coordinator-restarts", type=int, default=2)
+    bs.add_argument("--profile", default="home")
+    bs.add_argument("--seed", type=int, default=1)
+    bs.add_argument("--recipe", default="sign", choices=sorted(RECIPES))
+    bs.add_argument("--size", default="tiny")
+    bs.add_argument("--H", type=int, default=4)
+    bs.add_argument("--out", default=None, help="write the report (JSON) here")
+    bs.set_defaults(func=cmd_bench_soak)
     return parser
 
 

@@ -80,6 +80,9 @@ class Recipe:
     inner: InnerConfig = InnerConfig()
     feedback_decay: float | None = None  # None: no error feedback
     payload_scale: str = "unit"  # what multiplies Δ before the codec: 1, 1/η_t or η_t
+    #: overlapped rounds: train round r+1 while round r's exchange is in flight and apply round r's outer step
+    #: one round late, shifting the local model by what round r changed (node/train/worker.py)
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         from node.compress import make_codec  # late import: config must stay importable on its own
@@ -95,6 +98,10 @@ class Recipe:
 
         from node.outer import make_outer
         make_outer(self.outer.name, [("probe", torch.zeros(1))], self.outer.lr, dict(self.outer.params))
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"overlap must be true or false, got {self.overlap!r}")
+        if self.overlap and self.inner.optimizer == "grad":
+            raise ConfigError("overlap needs local steps: with inner.optimizer 'grad' there is no model to move on")
         if self.inner.optimizer == "grad" and self.H != 1:
             raise ConfigError(f"inner.optimizer 'grad' exchanges every gradient, so H must be 1 (got H={self.H})")
         if self.payload_scale == "inverse_inner_lr" and self.inner.min_lr_ratio == 0:
@@ -197,7 +204,7 @@ def run_config_from_dict(d: Mapping[str, Any]) -> RunConfig:
         r = dict(d["recipe"])
         recipe = Recipe(name=r["name"], H=r["H"], codec=CodecConfig(**r["codec"]), outer=OuterConfig(**r["outer"]),
                         inner=InnerConfig(**r["inner"]), feedback_decay=r["feedback_decay"],
-                        payload_scale=r["payload_scale"])
+                        payload_scale=r["payload_scale"], overlap=r.get("overlap", False))
         return RunConfig(recipe=recipe, task=TaskConfig(**d["task"]), workers=d["workers"], rounds=d["rounds"],
                          seed=d["seed"], run_id=d["run_id"])
     except KeyError as exc:

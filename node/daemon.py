@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +27,10 @@ from node import wire
 from node.fsutil import write_atomic
 from node.config import RunConfig, diff_configs
 from node.tasks import load_task
+from node.train.inner import InnerStats
 from node.train.reference import model_digest
 from node.train.worker import Worker
+from node.transport.base import RoundResult
 from node.transport.control import ControlPlane, Identity, JoinRefused, Rejoin, Stopped
 
 if TYPE_CHECKING:
@@ -55,6 +58,16 @@ def _device(name: str) -> str:
     return name
 
 
+@dataclass
+class InFlight:
+    """A round whose frame is out: its exchange runs on the daemon's exchange thread."""
+
+    round: int
+    stats: InnerStats
+    started: float
+    future: Future[RoundResult]
+
+
 class NodeDaemon:
     def __init__(self, opts: NodeOptions, stop: threading.Event | None = None) -> None:
         self.opts = opts
@@ -65,6 +78,8 @@ class NodeDaemon:
         self.plane: ControlPlane | None = None  # built in run(): starting a DHT can fail, and must be closed
         self.worker: Worker | None = None
         self.applied = 0
+        # one exchange at a time, off the training thread (with overlap it runs while the next round trains)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exchange")
 
     # -- files ---------------------------------------------------------------------------------------
     def _log_round(self, entry: dict[str, Any]) -> None:
@@ -186,60 +201,86 @@ class NodeDaemon:
                     self._checkpoint(config_hash)
                 self.plane.leave("shutdown" if self.stop.is_set() else "done")
         finally:
+            self._executor.shutdown(wait=True, cancel_futures=True)
             if self.plane is not None:
                 self.plane.close()  # also on refusal: a DHT plane owns a p2pd that must not outlive us
 
     def _loop(self, cfg: RunConfig, config_hash: str) -> int:
+        """Rounds until the run's end. With ``recipe.overlap`` the exchange of round r runs on a background thread
+        while round r+1 trains; round r is applied after those inner steps (see node/train/worker.py)."""
         worker = self.worker
         assert worker is not None
-        while not self.stop.is_set():
-            r = worker.reference.committed_rounds
-            if r >= cfg.rounds or (self.opts.max_rounds is not None and self.applied >= self.opts.max_rounds):
-                log.info("[node=%s] done after round %d", self.name, r - 1)
-                return 0
-            try:
-                if self._plane.lost.is_set():
-                    raise Rejoin("lease lost")
-                stats = worker.train()
-                if self.stop.is_set():
-                    break
-                frame = worker.prepare(r)
-                t0 = time.monotonic()
-                result = self._plane.exchange(r, frame, self.opts.round_timeout_s, stats.mean_loss, self.name)
-                wait_s = time.monotonic() - t0
-            except Rejoin as exc:
-                log.warning("[node=%s] %s: joining again", self.name, exc)
-                worker.pending = None
-                _, _, first = self._join()
-                self._sync_state(first, config_hash)
-                continue
-            if result.state_needed:
-                worker.pending = None
-                self._adopt_state("round result gone")
-                continue
-            report = worker.apply(result)
-            if not report.committed:
-                log.warning("[node=%s round=%d] not committed: %s", self.name, r, result.reason)
-                continue
-            self.applied += 1
-            fp = worker.fingerprint()
-            self._log_round({"round": r, "members": list(report.members), "contributed": report.contributed,
-                             "fingerprint": fp, "coordinator_fingerprint": result.reference_fingerprint,
-                             "loss": stats.mean_loss, "bytes_out": result.bytes_sent, "bytes_in": result.bytes_received,
-                             "wait_s": round(wait_s, 3), "rejected": report.rejected})
-            log.info("[node=%s round=%d] loss=%.4f members=%d contributed=%s out=%dB in=%dB wait=%.2fs fp=%s", self.name,
-                     r, stats.mean_loss, len(report.members), report.contributed, result.bytes_sent,
-                     result.bytes_received, wait_s, fp)
-            if result.reference_fingerprint and fp != result.reference_fingerprint and worker.replica_consistent:
-                log.warning("[node=%s round=%d] fingerprint %s ≠ coordinator's %s: fetching state", self.name, r, fp,
-                            result.reference_fingerprint)
-                self._adopt_state("fingerprint mismatch")
-            elif self._plane.current_round > worker.reference.committed_rounds + 1:
-                self._adopt_state("fell behind")
-            self._checkpoint(config_hash)
-            self._plane.offer_state(worker.reference.committed_rounds, worker.fingerprint(),
-                                    worker.reference.to_bytes)
+        inflight: InFlight | None = None
+        try:
+            while not self.stop.is_set():
+                r = worker.reference.committed_rounds + (1 if inflight is not None else 0)
+                if r >= cfg.rounds or (self.opts.max_rounds is not None and
+                                       self.applied + (1 if inflight else 0) >= self.opts.max_rounds):
+                    if inflight is not None:
+                        self._finish(inflight, config_hash)
+                        inflight = None
+                    log.info("[node=%s] done after round %d", self.name, worker.reference.committed_rounds - 1)
+                    return 0
+                try:
+                    if self._plane.lost.is_set():
+                        raise Rejoin("lease lost")
+                    stats = worker.train()
+                    if self.stop.is_set():
+                        break
+                    if inflight is not None:
+                        done, inflight = inflight, None
+                        self._finish(done, config_hash)
+                        r = worker.reference.committed_rounds  # a failed round is offered again, as without overlap
+                    frame = worker.prepare(r)
+                    exchange = InFlight(r, stats, time.monotonic(), self._executor.submit(
+                        self._plane.exchange, r, frame, self.opts.round_timeout_s, stats.mean_loss, self.name))
+                    if cfg.recipe.overlap:
+                        inflight = exchange
+                    else:
+                        self._finish(exchange, config_hash)
+                except Rejoin as exc:
+                    log.warning("[node=%s] %s: joining again", self.name, exc)
+                    inflight = None
+                    worker.pending = None
+                    _, _, first = self._join()
+                    self._sync_state(first, config_hash)
+        finally:
+            if inflight is not None:
+                inflight.future.cancel()
         return 0
+
+    def _finish(self, done: InFlight, config_hash: str) -> None:
+        """Wait for one round's exchange and apply its outcome (log, fingerprint check, checkpoint, state offer)."""
+        worker = self.worker
+        assert worker is not None
+        result = done.future.result()  # Rejoin / Stopped raised by the exchange surface here
+        r, stats = done.round, done.stats
+        wait_s = time.monotonic() - done.started
+        if result.state_needed:
+            worker.pending = None
+            self._adopt_state("round result gone")
+            return
+        report = worker.apply(result)
+        if not report.committed:
+            log.warning("[node=%s round=%d] not committed: %s", self.name, r, result.reason)
+            return
+        self.applied += 1
+        fp = worker.fingerprint()
+        self._log_round({"round": r, "members": list(report.members), "contributed": report.contributed,
+                         "fingerprint": fp, "coordinator_fingerprint": result.reference_fingerprint,
+                         "loss": stats.mean_loss, "bytes_out": result.bytes_sent, "bytes_in": result.bytes_received,
+                         "train_s": round(stats.compute_s, 3), "wait_s": round(wait_s, 3), "rejected": report.rejected})
+        log.info("[node=%s round=%d] loss=%.4f members=%d contributed=%s out=%dB in=%dB train=%.2fs exchange=%.2fs "
+                 "fp=%s", self.name, r, stats.mean_loss, len(report.members), report.contributed, result.bytes_sent,
+                 result.bytes_received, stats.compute_s, wait_s, fp)
+        if result.reference_fingerprint and fp != result.reference_fingerprint and worker.replica_consistent:
+            log.warning("[node=%s round=%d] fingerprint %s ≠ coordinator's %s: fetching state", self.name, r, fp,
+                        result.reference_fingerprint)
+            self._adopt_state("fingerprint mismatch")
+        elif self._plane.current_round > worker.reference.committed_rounds + 1:
+            self._adopt_state("fell behind")
+        self._checkpoint(config_hash)
+        self._plane.offer_state(worker.reference.committed_rounds, worker.fingerprint(), worker.reference.to_bytes)
 
 
 def run_node(opts: NodeOptions) -> int:

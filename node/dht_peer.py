@@ -34,7 +34,7 @@ def nat_enabled(listen: Sequence[str], no_nat: bool) -> bool:
 
 
 def run_dht_peer(listen: Sequence[str], initial_peers: Sequence[str], identity_path: str | None,
-                 no_nat: bool) -> int:
+                 no_nat: bool, client_mode: bool = False) -> int:
     import hivemind  # late: the other subcommands do not need it
 
     from node.transport.dht_control import default_signals
@@ -43,7 +43,7 @@ def run_dht_peer(listen: Sequence[str], initial_peers: Sequence[str], identity_p
     extra = {"identity_path": identity_path} if identity_path else {}
     with default_signals():  # the DHT's forked process must die on SIGTERM, not inherit our handler
         dht = hivemind.DHT(initial_peers=list(initial_peers), host_maddrs=list(listen), start=True,
-                           nat_port_map=nat, auto_nat=nat, use_relay=nat, **extra)
+                           nat_port_map=nat, auto_nat=nat, use_relay=nat, client_mode=client_mode, **extra)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

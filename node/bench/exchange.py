@@ -5,7 +5,8 @@ DHT mode: N ``DhtTransport`` peers in this process, each with its own hivemind D
 127.0.0.1; every peer holds a precomputed frame (a random update encoded by the recipe's codec for the chosen
 model — no training). All peers submit at once (a barrier); a round's time is from then until the last peer's
 ``collect`` returns with all N frames agreed. This is an all-gather: every peer pulls the N−1 other frames, so a
-peer moves (N−1)·frame bytes in and out and the whole group N·(N−1)·frame bytes.
+peer moves (N−1)·frame bytes in and out. "bytes moved/round" counts in + out over the whole group in both modes:
+2·N·(N−1)·frame for the DHT, N·frame up + N·(N−1)·frame down for the coordinator (a relay).
 
 Coordinator mode: ``bench coordinator`` (a coordinator process, N client threads), whose round latency also
 includes the coordinator's validation, reduce, outer step and its fsync'd state write.
@@ -82,7 +83,8 @@ def dht_exchange(n: int, rounds: int, recipe: str, size: str) -> dict[str, Any]:
             log.info("dht %s %d peers round %d: %.3f s", recipe, n, r, max(done) - t0)
         frame_bytes = len(next(iter(frames.values())))
         return {"mode": "dht", "peers": n, "recipe": recipe, "size": size, "params": params,
-                "frame_bytes": frame_bytes, "bytes_per_round": statistics.median(moved),
+                # every byte a peer received, another peer served: in + out over the group
+                "frame_bytes": frame_bytes, "bytes_per_round": 2 * statistics.median(moved),
                 "round_median_s": statistics.median(times), "round_max_s": max(times), "rounds": rounds}
     finally:
         for p in peers:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from node.config import RunConfig
 from node.tasks import Task, load_task
 from node.train.worker import Worker
+from node.transport.base import RoundResult
 from node.transport.inprocess import InProcessHub
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def evaluate(workers: list[Worker], task: Task) -> tuple[float, bool]:
     seen: dict[str, float] = {}
     for w, fp in zip(workers, prints):
         if fp not in seen:
-            seen[fp] = task.evaluate(w.model)
+            with w.reference_weights() as model:  # θ_ref: with overlap the local weights run one round ahead
+                seen[fp] = task.evaluate(model)
     return sum(seen.values()) / len(seen), len(seen) == 1
 
 
@@ -81,21 +83,31 @@ def simulate(cfg: RunConfig, task: Task | None = None, device: str = "cpu", eval
     sent = received = tokens = 0
     history: list[RoundRecord] = []
     val = float("nan")
+    held: dict[str, RoundResult] = {}  # overlap: each worker's result of the previous round, applied late
     for r in range(cfg.rounds):
         losses, lrs = [], []
         for w, link in zip(workers, links):
             stats = w.train()
             losses.append(stats.mean_loss)
             lrs.append(stats.last_lr)
+            if w.name in held:
+                w.apply(held.pop(w.name))
             link.submit(r, w.prepare(r))
         round_sent = round_received = 0
         members = 0
         for w, link in zip(workers, links):
             result = link.collect(r)
-            report = w.apply(result)
-            members = len(report.members)
+            members = len(result.members)
+            if cfg.recipe.overlap:
+                held[w.name] = result
+            else:
+                w.apply(result)
             round_sent += result.bytes_sent
             round_received += result.bytes_received
+        if r == cfg.rounds - 1:
+            for w in workers:  # the last round lands after training ended
+                if w.name in held:
+                    w.apply(held.pop(w.name))
         sent += round_sent // n
         received += round_received // n
         tokens += cfg.recipe.H * task.tokens_per_batch

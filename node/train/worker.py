@@ -10,12 +10,28 @@ Round outcomes:
   runs on the others' aggregate so replicas stay identical. Recipes without feedback lose that work.
 - not committed: nothing is applied and the model keeps training from where it is, so the next Δ
   covers both rounds and nothing is lost.
+
+Overlapped rounds (``recipe.overlap``; the daemon and the simulator drive them the same way):
+
+    train round r+1 (while round r's frames travel) → apply round r → prepare round r+1 → ...
+
+Round r's result is applied after round r+1's inner steps, at the round boundary, never in the middle of them:
+the trajectory then does not depend on when the bytes happened to arrive, so the quality benchmark measures
+exactly what a node does. Applying it moves θ_ref from θ_ref_r to θ_ref_{r+1} and shifts the local model by
+
+    θ ← θ + (θ_ref_{r+1} − θ_ref_r) + Δ_r        (= θ_ref_{r+1} + the progress made in round r+1)
+
+because θ_ref_r − Δ_r is exactly where round r ended locally (Δ_r = θ_ref_r − θ at prepare time). Round r+1's Δ
+is then θ_ref_{r+1} − θ = −(progress in round r+1), as without overlap. θ_ref — what the fingerprint covers —
+follows the same outer steps as without overlap, one round later, so replicas stay identical. The cost is
+staleness: round r+1's inner steps start from a point that does not yet include the others' round-r updates.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -125,6 +141,7 @@ class Worker:
             members = tuple(e.sender for e in envelopes)
             aggregate = self.reference.reduce(envelopes)
         contributed = self.name in members
+        before = [r.detach().clone() for r in self.ref] if self.cfg.recipe.overlap else None
         for name, u, enc in zip(self.names, pending.wanted, pending.encoded.values()):
             if contributed:
                 self.feedback.commit(name, u, self.codec.decode(enc, tuple(u.shape)))
@@ -132,8 +149,29 @@ class Worker:
                 self.feedback.keep(name, u)
         residuals = [self.feedback.residuals.get(n, torch.zeros_like(r)) for n, r in zip(self.names, self.ref)]
         self.reference.step(aggregate, result.round, (pending.deltas, residuals))
-        self.load_reference_into_model()
+        if before is None:
+            self.load_reference_into_model()
+        else:
+            self._shift_local(before, pending.deltas)
         return ApplyReport(True, contributed, members, rejected)
+
+    def _shift_local(self, before: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
+        """Overlap: θ ← θ + (θ_ref_new − θ_ref_old) + Δ_r, keeping the progress made since round r ended."""
+        with torch.no_grad():
+            for p, new, old, delta in zip(self.params, self.ref, before, deltas):
+                p.add_((new - old + delta).to(p.device, p.dtype))
+
+    @contextlib.contextmanager
+    def reference_weights(self) -> Iterator[torch.nn.Module]:
+        """The model holding θ_ref for a while (evaluation), then the local weights back."""
+        saved = [p.detach().clone() for p in self.params]
+        self.load_reference_into_model()
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
 
     def load_reference_into_model(self) -> None:
         with torch.no_grad():

@@ -61,7 +61,7 @@ class DhtTransport(Transport):
                  first_round: int = 0, heartbeat_s: float = 1.0, rpc_timeout_s: float = 5.0,
                  fetch_timeout_s: float = 10.0, agree_wait_s: float | None = None, poll_s: float = 0.05,
                  owns_dht: bool = False, deadline: DeadlinePolicy | None = None,
-                 state_chunk_bytes: int = DEFAULT_CHUNK) -> None:
+                 state_chunk_bytes: int = DEFAULT_CHUNK, cancel: threading.Event | None = None) -> None:
         self.run_id, self.name, self.dht = run_id, name, dht
         self.round_wait_s, self.first_round = round_wait_s, first_round
         self.heartbeat_s, self.rpc_timeout_s, self.poll_s = heartbeat_s, rpc_timeout_s, poll_s
@@ -77,6 +77,7 @@ class DhtTransport(Transport):
         self._served: dict[int, int] = {}  # round → bytes this node streamed to peers
         self._lock = threading.Lock()  # guards _frames/_served and serialises sends into the DHT's pipe
         self._stop = threading.Event()
+        self.cancel = cancel or threading.Event()  # the owner's stop (e.g. SIGTERM): abandon waits for a round
         self._hb: threading.Thread | None = None
         self._hb_expiration = 0.0
         self._closed = False
@@ -126,6 +127,8 @@ class DhtTransport(Transport):
             raise
 
     def _dht_future(self, method: Any, *args: Any, **kw: Any) -> Any:
+        if not self.dht.is_alive():  # e.g. a process-group SIGTERM reached the DHT process before us
+            raise ConnectionError("the DHT process is not running")
         with self._lock:  # the DHT's request pipe is shared by our threads
             fut = method(*args, return_future=True, **kw)
         try:
@@ -251,6 +254,10 @@ class DhtTransport(Transport):
         ttl = max(60.0, 4 * (self.round_wait_s + self.agree_wait_s))
         self._store(f"{self.run_id}/round/{round_}", self.name, value, get_dht_time() + ttl)
 
+    def _given_up(self) -> bool:
+        """Wait one poll interval; True when waiting longer is pointless (closed, cancelled, DHT process gone)."""
+        return self._stop.wait(self.poll_s) or self.cancel.is_set() or not self.dht.is_alive()
+
     def round_wait(self) -> tuple[float, str]:
         if self.deadline is None:
             return self.round_wait_s, f"fixed {self.round_wait_s:.1f} s"
@@ -277,7 +284,7 @@ class DhtTransport(Transport):
                 log.info("[node=%s round=%d] closing without %s after the round's wait (%s)", self.name, round_,
                          ", ".join(missing) or "nobody", why)
                 return announced
-            if self._stop.wait(self.poll_s):  # closed meanwhile: nothing more will arrive
+            if self._given_up():  # closed, cancelled or DHT gone: nothing more will arrive
                 return {}
 
     def collect(self, round_: int, timeout_s: float) -> RoundResult:
@@ -316,7 +323,7 @@ class DhtTransport(Transport):
         while True:
             haves = {s: set(v) for s, v in self._read(have_key).items() if s in announced and isinstance(v, list)}
             haves[self.name] = set(held)
-            if set(announced) <= set(haves) or time.monotonic() >= agree_until or self._stop.wait(self.poll_s):
+            if set(announced) <= set(haves) or time.monotonic() >= agree_until or self._given_up():
                 break
         confirmed = {s for s in haves if s in announced}  # members that published a have-list in time
         final = set(held) & confirmed

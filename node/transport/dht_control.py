@@ -54,6 +54,7 @@ class DhtSettings:
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     nat: bool = False  # hivemind's nat_port_map / auto_nat / use_relay, all together
     identity_path: str | None = None
+    client_mode: bool = False  # hivemind client mode: for a peer behind NAT (reached through relays)
     num_shards: int = 64
     min_nodes: int = 1
     heartbeat_s: float = 1.0
@@ -91,13 +92,14 @@ class DhtControl:
         self.run, self.settings, self.name, self.stop = run, settings, name, stop
         self.lost = threading.Event()  # a DHT peer has no lease to lose: never set
         self._round = 0
+        self._run_round = 0  # the highest round any node recorded entering
         with default_signals():
             self.transport = DhtTransport.create(
                 run.run_id, name, list(settings.initial_peers), host_maddrs=list(settings.host_maddrs),
                 nat_port_map=settings.nat, auto_nat=settings.nat, use_relay=settings.nat,
-                identity_path=settings.identity_path, round_wait_s=settings.round_wait_s,
-                heartbeat_s=settings.heartbeat_s, deadline=settings.deadline,
-                state_chunk_bytes=settings.state_chunk_bytes, **settings.extra)
+                identity_path=settings.identity_path, client_mode=settings.client_mode,
+                round_wait_s=settings.round_wait_s, heartbeat_s=settings.heartbeat_s, deadline=settings.deadline,
+                state_chunk_bytes=settings.state_chunk_bytes, cancel=stop, **settings.extra)
         for maddr in self.transport.visible_maddrs():  # other nodes can bootstrap through any of these
             log.info("[node=%s] DHT address %s", name, maddr)
         self._key = f"{run.run_id}/config"
@@ -105,7 +107,7 @@ class DhtControl:
 
     @property
     def current_round(self) -> int:
-        return self._round
+        return max(self._round, self._run_round)
 
     def get_run_config(self) -> RunConfig:
         return self.run  # the local run file is the only source; agreement is checked in join()
@@ -181,7 +183,12 @@ class DhtControl:
         # mark the run as under way before offering the frame, so a later node knows to fetch the state
         self.transport._store(self._progress_key, self.name, round_, get_dht_time() + CONFIG_TTL_S)
         result = self.transport.exchange(round_, frame, timeout_s)
+        if self.stop.is_set():
+            raise Stopped()  # shutting down: the round goes on without us (as in coordinator mode)
         self._round = round_ + 1 if result.committed else round_
+        # the round the others are in: a node that was frozen or cut off learns that it fell behind (the daemon
+        # then fetches the state instead of replaying rounds whose frames may be gone)
+        self._run_round = max(self._run_round, self._under_way() or 0)
         return result
 
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:

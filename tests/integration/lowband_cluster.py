@@ -38,6 +38,7 @@ block_size = 32
 [recipe]
 H = {H}
 "inner.lr" = 2e-3
+overlap = {overlap}
 
 [membership]
 min_nodes = {min_nodes}
@@ -55,10 +56,11 @@ eval_every = 0
 
 def write_run_file(path: Path, *, recipe: str = "sign", rounds: int = 6, H: int = 2, min_nodes: int = 2,
                    lease_s: float = 3.0, initial_wait_s: float = 20.0, min_wait_s: float = 1.0,
-                   max_wait_s: float = 20.0, run_id: str | None = None) -> Path:
+                   max_wait_s: float = 20.0, run_id: str | None = None, overlap: bool = False) -> Path:
     path.write_text(RUN_TEMPLATE.format(run_id=run_id or f"it-{recipe}", recipe=recipe, rounds=rounds, H=H,
                                         min_nodes=min_nodes, lease_s=lease_s, initial_wait_s=initial_wait_s,
-                                        min_wait_s=min_wait_s, max_wait_s=max_wait_s))
+                                        min_wait_s=min_wait_s, max_wait_s=max_wait_s,
+                                        overlap=str(overlap).lower()))
     return path
 
 

@@ -1,4 +1,5 @@
-"""A coordinator and three nodes as real processes: every round commits with everyone, replicas identical."""
+"""A coordinator and three nodes as real processes: every round commits with everyone, replicas identical —
+also with overlapped rounds (each round's exchange runs while the next one trains)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,13 +13,13 @@ NAMES = ["n0", "n1", "n2"]
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("recipe", ["sign", "dct-consistent"])
+@pytest.mark.parametrize("recipe,overlap", [("sign", False), ("dct-consistent", False), ("sign", True)])
 def test_three_nodes_commit_every_round_with_identical_replicas(cluster: Cluster, tmp_path: Path,
-                                                                recipe: str) -> None:
+                                                                recipe: str, overlap: bool) -> None:
     rounds = 6
     # min_nodes = 3: the run starts only once all three joined, so round 0 has everyone however the
     # processes' start-up interleaves; after that a round closes when all three submitted.
-    run = write_run_file(tmp_path / "run.toml", recipe=recipe, rounds=rounds, min_nodes=3)
+    run = write_run_file(tmp_path / "run.toml", recipe=recipe, rounds=rounds, min_nodes=3, overlap=overlap)
     coord = cluster.coordinator(run, tmp_path / "state")
     nodes = [cluster.node(coord.address, name) for name in NAMES]
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from dht_harness import NAMES, ROUND_WAIT_S, collect_all, peers, workers
+from node.transport.dht import DhtTransport
+
+from dht_harness import NAMES, NET, ROUND_WAIT_S, collect_all, peers, workers
 
 pytestmark = pytest.mark.usefixtures("no_orphaned_p2pd")
 
@@ -101,3 +103,31 @@ def test_a_peer_that_leaves_is_not_waited_for() -> None:
         for res in results.values():
             assert res.committed and res.payloads == frames
         assert elapsed < ROUND_WAIT_S, f"waited {elapsed:.1f}s for a peer that left"
+
+
+@pytest.mark.timeout(120)
+def test_a_client_mode_peer_takes_part_and_an_identity_file_keeps_the_peer_id(tmp_path: Any) -> None:
+    """hivemind's client mode (a peer behind NAT stores no DHT records) still exchanges frames; an identity file
+    gives the same peer id on every start."""
+    key = str(tmp_path / "peer.key")
+    with peers("run-client") as ts:
+        boot = ts[0].visible_maddrs()
+        client = DhtTransport.create("run-client", "c", boot, round_wait_s=ROUND_WAIT_S, client_mode=True,
+                                     identity_path=key, **NET)
+        try:
+            first_id = client.peer_id
+            client.join()
+            group = [*ts, client]
+            frames = {t.name: bytes([i + 1]) * 1000 for i, t in enumerate(group)}
+            for t in group:
+                t.submit(0, frames[t.name])
+            results = collect_all(group, 0)
+            for res in results.values():
+                assert res.committed and res.payloads == dict(sorted(frames.items())), res.reason
+        finally:
+            client.close()
+        again = DhtTransport.create("run-client", "c", boot, round_wait_s=ROUND_WAIT_S, identity_path=key, **NET)
+        try:
+            assert again.peer_id == first_id
+        finally:
+            again.close()

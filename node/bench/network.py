@@ -1,0 +1,228 @@
+"""``lowband bench network``: a coordinator run whose nodes sit behind emulated access links.
+
+Where network namespaces can be made (root), the coordinator and every node run in their own namespace
+(``node.netem.netns``) behind a ``tc tbf``-shaped veth, and each node reaches the coordinator through its own
+``node.netem.link.Link`` relay on the bridge, which adds latency, jitter, loss stalls and outages (this kernel has
+no netem). Elsewhere every process is on 127.0.0.1 and the relay shapes the bandwidth as well (logged). After
+``warm`` rounds a joiner starts behind a link of the same profile.
+
+Per configuration (recipe × overlap × profile) it reports, from the nodes' round logs and the links' counters:
+- compute utilization per node = time in inner steps / wall time, over the rounds after the first;
+- bytes each node put on its uplink per round (gRPC + HTTP/2 framing + heartbeats included) vs the codec's
+  formula (the exact frame size, ``Worker.payload_bytes``), and what came down;
+- round time (median time between a node's consecutive applied rounds);
+- join time: joiner start → first committed contribution, vs the goal 1.2 × state bytes / link rate + 5 s.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import dataclasses
+import sys
+
+from node.demo import _read_address, stop_group
+from node.netem import netns as nsmod
+from node.netem.link import Link
+from node.netem.profiles import describe, get_profile
+
+log = logging.getLogger(__name__)
+
+RUN = """\
+[run]
+id = "bench-network"
+task = "gpt"
+recipe = "{recipe}"
+rounds = 100000
+[task]
+size = "{size}"
+batch_size = {batch}
+block_size = 128
+[recipe]
+H = {H}
+overlap = {overlap}
+[membership]
+min_nodes = {nodes}
+heartbeat_s = 2.0
+lease_s = 60.0
+[rounds]
+initial_wait_s = 600.0
+max_wait_s = 600.0
+eval_every = 0
+"""
+
+
+def _entries(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "rounds.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _applied(workdir: Path) -> list[dict[str, Any]]:
+    return [e for e in _entries(workdir) if "round" in e]
+
+
+def _frame_bytes(recipe: str, size: str, batch: int, H: int, run_id: str, name: str) -> tuple[int, int]:
+    """(exact frame bytes for ``name``, parameter count): the codec's formula + the wire envelope."""
+    from node import wire
+    from node.compress import make_codec
+    from node.recipes import make_run_config
+    from node.config import TaskConfig
+    from node.tasks import load_task
+
+    cfg = make_run_config(recipe, {"H": H}, task=TaskConfig("gpt", {"size": size, "batch_size": batch}))
+    task = load_task("gpt", size=size, batch_size=batch)
+    model = task.build_model(0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    codec = make_codec(cfg.recipe.codec.name, cfg.recipe.codec.params)
+    return wire.expected_size(codec, wire.model_spec(named), run_id, name), sum(p.numel() for _, p in named)
+
+
+def _spawn(args: list[str], log_path: Path, prefix: list[str], stdout: int | None = None) -> subprocess.Popen:
+    out = open(log_path, "ab")
+    return subprocess.Popen([*prefix, sys.executable, "-m", "node.cli", *args], stdout=stdout or out, stderr=out,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: str, H: int, batch: int,
+            rounds: int, warm: int, join: bool, root: Path, use_netns: bool = False) -> dict[str, Any]:
+    profile = get_profile(profile_name)
+    topo = nsmod.Topology(prefix="lbn") if use_netns else None
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "run.toml").write_text(RUN.format(recipe=recipe, size=size, batch=batch, H=H, nodes=nodes,
+                                              overlap=str(overlap).lower()))
+    procs: list[subprocess.Popen] = []
+    links: dict[str, Link] = {}
+    env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        # with namespaces the kernel shapes bandwidth (tc tbf on each host's veth) and the relay, listening on
+        # the bridge, adds only latency, jitter, loss and outages
+        relay_profile = dataclasses.replace(profile, up_bps=0.0, down_bps=0.0) if topo else profile
+        listen_host = topo.add_host("coord") if topo else "127.0.0.1"
+        coord = _spawn(["coordinator", "--listen", f"{listen_host}:0", "--state-dir", str(root / "state"),
+                        "--run", str(root / "run.toml")], root / "coordinator.log",
+                       topo.prefix_cmd("coord") if topo else [], stdout=subprocess.PIPE)
+        procs.append(coord)
+        host, port = _read_address(coord, 300).rsplit(":", 1)
+        names = [f"n{i}" for i in range(nodes)]
+
+        def start(name: str) -> None:
+            if topo:
+                topo.add_host(name, profile.up_bps, profile.down_bps)
+            link = Link((host, int(port)), relay_profile, seed=len(links), name=f"{name}-{profile.name}",
+                        listen_host=topo.gateway if topo else "127.0.0.1")
+            link.start()
+            links[name] = link
+            procs.append(_spawn(["node", "--coordinator", link.address, "--workdir", str(root / name), "--name", name,
+                                 "--device", "cpu"], root / f"{name}.log", topo.prefix_cmd(name) if topo else []))
+
+        for name in names:
+            start(name)
+        deadline = time.monotonic() + 3600
+        while min(len(_applied(root / n)) for n in names) < warm:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"the run did not get under way (logs in {root})")
+            time.sleep(0.5)
+        join_row: dict[str, Any] = {}
+        if join:
+            started = time.time()
+            start("joiner")
+            while True:
+                entries = _entries(root / "joiner")
+                first = next((e for e in entries if e.get("contributed")), None)
+                state = next((e for e in entries if e.get("event") == "state"), None)
+                if first is not None:
+                    break
+                if time.monotonic() > deadline or procs[-1].poll() is not None:
+                    raise RuntimeError(f"the joiner did not contribute (logs in {root})")
+                time.sleep(0.5)
+            state_bytes = state["bytes"] if state else 0
+            goal = 1.2 * state_bytes * 8 / profile.down_bps + 5 if profile.down_bps else 5.0
+            join_row = {"join_s": round(first["time"] - started, 2), "state_bytes": state_bytes,
+                        "join_goal_s": round(goal, 2)}
+        while min(len(_applied(root / n)) for n in names) < warm + rounds:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"the run stopped early (logs in {root})")
+            time.sleep(0.5)
+        snapshot = {n: links[n].stats() for n in names}
+    finally:
+        for p in reversed(procs):
+            stop_group(p)
+        for link in links.values():
+            link.stop()
+        if topo:
+            topo.teardown()
+    frame, params = _frame_bytes(recipe, size, batch, H, "bench-network", "n0")
+    per_node = []
+    for n in names:
+        applied = _applied(root / n)
+        window = applied[1:]  # the first round includes start-up
+        wall = applied[-1]["time"] - applied[0]["time"]
+        util = sum(e["train_s"] for e in window) / wall if wall > 0 else float("nan")
+        gaps = [b["time"] - a["time"] for a, b in zip(applied, applied[1:])]
+        per_node.append({"node": n, "rounds": len(applied), "utilization": round(util, 4),
+                         "round_s": round(statistics.median(gaps), 3),
+                         "up_bytes_per_round": snapshot[n]["bytes_up"] / len(applied),
+                         "down_bytes_per_round": snapshot[n]["bytes_down"] / len(applied),
+                         "train_s": round(statistics.median(e["train_s"] for e in window), 3)})
+    up = statistics.median(r["up_bytes_per_round"] for r in per_node)
+    row = {"recipe": recipe, "overlap": overlap, "profile": describe(profile), "nodes": nodes, "size": size,
+           "network": "netns + tc tbf + relay" if topo else "loopback + relay",
+           "params": params, "H": H, "frame_bytes": frame, "up_bytes_per_round": round(up),
+           "up_vs_formula": round(up / frame, 4),
+           "down_bytes_per_round": round(statistics.median(r["down_bytes_per_round"] for r in per_node)),
+           "utilization_min": min(r["utilization"] for r in per_node),
+           "utilization_median": statistics.median(r["utilization"] for r in per_node),
+           "round_s": statistics.median(r["round_s"] for r in per_node),
+           "train_s": statistics.median(r["train_s"] for r in per_node),
+           "upload_s": round(frame * 8 / profile.up_bps, 3) if profile.up_bps else 0.0,
+           **join_row, "per_node": per_node, "omp_threads": env_threads,
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    log.info("%s overlap=%s %s: utilization %.1f%% (min %.1f%%), round %.2f s, up %.0f B/round = %.3f× formula%s",
+             recipe, overlap, profile.name, 100 * row["utilization_median"], 100 * row["utilization_min"],
+             row["round_s"], up, row["up_vs_formula"],
+             f", join {join_row['join_s']} s (goal {join_row['join_goal_s']} s)" if join_row else "")
+    return row
+
+
+def run_network_bench(recipes: list[str], profiles: list[str], overlaps: list[bool], *, nodes: int = 4,
+                      size: str = "medium", H: int = 8, batch: int = 1, rounds: int = 6, warm: int = 2,
+                      join: bool = True, out: Path | None = None, netns: bool | None = None) -> list[dict[str, Any]]:
+    """``netns``: None = use namespaces where possible (else say so and use loopback), True = require them."""
+    rows = []
+    ok, why = nsmod.available()
+    if netns and not ok:
+        raise RuntimeError(f"network namespaces are not available here: {why}")
+    use_netns = ok if netns is None else netns
+    if not use_netns:
+        log.warning("network namespaces %s: every process on loopback, links emulated by the relay alone",
+                    f"unavailable ({why})" if not ok else "not requested")
+    base = Path(tempfile.mkdtemp(prefix="lowband-bench-network-"))
+    for profile in profiles:
+        for recipe in recipes:
+            for overlap in overlaps:
+                rows.append(run_one(recipe, overlap, profile, nodes=nodes, size=size, H=H, batch=batch,
+                                    rounds=rounds, warm=warm, join=join, use_netns=use_netns,
+                                    root=base / f"{recipe}-{profile}-{'overlap' if overlap else 'sync'}"))
+                if out is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / "network.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| profile | recipe | overlap | frame B | up B/round (× formula) | round s | train s | "
+             "utilization median (min) | join s (goal) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        join_cell = f"{r['join_s']} ({r['join_goal_s']})" if "join_s" in r else "–"
+        lines.append(f"| {r['profile'].split(':')[0]} | {r['recipe']} | {r['overlap']} | {r['frame_bytes']:,} | "
+                     f"{r['up_bytes_per_round']:,} ({r['up_vs_formula']:.3f}×) | {r['round_s']:.2f} | "
+                     f"{r['train_s']:.2f} | {100 * r['utilization_median']:.1f}% ({100 * r['utilization_min']:.1f}%) "
+                     f"| {join_cell} |")
+    print("\n".join(lines))
+    return rows

@@ -1,0 +1,363 @@
+"""``lowband bench soak``: a long run under churn, then the invariants that churn must never break.
+
+Coordinator mode: a coordinator and ``nodes`` node processes, each node behind its own emulated link (profile,
+e.g. ``home``); a seeded ``node.netem.churn`` schedule kills/restarts, pauses (SIGSTOP/SIGCONT), partitions
+(black hole, then reset) and adds nodes, and kills/restarts the coordinator. DHT mode: a bootstrap peer and
+nodes over hivemind (no relay: libp2p dials peers directly, so links are not shaped and a partition is played as
+a pause), with the same node events.
+
+Checked afterwards (``SoakReport.problems`` lists every violation; empty means the run passed):
+- no process that the schedule did not kill exited before the end, and every survivor exits 0 on SIGTERM;
+- every node's round log applies rounds in order, each exactly once (a state adoption may skip ahead);
+- coordinator mode: every applied round is one the coordinator committed, with its fingerprint and members;
+  DHT mode: every node that applied a round has the same fingerprint for it (replica-consistent recipes);
+- the final validation loss (the last checkpoint's reference, evaluated on the task's validation split).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.demo import _read_address, _spawn, stop_group
+from node.netem.churn import ChurnEvent, random_schedule
+from node.netem.link import Link
+from node.netem.profiles import get_profile
+
+log = logging.getLogger(__name__)
+
+RUN = """\
+[run]
+id = "soak"
+task = "gpt"
+recipe = "{recipe}"
+rounds = {rounds}
+seed = 0
+[task]
+size = "{size}"
+batch_size = 4
+block_size = 64
+[recipe]
+H = {H}
+[membership]
+min_nodes = 2
+max_nodes = 64
+heartbeat_s = 0.5
+lease_s = 4.0
+[rounds]
+initial_wait_s = 10.0
+min_wait_s = 1.0
+max_wait_s = 10.0
+eval_every = 0
+"""
+
+
+@dataclass
+class SoakConfig:
+    mode: str = "coordinator"  # or "dht"
+    nodes: int = 6
+    rounds: int = 100
+    events: int = 20
+    coordinator_restarts: int = 2
+    profile: str = "home"
+    seed: int = 1
+    recipe: str = "sign"
+    size: str = "tiny"
+    H: int = 4
+    timeout_s: float = 3600.0
+
+
+@dataclass
+class SoakReport:
+    config: dict[str, Any]
+    schedule: list[dict[str, Any]]
+    committed_rounds: int = 0
+    applied: dict[str, int] = field(default_factory=dict)
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    survivors: list[str] = field(default_factory=list)  # nodes the schedule left running at the end
+    final_val_loss: float = float("nan")
+    wall_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _entries(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "rounds.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+
+
+def check_round_log(entries: list[dict[str, Any]], who: str) -> list[str]:
+    """Rounds applied in order, each once; a state adoption may move the expected round forward only."""
+    problems, expected, seen = [], None, set()
+    for e in entries:
+        if e.get("event") == "state":
+            if expected is not None and e["committed_rounds"] < expected:
+                problems.append(f"{who}: adopted state of round {e['committed_rounds']} after applying {expected - 1}")
+            expected = e["committed_rounds"]
+            continue
+        r = e["round"]
+        if r in seen:
+            problems.append(f"{who}: applied round {r} twice")
+        if expected is not None and r != expected:
+            problems.append(f"{who}: applied round {r}, expected {expected}")
+        seen.add(r)
+        expected = r + 1
+    return problems
+
+
+def final_val_loss(workdir: Path, run_file: Path) -> float:
+    """The validation loss of the reference in a node's last checkpoint."""
+    import torch
+
+    from coordinator.config import load_run_file
+    from node.tasks import load_task
+    from node.train.worker import Worker
+
+    cfg = load_run_file(run_file).run
+    task = load_task(cfg.task.name, **cfg.task.params)
+    worker = Worker("eval", cfg, task, shard=0, num_shards=1)
+    ckpt = torch.load(workdir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    worker.reference.load_state_dict(ckpt["state"]["reference"])
+    worker.load_reference_into_model()
+    return float(task.evaluate(worker.model))
+
+
+class Soak:
+    def __init__(self, cfg: SoakConfig, root: Path) -> None:
+        self.cfg, self.root = cfg, root
+        self.profile = get_profile(cfg.profile)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.expected_dead: set[str] = set()
+        self.paused: set[str] = set()
+        self.links: dict[str, Link] = {}
+        self.problems: list[str] = []
+        self.coord_port = 0
+        self.coordinator_down_at = 0.0
+        self.initial_peers = ""
+        self.run_file = root / "run.toml"
+        self.run_file.write_text(RUN.format(recipe=cfg.recipe, rounds=cfg.rounds, size=cfg.size, H=cfg.H))
+
+    # -- processes ------------------------------------------------------------------------------------------
+    def start_coordinator(self) -> None:
+        listen = f"127.0.0.1:{self.coord_port}"
+        proc = _spawn(["coordinator", "--listen", listen, "--state-dir", str(self.root / "state"),
+                       "--run", str(self.run_file)], self.root / "coordinator.log", stdout=subprocess.PIPE)
+        self.coord_port = int(_read_address(proc, 120).rsplit(":", 1)[1])
+        self.procs["coordinator"] = proc
+        self.expected_dead.discard("coordinator")
+
+    def start_boot(self) -> None:
+        proc = _spawn(["dht", "--listen", "/ip4/127.0.0.1/tcp/0"], self.root / "dht.log")
+        self.procs["dht"] = proc
+        end = time.monotonic() + 120
+        while not self.initial_peers:
+            for line in (self.root / "dht.log").read_text(errors="replace").splitlines():
+                if line.startswith("lowband dht peer ") and "/127.0.0.1/" in line:
+                    self.initial_peers = line.rsplit(" ", 1)[-1]
+            if time.monotonic() > end or proc.poll() is not None:
+                raise RuntimeError("the DHT bootstrap peer did not start")
+            time.sleep(0.2)
+
+    def start_node(self, name: str) -> None:
+        if self.cfg.mode == "dht":
+            where = ["--dht", "--initial-peers", self.initial_peers, "--listen", "/ip4/127.0.0.1/tcp/0",
+                     "--run", str(self.run_file)]
+        else:
+            if name not in self.links:
+                link = Link(("127.0.0.1", self.coord_port), self.profile, seed=len(self.links), name=name)
+                link.start()
+                self.links[name] = link
+            where = ["--coordinator", self.links[name].address, "--run", str(self.run_file)]
+        self.procs[name] = _spawn(["node", *where, "--workdir", str(self.root / name), "--name", name,
+                                   "--device", "cpu"], self.root / f"{name}.log")
+        self.expected_dead.discard(name)
+
+    def signal_group(self, name: str, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.procs[name].pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self, name: str) -> None:
+        self.expected_dead.add(name)
+        self.signal_group(name, signal.SIGKILL)
+        self.procs[name].wait(timeout=30)
+
+    # -- progress -------------------------------------------------------------------------------------------
+    def committed(self) -> int:
+        """The run's progress as the nodes logged it (the coordinator may be down)."""
+        best = 0
+        for name in self.procs:
+            applied = [e["round"] for e in _entries(self.root / name) if "round" in e]
+            if applied:
+                best = max(best, max(applied) + 1)
+        return best
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if name not in self.expected_dead and proc.poll() is not None:
+                if proc.returncode == 0 and name not in ("coordinator", "dht") and self.committed() >= self.cfg.rounds:
+                    continue  # a node leaves by itself after the run's last round
+                self.problems.append(f"{name} exited with {proc.returncode} without being killed")
+                self.expected_dead.add(name)
+
+    def apply(self, event: ChurnEvent, later: list[ChurnEvent]) -> None:
+        log.info("round %d: %s %s", self.committed(), event.action, event.target)
+        a, t = event.action, event.target
+        if a == "kill":
+            self.kill(t)
+        elif a == "restart":
+            self.start_node(t)
+        elif a == "join":
+            self.start_node(t)
+        elif a == "pause" or (a == "partition" and self.cfg.mode == "dht"):
+            self.signal_group(t, signal.SIGSTOP)
+            self.paused.add(t)
+            later.append(ChurnEvent(event.at_round + max(1, event.duration_rounds), "restart", f"resume:{t}"))
+        elif a == "partition":
+            self.links[t].set_down(True)
+            later.append(ChurnEvent(event.at_round + max(1, event.duration_rounds), "restart", f"heal:{t}"))
+        elif a == "coordinator_kill":
+            self.kill("coordinator")
+            self.coordinator_down_at = time.monotonic()
+        elif a == "coordinator_restart":
+            # rounds cannot advance while it is down, so its outage is timed: a few heartbeats, not rounds
+            time.sleep(max(0.0, self.coordinator_down_at + 3.0 - time.monotonic()))
+            self.start_coordinator()
+
+    def resume(self, token: str) -> None:
+        kind, name = token.split(":", 1)
+        if kind == "resume":
+            self.signal_group(name, signal.SIGCONT)
+            self.paused.discard(name)
+        else:
+            self.links[name].set_down(False)
+            self.links[name].cut()  # what a NAT box does to connections that idled through an outage
+
+    # -- the run --------------------------------------------------------------------------------------------
+    def run(self) -> SoakReport:
+        cfg = self.cfg
+        names = [f"n{i}" for i in range(cfg.nodes)]
+        schedule = random_schedule(cfg.seed, names, cfg.rounds, cfg.events,
+                                   cfg.coordinator_restarts if cfg.mode == "coordinator" else 0)
+        report = SoakReport(asdict(cfg), [e.to_dict() for e in schedule])
+        started = time.monotonic()
+        pending = list(schedule)
+        try:
+            self.start_coordinator() if cfg.mode == "coordinator" else self.start_boot()
+            for name in names:
+                self.start_node(name)
+            while self.committed() < cfg.rounds:
+                if time.monotonic() - started > cfg.timeout_s:
+                    self.problems.append(f"timed out at round {self.committed()} after {cfg.timeout_s:.0f} s")
+                    break
+                self.check_alive()
+                now = self.committed()
+                due = [e for e in pending if e.at_round <= now]
+                for event in due:
+                    pending.remove(event)
+                    if event.action == "restart" and ":" in event.target:
+                        self.resume(event.target)
+                    else:
+                        self.apply(event, pending)
+                if not due:
+                    time.sleep(0.2)  # polling the round logs
+                if all(self.procs[n].poll() is not None for n in self.procs if n not in ("coordinator", "dht")):
+                    break  # every node is done (or dead): nothing will make progress any more
+            for name in list(self.paused):
+                self.signal_group(name, signal.SIGCONT)
+            self.check_alive()
+        finally:
+            report.exit_codes = self.stop_all()
+            for link in self.links.values():
+                link.stop()
+        report.survivors = sorted(n for n in self.procs if n not in ("coordinator", "dht") and n not in self.expected_dead)
+        report.wall_s = round(time.monotonic() - started, 1)
+        self.verify(report)
+        return report
+
+    def stop_all(self) -> dict[str, int]:
+        codes = {}
+        nodes = [n for n in self.procs if n not in ("coordinator", "dht")]
+        for name in nodes:
+            if self.procs[name].poll() is None:
+                self.signal_group(name, signal.SIGTERM)
+        for name in nodes:
+            try:
+                codes[name] = self.procs[name].wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.problems.append(f"{name} did not exit within 120 s of SIGTERM")
+        for name in ("coordinator", "dht"):
+            if name in self.procs:
+                stop_group(self.procs[name])
+                codes[name] = self.procs[name].returncode
+        for proc in self.procs.values():
+            stop_group(proc, grace_s=1.0)  # anything left in a group we started
+        return codes
+
+    def verify(self, report: SoakReport) -> None:
+        problems = self.problems
+        for name, code in report.exit_codes.items():
+            if name not in self.expected_dead and name not in ("coordinator", "dht") and code != 0:
+                problems.append(f"{name} exited with {code} on SIGTERM")
+        fingerprints: dict[int, str] = {}
+        committed: dict[int, Any] = {}
+        if self.cfg.mode == "coordinator":
+            from coordinator.store import Store
+
+            store = Store(self.root / "state")
+            try:
+                committed = {row.round: row for row in store.recent_rounds(limit=1_000_000)}
+            finally:
+                store.close()
+            if sorted(committed) != list(range(len(committed))):
+                problems.append("the coordinator's committed rounds have gaps")
+        for name in self.procs:
+            if name in ("coordinator", "dht"):
+                continue
+            entries = _entries(self.root / name)
+            problems += check_round_log(entries, name)
+            applied = [e for e in entries if "round" in e]
+            report.applied[name] = len(applied)
+            for e in applied:
+                r = e["round"]
+                if committed and r not in committed:
+                    problems.append(f"{name} applied round {r}, which the coordinator never committed")
+                elif committed and e["fingerprint"] != committed[r].fingerprint:
+                    problems.append(f"{name} round {r}: fingerprint differs from the coordinator's")
+                elif committed and e["members"] != committed[r].members:
+                    problems.append(f"{name} round {r}: members differ from the coordinator's")
+                if fingerprints.setdefault(r, e["fingerprint"]) != e["fingerprint"]:
+                    problems.append(f"{name} round {r}: fingerprint differs from another node's")
+        report.committed_rounds = len(committed) if committed else (max(fingerprints) + 1 if fingerprints else 0)
+        best = max((n for n in report.applied if (self.root / n / "checkpoint.pt").exists()),
+                   key=lambda n: report.applied[n], default=None)
+        if best is not None:
+            report.final_val_loss = final_val_loss(self.root / best, self.run_file)
+        report.problems = problems
+
+
+def run_soak(cfg: SoakConfig, root: Path | None = None, out: Path | None = None) -> SoakReport:
+    root = root or Path(tempfile.mkdtemp(prefix=f"lowband-soak-{cfg.mode}-"))
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    report = Soak(cfg, root).run()
+    log.info("soak %s: %d rounds committed in %.0f s, final val loss %.4f, %d problems (logs in %s)", cfg.mode,
+             report.committed_rounds, report.wall_s, report.final_val_loss, len(report.problems), root)
+    for p in report.problems:
+        log.error("soak problem: %s", p)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"soak-{cfg.mode}-{cfg.events}ev.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report
