@@ -78,6 +78,7 @@ class NodeDaemon:
         self.plane: ControlPlane | None = None  # built in run(): starting a DHT can fail, and must be closed
         self.worker: Worker | None = None
         self.applied = 0
+        self._late_streak = 0  # consecutive committed rounds without our payload
         # one exchange at a time, off the training thread (with overlap it runs while the next round trains)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exchange")
 
@@ -161,8 +162,37 @@ class NodeDaemon:
                 return
         if first_round == 0:
             return  # the run has not started: everyone starts from the same seeded init
-        # Wait for the round before ours to close, then take the state it produced.
-        self._adopt_state("join", after_round=first_round - 1)
+        # The newest state at once (no waiting for the open round), then the rounds that closed meanwhile and
+        # the one open now: on a slow link the download can take longer than a round.
+        self._adopt_state("join")
+        self._catch_up()
+
+    def _catch_up(self, skip_open_round: bool = False) -> None:
+        """Apply, without contributing, the rounds that closed since our state (a download on a slow link can take
+        longer than a round) — and with ``skip_open_round`` also the round open now, so that the next round this
+        node trains starts when everyone else's does (a node that is late by a margin stays late by it)."""
+        worker = self.worker
+        assert worker is not None
+        while not self.stop.is_set():
+            c = worker.reference.committed_rounds
+            if c >= worker.cfg.rounds or (self._plane.current_round <= c and not skip_open_round):
+                return
+            skip_open_round = False
+            result = self._plane.observe(c, self.opts.round_timeout_s)
+            if result.state_needed:
+                self._adopt_state("catching up: round result gone")
+                continue
+            if not worker.apply_observed(result):
+                log.warning("[node=%s round=%d] could not apply the round while catching up (%s)", self.name, c,
+                            result.reason or "not committed")
+                return
+            fp = worker.fingerprint()
+            self._log_round({"round": c, "members": list(result.members or result.aggregate_members),
+                             "contributed": False, "fingerprint": fp,
+                             "coordinator_fingerprint": result.reference_fingerprint, "observed": True})
+            log.info("[node=%s round=%d] applied without contributing (catching up) fp=%s", self.name, c, fp)
+            if result.reference_fingerprint and fp != result.reference_fingerprint and worker.replica_consistent:
+                self._adopt_state("fingerprint mismatch")
 
     def _adopt_state(self, why: str, after_round: int | None = None) -> None:
         worker = self.worker
@@ -233,7 +263,8 @@ class NodeDaemon:
                         r = worker.reference.committed_rounds  # a failed round is offered again, as without overlap
                     frame = worker.prepare(r)
                     exchange = InFlight(r, stats, time.monotonic(), self._executor.submit(
-                        self._plane.exchange, r, frame, self.opts.round_timeout_s, stats.mean_loss, self.name))
+                        self._plane.exchange, r, frame, self.opts.round_timeout_s, stats.mean_loss, self.name,
+                        worker.fingerprint()))
                     if cfg.recipe.overlap:
                         inflight = exchange
                     else:
@@ -258,7 +289,8 @@ class NodeDaemon:
         wait_s = time.monotonic() - done.started
         if result.state_needed:
             worker.pending = None
-            self._adopt_state("round result gone")
+            log.warning("[node=%s round=%d] %s", self.name, r, result.reason or "the round's result is gone")
+            self._adopt_state("diverged" if "differs" in result.reason else "round result gone")
             return
         report = worker.apply(result)
         if not report.committed:
@@ -281,6 +313,14 @@ class NodeDaemon:
             self._adopt_state("fell behind")
         self._checkpoint(config_hash)
         self._plane.offer_state(worker.reference.committed_rounds, worker.fingerprint(), worker.reference.to_bytes)
+        self._late_streak = 0 if report.contributed else self._late_streak + 1
+        if self._late_streak >= 2 and not worker.cfg.recipe.overlap:
+            # our frames keep arriving after the round closed (e.g. we started a round late and stay late by that
+            # margin): sit the next round out, so the one after starts when everyone else's does
+            log.info("[node=%s round=%d] late %d rounds in a row: skipping a round to get back in step", self.name, r,
+                     self._late_streak)
+            self._late_streak = 0
+            self._catch_up(skip_open_round=True)
 
 
 def run_node(opts: NodeOptions) -> int:

@@ -132,6 +132,8 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"the run did not get under way (logs in {root})")
             time.sleep(0.5)
+        # steady state: counters and round counts from here to the end (start-up and Join excluded)
+        base = {n: (links[n].stats(), len(_applied(root / n))) for n in names}
         join_row: dict[str, Any] = {}
         if join:
             started = time.time()
@@ -153,7 +155,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"the run stopped early (logs in {root})")
             time.sleep(0.5)
-        snapshot = {n: links[n].stats() for n in names}
+        snapshot = {n: (links[n].stats(), len(_applied(root / n))) for n in names}
     finally:
         for p in reversed(procs):
             stop_group(p)
@@ -169,10 +171,12 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
         wall = applied[-1]["time"] - applied[0]["time"]
         util = sum(e["train_s"] for e in window) / wall if wall > 0 else float("nan")
         gaps = [b["time"] - a["time"] for a, b in zip(applied, applied[1:])]
+        (end, end_rounds), (start, start_rounds) = snapshot[n], base[n]
+        counted = max(1, end_rounds - start_rounds)
         per_node.append({"node": n, "rounds": len(applied), "utilization": round(util, 4),
                          "round_s": round(statistics.median(gaps), 3),
-                         "up_bytes_per_round": snapshot[n]["bytes_up"] / len(applied),
-                         "down_bytes_per_round": snapshot[n]["bytes_down"] / len(applied),
+                         "up_bytes_per_round": (end["bytes_up"] - start["bytes_up"]) / counted,
+                         "down_bytes_per_round": (end["bytes_down"] - start["bytes_down"]) / counted,
                          "train_s": round(statistics.median(e["train_s"] for e in window), 3)})
     up = statistics.median(r["up_bytes_per_round"] for r in per_node)
     row = {"recipe": recipe, "overlap": overlap, "profile": describe(profile), "nodes": nodes, "size": size,

@@ -79,9 +79,22 @@ class Topology:
     def address(self, host: str) -> str:
         return f"{self.subnet}.{self.hosts[host] + 2}"
 
+    def clear_stale(self) -> None:
+        """Remove namespaces and links with this prefix left by a run that was killed before its teardown."""
+        for line in _ip("netns", "list", check=False).stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            if name.startswith(f"{self.prefix}-"):
+                _ip("netns", "del", name, check=False)
+        for line in _ip("-o", "link", check=False).stdout.splitlines():
+            parts = line.split(": ")
+            dev = parts[1].split("@")[0] if len(parts) > 1 else ""
+            if dev.startswith(self.prefix) and (dev == self.bridge or dev[len(self.prefix):-1].isdigit()):
+                _ip("link", "del", dev, check=False)
+
     def _bridge(self) -> None:
         if self.bridge_up:
             return
+        self.clear_stale()
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")

@@ -155,6 +155,30 @@ class Worker:
             self._shift_local(before, pending.deltas)
         return ApplyReport(True, contributed, members, rejected)
 
+    def apply_observed(self, result: RoundResult) -> bool:
+        """Apply a committed round this worker did not take part in (catching up after a state download, or
+        skipping a round to get back in step). Error feedback is untouched. False when the round cannot be
+        applied from its result alone (nothing valid in it, or an outer rule that needs this worker's own Δ)."""
+        if not result.committed:
+            return False
+        if result.aggregate is not None:
+            try:
+                aggregate = self.reference.unpack_aggregate(result.aggregate, result.round, result.aggregate_codec)
+            except PayloadError as exc:
+                log.error("[node=%s round=%d] rejected the aggregate: %s", self.name, result.round, exc)
+                return False
+        else:
+            envelopes, _rejected = self.reference.unpack(result.payloads, result.round)
+            if not envelopes:
+                return False
+            aggregate = self.reference.reduce(envelopes)
+        if getattr(self.outer, "set_round_context", None) is not None:
+            return False  # the faithful decoupled rule mixes in this worker's own Δ: there is none for this round
+        self.pending = None
+        self.reference.step(aggregate, result.round)
+        self.load_reference_into_model()
+        return True
+
     def _shift_local(self, before: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
         """Overlap: θ ← θ + (θ_ref_new − θ_ref_old) + Δ_r, keeping the progress made since round r ended."""
         with torch.no_grad():

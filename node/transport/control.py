@@ -67,8 +67,15 @@ class ControlPlane(Protocol):
     def join(self, identity: Identity) -> JoinInfo:
         """Enter the run; raises ``JoinRefused`` with the reason (e.g. the differing config fields)."""
 
-    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str) -> RoundResult:
-        """Offer this node's frame for ``round_`` and return the round's outcome (never raises on network faults)."""
+    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str,
+                 fingerprint: str = "") -> RoundResult:
+        """Offer this node's frame for ``round_`` and return the round's outcome (never raises on network faults).
+        ``fingerprint`` is this replica's reference before the round; ``state_needed`` in the result means the
+        replica diverged or fell out of the run and must fetch the state."""
+
+    def observe(self, round_: int, timeout_s: float) -> RoundResult:
+        """The outcome of ``round_`` without contributing to it (waits for it to close); peers do not wait for
+        this node in it. ``state_needed`` when the round's result is no longer available."""
 
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
         """The run's global state — once ``after_round`` closed, if given — or None where none can be had."""

@@ -75,6 +75,7 @@ class DhtTransport(Transport):
         self.handler_name = f"lowband.{run_id}.frame"
         self._frames: dict[int, bytes] = {}
         self._served: dict[int, int] = {}  # round → bytes this node streamed to peers
+        self._fingerprints: dict[int, str] = {}  # round → our reference fingerprint when we submitted
         self._lock = threading.Lock()  # guards _frames/_served and serialises sends into the DHT's pipe
         self._stop = threading.Event()
         self.cancel = cancel or threading.Event()  # the owner's stop (e.g. SIGTERM): abandon waits for a round
@@ -242,17 +243,43 @@ class DhtTransport(Transport):
         return dict(zip(senders, got))
 
     # -- a round ------------------------------------------------------------------------------------------
-    def submit(self, round_: int, payload: bytes) -> None:
+    def submit(self, round_: int, payload: bytes, fingerprint: str = "") -> None:
+        """Announce and serve ``payload`` for ``round_``. ``fingerprint``: this replica's reference before the round
+        (peers whose reference differs are kept out of each other's rounds; "" = not checked)."""
         with self._lock:
             self._frames[round_] = payload
+            self._fingerprints[round_] = fingerprint
             for old in [r for r in self._frames if r <= round_ - _KEEP_ROUNDS]:
                 self._frames.pop(old, None)
                 self._served.pop(old, None)
+                self._fingerprints.pop(old, None)
             for old in [r for r in self.state.expected if r < round_]:
                 self.state.expected.pop(old, None)
-        value = (self.peer_id, len(payload), hashlib.sha256(payload).hexdigest())
+        value = (self.peer_id, len(payload), hashlib.sha256(payload).hexdigest(), fingerprint)
         ttl = max(60.0, 4 * (self.round_wait_s + self.agree_wait_s))
         self._store(f"{self.run_id}/round/{round_}", self.name, value, get_dht_time() + ttl)
+
+    def _same_reference(self, round_: int, announced: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Keep the members whose reference (announced fingerprint) equals ours. If another reference is held by
+        more members (ties: the larger fingerprint string), ours is the diverged one: ("", why) tells the caller
+        to fetch the state. Every member applies the same rule to the same announcements, so a diverged replica
+        is left out by the others exactly when it leaves itself out."""
+        mine = self._fingerprints.get(round_, "")
+        groups: dict[str, set[str]] = {}
+        for sender, v in announced.items():
+            groups.setdefault(v[3], set()).add(sender)
+        if not mine or len(groups) <= 1:
+            return announced, ""
+        checked = {fp: members for fp, members in groups.items() if fp}
+        best = max(checked.items(), key=lambda kv: (len(kv[1]), kv[0]))[0]
+        if best != mine:
+            return {}, (f"this replica's reference {mine} differs from the run's {best} "
+                        f"(held by {len(checked[best])} members): fetching the state")
+        keep = {s: v for s, v in announced.items() if v[3] in (mine, "")}
+        for sender in sorted(set(announced) - set(keep)):
+            log.warning("[node=%s round=%d] dropped %s: its reference %s differs from ours %s (a diverged replica)",
+                        self.name, round_, sender, announced[sender][3], mine)
+        return keep, ""
 
     def _given_up(self) -> bool:
         """Wait one poll interval; True when waiting longer is pointless (closed, cancelled, DHT process gone)."""
@@ -292,17 +319,20 @@ class DhtTransport(Transport):
             return RoundResult(round_, False, reason="this transport is closed")
         deadline = time.monotonic() + timeout_s
         announced = {s: v for s, v in self._close_group(round_, deadline).items()
-                     if isinstance(v, (list, tuple)) and len(v) == 3}
+                     if isinstance(v, (list, tuple)) and len(v) == 4 and all(isinstance(x, str) for x in v[2:])}
         sent = self._served.get(round_, 0)
         if not announced:
             return RoundResult(round_, False, reason="no peer announced a frame before the deadline", bytes_sent=sent)
+        announced, diverged = self._same_reference(round_, announced)
+        if diverged:
+            return RoundResult(round_, False, reason=diverged, bytes_sent=sent, state_needed=True)
         # phase 2: pull every other member's frame, bounded per peer and by the caller's deadline
         held: dict[str, bytes] = {}
         with self._lock:
             mine = self._frames.get(round_)
         if self.name in announced and mine is not None:
             held[self.name] = mine
-        others = {s: tuple(v) for s, v in announced.items() if s != self.name}
+        others = {s: tuple(v[:3]) for s, v in announced.items() if s != self.name}
         budget = max(0.1, min(self.fetch_timeout_s, deadline - time.monotonic()))
         try:
             fetched = self._run(self._fetch_all(round_, others, budget), timeout=budget + self.rpc_timeout_s)

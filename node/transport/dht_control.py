@@ -177,12 +177,14 @@ class DhtControl:
                 raise Stopped()
         return JoinInfo(shard, self.settings.num_shards, 0, 0)
 
-    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str) -> RoundResult:
+    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str,
+                 fingerprint: str = "") -> RoundResult:
         if not self.transport.joined:  # resumed from a checkpoint without fetching state: be waited for from now
             self.transport.join(round_)
         # mark the run as under way before offering the frame, so a later node knows to fetch the state
         self.transport._store(self._progress_key, self.name, round_, get_dht_time() + CONFIG_TTL_S)
-        result = self.transport.exchange(round_, frame, timeout_s)
+        self.transport.submit(round_, frame, fingerprint)
+        result = self.transport.collect(round_, timeout_s)
         if self.stop.is_set():
             raise Stopped()  # shutting down: the round goes on without us (as in coordinator mode)
         self._round = round_ + 1 if result.committed else round_
@@ -191,10 +193,19 @@ class DhtControl:
         self._run_round = max(self._run_round, self._under_way() or 0)
         return result
 
+    def observe(self, round_: int, timeout_s: float) -> RoundResult:
+        if self.transport.from_round <= round_:  # the others must not wait for a frame from us in this round
+            self.transport.join(round_ + 1)
+        result = self.transport.collect(round_, timeout_s)
+        if self.stop.is_set():
+            raise Stopped()
+        self._run_round = max(self._run_round, self._under_way() or 0)
+        return result
+
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
         """Download the newest state of at least ``after_round + 1`` rounds from the peers, then start heartbeats
         from that round. None when no peer offered one within ``timeout_s``."""
-        need = 0 if after_round is None else after_round + 1
+        need = self._round if after_round is None else after_round + 1  # never older than what we have seen
         got = self.transport.state.fetch(need, timeout_s, cancelled=self.stop)
         if self.stop.is_set():
             raise Stopped()

@@ -31,8 +31,13 @@ class GrpcControl:
         assert resp is not None
         return JoinInfo(resp.shard, resp.num_shards, membership.round, resp.committed_rounds)
 
-    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str) -> RoundResult:
+    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str,
+                 fingerprint: str = "") -> RoundResult:
+        # the coordinator checks replicas itself: it publishes its reference fingerprint with every result
         return self.transport.exchange(round_, frame, timeout_s, loss, own_name)
+
+    def observe(self, round_: int, timeout_s: float) -> RoundResult:
+        return self.transport.collect(round_, timeout_s, submitted=False)
 
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
         if after_round is not None:  # observe the round close (we did not submit to it), then take its state

@@ -131,3 +131,19 @@ def test_a_client_mode_peer_takes_part_and_an_identity_file_keeps_the_peer_id(tm
             assert again.peer_id == first_id
         finally:
             again.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_whose_reference_diverged_is_left_out_and_told_to_fetch_the_state() -> None:
+    """Each frame is announced with the sender's reference fingerprint: the members holding the most common
+    reference commit without the odd one, and the odd one gets state_needed instead of a result."""
+    with peers("run-diverged") as ts:
+        frames = {t.name: bytes([i + 1]) * 1000 for i, t in enumerate(ts)}
+        for t in ts:
+            t.submit(0, frames[t.name], fingerprint="ref-B" if t.name == "w2" else "ref-A")
+        results = collect_all(ts, 0)
+        for name in NAMES[:2]:
+            res = results[name]
+            assert res.committed and res.members == NAMES[:2] and not res.state_needed, res.reason
+        odd = results["w2"]
+        assert not odd.committed and odd.state_needed and "differs from the run's ref-A" in odd.reason
