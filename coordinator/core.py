@@ -82,6 +82,8 @@ class CoordinatorCore:
         self.submitted: dict[str, tuple[bytes, float, float]] = {}  # node id → (frame, at, loss)
         self.submitter_names: dict[str, str] = {}  # node id → name, kept if the member leaves before commit
         self.first_submit_at: float | None = None
+        self.first_submits: dict[int, float] = {}  # recent closed round → time of its first payload
+        self.late_noted: set[tuple[str, int]] = set()
         self.deadline: float | None = None
         self.deadline_reason = ""
         self.spreads: deque[float] = deque(maxlen=cfg.deadline.history)
@@ -212,12 +214,25 @@ class CoordinatorCore:
 
     def _check_round(self, m: Member, round_: int) -> None:
         if round_ < self.open_round:
+            self._note_late(m, round_)
             raise WrongRound(f"round {round_} is closed (the open round is {self.open_round}); keep the update in "
                              "error feedback and collect the round's result")
         if round_ > self.open_round:
             raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")
         if m.first_round > round_:
             raise WrongRound(f"{m.name} joined for round {m.first_round}; it cannot contribute to round {round_}")
+
+    def _note_late(self, m: Member, round_: int) -> None:
+        """A member that was waited for sent its payload after the round closed: how late it was (from the round's
+        first payload) joins the spread history, so the adaptive deadline learns to wait for a steady straggler
+        (one late payload among ``history`` rounds moves a high quantile little). Once per member and round."""
+        first = self.first_submits.get(round_)
+        if first is None or m.first_round > round_ or (m.node_id, round_) in self.late_noted:
+            return
+        self.late_noted.add((m.node_id, round_))
+        self.spreads.append(self.clock() - first)
+        log.info("[round=%d] %s's payload came %.2f s after the round's first: the deadline will adapt", round_,
+                 m.name, self.clock() - first)
 
     def _finish_upload(self, up: Upload) -> dict[str, Any]:
         frame = bytes(up.data)
@@ -305,6 +320,11 @@ class CoordinatorCore:
         self.submitted.clear()
         self.submitter_names.clear()
         self.uploads = {k: u for k, u in self.uploads.items() if u.round > r}
+        if self.first_submit_at is not None:
+            self.first_submits[r] = self.first_submit_at
+        for old_round in [k for k in self.first_submits if k < r - self.cfg.keep_results]:
+            del self.first_submits[old_round]
+        self.late_noted = {(n, k) for n, k in self.late_noted if k >= r - self.cfg.keep_results}
         self.first_submit_at = self.deadline = None
         self._last_reason = ""
         log.info("[round=%d] committed: members=%d in=%dB loss=%.4f fp=%s (%s)", r, len(frames), bytes_in,

@@ -58,6 +58,17 @@ def _device(name: str) -> str:
     return name
 
 
+def _detached(obj: Any) -> Any:
+    """A copy of a (nested) state dict whose tensors no longer share memory with the live ones."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(v) for v in obj)
+    return obj
+
+
 @dataclass
 class InFlight:
     """A round whose frame is out: its exchange runs on the daemon's exchange thread."""
@@ -81,6 +92,8 @@ class NodeDaemon:
         self._late_streak = 0  # consecutive committed rounds without our payload
         # one exchange at a time, off the training thread (with overlap it runs while the next round trains)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exchange")
+        self._ckpt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._ckpt_write: Future[None] | None = None
 
     # -- files ---------------------------------------------------------------------------------------
     def _log_round(self, entry: dict[str, Any]) -> None:
@@ -89,11 +102,23 @@ class NodeDaemon:
             f.flush()
             os.fsync(f.fileno())
 
-    def _checkpoint(self, config_hash: str) -> None:
+    def _checkpoint(self, config_hash: str, wait: bool = False) -> None:
+        """Snapshot the worker now (tensor copies, so training can go on) and write it on the checkpoint thread:
+        serialising and fsyncing a large model's state every round would otherwise stall training for seconds.
+        One write at a time; write-then-rename keeps the file whole whenever the process dies."""
         assert self.worker is not None
-        buf = io.BytesIO()
-        torch.save({"config_hash": config_hash, "name": self.name, "state": self.worker.state_dict()}, buf)
-        write_atomic(self.workdir / "checkpoint.pt", buf.getvalue())
+        if self._ckpt_write is not None:
+            self._ckpt_write.result()  # the previous round's write is done before the next starts
+        snapshot = {"config_hash": config_hash, "name": self.name, "state": _detached(self.worker.state_dict())}
+
+        def write() -> None:
+            buf = io.BytesIO()
+            torch.save(snapshot, buf)
+            write_atomic(self.workdir / "checkpoint.pt", buf.getvalue())
+
+        self._ckpt_write = self._ckpt_executor.submit(write)
+        if wait:
+            self._ckpt_write.result()
 
     def _load_checkpoint(self, config_hash: str) -> dict[str, Any] | None:
         path = self.workdir / "checkpoint.pt"
@@ -228,10 +253,11 @@ class NodeDaemon:
                 return 0
             finally:
                 if self.worker is not None and self.applied:
-                    self._checkpoint(config_hash)
+                    self._checkpoint(config_hash, wait=True)
                 self.plane.leave("shutdown" if self.stop.is_set() else "done")
         finally:
             self._executor.shutdown(wait=True, cancel_futures=True)
+            self._ckpt_executor.shutdown(wait=True)
             if self.plane is not None:
                 self.plane.close()  # also on refusal: a DHT plane owns a p2pd that must not outlive us
 

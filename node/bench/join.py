@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from node.demo import _read_address, _spawn, stop_group
+from node.roundlog import read_round_log
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ eval_every = 0
 """
 
 
-def _entries(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / "rounds.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _dht_address(proc: subprocess.Popen, log_path: Path, timeout_s: float) -> str:
@@ -67,7 +63,7 @@ def _dht_address(proc: subprocess.Popen, log_path: Path, timeout_s: float) -> st
 
 
 def _applied(workdir: Path) -> int:
-    return sum(1 for e in _entries(workdir) if "round" in e)
+    return sum(1 for e in read_round_log(workdir) if "round" in e)
 
 
 def run_join_bench(size: str = "tiny", recipe: str = "sign", H: int = 4, batch: int = 8, warm_rounds: int = 2,
@@ -105,7 +101,7 @@ def run_join_bench(size: str = "tiny", recipe: str = "sign", H: int = 4, batch: 
         while first is None:
             if time.monotonic() > end or procs[-1].poll() is not None:
                 raise TimeoutError(f"the joiner did not contribute in time (logs in {root})")
-            for e in _entries(root / "joiner"):
+            for e in read_round_log(root / "joiner"):
                 if e.get("event") == "state" and state is None:
                     state = e
                 if e.get("contributed") and first is None:

@@ -30,6 +30,7 @@ import dataclasses
 import sys
 
 from node.demo import _read_address, stop_group
+from node.roundlog import applied_rounds, read_round_log
 from node.netem import netns as nsmod
 from node.netem.link import Link
 from node.netem.profiles import describe, get_profile
@@ -60,15 +61,8 @@ eval_every = 0
 """
 
 
-def _entries(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / "rounds.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _applied(workdir: Path) -> list[dict[str, Any]]:
-    return [e for e in _entries(workdir) if "round" in e]
 
 
 def _frame_bytes(recipe: str, size: str, batch: int, H: int, run_id: str, name: str) -> tuple[int, int]:
@@ -128,18 +122,18 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
         for name in names:
             start(name)
         deadline = time.monotonic() + 3600
-        while min(len(_applied(root / n)) for n in names) < warm:
+        while min(len(applied_rounds(root / n)) for n in names) < warm:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"the run did not get under way (logs in {root})")
             time.sleep(0.5)
         # steady state: counters and round counts from here to the end (start-up and Join excluded)
-        base = {n: (links[n].stats(), len(_applied(root / n))) for n in names}
+        base = {n: (links[n].stats(), len(applied_rounds(root / n))) for n in names}
         join_row: dict[str, Any] = {}
         if join:
             started = time.time()
             start("joiner")
             while True:
-                entries = _entries(root / "joiner")
+                entries = read_round_log(root / "joiner")
                 first = next((e for e in entries if e.get("contributed")), None)
                 state = next((e for e in entries if e.get("event") == "state"), None)
                 if first is not None:
@@ -151,11 +145,11 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             goal = 1.2 * state_bytes * 8 / profile.down_bps + 5 if profile.down_bps else 5.0
             join_row = {"join_s": round(first["time"] - started, 2), "state_bytes": state_bytes,
                         "join_goal_s": round(goal, 2)}
-        while min(len(_applied(root / n)) for n in names) < warm + rounds:
+        while min(len(applied_rounds(root / n)) for n in names) < warm + rounds:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"the run stopped early (logs in {root})")
             time.sleep(0.5)
-        snapshot = {n: (links[n].stats(), len(_applied(root / n))) for n in names}
+        snapshot = {n: (links[n].stats(), len(applied_rounds(root / n))) for n in names}
     finally:
         for p in reversed(procs):
             stop_group(p)
@@ -166,7 +160,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
     frame, params = _frame_bytes(recipe, size, batch, H, "bench-network", "n0")
     per_node = []
     for n in names:
-        applied = _applied(root / n)
+        applied = applied_rounds(root / n)
         window = applied[1:]  # the first round includes start-up
         wall = applied[-1]["time"] - applied[0]["time"]
         util = sum(e["train_s"] for e in window) / wall if wall > 0 else float("nan")

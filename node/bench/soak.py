@@ -30,6 +30,7 @@ from node.demo import _read_address, _spawn, stop_group
 from node.netem.churn import ChurnEvent, random_schedule
 from node.netem.link import Link
 from node.netem.profiles import get_profile
+from node.roundlog import read_round_log
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,6 @@ class SoakReport:
         return asdict(self)
 
 
-def _entries(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / "rounds.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
 
 def check_round_log(entries: list[dict[str, Any]], who: str) -> list[str]:
@@ -199,7 +195,7 @@ class Soak:
         """The run's progress as the nodes logged it (the coordinator may be down)."""
         best = 0
         for name in self.procs:
-            applied = [e["round"] for e in _entries(self.root / name) if "round" in e]
+            applied = [e["round"] for e in read_round_log(self.root / name) if "round" in e]
             if applied:
                 best = max(best, max(applied) + 1)
         return best
@@ -328,7 +324,7 @@ class Soak:
         for name in self.procs:
             if name in ("coordinator", "dht"):
                 continue
-            entries = _entries(self.root / name)
+            entries = read_round_log(self.root / name)
             problems += check_round_log(entries, name)
             applied = [e for e in entries if "round" in e]
             report.applied[name] = len(applied)

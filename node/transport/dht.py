@@ -4,7 +4,8 @@ Keys (all values msgpack, every record expires):
 
 - ``{run}/peers``         subkey=name → (peer_id, live, from_round)   heartbeat, refreshed every ``heartbeat_s``,
   ttl 3×; a peer is waited for in the rounds from ``from_round`` on (a joiner is not, while it fetches state)
-- ``{run}/round/{r}``      subkey=name → (peer_id, size, sha256)   "I submitted a frame for round r"
+- ``{run}/round/{r}``      subkey=name → (peer_id, size, sha256, reference fingerprint)   "I submitted a
+  frame for round r, computed from this reference"
 - ``{run}/round/{r}/have`` subkey=name → sorted names whose frames this peer fetched and verified
 
 A round, as every peer runs it in ``collect``:
@@ -14,6 +15,8 @@ A round, as every peer runs it in ``collect``:
    the announcements read then. The wait adapts as in the coordinator (``coordinator.membership.round_wait``:
    clamp(margin × quantile of this peer's recent first-to-last announcement spreads)) when a
    ``DeadlinePolicy`` is given, else it is the fixed ``round_wait_s``.
+   Members whose announced reference differs from ours are left out; if another reference is held by more
+   members, ours is the diverged one and the result says ``state_needed`` (the daemon fetches the state).
 2. fetch: pull every other member's frame over the stream handler ``lowband.{run}.frame`` (request: the round;
    answer: status byte + length-prefixed frame), each within ``fetch_timeout_s``; check size and sha256 against
    the announcement. A member whose frame does not arrive or does not match is dropped, with a logged reason.
@@ -26,8 +29,8 @@ Limits, stated plainly:
   peers' reads; peers are trusted to run this code. sha256 only catches corruption / mismatched serving.
 - Agreement holds when every member's have-list reaches every member within ``agree_wait_s``. A member that
   dies (or stalls) between phases is dropped after that bounded wait; if its list reached some peers but not
-  others, replicas can reduce different sets for that round. Workers detect this by comparing fingerprints
-  (``RoundResult.reference_fingerprint`` is left empty: there is no reference to compare against here).
+  others, replicas can reduce different sets for that round; the replicas in the minority see it in the next
+  round's announcements (the reference fingerprints differ) and fetch the state.
 - A peer whose clock of "first announcement seen" starts late closes later; a latecomer that announced after
   some peers closed is excluded by them and, through their have-lists, by everyone.
 - State for joiners is served by the peers themselves (``dht_state.StateShare``: chunked, multi-donor).

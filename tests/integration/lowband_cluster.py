@@ -7,7 +7,6 @@ under a deadline.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 
+from node.roundlog import applied_rounds, read_round_log as read_log  # the tests import both from here
 from node.status import fetch_status
 
 T = TypeVar("T")
@@ -89,16 +89,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_log(workdir: Path) -> list[dict[str, Any]]:
-    """A node's rounds.jsonl (complete lines only: the node may be writing it right now)."""
-    path = workdir / "rounds.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
-
-
-def applied_rounds(workdir: Path) -> list[dict[str, Any]]:
-    return [e for e in read_log(workdir) if "round" in e]
 
 
 class Proc:

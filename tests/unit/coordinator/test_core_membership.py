@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pytest
 
 from core_harness import T0, Clock, Harness
-from coordinator.errors import Conflict, Full, Refused, StillOpen, Truncated, Unauthorized, UnknownNode
+from coordinator.errors import Conflict, Full, Refused, StillOpen, Truncated, Unauthorized, UnknownNode, WrongRound
 from node.config import run_config_from_dict
 
 
@@ -144,6 +144,24 @@ def test_deadline_adapts_to_the_observed_spread(h: Harness, clock: Clock) -> Non
     # quantile 1.0 × margin 2 of [3 s] = 6 s
     assert h.core.deadline == pytest.approx(clock.t + 6.0)
     assert h.core.deadline_reason == "q1.00 of 1 spreads = 3.00 s × 2.0 → 6.00 s (bounds 1.0–60.0 s)"
+
+
+def test_a_late_payload_teaches_the_deadline_to_wait_for_the_straggler(h: Harness, clock: Clock) -> None:
+    for n in "abc":
+        h.join(n)
+    h.submit("a", 0)
+    clock.advance(1.0)
+    h.submit("b", 0)
+    clock.advance(4.0)
+    h.core.tick()  # the 5 s initial wait passed: round 0 closes without c
+    assert h.core.open_round == 1 and list(h.core.spreads) == []
+    clock.advance(2.0)
+    for _ in range(2):  # c arrives 7 s after the round's first payload (and retries): noted once
+        with pytest.raises(WrongRound, match="round 0 is closed"):
+            h.submit("c", 0)
+    assert list(h.core.spreads) == [7.0]
+    h.submit("a", 1)
+    assert h.core.deadline == pytest.approx(clock.t + 14.0)  # quantile 1.0 × margin 2 × 7 s
 
 
 def test_lease_expiry_by_tick_removes_a_silent_member(h: Harness, clock: Clock) -> None:
