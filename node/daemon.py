@@ -190,17 +190,19 @@ class NodeDaemon:
         # The newest state at once (no waiting for the open round), then the rounds that closed meanwhile and
         # the one open now: on a slow link the download can take longer than a round.
         self._adopt_state("join")
-        self._catch_up()
+        self._catch_up(until=first_round)
 
-    def _catch_up(self, skip_open_round: bool = False) -> None:
+    def _catch_up(self, skip_open_round: bool = False, until: int = 0) -> None:
         """Apply, without contributing, the rounds that closed since our state (a download on a slow link can take
         longer than a round) — and with ``skip_open_round`` also the round open now, so that the next round this
-        node trains starts when everyone else's does (a node that is late by a margin stays late by it)."""
+        node trains starts when everyone else's does (a node that is late by a margin stays late by it). ``until``:
+        apply at least every round before this one (the first round the control plane expects us in)."""
         worker = self.worker
         assert worker is not None
         while not self.stop.is_set():
             c = worker.reference.committed_rounds
-            if c >= worker.cfg.rounds or (self._plane.current_round <= c and not skip_open_round):
+            behind = c < until or self._plane.current_round > c  # ``until``: the first round the run expects us in
+            if c >= worker.cfg.rounds or (not behind and not skip_open_round):
                 return
             skip_open_round = False
             result = self._plane.observe(c, self.opts.round_timeout_s)
@@ -321,6 +323,8 @@ class NodeDaemon:
         report = worker.apply(result)
         if not report.committed:
             log.warning("[node=%s round=%d] not committed: %s", self.name, r, result.reason)
+            # still serve our (unchanged) state: a run short of its quorum gets it back from the joiners
+            self._plane.offer_state(worker.reference.committed_rounds, worker.fingerprint(), worker.reference.to_bytes)
             return
         self.applied += 1
         fp = worker.fingerprint()

@@ -130,6 +130,8 @@ def final_val_loss(workdir: Path, run_file: Path) -> float:
 
 
 class Soak:
+    STALL_S = 20.0  # no round for this long: bring back the nodes that are out (restarts, resumes, heals)
+
     def __init__(self, cfg: SoakConfig, root: Path) -> None:
         self.cfg, self.root = cfg, root
         self.profile = get_profile(cfg.profile)
@@ -249,6 +251,7 @@ class Soak:
                                    cfg.coordinator_restarts if cfg.mode == "coordinator" else 0)
         report = SoakReport(asdict(cfg), [e.to_dict() for e in schedule])
         started = time.monotonic()
+        last_progress = [0, started]
         pending = list(schedule)
         try:
             self.start_coordinator() if cfg.mode == "coordinator" else self.start_boot()
@@ -260,7 +263,12 @@ class Soak:
                     break
                 self.check_alive()
                 now = self.committed()
-                due = [e for e in pending if e.at_round <= now]
+                if now > last_progress[0]:
+                    last_progress[:] = [now, time.monotonic()]
+                stalled = time.monotonic() - last_progress[1] > self.STALL_S
+                # a pause or partition ends at its round, or once the run stalled without the node (e.g. below
+                # quorum): an outage that outlives the run's ability to reach that round would hang the soak
+                due = [e for e in pending if e.at_round <= now or (stalled and e.action == "restart")]
                 for event in due:
                     pending.remove(event)
                     if event.action == "restart" and ":" in event.target:

@@ -64,7 +64,8 @@ class DhtTransport(Transport):
                  first_round: int = 0, heartbeat_s: float = 1.0, rpc_timeout_s: float = 5.0,
                  fetch_timeout_s: float = 10.0, agree_wait_s: float | None = None, poll_s: float = 0.05,
                  owns_dht: bool = False, deadline: DeadlinePolicy | None = None,
-                 state_chunk_bytes: int = DEFAULT_CHUNK, cancel: threading.Event | None = None) -> None:
+                 state_chunk_bytes: int = DEFAULT_CHUNK, cancel: threading.Event | None = None,
+                 min_members: int = 1) -> None:
         self.run_id, self.name, self.dht = run_id, name, dht
         self.round_wait_s, self.first_round = round_wait_s, first_round
         self.heartbeat_s, self.rpc_timeout_s, self.poll_s = heartbeat_s, rpc_timeout_s, poll_s
@@ -72,6 +73,7 @@ class DhtTransport(Transport):
         self.agree_wait_s = fetch_timeout_s + round_wait_s if agree_wait_s is None else agree_wait_s
         self.owns_dht = owns_dht
         self.deadline = deadline
+        self.min_members = min_members  # a round commits only with at least this many agreed frames
         self.spreads: list[float] = []  # first-to-last announcement times of recent complete rounds
         self.from_round = first_round
         self.joined = False
@@ -150,11 +152,15 @@ class DhtTransport(Transport):
 
     def _read(self, key: str) -> dict[str, Any]:
         """subkey → value of the live (unexpired) entries under ``key``; empty on any fault."""
+        return self._read_or_none(key) or {}
+
+    def _read_or_none(self, key: str) -> dict[str, Any] | None:
+        """Like ``_read``, but None when the read failed: "I could not see" is not "nobody announced"."""
         try:
             found = self._dht_future(self.dht.get, key, latest=True)
         except Exception as exc:
             log.warning("[node=%s] DHT get %s failed: %r", self.name, key, exc)
-            return {}
+            return None
         if found is None or not isinstance(found.value, dict):
             return {}
         now = get_dht_time()
@@ -297,8 +303,10 @@ class DhtTransport(Transport):
         """Phase 1: the announcements once everyone expected announced or the round's wait ran out."""
         key, first_seen, last_new, count = f"{self.run_id}/round/{round_}", None, 0.0, 0
         wait, why = self.round_wait()
+        announced: dict[str, Any] = {}
         while True:
-            announced = self._read(key)
+            seen = self._read_or_none(key)
+            announced = announced if seen is None else seen  # a failed read keeps the last view (never shrinks it)
             now = time.monotonic()
             if announced and first_seen is None:
                 first_seen = now
@@ -359,16 +367,33 @@ class DhtTransport(Transport):
             if set(announced) <= set(haves) or time.monotonic() >= agree_until or self._given_up():
                 break
         confirmed = {s for s in haves if s in announced}  # members that published a have-list in time
-        final = set(held) & confirmed
-        for sender in confirmed:
-            final &= haves[sender]
+        others = confirmed - {self.name}
+        sent = self._served.get(round_, 0)
+        if others and (self.name not in announced or not any(self.name in haves[s] for s in others)):
+            # we are outside the round (observing, or our frame reached nobody in time): the others decided it
+            # without our have-list, so we must reduce exactly what they all hold — or not apply the round at all
+            final = set(others)
+            for sender in others:
+                final &= haves[sender]
+            lacking = sorted(final - set(held))
+            if lacking:
+                return RoundResult(round_, False, reason=f"the members agreed on frames this node could not get "
+                                   f"({', '.join(lacking)}): fetching the state instead", bytes_sent=sent,
+                                   bytes_received=received, state_needed=True)
+        else:
+            final = set(held) & confirmed
+            for sender in confirmed:
+                final &= haves[sender]
         for sender in sorted(set(held) - final):
             reason = "published no have-list in time" if sender not in haves else "another member does not hold it"
             log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, reason)
-        sent = self._served.get(round_, 0)
         if not final:
             return RoundResult(round_, False, reason="no frame is held by every member", bytes_sent=sent,
                                bytes_received=received)
+        if len(final) < self.min_members:
+            # a peer cut off from the others must not go on alone: that is how replicas split
+            return RoundResult(round_, False, reason=f"only {len(final)} member(s) agreed, fewer than the run's "
+                               f"min_nodes {self.min_members}", bytes_sent=sent, bytes_received=received)
         missing = sorted(set(announced) - final)
         reason = "every announced member agreed" if not missing else f"committed without {', '.join(missing)}"
         payloads = {s: held[s] for s in sorted(final)}

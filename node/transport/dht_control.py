@@ -99,7 +99,8 @@ class DhtControl:
                 nat_port_map=settings.nat, auto_nat=settings.nat, use_relay=settings.nat,
                 identity_path=settings.identity_path, client_mode=settings.client_mode,
                 round_wait_s=settings.round_wait_s, heartbeat_s=settings.heartbeat_s, deadline=settings.deadline,
-                state_chunk_bytes=settings.state_chunk_bytes, cancel=stop, **settings.extra)
+                state_chunk_bytes=settings.state_chunk_bytes, cancel=stop, min_members=settings.min_nodes,
+                **settings.extra)
         for maddr in self.transport.visible_maddrs():  # other nodes can bootstrap through any of these
             log.info("[node=%s] DHT address %s", name, maddr)
         self._key = f"{run.run_id}/config"
