@@ -163,8 +163,9 @@ class DhtControl:
         shard = shard_of(self.name, self.settings.num_shards)
         at = self._under_way()
         if at is not None:
-            # mid-way: the state comes first (fetch_state), heartbeats only once we can train from it
-            self._round = at
+            # mid-way: the state comes first (fetch_state), heartbeats only once we can train from it; we want the
+            # state after the round that is open now (the donors snapshot at their next boundary)
+            self._round = at + 1
             return JoinInfo(shard, self.settings.num_shards, at + 1, at)
         self.transport.join(0)  # heartbeats start: the peers now wait for our frame in every round
         until = time.monotonic() + self.settings.start_timeout_s
