@@ -60,9 +60,12 @@ def _interrupt(signum: int, frame: object) -> None:
 DEMO_TUNING: dict[str, dict[str, float]] = {"sign": {"outer.lr": 4.0}, "dsm": {"outer.lr": 4.0}}
 
 
-def _spawn(args: list[str], log_path: Path, stdout: int | None = None) -> subprocess.Popen:
+def _spawn(args: list[str], log_path: Path, stdout: int | None = None,
+           prefix: list[str] | None = None) -> subprocess.Popen:
+    """``lowband ARGS`` in its own session; ``prefix`` runs it through e.g. ``ip netns exec NS``."""
     out = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=stdout or out, stderr=out,
+    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "node.cli", *args], stdout=stdout or out,
+                            stderr=out,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 

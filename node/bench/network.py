@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import dataclasses
-import sys
 
-from node.demo import _read_address, stop_group
+from node.demo import _read_address, _spawn, stop_group
 from node.roundlog import applied_rounds, read_round_log
 from node.netem import netns as nsmod
 from node.netem.link import Link
@@ -81,12 +80,6 @@ def _frame_bytes(recipe: str, size: str, batch: int, H: int, run_id: str, name: 
     return wire.expected_size(codec, wire.model_spec(named), run_id, name), sum(p.numel() for _, p in named)
 
 
-def _spawn(args: list[str], log_path: Path, prefix: list[str], stdout: int | None = None) -> subprocess.Popen:
-    out = open(log_path, "ab")
-    return subprocess.Popen([*prefix, sys.executable, "-m", "node.cli", *args], stdout=stdout or out, stderr=out,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-
-
 def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: str, H: int, batch: int,
             rounds: int, warm: int, join: bool, root: Path, use_netns: bool = False) -> dict[str, Any]:
     profile = get_profile(profile_name)
@@ -103,8 +96,8 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
         relay_profile = dataclasses.replace(profile, up_bps=0.0, down_bps=0.0) if topo else profile
         listen_host = topo.add_host("coord") if topo else "127.0.0.1"
         coord = _spawn(["coordinator", "--listen", f"{listen_host}:0", "--state-dir", str(root / "state"),
-                        "--run", str(root / "run.toml")], root / "coordinator.log",
-                       topo.prefix_cmd("coord") if topo else [], stdout=subprocess.PIPE)
+                        "--run", str(root / "run.toml")], root / "coordinator.log", stdout=subprocess.PIPE,
+                       prefix=topo.prefix_cmd("coord") if topo else None)
         procs.append(coord)
         host, port = _read_address(coord, 300).rsplit(":", 1)
         names = [f"n{i}" for i in range(nodes)]
@@ -117,7 +110,8 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             link.start()
             links[name] = link
             procs.append(_spawn(["node", "--coordinator", link.address, "--workdir", str(root / name), "--name", name,
-                                 "--device", "cpu"], root / f"{name}.log", topo.prefix_cmd(name) if topo else []))
+                                 "--device", "cpu"], root / f"{name}.log",
+                                 prefix=topo.prefix_cmd(name) if topo else None))
 
         for name in names:
             start(name)
