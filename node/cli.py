@@ -202,7 +202,8 @@ def cmd_bench_network(args: argparse.Namespace) -> int:
     overlaps = {"both": [False, True], "on": [True], "off": [False]}[args.overlap]
     run_network_bench(args.recipes, args.profiles, overlaps, nodes=args.nodes, size=args.size, H=args.H,
                       batch=args.batch_size, rounds=args.rounds, warm=args.warm, join=not args.no_join,
-                      out=Path(args.out) if args.out else None, netns={"auto": None, "on": True, "off": False}[args.netns])
+                      out=Path(args.out) if args.out else None, netns={"auto": None, "on": True, "off": False}[args.netns],
+                      cpu_per_node=args.cpu_per_node)
     return 0
 
 
@@ -320,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-join", action="store_true", help="skip the join measurement")
     bn.add_argument("--netns", default="auto", choices=["auto", "on", "off"],
                     help="one network namespace per process with tc-shaped veths (auto: where root allows)")
+    bn.add_argument("--cpu-per-node", type=float, default=None, metavar="CORES",
+                    help="give each node a fixed CPU budget (a cgroup quota, root only), as if it had its own "
+                         "machine of that speed: without it, nodes sharing this box's cores speed each other up "
+                         "while they wait")
     bn.add_argument("--out", default=None, help="write network.json here")
     bn.set_defaults(func=cmd_bench_network)
     bs = bsub.add_parser("soak", help="a long run under seeded churn, then its invariants (exit 1 on a violation)")

@@ -205,7 +205,7 @@ class NodeDaemon:
             if c >= worker.cfg.rounds or (not behind and not skip_open_round):
                 return
             skip_open_round = False
-            result = self._plane.observe(c, self.opts.round_timeout_s)
+            result = self._plane.observe(c, self.opts.round_timeout_s, worker.fingerprint())
             if result.state_needed:
                 self._adopt_state("catching up: round result gone")
                 continue
@@ -289,7 +289,9 @@ class NodeDaemon:
                         done, inflight = inflight, None
                         self._finish(done, config_hash)
                         r = worker.reference.committed_rounds  # a failed round is offered again, as without overlap
-                    frame = worker.prepare(r)
+                    retry = worker.pending is not None and worker.pending.round == r
+                    frame = worker.pending.frame if retry else worker.prepare(r)  # a round that did not commit:
+                    # the same frame again (the steps trained meanwhile go into the next round's, or are dropped)
                     exchange = InFlight(r, stats, time.monotonic(), self._executor.submit(
                         self._plane.exchange, r, frame, self.opts.round_timeout_s, stats.mean_loss, self.name,
                         worker.fingerprint()))

@@ -11,7 +11,12 @@ Per configuration (recipe × overlap × profile) it reports, from the nodes' rou
 - bytes each node put on its uplink per round (gRPC + HTTP/2 framing + heartbeats included) vs the codec's
   formula (the exact frame size, ``Worker.payload_bytes``), and what came down;
 - round time (median time between a node's consecutive applied rounds);
-- join time: joiner start → first committed contribution, vs the goal 1.2 × state bytes / link rate + 5 s.
+- join time: joiner start → first committed contribution, vs the goal 1.2 × state bytes / link rate + 5 s, and
+  joiner start → state adopted (ready to train: what the link and the state transfer decide; the rest is the
+  first round's inner steps and the wait for that round to close).
+
+``cpu_per_node`` gives each node a fixed CPU budget (``node.netem.cpu``: a cgroup quota), so nodes sharing this
+box compute as separate machines of that speed would; without it, utilization mixes in CPU contention.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import dataclasses
 from node.demo import _read_address, _spawn, stop_group
 from node.roundlog import applied_rounds, read_round_log
 from node.netem import netns as nsmod
+from node.netem.cpu import CpuBudget
 from node.netem.link import Link
 from node.netem.profiles import describe, get_profile
 
@@ -81,9 +87,11 @@ def _frame_bytes(recipe: str, size: str, batch: int, H: int, run_id: str, name: 
 
 
 def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: str, H: int, batch: int,
-            rounds: int, warm: int, join: bool, root: Path, use_netns: bool = False) -> dict[str, Any]:
+            rounds: int, warm: int, join: bool, root: Path, use_netns: bool = False,
+            cpu_per_node: float | None = None) -> dict[str, Any]:
     profile = get_profile(profile_name)
     topo = nsmod.Topology(prefix="lbn") if use_netns else None
+    budget = CpuBudget(prefix="lbn") if cpu_per_node else None
     root.mkdir(parents=True, exist_ok=True)
     (root / "run.toml").write_text(RUN.format(recipe=recipe, size=size, batch=batch, H=H, nodes=nodes,
                                               overlap=str(overlap).lower()))
@@ -112,6 +120,9 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             procs.append(_spawn(["node", "--coordinator", link.address, "--workdir", str(root / name), "--name", name,
                                  "--device", "cpu"], root / f"{name}.log",
                                  prefix=topo.prefix_cmd(name) if topo else None))
+            if budget is not None and cpu_per_node:
+                budget.host(name, cpu_per_node)
+                budget.add(name, procs[-1].pid)
 
         for name in names:
             start(name)
@@ -138,6 +149,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             state_bytes = state["bytes"] if state else 0
             goal = 1.2 * state_bytes * 8 / profile.down_bps + 5 if profile.down_bps else 5.0
             join_row = {"join_s": round(first["time"] - started, 2), "state_bytes": state_bytes,
+                        "state_ready_s": round(state["time"] - started, 2) if state else None,
                         "join_goal_s": round(goal, 2)}
         while min(len(applied_rounds(root / n)) for n in names) < warm + rounds:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
@@ -151,6 +163,8 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             link.stop()
         if topo:
             topo.teardown()
+        if budget is not None:
+            budget.remove()
     frame, params = _frame_bytes(recipe, size, batch, H, "bench-network", "n0")
     per_node = []
     for n in names:
@@ -177,7 +191,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
            "round_s": statistics.median(r["round_s"] for r in per_node),
            "train_s": statistics.median(r["train_s"] for r in per_node),
            "upload_s": round(frame * 8 / profile.up_bps, 3) if profile.up_bps else 0.0,
-           **join_row, "per_node": per_node, "omp_threads": env_threads,
+           **join_row, "per_node": per_node, "omp_threads": env_threads, "cpu_per_node": cpu_per_node,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     log.info("%s overlap=%s %s: utilization %.1f%% (min %.1f%%), round %.2f s, up %.0f B/round = %.3f× formula%s",
              recipe, overlap, profile.name, 100 * row["utilization_median"], 100 * row["utilization_min"],
@@ -188,7 +202,8 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
 
 def run_network_bench(recipes: list[str], profiles: list[str], overlaps: list[bool], *, nodes: int = 4,
                       size: str = "medium", H: int = 8, batch: int = 1, rounds: int = 6, warm: int = 2,
-                      join: bool = True, out: Path | None = None, netns: bool | None = None) -> list[dict[str, Any]]:
+                      join: bool = True, out: Path | None = None, netns: bool | None = None,
+                      cpu_per_node: float | None = None) -> list[dict[str, Any]]:
     """``netns``: None = use namespaces where possible (else say so and use loopback), True = require them."""
     rows = []
     ok, why = nsmod.available()
@@ -204,6 +219,7 @@ def run_network_bench(recipes: list[str], profiles: list[str], overlaps: list[bo
             for overlap in overlaps:
                 rows.append(run_one(recipe, overlap, profile, nodes=nodes, size=size, H=H, batch=batch,
                                     rounds=rounds, warm=warm, join=join, use_netns=use_netns,
+                                    cpu_per_node=cpu_per_node,
                                     root=base / f"{recipe}-{profile}-{'overlap' if overlap else 'sync'}"))
                 if out is not None:
                     out.mkdir(parents=True, exist_ok=True)

@@ -181,6 +181,9 @@ class Soak:
                                    "--device", "cpu"], self.root / f"{name}.log")
         self.expected_dead.discard(name)
 
+    def is_down(self, name: str) -> bool:
+        return name not in self.procs or self.procs[name].poll() is not None
+
     def signal_group(self, name: str, sig: signal.Signals) -> None:
         try:
             os.killpg(self.procs[name].pid, sig)
@@ -215,9 +218,10 @@ class Soak:
         a, t = event.action, event.target
         if a == "kill":
             self.kill(t)
-        elif a == "restart":
-            self.start_node(t)
-        elif a == "join":
+        elif a in ("restart", "join"):
+            if not self.is_down(t):  # never two processes on one workdir
+                log.info("%s is running: no %s", t, a)
+                return
             self.start_node(t)
         elif a == "pause" or (a == "partition" and self.cfg.mode == "dht"):
             self.signal_group(t, signal.SIGSTOP)
@@ -268,7 +272,8 @@ class Soak:
                 stalled = time.monotonic() - last_progress[1] > self.STALL_S
                 # a pause or partition ends at its round, or once the run stalled without the node (e.g. below
                 # quorum): an outage that outlives the run's ability to reach that round would hang the soak
-                due = [e for e in pending if e.at_round <= now or (stalled and e.action == "restart")]
+                due = [e for e in pending if e.at_round <= now or (stalled and e.action == "restart" and
+                                                                   (":" in e.target or self.is_down(e.target)))]
                 for event in due:
                     pending.remove(event)
                     if event.action == "restart" and ":" in event.target:

@@ -121,9 +121,11 @@ class Worker:
     def apply(self, result: RoundResult) -> ApplyReport:
         pending = self.pending
         assert pending is not None and pending.round == result.round, "apply() must follow prepare() for that round"
-        self.pending = None
         if not result.committed:
+            # kept: the round is offered again with this same frame (peers that already hold it, or a coordinator
+            # that accepted it, must see the same bytes), so the round's outcome is the same whichever copy counts
             return ApplyReport(False, False, (), {})
+        self.pending = None
         rejected: dict[str, str] = {}
         if result.aggregate is not None:
             try:

@@ -73,9 +73,10 @@ class ControlPlane(Protocol):
         ``fingerprint`` is this replica's reference before the round; ``state_needed`` in the result means the
         replica diverged or fell out of the run and must fetch the state."""
 
-    def observe(self, round_: int, timeout_s: float) -> RoundResult:
+    def observe(self, round_: int, timeout_s: float, fingerprint: str = "") -> RoundResult:
         """The outcome of ``round_`` without contributing to it (waits for it to close); peers do not wait for
-        this node in it. ``state_needed`` when the round's result is no longer available."""
+        this node in it. ``fingerprint``: this replica's reference. ``state_needed`` when the round's result is no
+        longer available (or this replica's reference is not the run's)."""
 
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
         """The run's global state — once ``after_round`` closed, if given — or None where none can be had."""

@@ -2,11 +2,16 @@
 
 Keys (all values msgpack, every record expires):
 
-- ``{run}/peers``         subkey=name → (peer_id, live, from_round)   heartbeat, refreshed every ``heartbeat_s``,
+- ``{run}/peers``          subkey=name → (peer_id, live, from_round)   heartbeat, refreshed every ``heartbeat_s``,
   ttl 3×; a peer is waited for in the rounds from ``from_round`` on (a joiner is not, while it fetches state)
-- ``{run}/round/{r}``      subkey=name → (peer_id, size, sha256, reference fingerprint)   "I submitted a
-  frame for round r, computed from this reference"
-- ``{run}/round/{r}/have`` subkey=name → sorted names whose frames this peer fetched and verified
+- ``{run}/round/{r}``       subkey=name → (peer_id, size, sha256, reference fingerprint)   "I submitted this frame
+  for round r, computed from this reference" (a retry of the round announces its new frame under the same subkey)
+- ``{run}/round/{r}/have``  subkey=name → sorted [sender, sha256] pairs this peer fetched and verified
+- ``{run}/round/{r}/done``  subkey=name → (peer_id, fingerprint, published_at, committed, pairs)   the outcome
+  this peer applied
+
+Frames are named by (sender, sha256), never by sender alone (``dht_frames``): a peer that retries a round submits
+a new frame while the others may already have committed its first one, and every peer serves every frame it holds.
 
 A round, as every peer runs it in ``collect``:
 
@@ -17,20 +22,26 @@ A round, as every peer runs it in ``collect``:
    ``DeadlinePolicy`` is given, else it is the fixed ``round_wait_s``.
    Members whose announced reference differs from ours are left out; if another reference is held by more
    members, ours is the diverged one and the result says ``state_needed`` (the daemon fetches the state).
-2. fetch: pull every other member's frame over the stream handler ``lowband.{run}.frame`` (request: the round;
-   answer: status byte + length-prefixed frame), each within ``fetch_timeout_s``; check size and sha256 against
-   the announcement. A member whose frame does not arrive or does not match is dropped, with a logged reason.
-3. agree: publish ``have``; wait (≤ ``agree_wait_s``) for the have-lists of all of G; the round's set is
-   (what I hold) ∩ (every have-list received) ∩ (the members that published one). Because a peer's have-list
-   only names what it holds, a frame that any member failed to get is dropped by everyone who reads that list.
+2. decided already? If a peer with our reference published a committed outcome, that *is* the round: adopt it
+   (step 5). This is how a peer that retries the round, arrives late, or only observes gets the same result.
+3. fetch and agree: pull every member's announced frame by its sha256 (``fetch_timeout_s`` each); publish
+   ``have``; wait (≤ ``agree_wait_s``) for the have-lists of all of G (or an outcome, then step 5). The set is
+   (what I hold) ∩ (every have-list received) restricted to the members that published one. A frame any member
+   failed to get is dropped by everyone who reads that member's list.
+4. publish the outcome (committed only with ≥ ``min_members`` frames, else a "not committed" record so no one
+   waits for us), then settle: wait (≤ ``settle_s``) for the outcomes of the other members. The earliest
+   published committed outcome (ties: the publisher's name) is the round's, for everyone that reads it —
+   members whose have-list reads raced at a deadline find out here and all apply the same set.
+5. adopt: commit exactly that outcome's frames, fetching any we lack from their senders or from the peers that
+   published the outcome; if none can serve one, ``state_needed``.
 
 Limits, stated plainly:
-- Not Byzantine-fault tolerant: a peer can lie in its have-list or announce different frames to different
-  peers' reads; peers are trusted to run this code. sha256 only catches corruption / mismatched serving.
-- Agreement holds when every member's have-list reaches every member within ``agree_wait_s``. A member that
-  dies (or stalls) between phases is dropped after that bounded wait; if its list reached some peers but not
-  others, replicas can reduce different sets for that round; the replicas in the minority see it in the next
-  round's announcements (the reference fingerprints differ) and fetch the state.
+- Not Byzantine-fault tolerant: a peer can lie in its have-list or outcome; peers are trusted to run this code.
+  sha256 only catches corruption / mismatched serving.
+- Two members that publish different outcomes, each without seeing the other's within ``settle_s``, keep them;
+  that needs a have-list race at the agree deadline *and* a stall of one of them through the settle wait. The
+  minority then sees it in the next round's announcements (the reference fingerprints differ) and fetches the
+  state.
 - A peer whose clock of "first announcement seen" starts late closes later; a latecomer that announced after
   some peers closed is excluded by them and, through their have-lists, by everyone.
 - State for joiners is served by the peers themselves (``dht_state.StateShare``: chunked, multi-donor).
@@ -39,24 +50,22 @@ Limits, stated plainly:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import time
 from typing import Any, Callable, Sequence
 
 import hivemind
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from coordinator.config import DeadlinePolicy
 from coordinator.membership import round_wait
 from node.transport.base import Membership, RoundResult, State, Transport
+from node.transport.dht_frames import KEEP_OWN_ROUNDS, FramePool, Outcome, Pair, parse_pairs
 from node.transport.dht_state import DEFAULT_CHUNK, StateShare
 
 log = logging.getLogger(__name__)
-_OK, _MISSING = b"\x00", b"\x01"
-_KEEP_ROUNDS = 8  # frames served for this many recent rounds (a slow peer may still be fetching)
 
 
 class DhtTransport(Transport):
@@ -65,7 +74,7 @@ class DhtTransport(Transport):
                  fetch_timeout_s: float = 10.0, agree_wait_s: float | None = None, poll_s: float = 0.05,
                  owns_dht: bool = False, deadline: DeadlinePolicy | None = None,
                  state_chunk_bytes: int = DEFAULT_CHUNK, cancel: threading.Event | None = None,
-                 min_members: int = 1) -> None:
+                 min_members: int = 1, settle_s: float = 2.0) -> None:
         self.run_id, self.name, self.dht = run_id, name, dht
         self.round_wait_s, self.first_round = round_wait_s, first_round
         self.heartbeat_s, self.rpc_timeout_s, self.poll_s = heartbeat_s, rpc_timeout_s, poll_s
@@ -74,14 +83,14 @@ class DhtTransport(Transport):
         self.owns_dht = owns_dht
         self.deadline = deadline
         self.min_members = min_members  # a round commits only with at least this many agreed frames
+        self.settle_s = settle_s  # how long a member that committed waits to see the others' outcomes
         self.spreads: list[float] = []  # first-to-last announcement times of recent complete rounds
         self.from_round = first_round
         self.joined = False
         self.handler_name = f"lowband.{run_id}.frame"
-        self._frames: dict[int, bytes] = {}
-        self._served: dict[int, int] = {}  # round → bytes this node streamed to peers
+        self.frames = FramePool(name, self.handler_name, fetch_timeout_s)
         self._fingerprints: dict[int, str] = {}  # round → our reference fingerprint when we submitted
-        self._lock = threading.Lock()  # guards _frames/_served and serialises sends into the DHT's pipe
+        self._lock = threading.Lock()  # serialises sends into the DHT's pipe
         self._stop = threading.Event()
         self.cancel = cancel or threading.Event()  # the owner's stop (e.g. SIGTERM): abandon waits for a round
         self._hb: threading.Thread | None = None
@@ -95,7 +104,7 @@ class DhtTransport(Transport):
             maddr = self._dht_future(dht.run_coroutine, hivemind.DHT._get_p2p_daemon_listen_maddr)
             self.p2p: P2P = self._run(P2P.replicate(maddr))
             self.peer_id: str = self.p2p.peer_id.to_base58()
-            self._run(self.p2p.add_binary_stream_handler(self.handler_name, self._serve))
+            self._run(self.p2p.add_binary_stream_handler(self.handler_name, self.frames.serve))
             self.state = StateShare(self, state_chunk_bytes)
             self._run(self.p2p.add_binary_stream_handler(self.state.handler_name, self.state.serve))
         except BaseException:
@@ -195,78 +204,24 @@ class DhtTransport(Transport):
             self._hb.start()
         return Membership(self.name, tuple(sorted(self.live_peers() | {self.name})), self.from_round)
 
-    # -- serving frames -----------------------------------------------------------------------------------
-    async def _serve(self, _info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            round_ = int.from_bytes(await asyncio.wait_for(P2P.receive_raw_data(reader), self.fetch_timeout_s), "big")
-            with self._lock:
-                frame = self._frames.get(round_)
-                if frame is not None:
-                    self._served[round_] = self._served.get(round_, 0) + len(frame)
-            writer.write(_MISSING if frame is None else _OK)
-            await asyncio.wait_for(P2P.send_raw_data(frame or b"", writer), self.fetch_timeout_s)
-            # closing our end at once can cut the frame short in p2pd: hold the stream until the caller
-            # has read it and closed (as hivemind's own handlers do), bounded
-            await asyncio.wait_for(reader.read(1), self.fetch_timeout_s)
-        except Exception as exc:
-            log.debug("[node=%s] serving a frame failed: %r", self.name, exc)
-        finally:
-            writer.close()
-
-    async def _fetch(self, peer_id: str, round_: int) -> bytes:
-        _info, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
-                                                                          self.handler_name)
-        try:
-            await P2P.send_raw_data(round_.to_bytes(8, "big"), writer)
-            status = await reader.readexactly(1)
-            data = await P2P.receive_raw_data(reader)
-        finally:
-            writer.close()
-        if status != _OK:
-            raise LookupError("peer holds no frame for this round")
-        return data
-
-    async def _fetch_all(self, round_: int, wanted: dict[str, tuple[str, int, str]],
-                         timeout: float) -> dict[str, bytes | str]:
-        """sender → frame, or → the reason it was dropped."""
-        async def one(sender: str, peer_id: str, size: int, digest: str) -> bytes | str:
-            until = time.monotonic() + timeout
-            while True:  # a broken stream is retried while the bound allows: one cut stream must not drop a peer
-                try:
-                    data = await asyncio.wait_for(self._fetch(peer_id, round_), max(0.05, until - time.monotonic()))
-                    break
-                except asyncio.TimeoutError:
-                    return f"no frame within {timeout:.1f}s"
-                except LookupError as exc:  # a definite answer: the peer has no frame for this round
-                    return f"fetch failed: {exc}"
-                except Exception as exc:
-                    if time.monotonic() + 0.2 >= until:
-                        return f"fetch failed: {exc!r}"
-                    log.info("[node=%s round=%d] fetching %s failed (%r); retrying", self.name, round_, sender, exc)
-                    await asyncio.sleep(0.1)
-            if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
-                return f"frame does not match its announcement (size {len(data)} vs {size}, sha256 mismatch)"
-            return data
-        senders = sorted(wanted)
-        got = await asyncio.gather(*(one(s, *wanted[s]) for s in senders))
-        return dict(zip(senders, got))
-
     # -- a round ------------------------------------------------------------------------------------------
     def submit(self, round_: int, payload: bytes, fingerprint: str = "") -> None:
         """Announce and serve ``payload`` for ``round_``. ``fingerprint``: this replica's reference before the round
-        (peers whose reference differs are kept out of each other's rounds; "" = not checked)."""
+        (peers whose reference differs are kept out of each other's rounds; "" = not checked). Submitting again for
+        the same round (a retry) announces the new frame; the earlier ones stay served."""
+        sha = self.frames.add_own(round_, payload)
         with self._lock:
-            self._frames[round_] = payload
             self._fingerprints[round_] = fingerprint
-            for old in [r for r in self._frames if r <= round_ - _KEEP_ROUNDS]:
-                self._frames.pop(old, None)
-                self._served.pop(old, None)
+            for old in [r for r in self._fingerprints if r <= round_ - KEEP_OWN_ROUNDS]:
                 self._fingerprints.pop(old, None)
             for old in [r for r in self.state.expected if r < round_]:
                 self.state.expected.pop(old, None)
-        value = (self.peer_id, len(payload), hashlib.sha256(payload).hexdigest(), fingerprint)
-        ttl = max(60.0, 4 * (self.round_wait_s + self.agree_wait_s))
-        self._store(f"{self.run_id}/round/{round_}", self.name, value, get_dht_time() + ttl)
+        value = (self.peer_id, len(payload), sha, fingerprint)
+        self._store(f"{self.run_id}/round/{round_}", self.name, value, get_dht_time() + self._record_ttl)
+
+    @property
+    def _record_ttl(self) -> float:
+        return max(60.0, 4 * (self.round_wait_s + self.agree_wait_s))
 
     def _same_reference(self, round_: int, announced: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """Keep the members whose reference (announced fingerprint) equals ours. If another reference is held by
@@ -277,7 +232,7 @@ class DhtTransport(Transport):
         groups: dict[str, set[str]] = {}
         for sender, v in announced.items():
             groups.setdefault(v[3], set()).add(sender)
-        if not mine or len(groups) <= 1:
+        if not mine or set(groups) <= {mine, ""}:
             return announced, ""
         checked = {fp: members for fp, members in groups.items() if fp}
         best = max(checked.items(), key=lambda kv: (len(kv[1]), kv[0]))[0]
@@ -325,79 +280,147 @@ class DhtTransport(Transport):
             if self._given_up():  # closed, cancelled or DHT gone: nothing more will arrive
                 return {}
 
-    def collect(self, round_: int, timeout_s: float) -> RoundResult:
+    def _outcome(self, round_: int, mine: str) -> Outcome | None:
+        """The round's decided outcome among the ``done`` records of peers with our reference: the earliest
+        published (ties: the publisher's name), so every peer that reads the same records picks the same."""
+        found = [Outcome.parse(p, v) for p, v in self._read(f"{self.run_id}/round/{round_}/done").items()]
+        ours = [o for o in found if o is not None and o.committed and (not mine or o.fingerprint in (mine, ""))]
+        if not ours:
+            return None
+        best = min(ours, key=lambda o: (o.published_at, o.publisher))
+        best.sources = {o.publisher: o.peer_id for o in ours if o.pairs == best.pairs}
+        return best
+
+    def _publish_done(self, round_: int, fingerprint: str, committed: bool, pairs: frozenset[Pair],
+                      published_at: float | None = None) -> None:
+        value = (self.peer_id, fingerprint, get_dht_time() if published_at is None else published_at, committed,
+                 sorted([s, sha] for s, sha in pairs))
+        self._store(f"{self.run_id}/round/{round_}/done", self.name, value, get_dht_time() + self._record_ttl)
+
+    def collect(self, round_: int, timeout_s: float, fingerprint: str | None = None) -> RoundResult:
+        """The round's outcome. ``fingerprint``: an observer's reference (a member's comes from ``submit``)."""
         if self._closed:
             return RoundResult(round_, False, reason="this transport is closed")
         deadline = time.monotonic() + timeout_s
+        if fingerprint is not None and self.frames.latest_own(round_) is None:  # a member's is what it submitted
+            self._fingerprints[round_] = fingerprint
+        mine = self._fingerprints.get(round_, "")
         announced = {s: v for s, v in self._close_group(round_, deadline).items()
-                     if isinstance(v, (list, tuple)) and len(v) == 4 and all(isinstance(x, str) for x in v[2:])}
-        sent = self._served.get(round_, 0)
+                     if isinstance(v, (list, tuple)) and len(v) == 4 and isinstance(v[0], str)
+                     and isinstance(v[1], int) and all(isinstance(x, str) for x in v[2:])}
         if not announced:
-            return RoundResult(round_, False, reason="no peer announced a frame before the deadline", bytes_sent=sent)
+            return RoundResult(round_, False, reason="no peer announced a frame before the deadline",
+                               bytes_sent=self.frames.served.get(round_, 0))
         announced, diverged = self._same_reference(round_, announced)
         if diverged:
-            return RoundResult(round_, False, reason=diverged, bytes_sent=sent, state_needed=True)
-        # phase 2: pull every other member's frame, bounded per peer and by the caller's deadline
-        held: dict[str, bytes] = {}
-        with self._lock:
-            mine = self._frames.get(round_)
-        if self.name in announced and mine is not None:
-            held[self.name] = mine
-        others = {s: tuple(v[:3]) for s, v in announced.items() if s != self.name}
+            return RoundResult(round_, False, reason=diverged, bytes_sent=self.frames.served.get(round_, 0),
+                               state_needed=True)
+        decided = self._outcome(round_, mine)
+        received = 0
+        if decided is None:
+            decided, received = self._decide(round_, announced, mine, deadline)
+        if isinstance(decided, RoundResult):
+            return decided
+        if decided is None:
+            return RoundResult(round_, False, reason="no member published the round's outcome in time",
+                               bytes_sent=self.frames.served.get(round_, 0), bytes_received=received)
+        return self._adopt(round_, decided, announced, mine, deadline, received)
+
+    def _fetch(self, round_: int, wanted: dict[str, tuple[list[str], int | None, str]],
+               deadline: float) -> tuple[dict[str, bytes | str], int]:
+        """Pull frames (each bounded by ``fetch_timeout_s`` and the caller's deadline): results, bytes received."""
+        before = {s for s, (_src, _size, sha) in wanted.items() if self.frames.get(round_, sha) is not None}
         budget = max(0.1, min(self.fetch_timeout_s, deadline - time.monotonic()))
         try:
-            fetched = self._run(self._fetch_all(round_, others, budget), timeout=budget + self.rpc_timeout_s)
+            got = self._run(self.frames.fetch_all(self.p2p, round_, wanted, budget), timeout=budget + self.rpc_timeout_s)
         except Exception as exc:  # only if the loop itself is gone; each fetch is bounded on its own
-            fetched = {s: f"fetch failed: {exc!r}" for s in others}
-        received = 0
-        for sender, got in fetched.items():
+            got = {s: f"fetch failed: {exc!r}" for s in wanted}
+        received = sum(len(v) for s, v in got.items() if isinstance(v, bytes) and s not in before)
+        return got, received
+
+    def _decide(self, round_: int, announced: dict[str, Any], mine: str,
+                deadline: float) -> tuple[Outcome | RoundResult | None, int]:
+        """Phases 2–3 for a round nobody decided yet: fetch, publish the have-list, agree, publish the outcome.
+        None: this node is not a member and no member published an outcome in time. Also: bytes received."""
+        member = self.name in announced
+        wanted = {s: ([v[0]], v[1], v[2]) for s, v in announced.items()}
+        fetched, received = self._fetch(round_, wanted, deadline)
+        held: set[Pair] = set()
+        for sender, got in sorted(fetched.items()):
             if isinstance(got, bytes):
-                held[sender] = got
-                received += len(got)
+                held.add((sender, announced[sender][2]))
             else:
                 log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, got)
-        # phase 3: agree on the intersection of what every member holds
         have_key = f"{self.run_id}/round/{round_}/have"
-        ttl = max(60.0, 4 * (self.round_wait_s + self.agree_wait_s))
-        self._store(have_key, self.name, sorted(held), get_dht_time() + ttl)
+        if member:
+            self._store(have_key, self.name, sorted([s, sha] for s, sha in held), get_dht_time() + self._record_ttl)
         agree_until = min(deadline, time.monotonic() + self.agree_wait_s)
         while True:
-            haves = {s: set(v) for s, v in self._read(have_key).items() if s in announced and isinstance(v, list)}
-            haves[self.name] = set(held)
-            if set(announced) <= set(haves) or time.monotonic() >= agree_until or self._given_up():
+            haves = {s: parse_pairs(v) for s, v in self._read(have_key).items() if s in announced}
+            haves = {s: h for s, h in haves.items() if h is not None}
+            if member:
+                haves[self.name] = frozenset(held)
+            decided = self._outcome(round_, mine)
+            if decided is not None:
+                return decided, received  # someone committed already: that is the round (we adopt it)
+            if (member and set(announced) <= set(haves)) or time.monotonic() >= agree_until or self._given_up():
                 break
-        confirmed = {s for s in haves if s in announced}  # members that published a have-list in time
-        others = confirmed - {self.name}
-        sent = self._served.get(round_, 0)
-        if others and (self.name not in announced or not any(self.name in haves[s] for s in others)):
-            # we are outside the round (observing, or our frame reached nobody in time): the others decided it
-            # without our have-list, so we must reduce exactly what they all hold — or not apply the round at all
-            final = set(others)
-            for sender in others:
-                final &= haves[sender]
-            lacking = sorted(final - set(held))
-            if lacking:
-                return RoundResult(round_, False, reason=f"the members agreed on frames this node could not get "
-                                   f"({', '.join(lacking)}): fetching the state instead", bytes_sent=sent,
-                                   bytes_received=received, state_needed=True)
-        else:
-            final = set(held) & confirmed
-            for sender in confirmed:
-                final &= haves[sender]
-        for sender in sorted(set(held) - final):
+        if not member:
+            return None, received
+        confirmed = set(haves)  # members that published a have-list in time
+        final = {p for p in held if p[0] in confirmed}
+        for sender in confirmed:
+            final &= haves[sender]
+        for sender in sorted({s for s, _ in held} - {s for s, _ in final}):
             reason = "published no have-list in time" if sender not in haves else "another member does not hold it"
             log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, reason)
-        if not final:
-            return RoundResult(round_, False, reason="no frame is held by every member", bytes_sent=sent,
-                               bytes_received=received)
-        if len(final) < self.min_members:
-            # a peer cut off from the others must not go on alone: that is how replicas split
-            return RoundResult(round_, False, reason=f"only {len(final)} member(s) agreed, fewer than the run's "
-                               f"min_nodes {self.min_members}", bytes_sent=sent, bytes_received=received)
-        missing = sorted(set(announced) - final)
+        sent = self.frames.served.get(round_, 0)
+        if not final or len(final) < self.min_members:
+            self._publish_done(round_, mine, False, frozenset())  # the others need not wait for our outcome
+            why = ("no frame is held by every member" if not final else f"only {len(final)} member(s) agreed, "
+                   f"fewer than the run's min_nodes {self.min_members}")  # a peer cut off must not go on alone
+            return RoundResult(round_, False, reason=why, bytes_sent=sent, bytes_received=received), received
+        self._publish_done(round_, mine, True, frozenset(final))
+        return self._settle(round_, mine, confirmed | {s for s, _ in final}, deadline), received
+
+    def _settle(self, round_: int, mine: str, peers: set[str], deadline: float) -> Outcome | None:
+        """Wait (≤ ``settle_s``) for the outcomes of the other members; the earliest published one is the round's.
+        Members that read their have-lists at slightly different moments can decide different sets: this is
+        where they find out, and all pick the same."""
+        done_key = f"{self.run_id}/round/{round_}/done"
+        until = min(deadline, time.monotonic() + self.settle_s)
+        while True:
+            published = set(self._read(done_key))
+            if peers - {self.name} <= published or time.monotonic() >= until or self._given_up():
+                break
+        return self._outcome(round_, mine)
+
+    def _adopt(self, round_: int, outcome: Outcome, announced: dict[str, Any], mine: str, deadline: float,
+               received: int) -> RoundResult:
+        """Commit exactly ``outcome``'s frames: from what we hold, else from their senders or any publisher of
+        the outcome (each holds every frame in it). A frame none can serve means fetching the state."""
+        wanted: dict[str, tuple[list[str], int | None, str]] = {}
+        for sender, sha in outcome.pairs:
+            direct = [announced[sender][0]] if sender in announced and announced[sender][2] == sha else []
+            wanted[sender] = (direct + list(outcome.sources.values()), None, sha)
+        fetched, more = self._fetch(round_, wanted, deadline)
+        received += more
+        sent = self.frames.served.get(round_, 0)
+        lacking = sorted(s for s, got in fetched.items() if not isinstance(got, bytes))
+        if lacking:
+            return RoundResult(round_, False, reason=f"the members agreed on frames this node could not get "
+                               f"({', '.join(lacking)}): fetching the state instead", bytes_sent=sent,
+                               bytes_received=received, state_needed=True)
+        if outcome.publisher != self.name:  # the same outcome again: more sources for peers that missed frames
+            self._publish_done(round_, mine, True, outcome.pairs, outcome.published_at)
+            if self.name in announced and (self.name, announced[self.name][2]) not in outcome.pairs:
+                log.info("[node=%s round=%d] %s decided the round without our latest frame", self.name, round_,
+                         outcome.publisher)
+        payloads = {s: fetched[s] for s in sorted(fetched)}
+        payloads_bytes = {s: p for s, p in payloads.items() if isinstance(p, bytes)}
+        missing = sorted(set(announced) - set(payloads_bytes))
         reason = "every announced member agreed" if not missing else f"committed without {', '.join(missing)}"
-        payloads = {s: held[s] for s in sorted(final)}
-        return RoundResult(round_, True, payloads, reason=reason, bytes_sent=sent, bytes_received=received)
+        return RoundResult(round_, True, payloads_bytes, reason=reason, bytes_sent=sent, bytes_received=received)
 
     # -- state and shutdown -------------------------------------------------------------------------------
     def fetch_state(self, timeout_s: float = 60.0) -> State | None:

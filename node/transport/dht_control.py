@@ -195,10 +195,10 @@ class DhtControl:
         self._run_round = max(self._run_round, self._under_way() or 0)
         return result
 
-    def observe(self, round_: int, timeout_s: float) -> RoundResult:
+    def observe(self, round_: int, timeout_s: float, fingerprint: str = "") -> RoundResult:
         if self.transport.from_round <= round_:  # the others must not wait for a frame from us in this round
             self.transport.join(round_ + 1)
-        result = self.transport.collect(round_, timeout_s)
+        result = self.transport.collect(round_, timeout_s, fingerprint=fingerprint)
         if self.stop.is_set():
             raise Stopped()
         self._run_round = max(self._run_round, self._under_way() or 0)

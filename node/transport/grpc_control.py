@@ -36,7 +36,7 @@ class GrpcControl:
         # the coordinator checks replicas itself: it publishes its reference fingerprint with every result
         return self.transport.exchange(round_, frame, timeout_s, loss, own_name)
 
-    def observe(self, round_: int, timeout_s: float) -> RoundResult:
+    def observe(self, round_: int, timeout_s: float, fingerprint: str = "") -> RoundResult:
         return self.transport.collect(round_, timeout_s, submitted=False)
 
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:

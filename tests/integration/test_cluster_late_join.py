@@ -28,11 +28,11 @@ def test_fourth_node_joins_at_round_3(cluster: Cluster, tmp_path: Path) -> None:
     wait_for("round 2 to commit", committed_3, timeout_s=60, interval_s=0.05)
     joiner = cluster.node(coord.address, "n3")
 
-    def joiner_applied_3() -> bool:
+    def joiner_contributed_3() -> bool:
         assert joiner.alive(), f"n3 exited with {joiner.popen.returncode}"
-        return len(applied_rounds(joiner.workdir)) >= 3
+        return sum(1 for e in applied_rounds(joiner.workdir) if e["contributed"]) >= 3
 
-    wait_for("n3 to apply three rounds", joiner_applied_3, timeout_s=60)
+    wait_for("n3 to contribute to three rounds", joiner_contributed_3, timeout_s=60)
     assert terminate(*nodes, joiner) == [0, 0, 0, 0]
     assert terminate(coord) == [0]
 
@@ -43,11 +43,16 @@ def test_fourth_node_joins_at_round_3(cluster: Cluster, tmp_path: Path) -> None:
     start = state["committed_rounds"]
     assert start >= 3, state
     assert state["fingerprint"] == rows[start - 1].fingerprint  # the state after round start-1
-    first = log[1]
-    assert first["round"] == start and first["contributed"] and "n3" in first["members"], first
-    for row in rows[:start]:
+    # the newest state at once, then the rounds that closed meanwhile applied without contributing, then its own
+    contributed = [e for e in log[1:] if e["contributed"]]
+    first = contributed[0]["round"]
+    caught_up = [e for e in log[1:] if e["round"] < first]
+    assert [e["round"] for e in caught_up] == list(range(start, first)), log
+    assert all(e.get("observed") for e in caught_up), caught_up
+    assert [e["round"] for e in contributed[:3]] == [first, first + 1, first + 2], contributed
+    for row in rows[:first]:
         assert "n3" not in row.members, row
-    for row in rows[start:start + 3]:
+    for row in rows[first:first + 3]:
         assert row.members == FIRST + ["n3"], row
     fingerprints = check_replicas({p.name: p.workdir for p in nodes + [joiner]}, rows)
     assert all(fingerprints[e["round"]] == e["fingerprint"] for e in log[1:])

@@ -2,6 +2,7 @@
 traversal off), exchanging real lowband frames peer to peer."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
@@ -74,9 +75,10 @@ def test_a_frame_that_does_not_match_its_announcement_is_dropped_by_everyone(
             w.train()
             t.submit(0, w.prepare(0))
         # w2 announced the hash of its frame but now serves different bytes (same length)
-        bad = bytearray(ts[2]._frames[0])
+        sha, frame = ts[2].frames.latest_own(0)
+        bad = bytearray(frame)
         bad[-1] ^= 0xFF
-        ts[2]._frames[0] = bytes(bad)
+        ts[2].frames.replace(0, sha, bytes(bad))
         results = collect_all(ts, 0)
         for res in results.values():
             assert res.committed, res.reason
@@ -147,3 +149,62 @@ def test_a_replica_whose_reference_diverged_is_left_out_and_told_to_fetch_the_st
             assert res.committed and res.members == NAMES[:2] and not res.state_needed, res.reason
         odd = results["w2"]
         assert not odd.committed and odd.state_needed and "differs from the run's ref-A" in odd.reason
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_retries_a_round_the_others_committed_applies_what_they_committed() -> None:
+    """A retry submits a new frame under the same subkey; agreement is over (sender, sha256), so the retrying peer
+    reduces the frames the others committed — its first frame included — not its new one."""
+    with peers("run-retry") as ts:
+        first = {t.name: bytes([i + 1]) * 1000 for i, t in enumerate(ts)}
+        for t in ts:
+            t.submit(0, first[t.name])
+        committed = collect_all(ts, 0)
+        assert all(r.committed and r.payloads == first for r in committed.values())
+        ts[2].submit(0, b"\x77" * 1000)  # w2 lost its result (paused, say) and offers round 0 again
+        again = ts[2].collect(0, 30.0)
+        assert again.committed and again.payloads == first, again.reason
+
+
+@pytest.mark.timeout(120)
+def test_a_published_outcome_decides_the_round_for_every_peer(caplog: pytest.LogCaptureFixture) -> None:
+    """Once a member published a committed outcome, every peer — members and an observer — applies exactly it;
+    an observer whose reference is not the run's is told to fetch the state instead."""
+    caplog.set_level(logging.INFO, logger="node.transport.dht")
+    with peers("run-decided") as ts:
+        frames = {t.name: bytes([i + 1]) * 1000 for i, t in enumerate(ts)}
+        for t in ts:
+            t.submit(0, frames[t.name], fingerprint="ref-A")
+        decided = frozenset({(n, hashlib.sha256(frames[n]).hexdigest()) for n in NAMES[:2]})
+        ts[0]._publish_done(0, "ref-A", True, decided)
+        results = collect_all(ts, 0)
+        expected = {n: frames[n] for n in NAMES[:2]}
+        for name, res in results.items():
+            assert res.committed and res.payloads == expected, (name, res.reason)
+        assert any("decided the round without our latest frame" in r.getMessage() for r in caplog.records)
+        again = ts[1].collect(0, 10.0)  # asking again gives the same answer
+        assert again.committed and again.payloads == expected
+        # a later round: an observer whose reference is not the run's gets state_needed, not a result
+        for t in ts:
+            t.submit(1, frames[t.name], fingerprint="ref-B")
+        collect_all(ts, 1)
+        observer = DhtTransport.create("run-decided", "late", ts[0].visible_maddrs(), round_wait_s=ROUND_WAIT_S, **NET)
+        try:
+            odd = observer.collect(1, 10.0, fingerprint="ref-C")
+            assert not odd.committed and odd.state_needed and "differs from the run's ref-B" in odd.reason
+            same = observer.collect(1, 10.0, fingerprint="ref-B")
+            assert same.committed and same.payloads == dict(sorted(frames.items()))
+        finally:
+            observer.close()
+
+
+@pytest.mark.timeout(120)
+def test_conflicting_outcomes_resolve_to_the_earliest_for_every_reader() -> None:
+    with peers("run-conflict") as ts:
+        a = frozenset({("w0", "aa"), ("w1", "bb")})
+        b = frozenset({("w0", "aa")})
+        ts[1]._publish_done(3, "ref", True, b, published_at=1000.0)
+        ts[0]._publish_done(3, "ref", True, a, published_at=999.0)
+        ts[2]._publish_done(3, "ref", False, frozenset(), published_at=998.0)  # not committed: never the outcome
+        winners = [t._outcome(3, "ref") for t in ts]
+        assert all(w is not None and w.pairs == a and w.publisher == "w0" for w in winners)

@@ -1,0 +1,198 @@
+"""The frames of recent rounds, addressed by (round, sha256), served to peers and pulled from them.
+
+A frame is named by its digest, not by its sender, because a sender can submit more than one frame for a round
+(it retries a round it could not commit: new inner steps, a new frame) while the others may already have
+committed its first one. Agreement is therefore over exact (sender, sha256) pairs, and any peer that holds a
+frame — its sender, or anyone who fetched it — serves it, so a round decided with a frame whose sender has
+died can still be reduced by a peer that missed it.
+
+Stream protocol (handler ``lowband.{run}.frame``): request = round (8 bytes, big-endian) + sha256 (32 raw bytes);
+answer = status byte (0: found, 1: not held) + the frame as length-prefixed raw data.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Sequence
+
+from hivemind.p2p import P2P, PeerID
+
+log = logging.getLogger(__name__)
+_OK, _MISSING = b"\x00", b"\x01"
+KEEP_OWN_ROUNDS = 8  # our own frames, served this many rounds back (a paused or slow peer may still want them)
+KEEP_FETCHED_ROUNDS = 2  # frames fetched from others: the round being decided and the one before
+
+Pair = tuple[str, str]  # (sender, sha256 hex)
+
+
+def digest(frame: bytes) -> str:
+    return hashlib.sha256(frame).hexdigest()
+
+
+def parse_pairs(value: Any) -> frozenset[Pair] | None:
+    """A have-list / outcome as stored in the DHT (a list of [sender, sha256]); None when malformed."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    pairs = set()
+    for item in value:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            return None
+        pairs.add((item[0], item[1]))
+    return frozenset(pairs)
+
+
+@dataclass
+class Outcome:
+    """A peer's record of how a round ended: ``committed`` with exactly ``pairs``, from reference ``fingerprint``.
+    ``sources``: publisher → peer id of every peer that published this same outcome (each holds its frames)."""
+
+    publisher: str
+    peer_id: str
+    fingerprint: str
+    published_at: float
+    committed: bool
+    pairs: frozenset[Pair]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, publisher: str, value: Any) -> "Outcome | None":
+        if not (isinstance(value, (list, tuple)) and len(value) == 5):
+            return None
+        peer_id, fingerprint, published_at, committed, raw = value
+        pairs = parse_pairs(raw)
+        if not (isinstance(peer_id, str) and isinstance(fingerprint, str) and isinstance(published_at, (int, float))
+                and isinstance(committed, bool) and pairs is not None):
+            return None
+        return cls(publisher, peer_id, fingerprint, float(published_at), committed, pairs, {publisher: peer_id})
+
+
+class FramePool:
+    def __init__(self, name: str, handler_name: str, fetch_timeout_s: float) -> None:
+        self.name, self.handler_name, self.fetch_timeout_s = name, handler_name, fetch_timeout_s
+        self._frames: dict[int, dict[str, bytes]] = {}  # round → sha256 → frame (ours and fetched)
+        self._own: dict[int, dict[str, bytes]] = {}  # round → sha256 → frame, every frame we submitted
+        self._latest: dict[int, str] = {}  # round → sha256 of our latest submission (the announced one)
+        self.served: dict[int, int] = {}  # round → bytes streamed to peers
+        self._lock = threading.Lock()
+
+    # -- holding ----------------------------------------------------------------------------------------
+    def add_own(self, round_: int, frame: bytes) -> str:
+        sha = digest(frame)
+        with self._lock:
+            self._own.setdefault(round_, {})[sha] = frame
+            self._frames.setdefault(round_, {})[sha] = frame
+            self._latest[round_] = sha
+            self._prune(round_)
+        return sha
+
+    def add(self, round_: int, frame: bytes) -> str:
+        sha = digest(frame)
+        with self._lock:
+            self._frames.setdefault(round_, {})[sha] = frame
+        return sha
+
+    def get(self, round_: int, sha: str) -> bytes | None:
+        with self._lock:
+            return self._frames.get(round_, {}).get(sha)
+
+    def latest_own(self, round_: int) -> tuple[str, bytes] | None:
+        with self._lock:
+            sha = self._latest.get(round_)
+            return None if sha is None else (sha, self._own[round_][sha])
+
+    def replace(self, round_: int, sha: str, frame: bytes) -> None:
+        """Serve other bytes under ``sha`` (tests: a peer whose frame no longer matches its announcement)."""
+        with self._lock:
+            self._frames[round_][sha] = frame
+            if sha in self._own.get(round_, {}):
+                self._own[round_][sha] = frame
+
+    def _prune(self, newest: int) -> None:
+        for r in [r for r in self._frames if r <= newest - KEEP_FETCHED_ROUNDS]:
+            own = self._own.get(r, {})
+            self._frames[r] = {s: f for s, f in self._frames[r].items() if s in own}
+        for r in [r for r in set(self._frames) | set(self._own) if r <= newest - KEEP_OWN_ROUNDS]:
+            for table in (self._frames, self._own, self._latest, self.served):
+                table.pop(r, None)
+
+    # -- serving ----------------------------------------------------------------------------------------
+    async def serve(self, _info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(P2P.receive_raw_data(reader), self.fetch_timeout_s)
+            if len(request) != 40:
+                raise ValueError(f"a frame request is 40 bytes (round + sha256), got {len(request)}")
+            round_, sha = int.from_bytes(request[:8], "big"), request[8:].hex()
+            with self._lock:
+                frame = self._frames.get(round_, {}).get(sha)
+                if frame is not None:
+                    self.served[round_] = self.served.get(round_, 0) + len(frame)
+            writer.write(_MISSING if frame is None else _OK)
+            await asyncio.wait_for(P2P.send_raw_data(frame or b"", writer), self.fetch_timeout_s)
+            # closing our end at once can cut the frame short in p2pd: hold the stream until the caller
+            # has read it and closed (as hivemind's own handlers do), bounded
+            await asyncio.wait_for(reader.read(1), self.fetch_timeout_s)
+        except Exception as exc:
+            log.debug("[node=%s] serving a frame failed: %r", self.name, exc)
+        finally:
+            writer.close()
+
+    # -- fetching ---------------------------------------------------------------------------------------
+    async def _fetch(self, p2p: P2P, peer_id: str, round_: int, sha: str) -> bytes:
+        _info, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self.handler_name)
+        try:
+            await P2P.send_raw_data(round_.to_bytes(8, "big") + bytes.fromhex(sha), writer)
+            status = await reader.readexactly(1)
+            data = await P2P.receive_raw_data(reader)
+        finally:
+            writer.close()
+        if status != _OK:
+            raise LookupError("peer holds no such frame for this round")
+        return data
+
+    async def fetch_one(self, p2p: P2P, round_: int, sender: str, sources: Sequence[str], size: int | None,
+                        sha: str, timeout: float) -> bytes | str:
+        """The frame ``sha`` from the first of ``sources`` (peer ids) that serves it, or the reason it could not
+        be had. A broken stream is retried while the bound allows: one cut stream must not drop a peer."""
+        held = self.get(round_, sha)
+        if held is not None:
+            return held
+        until = time.monotonic() + timeout
+        why = "no source"
+        for peer_id in dict.fromkeys(sources):  # in order, without repeats
+            while True:
+                try:
+                    data = await asyncio.wait_for(self._fetch(p2p, peer_id, round_, sha),
+                                                  max(0.05, until - time.monotonic()))
+                except asyncio.TimeoutError:
+                    return f"no frame within {timeout:.1f}s"
+                except LookupError as exc:  # a definite answer: this source does not hold it
+                    why = f"fetch failed: {exc}"
+                    break
+                except Exception as exc:
+                    why = f"fetch failed: {exc!r}"
+                    if time.monotonic() + 0.2 >= until:
+                        return why
+                    log.info("[node=%s round=%d] fetching %s failed (%r); retrying", self.name, round_, sender, exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                if (size is not None and len(data) != size) or digest(data) != sha:
+                    return (f"frame does not match its announcement (size {len(data)} vs {size}, sha256 "
+                            f"mismatch)")
+                self.add(round_, data)
+                return data
+        return why
+
+    async def fetch_all(self, p2p: P2P, round_: int,
+                        wanted: dict[str, tuple[Sequence[str], int | None, str]],
+                        timeout: float) -> dict[str, bytes | str]:
+        """sender → frame, or → the reason it was dropped; ``wanted``: sender → (sources, size, sha256)."""
+        senders = sorted(wanted)
+        jobs: list[Awaitable[bytes | str]] = [self.fetch_one(p2p, round_, s, *wanted[s], timeout=timeout)
+                                              for s in senders]
+        got = await asyncio.gather(*jobs)
+        return dict(zip(senders, got))
+
