@@ -139,9 +139,11 @@ def cmd_node(args: argparse.Namespace) -> int:
                           num_shards=mp.max_nodes, min_nodes=mp.min_nodes, heartbeat_s=mp.heartbeat_s,
                           round_wait_s=run_file.deadline.max_wait_s, deadline=run_file.deadline,
                           state_chunk_bytes=args.state_chunk_bytes)
+    if args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     return run_node(NodeOptions(args.coordinator or "", Path(args.workdir), args.name or "", args.device, expected,
                                 args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""), args.max_rounds,
-                                dht=dht))
+                                dht=dht, checkpoint_every=args.checkpoint_every))
 
 
 def cmd_dht(args: argparse.Namespace) -> int:
@@ -203,7 +205,7 @@ def cmd_bench_network(args: argparse.Namespace) -> int:
     run_network_bench(args.recipes, args.profiles, overlaps, nodes=args.nodes, size=args.size, H=args.H,
                       batch=args.batch_size, rounds=args.rounds, warm=args.warm, join=not args.no_join,
                       out=Path(args.out) if args.out else None, netns={"auto": None, "on": True, "off": False}[args.netns],
-                      cpu_per_node=args.cpu_per_node)
+                      cpu_per_node=args.cpu_per_node, checkpoint_every=args.checkpoint_every)
     return 0
 
 
@@ -255,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(required with --dht)")
     nd.add_argument("--join-token", default=None, help="the run's join token (or $LOWBAND_JOIN_TOKEN)")
     nd.add_argument("--max-rounds", type=int, default=None, help="leave after applying this many rounds")
+    nd.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                    help="write the checkpoint every N applied rounds (and on exit); a node restarted from an "
+                         "older checkpoint fetches the run's state. Each write costs a full state snapshot")
     nd.add_argument("--state-chunk-bytes", type=int, default=4 << 20,
                     help="with --dht: a joiner fetches the state in chunks of this size, spread over the donors")
     nd.set_defaults(func=cmd_node)
@@ -325,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give each node a fixed CPU budget (a cgroup quota, root only), as if it had its own "
                          "machine of that speed: without it, nodes sharing this box's cores speed each other up "
                          "while they wait")
+    bn.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="the nodes' --checkpoint-every")
     bn.add_argument("--out", default=None, help="write network.json here")
     bn.set_defaults(func=cmd_bench_network)
     bs = bsub.add_parser("soak", help="a long run under seeded churn, then its invariants (exit 1 on a violation)")

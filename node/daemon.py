@@ -4,7 +4,7 @@ apply, checkpoint, repeat — until the run's last round, SIGTERM, or Ctrl-C.
 The run is driven through a ``ControlPlane`` (node/transport/control.py): a gRPC coordinator by default, or
 with ``NodeOptions.dht`` a serverless hivemind DHT. The only mode switch is where the plane is built.
 
-Files in the workdir: ``checkpoint.pt`` (write-then-rename after every applied round) and
+Files in the workdir: ``checkpoint.pt`` (write-then-rename every ``checkpoint_every`` applied rounds and on exit) and
 ``rounds.jsonl`` (one line per applied round or adopted state: the exactly-once audit trail).
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ class NodeOptions:
     max_rounds: int | None = None  # stop after this many applied rounds (tests, demos)
     round_timeout_s: float = 3600.0
     dht: DhtSettings | None = None  # serverless: join the run through this DHT (``run`` is then required)
+    checkpoint_every: int = 1  # applied rounds between checkpoint writes (one is also written on exit)
 
 
 def _device(name: str) -> str:
@@ -343,7 +344,8 @@ class NodeDaemon:
             self._adopt_state("fingerprint mismatch")
         elif self._plane.current_round > worker.reference.committed_rounds + 1:
             self._adopt_state("fell behind")
-        self._checkpoint(config_hash)
+        if self.applied % self.opts.checkpoint_every == 0:
+            self._checkpoint(config_hash)
         self._plane.offer_state(worker.reference.committed_rounds, worker.fingerprint(), worker.reference.to_bytes)
         self._late_streak = 0 if report.contributed else self._late_streak + 1
         if self._late_streak >= 2 and not worker.cfg.recipe.overlap:

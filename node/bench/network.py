@@ -88,7 +88,7 @@ def _frame_bytes(recipe: str, size: str, batch: int, H: int, run_id: str, name: 
 
 def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: str, H: int, batch: int,
             rounds: int, warm: int, join: bool, root: Path, use_netns: bool = False,
-            cpu_per_node: float | None = None) -> dict[str, Any]:
+            cpu_per_node: float | None = None, checkpoint_every: int = 1) -> dict[str, Any]:
     profile = get_profile(profile_name)
     topo = nsmod.Topology(prefix="lbn") if use_netns else None
     budget = CpuBudget(prefix="lbn") if cpu_per_node else None
@@ -118,7 +118,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             link.start()
             links[name] = link
             procs.append(_spawn(["node", "--coordinator", link.address, "--workdir", str(root / name), "--name", name,
-                                 "--device", "cpu"], root / f"{name}.log",
+                                 "--device", "cpu", "--checkpoint-every", str(checkpoint_every)], root / f"{name}.log",
                                  prefix=topo.prefix_cmd(name) if topo else None))
             if budget is not None and cpu_per_node:
                 budget.host(name, cpu_per_node)
@@ -192,6 +192,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
            "train_s": statistics.median(r["train_s"] for r in per_node),
            "upload_s": round(frame * 8 / profile.up_bps, 3) if profile.up_bps else 0.0,
            **join_row, "per_node": per_node, "omp_threads": env_threads, "cpu_per_node": cpu_per_node,
+           "checkpoint_every": checkpoint_every,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     log.info("%s overlap=%s %s: utilization %.1f%% (min %.1f%%), round %.2f s, up %.0f B/round = %.3f× formula%s",
              recipe, overlap, profile.name, 100 * row["utilization_median"], 100 * row["utilization_min"],
@@ -203,7 +204,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
 def run_network_bench(recipes: list[str], profiles: list[str], overlaps: list[bool], *, nodes: int = 4,
                       size: str = "medium", H: int = 8, batch: int = 1, rounds: int = 6, warm: int = 2,
                       join: bool = True, out: Path | None = None, netns: bool | None = None,
-                      cpu_per_node: float | None = None) -> list[dict[str, Any]]:
+                      cpu_per_node: float | None = None, checkpoint_every: int = 1) -> list[dict[str, Any]]:
     """``netns``: None = use namespaces where possible (else say so and use loopback), True = require them."""
     rows = []
     ok, why = nsmod.available()
@@ -219,7 +220,7 @@ def run_network_bench(recipes: list[str], profiles: list[str], overlaps: list[bo
             for overlap in overlaps:
                 rows.append(run_one(recipe, overlap, profile, nodes=nodes, size=size, H=H, batch=batch,
                                     rounds=rounds, warm=warm, join=join, use_netns=use_netns,
-                                    cpu_per_node=cpu_per_node,
+                                    cpu_per_node=cpu_per_node, checkpoint_every=checkpoint_every,
                                     root=base / f"{recipe}-{profile}-{'overlap' if overlap else 'sync'}"))
                 if out is not None:
                     out.mkdir(parents=True, exist_ok=True)

@@ -62,9 +62,15 @@ class SignCodec(Codec):
         """(N,) fp32 of ±1."""
         return unpack_bools(enc["bits"], n).to(torch.float32) * 2 - 1
 
+    def _per_element(self, per_chunk: torch.Tensor, n: int) -> torch.Tensor:
+        """(chunks,) → (N,): each chunk's value repeated over its elements (no (N,) int64 index to build)."""
+        if self.block == 0:
+            return per_chunk.expand(n)
+        return per_chunk.repeat_interleave(self.block)[:n]
+
     def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
         n = numel_of(shape)
-        scales = enc["scales"].to(torch.float32)[self._chunk_ids(n, enc["bits"].device)]  # (N,)
+        scales = self._per_element(enc["scales"].to(torch.float32), n)  # (N,)
         return (self._signs(enc, n) * scales).reshape(shape)
 
     def reduce(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
@@ -75,8 +81,7 @@ class SignCodec(Codec):
         n = numel_of(shape)
         votes = sum(self._signs(e, n) for e in encs)  # (N,) in [-n, n]
         mean_scale = sum(e["scales"].to(torch.float32) for e in encs) / len(encs)  # (chunks,)
-        ids = self._chunk_ids(n, votes.device)
-        return (torch.sign(votes) * mean_scale[ids]).reshape(shape)
+        return (torch.sign(votes) * self._per_element(mean_scale, n)).reshape(shape)
 
     def validate(self, enc: Encoded, shape: Shape) -> None:
         super().validate(enc, shape)

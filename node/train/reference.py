@@ -136,8 +136,10 @@ class Reference:
 
     # -- state for joiners and checkpoints -----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The live tensors (no copies, like torch's own state dicts): callers that keep it while training goes on
+        detach a copy (the daemon's checkpoint does)."""
         return {"committed_rounds": self.committed_rounds, "names": list(self.names),
-                "tensors": [t.detach().cpu().clone() for t in self.tensors], "outer": self.outer.state_dict(),
+                "tensors": [t.detach().cpu() for t in self.tensors], "outer": self.outer.state_dict(),
                 "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

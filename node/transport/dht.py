@@ -257,9 +257,18 @@ class DhtTransport(Transport):
     def _close_group(self, round_: int, deadline: float) -> dict[str, Any]:
         """Phase 1: the announcements once everyone expected announced or the round's wait ran out."""
         key, first_seen, last_new, count = f"{self.run_id}/round/{round_}", None, 0.0, 0
-        wait, why = self.round_wait()
+        base_wait, base_why = self.round_wait()
+        longest = self.deadline.max_wait_s if self.deadline is not None else self.round_wait_s
         announced: dict[str, Any] = {}
         while True:
+            # joiners downloading the state after round_ - 1 (from us or from another donor) contribute from this
+            # round; they still have to load it and train their first steps: the round's longest wait for them
+            # (one slower round per join), on every member alike
+            joiners = self.state.expected.get(round_, set()) | {
+                n for n, target in self.state.wanted().items() if target == round_}
+            wait, why = base_wait, base_why
+            if joiners and longest > wait:
+                wait, why = longest, f"the longest wait: {', '.join(sorted(joiners))} fetched the state"
             seen = self._read_or_none(key)
             announced = announced if seen is None else seen  # a failed read keeps the last view (never shrinks it)
             now = time.monotonic()
@@ -267,7 +276,7 @@ class DhtTransport(Transport):
                 first_seen = now
             if len(announced) > count:
                 count, last_new = len(announced), now
-            expected = self.live_peers(round_) | self.state.expected.get(round_, set())
+            expected = self.live_peers(round_) | joiners
             if announced and expected <= set(announced):
                 if first_seen is not None:
                     self.spreads = (self.spreads + [last_new - first_seen])[-50:]

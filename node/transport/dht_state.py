@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 _OK, _MISSING, _BAD = b"\x00", b"\x01", b"\x02"
 MAX_CHUNK = 16 << 20  # a request for more is refused: a peer cannot make us buffer an arbitrary range
 DEFAULT_CHUNK = 4 << 20
+GATHER_S = 5.0  # the most a joiner waits for more donors of the newest state (a donor offers at its round boundary)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,9 @@ class StateShare:
         Announces the want record for as long as it runs."""
         started = time.monotonic()
         deadline = started + timeout_s
-        gather = 2 * self.t.heartbeat_s if gather_s is None else gather_s
+        # donors snapshot at their next round boundary, so one that is mid-round offers later (and a newer version):
+        # wait a while for every live peer's offer of the newest version, to spread the download over all of them
+        gather = max(2 * self.t.heartbeat_s, GATHER_S) if gather_s is None else gather_s
         self._want_target = -1
         stop = threading.Event()
         refresher = threading.Thread(target=self._want, args=(stop,), name=f"want-{self.t.name}", daemon=True)
@@ -210,7 +213,7 @@ class StateShare:
                 first_seen = first_seen or time.monotonic()
                 offer, donors = max(offers.items(), key=lambda kv: (kv[0].committed, len(kv[1]), kv[0].sha256))
                 live = self.t.live_peers()
-                if len(donors) < len(live - {self.t.name}) and time.monotonic() < first_seen + gather:
+                if not set(live - {self.t.name}) <= set(donors) and time.monotonic() < first_seen + gather:
                     time.sleep(self.t.poll_s)  # more donors of this version may still be announcing
                     continue
                 self._want_target = offer.committed  # donors keep this snapshot while we download it

@@ -39,3 +39,33 @@ def test_sigterm_leaves_checkpoints_and_a_restart_resumes(cluster: Cluster, tmp_
     fingerprints = check_replicas({"n0": n0.workdir, "n1": n1.workdir, "n2": n2.workdir},
                                   rounds_table(tmp_path / "state"))
     assert len(fingerprints) == 9
+
+
+@pytest.mark.timeout(180)
+def test_checkpoint_every_n_rounds_and_a_crash_restart_fetches_what_the_checkpoint_lacks(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """``--checkpoint-every 3``: after kill -9 the checkpoint holds a multiple of 3 rounds (never a torn file); the
+    restarted node starts from it, takes the run's newer state and keeps an identical replica."""
+    import torch
+
+    run = write_run_file(tmp_path / "run.toml", rounds=100_000, min_nodes=2, H=2, lease_s=3.0, max_wait_s=2.0)
+    coord = cluster.coordinator(run, tmp_path / "state")
+    n0 = cluster.node(coord.address, "n0")
+    n1 = cluster.node(coord.address, "n1", "--checkpoint-every", "3")
+    wait_for("n1 to apply five rounds", lambda: len(applied_rounds(n1.workdir)) >= 5 or None, timeout_s=90)
+    n1.kill9()
+    applied = len(applied_rounds(n1.workdir))
+    ckpt = torch.load(n1.workdir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    saved = ckpt["state"]["reference"]["committed_rounds"]
+    first = applied_rounds(n1.workdir)[0]["round"]
+    # written after its 3rd, 6th… applied round (rounds first…first+2 applied → first+3 committed)
+    assert (saved - first) % 3 == 0 and first + 3 <= saved <= first + applied, (saved, first, applied)
+    wait_for("n1's lease to expire", lambda: member_names(coord.address) == {"n0"} or None, timeout_s=30)
+    again = cluster.node(coord.address, "n1", "--checkpoint-every", "3")
+    wait_for("n1 to contribute again", lambda: any(e["contributed"] for e in applied_rounds(again.workdir)[applied:])
+             or None, timeout_s=90)
+    assert terminate(n0, again) == [0, 0]
+    assert terminate(coord) == [0]
+    log = read_log(again.workdir)
+    assert any(e.get("event") == "state" and e["committed_rounds"] > saved for e in log), log
+    check_replicas({"n0": n0.workdir, "n1": n1.workdir}, rounds_table(tmp_path / "state"))
