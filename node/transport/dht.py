@@ -425,11 +425,10 @@ class DhtTransport(Transport):
             if self.name in announced and (self.name, announced[self.name][2]) not in outcome.pairs:
                 log.info("[node=%s round=%d] %s decided the round without our latest frame", self.name, round_,
                          outcome.publisher)
-        payloads = {s: fetched[s] for s in sorted(fetched)}
-        payloads_bytes = {s: p for s, p in payloads.items() if isinstance(p, bytes)}
-        missing = sorted(set(announced) - set(payloads_bytes))
+        payloads = {s: f for s, f in sorted(fetched.items()) if isinstance(f, bytes)}  # all of them (none lacking)
+        missing = sorted(set(announced) - set(payloads))
         reason = "every announced member agreed" if not missing else f"committed without {', '.join(missing)}"
-        return RoundResult(round_, True, payloads_bytes, reason=reason, bytes_sent=sent, bytes_received=received)
+        return RoundResult(round_, True, payloads, reason=reason, bytes_sent=sent, bytes_received=received)
 
     # -- state and shutdown -------------------------------------------------------------------------------
     def fetch_state(self, timeout_s: float = 60.0) -> State | None:
