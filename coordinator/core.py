@@ -106,8 +106,7 @@ class CoordinatorCore:
         mp = self.cfg.membership
         if protocol_version != PROTOCOL_VERSION:
             raise Refused(f"protocol version {protocol_version} is not supported; this coordinator speaks {PROTOCOL_VERSION}")
-        if mp.join_token and not secrets.compare_digest(join_token, mp.join_token):
-            raise Unauthorized("join token missing or wrong for this run")
+        self._authorize(join_token)
         if not name or len(name) > 128:
             raise Refused("node_name must be 1–128 characters")
         try:
@@ -144,6 +143,11 @@ class CoordinatorCore:
                     "heartbeat_interval_ms": int(mp.heartbeat_s * 1000), "current_round": self.open_round,
                     "first_round": first, "committed_rounds": self.reference.committed_rounds,
                     "config_json": json.dumps(self.cfg.run.to_dict()), "shard": shard, "num_shards": mp.max_nodes}
+
+    def _authorize(self, join_token: str) -> None:
+        token = self.cfg.membership.join_token
+        if token and not secrets.compare_digest(join_token, token):
+            raise Unauthorized("join token missing or wrong for this run")
 
     def _member(self, node_id: str) -> Member:
         m = self.members.get(node_id)
@@ -380,9 +384,14 @@ class CoordinatorCore:
                 self._state_cache = (committed, self.reference.to_bytes())
             return committed, self._state_cache[1], self.reference.fingerprint()
 
-    def fetch_state(self, node_id: str, offset: int) -> Iterable[dict[str, Any]]:
-        with self.lock:
-            self._member(node_id)
+    def fetch_state(self, node_id: str, offset: int, join_token: str = "") -> Iterable[dict[str, Any]]:
+        """The state blob from ``offset``, to a member, or (empty ``node_id``) to a node that has not joined yet but
+        holds the run's join token: it downloads while it starts up, which on a slow link is most of a join."""
+        if node_id:
+            with self.lock:
+                self._member(node_id)
+        else:
+            self._authorize(join_token)
         committed, blob, fingerprint = self.state_blob()
         if offset > len(blob):
             raise WrongRound(f"offset {offset} is past the end of the {len(blob)}-byte state")

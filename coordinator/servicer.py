@@ -105,7 +105,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @translated_stream
     def FetchState(self, request: pb.FetchStateRequest, context: grpc.ServicerContext) -> Iterator[pb.StateChunk]:
-        for part in self.core.fetch_state(request.node_id, request.offset):
+        for part in self.core.fetch_state(request.node_id, request.offset, request.join_token):
             yield pb.StateChunk(**part)
 
     @translated

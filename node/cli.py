@@ -12,9 +12,27 @@ from typing import Any, Sequence
 from node.config import TaskConfig, parse_value
 from node.errors import ConfigError
 from node.fsutil import write_atomic
-from node.recipes import RECIPES, make_run_config
 
 log = logging.getLogger("lowband")
+
+
+class _RecipeNames:
+    """argparse ``choices`` that import the recipes (and so torch) only when a command reads a recipe name:
+    ``lowband node`` must start its state download before paying for torch's import (see cmd_node)."""
+
+    def _names(self) -> list[str]:
+        from node.recipes import RECIPES
+
+        return sorted(RECIPES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._names())
+
+
+RECIPE_NAMES = _RecipeNames()
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
@@ -34,7 +52,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _add_run_args(p: argparse.ArgumentParser, rounds: int) -> None:
-    p.add_argument("--recipe", default="sign", choices=sorted(RECIPES), help="algorithm preset (default: sign)")
+    p.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, help="algorithm preset (default: sign)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--H", type=int, default=None, help="inner steps per round (default: the recipe's)")
@@ -54,6 +72,8 @@ def _run_config(args: argparse.Namespace):
     task_params: dict[str, Any] = {"batch_size": args.batch_size}
     if args.task == "gpt":
         task_params["size"] = args.size
+    from node.recipes import make_run_config
+
     return make_run_config(args.recipe, overrides, task=TaskConfig(args.task, task_params), workers=args.workers,
                            rounds=args.rounds, seed=args.seed)
 
@@ -110,10 +130,26 @@ def _split(text: str | None) -> list[str]:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from node.daemon import NodeOptions, run_node
-
     if bool(args.dht) == bool(args.coordinator):
         raise ConfigError("give either --coordinator HOST:PORT or --dht --initial-peers MADDR[,MADDR...]")
+    if args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    join_token = args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", "")
+    if args.coordinator and not (Path(args.workdir) / "checkpoint.pt").exists():
+        # a fresh node: download the run's state while torch imports and the model builds (seconds on a slow CPU)
+        from node.transport.state_prefetch import StatePrefetch
+
+        prefetch = StatePrefetch(args.coordinator, join_token)
+        try:
+            return _run_node(args, join_token, prefetch)
+        finally:
+            prefetch.cancel()
+    return _run_node(args, join_token, None)
+
+
+def _run_node(args: argparse.Namespace, join_token: str, prefetch: Any) -> int:
+    from node.daemon import NodeOptions, run_node
+
     expected, dht = None, None
     if args.run:
         from coordinator.config import load_run_file
@@ -139,11 +175,9 @@ def cmd_node(args: argparse.Namespace) -> int:
                           num_shards=mp.max_nodes, min_nodes=mp.min_nodes, heartbeat_s=mp.heartbeat_s,
                           round_wait_s=run_file.deadline.max_wait_s, deadline=run_file.deadline,
                           state_chunk_bytes=args.state_chunk_bytes)
-    if args.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     return run_node(NodeOptions(args.coordinator or "", Path(args.workdir), args.name or "", args.device, expected,
-                                args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""), args.max_rounds,
-                                dht=dht, checkpoint_every=args.checkpoint_every))
+                                join_token, args.max_rounds, dht=dht, checkpoint_every=args.checkpoint_every,
+                                prefetch=prefetch))
 
 
 def cmd_dht(args: argparse.Namespace) -> int:
@@ -232,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     demo = sub.add_parser("demo", help="a coordinator and 3 nodes as separate processes on 127.0.0.1")
-    demo.add_argument("--recipe", default="sign", choices=sorted(RECIPES))
+    demo.add_argument("--recipe", default="sign", choices=RECIPE_NAMES)
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--rounds", type=int, default=12)
     demo.add_argument("--H", type=int, default=16)
@@ -292,13 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     bc = bsub.add_parser("coordinator", help="round latency and overhead of the gRPC coordinator on loopback")
     bc.add_argument("--nodes", type=int, nargs="+", default=[3, 16])
     bc.add_argument("--rounds", type=int, default=10)
-    bc.add_argument("--recipe", default="sign", choices=sorted(RECIPES))
+    bc.add_argument("--recipe", default="sign", choices=RECIPE_NAMES)
     bc.add_argument("--size", default="tiny")
     bc.add_argument("--out", default=None)
     bc.set_defaults(func=cmd_bench_coordinator)
     bj = bsub.add_parser("join", help="time from `lowband node` start to its first committed contribution")
     bj.add_argument("--size", default="tiny")
-    bj.add_argument("--recipe", default="sign", choices=sorted(RECIPES))
+    bj.add_argument("--recipe", default="sign", choices=RECIPE_NAMES)
     bj.add_argument("--H", type=int, default=4)
     bj.add_argument("--batch-size", type=int, default=8)
     bj.add_argument("--dht", action="store_true", help="serverless: the joiner fetches the state from peers")
@@ -306,14 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     bj.set_defaults(func=cmd_bench_join)
     be = bsub.add_parser("exchange", help="one round's exchange time, DHT vs coordinator mode, for N peers")
     be.add_argument("--peers", type=int, nargs="+", default=[3, 8, 16])
-    be.add_argument("--recipes", nargs="+", default=["sign", "dct-consistent"], choices=sorted(RECIPES))
+    be.add_argument("--recipes", nargs="+", default=["sign", "dct-consistent"], choices=RECIPE_NAMES)
     be.add_argument("--modes", nargs="+", default=["dht", "coordinator"], choices=["dht", "coordinator"])
     be.add_argument("--size", default="medium")
     be.add_argument("--rounds", type=int, default=3)
     be.add_argument("--out", default=None, help="write exchange.json here")
     be.set_defaults(func=cmd_bench_exchange)
     bn = bsub.add_parser("network", help="nodes behind emulated links: utilization, bytes on the wire, join time")
-    bn.add_argument("--recipes", nargs="+", default=["diloco", "sign", "dct-consistent"], choices=sorted(RECIPES))
+    bn.add_argument("--recipes", nargs="+", default=["diloco", "sign", "dct-consistent"], choices=RECIPE_NAMES)
     bn.add_argument("--profiles", nargs="+", default=["home", "cross-region"],
                     help="link profiles (node/netem/profiles.py): loopback datacenter cross-region home bad")
     bn.add_argument("--overlap", default="both", choices=["both", "on", "off"])
@@ -341,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--coordinator-restarts", type=int, default=2)
     bs.add_argument("--profile", default="home")
     bs.add_argument("--seed", type=int, default=1)
-    bs.add_argument("--recipe", default="sign", choices=sorted(RECIPES))
+    bs.add_argument("--recipe", default="sign", choices=RECIPE_NAMES)
     bs.add_argument("--size", default="tiny")
     bs.add_argument("--H", type=int, default=4)
     bs.add_argument("--out", default=None, help="write the report (JSON) here")

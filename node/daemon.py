@@ -35,6 +35,7 @@ from node.transport.control import ControlPlane, Identity, JoinRefused, Rejoin, 
 
 if TYPE_CHECKING:
     from node.transport.dht_control import DhtSettings
+    from node.transport.state_prefetch import StatePrefetch
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class NodeOptions:
     round_timeout_s: float = 3600.0
     dht: DhtSettings | None = None  # serverless: join the run through this DHT (``run`` is then required)
     checkpoint_every: int = 1  # applied rounds between checkpoint writes (one is also written on exit)
+    prefetch: StatePrefetch | None = None  # the run's state, downloading since the process started (cmd_node)
 
 
 def _device(name: str) -> str:
@@ -70,12 +72,15 @@ def _detached(obj: Any) -> Any:
     return obj
 
 
+STEP_IN_MAX_S = 120.0  # the longest a node entering an overlapped run waits for the others' next round to start
+
+
 @dataclass
 class InFlight:
     """A round whose frame is out: its exchange runs on the daemon's exchange thread."""
 
     round: int
-    stats: InnerStats
+    stats: InnerStats | None  # None: a round only observed, while this node trains the next one (see _step_in)
     started: float
     future: Future[RoundResult]
 
@@ -176,8 +181,9 @@ class NodeDaemon:
                  self._plane.where, info.shard, info.num_shards, info.first_round, info.committed_rounds)
         return cfg, config_hash, info.first_round
 
-    def _sync_state(self, first_round: int, config_hash: str) -> None:
-        """Bring θ_ref to the run's state before contributing to ``first_round``."""
+    def _sync_state(self, first_round: int, config_hash: str) -> bool:
+        """Bring θ_ref to the run's state before contributing to ``first_round``; True when that took the run's
+        state (this node enters a run under way)."""
         worker = self.worker
         assert worker is not None
         ckpt = self._load_checkpoint(config_hash)
@@ -185,13 +191,16 @@ class NodeDaemon:
             worker.load_state_dict(ckpt["state"])
             if worker.reference.committed_rounds == first_round:
                 log.info("[node=%s] resumed from checkpoint at round %d", self.name, first_round)
-                return
+                self._drop_prefetch()
+                return False
         if first_round == 0:
-            return  # the run has not started: everyone starts from the same seeded init
+            self._drop_prefetch()
+            return False  # the run has not started: everyone starts from the same seeded init
         # The newest state at once (no waiting for the open round), then the rounds that closed meanwhile and
         # the one open now: on a slow link the download can take longer than a round.
         self._adopt_state("join")
         self._catch_up(until=first_round)
+        return True
 
     def _catch_up(self, skip_open_round: bool = False, until: int = 0) -> None:
         """Apply, without contributing, the rounds that closed since our state (a download on a slow link can take
@@ -206,27 +215,82 @@ class NodeDaemon:
             if c >= worker.cfg.rounds or (not behind and not skip_open_round):
                 return
             skip_open_round = False
-            result = self._plane.observe(c, self.opts.round_timeout_s, worker.fingerprint())
-            if result.state_needed:
-                self._adopt_state("catching up: round result gone")
-                continue
-            if not worker.apply_observed(result):
-                log.warning("[node=%s round=%d] could not apply the round while catching up (%s)", self.name, c,
-                            result.reason or "not committed")
+            if not self._apply_observed(c, self._plane.observe(c, self.opts.round_timeout_s, worker.fingerprint())):
                 return
-            fp = worker.fingerprint()
-            self._log_round({"round": c, "members": list(result.members or result.aggregate_members),
-                             "contributed": False, "fingerprint": fp,
-                             "coordinator_fingerprint": result.reference_fingerprint, "observed": True})
-            log.info("[node=%s round=%d] applied without contributing (catching up) fp=%s", self.name, c, fp)
-            if result.reference_fingerprint and fp != result.reference_fingerprint and worker.replica_consistent:
-                self._adopt_state("fingerprint mismatch")
+
+    def _apply_observed(self, c: int, result: RoundResult, overlapped: bool = False) -> bool:
+        """Apply round ``c``, which this node observed without contributing; False when it could not (logged).
+        ``overlapped``: the node trained the next round meanwhile (see ``_step_in``) and keeps that progress."""
+        worker = self.worker
+        assert worker is not None
+        if result.state_needed:
+            self._adopt_state("catching up: round result gone")
+            return True
+        if not worker.apply_observed(result, keep_local_progress=overlapped):
+            log.warning("[node=%s round=%d] could not apply the round while catching up (%s)", self.name, c,
+                        result.reason or "not committed")
+            return False
+        fp = worker.fingerprint()
+        self._log_round({"round": c, "members": list(result.members or result.aggregate_members),
+                         "contributed": False, "fingerprint": fp,
+                         "coordinator_fingerprint": result.reference_fingerprint, "observed": True,
+                         **({"overlapped": True} if overlapped else {})})
+        log.info("[node=%s round=%d] applied without contributing (%s) fp=%s", self.name, c,
+                 "observed while training the next round" if overlapped else "catching up", fp)
+        if result.reference_fingerprint and fp != result.reference_fingerprint and worker.replica_consistent:
+            self._adopt_state("fingerprint mismatch")
+        return True
+
+    def _step_in(self) -> InFlight | None:
+        """With overlapped rounds, a node that enters a run under way starts its inner steps when the others start
+        theirs. They train round c+1 from the moment they send round c's frame, so a node that trained round c
+        from whenever its download ended would be late by up to a round, in that round and (overlap never waits)
+        every round after. Instead it waits for round c's first frames, then trains round c+1 with round c
+        observed in flight, applied at the round boundary like any overlapped round (``keep_local_progress``).
+        The wait is at most a round (``STEP_IN_MAX_S``); planes that cannot tell (``round_started`` None) skip it."""
+        worker = self.worker
+        assert worker is not None
+        if not worker.cfg.recipe.overlap:
+            return None
+        give_up = time.monotonic() + STEP_IN_MAX_S
+        while not self.stop.is_set() and time.monotonic() < give_up:
+            c = worker.reference.committed_rounds
+            if c >= worker.cfg.rounds:
+                return None
+            started = self._plane.round_started(c)
+            if started is None:
+                return None
+            if started:  # the others are training c+1 already: take round c, then wait for c+1 to start
+                if not self._apply_observed(c, self._plane.observe(c, self.opts.round_timeout_s,
+                                                                   worker.fingerprint())):
+                    return None
+                continue
+            while not self.stop.wait(0.2) and time.monotonic() < give_up:
+                if self._plane.round_started(c):
+                    log.info("[node=%s round=%d] the others sent round %d: training round %d from now", self.name,
+                             c, c, c + 1)
+                    return InFlight(c, None, time.monotonic(), self._executor.submit(
+                        self._plane.observe, c, self.opts.round_timeout_s, worker.fingerprint()))
+        return None
+
+    def _drop_prefetch(self) -> None:
+        if self.opts.prefetch is not None:
+            self.opts.prefetch.cancel()
+            self.opts.prefetch = None
 
     def _adopt_state(self, why: str, after_round: int | None = None) -> None:
         worker = self.worker
         assert worker is not None
         started = time.monotonic()
-        state = self._plane.fetch_state(after_round, self.opts.round_timeout_s)
+        prefetch, self.opts.prefetch = self.opts.prefetch, None
+        state = prefetch.take(self.stop) if prefetch is not None and after_round is None else None
+        if state is not None:
+            assert prefetch is not None
+            started, why = prefetch.started, f"{why}, downloaded while starting up"
+        else:
+            if prefetch is not None:
+                prefetch.cancel()
+            state = self._plane.fetch_state(after_round, self.opts.round_timeout_s)
         if state is None:
             raise RuntimeError(f"the global state is needed ({why}) but {self._plane.where} cannot serve it")
         committed, blob, fingerprint = state
@@ -250,8 +314,8 @@ class NodeDaemon:
             except Stopped:
                 return 0
             try:
-                self._sync_state(first, config_hash)
-                return self._loop(cfg, config_hash)
+                entered = self._sync_state(first, config_hash)
+                return self._loop(cfg, config_hash, self._step_in() if entered else None)
             except Stopped:
                 return 0
             finally:
@@ -259,17 +323,17 @@ class NodeDaemon:
                     self._checkpoint(config_hash, wait=True)
                 self.plane.leave("shutdown" if self.stop.is_set() else "done")
         finally:
+            self._drop_prefetch()
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._ckpt_executor.shutdown(wait=True)
             if self.plane is not None:
                 self.plane.close()  # also on refusal: a DHT plane owns a p2pd that must not outlive us
 
-    def _loop(self, cfg: RunConfig, config_hash: str) -> int:
+    def _loop(self, cfg: RunConfig, config_hash: str, inflight: InFlight | None = None) -> int:
         """Rounds until the run's end. With ``recipe.overlap`` the exchange of round r runs on a background thread
         while round r+1 trains; round r is applied after those inner steps (see node/train/worker.py)."""
         worker = self.worker
         assert worker is not None
-        inflight: InFlight | None = None
         try:
             while not self.stop.is_set():
                 r = worker.reference.committed_rounds + (1 if inflight is not None else 0)
@@ -305,7 +369,7 @@ class NodeDaemon:
                     inflight = None
                     worker.pending = None
                     _, _, first = self._join()
-                    self._sync_state(first, config_hash)
+                    self._sync_state(first, config_hash)  # no _step_in: after a coordinator restart all rejoin
         finally:
             if inflight is not None:
                 inflight.future.cancel()
@@ -317,6 +381,10 @@ class NodeDaemon:
         assert worker is not None
         result = done.future.result()  # Rejoin / Stopped raised by the exchange surface here
         r, stats = done.round, done.stats
+        if stats is None:
+            if not self._apply_observed(r, result, overlapped=True):
+                self._adopt_state("observed round not applicable")
+            return
         wait_s = time.monotonic() - done.started
         if result.state_needed:
             worker.pending = None

@@ -157,10 +157,14 @@ class Worker:
             self._shift_local(before, pending.deltas)
         return ApplyReport(True, contributed, members, rejected)
 
-    def apply_observed(self, result: RoundResult) -> bool:
+    def apply_observed(self, result: RoundResult, keep_local_progress: bool = False) -> bool:
         """Apply a committed round this worker did not take part in (catching up after a state download, or
         skipping a round to get back in step). Error feedback is untouched. False when the round cannot be
-        applied from its result alone (nothing valid in it, or an outer rule that needs this worker's own Δ)."""
+        applied from its result alone (nothing valid in it, or an outer rule that needs this worker's own Δ).
+
+        ``keep_local_progress``: the round was observed while this worker already trained the next one from θ_ref
+        (overlap, see the module docstring; its Δ for the observed round is 0), so the local model moves by the
+        outer step, θ ← θ + (θ_ref_new − θ_ref_old), instead of being reset to θ_ref."""
         if not result.committed:
             return False
         if result.aggregate is not None:
@@ -177,15 +181,21 @@ class Worker:
         if getattr(self.outer, "set_round_context", None) is not None:
             return False  # the faithful decoupled rule mixes in this worker's own Δ: there is none for this round
         self.pending = None
+        before = [r.detach().clone() for r in self.ref] if keep_local_progress else None
         self.reference.step(aggregate, result.round)
-        self.load_reference_into_model()
+        if before is None:
+            self.load_reference_into_model()
+        else:
+            self._shift_local(before, None)
         return True
 
-    def _shift_local(self, before: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
-        """Overlap: θ ← θ + (θ_ref_new − θ_ref_old) + Δ_r, keeping the progress made since round r ended."""
+    def _shift_local(self, before: list[torch.Tensor], deltas: list[torch.Tensor] | None) -> None:
+        """Overlap: θ ← θ + (θ_ref_new − θ_ref_old) + Δ_r, keeping the progress made since round r ended
+        (``deltas`` None: Δ_r = 0, a round this worker only observed)."""
         with torch.no_grad():
-            for p, new, old, delta in zip(self.params, self.ref, before, deltas):
-                p.add_((new - old + delta).to(p.device, p.dtype))
+            for i, (p, new, old) in enumerate(zip(self.params, self.ref, before)):
+                step = new - old if deltas is None else new - old + deltas[i]
+                p.add_(step.to(p.device, p.dtype))
 
     @contextlib.contextmanager
     def reference_weights(self) -> Iterator[torch.nn.Module]:

@@ -78,6 +78,10 @@ class ControlPlane(Protocol):
         this node in it. ``fingerprint``: this replica's reference. ``state_needed`` when the round's result is no
         longer available (or this replica's reference is not the run's)."""
 
+    def round_started(self, round_: int) -> bool | None:
+        """Whether the members already sent their frames for ``round_`` (or it closed): with overlapped rounds they
+        are then training the next one. None where the plane cannot tell; the daemon then does not wait for it."""
+
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
         """The run's global state — once ``after_round`` closed, if given — or None where none can be had."""
 

@@ -204,6 +204,9 @@ class DhtControl:
         self._run_round = max(self._run_round, self._under_way() or 0)
         return result
 
+    def round_started(self, round_: int) -> bool | None:
+        return None  # members wait the longest wait for a joiner's first round instead (see dht.py, _close_group)
+
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
         """Download the newest state of at least ``after_round + 1`` rounds from the peers, then start heartbeats
         from that round. None when no peer offered one within ``timeout_s``."""

@@ -96,6 +96,9 @@ class GrpcTransport(Transport):
         return self._retry("GetRun", lambda: self.stub.GetRun(pb.GetRunRequest(protocol_version=PROTOCOL_VERSION),
                                                               timeout=self.rpc_timeout_s))
 
+    def status(self) -> pb.StatusResponse:
+        return self._retry("Status", lambda: self.stub.Status(pb.StatusRequest(), timeout=self.rpc_timeout_s))
+
     def join(self) -> Membership:
         ident = self.identity
         assert ident is not None, "set .identity before join()"
@@ -267,20 +270,26 @@ class GrpcTransport(Transport):
                 log.warning("round %d: %s", round_, exc)
                 outcome = self.submit(round_, payload, loss)
 
-    def fetch_state(self, timeout_s: float = 600.0) -> State:
-        """(committed rounds, state blob, fingerprint); resumes from the last byte after a broken stream."""
+    def fetch_state(self, timeout_s: float = 600.0, join_token: str = "", min_committed: int = 0) -> State | None:
+        """(committed rounds, state blob, fingerprint); resumes from the last byte after a broken stream.
+        Before Join (no node id yet) the join token authorises the download. None when the run's state is from
+        before round ``min_committed`` (e.g. 1: the seeded initial state every node builds for itself)."""
         buf, backoff = bytearray(), Backoff()
         committed, total, fingerprint = -1, -1, ""
         while True:
             if self.stop.is_set():
                 raise Stopped()
             try:
-                for chunk in self.stub.FetchState(pb.FetchStateRequest(node_id=self.node_id, offset=len(buf)),
-                                                  timeout=timeout_s):
+                request = pb.FetchStateRequest(node_id=self.node_id, offset=len(buf), join_token=join_token)
+                stream = self.stub.FetchState(request, timeout=timeout_s)
+                for chunk in stream:
                     if committed not in (-1, chunk.committed_rounds):
                         buf, committed = bytearray(), -1  # the state moved on: start over
                         break
                     committed, total, fingerprint = chunk.committed_rounds, chunk.total_size, chunk.reference_fingerprint
+                    if committed < min_committed:
+                        stream.cancel()
+                        return None
                     if chunk.offset != len(buf):
                         break
                     buf += chunk.data

@@ -39,6 +39,10 @@ class GrpcControl:
     def observe(self, round_: int, timeout_s: float, fingerprint: str = "") -> RoundResult:
         return self.transport.collect(round_, timeout_s, submitted=False)
 
+    def round_started(self, round_: int) -> bool | None:
+        status = self.transport.status()
+        return status.current_round > round_ or (status.current_round == round_ and len(status.submitted) > 0)
+
     def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
         if after_round is not None:  # observe the round close (we did not submit to it), then take its state
             self.transport.collect(after_round, timeout_s, submitted=False)

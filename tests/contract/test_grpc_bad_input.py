@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +21,7 @@ from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 from node.tasks import load_task
 from node.train.worker import Worker
 from node.transport.grpc_client import GrpcTransport, Identity
+from node.transport.state_prefetch import StatePrefetch
 
 RPC_S = 10.0  # every RPC of this module is bounded by this
 ROUND_S = 30.0  # and every wait for a round to close by this
@@ -273,3 +275,16 @@ def test_collect_on_an_open_round_and_without_payload(run: Run) -> None:
     assert "no payload from b for round 0 is held" in err.details()
     assert trailing(err)["lowband-not-submitted"] == "1"
     run.honest_round({"a": frame})
+
+
+def test_state_prefetch_before_join(run: Run) -> None:
+    """A node that has not joined downloads the state (node/transport/state_prefetch.py): nothing while the run is
+    at its seeded start, the committed state afterwards; on this open run no join token is asked for."""
+    never = threading.Event()
+    early = StatePrefetch(run.server.address)
+    assert early.take(never) is None  # round 0: every node builds that state from the seed
+    run.honest_round()
+    committed, blob, fingerprint = StatePrefetch(run.server.address).take(never)
+    assert committed == 1 and fingerprint == run.server.core.reference.fingerprint()
+    assert blob == run.server.core.reference.to_bytes()
+    run.honest_round()  # the service kept serving its members

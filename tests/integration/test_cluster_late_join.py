@@ -13,10 +13,11 @@ FIRST = ["n0", "n1", "n2"]
 
 
 @pytest.mark.timeout(120)
-def test_fourth_node_joins_at_round_3(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_fourth_node_joins_at_round_3(cluster: Cluster, tmp_path: Path, overlap: bool) -> None:
     # The run is longer than the test: everyone is stopped once the joiner applied three rounds.
     # min_wait_s 5: a round waits for the joiner's first payload however slowly it fetches the state.
-    run = write_run_file(tmp_path / "run.toml", rounds=1000, min_nodes=3, min_wait_s=5.0)
+    run = write_run_file(tmp_path / "run.toml", rounds=1000, min_nodes=3, min_wait_s=5.0, overlap=overlap)
     coord = cluster.coordinator(run, tmp_path / "state")
     nodes = [cluster.node(coord.address, name) for name in FIRST]
 
@@ -39,7 +40,8 @@ def test_fourth_node_joins_at_round_3(cluster: Cluster, tmp_path: Path) -> None:
     rows = rounds_table(tmp_path / "state")
     log = read_log(joiner.workdir)
     state = log[0]
-    assert state["event"] == "state" and state["why"] == "join", log[0]
+    # a fresh node downloads the state while it starts up, then checks it like any state
+    assert state["event"] == "state" and state["why"] == "join, downloaded while starting up", log[0]
     start = state["committed_rounds"]
     assert start >= 3, state
     assert state["fingerprint"] == rows[start - 1].fingerprint  # the state after round start-1
@@ -49,6 +51,10 @@ def test_fourth_node_joins_at_round_3(cluster: Cluster, tmp_path: Path) -> None:
     caught_up = [e for e in log[1:] if e["round"] < first]
     assert [e["round"] for e in caught_up] == list(range(start, first)), log
     assert all(e.get("observed") for e in caught_up), caught_up
+    # with overlap the joiner trains its first round from when the others start it, the round before observed in
+    # flight (node/daemon.py, _step_in); without overlap it trains the open round at once
+    stepped_in = [e["round"] for e in caught_up if e.get("overlapped")]
+    assert stepped_in == ([first - 1] if overlap else []), caught_up
     assert [e["round"] for e in contributed[:3]] == [first, first + 1, first + 2], contributed
     for row in rows[:first]:
         assert "n3" not in row.members, row

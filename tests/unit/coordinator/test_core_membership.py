@@ -91,6 +91,19 @@ def test_join_token(make: Callable[..., Harness]) -> None:
     assert h.join("a", join_token="s3cret")["first_round"] == 0
 
 
+def test_a_node_that_has_not_joined_downloads_the_state_with_the_join_token(make: Callable[..., Harness]) -> None:
+    # the download of a joiner-to-be runs while its process starts up (node/transport/state_prefetch.py)
+    h = make({"membership": {"join_token": "s3cret"}})
+    for token in ("", "s3cret-not"):
+        with pytest.raises(Unauthorized, match="join token missing or wrong for this run"):
+            list(h.core.fetch_state("", 0, token))
+    h.join("a", join_token="s3cret"), h.join("b", join_token="s3cret")
+    h.submit("a", 0), h.submit("b", 0)
+    blob = b"".join(p["data"] for p in h.core.fetch_state("", 0, "s3cret"))
+    assert blob == b"".join(p["data"] for p in h.core.fetch_state(h.ids["a"], 0))
+    assert h.core.members[h.ids["a"]].bytes_out == len(blob)  # a non-member's download is nobody's traffic
+
+
 # -- deadlines and leases ----------------------------------------------------------------------------
 def test_deadline_commits_with_the_payloads_that_arrived(h: Harness, clock: Clock) -> None:
     for n in "abc":

@@ -175,12 +175,14 @@ class CollectChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[CollectHeader, _Mapping]] = ..., piece: _Optional[_Union[PayloadPiece, _Mapping]] = ...) -> None: ...
 
 class FetchStateRequest(_message.Message):
-    __slots__ = ("node_id", "offset")
+    __slots__ = ("node_id", "offset", "join_token")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     offset: int
-    def __init__(self, node_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    join_token: str
+    def __init__(self, node_id: _Optional[str] = ..., offset: _Optional[int] = ..., join_token: _Optional[str] = ...) -> None: ...
 
 class StateChunk(_message.Message):
     __slots__ = ("committed_rounds", "total_size", "offset", "data", "reference_fingerprint")
