@@ -33,6 +33,8 @@ class _RecipeNames:
 
 
 RECIPE_NAMES = _RecipeNames()
+# a metavar keeps argparse from listing the choices while it builds the parser (that would import them)
+RECIPE_HELP = "a name from node/recipes.py (an unknown name lists them)"
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
@@ -52,7 +54,8 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _add_run_args(p: argparse.ArgumentParser, rounds: int) -> None:
-    p.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, help="algorithm preset (default: sign)")
+    p.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE",
+                   help="algorithm preset (default: sign): " + RECIPE_HELP)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--H", type=int, default=None, help="inner steps per round (default: the recipe's)")
@@ -266,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     demo = sub.add_parser("demo", help="a coordinator and 3 nodes as separate processes on 127.0.0.1")
-    demo.add_argument("--recipe", default="sign", choices=RECIPE_NAMES)
+    demo.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--rounds", type=int, default=12)
     demo.add_argument("--H", type=int, default=16)
@@ -326,13 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     bc = bsub.add_parser("coordinator", help="round latency and overhead of the gRPC coordinator on loopback")
     bc.add_argument("--nodes", type=int, nargs="+", default=[3, 16])
     bc.add_argument("--rounds", type=int, default=10)
-    bc.add_argument("--recipe", default="sign", choices=RECIPE_NAMES)
+    bc.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
     bc.add_argument("--size", default="tiny")
     bc.add_argument("--out", default=None)
     bc.set_defaults(func=cmd_bench_coordinator)
     bj = bsub.add_parser("join", help="time from `lowband node` start to its first committed contribution")
     bj.add_argument("--size", default="tiny")
-    bj.add_argument("--recipe", default="sign", choices=RECIPE_NAMES)
+    bj.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
     bj.add_argument("--H", type=int, default=4)
     bj.add_argument("--batch-size", type=int, default=8)
     bj.add_argument("--dht", action="store_true", help="serverless: the joiner fetches the state from peers")
@@ -340,14 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     bj.set_defaults(func=cmd_bench_join)
     be = bsub.add_parser("exchange", help="one round's exchange time, DHT vs coordinator mode, for N peers")
     be.add_argument("--peers", type=int, nargs="+", default=[3, 8, 16])
-    be.add_argument("--recipes", nargs="+", default=["sign", "dct-consistent"], choices=RECIPE_NAMES)
+    be.add_argument("--recipes", nargs="+", default=["sign", "dct-consistent"], choices=RECIPE_NAMES, metavar="RECIPE",
+                    help=RECIPE_HELP)
     be.add_argument("--modes", nargs="+", default=["dht", "coordinator"], choices=["dht", "coordinator"])
     be.add_argument("--size", default="medium")
     be.add_argument("--rounds", type=int, default=3)
     be.add_argument("--out", default=None, help="write exchange.json here")
     be.set_defaults(func=cmd_bench_exchange)
     bn = bsub.add_parser("network", help="nodes behind emulated links: utilization, bytes on the wire, join time")
-    bn.add_argument("--recipes", nargs="+", default=["diloco", "sign", "dct-consistent"], choices=RECIPE_NAMES)
+    bn.add_argument("--recipes", nargs="+", default=["diloco", "sign", "dct-consistent"], choices=RECIPE_NAMES,
+                    metavar="RECIPE", help=RECIPE_HELP)
     bn.add_argument("--profiles", nargs="+", default=["home", "cross-region"],
                     help="link profiles (node/netem/profiles.py): loopback datacenter cross-region home bad")
     bn.add_argument("--overlap", default="both", choices=["both", "on", "off"])
@@ -375,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--coordinator-restarts", type=int, default=2)
     bs.add_argument("--profile", default="home")
     bs.add_argument("--seed", type=int, default=1)
-    bs.add_argument("--recipe", default="sign", choices=RECIPE_NAMES)
+    bs.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
     bs.add_argument("--size", default="tiny")
     bs.add_argument("--H", type=int, default=4)
     bs.add_argument("--out", default=None, help="write the report (JSON) here")
