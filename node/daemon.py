@@ -286,7 +286,7 @@ class NodeDaemon:
         state = prefetch.take(self.stop) if prefetch is not None and after_round is None else None
         if state is not None:
             assert prefetch is not None
-            started, why = prefetch.started, f"{why}, downloaded while starting up"
+            started, why = time.monotonic() - prefetch.download_s, f"{why}, downloaded while starting up"
         else:
             if prefetch is not None:
                 prefetch.cancel()

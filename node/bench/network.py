@@ -11,7 +11,7 @@ Per configuration (recipe × overlap × profile) it reports, from the nodes' rou
 - bytes each node put on its uplink per round (gRPC + HTTP/2 framing + heartbeats included) vs the codec's
   formula (the exact frame size, ``Worker.payload_bytes``), and what came down;
 - round time (median time between a node's consecutive applied rounds);
-- join time: joiner start → first committed contribution, vs the goal 1.2 × state bytes / link rate + 5 s, and
+- join time: joiner start → the commit of the first round with its contribution, vs the goal 1.2 × state bytes / link rate + 5 s, and
   joiner start → state adopted (ready to train: what the link and the state transfer decide; the rest is the
   first round's inner steps and the wait for that round to close).
 
@@ -86,6 +86,16 @@ def _frame_bytes(recipe: str, size: str, batch: int, H: int, run_id: str, name: 
     return wire.expected_size(codec, wire.model_spec(named), run_id, name), sum(p.numel() for _, p in named)
 
 
+def _commit_times(state_dir: Path) -> dict[int, float]:
+    from coordinator.store import Store
+
+    store = Store(state_dir)
+    try:
+        return {row.round: row.committed_at for row in store.recent_rounds(10_000)}
+    finally:
+        store.close()
+
+
 def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: str, H: int, batch: int,
             rounds: int, warm: int, join: bool, root: Path, use_netns: bool = False,
             cpu_per_node: float | None = None, checkpoint_every: int = 1) -> dict[str, Any]:
@@ -148,7 +158,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
                 time.sleep(0.5)
             state_bytes = state["bytes"] if state else 0
             goal = 1.2 * state_bytes * 8 / profile.down_bps + 5 if profile.down_bps else 5.0
-            join_row = {"join_s": round(first["time"] - started, 2), "state_bytes": state_bytes,
+            join_row = {"join_s": first["round"], "state_bytes": state_bytes,  # join_s: see _commit_times below
                         "state_ready_s": round(state["time"] - started, 2) if state else None,
                         "join_goal_s": round(goal, 2)}
         while min(len(applied_rounds(root / n)) for n in names) < warm + rounds:
@@ -165,6 +175,10 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             topo.teardown()
         if budget is not None:
             budget.remove()
+    if join_row:
+        # the joiner's first contribution counts when its round commits (the coordinator's store says when); the
+        # joiner's own log line comes when it applies that round, a whole round later with overlap
+        join_row["join_s"] = round(_commit_times(root / "state")[join_row["join_s"]] - started, 2)
     frame, params = _frame_bytes(recipe, size, batch, H, "bench-network", "n0")
     per_node = []
     for n in names:
