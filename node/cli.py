@@ -7,11 +7,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from node.config import TaskConfig, parse_value
 from node.errors import ConfigError
 from node.fsutil import write_atomic
+
+if TYPE_CHECKING:
+    from node.transport.state_prefetch import StatePrefetch
 
 log = logging.getLogger("lowband")
 
@@ -150,7 +153,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     return _run_node(args, join_token, None)
 
 
-def _run_node(args: argparse.Namespace, join_token: str, prefetch: Any) -> int:
+def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch | None) -> int:
     from node.daemon import NodeOptions, run_node
 
     expected, dht = None, None
