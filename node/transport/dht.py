@@ -6,7 +6,8 @@ Keys (all values msgpack, every record expires):
   ttl 3×; a peer is waited for in the rounds from ``from_round`` on (a joiner is not, while it fetches state)
 - ``{run}/round/{r}``       subkey=name → (peer_id, size, sha256, reference fingerprint)   "I submitted this frame
   for round r, computed from this reference" (a retry of the round announces its new frame under the same subkey)
-- ``{run}/round/{r}/have``  subkey=name → sorted [sender, sha256] pairs this peer fetched and verified
+- ``{run}/round/{r}/have``  subkey=name → ([sender, sha256] pairs this peer fetched and verified, the senders it
+  took into the round)
 - ``{run}/round/{r}/done``  subkey=name → (peer_id, fingerprint, published_at, committed, pairs)   the outcome
   this peer applied
 
@@ -25,9 +26,11 @@ A round, as every peer runs it in ``collect``:
 2. decided already? If a peer with our reference published a committed outcome, that *is* the round: adopt it
    (step 5). This is how a peer that retries the round, arrives late, or only observes gets the same result.
 3. fetch and agree: pull every member's announced frame by its sha256 (``fetch_timeout_s`` each); publish
-   ``have``; wait (≤ ``agree_wait_s``) for the have-lists of all of G (or an outcome, then step 5). The set is
-   (what I hold) ∩ (every have-list received) restricted to the members that published one. A frame any member
-   failed to get is dropped by everyone who reads that member's list.
+   ``have``; wait (≤ ``agree_wait_s``) until every member of G published a have-list over all of G (or an
+   outcome, then step 5). A sender in another member's group but not in ours (it announced after we closed, or
+   its join record reached that member first) is taken in: its frame fetched, our list published again. The set
+   is (what I hold) ∩ (every have-list received) restricted to the members that published one. A frame any
+   member tried and failed to get is dropped by everyone who reads that member's list.
 4. publish the outcome (committed only with ≥ ``min_members`` frames, else a "not committed" record so no one
    waits for us), then settle: wait (≤ ``settle_s``) for the outcomes of the other members. The earliest
    published committed outcome (ties: the publisher's name) is the round's, for everyone that reads it —
@@ -42,8 +45,8 @@ Limits, stated plainly:
   that needs a have-list race at the agree deadline *and* a stall of one of them through the settle wait. The
   minority then sees it in the next round's announcements (the reference fingerprints differ) and fetches the
   state.
-- A peer whose clock of "first announcement seen" starts late closes later; a latecomer that announced after
-  some peers closed is excluded by them and, through their have-lists, by everyone.
+- A latecomer that announced after every member closed is left out; one that some member took in is taken in
+  by all that read that member's list within the agree wait.
 - State for joiners is served by the peers themselves (``dht_state.StateShare``: chunked, multi-donor).
 - Leave is announced by a (peer, False) record; hivemind cannot shorten a record's expiration.
 """
@@ -62,13 +65,20 @@ from hivemind.utils import get_dht_time
 from coordinator.config import DeadlinePolicy
 from coordinator.membership import round_wait
 from node.transport.base import Membership, RoundResult, State, Transport
-from node.transport.dht_frames import KEEP_OWN_ROUNDS, FramePool, Outcome, Pair, parse_pairs
+from node.transport.dht_frames import KEEP_OWN_ROUNDS, FramePool, HaveList, Outcome, Pair
+from node.transport.dht_records import BoundedDht
 from node.transport.dht_state import DEFAULT_CHUNK, StateShare
 
 log = logging.getLogger(__name__)
 
 
-class DhtTransport(Transport):
+def _well_formed(announcement: Any) -> bool:
+    """(peer_id, size, sha256, fingerprint), as ``submit`` stores it."""
+    return (isinstance(announcement, (list, tuple)) and len(announcement) == 4 and isinstance(announcement[0], str)
+            and isinstance(announcement[1], int) and all(isinstance(x, str) for x in announcement[2:]))
+
+
+class DhtTransport(BoundedDht, Transport):
     def __init__(self, run_id: str, name: str, dht: hivemind.DHT, round_wait_s: float = 5.0, *,
                  first_round: int = 0, heartbeat_s: float = 1.0, rpc_timeout_s: float = 5.0,
                  fetch_timeout_s: float = 10.0, agree_wait_s: float | None = None, poll_s: float = 0.05,
@@ -131,49 +141,6 @@ class DhtTransport(Transport):
 
     def visible_maddrs(self) -> list[str]:
         return [str(m) for m in self._dht_future(self.dht.run_coroutine, hivemind.DHT._get_visible_maddrs)]
-
-    # -- plumbing: every call into hivemind is bounded ---------------------------------------------------
-    def _run(self, coro: Any, timeout: float | None = None) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return fut.result(timeout=self.rpc_timeout_s if timeout is None else timeout)
-        except BaseException:
-            fut.cancel()
-            raise
-
-    def _dht_future(self, method: Any, *args: Any, **kw: Any) -> Any:
-        if not self.dht.is_alive():  # e.g. a process-group SIGTERM reached the DHT process before us
-            raise ConnectionError("the DHT process is not running")
-        with self._lock:  # the DHT's request pipe is shared by our threads
-            fut = method(*args, return_future=True, **kw)
-        try:
-            return fut.result(timeout=self.rpc_timeout_s)
-        except BaseException:
-            fut.cancel()
-            raise
-
-    def _store(self, key: str, subkey: str, value: Any, expiration: float) -> bool:
-        try:
-            return bool(self._dht_future(self.dht.store, key, value, expiration, subkey=subkey))
-        except Exception as exc:  # a network fault must not escape submit/collect
-            log.warning("[node=%s] DHT store %s failed: %r", self.name, key, exc)
-            return False
-
-    def _read(self, key: str) -> dict[str, Any]:
-        """subkey → value of the live (unexpired) entries under ``key``; empty on any fault."""
-        return self._read_or_none(key) or {}
-
-    def _read_or_none(self, key: str) -> dict[str, Any] | None:
-        """Like ``_read``, but None when the read failed: "I could not see" is not "nobody announced"."""
-        try:
-            found = self._dht_future(self.dht.get, key, latest=True)
-        except Exception as exc:
-            log.warning("[node=%s] DHT get %s failed: %r", self.name, key, exc)
-            return None
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        now = get_dht_time()
-        return {k: v.value for k, v in found.value.items() if v.expiration_time > now}
 
     # -- membership ---------------------------------------------------------------------------------------
     def live_peers(self, round_: int | None = None) -> set[str]:
@@ -264,8 +231,9 @@ class DhtTransport(Transport):
             # joiners downloading the state after round_ - 1 (from us or from another donor) contribute from this
             # round; they still have to load it and train their first steps: the round's longest wait for them
             # (one slower round per join), on every member alike
-            joiners = self.state.expected.get(round_, set()) | {
-                n for n, target in self.state.wanted().items() if target == round_}
+            wants = self.state.wanted()
+            self.state.offer_late(round_, wants)
+            joiners = self.state.expected.get(round_, set()) | {n for n, target in wants.items() if target == round_}
             wait, why = base_wait, base_why
             if joiners and longest > wait:
                 wait, why = longest, f"the longest wait: {', '.join(sorted(joiners))} fetched the state"
@@ -314,9 +282,7 @@ class DhtTransport(Transport):
         if fingerprint is not None and self.frames.latest_own(round_) is None:  # a member's is what it submitted
             self._fingerprints[round_] = fingerprint
         mine = self._fingerprints.get(round_, "")
-        announced = {s: v for s, v in self._close_group(round_, deadline).items()
-                     if isinstance(v, (list, tuple)) and len(v) == 4 and isinstance(v[0], str)
-                     and isinstance(v[1], int) and all(isinstance(x, str) for x in v[2:])}
+        announced = {s: v for s, v in self._close_group(round_, deadline).items() if _well_formed(v)}
         if not announced:
             return RoundResult(round_, False, reason="no peer announced a frame before the deadline",
                                bytes_sent=self.frames.served.get(round_, 0))
@@ -350,36 +316,47 @@ class DhtTransport(Transport):
     def _decide(self, round_: int, announced: dict[str, Any], mine: str,
                 deadline: float) -> tuple[Outcome | RoundResult | None, int]:
         """Phases 2–3 for a round nobody decided yet: fetch, publish the have-list, agree, publish the outcome.
-        None: this node is not a member and no member published an outcome in time. Also: bytes received."""
+        None: this node is not a member and no member published an outcome in time. Also: bytes received.
+        ``announced`` grows by the late senders another member took in (``_take_late``)."""
         member = self.name in announced
-        wanted = {s: ([v[0]], v[1], v[2]) for s, v in announced.items()}
-        fetched, received = self._fetch(round_, wanted, deadline)
-        held: set[Pair] = set()
-        for sender, got in sorted(fetched.items()):
-            if isinstance(got, bytes):
-                held.add((sender, announced[sender][2]))
-            else:
-                log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, got)
+        fetched, received = self._fetch(round_, {s: ([v[0]], v[1], v[2]) for s, v in announced.items()}, deadline)
+        held = self._held(round_, announced, fetched)
         have_key = f"{self.run_id}/round/{round_}/have"
         if member:
-            self._store(have_key, self.name, sorted([s, sha] for s, sha in held), get_dht_time() + self._record_ttl)
+            self._store(have_key, self.name, HaveList(frozenset(held), frozenset(announced)).encode(),
+                        get_dht_time() + self._record_ttl)
         agree_until = min(deadline, time.monotonic() + self.agree_wait_s)
+        refused: set[str] = set()  # late senders whose announcement we cannot take (another reference, malformed)
+        wants_read = time.monotonic()
         while True:
-            haves = {s: parse_pairs(v) for s, v in self._read(have_key).items() if s in announced}
+            if member and time.monotonic() >= wants_read + self.heartbeat_s:  # a joiner asking now waits for us
+                self.state.offer_late(round_, self.state.wanted())
+                wants_read = time.monotonic()
+            haves = {s: HaveList.parse(v) for s, v in self._read(have_key).items() if s in announced}
             haves = {s: h for s, h in haves.items() if h is not None}
-            if member:
-                haves[self.name] = frozenset(held)
             decided = self._outcome(round_, mine)
             if decided is not None:
                 return decided, received  # someone committed already: that is the round (we adopt it)
-            if (member and set(announced) <= set(haves)) or time.monotonic() >= agree_until or self._given_up():
+            if member:
+                late = set().union(*(h.group for h in haves.values())) - set(announced) - refused
+                before = len(announced)
+                received += self._take_late(round_, late, announced, mine, held, refused, deadline) if late else 0
+                if len(announced) > before:
+                    self._store(have_key, self.name, HaveList(frozenset(held), frozenset(announced)).encode(),
+                                get_dht_time() + self._record_ttl)
+                haves[self.name] = HaveList(frozenset(held), frozenset(announced))
+                pending = set().union(*(h.group for h in haves.values())) - set(announced) - refused
+                # every member listed what it holds of the whole group (not of a group that lacks a late sender)
+                if not pending and all(s in haves and haves[s].group >= set(announced) for s in announced):
+                    break
+            if time.monotonic() >= agree_until or self._given_up():
                 break
         if not member:
             return None, received
         confirmed = set(haves)  # members that published a have-list in time
         final = {p for p in held if p[0] in confirmed}
         for sender in confirmed:
-            final &= haves[sender]
+            final &= haves[sender].held
         for sender in sorted({s for s, _ in held} - {s for s, _ in final}):
             reason = "published no have-list in time" if sender not in haves else "another member does not hold it"
             log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, reason)
@@ -391,6 +368,36 @@ class DhtTransport(Transport):
             return RoundResult(round_, False, reason=why, bytes_sent=sent, bytes_received=received), received
         self._publish_done(round_, mine, True, frozenset(final))
         return self._settle(round_, mine, confirmed | {s for s, _ in final}, deadline), received
+
+    def _held(self, round_: int, announced: dict[str, Any], fetched: dict[str, bytes | str]) -> set[Pair]:
+        held: set[Pair] = set()
+        for sender, got in sorted(fetched.items()):
+            if isinstance(got, bytes):
+                held.add((sender, announced[sender][2]))
+            else:
+                log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, got)
+        return held
+
+    def _take_late(self, round_: int, late: set[str], announced: dict[str, Any], mine: str, held: set[Pair],
+                   refused: set[str], deadline: float) -> int:
+        """Take into the round the senders another member took in after we closed (a joiner whose join record
+        reached that member first, a peer that announced just after our wait): add their announcements, fetch
+        their frames into ``held``. Without this one early close would drop them for everyone. Bytes received."""
+        seen = self._read(f"{self.run_id}/round/{round_}")
+        found = {s: seen[s] for s in late if s in seen and _well_formed(seen[s])}
+        for sender in sorted(late - set(found)):
+            log.debug("[node=%s round=%d] %s is in another member's group; its announcement is not readable yet",
+                      self.name, round_, sender)
+        taken = {s: v for s, v in found.items() if not mine or v[3] in (mine, "")}
+        refused.update(set(found) - set(taken))
+        if not taken:
+            return 0
+        log.info("[node=%s round=%d] taking in %s: another member's group holds them", self.name, round_,
+                 ", ".join(sorted(taken)))
+        announced.update(taken)
+        fetched, received = self._fetch(round_, {s: ([v[0]], v[1], v[2]) for s, v in taken.items()}, deadline)
+        held |= self._held(round_, announced, fetched)
+        return received
 
     def _settle(self, round_: int, mine: str, peers: set[str], deadline: float) -> Outcome | None:
         """Wait (≤ ``settle_s``) for the outcomes of the other members; the earliest published one is the round's.

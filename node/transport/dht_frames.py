@@ -45,6 +45,27 @@ def parse_pairs(value: Any) -> frozenset[Pair] | None:
     return frozenset(pairs)
 
 
+@dataclass(frozen=True)
+class HaveList:
+    """A member's have-list: the frames it fetched and verified (``held``) out of those of ``group``, the senders
+    it took into the round. ``group`` tells the others whether a missing frame was tried and failed (a drop) or
+    belongs to a sender this member has not heard of yet (it will learn of it from their lists and try)."""
+
+    held: frozenset[Pair]
+    group: frozenset[str]
+
+    def encode(self) -> list[Any]:
+        return [sorted([s, sha] for s, sha in self.held), sorted(self.group)]
+
+    @classmethod
+    def parse(cls, value: Any) -> "HaveList | None":
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], (list, tuple))
+                and all(isinstance(n, str) for n in value[1])):
+            return None
+        held = parse_pairs(value[0])
+        return None if held is None else cls(held, frozenset(value[1]))
+
+
 @dataclass
 class Outcome:
     """A peer's record of how a round ended: ``committed`` with exactly ``pairs``, from reference ``fingerprint``.

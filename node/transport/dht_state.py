@@ -104,6 +104,7 @@ class StateShare:
         self._partial: _Partial | None = None
         self._want_target = -1
         self.expected: dict[int, set[str]] = {}  # round → joiners we gave the state of that round to
+        self._provider: tuple[int, str, Callable[[], bytes]] | None = None  # the latest offer's state, made lazily
 
     @property
     def ttl(self) -> float:
@@ -114,10 +115,13 @@ class StateShare:
         """joiner → target of every live want record (one DHT read)."""
         return {name: v for name, v in self.t._read(self.want_key).items() if isinstance(v, int) and name != self.t.name}
 
-    def offer(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> bool:
+    def offer(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes],
+              wants: dict[str, int] | None = None) -> bool:
         """Serve the state after ``committed`` rounds if a joiner wants state; returns whether a snapshot was made.
-        ``make_blob`` is called only then: serialising a large model every round would be waste."""
-        wants = self.wanted()
+        ``make_blob`` is called only then: serialising a large model every round would be waste. It is kept for
+        ``offer_late`` (``wants``: a read of them already made)."""
+        self._provider = (committed, fingerprint, make_blob)
+        wants = self.wanted() if wants is None else wants
         if not wants:
             return False
         targets = {v for v in wants.values() if v >= 0}
@@ -134,6 +138,16 @@ class StateShare:
         log.info("[node=%s] offering the state after %d rounds (%d bytes) to %s", self.t.name, committed, len(blob),
                  ", ".join(sorted(wants)))
         return True
+
+    def offer_late(self, round_: int, wants: dict[str, int]) -> None:
+        """While round ``round_`` runs (our reference is still the state after ``round_`` rounds): offer it to
+        joiners whose want reached us after our boundary. Else they would gather donors until ``GATHER_S`` ran
+        out, and this round, which their donors wait for them in, with it."""
+        if self._provider is None or self._provider[0] != round_:
+            return
+        new = {n for n, v in wants.items() if v in (-1, round_)} - self.expected.get(round_, set())
+        if new:
+            self.offer(*self._provider, wants=wants)
 
     async def serve(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         timeout = self.t.fetch_timeout_s

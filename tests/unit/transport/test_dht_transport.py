@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from typing import Any
 
 import pytest
 
 from node.transport.dht import DhtTransport
+from node.transport.dht_frames import HaveList
 
 from dht_harness import NAMES, NET, ROUND_WAIT_S, collect_all, peers, workers
 
@@ -208,3 +210,37 @@ def test_conflicting_outcomes_resolve_to_the_earliest_for_every_reader() -> None
         ts[2]._publish_done(3, "ref", False, frozenset(), published_at=998.0)  # not committed: never the outcome
         winners = [t._outcome(3, "ref") for t in ts]
         assert all(w is not None and w.pairs == a and w.publisher == "w0" for w in winners)
+
+
+@pytest.mark.timeout(120)
+def test_a_sender_one_member_closed_without_is_taken_in_when_another_member_holds_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A joiner's join record can reach one member only after that member closed the round (it did not know to
+    wait), while its donor waits for it. The early member learns of it from the donor's have-list group, fetches
+    its frame and lists it again, so the joiner counts from its first round instead of being dropped by everyone."""
+    caplog.set_level(logging.INFO, logger="node.transport.dht")
+    with peers("run-late-join") as ts:
+        w0, w1, w2 = ts
+        w2.join(from_round=1)  # w0 does not wait for w2 in round 0 ...
+        w1.state.expected[0] = {"w2"}  # ... but w1 gave it the state of round 0 and waits for its frame
+        frames = {t.name: bytes([i + 1]) * 1000 for i, t in enumerate(ts)}
+        for t in (w0, w1):
+            t.submit(0, frames[t.name])
+        results: dict[str, Any] = {}
+        early = [threading.Thread(target=lambda t=t: results.__setitem__(t.name, t.collect(0, 30.0))) for t in (w0, w1)]
+        for th in early:
+            th.start()
+        have_key = "run-late-join/round/0/have"
+        until = time.monotonic() + 20
+        while "w0" not in w2._read(have_key):  # w0 closed the round with {w0, w1} and listed what it holds
+            assert time.monotonic() < until, "w0 published no have-list"
+            time.sleep(0.05)
+        assert HaveList.parse(w2._read(have_key)["w0"]).group == {"w0", "w1"}
+        w2.submit(0, frames["w2"])
+        results["w2"] = w2.collect(0, 30.0)
+        for th in early:
+            th.join(60)
+        assert not any(th.is_alive() for th in early)
+        for name, res in results.items():
+            assert res.committed and res.payloads == frames, (name, res.reason, list(res.payloads))
+        assert any("[node=w0 round=0] taking in w2" in r.getMessage() for r in caplog.records)
