@@ -177,7 +177,7 @@ def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch
             raise ConfigError(f"--state-chunk-bytes must be in 1..{MAX_CHUNK}, got {args.state_chunk_bytes}")
         mp = run_file.membership
         dht = DhtSettings(tuple(peers), tuple(listen), nat_enabled(listen, args.no_nat), args.identity,
-                          client_mode=args.client_mode,
+                          client_mode=args.client_mode, announce_maddrs=_announce_maddrs(args.announce),
                           num_shards=mp.max_nodes, min_nodes=mp.min_nodes, heartbeat_s=mp.heartbeat_s,
                           round_wait_s=run_file.deadline.max_wait_s, deadline=run_file.deadline,
                           state_chunk_bytes=args.state_chunk_bytes)
@@ -190,12 +190,33 @@ def cmd_dht(args: argparse.Namespace) -> int:
     from node.dht_peer import run_dht_peer
 
     return run_dht_peer(_split(args.listen), _split(args.initial_peers), args.identity, args.no_nat,
-                        args.client_mode)
+                        args.client_mode, _announce_maddrs(args.announce))
+
+
+def _announce_maddrs(text: str) -> tuple[str, ...]:
+    """``--announce``: multiaddrs with an explicit TCP/UDP port (hivemind cannot announce port 0)."""
+    if not text:
+        return ()
+    from hivemind.utils.multiaddr import Multiaddr  # late: only DHT peers need it
+
+    found = []
+    for item in _split(text):
+        try:
+            maddr = Multiaddr(item)
+        except Exception as exc:
+            raise ConfigError(f"--announce: {item!r} is not a multiaddr ({exc})") from None
+        ports = [maddr.value_for_protocol(p.name) for p in maddr.protocols() if p.name in ("tcp", "udp")]
+        if not ports or "0" in [str(port) for port in ports]:
+            raise ConfigError(f"--announce: {item!r} needs an explicit port (e.g. /ip4/203.0.113.7/tcp/31337)")
+        found.append(item)
+    return tuple(found)
 
 
 def _add_dht_args(p: argparse.ArgumentParser, listen: str) -> None:
     p.add_argument("--listen", default=listen, help="libp2p multiaddr(s) to listen on, comma-separated "
                    f"(default {listen}; port 0 picks a free one)")
+    p.add_argument("--announce", default="", help="multiaddr(s) the other peers should dial, comma-separated, each "
+                   "with an explicit port (e.g. a forwarded public port); default: the listen addresses")
     p.add_argument("--identity", default=None, help="private key file: a stable peer id (created if missing)")
     p.add_argument("--no-nat", action="store_true", help="no NAT traversal (port mapping, AutoNAT, relays); "
                    "always off when listening on 127.0.0.1 only")
@@ -253,7 +274,8 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
     from node.bench.soak import SoakConfig, run_soak
 
     report = run_soak(SoakConfig(args.mode, args.nodes, args.rounds, args.events, args.coordinator_restarts,
-                                 args.profile, args.seed, args.recipe, args.size, args.H),
+                                 args.profile, args.seed, args.recipe, args.size, args.H,
+                                 netns={"auto": None, "on": True, "off": False}[args.netns]),
                       out=Path(args.out) if args.out else None)
     print(json.dumps({k: v for k, v in report.to_dict().items() if k != "schedule"}, indent=2))
     return 0 if not report.problems else 1
@@ -386,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
     bs.add_argument("--size", default="tiny")
     bs.add_argument("--H", type=int, default=4)
+    bs.add_argument("--netns", default="auto", choices=["auto", "on", "off"],
+                    help="DHT mode: a network namespace and tc-shaped link per peer (auto: where root allows)")
     bs.add_argument("--out", default=None, help="write the report (JSON) here")
     bs.set_defaults(func=cmd_bench_soak)
     return parser

@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import signal
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 PEER_PREFIX = "lowband dht peer "
@@ -34,13 +34,15 @@ def nat_enabled(listen: Sequence[str], no_nat: bool) -> bool:
 
 
 def run_dht_peer(listen: Sequence[str], initial_peers: Sequence[str], identity_path: str | None,
-                 no_nat: bool, client_mode: bool = False) -> int:
+                 no_nat: bool, client_mode: bool = False, announce: Sequence[str] = ()) -> int:
     import hivemind  # late: the other subcommands do not need it
 
     from node.transport.dht_control import default_signals
 
     nat = nat_enabled(listen, no_nat)
-    extra = {"identity_path": identity_path} if identity_path else {}
+    extra: dict[str, Any] = {"identity_path": identity_path} if identity_path else {}
+    if announce:
+        extra["announce_maddrs"] = list(announce)
     with default_signals():  # the DHT's forked process must die on SIGTERM, not inherit our handler
         dht = hivemind.DHT(initial_peers=list(initial_peers), host_maddrs=list(listen), start=True,
                            nat_port_map=nat, auto_nat=nat, use_relay=nat, client_mode=client_mode, **extra)

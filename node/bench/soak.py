@@ -3,8 +3,11 @@
 Coordinator mode: a coordinator and ``nodes`` node processes, each node behind its own emulated link (profile,
 e.g. ``home``); a seeded ``node.netem.churn`` schedule kills/restarts, pauses (SIGSTOP/SIGCONT), partitions
 (black hole, then reset) and adds nodes, and kills/restarts the coordinator. DHT mode: a bootstrap peer and
-nodes over hivemind (no relay: libp2p dials peers directly, so links are not shaped and a partition is played as
-a pause), with the same node events.
+nodes over hivemind, with the same node events. Where namespaces can be made (root), each DHT peer is a host of
+its own (``node.netem.netns``): its veth is shaped by ``tc`` to the profile's bandwidth, it announces a relay in
+front of it that adds the path's latency, jitter, loss and outages (every libp2p connection is dialed through
+the dialee's relay), and a partition takes its veth down. Without namespaces the peers share loopback
+unshaped and a partition is played as a pause; the report's ``links`` says which.
 
 Checked afterwards (``SoakReport.problems`` lists every violation; empty means the run passed):
 - no process that the schedule did not kill exited before the end, and every survivor exits 0 on SIGTERM;
@@ -27,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from node.demo import _read_address, _spawn, stop_group
+from node.netem import netns as nsmod
 from node.netem.churn import ChurnEvent, random_schedule
 from node.netem.link import Link
-from node.netem.profiles import get_profile
+from node.netem.profiles import between_hosts, describe, get_profile
 from node.roundlog import read_round_log
 
 log = logging.getLogger(__name__)
+P2P_PORT = 4001  # a DHT peer's port inside its own namespace, where nothing else listens: it cannot collide
 
 RUN = """\
 [run]
@@ -73,6 +78,7 @@ class SoakConfig:
     size: str = "tiny"
     H: int = 4
     timeout_s: float = 3600.0
+    netns: bool | None = False  # DHT mode: a namespace and shaped link per peer (None: where root allows it)
 
 
 @dataclass
@@ -84,6 +90,7 @@ class SoakReport:
     exit_codes: dict[str, int] = field(default_factory=dict)
     survivors: list[str] = field(default_factory=list)  # nodes the schedule left running at the end
     final_val_loss: float = float("nan")
+    links: str = ""  # how the links were emulated
     wall_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -139,6 +146,8 @@ class Soak:
         self.expected_dead: set[str] = set()
         self.paused: set[str] = set()
         self.links: dict[str, Link] = {}
+        self.topo: nsmod.Topology | None = None
+        self.links_note = f"loopback, each node through a relay ({describe(self.profile)})"
         self.problems: list[str] = []
         self.coord_port = 0
         self.coordinator_down_at = 0.0
@@ -155,20 +164,51 @@ class Soak:
         self.procs["coordinator"] = proc
         self.expected_dead.discard("coordinator")
 
+    def use_netns(self) -> None:
+        """DHT mode: one namespace per peer where it can be had (see the module docstring)."""
+        self.links_note = "loopback, unshaped: a partition is played as a pause"
+        if self.cfg.netns is False:
+            return
+        ok, why = nsmod.available()
+        if not ok:
+            if self.cfg.netns:
+                raise RuntimeError(f"network namespaces were asked for but cannot be made: {why}")
+            self.links_note += f" (no namespaces: {why})"
+            return
+        self.topo = nsmod.Topology(prefix="lbs", subnet="10.79.0")  # apart from bench network's and the tests'
+        self.links_note = (f"a namespace per peer, veth shaped by tc tbf, a relay per peer for the path between two "
+                           f"hosts ({describe(between_hosts(self.profile))}); a partition takes the veth down")
+
     def start_boot(self) -> None:
-        proc = _spawn(["dht", "--listen", "/ip4/127.0.0.1/tcp/0"], self.root / "dht.log")
+        host, listen, prefix = "127.0.0.1", "/ip4/127.0.0.1/tcp/0", None
+        if self.topo is not None:
+            host = self.topo.add_host("boot")
+            listen, prefix = f"/ip4/{host}/tcp/{P2P_PORT}", self.topo.prefix_cmd("boot")
+        proc = _spawn(["dht", "--listen", listen], self.root / "dht.log", prefix=prefix)
         self.procs["dht"] = proc
         end = time.monotonic() + 120
         while not self.initial_peers:
             for line in (self.root / "dht.log").read_text(errors="replace").splitlines():
-                if line.startswith("lowband dht peer ") and "/127.0.0.1/" in line:
+                if line.startswith("lowband dht peer ") and f"/{host}/" in line:
                     self.initial_peers = line.rsplit(" ", 1)[-1]
             if time.monotonic() > end or proc.poll() is not None:
                 raise RuntimeError("the DHT bootstrap peer did not start")
             time.sleep(0.2)
 
     def start_node(self, name: str) -> None:
-        if self.cfg.mode == "dht":
+        prefix = None
+        if self.cfg.mode == "dht" and self.topo is not None:
+            if name not in self.topo.hosts:
+                host = self.topo.add_host(name, self.profile.up_bps, self.profile.down_bps)
+                link = Link((host, P2P_PORT), between_hosts(self.profile), seed=len(self.links), name=f"{name}-p2p",
+                            listen_host=self.topo.gateway)
+                link.start()
+                self.links[name] = link
+            where = ["--dht", "--initial-peers", self.initial_peers, "--run", str(self.run_file),
+                     "--listen", f"/ip4/{self.topo.address(name)}/tcp/{P2P_PORT}",
+                     "--announce", f"/ip4/{self.topo.gateway}/tcp/{self.links[name].port}"]
+            prefix = self.topo.prefix_cmd(name)
+        elif self.cfg.mode == "dht":
             where = ["--dht", "--initial-peers", self.initial_peers, "--listen", "/ip4/127.0.0.1/tcp/0",
                      "--run", str(self.run_file)]
         else:
@@ -178,7 +218,7 @@ class Soak:
                 self.links[name] = link
             where = ["--coordinator", self.links[name].address, "--run", str(self.run_file)]
         self.procs[name] = _spawn(["node", *where, "--workdir", str(self.root / name), "--name", name,
-                                   "--device", "cpu"], self.root / f"{name}.log")
+                                   "--device", "cpu"], self.root / f"{name}.log", prefix=prefix)
         self.expected_dead.discard(name)
 
     def is_down(self, name: str) -> bool:
@@ -223,12 +263,15 @@ class Soak:
                 log.info("%s is running: no %s", t, a)
                 return
             self.start_node(t)
-        elif a == "pause" or (a == "partition" and self.cfg.mode == "dht"):
+        elif a == "pause" or (a == "partition" and self.cfg.mode == "dht" and self.topo is None):
             self.signal_group(t, signal.SIGSTOP)
             self.paused.add(t)
             later.append(ChurnEvent(event.at_round + max(1, event.duration_rounds), "restart", f"resume:{t}"))
         elif a == "partition":
-            self.links[t].set_down(True)
+            if self.topo is not None:
+                self.topo.set_up(t, False)
+            else:
+                self.links[t].set_down(True)
             later.append(ChurnEvent(event.at_round + max(1, event.duration_rounds), "restart", f"heal:{t}"))
         elif a == "coordinator_kill":
             self.kill("coordinator")
@@ -244,7 +287,10 @@ class Soak:
             self.signal_group(name, signal.SIGCONT)
             self.paused.discard(name)
         else:
-            self.links[name].set_down(False)
+            if self.topo is not None:
+                self.topo.set_up(name, True)
+            else:
+                self.links[name].set_down(False)
             self.links[name].cut()  # what a NAT box does to connections that idled through an outage
 
     # -- the run --------------------------------------------------------------------------------------------
@@ -254,6 +300,9 @@ class Soak:
         schedule = random_schedule(cfg.seed, names, cfg.rounds, cfg.events,
                                    cfg.coordinator_restarts if cfg.mode == "coordinator" else 0)
         report = SoakReport(asdict(cfg), [e.to_dict() for e in schedule])
+        if cfg.mode == "dht":
+            self.use_netns()
+        report.links = self.links_note
         started = time.monotonic()
         last_progress = [0, started]
         pending = list(schedule)
@@ -291,6 +340,8 @@ class Soak:
             report.exit_codes = self.stop_all()
             for link in self.links.values():
                 link.stop()
+            if self.topo is not None:
+                self.topo.teardown()
         report.survivors = sorted(n for n in self.procs if n not in ("coordinator", "dht") and n not in self.expected_dead)
         report.wall_s = round(time.monotonic() - started, 1)
         self.verify(report)

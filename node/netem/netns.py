@@ -123,6 +123,10 @@ class Topology:
                  down_bps or "∞")
         return self.address(host)
 
+    def set_up(self, host: str, up: bool) -> None:
+        """Take the host's veth down (every packet to or from it is lost: a partition) or bring it back."""
+        _ip("link", "set", f"{self.prefix}{self.hosts[host]}h", "up" if up else "down")
+
     def prefix_cmd(self, host: str) -> list[str]:
         """Prepend this to an argv to run it inside ``host``'s namespace."""
         return ["ip", "netns", "exec", self.ns(host)]

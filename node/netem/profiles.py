@@ -2,6 +2,9 @@
 each direction. ``up``/``down`` are from the node's side: ``up`` carries its payload uploads."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from node.netem.link import LinkProfile
 
 MBIT = 1e6
@@ -23,6 +26,13 @@ def get_profile(name: str) -> LinkProfile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown link profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
+
+
+def between_hosts(p: LinkProfile) -> LinkProfile:
+    """The path between two hosts that both sit behind access link ``p``, less its bandwidth (the kernel shapes
+    each host's veth): both links' latency and loss, jitter adding as independent noise, ``p``'s outages."""
+    return dataclasses.replace(p, name=f"{p.name}×2", up_bps=0.0, down_bps=0.0, latency_s=2 * p.latency_s,
+                               jitter_s=math.sqrt(2) * p.jitter_s, loss=1 - (1 - p.loss) ** 2)
 
 
 def describe(p: LinkProfile) -> str:

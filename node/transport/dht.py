@@ -125,10 +125,14 @@ class DhtTransport(BoundedDht, Transport):
     def create(cls, run_id: str, name: str, initial_peers: Sequence[str] = (), *,
                host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",), nat_port_map: bool = False,
                auto_nat: bool = False, use_relay: bool = False, client_mode: bool = False,
-               identity_path: str | None = None, start_timeout_s: float = 30.0, **kw: Any) -> "DhtTransport":
+               identity_path: str | None = None, announce_maddrs: Sequence[str] = (), start_timeout_s: float = 30.0,
+               **kw: Any) -> "DhtTransport":
         """Start a DHT (and its p2pd) owned by the transport: ``close``/``leave`` shut it down.
-        NAT traversal is off unless asked for, so nothing but ``host_maddrs`` is touched."""
+        NAT traversal is off unless asked for, so nothing but ``host_maddrs`` is touched. ``announce_maddrs``:
+        what the others dial instead of the listen addresses (a forwarded port, a relay in front of this peer)."""
         extra: dict[str, Any] = {"identity_path": identity_path} if identity_path else {}
+        if announce_maddrs:
+            extra["announce_maddrs"] = list(announce_maddrs)
         dht = hivemind.DHT(initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), start=True,
                            await_ready=False, nat_port_map=nat_port_map, auto_nat=auto_nat, use_relay=use_relay,
                            client_mode=client_mode, **extra)

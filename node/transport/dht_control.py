@@ -55,6 +55,7 @@ class DhtSettings:
     nat: bool = False  # hivemind's nat_port_map / auto_nat / use_relay, all together
     identity_path: str | None = None
     client_mode: bool = False  # hivemind client mode: for a peer behind NAT (reached through relays)
+    announce_maddrs: tuple[str, ...] = ()  # what the other peers dial, if not the listen addresses
     num_shards: int = 64
     min_nodes: int = 1
     heartbeat_s: float = 1.0
@@ -98,6 +99,7 @@ class DhtControl:
                 run.run_id, name, list(settings.initial_peers), host_maddrs=list(settings.host_maddrs),
                 nat_port_map=settings.nat, auto_nat=settings.nat, use_relay=settings.nat,
                 identity_path=settings.identity_path, client_mode=settings.client_mode,
+                announce_maddrs=settings.announce_maddrs,
                 round_wait_s=settings.round_wait_s, heartbeat_s=settings.heartbeat_s, deadline=settings.deadline,
                 state_chunk_bytes=settings.state_chunk_bytes, cancel=stop, min_members=settings.min_nodes,
                 **settings.extra)

@@ -10,7 +10,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 
@@ -23,6 +23,8 @@ from node.transport.control import Identity, JoinRefused, Rejoin, Stopped  # noq
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 CHUNK = 1 << 20
+RESULT_DOWNLOAD_MAX_S = 3600.0  # a round's result that takes longer than this to download is given up on
+MIN_UPLOAD_BPS = 2e6  # the slowest uplink an upload's deadline allows for (the `bad` link profile's rate)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED}
 REFUSALS = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS,
@@ -53,6 +55,37 @@ def _metadata(exc: grpc.RpcError, key: str) -> str | None:
         if k == key:
             return v
     return None
+
+
+class StallWatch:
+    """Cancels a streaming call once nothing arrived for ``idle_s`` (``first_s`` before the first message), however
+    long it runs while messages keep coming: a result that takes minutes on a slow downlink must not be cut by a
+    fixed deadline, and a stalled one must not hang. Use as a context manager around the iteration."""
+
+    def __init__(self, call: Any, first_s: float, idle_s: float) -> None:
+        self.call, self.idle_s = call, idle_s
+        self.due = time.monotonic() + first_s
+        self.stalled = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
+
+    def progressed(self) -> None:
+        self.due = time.monotonic() + self.idle_s
+
+    def _watch(self) -> None:
+        while not self._done.wait(max(0.05, min(1.0, self.due - time.monotonic()))):
+            if time.monotonic() >= self.due:
+                self.stalled = True
+                self.call.cancel()
+                return
+
+    def __enter__(self) -> "StallWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
 
 
 class GrpcTransport(Transport):
@@ -154,10 +187,17 @@ class GrpcTransport(Transport):
         self.channel.close()
 
     # -- rounds --------------------------------------------------------------------------------------
-    def _chunks(self, round_: int, payload: bytes, offset: int, loss: float) -> Iterator[pb.SubmitChunk]:
+    def _chunks(self, round_: int, payload: bytes, offset: int, loss: float,
+                sent: list[int]) -> Iterator[pb.SubmitChunk]:
         for start in range(offset, len(payload), CHUNK):
+            sent[0] = start  # gRPC pulls a chunk when it can send it: the bytes before it have left
             yield pb.SubmitChunk(node_id=self.node_id, round=round_, offset=start, total_size=len(payload),
                                  data=payload[start:start + CHUNK], train_loss=loss)
+
+    def _upload_timeout(self, remaining: int) -> float:
+        """An upload's deadline grows with what is left to send, at the slowest rate a link is expected to keep
+        up (``MIN_UPLOAD_BPS``): a fixed deadline would cut every large payload on a slow uplink at the same byte."""
+        return self.rpc_timeout_s + remaining * 8 / MIN_UPLOAD_BPS
 
     def submit(self, round_: int, payload: bytes, loss: float = float("nan")) -> str:
         """Upload with resume. Returns "accepted", "late" (round closed) or "rejected: <why>"."""
@@ -166,8 +206,10 @@ class GrpcTransport(Transport):
         while True:
             if self.stop.is_set():
                 raise Stopped()
+            sent = [offset]
             try:
-                self.stub.Submit(self._chunks(round_, payload, offset, loss), timeout=self.rpc_timeout_s)
+                self.stub.Submit(self._chunks(round_, payload, offset, loss, sent),
+                                 timeout=self._upload_timeout(len(payload) - offset))
                 return "accepted"
             except grpc.RpcError as exc:
                 code = exc.code()
@@ -175,6 +217,9 @@ class GrpcTransport(Transport):
                 if resume is not None:
                     offset = int(resume)
                     continue
+                # cut without a word from the server (deadline, connection lost): go on from the last chunk that
+                # started to leave; offset 0 would restart the upload, any other offset the coordinator corrects
+                offset = sent[0]
                 if code == grpc.StatusCode.NOT_FOUND:
                     raise Rejoin(exc.details()) from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -196,9 +241,12 @@ class GrpcTransport(Transport):
                 raise Stopped()
             wait_ms = int(max(0.1, min(20.0, end - time.monotonic())) * 1000)
             try:
+                # the deadline only bounds a download that keeps moving; the watch cuts one that stalls
                 stream = self.stub.Collect(pb.CollectRequest(node_id=self.node_id, round=round_, wait_ms=wait_ms,
-                                                             submitted=submitted), timeout=wait_ms / 1000 + 30)
-                return self._assemble(stream, round_, own, own_name)
+                                                             submitted=submitted),
+                                           timeout=wait_ms / 1000 + self.rpc_timeout_s + RESULT_DOWNLOAD_MAX_S)
+                with StallWatch(stream, wait_ms / 1000 + self.rpc_timeout_s, self.rpc_timeout_s) as watch:
+                    return self._assemble(stream, round_, own, own_name, watch)
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.NOT_FOUND:
@@ -217,10 +265,12 @@ class GrpcTransport(Transport):
                 raise
         return RoundResult(round_, False, reason=f"round {round_} did not close within {timeout_s:.0f} s")
 
-    def _assemble(self, stream: Iterator[pb.CollectChunk], round_: int, own: bytes | None, own_name: str) -> RoundResult:
+    def _assemble(self, stream: Iterator[pb.CollectChunk], round_: int, own: bytes | None, own_name: str,
+                  watch: StallWatch) -> RoundResult:
         header: pb.CollectHeader | None = None
         parts: dict[int, bytearray] = {}
         for chunk in stream:
+            watch.progressed()
             if chunk.HasField("header"):
                 header = chunk.header
             else:

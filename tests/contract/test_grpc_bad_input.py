@@ -241,6 +241,54 @@ def test_truncated_stream_is_data_loss_with_resume_offset(run: Run) -> None:
     run.honest_round({"a": frame})  # a's transport resubmits: idempotent
 
 
+class _CutByTheClient(grpc.RpcError):
+    """What gRPC raises when the caller's own deadline cuts a stream: no word (no metadata) from the server."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "Deadline Exceeded"
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+
+def test_an_upload_cut_by_its_own_deadline_goes_on_where_it_left_off(run: Run,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large payload on a slow uplink: the deadline grows with the bytes left, and an attempt cut on the client
+    side resumes from its last chunk (the coordinator corrects the offset) instead of restarting at byte 0."""
+    from node.transport import grpc_client
+
+    monkeypatch.setattr(grpc_client, "CHUNK", 4096)
+    a = run.nodes["a"].transport
+    frame = run.frame("a", 0)
+    real, attempts = a.stub, []  # (first offset, deadline) of every attempt
+
+    class CutOnce:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def Submit(self, chunks: Iterator[pb.SubmitChunk], timeout: float) -> Any:
+            first = next(chunks)
+            attempts.append((first.offset, timeout))
+            if len(attempts) > 1:
+                return real.Submit(iter([first, *chunks]), timeout=timeout)
+            pulled = [first, next(chunks), next(chunks), next(chunks)]  # gRPC pulled 4 chunks; 2 arrived
+            with pytest.raises(grpc.RpcError):
+                real.Submit(iter(pulled[:2]), timeout=RPC_S)
+            raise _CutByTheClient()
+
+    monkeypatch.setattr(a, "stub", CutOnce())
+    assert a.submit(0, frame, loss=2.0) == "accepted"
+    (start0, deadline0), (start1, _), *more = attempts
+    assert start0 == 0 and deadline0 == pytest.approx(RPC_S + len(frame) * 8 / grpc_client.MIN_UPLOAD_BPS)
+    # the retry began at the 4th chunk; the coordinator held 2, named that offset, and the upload went on from it
+    assert (start1, [m[0] for m in more]) == (3 * 4096, [2 * 4096]), attempts
+    monkeypatch.setattr(a, "stub", real)
+    run.honest_round({"a": frame})
+
+
 def test_refused_join_is_failed_precondition_naming_the_field(run: Run) -> None:
     theirs = json.loads(run.info.config_json)
     theirs["recipe"]["H"] = 4
