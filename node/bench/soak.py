@@ -91,6 +91,7 @@ class SoakReport:
     survivors: list[str] = field(default_factory=list)  # nodes the schedule left running at the end
     final_val_loss: float = float("nan")
     links: str = ""  # how the links were emulated
+    relayed_bytes: dict[str, int] = field(default_factory=dict)  # per node: both directions through its relay
     wall_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -338,8 +339,9 @@ class Soak:
             self.check_alive()
         finally:
             report.exit_codes = self.stop_all()
-            for link in self.links.values():
+            for name, link in self.links.items():
                 link.stop()
+                report.relayed_bytes[name] = link.bytes_up + link.bytes_down
             if self.topo is not None:
                 self.topo.teardown()
         report.survivors = sorted(n for n in self.procs if n not in ("coordinator", "dht") and n not in self.expected_dead)
