@@ -25,7 +25,8 @@ A round, as every peer runs it in ``collect``:
    members, ours is the diverged one and the result says ``state_needed`` (the daemon fetches the state).
 2. decided already? If a peer with our reference published a committed outcome, that *is* the round: adopt it
    (step 5). This is how a peer that retries the round, arrives late, or only observes gets the same result.
-3. fetch and agree: pull every member's announced frame by its sha256 (``fetch_timeout_s`` each); publish
+3. fetch and agree: pull every member's announced frame by its sha256 (a stream must keep moving,
+   ``fetch_timeout_s`` per step: a large frame on a slow link takes what it takes, a stalled one fails); publish
    ``have``; wait (≤ ``agree_wait_s``) until every member of G published a have-list over all of G (or an
    outcome, then step 5). A sender in another member's group but not in ours (it announced after we closed, or
    its join record reached that member first) is taken in: its frame fetched, our list published again. The set
@@ -70,6 +71,15 @@ from node.transport.dht_records import BoundedDht
 from node.transport.dht_state import DEFAULT_CHUNK, StateShare
 
 log = logging.getLogger(__name__)
+
+
+async def _cancel_pending() -> None:
+    """Cancel what still runs on the loop (e.g. serving a frame to a slow peer), so it ends while the loop lives."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=1.0)
 
 
 def _well_formed(announcement: Any) -> bool:
@@ -307,11 +317,15 @@ class DhtTransport(BoundedDht, Transport):
 
     def _fetch(self, round_: int, wanted: dict[str, tuple[list[str], int | None, str]],
                deadline: float) -> tuple[dict[str, bytes | str], int]:
-        """Pull frames (each bounded by ``fetch_timeout_s`` and the caller's deadline): results, bytes received."""
+        """Pull frames: results, bytes received. A stream must keep moving (``fetch_timeout_s`` per step) and
+        retries end after ``fetch_timeout_s``; a transfer that moves may run to the caller's deadline (a large frame
+        on a slow link)."""
         before = {s for s, (_src, _size, sha) in wanted.items() if self.frames.get(round_, sha) is not None}
-        budget = max(0.1, min(self.fetch_timeout_s, deadline - time.monotonic()))
+        left = max(0.1, deadline - time.monotonic())
+        budget = min(self.fetch_timeout_s, left)
         try:
-            got = self._run(self.frames.fetch_all(self.p2p, round_, wanted, budget), timeout=budget + self.rpc_timeout_s)
+            got = self._run(self.frames.fetch_all(self.p2p, round_, wanted, budget, longest=left),
+                            timeout=left + self.rpc_timeout_s)
         except Exception as exc:  # only if the loop itself is gone; each fetch is bounded on its own
             got = {s: f"fetch failed: {exc!r}" for s in wanted}
         received = sum(len(v) for s, v in got.items() if isinstance(v, bytes) and s not in before)
@@ -470,7 +484,7 @@ class DhtTransport(BoundedDht, Transport):
             steps = [self.p2p.remove_binary_stream_handler(self.handler_name)]
             if hasattr(self, "state"):
                 steps.append(self.p2p.remove_binary_stream_handler(self.state.handler_name))
-            for step in (*steps, self.p2p.shutdown()):
+            for step in (*steps, _cancel_pending(), self.p2p.shutdown()):
                 try:
                     self._run(step)
                 except Exception as exc:

@@ -27,6 +27,34 @@ KEEP_OWN_ROUNDS = 8  # our own frames, served this many rounds back (a paused or
 KEEP_FETCHED_ROUNDS = 2  # frames fetched from others: the round being decided and the one before
 
 Pair = tuple[str, str]  # (sender, sha256 hex)
+MAX_FRAME = 4 << 30  # the most a fetch of a frame of unknown size accepts (an announced size bounds it exactly)
+PIECE = 1 << 16
+
+
+async def send_moving(data: bytes, writer: asyncio.StreamWriter, idle_s: float) -> None:
+    """``P2P.send_raw_data``, bounded by progress: each piece must drain within ``idle_s``, so a large frame on a
+    slow uplink is sent to the end while a stalled stream fails."""
+    writer.write(len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+    view = memoryview(data)
+    for offset in range(0, len(view), PIECE):
+        writer.write(view[offset:offset + PIECE])
+        await asyncio.wait_for(writer.drain(), idle_s)
+    await asyncio.wait_for(writer.drain(), idle_s)
+
+
+async def receive_moving(reader: asyncio.StreamReader, idle_s: float, limit: int) -> bytes:
+    """``P2P.receive_raw_data``, bounded by progress (``idle_s`` per read) and by ``limit`` bytes."""
+    header = await asyncio.wait_for(reader.readexactly(P2P.HEADER_LEN), idle_s)
+    length = int.from_bytes(header, P2P.BYTEORDER)
+    if length > limit:
+        raise ValueError(f"a frame of {length} bytes, more than the {limit} expected")
+    buf = bytearray()
+    while len(buf) < length:
+        piece = await asyncio.wait_for(reader.read(min(16 * PIECE, length - len(buf))), idle_s)
+        if not piece:
+            raise asyncio.IncompleteReadError(bytes(buf), length)
+        buf += piece
+    return bytes(buf)
 
 
 def digest(frame: bytes) -> str:
@@ -143,8 +171,8 @@ class FramePool:
     # -- serving ----------------------------------------------------------------------------------------
     async def serve(self, _info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(P2P.receive_raw_data(reader), self.fetch_timeout_s)
-            if len(request) != 40:
+            request = await receive_moving(reader, self.fetch_timeout_s, 40)
+            if len(request) != 40:  # (longer ones were refused unread)
                 raise ValueError(f"a frame request is 40 bytes (round + sha256), got {len(request)}")
             round_, sha = int.from_bytes(request[:8], "big"), request[8:].hex()
             with self._lock:
@@ -152,7 +180,7 @@ class FramePool:
                 if frame is not None:
                     self.served[round_] = self.served.get(round_, 0) + len(frame)
             writer.write(_MISSING if frame is None else _OK)
-            await asyncio.wait_for(P2P.send_raw_data(frame or b"", writer), self.fetch_timeout_s)
+            await send_moving(frame or b"", writer, self.fetch_timeout_s)
             # closing our end at once can cut the frame short in p2pd: hold the stream until the caller
             # has read it and closed (as hivemind's own handlers do), bounded
             await asyncio.wait_for(reader.read(1), self.fetch_timeout_s)
@@ -162,12 +190,14 @@ class FramePool:
             writer.close()
 
     # -- fetching ---------------------------------------------------------------------------------------
-    async def _fetch(self, p2p: P2P, peer_id: str, round_: int, sha: str) -> bytes:
-        _info, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self.handler_name)
+    async def _fetch(self, p2p: P2P, peer_id: str, round_: int, sha: str, size: int | None) -> bytes:
+        idle = self.fetch_timeout_s  # every step must make progress within this; the whole may take longer
+        _info, reader, writer = await asyncio.wait_for(
+            p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self.handler_name), idle)
         try:
-            await P2P.send_raw_data(round_.to_bytes(8, "big") + bytes.fromhex(sha), writer)
-            status = await reader.readexactly(1)
-            data = await P2P.receive_raw_data(reader)
+            await asyncio.wait_for(P2P.send_raw_data(round_.to_bytes(8, "big") + bytes.fromhex(sha), writer), idle)
+            status = await asyncio.wait_for(reader.readexactly(1), idle)
+            data = await receive_moving(reader, idle, MAX_FRAME if size is None else size)
         finally:
             writer.close()
         if status != _OK:
@@ -175,21 +205,24 @@ class FramePool:
         return data
 
     async def fetch_one(self, p2p: P2P, round_: int, sender: str, sources: Sequence[str], size: int | None,
-                        sha: str, timeout: float) -> bytes | str:
+                        sha: str, timeout: float, longest: float | None = None) -> bytes | str:
         """The frame ``sha`` from the first of ``sources`` (peer ids) that serves it, or the reason it could not
-        be had. A broken stream is retried while the bound allows: one cut stream must not drop a peer."""
+        be had. Each stream must keep moving (``fetch_timeout_s`` per step); a transfer that does may run until
+        ``longest`` (default ``timeout``). A broken stream is retried within ``timeout``: one cut stream must
+        not drop a peer, and a dead one must not hold the round."""
         held = self.get(round_, sha)
         if held is not None:
             return held
-        until = time.monotonic() + timeout
+        now = time.monotonic()
+        until, last = now + timeout, now + max(timeout, longest or 0.0)
         why = "no source"
         for peer_id in dict.fromkeys(sources):  # in order, without repeats
             while True:
                 try:
-                    data = await asyncio.wait_for(self._fetch(p2p, peer_id, round_, sha),
-                                                  max(0.05, until - time.monotonic()))
+                    data = await asyncio.wait_for(self._fetch(p2p, peer_id, round_, sha, size),
+                                                  max(0.05, last - time.monotonic()))
                 except asyncio.TimeoutError:
-                    return f"no frame within {timeout:.1f}s"
+                    return f"no frame within {timeout:.1f}s (a step stalled, or the round's time ran out)"
                 except LookupError as exc:  # a definite answer: this source does not hold it
                     why = f"fetch failed: {exc}"
                     break
@@ -209,11 +242,11 @@ class FramePool:
 
     async def fetch_all(self, p2p: P2P, round_: int,
                         wanted: dict[str, tuple[Sequence[str], int | None, str]],
-                        timeout: float) -> dict[str, bytes | str]:
+                        timeout: float, longest: float | None = None) -> dict[str, bytes | str]:
         """sender → frame, or → the reason it was dropped; ``wanted``: sender → (sources, size, sha256)."""
         senders = sorted(wanted)
-        jobs: list[Awaitable[bytes | str]] = [self.fetch_one(p2p, round_, s, *wanted[s], timeout=timeout)
-                                              for s in senders]
+        jobs: list[Awaitable[bytes | str]] = [self.fetch_one(p2p, round_, s, *wanted[s], timeout=timeout,
+                                                             longest=longest) for s in senders]
         got = await asyncio.gather(*jobs)
         return dict(zip(senders, got))
 

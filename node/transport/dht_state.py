@@ -38,6 +38,8 @@ import msgpack
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
+from node.transport.dht_frames import receive_moving, send_moving
+
 if TYPE_CHECKING:
     from node.transport.dht import DhtTransport
 
@@ -152,7 +154,7 @@ class StateShare:
     async def serve(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         timeout = self.t.fetch_timeout_s
         try:
-            request = msgpack.unpackb(await asyncio.wait_for(P2P.receive_raw_data(reader), timeout), max_bin_len=0,
+            request = msgpack.unpackb(await receive_moving(reader, timeout, 1 << 10), max_bin_len=0,
                                       max_str_len=0, max_array_len=3, max_map_len=0)
             status, data = self._answer(request)
             if status == _OK:
@@ -160,7 +162,7 @@ class StateShare:
                     peer = str(getattr(info, "peer_id", "?"))
                     self._served[peer] = self._served.get(peer, 0) + len(data)
             writer.write(status)
-            await asyncio.wait_for(P2P.send_raw_data(data, writer), timeout)
+            await send_moving(data, writer, timeout)
             await asyncio.wait_for(reader.read(1), timeout)  # hold the stream until the joiner read it (see dht.py)
         except Exception as exc:
             log.debug("[node=%s] serving state failed: %r", self.t.name, exc)
@@ -259,12 +261,14 @@ class StateShare:
             self.t._store(self.want_key, self.t.name, None, get_dht_time() + 3 * self.t.heartbeat_s + 1.0)
 
     async def _chunk(self, peer_id: str, committed: int, offset: int, length: int) -> bytes:
-        _info, reader, writer = await self.t.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
-                                                                            self.handler_name)
+        """One chunk; every step must move within ``fetch_timeout_s`` (a chunk may take longer on a slow link)."""
+        idle = self.t.fetch_timeout_s
+        _info, reader, writer = await asyncio.wait_for(
+            self.t.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self.handler_name), idle)
         try:
-            await P2P.send_raw_data(msgpack.packb([committed, offset, length]), writer)
-            status = await reader.readexactly(1)
-            data = await P2P.receive_raw_data(reader)
+            await asyncio.wait_for(P2P.send_raw_data(msgpack.packb([committed, offset, length]), writer), idle)
+            status = await asyncio.wait_for(reader.readexactly(1), idle)
+            data = await receive_moving(reader, idle, max(length, 1 << 10))  # an error text may be sent instead
         finally:
             writer.close()
         if status != _OK:
@@ -285,8 +289,7 @@ class StateShare:
                 i = queue.popleft()
                 length = min(chunk, size - i * chunk)
                 try:
-                    data = await asyncio.wait_for(self._chunk(peer_id, committed, i * chunk, length),
-                                                  self.t.fetch_timeout_s)
+                    data = await self._chunk(peer_id, committed, i * chunk, length)
                 except Exception as exc:
                     queue.append(i)  # another donor (or a later attempt) takes it
                     failures += 1

@@ -2,6 +2,7 @@
 traversal off), exchanging real lowband frames peer to peer."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -244,3 +245,37 @@ def test_a_sender_one_member_closed_without_is_taken_in_when_another_member_hold
         for name, res in results.items():
             assert res.committed and res.payloads == frames, (name, res.reason, list(res.payloads))
         assert any("[node=w0 round=0] taking in w2" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(120)
+def test_a_frame_slower_than_the_fetch_timeout_arrives_while_it_keeps_moving_and_a_stalled_one_is_dropped(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A large frame on a slow link takes longer than ``fetch_timeout_s``: a fetch is bounded by progress (each
+    step within the timeout), not by a total. A stream that stops moving is cut after the timeout."""
+    from node.transport import dht_frames
+
+    idle_s, pace_s = 1.0, 0.2
+    stalls = {"w2"}  # w2's serving stops after the first piece
+
+    async def paced(data: bytes, writer: Any, idle: float) -> None:  # a slow uplink: a piece every pace_s
+        writer.write(len(data).to_bytes(8, "big"))
+        for offset in range(0, len(data), dht_frames.PIECE):
+            writer.write(data[offset:offset + dht_frames.PIECE])
+            await writer.drain()
+            stalled = any(data == frame for name, frame in frames.items() if name in stalls)
+            await asyncio.sleep(3600 if stalled and offset else pace_s)
+
+    monkeypatch.setattr(dht_frames, "send_moving", paced)
+    caplog.set_level(logging.WARNING, logger="node.transport.dht")
+    with peers("run-slow") as ts:
+        for t in ts:
+            t.fetch_timeout_s = t.frames.fetch_timeout_s = idle_s
+        frames = {t.name: bytes([i + 1]) * (8 * dht_frames.PIECE) for i, t in enumerate(ts)}  # 8 pieces: 1.6 s
+        for t in ts:
+            t.submit(0, frames[t.name])
+        results = collect_all(ts, 0)
+        expected = {n: frames[n] for n in NAMES[:2]}
+        for name in NAMES[:2]:
+            assert results[name].committed and results[name].payloads == expected, (name, results[name].reason)
+        dropped = [r.getMessage() for r in caplog.records if "dropped w2" in r.getMessage()]
+        assert any("stalled" in m for m in dropped), dropped
