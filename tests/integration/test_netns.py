@@ -21,6 +21,26 @@ OK, WHY = netns.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"network namespaces unavailable: {WHY}")
 
 
+def spawn_in(topo: netns.Topology, host: str, args: list[str], tmp_path: Path, procs: list[Proc]) -> Proc:
+    """``lowband ARGS`` inside ``host``'s namespace, logging to tmp_path; added to ``procs`` (killed at the end)."""
+    out, err = tmp_path / f"{host}.stdout", tmp_path / f"{host}.log"
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        popen = subprocess.Popen([*topo.prefix_cmd(host), sys.executable, "-m", "node.cli", *args],
+                                 stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = Proc(host, popen, out, err, tmp_path / host)
+    procs.append(proc)
+    return proc
+
+
+def tear_down(procs: list[Proc], links: list[Link], topo: netns.Topology) -> None:
+    for p in procs:
+        if p.alive():
+            p.kill9()
+    for link in links:
+        link.stop()
+    topo.teardown()
+
+
 @pytest.mark.timeout(180)
 def test_a_run_across_namespaces_and_emulated_links(tmp_path: Path) -> None:
     home = get_profile("home")
@@ -33,13 +53,7 @@ def test_a_run_across_namespaces_and_emulated_links(tmp_path: Path) -> None:
         coord_ip = topo.add_host("coord")
 
         def spawn(host: str, args: list[str]) -> Proc:
-            out, err = tmp_path / f"{host}.stdout", tmp_path / f"{host}.log"
-            with open(out, "wb") as fo, open(err, "wb") as fe:
-                popen = subprocess.Popen([*topo.prefix_cmd(host), sys.executable, "-m", "node.cli", *args],
-                                         stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True)
-            proc = Proc(host, popen, out, err, tmp_path / host)
-            procs.append(proc)
-            return proc
+            return spawn_in(topo, host, args, tmp_path, procs)
 
         coord = spawn("coord", ["coordinator", "--listen", f"{coord_ip}:0", "--state-dir", str(tmp_path / "state"),
                                 "--run", str(run)])
@@ -71,12 +85,7 @@ def test_a_run_across_namespaces_and_emulated_links(tmp_path: Path) -> None:
         for link in links:  # every frame went up this node's link (plus gRPC framing and heartbeats)
             assert link.stats()["bytes_up"] >= 3 * frame
     finally:
-        for p in procs:
-            if p.alive():
-                p.kill9()
-        for link in links:
-            link.stop()
-        topo.teardown()
+        tear_down(procs, links, topo)
 
 
 @pytest.mark.timeout(240)
@@ -91,13 +100,7 @@ def test_dht_peers_in_namespaces_reach_each_other_only_through_their_announced_r
     port = 4001  # inside a namespace of its own, where nothing else listens
 
     def spawn(host: str, args: list[str]) -> Proc:
-        out, err = tmp_path / f"{host}.stdout", tmp_path / f"{host}.log"
-        with open(out, "wb") as fo, open(err, "wb") as fe:
-            popen = subprocess.Popen([*topo.prefix_cmd(host), sys.executable, "-m", "node.cli", *args],
-                                     stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True)
-        proc = Proc(host, popen, out, err, tmp_path / host)
-        procs.append(proc)
-        return proc
+        return spawn_in(topo, host, args, tmp_path, procs)
 
     try:
         run = write_run_file(tmp_path / "run.toml", rounds=3, min_nodes=2, run_id="it-dht-netns")
@@ -134,9 +137,4 @@ def test_dht_peers_in_namespaces_reach_each_other_only_through_their_announced_r
         relayed = sum(link.stats()["bytes_up"] + link.stats()["bytes_down"] for link in links)
         assert fetched > 0 and relayed >= fetched, (relayed, fetched)
     finally:
-        for p in procs:
-            if p.alive():
-                p.kill9()
-        for link in links:
-            link.stop()
-        topo.teardown()
+        tear_down(procs, links, topo)
