@@ -198,20 +198,20 @@ class Soak:
 
     def start_node(self, name: str) -> None:
         prefix = None
-        if self.cfg.mode == "dht" and self.topo is not None:
-            if name not in self.topo.hosts:
-                host = self.topo.add_host(name, self.profile.up_bps, self.profile.down_bps)
-                link = Link((host, P2P_PORT), between_hosts(self.profile), seed=len(self.links), name=f"{name}-p2p",
-                            listen_host=self.topo.gateway)
-                link.start()
-                self.links[name] = link
-            where = ["--dht", "--initial-peers", self.initial_peers, "--run", str(self.run_file),
-                     "--listen", f"/ip4/{self.topo.address(name)}/tcp/{P2P_PORT}",
-                     "--announce", f"/ip4/{self.topo.gateway}/tcp/{self.links[name].port}"]
-            prefix = self.topo.prefix_cmd(name)
-        elif self.cfg.mode == "dht":
-            where = ["--dht", "--initial-peers", self.initial_peers, "--listen", "/ip4/127.0.0.1/tcp/0",
-                     "--run", str(self.run_file)]
+        if self.cfg.mode == "dht":
+            where = ["--dht", "--initial-peers", self.initial_peers, "--run", str(self.run_file)]
+            if self.topo is None:
+                where += ["--listen", "/ip4/127.0.0.1/tcp/0"]
+            else:
+                if name not in self.topo.hosts:
+                    host = self.topo.add_host(name, self.profile.up_bps, self.profile.down_bps)
+                    link = Link((host, P2P_PORT), between_hosts(self.profile), seed=len(self.links),
+                                name=f"{name}-p2p", listen_host=self.topo.gateway)
+                    link.start()
+                    self.links[name] = link
+                where += ["--listen", f"/ip4/{self.topo.address(name)}/tcp/{P2P_PORT}",
+                          "--announce", f"/ip4/{self.topo.gateway}/tcp/{self.links[name].port}"]
+                prefix = self.topo.prefix_cmd(name)
         else:
             if name not in self.links:
                 link = Link(("127.0.0.1", self.coord_port), self.profile, seed=len(self.links), name=name)

@@ -359,10 +359,9 @@ class DhtTransport(BoundedDht, Transport):
                 late = set().union(*(h.group for h in haves.values())) - set(announced) - refused
                 before = len(announced)
                 received += self._take_late(round_, late, announced, mine, held, refused, deadline) if late else 0
-                if len(announced) > before:
-                    self._store(have_key, self.name, HaveList(frozenset(held), frozenset(announced)).encode(),
-                                get_dht_time() + self._record_ttl)
                 haves[self.name] = HaveList(frozenset(held), frozenset(announced))
+                if len(announced) > before:  # our list again, over the grown group
+                    self._store(have_key, self.name, haves[self.name].encode(), get_dht_time() + self._record_ttl)
                 pending = set().union(*(h.group for h in haves.values())) - set(announced) - refused
                 # every member listed what it holds of the whole group (not of a group that lacks a late sender)
                 if not pending and all(s in haves and haves[s].group >= set(announced) for s in announced):
