@@ -81,6 +81,7 @@ class CoordinatorCore:
         self.uploads: dict[str, Upload] = {}
         self.submitted: dict[str, tuple[bytes, float, float]] = {}  # node id → (frame, at, loss)
         self.submitter_names: dict[str, str] = {}  # node id → name, kept if the member leaves before commit
+        self.observers: set[str] = set()  # members that observe the open round without a payload: not waited for
         self.first_submit_at: float | None = None
         self.first_submits: dict[int, float] = {}  # recent closed round → time of its first payload
         self.late_noted: set[tuple[str, int]] = set()
@@ -261,6 +262,16 @@ class CoordinatorCore:
             if self.first_submit_at is None:
                 self.first_submit_at = now
                 wait, self.deadline_reason = policy.round_wait(list(self.spreads), self.cfg.deadline)
+                newcomers = sorted(n.name for n in self.members.values() if 0 < n.first_round == up.round)
+                if newcomers and not self.cfg.run.recipe.overlap and self.cfg.deadline.max_wait_s > wait:
+                    # a member's first round: it fetched the state and started its inner steps after the others
+                    # (a join under way, a rejoin), so the adaptive deadline, learnt from members in step, would
+                    # close the round without it and waste those steps. Wait the longest wait for it, once per
+                    # join (the round closes as soon as it arrives; a newcomer that dies is dropped with its lease).
+                    # With overlap a joiner instead steps in at a round boundary (node/daemon.py, _step_in) and
+                    # observes the rounds before: waiting for it there would stall the run.
+                    wait = self.cfg.deadline.max_wait_s
+                    self.deadline_reason = f"the longest wait: first round of {', '.join(newcomers)}"
                 self.deadline = now + wait
                 log.info("[round=%d] first payload from %s; deadline in %.1f s (%s)", up.round, m.name, wait,
                          self.deadline_reason)
@@ -271,6 +282,14 @@ class CoordinatorCore:
     def _waiting_to_start(self) -> bool:
         return not policy.run_started(self.open_round, len(self.members), self.cfg.membership).act
 
+    def _expected(self, round_: int) -> set[str]:
+        """The members whose payload the open round waits for: those in it, less those observing it once the round
+        holds a quorum (``min_nodes`` payloads; an observer never lets a round commit below it)."""
+        expected = policy.expected_members(self.members, round_)
+        if len(self.submitted) >= self.cfg.membership.min_nodes:
+            expected -= self.observers
+        return expected
+
     def _maybe_close(self) -> None:
         started = policy.run_started(self.open_round, len(self.members), self.cfg.membership)
         if not started.act:
@@ -278,7 +297,7 @@ class CoordinatorCore:
                 log.info("[round=%d] %s", self.open_round, started.reason)
             self._last_reason = started.reason
             return
-        expected = policy.expected_members(self.members, self.open_round)
+        expected = self._expected(self.open_round)
         decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership)
         if not decision.close:
             if decision.reason != self._last_reason and "deadline" in decision.reason:
@@ -314,7 +333,7 @@ class CoordinatorCore:
             if nid in self.members:
                 self.members[nid].rounds_contributed += 1
         self.store.commit_round(row, self.reference.to_bytes(), frames, self.members, aggregate_frame)
-        if set(decision.members) >= policy.expected_members(self.members, r):
+        if set(decision.members) >= self._expected(r):
             self.spreads.append(max(times) - min(times))
         self.results[r] = Committed(r, frames, fingerprint, decision.reason, aggregate_frame)
         while len(self.results) > self.cfg.keep_results:
@@ -323,6 +342,7 @@ class CoordinatorCore:
         self.open_round = r + 1
         self.submitted.clear()
         self.submitter_names.clear()
+        self.observers.clear()
         self.uploads = {k: u for k, u in self.uploads.items() if u.round > r}
         if self.first_submit_at is not None:
             self.first_submits[r] = self.first_submit_at
@@ -353,6 +373,13 @@ class CoordinatorCore:
             m = self._member(node_id)
             if round_ > self.open_round:
                 raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")
+            if (not submitted and round_ == self.open_round and node_id not in self.submitted
+                    and node_id not in self.uploads and node_id not in self.observers):
+                # it takes this round's result without contributing (a joiner catching up or stepping in, a node
+                # that skips a round to get back in step): the round need not wait for its payload
+                self.observers.add(node_id)
+                log.info("[round=%d] %s observes this round: not waiting for its payload", round_, m.name)
+                self._maybe_close()
             while round_ == self.open_round:
                 if submitted and node_id not in self.submitted and node_id not in self.uploads:
                     raise NotSubmitted(f"no payload from {m.name} for round {round_} is held (the coordinator "

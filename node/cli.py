@@ -266,7 +266,7 @@ def cmd_bench_network(args: argparse.Namespace) -> int:
     run_network_bench(args.recipes, args.profiles, overlaps, nodes=args.nodes, size=args.size, H=args.H,
                       batch=args.batch_size, rounds=args.rounds, warm=args.warm, join=not args.no_join,
                       out=Path(args.out) if args.out else None, netns={"auto": None, "on": True, "off": False}[args.netns],
-                      cpu_per_node=args.cpu_per_node, checkpoint_every=args.checkpoint_every)
+                      cpu_per_node=args.cpu_per_node, checkpoint_every=args.checkpoint_every, result=args.result)
     return 0
 
 
@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "machine of that speed: without it, nodes sharing this box's cores speed each other up "
                          "while they wait")
     bn.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="the nodes' --checkpoint-every")
+    bn.add_argument("--result", default="relay", choices=["relay", "aggregate"],
+                    help="the run's [rounds] result: relay every member's frame, or send one reduced dense frame")
     bn.add_argument("--out", default=None, help="write network.json here")
     bn.set_defaults(func=cmd_bench_network)
     bs = bsub.add_parser("soak", help="a long run under seeded churn, then its invariants (exit 1 on a violation)")
@@ -415,10 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """A benchmark owns processes, namespaces and cgroups: SIGTERM (``kill``, a CI timeout) unwinds it like
+    Ctrl-C, so its ``finally`` blocks stop and remove them instead of leaving them behind."""
+    import signal
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    if args.func.__name__.startswith("cmd_bench"):
+        _interrupt_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

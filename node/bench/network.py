@@ -4,16 +4,18 @@ Where network namespaces can be made (root), the coordinator and every node run 
 (``node.netem.netns``) behind a ``tc tbf``-shaped veth, and each node reaches the coordinator through its own
 ``node.netem.link.Link`` relay on the bridge, which adds latency, jitter, loss stalls and outages (this kernel has
 no netem). Elsewhere every process is on 127.0.0.1 and the relay shapes the bandwidth as well (logged). After
-``warm`` rounds a joiner starts behind a link of the same profile.
+the measured rounds a joiner starts behind a link of the same profile.
 
 Per configuration (recipe × overlap × profile) it reports, from the nodes' round logs and the links' counters:
-- compute utilization per node = time in inner steps / wall time, over the rounds after the first;
+- compute utilization per node = time in inner steps / wall time, over ``rounds`` rounds after ``warm`` ones (each
+  measured from the end of the round before), the 4 nodes alone;
 - bytes each node put on its uplink per round (gRPC + HTTP/2 framing + heartbeats included) vs the codec's
   formula (the exact frame size, ``Worker.payload_bytes``), and what came down;
 - round time (median time between a node's consecutive applied rounds);
-- join time: joiner start → the commit of the first round with its contribution, vs the goal 1.2 × state bytes / link rate + 5 s, and
-  joiner start → state adopted (ready to train: what the link and the state transfer decide; the rest is the
-  first round's inner steps and the wait for that round to close).
+- join time (the joiner starts after that window): joiner start → the commit of the first round with its
+  contribution, vs the goal 1.2 × state bytes / link rate + 5 s, and joiner start → state adopted (ready to
+  train: what the link and the state transfer decide; the rest is the wait for a round to start, the first
+  round's inner steps, and that round closing).
 
 ``cpu_per_node`` gives each node a fixed CPU budget (``node.netem.cpu``: a cgroup quota), so nodes sharing this
 box compute as separate machines of that speed would; without it, utilization mixes in CPU contention.
@@ -63,6 +65,7 @@ lease_s = 60.0
 initial_wait_s = 600.0
 max_wait_s = 600.0
 eval_every = 0
+result = "{result}"
 """
 
 
@@ -98,13 +101,13 @@ def _commit_times(state_dir: Path) -> dict[int, float]:
 
 def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: str, H: int, batch: int,
             rounds: int, warm: int, join: bool, root: Path, use_netns: bool = False,
-            cpu_per_node: float | None = None, checkpoint_every: int = 1) -> dict[str, Any]:
+            cpu_per_node: float | None = None, checkpoint_every: int = 1, result: str = "relay") -> dict[str, Any]:
     profile = get_profile(profile_name)
     topo = nsmod.Topology(prefix="lbn") if use_netns else None
     budget = CpuBudget(prefix="lbn") if cpu_per_node else None
     root.mkdir(parents=True, exist_ok=True)
     (root / "run.toml").write_text(RUN.format(recipe=recipe, size=size, batch=batch, H=H, nodes=nodes,
-                                              overlap=str(overlap).lower()))
+                                              overlap=str(overlap).lower(), result=result))
     procs: list[subprocess.Popen] = []
     links: dict[str, Link] = {}
     env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -141,10 +144,15 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"the run did not get under way (logs in {root})")
             time.sleep(0.5)
-        # steady state: counters and round counts from here to the end (start-up and Join excluded)
+        # steady state, the 4 nodes alone: counters and round counts over ``rounds`` rounds after the warm ones
         base = {n: (links[n].stats(), len(applied_rounds(root / n))) for n in names}
+        while min(len(applied_rounds(root / n)) - base[n][1] for n in names) < rounds:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"the run stopped early (logs in {root})")
+            time.sleep(0.5)
+        snapshot = {n: (links[n].stats(), len(applied_rounds(root / n))) for n in names}
         join_row: dict[str, Any] = {}
-        if join:
+        if join:  # then a joiner behind the same profile (after the steady window: a join slows its rounds)
             started = time.time()
             start("joiner")
             while True:
@@ -160,12 +168,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             goal = 1.2 * state_bytes * 8 / profile.down_bps + 5 if profile.down_bps else 5.0
             join_row = {"join_s": first["round"], "state_bytes": state_bytes,  # join_s: see _commit_times below
                         "state_ready_s": round(state["time"] - started, 2) if state else None,
-                        "join_goal_s": round(goal, 2)}
-        while min(len(applied_rounds(root / n)) for n in names) < warm + rounds:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"the run stopped early (logs in {root})")
-            time.sleep(0.5)
-        snapshot = {n: (links[n].stats(), len(applied_rounds(root / n))) for n in names}
+                        "join_goal_s": round(goal, 2), "join_train_s": first.get("train_s")}
     finally:
         for p in reversed(procs):
             stop_group(p)
@@ -183,17 +186,16 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
     per_node = []
     for n in names:
         applied = applied_rounds(root / n)
-        window = applied[1:]  # the first round includes start-up
-        wall = applied[-1]["time"] - applied[0]["time"]
-        util = sum(e["train_s"] for e in window) / wall if wall > 0 else float("nan")
-        gaps = [b["time"] - a["time"] for a, b in zip(applied, applied[1:])]
         (end, end_rounds), (start, start_rounds) = snapshot[n], base[n]
+        steady = applied[max(0, start_rounds - 1):end_rounds]  # the last warm round, then the measured ones
+        util = sum(e["train_s"] for e in steady[1:]) / (steady[-1]["time"] - steady[0]["time"])
+        gaps = [b["time"] - a["time"] for a, b in zip(steady, steady[1:])]
         counted = max(1, end_rounds - start_rounds)
         per_node.append({"node": n, "rounds": len(applied), "utilization": round(util, 4),
                          "round_s": round(statistics.median(gaps), 3),
                          "up_bytes_per_round": (end["bytes_up"] - start["bytes_up"]) / counted,
                          "down_bytes_per_round": (end["bytes_down"] - start["bytes_down"]) / counted,
-                         "train_s": round(statistics.median(e["train_s"] for e in window), 3)})
+                         "train_s": round(statistics.median(e["train_s"] for e in steady[1:]), 3)})
     up = statistics.median(r["up_bytes_per_round"] for r in per_node)
     row = {"recipe": recipe, "overlap": overlap, "profile": describe(profile), "nodes": nodes, "size": size,
            "network": "netns + tc tbf + relay" if topo else "loopback + relay",
@@ -206,7 +208,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
            "train_s": statistics.median(r["train_s"] for r in per_node),
            "upload_s": round(frame * 8 / profile.up_bps, 3) if profile.up_bps else 0.0,
            **join_row, "per_node": per_node, "omp_threads": env_threads, "cpu_per_node": cpu_per_node,
-           "checkpoint_every": checkpoint_every,
+           "checkpoint_every": checkpoint_every, "result": result,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     log.info("%s overlap=%s %s: utilization %.1f%% (min %.1f%%), round %.2f s, up %.0f B/round = %.3f× formula%s",
              recipe, overlap, profile.name, 100 * row["utilization_median"], 100 * row["utilization_min"],
@@ -218,7 +220,8 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
 def run_network_bench(recipes: list[str], profiles: list[str], overlaps: list[bool], *, nodes: int = 4,
                       size: str = "medium", H: int = 8, batch: int = 1, rounds: int = 6, warm: int = 2,
                       join: bool = True, out: Path | None = None, netns: bool | None = None,
-                      cpu_per_node: float | None = None, checkpoint_every: int = 1) -> list[dict[str, Any]]:
+                      cpu_per_node: float | None = None, checkpoint_every: int = 1,
+                      result: str = "relay") -> list[dict[str, Any]]:
     """``netns``: None = use namespaces where possible (else say so and use loopback), True = require them."""
     rows = []
     ok, why = nsmod.available()
@@ -234,7 +237,7 @@ def run_network_bench(recipes: list[str], profiles: list[str], overlaps: list[bo
             for overlap in overlaps:
                 rows.append(run_one(recipe, overlap, profile, nodes=nodes, size=size, H=H, batch=batch,
                                     rounds=rounds, warm=warm, join=join, use_netns=use_netns,
-                                    cpu_per_node=cpu_per_node, checkpoint_every=checkpoint_every,
+                                    cpu_per_node=cpu_per_node, checkpoint_every=checkpoint_every, result=result,
                                     root=base / f"{recipe}-{profile}-{'overlap' if overlap else 'sync'}"))
                 if out is not None:
                     out.mkdir(parents=True, exist_ok=True)

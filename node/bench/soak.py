@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -93,6 +94,8 @@ class SoakReport:
     links: str = ""  # how the links were emulated
     relayed_bytes: dict[str, int] = field(default_factory=dict)  # per node: both directions through its relay
     wall_s: float = 0.0
+    exchange_s_median: float = float("nan")  # a round's exchange as the nodes logged it (``wait_s``), first rounds out
+    round_s_median: float = float("nan")  # time between a node's consecutive applied rounds
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -377,6 +380,8 @@ class Soak:
                 problems.append(f"{name} exited with {code} on SIGTERM")
         fingerprints: dict[int, str] = {}
         committed: dict[int, Any] = {}
+        exchanges: list[float] = []
+        gaps: list[float] = []
         if self.cfg.mode == "coordinator":
             from coordinator.store import Store
 
@@ -394,6 +399,8 @@ class Soak:
             problems += check_round_log(entries, name)
             applied = [e for e in entries if "round" in e]
             report.applied[name] = len(applied)
+            exchanges += [e["wait_s"] for e in applied[1:] if "wait_s" in e]
+            gaps += [b["time"] - a["time"] for a, b in zip(applied, applied[1:]) if b["round"] == a["round"] + 1]
             for e in applied:
                 r = e["round"]
                 if committed and r not in committed:
@@ -404,6 +411,9 @@ class Soak:
                     problems.append(f"{name} round {r}: members differ from the coordinator's")
                 if fingerprints.setdefault(r, e["fingerprint"]) != e["fingerprint"]:
                     problems.append(f"{name} round {r}: fingerprint differs from another node's")
+        if exchanges and gaps:
+            report.exchange_s_median = round(statistics.median(exchanges), 3)
+            report.round_s_median = round(statistics.median(gaps), 3)
         report.committed_rounds = len(committed) if committed else (max(fingerprints) + 1 if fingerprints else 0)
         best = max((n for n in report.applied if (self.root / n / "checkpoint.pt").exists()),
                    key=lambda n: report.applied[n], default=None)
@@ -417,8 +427,9 @@ def run_soak(cfg: SoakConfig, root: Path | None = None, out: Path | None = None)
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     report = Soak(cfg, root).run()
-    log.info("soak %s: %d rounds committed in %.0f s, final val loss %.4f, %d problems (logs in %s)", cfg.mode,
-             report.committed_rounds, report.wall_s, report.final_val_loss, len(report.problems), root)
+    log.info("soak %s: %d rounds committed in %.0f s (round %.2f s, exchange %.2f s median), final val loss %.4f, "
+             "%d problems (logs in %s)", cfg.mode, report.committed_rounds, report.wall_s, report.round_s_median,
+             report.exchange_s_median, report.final_val_loss, len(report.problems), root)
     for p in report.problems:
         log.error("soak problem: %s", p)
     if out is not None:

@@ -66,7 +66,8 @@ from hivemind.utils import get_dht_time
 from coordinator.config import DeadlinePolicy
 from coordinator.membership import round_wait
 from node.transport.base import Membership, RoundResult, State, Transport
-from node.transport.dht_frames import KEEP_OWN_ROUNDS, FramePool, HaveList, Outcome, Pair
+from node.transport.dht_frames import (KEEP_OWN_ROUNDS, FramePool, HaveList, Outcome, Pair, same_reference,
+                                      well_formed)
 from node.transport.dht_records import BoundedDht
 from node.transport.dht_state import DEFAULT_CHUNK, StateShare
 
@@ -80,12 +81,6 @@ async def _cancel_pending() -> None:
         task.cancel()
     if tasks:
         await asyncio.wait(tasks, timeout=1.0)
-
-
-def _well_formed(announcement: Any) -> bool:
-    """(peer_id, size, sha256, fingerprint), as ``submit`` stores it."""
-    return (isinstance(announcement, (list, tuple)) and len(announcement) == 4 and isinstance(announcement[0], str)
-            and isinstance(announcement[1], int) and all(isinstance(x, str) for x in announcement[2:]))
 
 
 class DhtTransport(BoundedDht, Transport):
@@ -111,6 +106,7 @@ class DhtTransport(BoundedDht, Transport):
         self.frames = FramePool(name, self.handler_name, fetch_timeout_s)
         self._fingerprints: dict[int, str] = {}  # round → our reference fingerprint when we submitted
         self._lock = threading.Lock()  # serialises sends into the DHT's pipe
+        self._background: set[Any] = set()  # stores sent without waiting (``_store_later``)
         self._stop = threading.Event()
         self.cancel = cancel or threading.Event()  # the owner's stop (e.g. SIGTERM): abandon waits for a round
         self._hb: threading.Thread | None = None
@@ -157,10 +153,11 @@ class DhtTransport(BoundedDht, Transport):
         return [str(m) for m in self._dht_future(self.dht.run_coroutine, hivemind.DHT._get_visible_maddrs)]
 
     # -- membership ---------------------------------------------------------------------------------------
-    def live_peers(self, round_: int | None = None) -> set[str]:
-        """Peers with a live heartbeat (that take part in ``round_``, if given)."""
+    def live_peers(self, round_: int | None = None, records: dict[str, Any] | None = None) -> set[str]:
+        """Peers with a live heartbeat (that take part in ``round_``, if given). ``records``: the peers key, if the
+        caller read it already."""
         live = set()
-        for name, v in self._read(f"{self.run_id}/peers").items():
+        for name, v in (self._read(f"{self.run_id}/peers") if records is None else records).items():
             if isinstance(v, (list, tuple)) and len(v) == 3 and v[1] is True and isinstance(v[2], int):
                 if round_ is None or v[2] <= round_:
                     live.add(name)
@@ -204,28 +201,6 @@ class DhtTransport(BoundedDht, Transport):
     def _record_ttl(self) -> float:
         return max(60.0, 4 * (self.round_wait_s + self.agree_wait_s))
 
-    def _same_reference(self, round_: int, announced: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        """Keep the members whose reference (announced fingerprint) equals ours. If another reference is held by
-        more members (ties: the larger fingerprint string), ours is the diverged one: ("", why) tells the caller
-        to fetch the state. Every member applies the same rule to the same announcements, so a diverged replica
-        is left out by the others exactly when it leaves itself out."""
-        mine = self._fingerprints.get(round_, "")
-        groups: dict[str, set[str]] = {}
-        for sender, v in announced.items():
-            groups.setdefault(v[3], set()).add(sender)
-        if not mine or set(groups) <= {mine, ""}:
-            return announced, ""
-        checked = {fp: members for fp, members in groups.items() if fp}
-        best = max(checked.items(), key=lambda kv: (len(kv[1]), kv[0]))[0]
-        if best != mine:
-            return {}, (f"this replica's reference {mine} differs from the run's {best} "
-                        f"(held by {len(checked[best])} members): fetching the state")
-        keep = {s: v for s, v in announced.items() if v[3] in (mine, "")}
-        for sender in sorted(set(announced) - set(keep)):
-            log.warning("[node=%s round=%d] dropped %s: its reference %s differs from ours %s (a diverged replica)",
-                        self.name, round_, sender, announced[sender][3], mine)
-        return keep, ""
-
     def _given_up(self) -> bool:
         """Wait one poll interval; True when waiting longer is pointless (closed, cancelled, DHT process gone)."""
         return self._stop.wait(self.poll_s) or self.cancel.is_set() or not self.dht.is_alive()
@@ -235,46 +210,54 @@ class DhtTransport(BoundedDht, Transport):
             return self.round_wait_s, f"fixed {self.round_wait_s:.1f} s"
         return round_wait(self.spreads, self.deadline)
 
-    def _close_group(self, round_: int, deadline: float) -> dict[str, Any]:
-        """Phase 1: the announcements once everyone expected announced or the round's wait ran out."""
+    def _close_group(self, round_: int, deadline: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Phase 1: the announcements once everyone expected announced or the round's wait ran out, and the
+        round's outcome records read in the same poll (None: that read failed)."""
         key, first_seen, last_new, count = f"{self.run_id}/round/{round_}", None, 0.0, 0
         base_wait, base_why = self.round_wait()
         longest = self.deadline.max_wait_s if self.deadline is not None else self.round_wait_s
         announced: dict[str, Any] = {}
+        peers: dict[str, Any] | None = None  # the last heartbeats read (a failed read keeps it)
         while True:
+            # one poll: the four records read at once (on a slow link each lookup is several round trips)
+            want_records, seen, peer_records, done = self._read_many(
+                [self.state.want_key, key, f"{self.run_id}/peers", f"{key}/done"])
             # joiners downloading the state after round_ - 1 (from us or from another donor) contribute from this
             # round; they still have to load it and train their first steps: the round's longest wait for them
             # (one slower round per join), on every member alike
-            wants = self.state.wanted()
+            wants = self.state.wanted(want_records or {})
             self.state.offer_late(round_, wants)
             joiners = self.state.expected.get(round_, set()) | {n for n, target in wants.items() if target == round_}
             wait, why = base_wait, base_why
             if joiners and longest > wait:
                 wait, why = longest, f"the longest wait: {', '.join(sorted(joiners))} fetched the state"
-            seen = self._read_or_none(key)
             announced = announced if seen is None else seen  # a failed read keeps the last view (never shrinks it)
             now = time.monotonic()
             if announced and first_seen is None:
                 first_seen = now
             if len(announced) > count:
                 count, last_new = len(announced), now
-            expected = self.live_peers(round_) | joiners
-            if announced and expected <= set(announced):
+            peers = peers if peer_records is None else peer_records
+            expected = self.live_peers(round_, peers or {}) | joiners
+            if announced and peers is not None and expected <= set(announced):
                 if first_seen is not None:
                     self.spreads = (self.spreads + [last_new - first_seen])[-50:]
-                return announced
+                return announced, done
             if (first_seen is not None and now >= first_seen + wait) or now >= deadline:
                 missing = sorted(expected - set(announced))
                 log.info("[node=%s round=%d] closing without %s after the round's wait (%s)", self.name, round_,
                          ", ".join(missing) or "nobody", why)
-                return announced
+                return announced, done
             if self._given_up():  # closed, cancelled or DHT gone: nothing more will arrive
-                return {}
+                return {}, None
 
-    def _outcome(self, round_: int, mine: str) -> Outcome | None:
+    def _outcome(self, round_: int, mine: str, records: dict[str, Any] | None = None) -> Outcome | None:
         """The round's decided outcome among the ``done`` records of peers with our reference: the earliest
-        published (ties: the publisher's name), so every peer that reads the same records picks the same."""
-        found = [Outcome.parse(p, v) for p, v in self._read(f"{self.run_id}/round/{round_}/done").items()]
+        published (ties: the publisher's name), so every peer that reads the same records picks the same.
+        ``records``: the done key, if the caller read it already."""
+        if records is None:
+            records = self._read(f"{self.run_id}/round/{round_}/done")
+        found = [Outcome.parse(p, v) for p, v in records.items()]
         ours = [o for o in found if o is not None and o.committed and (not mine or o.fingerprint in (mine, ""))]
         if not ours:
             return None
@@ -283,10 +266,12 @@ class DhtTransport(BoundedDht, Transport):
         return best
 
     def _publish_done(self, round_: int, fingerprint: str, committed: bool, pairs: frozenset[Pair],
-                      published_at: float | None = None) -> None:
+                      published_at: float | None = None, wait: bool = True) -> None:
+        """``wait=False``: send it and go on (an outcome repeated only as a source for peers that lack frames)."""
         value = (self.peer_id, fingerprint, get_dht_time() if published_at is None else published_at, committed,
                  sorted([s, sha] for s, sha in pairs))
-        self._store(f"{self.run_id}/round/{round_}/done", self.name, value, get_dht_time() + self._record_ttl)
+        store = self._store if wait else self._store_later
+        store(f"{self.run_id}/round/{round_}/done", self.name, value, get_dht_time() + self._record_ttl)
 
     def collect(self, round_: int, timeout_s: float, fingerprint: str | None = None) -> RoundResult:
         """The round's outcome. ``fingerprint``: an observer's reference (a member's comes from ``submit``)."""
@@ -296,15 +281,16 @@ class DhtTransport(BoundedDht, Transport):
         if fingerprint is not None and self.frames.latest_own(round_) is None:  # a member's is what it submitted
             self._fingerprints[round_] = fingerprint
         mine = self._fingerprints.get(round_, "")
-        announced = {s: v for s, v in self._close_group(round_, deadline).items() if _well_formed(v)}
+        closed, done = self._close_group(round_, deadline)
+        announced = {s: v for s, v in closed.items() if well_formed(v)}
         if not announced:
             return RoundResult(round_, False, reason="no peer announced a frame before the deadline",
                                bytes_sent=self.frames.served.get(round_, 0))
-        announced, diverged = self._same_reference(round_, announced)
+        announced, diverged = same_reference(mine, announced, f"[node={self.name} round={round_}]")
         if diverged:
             return RoundResult(round_, False, reason=diverged, bytes_sent=self.frames.served.get(round_, 0),
                                state_needed=True)
-        decided = self._outcome(round_, mine)
+        decided = self._outcome(round_, mine, done)  # done: read with the announcements (None: read it now)
         received = 0
         if decided is None:
             decided, received = self._decide(round_, announced, mine, deadline)
@@ -339,7 +325,7 @@ class DhtTransport(BoundedDht, Transport):
         member = self.name in announced
         fetched, received = self._fetch(round_, {s: ([v[0]], v[1], v[2]) for s, v in announced.items()}, deadline)
         held = self._held(round_, announced, fetched)
-        have_key = f"{self.run_id}/round/{round_}/have"
+        have_key, done_key = f"{self.run_id}/round/{round_}/have", f"{self.run_id}/round/{round_}/done"
         if member:
             self._store(have_key, self.name, HaveList(frozenset(held), frozenset(announced)).encode(),
                         get_dht_time() + self._record_ttl)
@@ -347,12 +333,15 @@ class DhtTransport(BoundedDht, Transport):
         refused: set[str] = set()  # late senders whose announcement we cannot take (another reference, malformed)
         wants_read = time.monotonic()
         while True:
-            if member and time.monotonic() >= wants_read + self.heartbeat_s:  # a joiner asking now waits for us
-                self.state.offer_late(round_, self.state.wanted())
+            offer = member and time.monotonic() >= wants_read + self.heartbeat_s  # a joiner asking now waits for us
+            have_records, done_records, *want_records = self._read_many(
+                [have_key, done_key] + ([self.state.want_key] if offer else []))
+            if offer:
+                self.state.offer_late(round_, self.state.wanted(want_records[0] or {}))
                 wants_read = time.monotonic()
-            haves = {s: HaveList.parse(v) for s, v in self._read(have_key).items() if s in announced}
+            haves = {s: HaveList.parse(v) for s, v in (have_records or {}).items() if s in announced}
             haves = {s: h for s, h in haves.items() if h is not None}
-            decided = self._outcome(round_, mine)
+            decided = self._outcome(round_, mine, done_records or {})
             if decided is not None:
                 return decided, received  # someone committed already: that is the round (we adopt it)
             if member:
@@ -401,7 +390,7 @@ class DhtTransport(BoundedDht, Transport):
         reached that member first, a peer that announced just after our wait): add their announcements, fetch
         their frames into ``held``. Without this one early close would drop them for everyone. Bytes received."""
         seen = self._read(f"{self.run_id}/round/{round_}")
-        found = {s: seen[s] for s in late if s in seen and _well_formed(seen[s])}
+        found = {s: seen[s] for s in late if s in seen and well_formed(seen[s])}
         for sender in sorted(late - set(found)):
             log.debug("[node=%s round=%d] %s is in another member's group; its announcement is not readable yet",
                       self.name, round_, sender)
@@ -423,10 +412,10 @@ class DhtTransport(BoundedDht, Transport):
         done_key = f"{self.run_id}/round/{round_}/done"
         until = min(deadline, time.monotonic() + self.settle_s)
         while True:
-            published = set(self._read(done_key))
-            if peers - {self.name} <= published or time.monotonic() >= until or self._given_up():
+            records = self._read(done_key)
+            if peers - {self.name} <= set(records) or time.monotonic() >= until or self._given_up():
                 break
-        return self._outcome(round_, mine)
+        return self._outcome(round_, mine, records or None)  # empty: the read failed (ours is in there), read again
 
     def _adopt(self, round_: int, outcome: Outcome, announced: dict[str, Any], mine: str, deadline: float,
                received: int) -> RoundResult:
@@ -445,7 +434,7 @@ class DhtTransport(BoundedDht, Transport):
                                f"({', '.join(lacking)}): fetching the state instead", bytes_sent=sent,
                                bytes_received=received, state_needed=True)
         if outcome.publisher != self.name:  # the same outcome again: more sources for peers that missed frames
-            self._publish_done(round_, mine, True, outcome.pairs, outcome.published_at)
+            self._publish_done(round_, mine, True, outcome.pairs, outcome.published_at, wait=False)
             if self.name in announced and (self.name, announced[self.name][2]) not in outcome.pairs:
                 log.info("[node=%s round=%d] %s decided the round without our latest frame", self.name, round_,
                          outcome.publisher)

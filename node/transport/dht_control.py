@@ -185,8 +185,10 @@ class DhtControl:
                  fingerprint: str = "") -> RoundResult:
         if not self.transport.joined:  # resumed from a checkpoint without fetching state: be waited for from now
             self.transport.join(round_)
-        # mark the run as under way before offering the frame, so a later node knows to fetch the state
-        self.transport._store(self._progress_key, self.name, round_, get_dht_time() + CONFIG_TTL_S)
+        # mark the run as under way before offering the frame, so a later node knows to fetch the state (the
+        # first round's mark is awaited; later ones go out beside the frame: the run is marked by then)
+        store = self.transport._store if round_ == 0 else self.transport._store_later
+        store(self._progress_key, self.name, round_, get_dht_time() + CONFIG_TTL_S)
         self.transport.submit(round_, frame, fingerprint)
         result = self.transport.collect(round_, timeout_s)
         if self.stop.is_set():

@@ -119,6 +119,34 @@ class Outcome:
         return cls(publisher, peer_id, fingerprint, float(published_at), committed, pairs, {publisher: peer_id})
 
 
+def well_formed(announcement: Any) -> bool:
+    """(peer_id, size, sha256, fingerprint), as ``DhtTransport.submit`` stores it."""
+    return (isinstance(announcement, (list, tuple)) and len(announcement) == 4 and isinstance(announcement[0], str)
+            and isinstance(announcement[1], int) and all(isinstance(x, str) for x in announcement[2:]))
+
+
+def same_reference(mine: str, announced: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
+    """Keep the members whose reference (announced fingerprint, ``announced[s][3]``) equals ours, ``mine``. If
+    another reference is held by more members (ties: the larger fingerprint string), ours is the diverged one:
+    ({}, why) tells the caller to fetch the state. Every member applies the same rule to the same announcements,
+    so a diverged replica is left out by the others exactly when it leaves itself out."""
+    groups: dict[str, set[str]] = {}
+    for sender, v in announced.items():
+        groups.setdefault(v[3], set()).add(sender)
+    if not mine or set(groups) <= {mine, ""}:
+        return announced, ""
+    checked = {fp: members for fp, members in groups.items() if fp}
+    best = max(checked.items(), key=lambda kv: (len(kv[1]), kv[0]))[0]
+    if best != mine:
+        return {}, (f"this replica's reference {mine} differs from the run's {best} "
+                    f"(held by {len(checked[best])} members): fetching the state")
+    keep = {s: v for s, v in announced.items() if v[3] in (mine, "")}
+    for sender in sorted(set(announced) - set(keep)):
+        log.warning("%s dropped %s: its reference %s differs from ours %s (a diverged replica)", where, sender,
+                    announced[sender][3], mine)
+    return keep, ""
+
+
 class FramePool:
     def __init__(self, name: str, handler_name: str, fetch_timeout_s: float) -> None:
         self.name, self.handler_name, self.fetch_timeout_s = name, handler_name, fetch_timeout_s

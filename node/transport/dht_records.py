@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
+import time
+from concurrent.futures import Future
+from typing import Any, Sequence
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -21,6 +23,7 @@ class BoundedDht:
     rpc_timeout_s: float
     _lock: threading.Lock  # serialises sends into the DHT's pipe
     _loop: asyncio.AbstractEventLoop  # runs our P2P replica's streams
+    _background: set[Future[Any]]  # stores nobody waits for (``_store_later``), held until they finish
 
     def _run(self, coro: Any, timeout: float | None = None) -> Any:
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -48,15 +51,55 @@ class BoundedDht:
             log.warning("[node=%s] DHT store %s failed: %r", self.name, key, exc)
             return False
 
+    def _store_later(self, key: str, subkey: str, value: Any, expiration: float) -> None:
+        """Send a store and return at once: for records that help others later but that no step of ours waits on
+        (each costs a DHT lookup, several round trips on a slow link)."""
+        if not self.dht.is_alive():
+            return
+        with self._lock:
+            fut = self.dht.store(key, value, expiration, subkey=subkey, return_future=True)
+        self._background.add(fut)
+
+        def done(f: Future[Any]) -> None:
+            self._background.discard(f)
+            if not f.cancelled() and (f.exception() is not None or not f.result()):  # cancelled: we are closing
+                log.warning("[node=%s] DHT store %s (in the background) failed: %r", self.name, key, f.exception())
+
+        fut.add_done_callback(done)
+
     def _read(self, key: str) -> dict[str, Any]:
         """subkey → value of the live (unexpired) entries under ``key``; empty on any fault."""
         return self._read_or_none(key) or {}
 
     def _read_or_none(self, key: str) -> dict[str, Any] | None:
         """Like ``_read``, but None when the read failed: "I could not see" is not "nobody announced"."""
+        return self._read_many([key])[0]
+
+    def _read_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        """``_read_or_none`` of several keys at once: the lookups run concurrently in the DHT process, so a poll
+        of three records costs one lookup's round trips, not three."""
+        pending = [self._start_read(key) for key in keys]
+        until = time.monotonic() + self.rpc_timeout_s
+        return [self._finish_read(key, fut, until) for key, fut in zip(keys, pending)]
+
+    def _start_read(self, key: str) -> Future[Any] | None:
+        """Send a read; ``_finish_read`` takes its answer (meanwhile the caller does other work)."""
+        if not self.dht.is_alive():
+            log.warning("[node=%s] DHT get %s failed: the DHT process is not running", self.name, key)
+            return None
+        with self._lock:
+            return self.dht.get(key, latest=True, return_future=True)
+
+    def _finish_read(self, key: str, fut: Future[Any] | None, until: float | None = None) -> dict[str, Any] | None:
+        """The live entries of a read ``_start_read`` sent, or None when it failed; waits at most until ``until``
+        (default: ``rpc_timeout_s`` from now)."""
+        if fut is None:
+            return None
+        until = time.monotonic() + self.rpc_timeout_s if until is None else until
         try:
-            found = self._dht_future(self.dht.get, key, latest=True)
+            found = fut.result(timeout=max(0.0, until - time.monotonic()))
         except Exception as exc:
+            fut.cancel()
             log.warning("[node=%s] DHT get %s failed: %r", self.name, key, exc)
             return None
         if found is None or not isinstance(found.value, dict):

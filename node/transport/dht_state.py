@@ -113,9 +113,10 @@ class StateShare:
         return max(30.0, 10 * self.t.heartbeat_s)
 
     # -- donor side ---------------------------------------------------------------------------------------
-    def wanted(self) -> dict[str, int]:
-        """joiner → target of every live want record (one DHT read)."""
-        return {name: v for name, v in self.t._read(self.want_key).items() if isinstance(v, int) and name != self.t.name}
+    def wanted(self, records: dict[str, Any] | None = None) -> dict[str, int]:
+        """joiner → target of every live want record (one DHT read, unless the caller read ``want_key`` already)."""
+        records = self.t._read(self.want_key) if records is None else records
+        return {name: v for name, v in records.items() if isinstance(v, int) and name != self.t.name}
 
     def offer(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes],
               wants: dict[str, int] | None = None) -> bool:

@@ -177,6 +177,67 @@ def test_a_late_payload_teaches_the_deadline_to_wait_for_the_straggler(h: Harnes
     assert h.core.deadline == pytest.approx(clock.t + 14.0)  # quantile 1.0 × margin 2 × 7 s
 
 
+def test_a_members_first_round_after_the_start_waits_the_longest_wait_for_it(h: Harness, clock: Clock) -> None:
+    """A joiner fetches the state and starts its inner steps after the others: the deadline learnt from members
+    in step would close its first round without it and waste those steps. That round waits the longest wait
+    (still closing the moment the joiner's payload arrives); the round after is adaptive again."""
+    for n in "ab":
+        h.join(n)
+    h.submit("a", 0)
+    clock.advance(1.0)
+    h.submit("b", 0)  # spread 1 s: the adaptive wait is 2 s
+    assert h.join("c")["first_round"] == 1
+    h.submit("a", 1)
+    assert h.core.deadline == pytest.approx(clock.t + 60.0)
+    assert h.core.deadline_reason == "the longest wait: first round of c"
+    h.submit("b", 1)
+    for _ in range(4):  # 8 s, four times the adaptive wait; c's heartbeats keep its lease
+        clock.advance(2.0)
+        h.core.heartbeat(h.ids["c"])
+        h.core.tick()
+    assert h.core.open_round == 1
+    h.submit("c", 1)
+    assert h.core.open_round == 2 and h.store.recent_rounds()[-1].members == ["a", "b", "c"]
+    h.submit("a", 2)
+    assert h.core.deadline_reason.startswith("q1.00 of")
+
+
+def test_with_overlap_a_joiners_first_round_keeps_the_adaptive_deadline(make: Callable[..., Harness],
+                                                                       clock: Clock) -> None:
+    """With overlap a joiner steps in at a round boundary and observes the rounds before (node/daemon.py): a round
+    that waited the longest wait for it would stall every node at its next boundary."""
+    h = make({"recipe": {"overlap": True}})
+    for n in "ab":
+        h.join(n)
+    h.submit("a", 0)
+    clock.advance(1.0)
+    h.submit("b", 0)
+    assert h.join("c")["first_round"] == 1
+    h.submit("a", 1)
+    assert h.core.deadline == pytest.approx(clock.t + 2.0)
+    assert h.core.deadline_reason.startswith("q1.00 of")
+
+
+def test_a_member_that_observes_the_open_round_is_not_waited_for_in_it(h: Harness) -> None:
+    """Collecting a round without a payload (a joiner catching up or stepping in, a node skipping a round to get
+    back in step) says "I sit this round out": the round closes once the others submitted, without waiting for
+    its deadline, and the member is expected again in the next round."""
+    for n in "abc":
+        h.join(n)
+    with pytest.raises(StillOpen):  # c observes round 0 before anyone submitted
+        h.core.collect(h.ids["c"], 0, 0.0, False)
+    h.submit("a", 0)
+    assert h.core.open_round == 0
+    h.submit("b", 0)
+    assert h.core.open_round == 1  # closed at b's payload: c is not awaited
+    assert h.store.recent_rounds()[-1].reason == "all 2 live members submitted"
+    h.submit("a", 1)
+    h.submit("b", 1)
+    assert h.core.open_round == 1  # c is a member of round 1 again
+    result, _ = h.core.collect(h.ids["c"], 1, 0.0, False)  # observing closes it at once
+    assert h.core.open_round == 2 and list(result.frames) == ["a", "b"]
+
+
 def test_lease_expiry_by_tick_removes_a_silent_member(h: Harness, clock: Clock) -> None:
     for n in "abc":
         h.join(n)

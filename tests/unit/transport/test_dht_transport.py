@@ -279,3 +279,37 @@ def test_a_frame_slower_than_the_fetch_timeout_arrives_while_it_keeps_moving_and
             assert results[name].committed and results[name].payloads == expected, (name, results[name].reason)
         dropped = [r.getMessage() for r in caplog.records if "dropped w2" in r.getMessage()]
         assert any("stalled" in m for m in dropped), dropped
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_heartbeat_read_does_not_close_the_round_without_the_live_peers() -> None:
+    """A round closes early only when every live peer announced. A poll whose heartbeat read fails (a lookup
+    that timed out on a lossy link) knows no live peers; it must not read as "everyone announced" and close the
+    round with the first announcement alone."""
+    with peers("run-failed-read") as ts:
+        w0, w1, _ = ts
+        ts[2].leave()
+        failed = threading.Event()
+        real = w0._read_many
+        peers_key = "run-failed-read/peers"
+
+        def flaky(keys: list[str]) -> list[Any]:
+            out = real(keys)
+            if peers_key in keys and not failed.is_set():
+                failed.set()  # the first heartbeat read fails; every later one is real
+                out[keys.index(peers_key)] = None
+            return out
+
+        w0._read_many = flaky  # type: ignore[method-assign]
+        frames = {t.name: bytes([i + 1]) * 1000 for i, t in enumerate(ts[:2])}
+        w0.submit(0, frames["w0"])
+        results: dict[str, Any] = {}
+        th = threading.Thread(target=lambda: results.__setitem__("w0", w0.collect(0, 30.0)))
+        th.start()
+        assert failed.wait(20), "w0 never polled the heartbeats"
+        w1.submit(0, frames["w1"])
+        results["w1"] = w1.collect(0, 30.0)
+        th.join(60)
+        assert not th.is_alive()
+        for name, res in results.items():
+            assert res.committed and res.payloads == frames, (name, res.reason, list(res.payloads))
