@@ -83,19 +83,17 @@ class BoundedDht:
         return [self._finish_read(key, fut, until) for key, fut in zip(keys, pending)]
 
     def _start_read(self, key: str) -> Future[Any] | None:
-        """Send a read; ``_finish_read`` takes its answer (meanwhile the caller does other work)."""
+        """Send a read into the DHT process (None: it is not running); ``_finish_read`` takes the answer."""
         if not self.dht.is_alive():
             log.warning("[node=%s] DHT get %s failed: the DHT process is not running", self.name, key)
             return None
         with self._lock:
             return self.dht.get(key, latest=True, return_future=True)
 
-    def _finish_read(self, key: str, fut: Future[Any] | None, until: float | None = None) -> dict[str, Any] | None:
-        """The live entries of a read ``_start_read`` sent, or None when it failed; waits at most until ``until``
-        (default: ``rpc_timeout_s`` from now)."""
+    def _finish_read(self, key: str, fut: Future[Any] | None, until: float) -> dict[str, Any] | None:
+        """The live entries of a read ``_start_read`` sent, or None when it failed; waits at most until ``until``."""
         if fut is None:
             return None
-        until = time.monotonic() + self.rpc_timeout_s if until is None else until
         try:
             found = fut.result(timeout=max(0.0, until - time.monotonic()))
         except Exception as exc:
