@@ -57,6 +57,21 @@ async def receive_moving(reader: asyncio.StreamReader, idle_s: float, limit: int
     return bytes(buf)
 
 
+async def request_moving(p2p: P2P, peer_id: str, handler: str, request: bytes, idle_s: float,
+                         limit: int) -> tuple[bytes, bytes]:
+    """Ask ``peer_id``'s stream ``handler``: send ``request``, read (status byte, length-prefixed answer). Every
+    step must move within ``idle_s`` (the whole may take longer: a large answer on a slow link); the answer is
+    bounded by ``limit`` bytes."""
+    _info, reader, writer = await asyncio.wait_for(
+        p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), idle_s)
+    try:
+        await asyncio.wait_for(P2P.send_raw_data(request, writer), idle_s)
+        status = await asyncio.wait_for(reader.readexactly(1), idle_s)
+        return status, await receive_moving(reader, idle_s, limit)
+    finally:
+        writer.close()
+
+
 def digest(frame: bytes) -> str:
     return hashlib.sha256(frame).hexdigest()
 
@@ -219,15 +234,9 @@ class FramePool:
 
     # -- fetching ---------------------------------------------------------------------------------------
     async def _fetch(self, p2p: P2P, peer_id: str, round_: int, sha: str, size: int | None) -> bytes:
-        idle = self.fetch_timeout_s  # every step must make progress within this; the whole may take longer
-        _info, reader, writer = await asyncio.wait_for(
-            p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self.handler_name), idle)
-        try:
-            await asyncio.wait_for(P2P.send_raw_data(round_.to_bytes(8, "big") + bytes.fromhex(sha), writer), idle)
-            status = await asyncio.wait_for(reader.readexactly(1), idle)
-            data = await receive_moving(reader, idle, MAX_FRAME if size is None else size)
-        finally:
-            writer.close()
+        status, data = await request_moving(p2p, peer_id, self.handler_name,
+                                            round_.to_bytes(8, "big") + bytes.fromhex(sha), self.fetch_timeout_s,
+                                            MAX_FRAME if size is None else size)
         if status != _OK:
             raise LookupError("peer holds no such frame for this round")
         return data

@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
-from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
-from node.transport.dht_frames import receive_moving, send_moving
+from node.transport.dht_frames import receive_moving, request_moving, send_moving
 
 if TYPE_CHECKING:
     from node.transport.dht import DhtTransport
@@ -263,15 +262,9 @@ class StateShare:
 
     async def _chunk(self, peer_id: str, committed: int, offset: int, length: int) -> bytes:
         """One chunk; every step must move within ``fetch_timeout_s`` (a chunk may take longer on a slow link)."""
-        idle = self.t.fetch_timeout_s
-        _info, reader, writer = await asyncio.wait_for(
-            self.t.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self.handler_name), idle)
-        try:
-            await asyncio.wait_for(P2P.send_raw_data(msgpack.packb([committed, offset, length]), writer), idle)
-            status = await asyncio.wait_for(reader.readexactly(1), idle)
-            data = await receive_moving(reader, idle, max(length, 1 << 10))  # an error text may be sent instead
-        finally:
-            writer.close()
+        status, data = await request_moving(self.t.p2p, peer_id, self.handler_name,
+                                            msgpack.packb([committed, offset, length]), self.t.fetch_timeout_s,
+                                            max(length, 1 << 10))  # an error text may be sent instead
         if status != _OK:
             raise LookupError(data[:200].decode(errors="replace"))
         if len(data) != length:
