@@ -16,17 +16,19 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from coordinator import membership as policy
-from coordinator.config import CoordinatorConfig
+from node import membership as policy
+from node.runfile import RunFile
 from coordinator.errors import (BadPayload, Conflict, Full, NotSubmitted, Refused, ResultGone, StillOpen, Truncated,
                                 Unauthorized, UnknownNode, WrongRound)
 from coordinator.evaluator import Evaluator
-from coordinator.membership import Member
-from coordinator.store import RoundRow, Store
+from node.membership import Member
+from coordinator.store import Store
 from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_chunk
 from node import wire
 from node.config import diff_configs
 from node.errors import ConfigError, PayloadError
+from node.membership import CloseKind
+from node.roundlog import RoundRow
 from node.tasks import load_task
 from node.train.reference import Reference, model_digest
 
@@ -57,7 +59,7 @@ class Chunk:
 
 
 class CoordinatorCore:
-    def __init__(self, cfg: CoordinatorConfig, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: RunFile, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg, self.store, self.clock = cfg, store, clock
         run = cfg.run
         self.task = load_task(run.task.name, **run.task.params)
@@ -91,7 +93,7 @@ class CoordinatorCore:
         self.results: OrderedDict[int, Committed] = OrderedDict()
         self.recent: deque[RoundRow] = deque(store.recent_rounds(20), maxlen=20)
         # Rounds every member made: their first-to-last submission spread seeds the adaptive deadline after a restart.
-        self.spreads.extend(row.duration_s for row in self.recent if row.reason.startswith("all "))
+        self.spreads.extend(row.duration_s for row in self.recent if row.close == CloseKind.ALL_SUBMITTED.value)
         self._state_cache: tuple[int, bytes] | None = None
         self._last_reason = ""
         self.evaluator = Evaluator(self.task, model, self._record_val_loss) if cfg.eval_every else None
@@ -300,7 +302,7 @@ class CoordinatorCore:
         expected = self._expected(self.open_round)
         decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership)
         if not decision.close:
-            if decision.reason != self._last_reason and "deadline" in decision.reason:
+            if decision.reason != self._last_reason and decision.kind is CloseKind.NO_QUORUM:
                 log.warning("[round=%d] %s", self.open_round, decision.reason)
             self._last_reason = decision.reason
             return
@@ -328,7 +330,7 @@ class CoordinatorCore:
                      else (len(frames) - 1) * bytes_in)
         row = RoundRow(r, time.time(), list(frames), decision.reason, fingerprint, bytes_in, bytes_out,
                        now - (self.first_submit_at or now), sum(losses) / len(losses) if losses else float("nan"),
-                       float("nan"))
+                       float("nan"), decision.kind.value)
         for nid in decision.members:
             if nid in self.members:
                 self.members[nid].rounds_contributed += 1

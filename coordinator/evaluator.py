@@ -33,7 +33,7 @@ class Evaluator:
             with self._cv:
                 while self._job is None and not self._stop:
                     self._cv.wait()
-                if self._stop:
+                if self._job is None:  # stopping, and the last submitted round is evaluated
                     return
                 round_, tensors = self._job
                 self._job = None
@@ -45,8 +45,9 @@ class Evaluator:
             except Exception:  # evaluation must never take the coordinator down
                 log.exception("evaluation of round %d failed", round_)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Finish the round already submitted (its loss is recorded), then end the thread."""
         with self._cv:
             self._stop = True
             self._cv.notify()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=timeout_s)

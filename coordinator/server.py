@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.config import load_run_file
+from node.runfile import load_run_file
 from coordinator.core import CoordinatorCore
 from coordinator.servicer import CoordinatorServicer
 from coordinator.store import Store

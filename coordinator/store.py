@@ -9,33 +9,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from coordinator.membership import Member
+from node.membership import Member
 from node.fsutil import write_atomic
+from node.roundlog import COORDINATOR_LOG, RoundRow, append_line
 
 
 def _real(value: float | None) -> float:
     """SQLite stores NaN as NULL: read it back as NaN ("not measured"), never as None or 0."""
     return float("nan") if value is None else float(value)
-
-
-@dataclass
-class RoundRow:
-    round: int
-    committed_at: float
-    members: list[str]
-    reason: str
-    fingerprint: str
-    bytes_in: int
-    bytes_out: int
-    duration_s: float
-    mean_loss: float
-    val_loss: float
 
 
 class Store:
@@ -50,11 +36,13 @@ class Store:
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, committed_at REAL, members TEXT,
                 reason TEXT, fingerprint TEXT, bytes_in INTEGER, bytes_out INTEGER, duration_s REAL,
-                mean_loss REAL, val_loss REAL);
+                mean_loss REAL, val_loss REAL, close TEXT DEFAULT '');
             CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY, name TEXT, first_round INTEGER,
                 shard INTEGER, joined_at REAL, capabilities TEXT, rounds_contributed INTEGER,
                 bytes_in INTEGER, bytes_out INTEGER);
         """)
+        if "close" not in {r[1] for r in self.db.execute("PRAGMA table_info(rounds)")}:  # a state dir from before
+            self.db.execute("ALTER TABLE rounds ADD COLUMN close TEXT DEFAULT ''")
 
     # -- identity ------------------------------------------------------------------------------------
     def check_identity(self, run_id: str, config_hash: str) -> str | None:
@@ -85,10 +73,11 @@ class Store:
             {"round": row.round, "frames": frames, "aggregate": aggregate}, use_bin_type=True))
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?)",
+            self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                             (row.round, row.committed_at, json.dumps(row.members), row.reason, row.fingerprint,
-                             row.bytes_in, row.bytes_out, row.duration_s, row.mean_loss, row.val_loss))
+                             row.bytes_in, row.bytes_out, row.duration_s, row.mean_loss, row.val_loss, row.close))
             self._save_members(members)
+        append_line(self.dir / COORDINATOR_LOG, row.to_json())  # the audit trail tools read (node/roundlog.py)
         for old in sorted(self.dir.glob("state-*.pt"))[:-self.keep]:
             old.unlink(missing_ok=True)
         for old in sorted(self.dir.glob("result-*.msgpack"))[:-self.keep]:
@@ -97,6 +86,7 @@ class Store:
     def set_val_loss(self, round_: int, val_loss: float) -> None:
         with self.db:
             self.db.execute("UPDATE rounds SET val_loss = ? WHERE round = ?", (val_loss, round_))
+        append_line(self.dir / COORDINATOR_LOG, {"round": round_, "val_loss": val_loss})
 
     def latest(self) -> tuple[int, bytes | None]:
         """(committed rounds, state blob) of the last committed round; (0, None) for a new run."""
@@ -121,8 +111,8 @@ class Store:
 
     def recent_rounds(self, limit: int = 20) -> list[RoundRow]:
         rows = self.db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,)).fetchall()
-        return [RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], _real(r[8]), _real(r[9]))
-                for r in reversed(rows)]
+        return [RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], _real(r[8]), _real(r[9]),
+                         r[10] or "") for r in reversed(rows)]
 
     # -- members -------------------------------------------------------------------------------------
     def _save_members(self, members: dict[str, Member]) -> None:

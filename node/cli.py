@@ -158,7 +158,7 @@ def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch
 
     expected, dht = None, None
     if args.run:
-        from coordinator.config import load_run_file
+        from node.runfile import load_run_file
 
         run_file = load_run_file(args.run)
         expected = run_file.run

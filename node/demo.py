@@ -117,9 +117,10 @@ def _node_totals(workdir: Path) -> tuple[int, int]:
 
 def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16, workdir: str | None = None,
              timeout_s: float = 900.0) -> int:
-    from coordinator.config import parse_run_file
+    from node.runfile import parse_run_file
     from node import wire
     from node.compress import make_codec
+    from node.roundlog import coordinator_rounds
     from node.status import fetch_status
 
     root = Path(workdir or tempfile.mkdtemp(prefix="lowband-demo-"))
@@ -161,7 +162,7 @@ def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16
                           f"bytes_in={r.bytes_in:,} ({r.duration_s:.2f} s to close)", flush=True)
                     shown = r.round + 1
         failed = [i for i, p in enumerate(nodes_procs) if p.returncode != 0]
-        time.sleep(1.5)  # the last evaluation runs off the request path
+        stop_group(coord, grace_s=120.0)  # it finishes the last evaluation before it exits
     finally:
         if main:  # a second SIGTERM must not cut the cleanup short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -169,11 +170,7 @@ def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16
             stop_group(p)
         if main:
             signal.signal(signal.SIGTERM, previous)
-    from coordinator.store import Store
-
-    store = Store(root / "state")
-    rows = store.recent_rounds(limit=100000)
-    store.close()
+    rows = coordinator_rounds(root / "state")
     cfg = parse_run_file(run_text).run
     from node.tasks import load_task
 

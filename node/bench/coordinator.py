@@ -67,7 +67,7 @@ def _encoded_updates(cfg: Any, task: Any, names: list[str]) -> tuple[Any, wire.M
 
 def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sign", size: str = "tiny",
                           out: Path | None = None) -> list[dict[str, Any]]:
-    from coordinator.config import parse_run_file
+    from node.runfile import parse_run_file
 
     text = RUN.format(recipe=recipe, size=size)
     cfg = parse_run_file(text).run

@@ -36,7 +36,7 @@ NET: dict[str, Any] = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": 
 
 
 def dht_exchange(n: int, rounds: int, recipe: str, size: str) -> dict[str, Any]:
-    from coordinator.config import parse_run_file
+    from node.runfile import parse_run_file
     from node.transport.dht import DhtTransport
 
     cfg = parse_run_file(RUN.format(recipe=recipe, size=size)).run

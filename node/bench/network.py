@@ -36,7 +36,7 @@ from typing import Any
 import dataclasses
 
 from node.demo import _read_address, _spawn, stop_group
-from node.roundlog import applied_rounds, read_round_log
+from node.roundlog import applied_rounds, coordinator_rounds, read_round_log
 from node.netem import netns as nsmod
 from node.netem.cpu import CpuBudget
 from node.netem.link import Link
@@ -90,13 +90,7 @@ def _frame_bytes(recipe: str, size: str, batch: int, H: int, run_id: str, name: 
 
 
 def _commit_times(state_dir: Path) -> dict[int, float]:
-    from coordinator.store import Store
-
-    store = Store(state_dir)
-    try:
-        return {row.round: row.committed_at for row in store.recent_rounds(10_000)}
-    finally:
-        store.close()
+    return {row.round: row.committed_at for row in coordinator_rounds(state_dir)}
 
 
 def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: str, H: int, batch: int,

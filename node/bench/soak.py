@@ -35,7 +35,7 @@ from node.netem import netns as nsmod
 from node.netem.churn import ChurnEvent, random_schedule
 from node.netem.link import Link
 from node.netem.profiles import between_hosts, describe, get_profile
-from node.roundlog import read_round_log
+from node.roundlog import coordinator_rounds, read_round_log
 
 log = logging.getLogger(__name__)
 P2P_PORT = 4001  # a DHT peer's port inside its own namespace, where nothing else listens: it cannot collide
@@ -127,7 +127,7 @@ def final_val_loss(workdir: Path, run_file: Path) -> float:
     """The validation loss of the reference in a node's last checkpoint."""
     import torch
 
-    from coordinator.config import load_run_file
+    from node.runfile import load_run_file
     from node.tasks import load_task
     from node.train.worker import Worker
 
@@ -383,13 +383,7 @@ class Soak:
         exchanges: list[float] = []
         gaps: list[float] = []
         if self.cfg.mode == "coordinator":
-            from coordinator.store import Store
-
-            store = Store(self.root / "state")
-            try:
-                committed = {row.round: row for row in store.recent_rounds(limit=1_000_000)}
-            finally:
-                store.close()
+            committed = {row.round: row for row in coordinator_rounds(self.root / "state")}
             if sorted(committed) != list(range(len(committed))):
                 problems.append("the coordinator's committed rounds have gaps")
         for name in self.procs:

@@ -18,7 +18,7 @@ A round, as every peer runs it in ``collect``:
 
 1. close: wait until every live peer (and every joiner this peer just gave the state of this round) announced,
    or the round's wait after the first announcement this peer saw (bounded by ``timeout_s``); the group G =
-   the announcements read then. The wait adapts as in the coordinator (``coordinator.membership.round_wait``:
+   the announcements read then. The wait adapts as in the coordinator (``node.membership.round_wait``:
    clamp(margin × quantile of this peer's recent first-to-last announcement spreads)) when a
    ``DeadlinePolicy`` is given, else it is the fixed ``round_wait_s``.
    Members whose announced reference differs from ours are left out; if another reference is held by more
@@ -63,8 +63,7 @@ import hivemind
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
-from coordinator.config import DeadlinePolicy
-from coordinator.membership import round_wait
+from node.membership import DeadlinePolicy, round_wait
 from node.transport.base import Membership, RoundResult, State, Transport
 from node.transport.dht_frames import (KEEP_OWN_ROUNDS, FramePool, HaveList, Outcome, Pair, same_reference,
                                       well_formed)

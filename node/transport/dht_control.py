@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 from hivemind.utils import get_dht_time
 
-from coordinator.config import DeadlinePolicy
+from node.membership import DeadlinePolicy
 from node.config import RunConfig, diff_configs
 from node.transport.base import RoundResult
 from node.transport.control import Identity, JoinInfo, JoinRefused, State, Stopped

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from coordinator.config import load_run_file
+from node.runfile import load_run_file
 from node.config import RunConfig
 from node.tasks import load_task
 from node.train.reference import model_digest

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 
-from node.roundlog import applied_rounds, read_round_log as read_log  # the tests import both from here
+from node.roundlog import applied_rounds, coordinator_rounds, read_round_log as read_log  # the tests import both from here
 from node.status import fetch_status
 
 T = TypeVar("T")
@@ -234,13 +234,7 @@ def terminate(*procs: Proc, timeout_s: float = 20.0) -> list[int]:
 
 def rounds_table(state_dir: Path) -> list[Any]:
     """The coordinator's committed rounds from its SQLite store (read after the coordinator stopped)."""
-    from coordinator.store import Store
-
-    store = Store(state_dir)
-    try:
-        return store.recent_rounds(limit=1_000_000)
-    finally:
-        store.close()
+    return coordinator_rounds(state_dir)
 
 
 def check_round_sequence(entries: list[dict[str, Any]], who: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from coordinator.config import parse_run_file
+from node.runfile import parse_run_file
 from coordinator.core import PROTOCOL_VERSION, Chunk, CoordinatorCore
 from coordinator.store import Store
 from node import wire

@@ -1,4 +1,4 @@
-"""The coordinator's run file (TOML → CoordinatorConfig) and its crash-safe store (SQLite + renamed blobs)."""
+"""The coordinator's run file (TOML → RunFile) and its crash-safe store (SQLite + renamed blobs)."""
 from __future__ import annotations
 
 import math
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import (CoordinatorConfig, DeadlinePolicy, MembershipPolicy, load_run_file,
-                                parse_run_file)
-from coordinator.membership import Member
-from coordinator.store import RoundRow, Store
+from coordinator.store import Store
+from node.membership import DeadlinePolicy, Member, MembershipPolicy
+from node.roundlog import RoundRow
+from node.runfile import RunFile, load_run_file, parse_run_file
 from node.fsutil import write_atomic
 from node.errors import ConfigError
 
@@ -135,7 +135,7 @@ def test_faithful_dct_is_refused_pointing_to_dct_consistent() -> None:
 
 def test_coordinator_config_is_frozen() -> None:
     cfg = parse_run_file("")
-    assert isinstance(cfg, CoordinatorConfig)
+    assert isinstance(cfg, RunFile)
     with pytest.raises(AttributeError):
         cfg.eval_every = 5  # type: ignore[misc]
 

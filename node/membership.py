@@ -5,11 +5,51 @@ reason, which the caller logs. Tests drive them with a fake clock.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from coordinator.config import DeadlinePolicy, MembershipPolicy
+from node.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MembershipPolicy:
+    min_nodes: int = 1
+    max_nodes: int = 64
+    heartbeat_s: float = 2.0
+    lease_s: float = 10.0
+    join_token: str = ""
+
+    def __post_init__(self) -> None:
+        if self.min_nodes < 1:
+            raise ConfigError(f"membership.min_nodes must be ≥ 1, got {self.min_nodes}")
+        if self.max_nodes < self.min_nodes:
+            raise ConfigError(f"membership.max_nodes ({self.max_nodes}) must be ≥ min_nodes ({self.min_nodes})")
+        if not 0 < self.heartbeat_s < self.lease_s:
+            raise ConfigError(f"membership: need 0 < heartbeat_s ({self.heartbeat_s}) < lease_s ({self.lease_s})")
+
+
+@dataclass(frozen=True)
+class DeadlinePolicy:
+    """Round deadline = first submission + clamp(margin × quantile(recent submission spreads))."""
+
+    initial_wait_s: float = 30.0
+    min_wait_s: float = 2.0
+    max_wait_s: float = 300.0
+    quantile: float = 0.9
+    margin: float = 2.0
+    history: int = 20
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_wait_s <= self.max_wait_s:
+            raise ConfigError(f"rounds: need 0 < min_wait_s ({self.min_wait_s}) ≤ max_wait_s ({self.max_wait_s})")
+        if not 0 < self.quantile <= 1:
+            raise ConfigError(f"rounds.quantile must be in (0, 1], got {self.quantile}")
+        if self.margin < 1:
+            raise ConfigError(f"rounds.margin must be ≥ 1, got {self.margin}")
+        if self.history < 1:
+            raise ConfigError(f"rounds.history must be ≥ 1, got {self.history}")
 
 
 @dataclass
@@ -33,9 +73,20 @@ class Decision:
     reason: str
 
 
+class CloseKind(str, enum.Enum):
+    """Why a round closed, or why it stays open: the data behind ``CloseDecision.reason`` (which is for people)."""
+
+    ALL_SUBMITTED = "all_submitted"  # every expected member's payload is in
+    DEADLINE_QUORUM = "deadline_quorum"  # the deadline passed with at least min_nodes payloads
+    NO_PAYLOAD = "no_payload"  # open: nobody submitted yet
+    WAITING = "waiting"  # open: the deadline has not passed and members are missing
+    NO_QUORUM = "no_quorum"  # open: the deadline passed with fewer than min_nodes payloads
+
+
 @dataclass(frozen=True)
 class CloseDecision:
     close: bool
+    kind: CloseKind
     reason: str
     members: tuple[str, ...] = field(default_factory=tuple)  # node ids whose payloads make the round
 
@@ -97,14 +148,15 @@ def decide_close(now: float, expected: set[str], submitted: set[str], deadline: 
     """Close when every expected member submitted, or at the deadline with at least min_nodes payloads."""
     got = tuple(sorted(submitted))
     if not submitted:
-        return CloseDecision(False, "no payload yet")
+        return CloseDecision(False, CloseKind.NO_PAYLOAD, "no payload yet")
     missing = expected - submitted
     if not missing:
-        return CloseDecision(True, f"all {len(expected)} live members submitted", got)
+        return CloseDecision(True, CloseKind.ALL_SUBMITTED, f"all {len(expected)} live members submitted", got)
     if deadline is not None and now >= deadline:
         if len(submitted) >= policy.min_nodes:
-            return CloseDecision(True, f"deadline passed with {len(submitted)}/{len(expected)} payloads "
-                                       f"(≥ min_nodes {policy.min_nodes}); missing {len(missing)}", got)
-        return CloseDecision(False, f"deadline passed but only {len(submitted)} < min_nodes {policy.min_nodes} "
-                                    "payloads: waiting for quorum")
-    return CloseDecision(False, f"waiting for {len(missing)} of {len(expected)} members")
+            return CloseDecision(True, CloseKind.DEADLINE_QUORUM,
+                                 f"deadline passed with {len(submitted)}/{len(expected)} payloads "
+                                 f"(≥ min_nodes {policy.min_nodes}); missing {len(missing)}", got)
+        return CloseDecision(False, CloseKind.NO_QUORUM, f"deadline passed but only {len(submitted)} < min_nodes "
+                                                         f"{policy.min_nodes} payloads: waiting for quorum")
+    return CloseDecision(False, CloseKind.WAITING, f"waiting for {len(missing)} of {len(expected)} members")

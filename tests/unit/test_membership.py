@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.config import DeadlinePolicy, MembershipPolicy
-from coordinator.membership import (CloseDecision, Member, admit, run_started, decide_close, expected_members, expired_members,
-                                    free_shard, round_wait)
+from node.membership import (CloseDecision, CloseKind, DeadlinePolicy, Member, MembershipPolicy, admit, decide_close,
+                             expected_members, expired_members, free_shard, round_wait, run_started)
 
 LEASE = MembershipPolicy(min_nodes=2, max_nodes=3, heartbeat_s=2.0, lease_s=10.0)
 
@@ -149,14 +148,14 @@ def test_round_wait_uses_only_the_history_window() -> None:
 # -- closing a round ---------------------------------------------------------------------------------
 def test_close_no_payload_waits() -> None:
     d = decide_close(1000.0, {"a", "b"}, set(), 10.0, LEASE)
-    assert d == CloseDecision(False, "no payload yet")
+    assert d == CloseDecision(False, CloseKind.NO_PAYLOAD, "no payload yet")
 
 
 def test_close_when_all_submitted_with_sorted_members() -> None:
     d = decide_close(0.0, {"c", "a", "b"}, {"b", "c", "a"}, None, LEASE)
     assert d.close
     assert d.members == ("a", "b", "c")
-    assert d.reason == "all 3 live members submitted"
+    assert d.kind is CloseKind.ALL_SUBMITTED and d.reason == "all 3 live members submitted"
 
 
 def test_close_all_submitted_ignores_min_nodes() -> None:
@@ -167,7 +166,7 @@ def test_close_all_submitted_ignores_min_nodes() -> None:
 def test_close_missing_before_deadline_waits() -> None:
     d = decide_close(104.9, {"a", "b", "c"}, {"a", "b"}, 105.0, LEASE)
     assert not d.close
-    assert d.reason == "waiting for 1 of 3 members"
+    assert d.kind is CloseKind.WAITING and d.reason == "waiting for 1 of 3 members"
     assert d.members == ()
 
 
@@ -180,13 +179,13 @@ def test_close_at_deadline_with_quorum_names_missing_count() -> None:
     d = decide_close(105.0, {"a", "b", "c", "d"}, {"b", "a"}, 105.0, MembershipPolicy(min_nodes=2))
     assert d.close
     assert d.members == ("a", "b")
-    assert d.reason == "deadline passed with 2/4 payloads (≥ min_nodes 2); missing 2"
+    assert d.kind is CloseKind.DEADLINE_QUORUM and d.reason == "deadline passed with 2/4 payloads (≥ min_nodes 2); missing 2"
 
 
 def test_close_deadline_passed_below_quorum_waits() -> None:
     d = decide_close(200.0, {"a", "b", "c"}, {"a"}, 105.0, LEASE)
     assert not d.close
-    assert d.reason == "deadline passed but only 1 < min_nodes 2 payloads: waiting for quorum"
+    assert d.kind is CloseKind.NO_QUORUM and d.reason == "deadline passed but only 1 < min_nodes 2 payloads: waiting for quorum"
 
 
 def test_close_counts_payloads_of_departed_members() -> None:

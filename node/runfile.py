@@ -1,4 +1,4 @@
-"""The run file (TOML) a coordinator serves: the run itself plus membership and deadline policies.
+"""The run file (TOML) — what a coordinator serves and what serverless peers agree on: the run itself plus membership and deadline policies.
 
 ```toml
 [run]          # id, task, recipe, rounds, seed
@@ -17,51 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from node.config import RunConfig, TaskConfig
+from node.membership import DeadlinePolicy, MembershipPolicy
 from node.errors import ConfigError
 from node.recipes import make_run_config
 
 
 @dataclass(frozen=True)
-class MembershipPolicy:
-    min_nodes: int = 1
-    max_nodes: int = 64
-    heartbeat_s: float = 2.0
-    lease_s: float = 10.0
-    join_token: str = ""
-
-    def __post_init__(self) -> None:
-        if self.min_nodes < 1:
-            raise ConfigError(f"membership.min_nodes must be ≥ 1, got {self.min_nodes}")
-        if self.max_nodes < self.min_nodes:
-            raise ConfigError(f"membership.max_nodes ({self.max_nodes}) must be ≥ min_nodes ({self.min_nodes})")
-        if not 0 < self.heartbeat_s < self.lease_s:
-            raise ConfigError(f"membership: need 0 < heartbeat_s ({self.heartbeat_s}) < lease_s ({self.lease_s})")
-
-
-@dataclass(frozen=True)
-class DeadlinePolicy:
-    """Round deadline = first submission + clamp(margin × quantile(recent submission spreads))."""
-
-    initial_wait_s: float = 30.0
-    min_wait_s: float = 2.0
-    max_wait_s: float = 300.0
-    quantile: float = 0.9
-    margin: float = 2.0
-    history: int = 20
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_wait_s <= self.max_wait_s:
-            raise ConfigError(f"rounds: need 0 < min_wait_s ({self.min_wait_s}) ≤ max_wait_s ({self.max_wait_s})")
-        if not 0 < self.quantile <= 1:
-            raise ConfigError(f"rounds.quantile must be in (0, 1], got {self.quantile}")
-        if self.margin < 1:
-            raise ConfigError(f"rounds.margin must be ≥ 1, got {self.margin}")
-        if self.history < 1:
-            raise ConfigError(f"rounds.history must be ≥ 1, got {self.history}")
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
+class RunFile:
     run: RunConfig
     membership: MembershipPolicy = MembershipPolicy()
     deadline: DeadlinePolicy = DeadlinePolicy()
@@ -112,7 +74,7 @@ def _int(source: str, key: str, value: Any) -> int:
         raise ConfigError(f"{source}: {key} must be an integer, got {value!r}") from None
 
 
-def parse_run_file(text: str, source: str = "run file") -> CoordinatorConfig:
+def parse_run_file(text: str, source: str = "run file") -> RunFile:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -134,13 +96,13 @@ def parse_run_file(text: str, source: str = "run file") -> CoordinatorConfig:
                           workers=1, rounds=_int(source, "run.rounds", run.get("rounds", 100)),
                           seed=_int(source, "run.seed", run.get("seed", 0)),
                           run_id=str(run.get("id", "lowband")))
-    return CoordinatorConfig(run=cfg, membership=_section(doc, "membership", MembershipPolicy),
+    return RunFile(run=cfg, membership=_section(doc, "membership", MembershipPolicy),
                              deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy),
                              eval_every=eval_every, keep_results=keep, result=result_mode,
                              aggregate_codec=aggregate_codec)
 
 
-def load_run_file(path: str | Path) -> CoordinatorConfig:
+def load_run_file(path: str | Path) -> RunFile:
     p = Path(path)
     try:
         text = p.read_text()
