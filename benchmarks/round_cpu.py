@@ -6,7 +6,7 @@ from node.recipes import make_run_config
 from node.config import TaskConfig
 from node.tasks import load_task
 from node.train.worker import Worker
-from node.transport.base import RoundResult
+from node.transport.messages import RoundResult, RoundStatus
 torch.set_num_threads(1)
 cfg = make_run_config("sign", {"H": 1}, task=TaskConfig("gpt", {"size": "medium", "batch_size": 1, "block_size": 128}))
 task = load_task("gpt", size="medium", batch_size=1, block_size=128)
@@ -17,7 +17,7 @@ for w in ws[:4]:
     w.train()
 frames = {w.name: t("prepare", lambda w=w: w.prepare(0)) for w in ws}
 t("fingerprint", ws[0].fingerprint)
-res = RoundResult(0, True, dict(sorted(frames.items())))
+res = RoundResult(0, RoundStatus.COMMITTED, dict(sorted(frames.items())))
 t("apply", lambda: ws[0].apply(res))
 t("state_dict", lambda: ws[0].state_dict())
 from node.daemon import _detached

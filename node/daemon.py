@@ -1,8 +1,10 @@
 """``lowband node``: the long-running worker. Join, (fetch state), train H steps, submit, collect,
 apply, checkpoint, repeat — until the run's last round, SIGTERM, or Ctrl-C.
 
-The run is driven through a ``ControlPlane`` (node/transport/control.py): a gRPC coordinator by default, or
-with ``NodeOptions.dht`` a serverless hivemind DHT. The only mode switch is where the plane is built.
+The run is driven through a ``ControlPlane`` (node/transport/control.py): a gRPC coordinator by default, with
+``NodeOptions.dht`` a serverless hivemind DHT, or any plane handed to the constructor (an in-process run in tests,
+wrapped in the fault seam). The only mode switch is where the plane is built. Waits are decided on an injected
+``Clock`` (node/clock.py).
 
 Files in the workdir: ``checkpoint.pt`` (write-then-rename every ``checkpoint_every`` applied rounds and on exit) and
 ``rounds.jsonl`` (one line per applied round or adopted state: the exactly-once audit trail).
@@ -24,14 +26,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from node import wire
+from node.clock import SYSTEM_CLOCK, Clock
 from node.fsutil import write_atomic
 from node.config import RunConfig, diff_configs
 from node.tasks import load_task
 from node.train.inner import InnerStats
 from node.train.reference import model_digest
+from node.roundlog import append_line
 from node.train.worker import Worker
-from node.transport.base import RoundResult
 from node.transport.control import ControlPlane, Identity, JoinRefused, Rejoin, Stopped
+from node.transport.messages import RoundResult, RoundStatus, Submission
 
 if TYPE_CHECKING:
     from node.transport.dht_control import DhtSettings
@@ -86,9 +90,15 @@ class InFlight:
 
 
 class NodeDaemon:
-    def __init__(self, opts: NodeOptions, stop: threading.Event | None = None) -> None:
+    """``plane``: the control plane to use instead of building one from ``opts`` (tests: an in-process run, the fault
+    seam); the daemon closes it when it ends. ``clock``: what the daemon's waits are decided on."""
+
+    def __init__(self, opts: NodeOptions, stop: threading.Event | None = None, *, plane: ControlPlane | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.opts = opts
         self.stop = stop or threading.Event()
+        self.clock = clock
+        self._given_plane = plane
         self.name = opts.name or f"{socket.gethostname()}-{os.getpid()}"
         self.workdir = Path(opts.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -103,10 +113,7 @@ class NodeDaemon:
 
     # -- files ---------------------------------------------------------------------------------------
     def _log_round(self, entry: dict[str, Any]) -> None:
-        with open(self.workdir / "rounds.jsonl", "a") as f:
-            f.write(json.dumps({**entry, "time": time.time()}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.workdir / "rounds.jsonl", {**entry, "time": time.time()})
 
     def _checkpoint(self, config_hash: str, wait: bool = False) -> None:
         """Snapshot the worker now (tensor copies, so training can go on) and write it on the checkpoint thread:
@@ -143,6 +150,8 @@ class NodeDaemon:
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def _make_plane(self) -> ControlPlane:
+        if self._given_plane is not None:
+            return self._given_plane
         if self.opts.dht is not None:
             from node.transport.dht_control import DhtControl  # hivemind is imported only in DHT mode
 
@@ -231,7 +240,7 @@ class NodeDaemon:
                         result.reason or "not committed")
             return False
         fp = worker.fingerprint()
-        self._log_round({"round": c, "members": list(result.members or result.aggregate_members),
+        self._log_round({"round": c, "members": list(result.members),
                          "contributed": False, "fingerprint": fp,
                          "coordinator_fingerprint": result.reference_fingerprint, "observed": True,
                          **({"overlapped": True} if overlapped else {})})
@@ -252,8 +261,8 @@ class NodeDaemon:
         assert worker is not None
         if not worker.cfg.recipe.overlap:
             return None
-        give_up = time.monotonic() + STEP_IN_MAX_S
-        while not self.stop.is_set() and time.monotonic() < give_up:
+        give_up = self.clock.now() + STEP_IN_MAX_S
+        while not self.stop.is_set() and self.clock.now() < give_up:
             c = worker.reference.committed_rounds
             if c >= worker.cfg.rounds:
                 return None
@@ -265,11 +274,11 @@ class NodeDaemon:
                                                                    worker.fingerprint())):
                     return None
                 continue
-            while not self.stop.wait(0.2) and time.monotonic() < give_up:
+            while not self.clock.sleep(0.2, self.stop) and self.clock.now() < give_up:
                 if self._plane.round_started(c):
                     log.info("[node=%s round=%d] the others sent round %d: training round %d from now", self.name,
                              c, c, c + 1)
-                    return InFlight(c, None, time.monotonic(), self._executor.submit(
+                    return InFlight(c, None, self.clock.now(), self._executor.submit(
                         self._plane.observe, c, self.opts.round_timeout_s, worker.fingerprint()))
         return None
 
@@ -281,29 +290,31 @@ class NodeDaemon:
     def _adopt_state(self, why: str, after_round: int | None = None) -> None:
         worker = self.worker
         assert worker is not None
-        started = time.monotonic()
+        started = self.clock.now()
         prefetch, self.opts.prefetch = self.opts.prefetch, None
         state = prefetch.take(self.stop) if prefetch is not None and after_round is None else None
         if state is not None:
             assert prefetch is not None
-            started, why = time.monotonic() - prefetch.download_s, f"{why}, downloaded while starting up"
+            started, why = self.clock.now() - prefetch.download_s, f"{why}, downloaded while starting up"
         else:
             if prefetch is not None:
                 prefetch.cancel()
             state = self._plane.fetch_state(after_round, self.opts.round_timeout_s)
         if state is None:
             raise RuntimeError(f"the global state is needed ({why}) but {self._plane.where} cannot serve it")
-        committed, blob, fingerprint = state
-        download_s = time.monotonic() - started
+        committed, blob, fingerprint = state.committed, state.blob, state.fingerprint
+        download_s = self.clock.now() - started
         worker.adopt_global_state(blob)
         if worker.fingerprint() != fingerprint:
             raise RuntimeError(f"fetched state fingerprint {worker.fingerprint()} ≠ published {fingerprint}")
         log.info("[node=%s] adopted state after %d rounds (%d bytes, %.2f s, %s)", self.name, committed, len(blob),
-                 time.monotonic() - started, why)
+                 self.clock.now() - started, why)
         self._log_round({"event": "state", "committed_rounds": committed, "fingerprint": fingerprint, "why": why,
                          "bytes": len(blob), "download_s": round(download_s, 3)})
 
     def run(self) -> int:
+        """Exit status: 0 when the run ended or the node was stopped, 3 when the run refused it. An unexpected error
+        propagates without a checkpoint (the state may be half-updated: the last checkpoint stays) or a Leave."""
         try:
             self.plane = self._make_plane()
             try:
@@ -315,13 +326,13 @@ class NodeDaemon:
                 return 0
             try:
                 entered = self._sync_state(first, config_hash)
-                return self._loop(cfg, config_hash, self._step_in() if entered else None)
+                code = self._loop(cfg, config_hash, self._step_in() if entered else None)
             except Stopped:
-                return 0
-            finally:
-                if self.worker is not None and self.applied:
-                    self._checkpoint(config_hash, wait=True)
-                self.plane.leave("shutdown" if self.stop.is_set() else "done")
+                code = 0
+            if self.worker is not None and self.applied:
+                self._checkpoint(config_hash, wait=True)
+            self.plane.leave("shutdown" if self.stop.is_set() else "done")
+            return code
         finally:
             self._drop_prefetch()
             self._executor.shutdown(wait=True, cancel_futures=True)
@@ -357,9 +368,9 @@ class NodeDaemon:
                     retry = worker.pending is not None and worker.pending.round == r
                     frame = worker.pending.frame if retry else worker.prepare(r)  # a round that did not commit:
                     # the same frame again (the steps trained meanwhile go into the next round's, or are dropped)
-                    exchange = InFlight(r, stats, time.monotonic(), self._executor.submit(
-                        self._plane.exchange, r, frame, self.opts.round_timeout_s, stats.mean_loss, self.name,
-                        worker.fingerprint()))
+                    submission = Submission(r, frame, self.name, stats.mean_loss, worker.fingerprint())
+                    exchange = InFlight(r, stats, self.clock.now(), self._executor.submit(
+                        self._plane.exchange, submission, self.opts.round_timeout_s))
                     if cfg.recipe.overlap:
                         inflight = exchange
                     else:
@@ -385,11 +396,11 @@ class NodeDaemon:
             if not self._apply_observed(r, result, overlapped=True):
                 self._adopt_state("observed round not applicable")
             return
-        wait_s = time.monotonic() - done.started
+        wait_s = self.clock.now() - done.started
         if result.state_needed:
             worker.pending = None
             log.warning("[node=%s round=%d] %s", self.name, r, result.reason or "the round's result is gone")
-            self._adopt_state("diverged" if "differs" in result.reason else "round result gone")
+            self._adopt_state("diverged" if result.status is RoundStatus.DIVERGED else "round result gone")
             return
         report = worker.apply(result)
         if not report.committed:

@@ -97,9 +97,8 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
                           seed=_int(source, "run.seed", run.get("seed", 0)),
                           run_id=str(run.get("id", "lowband")))
     return RunFile(run=cfg, membership=_section(doc, "membership", MembershipPolicy),
-                             deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy),
-                             eval_every=eval_every, keep_results=keep, result=result_mode,
-                             aggregate_codec=aggregate_codec)
+                   deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy),
+                   eval_every=eval_every, keep_results=keep, result=result_mode, aggregate_codec=aggregate_codec)
 
 
 def load_run_file(path: str | Path) -> RunFile:
@@ -109,3 +108,22 @@ def load_run_file(path: str | Path) -> RunFile:
     except OSError as exc:
         raise ConfigError(f"cannot read run file {p}: {exc}") from None
     return parse_run_file(text, str(p))
+
+
+def build_run_file(*, run_id: str, recipe: str, rounds: int, seed: int = 0, task: str = "gpt",
+                   task_params: dict[str, Any] | None = None, recipe_overrides: dict[str, Any] | None = None,
+                   membership: dict[str, Any] | None = None, rounds_policy: dict[str, Any] | None = None) -> str:
+    """The TOML text of a run file (the one builder that tools, benches and tests use), checked by parsing it back:
+    a builder never emits a file ``lowband coordinator`` would refuse. ``recipe_overrides`` are flat dotted keys
+    (``{"H": 16, "inner.lr": 2e-3}``); ``membership`` and ``rounds_policy`` fill ``[membership]`` and ``[rounds]``."""
+    import tomli_w
+
+    doc: dict[str, Any] = {"run": {"id": run_id, "task": task, "recipe": recipe, "rounds": rounds, "seed": seed}}
+    if task_params is not None:
+        doc["task"] = dict(task_params)
+    for section, values in (("recipe", recipe_overrides), ("membership", membership), ("rounds", rounds_policy)):
+        if values:
+            doc[section] = dict(values)
+    text = tomli_w.dumps(doc)
+    parse_run_file(text, f"built run file {run_id!r}")
+    return text

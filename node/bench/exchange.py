@@ -62,7 +62,8 @@ def dht_exchange(n: int, rounds: int, recipe: str, size: str) -> dict[str, Any]:
 
             def play(p: DhtTransport) -> None:
                 barrier.wait()
-                res = p.exchange(r, frames[p.name], 600.0)
+                p.submit(r, frames[p.name])
+                res = p.collect(r, 600.0)
                 if not res.committed or len(res.members) != n:
                     raise RuntimeError(f"{p.name} round {r}: {res.reason} ({len(res.members)} members)")
                 traffic.append(res.bytes_received)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from node.config import RunConfig
 from node.tasks import Task, load_task
 from node.train.worker import Worker
-from node.transport.base import RoundResult
+from node.transport.messages import RoundResult
 from node.transport.inprocess import InProcessHub
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,6 @@ def simulate(cfg: RunConfig, task: Task | None = None, device: str = "cpu", eval
     workers = [Worker(f"w{i}", cfg, task, shard=i, num_shards=n, device=device) for i in range(n)]
     hub = InProcessHub(min_members=1)
     links = [hub.connect(w.name) for w in workers]
-    for link in links:
-        link.join()
     sent = received = tokens = 0
     history: list[RoundRecord] = []
     val = float("nan")

@@ -42,7 +42,7 @@ from node.errors import PayloadError
 from node.tasks.base import Task
 from node.train.inner import InnerLoop, InnerStats
 from node.train.reference import Reference
-from node.transport.base import RoundResult
+from node.transport.messages import RoundResult
 
 log = logging.getLogger(__name__)
 

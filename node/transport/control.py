@@ -1,8 +1,11 @@
-"""The control plane: what ``lowband node`` needs from whatever runs the run — a gRPC coordinator, or nobody
-(peers agreeing over a hivemind DHT). The daemon talks only to this interface, so its round loop is the same in
-both modes; each mode has a thin adapter (``grpc_control.GrpcControl``, ``dht_control.DhtControl``).
+"""The control plane: the one seam between ``lowband node`` and whatever runs the run — a gRPC coordinator
+(``grpc_control.GrpcControl``), nobody (peers agreeing over a hivemind DHT, ``dht_control.DhtControl``), or an
+in-process run (``inprocess_plane.InProcessPlane``: tests, the daemon in one process). The daemon talks only to
+this interface, so its round loop is the same in every mode; ``faults.FaultyPlane`` wraps any of them with a
+seeded fault schedule, and tests/contract runs one contract suite against every implementation.
 
-The exceptions and ``Identity`` live here, not in a transport, because both adapters raise / take them.
+The values that cross the seam are typed (node/transport/messages.py); the exceptions and ``Identity`` live here
+because every implementation raises / takes them.
 """
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-__all__ = ["ControlPlane", "Identity", "JoinInfo", "JoinRefused", "Rejoin", "State", "Stopped"]
-
 from node.config import RunConfig
-from node.transport.base import RoundResult, State
+from node.transport.messages import RoundResult, StateBlob, Submission
+
+__all__ = ["ControlPlane", "Identity", "JoinInfo", "JoinRefused", "Rejoin", "StateBlob", "Stopped", "Submission"]
 
 
 class JoinRefused(Exception):
@@ -67,11 +70,11 @@ class ControlPlane(Protocol):
     def join(self, identity: Identity) -> JoinInfo:
         """Enter the run; raises ``JoinRefused`` with the reason (e.g. the differing config fields)."""
 
-    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str,
-                 fingerprint: str = "") -> RoundResult:
-        """Offer this node's frame for ``round_`` and return the round's outcome (never raises on network faults).
-        ``fingerprint`` is this replica's reference before the round; ``state_needed`` in the result means the
-        replica diverged or fell out of the run and must fetch the state."""
+    def exchange(self, submission: Submission, timeout_s: float) -> RoundResult:
+        """Offer this node's frame for ``submission.round`` and return the round's outcome within ``timeout_s``
+        (never raises on network faults: the status says what happened). ``result.state_needed`` means the replica
+        diverged or fell out of the run and must fetch the state. Raises ``Rejoin`` when the run forgot this node,
+        ``Stopped`` when the node is shutting down."""
 
     def observe(self, round_: int, timeout_s: float, fingerprint: str = "") -> RoundResult:
         """The outcome of ``round_`` without contributing to it (waits for it to close); peers do not wait for
@@ -82,7 +85,7 @@ class ControlPlane(Protocol):
         """Whether the members already sent their frames for ``round_`` (or it closed): with overlapped rounds they
         are then training the next one. None where the plane cannot tell; the daemon then does not wait for it."""
 
-    def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
+    def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
         """The run's global state — once ``after_round`` closed, if given — or None where none can be had."""
 
     def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:

@@ -64,7 +64,7 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from node.membership import DeadlinePolicy, round_wait
-from node.transport.base import Membership, RoundResult, State, Transport
+from node.transport.messages import RoundResult, RoundStatus, StateBlob
 from node.transport.dht_frames import (KEEP_OWN_ROUNDS, FramePool, HaveList, Outcome, Pair, same_reference,
                                       well_formed)
 from node.transport.dht_records import BoundedDht
@@ -82,7 +82,7 @@ async def _cancel_pending() -> None:
         await asyncio.wait(tasks, timeout=1.0)
 
 
-class DhtTransport(BoundedDht, Transport):
+class DhtTransport(BoundedDht):
     def __init__(self, run_id: str, name: str, dht: hivemind.DHT, round_wait_s: float = 5.0, *,
                  first_round: int = 0, heartbeat_s: float = 1.0, rpc_timeout_s: float = 5.0,
                  fetch_timeout_s: float = 10.0, agree_wait_s: float | None = None, poll_s: float = 0.05,
@@ -170,7 +170,7 @@ class DhtTransport(BoundedDht, Transport):
         while not self._stop.wait(self.heartbeat_s):
             self._heartbeat()
 
-    def join(self, from_round: int | None = None) -> Membership:
+    def join(self, from_round: int | None = None) -> set[str]:
         """Start heartbeats: from now on the peers wait for this peer's frame in rounds ≥ ``from_round``."""
         if from_round is not None:
             self.from_round = from_round
@@ -179,7 +179,7 @@ class DhtTransport(BoundedDht, Transport):
         if self._hb is None:
             self._hb = threading.Thread(target=self._heartbeat_loop, name=f"dht-hb-{self.name}", daemon=True)
             self._hb.start()
-        return Membership(self.name, tuple(sorted(self.live_peers() | {self.name})), self.from_round)
+        return self.live_peers() | {self.name}
 
     # -- a round ------------------------------------------------------------------------------------------
     def submit(self, round_: int, payload: bytes, fingerprint: str = "") -> None:
@@ -275,7 +275,7 @@ class DhtTransport(BoundedDht, Transport):
     def collect(self, round_: int, timeout_s: float, fingerprint: str | None = None) -> RoundResult:
         """The round's outcome. ``fingerprint``: an observer's reference (a member's comes from ``submit``)."""
         if self._closed:
-            return RoundResult(round_, False, reason="this transport is closed")
+            return RoundResult(round_, RoundStatus.CLOSED, reason="this transport is closed")
         deadline = time.monotonic() + timeout_s
         if fingerprint is not None and self.frames.latest_own(round_) is None:  # a member's is what it submitted
             self._fingerprints[round_] = fingerprint
@@ -283,12 +283,12 @@ class DhtTransport(BoundedDht, Transport):
         closed, done = self._close_group(round_, deadline)
         announced = {s: v for s, v in closed.items() if well_formed(v)}
         if not announced:
-            return RoundResult(round_, False, reason="no peer announced a frame before the deadline",
+            return RoundResult(round_, RoundStatus.TIMED_OUT, reason="no peer announced a frame before the deadline",
                                bytes_sent=self.frames.served.get(round_, 0))
         announced, diverged = same_reference(mine, announced, f"[node={self.name} round={round_}]")
         if diverged:
-            return RoundResult(round_, False, reason=diverged, bytes_sent=self.frames.served.get(round_, 0),
-                               state_needed=True)
+            return RoundResult(round_, RoundStatus.DIVERGED, reason=diverged,
+                               bytes_sent=self.frames.served.get(round_, 0))
         decided = self._outcome(round_, mine, done)  # done: read with the announcements (None: read it now)
         received = 0
         if decided is None:
@@ -296,7 +296,7 @@ class DhtTransport(BoundedDht, Transport):
         if isinstance(decided, RoundResult):
             return decided
         if decided is None:
-            return RoundResult(round_, False, reason="no member published the round's outcome in time",
+            return RoundResult(round_, RoundStatus.UNDECIDED, reason="no member published the round's outcome in time",
                                bytes_sent=self.frames.served.get(round_, 0), bytes_received=received)
         return self._adopt(round_, decided, announced, mine, deadline, received)
 
@@ -370,7 +370,8 @@ class DhtTransport(BoundedDht, Transport):
             self._publish_done(round_, mine, False, frozenset())  # the others need not wait for our outcome
             why = ("no frame is held by every member" if not final else f"only {len(final)} member(s) agreed, "
                    f"fewer than the run's min_nodes {self.min_members}")  # a peer cut off must not go on alone
-            return RoundResult(round_, False, reason=why, bytes_sent=sent, bytes_received=received), received
+            return RoundResult(round_, RoundStatus.NO_QUORUM, reason=why, bytes_sent=sent,
+                               bytes_received=received), received
         self._publish_done(round_, mine, True, frozenset(final))
         return self._settle(round_, mine, confirmed | {s for s, _ in final}, deadline), received
 
@@ -429,9 +430,9 @@ class DhtTransport(BoundedDht, Transport):
         sent = self.frames.served.get(round_, 0)
         lacking = sorted(s for s, got in fetched.items() if not isinstance(got, bytes))
         if lacking:
-            return RoundResult(round_, False, reason=f"the members agreed on frames this node could not get "
-                               f"({', '.join(lacking)}): fetching the state instead", bytes_sent=sent,
-                               bytes_received=received, state_needed=True)
+            return RoundResult(round_, RoundStatus.FRAMES_UNAVAILABLE, reason="the members agreed on frames this "
+                               f"node could not get ({', '.join(lacking)}): fetching the state instead",
+                               bytes_sent=sent, bytes_received=received)
         if outcome.publisher != self.name:  # the same outcome again: more sources for peers that missed frames
             self._publish_done(round_, mine, True, outcome.pairs, outcome.published_at, wait=False)
             if self.name in announced and (self.name, announced[self.name][2]) not in outcome.pairs:
@@ -440,13 +441,14 @@ class DhtTransport(BoundedDht, Transport):
         payloads = {s: f for s, f in sorted(fetched.items()) if isinstance(f, bytes)}  # all of them (none lacking)
         missing = sorted(set(announced) - set(payloads))
         reason = "every announced member agreed" if not missing else f"committed without {', '.join(missing)}"
-        return RoundResult(round_, True, payloads, reason=reason, bytes_sent=sent, bytes_received=received)
+        return RoundResult(round_, RoundStatus.COMMITTED, payloads, reason=reason, bytes_sent=sent,
+                           bytes_received=received)
 
     # -- state and shutdown -------------------------------------------------------------------------------
-    def fetch_state(self, timeout_s: float = 60.0) -> State | None:
+    def fetch_state(self, timeout_s: float = 60.0) -> StateBlob | None:
         """The newest state any peer serves (asking for it through ``{run}/want``), or None within ``timeout_s``."""
         got = self.state.fetch(0, timeout_s)
-        return None if got is None else (got.offer.committed, got.blob, got.offer.fingerprint)
+        return None if got is None else StateBlob(got.offer.committed, got.blob, got.offer.fingerprint)
 
     def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> bool:
         return self.state.offer(committed, fingerprint, make_blob)

@@ -38,9 +38,9 @@ from hivemind.utils import get_dht_time
 
 from node.membership import DeadlinePolicy
 from node.config import RunConfig, diff_configs
-from node.transport.base import RoundResult
-from node.transport.control import Identity, JoinInfo, JoinRefused, State, Stopped
+from node.transport.control import Identity, JoinInfo, JoinRefused, Stopped
 from node.transport.dht import DhtTransport
+from node.transport.messages import RoundResult, StateBlob, Submission
 
 log = logging.getLogger(__name__)
 CONFIG_TTL_S = 7 * 24 * 3600.0  # outlives any run: a late node must still find what the run agreed on
@@ -181,15 +181,15 @@ class DhtControl:
                 raise Stopped()
         return JoinInfo(shard, self.settings.num_shards, 0, 0)
 
-    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str,
-                 fingerprint: str = "") -> RoundResult:
+    def exchange(self, submission: Submission, timeout_s: float) -> RoundResult:
+        round_ = submission.round
         if not self.transport.joined:  # resumed from a checkpoint without fetching state: be waited for from now
             self.transport.join(round_)
         # mark the run as under way before offering the frame, so a later node knows to fetch the state (the
         # first round's mark is awaited; later ones go out beside the frame: the run is marked by then)
         store = self.transport._store if round_ == 0 else self.transport._store_later
         store(self._progress_key, self.name, round_, get_dht_time() + CONFIG_TTL_S)
-        self.transport.submit(round_, frame, fingerprint)
+        self.transport.submit(round_, submission.frame, submission.fingerprint)
         result = self.transport.collect(round_, timeout_s)
         if self.stop.is_set():
             raise Stopped()  # shutting down: the round goes on without us (as in coordinator mode)
@@ -211,7 +211,7 @@ class DhtControl:
     def round_started(self, round_: int) -> bool | None:
         return None  # members wait the longest wait for a joiner's first round instead (see dht.py, _close_group)
 
-    def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
+    def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
         """Download the newest state of at least ``after_round + 1`` rounds from the peers, then start heartbeats
         from that round. None when no peer offered one within ``timeout_s``."""
         need = self._round if after_round is None else after_round + 1  # never older than what we have seen
@@ -226,7 +226,7 @@ class DhtControl:
                  sum(1 for n in got.per_donor.values() if n), served)
         self._round = got.offer.committed
         self.transport.join(got.offer.committed)
-        return got.offer.committed, got.blob, got.offer.fingerprint
+        return StateBlob(got.offer.committed, got.blob, got.offer.fingerprint)
 
     def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
         self.transport.offer_state(committed, fingerprint, make_blob)

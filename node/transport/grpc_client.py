@@ -16,9 +16,9 @@ import grpc
 
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
-from node.transport.base import Membership, RoundResult, State, Transport
 # re-exported: callers import them from here too
 from node.transport.control import Identity, JoinRefused, Rejoin, Stopped  # noqa: F401
+from node.transport.messages import RoundResult, RoundStatus, StateBlob
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
@@ -57,6 +57,10 @@ def _metadata(exc: grpc.RpcError, key: str) -> str | None:
     return None
 
 
+def _status(header: pb.CollectHeader) -> RoundStatus:
+    return RoundStatus.COMMITTED if header.committed else RoundStatus.NO_QUORUM
+
+
 class StallWatch:
     """Cancels a streaming call once nothing arrived for ``idle_s`` (``first_s`` before the first message), however
     long it runs while messages keep coming: a result that takes minutes on a slow downlink must not be cut by a
@@ -88,7 +92,9 @@ class StallWatch:
         self._thread.join(timeout=5)
 
 
-class GrpcTransport(Transport):
+class GrpcTransport:
+    """The coordinator's RPCs with retries; ``GrpcControl`` adapts it to the ``ControlPlane`` seam."""
+
     def __init__(self, address: str, stop: threading.Event | None = None, rpc_timeout_s: float = 30.0) -> None:
         self.address = address
         self.stop = stop or threading.Event()
@@ -132,7 +138,7 @@ class GrpcTransport(Transport):
     def status(self) -> pb.StatusResponse:
         return self._retry("Status", lambda: self.stub.Status(pb.StatusRequest(), timeout=self.rpc_timeout_s))
 
-    def join(self) -> Membership:
+    def join(self) -> pb.JoinResponse:
         ident = self.identity
         assert ident is not None, "set .identity before join()"
         req = pb.JoinRequest(node_name=ident.name, protocol_version=PROTOCOL_VERSION, config_json=ident.config_json,
@@ -151,7 +157,7 @@ class GrpcTransport(Transport):
         self.current_round = resp.current_round
         self.lost.clear()
         self._start_heartbeats()
-        return Membership(resp.node_id, (), resp.first_round)
+        return resp
 
     def _start_heartbeats(self) -> None:
         self._hb_stop.set()
@@ -254,7 +260,7 @@ class GrpcTransport(Transport):
                 if _metadata(exc, "lowband-not-submitted") is not None:
                     raise NeedResubmit(exc.details()) from None
                 if code == grpc.StatusCode.OUT_OF_RANGE:
-                    return RoundResult(round_, False, reason=exc.details(), state_needed=True)
+                    return RoundResult(round_, RoundStatus.RESULT_GONE, reason=exc.details())
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     backoff.reset()
                     continue  # the round is still open: ask again
@@ -263,7 +269,7 @@ class GrpcTransport(Transport):
                     backoff.sleep(self.stop)
                     continue
                 raise
-        return RoundResult(round_, False, reason=f"round {round_} did not close within {timeout_s:.0f} s")
+        return RoundResult(round_, RoundStatus.TIMED_OUT, reason=f"round {round_} did not close within {timeout_s:.0f} s")
 
     def _assemble(self, stream: Iterator[pb.CollectChunk], round_: int, own: bytes | None, own_name: str,
                   watch: StallWatch) -> RoundResult:
@@ -277,16 +283,18 @@ class GrpcTransport(Transport):
                 piece = chunk.piece
                 buf = parts.setdefault(piece.member, bytearray())
                 if piece.offset != len(buf):
-                    return RoundResult(round_, False, reason=f"result pieces of member {piece.member} out of order")
+                    return RoundResult(round_, RoundStatus.MALFORMED,
+                                       reason=f"result pieces of member {piece.member} out of order")
                 buf += piece.data
         if header is None:
-            return RoundResult(round_, False, reason="empty result stream")
+            return RoundResult(round_, RoundStatus.MALFORMED, reason="empty result stream")
         if header.aggregate_size:
             data = bytes(parts.get(0, b""))
             if len(data) != header.aggregate_size:
-                return RoundResult(round_, False, reason=f"aggregate arrived incomplete ({len(data)}/{header.aggregate_size})")
+                return RoundResult(round_, RoundStatus.MALFORMED,
+                                   reason=f"aggregate arrived incomplete ({len(data)}/{header.aggregate_size})")
             sent = len(own) if own is not None and own_name in header.members else 0
-            return RoundResult(round_, header.committed, {}, header.reason, bytes_sent=sent, bytes_received=len(data),
+            return RoundResult(round_, _status(header), {}, header.reason, bytes_sent=sent, bytes_received=len(data),
                                reference_fingerprint=header.reference_fingerprint, aggregate=data,
                                aggregate_codec=header.aggregate_codec, aggregate_members=tuple(header.members))
         payloads: dict[str, bytes] = {}
@@ -297,11 +305,12 @@ class GrpcTransport(Transport):
                 continue
             data = bytes(parts.get(i, b""))
             if len(data) != size:
-                return RoundResult(round_, False, reason=f"payload of {name} arrived incomplete ({len(data)}/{size})")
+                return RoundResult(round_, RoundStatus.MALFORMED,
+                                   reason=f"payload of {name} arrived incomplete ({len(data)}/{size})")
             payloads[name] = data
             received += size
         sent = len(own) if own is not None and own_name in header.members else 0
-        return RoundResult(round_, header.committed, dict(sorted(payloads.items())), header.reason,
+        return RoundResult(round_, _status(header), dict(sorted(payloads.items())), header.reason,
                            bytes_sent=sent, bytes_received=received, reference_fingerprint=header.reference_fingerprint)
 
     def exchange(self, round_: int, payload: bytes, timeout_s: float, loss: float = float("nan"),
@@ -320,7 +329,7 @@ class GrpcTransport(Transport):
                 log.warning("round %d: %s", round_, exc)
                 outcome = self.submit(round_, payload, loss)
 
-    def fetch_state(self, timeout_s: float = 600.0, join_token: str = "", min_committed: int = 0) -> State | None:
+    def fetch_state(self, timeout_s: float = 600.0, join_token: str = "", min_committed: int = 0) -> StateBlob | None:
         """(committed rounds, state blob, fingerprint); resumes from the last byte after a broken stream.
         Before Join (no node id yet) the join token authorises the download. None when the run's state is from
         before round ``min_committed`` (e.g. 1: the seeded initial state every node builds for itself)."""
@@ -344,7 +353,7 @@ class GrpcTransport(Transport):
                         break
                     buf += chunk.data
                 if total >= 0 and len(buf) == total:
-                    return committed, bytes(buf), fingerprint
+                    return StateBlob(committed, bytes(buf), fingerprint)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     raise Rejoin(exc.details()) from None

@@ -6,8 +6,8 @@ import threading
 from typing import Callable
 
 from node.config import RunConfig, run_config_from_dict
-from node.transport.base import RoundResult
-from node.transport.control import Identity, JoinInfo, State
+from node.transport.control import Identity, JoinInfo
+from node.transport.messages import RoundResult, StateBlob, Submission
 from node.transport.grpc_client import GrpcTransport
 
 
@@ -26,15 +26,13 @@ class GrpcControl:
 
     def join(self, identity: Identity) -> JoinInfo:
         self.transport.identity = identity
-        membership = self.transport.join()
-        resp = self.transport.join_response
-        assert resp is not None
-        return JoinInfo(resp.shard, resp.num_shards, membership.round, resp.committed_rounds)
+        resp = self.transport.join()
+        return JoinInfo(resp.shard, resp.num_shards, resp.first_round, resp.committed_rounds)
 
-    def exchange(self, round_: int, frame: bytes, timeout_s: float, loss: float, own_name: str,
-                 fingerprint: str = "") -> RoundResult:
+    def exchange(self, submission: Submission, timeout_s: float) -> RoundResult:
         # the coordinator checks replicas itself: it publishes its reference fingerprint with every result
-        return self.transport.exchange(round_, frame, timeout_s, loss, own_name)
+        s = submission
+        return self.transport.exchange(s.round, s.frame, timeout_s, s.loss, s.sender)
 
     def observe(self, round_: int, timeout_s: float, fingerprint: str = "") -> RoundResult:
         return self.transport.collect(round_, timeout_s, submitted=False)
@@ -43,7 +41,7 @@ class GrpcControl:
         status = self.transport.status()
         return status.current_round > round_ or (status.current_round == round_ and len(status.submitted) > 0)
 
-    def fetch_state(self, after_round: int | None, timeout_s: float) -> State | None:
+    def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
         if after_round is not None:  # observe the round close (we did not submit to it), then take its state
             self.transport.collect(after_round, timeout_s, submitted=False)
         return self.transport.fetch_state()

@@ -1,30 +1,27 @@
-"""In-process transport: N workers in one process share a hub. Used by the simulator and tests.
+"""An in-process relay for code that drives every worker from one thread: the simulator and the recipe oracles.
 
-A round closes as soon as every live member submitted. ``collect`` on a round that is still missing
-payloads closes it with the ones present (in one process nobody else will arrive), provided at least
-``min_members`` submitted. Bytes are counted as a relay/all-gather would move them: each worker sends
-its frame once and receives every other member's frame.
+Workers submit their frames for a round, then each collects; the first ``collect`` closes the round with the
+frames present (in one thread nobody else will arrive), provided at least ``min_members`` submitted. Bytes are
+counted as a relay/all-gather moves them: each worker sends its frame once and receives every other member's.
+
+This is not a control plane (a daemon needs one that waits for the others: node/transport/inprocess_plane.py).
 """
 from __future__ import annotations
 
 import threading
-from typing import Callable
 
-from node.transport.base import Membership, RoundResult, State, Transport
+from node.transport.messages import RoundResult, RoundStatus
 
 
 class InProcessHub:
     def __init__(self, min_members: int = 1) -> None:
         self.min_members = min_members
-        self.members: list[str] = []
         self._pending: dict[int, dict[str, bytes]] = {}
         self._closed: dict[int, dict[str, bytes] | None] = {}
-        self.state: State | None = None  # the newest state a worker offered (for joiners)
         self._lock = threading.Lock()
-        self._state_offered = threading.Condition(self._lock)
 
-    def connect(self, name: str) -> "InProcessTransport":
-        return InProcessTransport(self, name)
+    def connect(self, name: str) -> "RelayLink":
+        return RelayLink(self, name)
 
     def _close(self, round_: int) -> dict[str, bytes] | None:
         with self._lock:
@@ -34,17 +31,12 @@ class InProcessHub:
             return self._closed[round_]
 
 
-class InProcessTransport(Transport):
+class RelayLink:
+    """One worker's end of the relay."""
+
     def __init__(self, hub: InProcessHub, name: str) -> None:
         self.hub, self.name = hub, name
-        self._submitted: dict[int, int] = {}  # round → bytes this node put on the wire
-
-    def join(self) -> Membership:
-        with self.hub._lock:
-            if self.name not in self.hub.members:
-                self.hub.members.append(self.name)
-            next_round = max(self.hub._closed, default=-1) + 1
-            return Membership(self.name, tuple(self.hub.members), next_round)
+        self._submitted: dict[int, int] = {}  # round → bytes this worker put on the wire
 
     def submit(self, round_: int, payload: bytes) -> None:
         self._submitted[round_] = len(payload)
@@ -53,30 +45,12 @@ class InProcessTransport(Transport):
                 return  # late: the round closed without us; the caller's feedback keeps the update
             self.hub._pending.setdefault(round_, {})[self.name] = payload
 
-    def collect(self, round_: int, timeout_s: float = 0.0) -> RoundResult:
+    def collect(self, round_: int) -> RoundResult:
         payloads = self.hub._close(round_)
         sent = self._submitted.pop(round_, 0)
         if payloads is None:
-            return RoundResult(round_, False, reason=f"fewer than {self.hub.min_members} members submitted",
-                               bytes_sent=sent)
+            return RoundResult(round_, RoundStatus.NO_QUORUM, reason=f"fewer than {self.hub.min_members} members "
+                               "submitted", bytes_sent=sent)
         received = sum(len(p) for s, p in payloads.items() if s != self.name)
-        return RoundResult(round_, True, payloads, reason="all live members submitted",
+        return RoundResult(round_, RoundStatus.COMMITTED, payloads, reason="all live members submitted",
                            bytes_sent=sent, bytes_received=received)
-
-    def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> bool:
-        with self.hub._lock:
-            if self.hub.state is not None and self.hub.state[0] >= committed:
-                return False  # another replica already offered this round's state
-            self.hub.state = (committed, make_blob(), fingerprint)
-            self.hub._state_offered.notify_all()
-            return True
-
-    def fetch_state(self, timeout_s: float = 60.0) -> State | None:
-        with self.hub._state_offered:
-            self.hub._state_offered.wait_for(lambda: self.hub.state is not None, timeout=timeout_s)
-            return self.hub.state
-
-    def leave(self) -> None:
-        with self.hub._lock:
-            if self.name in self.hub.members:
-                self.hub.members.remove(self.name)

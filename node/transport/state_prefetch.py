@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 
-from node.transport.base import State
 from node.transport.grpc_client import GrpcTransport
+from node.transport.messages import StateBlob
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class StatePrefetch:
         self.finished: float | None = None
         self._stop = threading.Event()
         self._transport = GrpcTransport(address, self._stop)
-        self._result: State | None = None
+        self._result: StateBlob | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._download, args=(join_token, timeout_s), daemon=True,
                                         name="state-prefetch")
@@ -44,7 +44,7 @@ class StatePrefetch:
             self._done.set()
             self._transport.close()
 
-    def take(self, stop: threading.Event) -> State | None:
+    def take(self, stop: threading.Event) -> StateBlob | None:
         """The downloaded state once the download ends (None if there is none to use); waits while it runs."""
         while not self._done.wait(0.5):
             if stop.is_set():

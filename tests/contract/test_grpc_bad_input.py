@@ -119,9 +119,8 @@ def run(tmp_path: Path) -> Iterator[Run]:
             transports.append(t)
             t.identity = Identity(name, info.config_json, info.config_hash, info.task_fingerprint, info.model_digest,
                                   ("device=cpu",))
-            membership = t.join()
-            assert membership.round == 0
-            resp = t.join_response
+            resp = t.join()
+            assert resp.first_round == 0
             nodes[name] = Node(name, t, Worker(name, cfg, task, resp.shard, resp.num_shards))
         yield Run(server, channel, stub, info, nodes)
     finally:
@@ -332,7 +331,9 @@ def test_state_prefetch_before_join(run: Run) -> None:
     early = StatePrefetch(run.server.address)
     assert early.take(never) is None  # round 0: every node builds that state from the seed
     run.honest_round()
-    committed, blob, fingerprint = StatePrefetch(run.server.address).take(never)
+    state = StatePrefetch(run.server.address).take(never)
+    assert state is not None
+    committed, blob, fingerprint = state.committed, state.blob, state.fingerprint
     assert committed == 1 and fingerprint == run.server.core.reference.fingerprint()
     assert blob == run.server.core.reference.to_bytes()
     run.honest_round()  # the service kept serving its members

@@ -11,7 +11,7 @@ from core_harness import Clock, Harness
 from coordinator.errors import NotSubmitted, WrongRound
 from node.errors import ConfigError
 from node.train.reference import Reference
-from node.transport.base import RoundResult
+from node.transport.messages import RoundResult, RoundStatus
 
 
 # -- state, status, restart --------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def test_aggregate_mode_sends_one_frame_and_replicas_match(tmp_path: Path, clock
             result, to_send = h.core.collect(h.ids["a"], r, 0.0, True)
             assert to_send == [] and result.aggregate is not None
             for w in workers.values():
-                report = w.apply(RoundResult(r, True, aggregate=result.aggregate, aggregate_codec=codec,
+                report = w.apply(RoundResult(r, RoundStatus.COMMITTED, aggregate=result.aggregate, aggregate_codec=codec,
                                              aggregate_members=tuple(result.frames)))
                 assert report.committed and report.contributed and report.members == ("a", "b")
             assert all(w.fingerprint() == h.core.reference.fingerprint() == result.fingerprint
@@ -116,7 +116,7 @@ def test_aggregate_mode_sends_one_frame_and_replicas_match(tmp_path: Path, clock
         w = workers["a"]
         w.train()
         w.prepare(2)
-        report = w.apply(RoundResult(2, True, aggregate=bytes(bad), aggregate_codec=codec, aggregate_members=("a",)))
+        report = w.apply(RoundResult(2, RoundStatus.COMMITTED, aggregate=bytes(bad), aggregate_codec=codec, aggregate_members=("a",)))
         assert not report.committed and "digest mismatch" in report.rejected["coordinator"]
     finally:
         h.close()

@@ -12,7 +12,7 @@ from coordinator.core import Chunk
 from coordinator.errors import (BadPayload, Conflict, NotSubmitted, ResumeMismatch, StillOpen, TooLarge, Truncated,
                                 UnknownNode, WrongRound)
 from coordinator.uploads import RESUME_KEY
-from node.transport.base import RoundResult
+from node.transport.messages import RoundResult, RoundStatus
 
 
 # -- a committed round -------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def test_two_members_commit_and_replicas_match_the_reference(h: Harness, clock: 
         _, to_send_b = h.core.collect(h.ids["b"], r, 0.0, True)
         assert to_send_b == ["a"]
         for w in workers.values():
-            report = w.apply(RoundResult(r, True, result.frames))
+            report = w.apply(RoundResult(r, RoundStatus.COMMITTED, result.frames))
             assert report.committed and report.contributed and report.rejected == {}
         assert result.fingerprint == h.core.reference.fingerprint() != fp0
         assert all(w.fingerprint() == result.fingerprint for w in workers.values())

@@ -20,7 +20,7 @@ from node.config import TaskConfig
 from node.recipes import make_run_config
 from node.tasks.base import Batch, Task
 from node.train.worker import ApplyReport, Worker
-from node.transport.inprocess import InProcessHub, InProcessTransport
+from node.transport.inprocess import InProcessHub, RelayLink
 
 
 IN, OUT, BATCH = 8, 4, 16
@@ -111,9 +111,7 @@ class Cluster:
         self.cfg = cfg
         self.workers = [Worker(f"w{i}", cfg, TASK, shard=i, num_shards=n) for i in range(n)]
         self.hub = InProcessHub(min_members=min_members)
-        self.links: list[InProcessTransport] = [self.hub.connect(w.name) for w in self.workers]
-        for link in self.links:
-            link.join()
+        self.links: list[RelayLink] = [self.hub.connect(w.name) for w in self.workers]
         self.lrs: list[float] = []
         self.frames: list[bytes] = []
 

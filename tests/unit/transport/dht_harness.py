@@ -8,7 +8,7 @@ import threading
 from typing import Any, Iterator
 
 from node.train.worker import Worker
-from node.transport.base import RoundResult
+from node.transport.messages import RoundResult
 from node.transport.dht import DhtTransport
 
 NAMES = ("w0", "w1", "w2")

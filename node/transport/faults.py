@@ -1,0 +1,173 @@
+"""The fault seam: a ``ControlPlane`` wrapper that injects faults from a seeded schedule, in the spirit of torchft's
+``FailureInjector().fail_at(...)``. Tests (tests/fault/) wrap any plane — in-process, gRPC, DHT — with it instead of
+replacing private methods, and the same schedule gives the same faults on every run.
+
+What each fault does to one node's exchange of one round (the node's code sees only what a real network would
+give it):
+
+- ``DROP``: the frame never arrives; the round goes on without it and the node learns the result (its update stays
+  in error feedback).
+- ``DELAY``: the frame arrives after the round closed: the round is decided without it, then the late frame is
+  offered (and refused as late).
+- ``CORRUPT``: one byte of the frame flips on the way up: every receiver refuses it (the wire digest).
+- ``DUPLICATE``: the frame is delivered twice; the second delivery must change nothing.
+- ``CORRUPT_RESULT``: one byte of another member's payload flips on the way down: this node refuses that payload,
+  reduces fewer frames than the others and its replica diverges (the fingerprint check must catch it).
+- ``CRASH``: the node dies at this round before its frame leaves, as under ``kill -9``: ``NodeCrashed`` is raised
+  and the plane is closed without leaving (a restarted daemon takes over from its workdir).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import random
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from node.config import RunConfig
+from node.transport.control import ControlPlane, Identity, JoinInfo
+from node.transport.messages import RoundResult, StateBlob, Submission
+
+
+class Fault(str, enum.Enum):
+    DROP = "drop"
+    DELAY = "delay"
+    CORRUPT = "corrupt"
+    DUPLICATE = "duplicate"
+    CORRUPT_RESULT = "corrupt_result"
+    CRASH = "crash"
+
+
+class NodeCrashed(BaseException):
+    """Raised by ``FaultyPlane`` at a ``CRASH``: the node is dead (a BaseException, so no ``except Exception`` in the
+    daemon turns it into an orderly exit with a checkpoint and a Leave)."""
+
+
+@dataclass(frozen=True)
+class Injection:
+    node: str
+    round: int
+    fault: Fault
+
+
+class FaultSchedule:
+    """Which fault hits which node at which round. Each scheduled fault fires once; ``fired`` lists them in order."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+        self._due: dict[tuple[str, int], list[Fault]] = {}
+        self.fired: list[Injection] = []
+        self._lock = threading.Lock()
+
+    def fail_at(self, node: str, round_: int, fault: Fault) -> "FaultSchedule":
+        with self._lock:
+            self._due.setdefault((node, round_), []).append(Fault(fault))
+        return self
+
+    def random(self, nodes: Iterable[str], rounds: range, rate: float,
+               faults: Iterable[Fault] = (Fault.DROP, Fault.DELAY, Fault.CORRUPT, Fault.DUPLICATE)) -> "FaultSchedule":
+        """Each (node, round) gets one of ``faults`` with probability ``rate``, drawn from the seed."""
+        kinds = list(faults)
+        for node in sorted(nodes):
+            for r in rounds:
+                if self.rng.random() < rate:
+                    self.fail_at(node, r, self.rng.choice(kinds))
+        return self
+
+    def take(self, node: str, round_: int) -> list[Fault]:
+        with self._lock:
+            due = self._due.pop((node, round_), [])
+            self.fired.extend(Injection(node, round_, f) for f in due)
+            return due
+
+    @property
+    def pending(self) -> list[Injection]:
+        with self._lock:
+            return [Injection(n, r, f) for (n, r), fs in sorted(self._due.items()) for f in fs]
+
+
+def flip_byte(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with one byte (at a seeded position) changed."""
+    if not data:
+        return data
+    i = rng.randrange(len(data))
+    return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+
+
+class FaultyPlane:
+    """``inner`` with ``schedule``'s faults applied to the exchanges of node ``name``."""
+
+    def __init__(self, inner: ControlPlane, name: str, schedule: FaultSchedule) -> None:
+        self.inner, self.name, self.schedule = inner, name, schedule
+        self.where = f"{inner.where} (faults injected)"
+        self.lost = inner.lost
+        self.crashed = False
+
+    @property
+    def current_round(self) -> int:
+        return self.inner.current_round
+
+    def _alive(self) -> None:
+        if self.crashed:
+            raise NodeCrashed(f"{self.name} crashed")
+
+    def get_run_config(self) -> RunConfig:
+        self._alive()
+        return self.inner.get_run_config()
+
+    def join(self, identity: Identity) -> JoinInfo:
+        self._alive()
+        return self.inner.join(identity)
+
+    def exchange(self, submission: Submission, timeout_s: float) -> RoundResult:
+        self._alive()
+        sub = submission
+        faults = self.schedule.take(self.name, sub.round)
+        if Fault.CRASH in faults:
+            self.crashed = True
+            self.inner.close()
+            raise NodeCrashed(f"{self.name} crashed at round {sub.round} (injected)")
+        if Fault.CORRUPT in faults:
+            sub = dataclasses.replace(sub, frame=flip_byte(sub.frame, self.schedule.rng))
+        if Fault.DROP in faults:
+            result = self.inner.observe(sub.round, timeout_s, sub.fingerprint)
+            return dataclasses.replace(result, bytes_sent=len(sub.frame))
+        if Fault.DELAY in faults:
+            self.inner.observe(sub.round, timeout_s, sub.fingerprint)
+            result = self.inner.exchange(sub, timeout_s)  # now late
+        else:
+            result = self.inner.exchange(sub, timeout_s)
+        if Fault.DUPLICATE in faults:
+            result = self.inner.exchange(sub, timeout_s)
+        if Fault.CORRUPT_RESULT in faults:
+            others = sorted(s for s in result.payloads if s != self.name)
+            if others:
+                victim = others[self.schedule.rng.randrange(len(others))]
+                payloads = {**result.payloads, victim: flip_byte(result.payloads[victim], self.schedule.rng)}
+                result = dataclasses.replace(result, payloads=payloads)
+        return result
+
+    def observe(self, round_: int, timeout_s: float, fingerprint: str = "") -> RoundResult:
+        self._alive()
+        return self.inner.observe(round_, timeout_s, fingerprint)
+
+    def round_started(self, round_: int) -> bool | None:
+        self._alive()
+        return self.inner.round_started(round_)
+
+    def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
+        self._alive()
+        return self.inner.fetch_state(after_round, timeout_s)
+
+    def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
+        if not self.crashed:
+            self.inner.offer_state(committed, fingerprint, make_blob)
+
+    def leave(self, reason: str) -> None:
+        if not self.crashed:  # a dead node says nothing
+            self.inner.leave(reason)
+
+    def close(self) -> None:
+        if not self.crashed:
+            self.inner.close()

@@ -1,0 +1,109 @@
+"""Groups of joined control planes of one kind — an in-process run, a gRPC coordinator (a real server on
+127.0.0.1:0), a hivemind DHT (a DHT + p2pd per peer, 127.0.0.1, NAT traversal off) — for the contract suite.
+
+Every kind is driven only through the ``ControlPlane`` seam (node/transport/control.py); what differs is how a group
+is built. Each member has a ``Worker`` that makes real frames for it."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from node import wire
+from node.runfile import build_run_file, load_run_file
+from node.tasks import load_task
+from node.train.reference import model_digest
+from node.train.worker import Worker
+from node.transport.control import ControlPlane, Identity, JoinInfo
+from node.transport.messages import Submission
+
+KINDS = ("inprocess", "grpc", "dht")
+DHT_NET = ("/ip4/127.0.0.1/tcp/0",)
+
+
+def run_file(kind: str, round_wait_s: float) -> str:
+    return build_run_file(
+        run_id=f"contract-{kind}", recipe="sign", rounds=100,
+        task_params={"size": "tiny", "batch_size": 2, "block_size": 32, "eval_batches": 1},
+        recipe_overrides={"H": 1}, membership={"min_nodes": 1, "max_nodes": 8, "heartbeat_s": 0.5, "lease_s": 5.0},
+        rounds_policy={"initial_wait_s": round_wait_s, "min_wait_s": round_wait_s, "max_wait_s": round_wait_s,
+                       "eval_every": 0})
+
+
+class Group:
+    """``names`` joined to one run over ``kind``."""
+
+    def __init__(self, kind: str, names: tuple[str, ...], root: Path, round_wait_s: float) -> None:
+        self.kind, self.root, self.round_wait_s = kind, root, round_wait_s
+        run_path = root / "run.toml"
+        run_path.write_text(run_file(kind, round_wait_s))
+        self.run_file = load_run_file(run_path)
+        self.cfg = self.run_file.run
+        self.task = load_task(self.cfg.task.name, **self.cfg.task.params)
+        probe = self.task.build_model(self.cfg.seed)
+        self.digest = model_digest(wire.model_spec([(n, p) for n, p in probe.named_parameters() if p.requires_grad]))
+        self.planes: dict[str, ControlPlane] = {}
+        self.joined: dict[str, JoinInfo] = {}
+        self.workers: dict[str, Worker] = {}
+        self.stop = threading.Event()
+        self._all: list[ControlPlane] = []
+        self.server: Any = None
+        self.run: Any = None
+        try:
+            if kind == "inprocess":
+                from node.transport.inprocess_plane import InProcessRun
+
+                self.run = InProcessRun(self.cfg, self.task, min_nodes=1, num_shards=8, round_wait_s=round_wait_s)
+            elif kind == "grpc":
+                from coordinator.server import CoordinatorServer
+
+                self.server = CoordinatorServer("127.0.0.1:0", root / "state", run_path)
+                self.server.start()
+            for name in names:
+                self.planes[name] = self.connect(name)
+                self.joined[name] = self.planes[name].join(self.identity(name))
+                info = self.joined[name]
+                self.workers[name] = Worker(name, self.cfg, self.task, shard=info.shard, num_shards=info.num_shards)
+        except BaseException:
+            self.close()
+            raise
+
+    def identity(self, name: str) -> Identity:
+        return Identity(name, json.dumps(self.cfg.to_dict()), self.cfg.config_hash(self.task.fingerprint),
+                        self.task.fingerprint, self.digest)
+
+    def connect(self, name: str) -> ControlPlane:
+        """A new, not yet joined plane of this group's kind."""
+        plane: ControlPlane
+        if self.kind == "inprocess":
+            plane = self.run.plane(name, self.stop)
+        elif self.kind == "grpc":
+            from node.transport.grpc_control import GrpcControl
+
+            plane = GrpcControl(self.server.address, self.stop)
+        else:
+            from node.transport.dht_control import DhtControl, DhtSettings
+
+            boot = () if not self._all else tuple(self._all[0].transport.visible_maddrs())  # type: ignore[attr-defined]
+            settings = DhtSettings(initial_peers=boot, host_maddrs=DHT_NET, num_shards=8, min_nodes=1, heartbeat_s=0.5,
+                                   round_wait_s=self.round_wait_s)
+            plane = DhtControl(self.cfg, settings, name, self.stop)
+        self._all.append(plane)
+        return plane
+
+    def submission(self, name: str, round_: int) -> Submission:
+        """``name``'s worker trains a round and offers it."""
+        w = self.workers[name]
+        stats = w.train()
+        return Submission(round_, w.prepare(round_), name, stats.mean_loss, w.fingerprint())
+
+    def close(self) -> None:
+        self.stop.set()
+        for plane in self._all:
+            try:
+                plane.close()
+            except Exception:
+                pass
+        if self.server is not None:
+            self.server.stop(grace=0.5)
