@@ -1,4 +1,6 @@
-"""Named recipes: each a preset of codec × feedback × outer optimizer with the spec's defaults."""
+"""Named recipes: each a preset of codec × feedback × outer optimizer with its defaults.
+
+The update rule, defaults, bytes and citation of every recipe: docs/algorithms.md, §3."""
 from __future__ import annotations
 
 from node.config import CodecConfig, InnerConfig, OuterConfig, Recipe, RunConfig, TaskConfig, apply_overrides
@@ -12,26 +14,29 @@ RECIPES: dict[str, Recipe] = {
     "ddp": Recipe("ddp", H=1, codec=CodecConfig("identity"), inner=InnerConfig(optimizer="grad", grad_clip=None),
                   outer=OuterConfig("adamw", lr=1.0, lr_follows_inner=True, clip_norm=1.0,
                                     params={"betas": [0.9, 0.95], "weight_decay": 0.1})),
-    # DiLoCo: dense mean of Δ, Nesterov outer step (spec §2).
+    # DiLoCo: dense mean of Δ, Nesterov outer step (docs/algorithms.md, §3 diloco; arXiv 2311.08105).
     "diloco": Recipe("diloco", H=500, codec=CodecConfig("identity"),
                      outer=OuterConfig("nesterov", lr=0.7, params={"momentum": 0.9})),
-    # Seed paper A as published: dense exchange, Lion-style sign-momentum global step (spec §3).
+    # Distributed sign momentum as published (arXiv 2411.17866): dense exchange, Lion-style global step
+    # (docs/algorithms.md, §3 dsm).
     "dsm": Recipe("dsm", H=12, codec=CodecConfig("identity"), payload_scale="inverse_inner_lr",
                   inner=InnerConfig(lr=5e-4),
                   outer=OuterConfig("sign_momentum", lr=1.0, lr_follows_inner=True,
                                     params={"betas": [0.95, 0.98], "weight_decay": 0.1})),
-    # dsm's global step on 1-bit sign uploads with error feedback (spec §4).
+    # dsm's global step on 1-bit sign uploads with error feedback (docs/algorithms.md, §3 sign).
     "sign": Recipe("sign", H=12, codec=CodecConfig("sign", {"block": 0, "scale_dtype": "f32", "reduce": "mean"}),
                    feedback_decay=1.0, payload_scale="inverse_inner_lr", inner=InnerConfig(lr=5e-4),
                    outer=OuterConfig("sign_momentum", lr=1.0, lr_follows_inner=True,
                                      params={"betas": [0.95, 0.98], "weight_decay": 0.1})),
-    # Seed paper B, faithful: per-worker decoupled DCT momentum, replicas drift (spec §5).
+    # Decoupled DCT momentum, faithful (arXiv 2510.03371): per-worker momentum, replicas drift
+    # (docs/algorithms.md, §3 dct).
     "dct": Recipe("dct", H=128, codec=_DCT, feedback_decay=0.95,
                   outer=OuterConfig("decoupled_nesterov", lr=0.7, params={"momentum": 0.95})),
     # Replica-consistent variant: every worker applies only the agreed aggregate Q.
     "dct-consistent": Recipe("dct-consistent", H=128, codec=_DCT, feedback_decay=0.95,
                              outer=OuterConfig("nesterov", lr=0.7, params={"momentum": 0.0})),
-    # DeMo: every step, DCT-top-k of a local momentum of gradients, sign step on the aggregate (spec §6).
+    # DeMo (arXiv 2411.19870): every step, DCT-top-k of a local momentum of gradients, sign step on the
+    # aggregate (docs/algorithms.md, §3 demo).
     "demo": Recipe("demo", H=1, codec=_DCT, feedback_decay=0.999, payload_scale="inner_lr",
                    inner=InnerConfig(optimizer="grad", grad_clip=None),
                    outer=OuterConfig("sign_sgd", lr=1.0, lr_follows_inner=True, params={"weight_decay": 0.0})),

@@ -1,4 +1,4 @@
-"""Chunked orthonormal DCT-II over tensors (spec §7), batched and device-agnostic.
+"""Chunked orthonormal DCT-II over tensors (docs/algorithms.md, §5), batched and device-agnostic.
 
 Every tensor is viewed as 2-D — 1-D as (1, d), scalars as (1, 1), >2-D as (shape[0], −1) — and cut
 into blocks (br, bc) whose sides are the largest divisors of each dimension that do not exceed the

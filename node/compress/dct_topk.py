@@ -1,4 +1,5 @@
-"""DCT-top-k codec (seed paper B / DeMo): keep the k largest DCT coefficients of every block.
+"""DCT-top-k codec (DeMo and decoupled DCT momentum; docs/algorithms.md, §5): keep the k largest DCT
+coefficients of every block.
 
 Buffers per tensor with nb blocks of size bs and k' = min(k, bs) kept coefficients per block:
 - ``indices``: nb·k' indices bit-packed at ceil(log2 bs) bits, ascending within each block

@@ -1,8 +1,9 @@
 """Error feedback: what a lossy codec did not send stays local and is added to the next upload.
 
 ``decay`` = 1 is classic error feedback (e ← u − sent, nothing is ever lost). ``decay`` = β < 1 turns
-the residual into a decoupled momentum buffer (DeMo / seed paper B: δ ← β·δ + Δ, send top-k of δ,
-δ ← δ − sent). The residual is the only state; it never leaves the worker.
+the residual into a decoupled momentum buffer, as in DeMo and decoupled DCT momentum (δ ← β·δ + Δ, send
+top-k of δ, δ ← δ − sent). The residual is the only state; it never leaves the worker. See
+docs/algorithms.md, §4.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Decoupled DCT momentum, faithful to seed paper B (spec §5).
+"""Decoupled DCT momentum, faithful to "Distributed Low-Communication Training with Decoupled Momentum
+Optimization" (arXiv 2510.03371; docs/algorithms.md, §3 dct).
 
 Each worker's Nesterov buffer δ_i is the error-feedback residual of the DCT-top-k codec (decay β):
 δ ← β·δ + Δ, the top-k part is sent and removed. This optimizer finishes the round:

@@ -1,7 +1,8 @@
 """SGD with Nesterov momentum on the pseudo-gradient: DiLoCo's outer optimizer.
 
-Torch semantics (spec §2): b ← μ·b + g (b starts at g), θ ← θ − lr·(g + μ·b). With μ = 0 it is plain
-SGD (θ ← θ − lr·g), used by ``dct-consistent`` to apply the agreed DCT aggregate directly.
+Torch semantics: b ← μ·b + g (b starts at g), θ ← θ − lr·(g + μ·b). With μ = 0 it is plain SGD
+(θ ← θ − lr·g), used by ``dct-consistent`` to apply the agreed DCT aggregate directly.
+See docs/algorithms.md, §3 diloco and dct-consistent.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Distributed sign momentum (seed paper A, spec §3): a Lion-style global step on the mean update d.
+"""Distributed sign momentum (arXiv 2411.17866; docs/algorithms.md, §3 dsm): a Lion-style global step on the
+mean update d.
 
 Per coordinate, with lr = γ·η_t set each round by the trainer:
     c = β1·m + (1 − β1)·d
@@ -7,7 +8,7 @@ Per coordinate, with lr = γ·η_t set each round by the trainer:
 ``d`` arrives as ``.grad``; the recipe divides pseudo-gradients by η_t before they are exchanged, so
 d = (θ_ref − x̄)/η_t exactly as in the reference code. ``sign_mode="randomized"`` uses the paper's
 stochastic sign S(c)_j = +1 w.p. ½(1 + c_j/B) with B = max|c| per tensor (an option, not the default;
-the exact form in the paper is unverified). Its generator is seeded identically on every replica.
+the bound B per tensor is lowband's choice). Its generator is seeded identically on every replica.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Sign-SGD with decoupled weight decay: DeMo's parameter update (spec §6).
+"""Sign-SGD with decoupled weight decay: DeMo's parameter update (arXiv 2411.19870;
+docs/algorithms.md, §3 demo).
 
 p ← p·(1 − lr·λ) − lr·sign(g), where g is the agreed DCT aggregate Q and lr = η_t (the trainer couples
 it to the inner schedule).

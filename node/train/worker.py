@@ -8,8 +8,10 @@ Round outcomes:
 - committed with this worker: feedback keeps u − transmitted; the outer step runs.
 - committed without it (late/dropped upload): all of u stays in the feedback residual; the outer step
   runs on the others' aggregate so replicas stay identical. Recipes without feedback lose that work.
-- not committed: nothing is applied and the model keeps training from where it is, so the next Δ
-  covers both rounds and nothing is lost.
+- not committed: nothing is applied; the pending frame is kept and the daemon offers it again for the same round
+  (every peer and the coordinator must see the same bytes for a round). Steps trained meanwhile are not in it:
+  without overlap they are dropped when the round commits and θ_ref is loaded; with overlap the shift below
+  keeps them.
 
 Overlapped rounds (``recipe.overlap``; the daemon and the simulator drive them the same way):
 

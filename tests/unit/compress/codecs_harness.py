@@ -1,7 +1,7 @@
 """Shared by the codec test modules (test_codecs_roundtrip.py, test_codecs_reduce_feedback.py,
 test_codecs_validation.py): their module-scoped one-thread fixture (imported by each, so it applies to each),
-the codec configuration tables, input tensors, the byte formulas of spec §4/§5 and the sign reference, all
-computed without the codec."""
+the codec configuration tables, input tensors, the byte formulas (docs/algorithms.md, §5) and the sign
+reference, all computed without the codec."""
 from __future__ import annotations
 
 import itertools
@@ -54,7 +54,7 @@ def _blocks(shape: tuple[int, ...], chunk: int) -> tuple[int, int, int, int]:
 
 
 def expected_nbytes(name: str, params: dict[str, Any], shape: tuple[int, ...]) -> int:
-    """The byte formulas of spec §4/§5 and the codec docs, computed without the codec."""
+    """The byte formulas of docs/algorithms.md (§5) and the codec docs, computed without the codec."""
     n = numel_of(shape)
     if name == "identity":
         return 4 * n

@@ -1,5 +1,5 @@
 """Every codec's reduce semantics (sign mean/vote, DCT selector-mean — oracle 9) and error feedback
-(oracles 4 and 10). Tables and helpers: codecs_harness.py."""
+(oracles 4 and 10; numbering: docs/algorithms.md, §8). Tables and helpers: codecs_harness.py."""
 from __future__ import annotations
 
 from typing import Any

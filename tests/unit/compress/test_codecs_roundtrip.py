@@ -1,5 +1,6 @@
-"""Every codec: exact layouts and byte formulas (oracle 12), determinism, reconstruction, top-k selection,
-the int8/sign value formats and the sign codec's decode and bit order. Tables and helpers: codecs_harness.py."""
+"""Every codec: exact layouts and byte formulas (oracle 12, docs/algorithms.md §8), determinism, reconstruction,
+top-k selection, the int8/sign value formats and the sign codec's decode and bit order. Tables and helpers:
+codecs_harness.py."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
-"""Chunked DCT (spec §7, oracle 11): chunk lengths, the orthonormal matrix, round trip and Parseval."""
+"""Chunked DCT (docs/algorithms.md, §5; oracle 11 of §8): chunk lengths, the orthonormal matrix, round trip
+and Parseval."""
 from __future__ import annotations
 
 import math

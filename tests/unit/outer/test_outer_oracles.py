@@ -1,4 +1,5 @@
-"""Outer optimizers against the spec's update rules and oracles (§2, §3, §5, §6, §8: 1, 2, 3, 5), fp64.
+"""Outer optimizers against their update rules (docs/algorithms.md, §3) and oracles 1, 2, 3 and 5
+(docs/algorithms.md, §8), fp64.
 
 Pure optimizer math on small random tensors: no network, no model, no codec.
 """
@@ -55,7 +56,7 @@ def test_nesterov_equals_torch_sgd_nesterov() -> None:
 
 
 def test_nesterov_hand_formula_first_two_steps() -> None:
-    """b starts at g; θ ← θ − lr·(g + μ·b) (spec §2), written out by hand."""
+    """b starts at g; θ ← θ − lr·(g + μ·b) (docs/algorithms.md, §3 diloco), written out by hand."""
     x0 = _rand(6, seed=3)
     g1, g2 = _rand(6, seed=4), _rand(6, seed=5)
     p = x0.clone()
@@ -124,7 +125,7 @@ def test_sign_momentum_equals_lion(b1: float, b2: float, wd: float) -> None:
 
 
 def test_sign_momentum_end_to_end_is_lion_on_mean_gradient() -> None:
-    """Spec oracle 1 at the level of the round: H = 1, inner plain SGD(η), n = 3, γ = 1 ... then also γ ≠ 1.
+    """Oracle 1 at the level of the round: H = 1, inner plain SGD(η), n = 3, γ = 1 ... then also γ ≠ 1.
 
     Worker i: θ_i = θ_ref − η·g_i; Δ_i = θ_ref − θ_i; d = mean(Δ_i)/η. SignMomentum with lr = γ·η on d must
     equal Lion(lr = γ·η) on the mean gradient ḡ.
@@ -268,7 +269,7 @@ def test_sign_sgd_rule(wd: float) -> None:
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-# -- DecoupledNesterov (seed paper B) -----------------------------------------------------------------------
+# -- DecoupledNesterov (faithful dct, arXiv 2510.03371) -----------------------------------------------------
 
 def test_decoupled_nesterov_rule() -> None:
     lr, beta = 0.7, 0.95

@@ -1,6 +1,6 @@
-"""Recipe oracles (spec §8) through the real Worker round code on a tiny deterministic toy task: each recipe's
-outer rule against an independent reference (diloco, ddp, sign, dct, demo; error feedback; selector-mean).
-Toy task, configs and the hand-driven cluster: recipe_oracle_harness.py."""
+"""Recipe oracles (docs/algorithms.md, §8) through the real Worker round code on a tiny deterministic toy task:
+each recipe's outer rule against an independent reference (diloco, ddp, sign, dct, demo; error feedback;
+selector-mean). Toy task, configs and the hand-driven cluster: recipe_oracle_harness.py."""
 from __future__ import annotations
 
 import pytest
@@ -33,7 +33,7 @@ def test_diloco_equals_torch_nesterov_on_mean_delta(inner_opt: str) -> None:
             assert_all_close(local_params(w), refs(w), atol=0, rtol=0)  # the model restarts from θ_ref
 
 
-# -- ddp (spec §1): mean gradient, then one AdamW step -----------------------------------------------------
+# -- ddp (docs/algorithms.md, §3 ddp): mean gradient, then one AdamW step ---------------------------------
 
 def test_ddp_equals_adamw_on_mean_gradient() -> None:
     n, rounds = 2, 4

@@ -1,5 +1,6 @@
 """Recipe rounds through the real Worker round code on a tiny deterministic toy task: replica identity
-(oracle 13), rounds committed without a worker or not committed, rejected frames, and recipe config validation.
+(oracle 13, docs/algorithms.md §8), rounds committed without a worker or not committed, rejected frames, and
+recipe config validation.
 Toy task, configs and the hand-driven cluster: recipe_oracle_harness.py."""
 from __future__ import annotations
 
