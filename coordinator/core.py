@@ -30,6 +30,7 @@ from node.errors import ConfigError, PayloadError
 from node.membership import CloseKind
 from node.roundlog import RoundRow
 from node.tasks import load_task
+from node.tasks.base import build_seeded
 from node.train.reference import Reference, model_digest
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class CoordinatorCore:
         self.cfg, self.store, self.clock = cfg, store, clock
         run = cfg.run
         self.task = load_task(run.task.name, **run.task.params)
-        model = self.task.build_model(run.seed)
+        model = build_seeded(self.task, run.seed)
         self.reference = Reference(run, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self.config_hash = run.config_hash(self.task.fingerprint)
         self.model_digest = model_digest(self.reference.spec)

@@ -30,6 +30,7 @@ from node.clock import SYSTEM_CLOCK, Clock
 from node.fsutil import write_atomic
 from node.config import RunConfig, diff_configs
 from node.tasks import load_task
+from node.tasks.base import build_seeded
 from node.train.inner import InnerStats
 from node.train.reference import model_digest
 from node.roundlog import append_line
@@ -177,7 +178,7 @@ class NodeDaemon:
         else:
             cfg_for_join = cfg
         task = load_task(cfg_for_join.task.name, **cfg_for_join.task.params)
-        probe = task.build_model(cfg_for_join.seed)
+        probe = build_seeded(task, cfg_for_join.seed)
         digest = model_digest(wire.model_spec([(n, p) for n, p in probe.named_parameters() if p.requires_grad]))
         config_hash = cfg_for_join.config_hash(task.fingerprint)
         identity = Identity(self.name, json.dumps(cfg_for_join.to_dict()), config_hash, task.fingerprint, digest,

@@ -5,6 +5,7 @@ inside the data; users plug their own task with ``--task package.module:function
 """
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from typing import Iterator
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+_BUILDING = threading.Lock()
 
 
 class Task(ABC):
@@ -45,3 +47,13 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module) -> float:
         """Mean validation loss on a fixed held-out set (same set every call)."""
+
+
+def build_seeded(task: Task, seed: int) -> nn.Module:
+    """``task.build_model(seed)`` with torch's global generator seeded and restored around it, one build at a time in
+    the process. Module constructors draw their initial weights from the global generator: two builds running at
+    once in threads (daemons in one process, a coordinator's evaluator beside its reference) would interleave their
+    draws and start from different weights. Every replica's initial model comes from here."""
+    with _BUILDING, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return task.build_model(seed)

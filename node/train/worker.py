@@ -41,7 +41,7 @@ from node import wire
 from node.compress import make_feedback
 from node.config import RunConfig
 from node.errors import PayloadError
-from node.tasks.base import Task
+from node.tasks.base import Task, build_seeded
 from node.train.inner import InnerLoop, InnerStats
 from node.train.reference import Reference
 from node.transport.messages import RoundResult
@@ -74,7 +74,7 @@ class Worker:
         self.name, self.cfg, self.task = name, cfg, task
         self.device = torch.device(device)
         recipe = cfg.recipe
-        self.model = task.build_model(cfg.seed).to(self.device)  # same seed: identical start everywhere
+        self.model = build_seeded(task, cfg.seed).to(self.device)  # same seed: identical start everywhere
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.reference = Reference(cfg, named, reference_device)

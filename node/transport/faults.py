@@ -6,13 +6,17 @@ What each fault does to one node's exchange of one round (the node's code sees o
 give it):
 
 - ``DROP``: the frame never arrives; the round goes on without it and the node learns the result (its update stays
-  in error feedback).
-- ``DELAY``: the frame arrives after the round closed: the round is decided without it, then the late frame is
-  offered (and refused as late).
+  in error feedback). If the round cannot close without it (every frame was lost), the node's wait ends after
+  ``lost_wait_s`` with the round not committed, and the node offers the same frame again next time, as after any
+  round that timed out.
+- ``DELAY``: the frame arrives after the round closed: the round is decided without it (waiting at most
+  ``lost_wait_s`` for that), then the late frame is offered.
 - ``CORRUPT``: one byte of the frame flips on the way up: every receiver refuses it (the wire digest).
 - ``DUPLICATE``: the frame is delivered twice; the second delivery must change nothing.
 - ``CORRUPT_RESULT``: one byte of another member's payload flips on the way down: this node refuses that payload,
   reduces fewer frames than the others and its replica diverges (the fingerprint check must catch it).
+- ``FORGET``: the run no longer knows the node when it offers its frame (its lease expired while it was cut off):
+  the exchange raises ``Rejoin``, as a coordinator's NOT_FOUND does, and the node joins again.
 - ``CRASH``: the node dies at this round before its frame leaves, as under ``kill -9``: ``NodeCrashed`` is raised
   and the plane is closed without leaving (a restarted daemon takes over from its workdir).
 """
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from node.config import RunConfig
-from node.transport.control import ControlPlane, Identity, JoinInfo
+from node.transport.control import ControlPlane, Identity, JoinInfo, Rejoin
 from node.transport.messages import RoundResult, StateBlob, Submission
 
 
@@ -36,6 +40,7 @@ class Fault(str, enum.Enum):
     CORRUPT = "corrupt"
     DUPLICATE = "duplicate"
     CORRUPT_RESULT = "corrupt_result"
+    FORGET = "forget"
     CRASH = "crash"
 
 
@@ -98,8 +103,9 @@ def flip_byte(data: bytes, rng: random.Random) -> bytes:
 class FaultyPlane:
     """``inner`` with ``schedule``'s faults applied to the exchanges of node ``name``."""
 
-    def __init__(self, inner: ControlPlane, name: str, schedule: FaultSchedule) -> None:
+    def __init__(self, inner: ControlPlane, name: str, schedule: FaultSchedule, lost_wait_s: float = 2.0) -> None:
         self.inner, self.name, self.schedule = inner, name, schedule
+        self.lost_wait_s = lost_wait_s
         self.where = f"{inner.where} (faults injected)"
         self.lost = inner.lost
         self.crashed = False
@@ -128,13 +134,15 @@ class FaultyPlane:
             self.crashed = True
             self.inner.close()
             raise NodeCrashed(f"{self.name} crashed at round {sub.round} (injected)")
+        if Fault.FORGET in faults:
+            raise Rejoin(f"the run forgot {self.name} at round {sub.round} (injected)")
         if Fault.CORRUPT in faults:
             sub = dataclasses.replace(sub, frame=flip_byte(sub.frame, self.schedule.rng))
         if Fault.DROP in faults:
-            result = self.inner.observe(sub.round, timeout_s, sub.fingerprint)
+            result = self.inner.observe(sub.round, min(timeout_s, self.lost_wait_s), sub.fingerprint)
             return dataclasses.replace(result, bytes_sent=len(sub.frame))
         if Fault.DELAY in faults:
-            self.inner.observe(sub.round, timeout_s, sub.fingerprint)
+            self.inner.observe(sub.round, min(timeout_s, self.lost_wait_s), sub.fingerprint)
             result = self.inner.exchange(sub, timeout_s)  # now late
         else:
             result = self.inner.exchange(sub, timeout_s)

@@ -24,7 +24,7 @@ from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig
 from node.errors import PayloadError
 from node.membership import MembershipPolicy, decide_close
-from node.tasks.base import Task
+from node.tasks.base import Task, build_seeded
 from node.train.reference import Reference
 from node.transport.control import Identity, JoinInfo, JoinRefused, Rejoin, Stopped
 from node.transport.messages import RoundResult, RoundStatus, StateBlob, Submission
@@ -66,14 +66,18 @@ class InProcessRun:
         self.run, self.clock = run, clock
         self.policy = MembershipPolicy(min_nodes=min_nodes, max_nodes=num_shards)
         self.round_wait_s, self.keep_results = round_wait_s, keep_results
-        model = task.build_model(run.seed)
+        model = build_seeded(task, run.seed)
         self.reference = Reference(run, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec)
         self.members: dict[str, _Member] = {}
         self.open = _Open(0)
         self.results: OrderedDict[int, _Closed] = OrderedDict()
         self.generation = 0  # bumped by ``restart``: submissions held before it are gone
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()  # re-entrant: ``on_frame`` may call back into the run
+        #: called (under the run's lock) with (round, frames held) each time the open round accepts a frame: where a
+        #: test makes something happen at an exact point of a run (restart it, start a joiner)
+        self.on_frame: Callable[[int, int], None] | None = None
+        self.held_from: int | None = None  # rounds from this one on do not close (``hold``)
 
     def plane(self, name: str, stop: threading.Event | None = None) -> "InProcessPlane":
         return InProcessPlane(self, name, stop or threading.Event())
@@ -85,6 +89,18 @@ class InProcessRun:
             m = self.members.pop(name, None)
             if m is not None:
                 m.plane.lost.set()
+            self._maybe_close()
+            self.cond.notify_all()
+
+    def hold(self, round_: int) -> None:
+        """Keep round ``round_`` and later ones open (members wait in them) until ``release``: a slow network,
+        under a test's control."""
+        with self.cond:
+            self.held_from = round_
+
+    def release(self) -> None:
+        with self.cond:
+            self.held_from = None
             self._maybe_close()
             self.cond.notify_all()
 
@@ -101,6 +117,8 @@ class InProcessRun:
 
     def _maybe_close(self) -> None:
         if not self._started() or not self.open.frames:
+            return
+        if self.held_from is not None and self.open.round >= self.held_from:
             return
         submitted = set(self.open.frames)
         expected = {n for n, m in self.members.items() if m.first_round <= self.open.round}
@@ -221,6 +239,8 @@ class InProcessPlane:
         if r.open.first_at is None:
             r.open.first_at = r.clock.now()
         held = r.open.frames.setdefault(self.name, sub)  # a duplicate keeps the first
+        if r.on_frame is not None:
+            r.on_frame(sub.round, len(r.open.frames))
         r._maybe_close()
         r.cond.notify_all()
         return held.frame == sub.frame
