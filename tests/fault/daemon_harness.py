@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.bench.soak import check_round_log
+from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig, TaskConfig
 from node.daemon import NodeDaemon, NodeOptions
 from node.recipes import make_run_config
@@ -66,12 +67,12 @@ class LocalCluster:
         self.schedule = schedule or FaultSchedule()
         self.nodes: dict[str, Node] = {}
 
-    def start(self, name: str, **opts: Any) -> Node:
+    def start(self, name: str, clock: Clock = SYSTEM_CLOCK, **opts: Any) -> Node:
         stop = threading.Event()
         plane = FaultyPlane(self.run.plane(name, stop), name, self.schedule)
         options = NodeOptions(coordinator="", workdir=self.root / name, name=name, device="cpu",
                               round_timeout_s=BOUND_S, **opts)
-        daemon = NodeDaemon(options, stop, plane=plane)
+        daemon = NodeDaemon(options, stop, plane=plane, clock=clock)
         outcome: dict[str, Any] = {}
 
         def body() -> None:

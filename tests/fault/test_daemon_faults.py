@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from node.clock import ManualClock
+from node.daemon import STEP_IN_MAX_S
 from node.transport.faults import Fault, FaultSchedule
 from daemon_harness import LocalCluster, run_config, wait_for
 
@@ -142,3 +144,17 @@ def test_a_joiner_with_overlapped_rounds_steps_in_at_a_round_boundary(tmp_path: 
         assert len(stepped) == 1 and not stepped[0]["contributed"]  # the round observed while it trained the next
         first = min(r for r, e in cl.applied("c").items() if e["contributed"])
         assert first == stepped[0]["round"] + 1
+
+
+def test_a_joiner_whose_peers_never_start_a_round_stops_waiting_for_them(tmp_path: Path) -> None:
+    """Stepping in waits for the others' next round to start, at most STEP_IN_MAX_S — on the daemon's clock, so this
+    test waits that long in virtual time only."""
+    with LocalCluster(tmp_path, run_config("sign", rounds=3, overlap=True)) as cl:
+        cl.start("a", max_rounds=1)  # one round, then it leaves: nobody will start round 1
+        assert cl.nodes["a"].wait() == {"code": 0}
+        clock = ManualClock()
+        cl.start("j", clock=clock)
+        assert cl.nodes["j"].wait() == {"code": 0}
+        assert clock.slept >= STEP_IN_MAX_S
+        j = cl.applied("j")
+        assert sorted(j) == [1, 2] and all(e["contributed"] for e in j.values())
