@@ -158,7 +158,7 @@ class NodeDaemon:
 
             if self.opts.run is None:
                 raise ValueError("DHT mode needs the run file: there is no coordinator to hand it out")
-            return DhtControl(self.opts.run, self.opts.dht, self.name, self.stop)
+            return DhtControl(self.opts.run, self.opts.dht, self.name, self.stop, self.clock)
         from node.transport.grpc_control import GrpcControl
 
         return GrpcControl(self.opts.coordinator, self.stop)

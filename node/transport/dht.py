@@ -14,18 +14,19 @@ Keys (all values msgpack, every record expires):
 Frames are named by (sender, sha256), never by sender alone (``dht_frames``): a peer that retries a round submits
 a new frame while the others may already have committed its first one, and every peer serves every frame it holds.
 
-A round, as every peer runs it in ``collect``:
+A round, as every peer runs it in ``collect`` (every rule below is a pure function in ``dht_agreement``, where
+each is explained; this module reads and writes the records, moves the frames and calls them):
 
-1. close: wait until every live peer (and every joiner this peer just gave the state of this round) announced,
+1. close (``close_group``, ``close_wait``; then ``same_reference``): wait until every live peer (and every joiner this peer just gave the state of this round) announced,
    or the round's wait after the first announcement this peer saw (bounded by ``timeout_s``); the group G =
    the announcements read then. The wait adapts as in the coordinator (``node.membership.round_wait``:
    clamp(margin × quantile of this peer's recent first-to-last announcement spreads)) when a
    ``DeadlinePolicy`` is given, else it is the fixed ``round_wait_s``.
    Members whose announced reference differs from ours are left out; if another reference is held by more
    members, ours is the diverged one and the result says ``state_needed`` (the daemon fetches the state).
-2. decided already? If a peer with our reference published a committed outcome, that *is* the round: adopt it
+2. decided already (``choose_outcome``)? If a peer with our reference published a committed outcome, that *is* the round: adopt it
    (step 5). This is how a peer that retries the round, arrives late, or only observes gets the same result.
-3. fetch and agree: pull every member's announced frame by its sha256 (a stream must keep moving,
+3. fetch and agree (``take_late``, ``agree_step``, ``agreed_set``): pull every member's announced frame by its sha256 (a stream must keep moving,
    ``fetch_timeout_s`` per step: a large frame on a slow link takes what it takes, a stalled one fails); publish
    ``have``; wait (≤ ``agree_wait_s``) until every member of G published a have-list over all of G (or an
    outcome, then step 5). A sender in another member's group but not in ours (it announced after we closed, or
@@ -33,10 +34,10 @@ A round, as every peer runs it in ``collect``:
    is (what I hold) ∩ (every have-list received) restricted to the members that published one. A frame any
    member tried and failed to get is dropped by everyone who reads that member's list.
 4. publish the outcome (committed only with ≥ ``min_members`` frames, else a "not committed" record so no one
-   waits for us), then settle: wait (≤ ``settle_s``) for the outcomes of the other members. The earliest
+   waits for us), then settle (``settle_step``): wait (≤ ``settle_s``) for the outcomes of the other members. The earliest
    published committed outcome (ties: the publisher's name) is the round's, for everyone that reads it —
    members whose have-list reads raced at a deadline find out here and all apply the same set.
-5. adopt: commit exactly that outcome's frames, fetching any we lack from their senders or from the peers that
+5. adopt (``adopt_sources``): commit exactly that outcome's frames, fetching any we lack from their senders or from the peers that
    published the outcome; if none can serve one, ``state_needed``.
 
 Limits, stated plainly:
@@ -50,25 +51,34 @@ Limits, stated plainly:
   by all that read that member's list within the agree wait.
 - State for joiners is served by the peers themselves (``dht_state.StateShare``: chunked, multi-donor).
 - Leave is announced by a (peer, False) record; hivemind cannot shorten a record's expiration.
+
+Waits: the round's close, agree and settle waits and the poll interval are decided on an injected clock
+(``node.clock``; production ``SYSTEM_CLOCK``). The heartbeat period is real time: it keeps a record alive whose
+expiry is DHT (wall) time. Faults for tests come through ``dht_faults.DhtFaults`` (``create(..., faults=...)``).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-import time
 from typing import Any, Callable, Sequence
 
 import hivemind
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
+from node.clock import SYSTEM_CLOCK, Clock
 from node.membership import DeadlinePolicy, round_wait
-from node.transport.messages import RoundResult, RoundStatus, StateBlob
-from node.transport.dht_frames import (KEEP_OWN_ROUNDS, FramePool, HaveList, Outcome, Pair, same_reference,
-                                      well_formed)
+from node.transport.dht_agreement import (AgreeDecision, Announcement, CloseView, GroupDecision, GroupKind, HaveList,
+                                          Outcome, Pair, ReferenceKind, Verdict, adopt_sources, agree_step,
+                                          agreed_set, choose_outcome, close_group, close_wait, commit_reason,
+                                          late_senders, live_members, parse_haves, round_joiners, same_reference,
+                                          settle_step, take_late)
+from node.transport.dht_faults import DhtFaults
+from node.transport.dht_frames import KEEP_OWN_ROUNDS, FramePool
 from node.transport.dht_records import BoundedDht
 from node.transport.dht_state import DEFAULT_CHUNK, StateShare
+from node.transport.messages import RoundResult, RoundStatus, StateBlob
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +98,11 @@ class DhtTransport(BoundedDht):
                  fetch_timeout_s: float = 10.0, agree_wait_s: float | None = None, poll_s: float = 0.05,
                  owns_dht: bool = False, deadline: DeadlinePolicy | None = None,
                  state_chunk_bytes: int = DEFAULT_CHUNK, cancel: threading.Event | None = None,
-                 min_members: int = 1, settle_s: float = 2.0) -> None:
+                 min_members: int = 1, settle_s: float = 2.0, clock: Clock = SYSTEM_CLOCK,
+                 faults: DhtFaults | None = None) -> None:
         self.run_id, self.name, self.dht = run_id, name, dht
+        self.clock = clock  # the round's waits and the poll interval
+        self.faults = faults or DhtFaults()  # none unless a test schedules some
         self.round_wait_s, self.first_round = round_wait_s, first_round
         self.heartbeat_s, self.rpc_timeout_s, self.poll_s = heartbeat_s, rpc_timeout_s, poll_s
         self.fetch_timeout_s = fetch_timeout_s
@@ -102,8 +115,11 @@ class DhtTransport(BoundedDht):
         self.from_round = first_round
         self.joined = False
         self.handler_name = f"lowband.{run_id}.frame"
-        self.frames = FramePool(name, self.handler_name, fetch_timeout_s)
+        self.frames = FramePool(name, self.handler_name, fetch_timeout_s, self.faults)
         self._fingerprints: dict[int, str] = {}  # round → our reference fingerprint when we submitted
+        # round → how it closed and what was agreed, for recent rounds (logs, benchmarks, tests read them)
+        self.closed: dict[int, GroupDecision] = {}
+        self.agreed: dict[int, AgreeDecision] = {}
         self._lock = threading.Lock()  # serialises sends into the DHT's pipe
         self._background: set[Any] = set()  # stores sent without waiting (``_store_later``)
         self._stop = threading.Event()
@@ -155,19 +171,14 @@ class DhtTransport(BoundedDht):
     def live_peers(self, round_: int | None = None, records: dict[str, Any] | None = None) -> set[str]:
         """Peers with a live heartbeat (that take part in ``round_``, if given). ``records``: the peers key, if the
         caller read it already."""
-        live = set()
-        for name, v in (self._read(f"{self.run_id}/peers") if records is None else records).items():
-            if isinstance(v, (list, tuple)) and len(v) == 3 and v[1] is True and isinstance(v[2], int):
-                if round_ is None or v[2] <= round_:
-                    live.add(name)
-        return live
+        return live_members(self._read(f"{self.run_id}/peers") if records is None else records, round_)
 
     def _heartbeat(self) -> None:
         self._hb_expiration = get_dht_time() + 3 * self.heartbeat_s
         self._store(f"{self.run_id}/peers", self.name, (self.peer_id, True, self.from_round), self._hb_expiration)
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
+        while not self._stop.wait(self.heartbeat_s):  # real time: the record expires in DHT time
             self._heartbeat()
 
     def join(self, from_round: int | None = None) -> set[str]:
@@ -190,11 +201,12 @@ class DhtTransport(BoundedDht):
         with self._lock:
             self._fingerprints[round_] = fingerprint
             for old in [r for r in self._fingerprints if r <= round_ - KEEP_OWN_ROUNDS]:
-                self._fingerprints.pop(old, None)
+                for table in (self._fingerprints, self.closed, self.agreed):
+                    table.pop(old, None)
             for old in [r for r in self.state.expected if r < round_]:
                 self.state.expected.pop(old, None)
-        value = (self.peer_id, len(payload), sha, fingerprint)
-        self._store(f"{self.run_id}/round/{round_}", self.name, value, get_dht_time() + self._record_ttl)
+        value = Announcement(self.peer_id, len(payload), sha, fingerprint)
+        self._store(f"{self.run_id}/round/{round_}", self.name, tuple(value), get_dht_time() + self._record_ttl)
 
     @property
     def _record_ttl(self) -> float:
@@ -202,7 +214,7 @@ class DhtTransport(BoundedDht):
 
     def _given_up(self) -> bool:
         """Wait one poll interval; True when waiting longer is pointless (closed, cancelled, DHT process gone)."""
-        return self._stop.wait(self.poll_s) or self.cancel.is_set() or not self.dht.is_alive()
+        return self.clock.sleep(self.poll_s, self._stop) or self.cancel.is_set() or not self.dht.is_alive()
 
     def round_wait(self) -> tuple[float, str]:
         if self.deadline is None:
@@ -210,86 +222,71 @@ class DhtTransport(BoundedDht):
         return round_wait(self.spreads, self.deadline)
 
     def _close_group(self, round_: int, deadline: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Phase 1: the announcements once everyone expected announced or the round's wait ran out, and the
-        round's outcome records read in the same poll (None: that read failed)."""
-        key, first_seen, last_new, count = f"{self.run_id}/round/{round_}", None, 0.0, 0
+        """Phase 1 (``dht_agreement.close_group``): the announcements once the round closed, and the round's outcome
+        records read in the same poll (None: that read failed)."""
+        key = f"{self.run_id}/round/{round_}"
         base_wait, base_why = self.round_wait()
         longest = self.deadline.max_wait_s if self.deadline is not None else self.round_wait_s
-        announced: dict[str, Any] = {}
-        peers: dict[str, Any] | None = None  # the last heartbeats read (a failed read keeps it)
+        view = CloseView()
         while True:
             # one poll: the four records read at once (on a slow link each lookup is several round trips)
             want_records, seen, peer_records, done = self._read_many(
                 [self.state.want_key, key, f"{self.run_id}/peers", f"{key}/done"])
-            # joiners downloading the state after round_ - 1 (from us or from another donor) contribute from this
-            # round; they still have to load it and train their first steps: the round's longest wait for them
-            # (one slower round per join), on every member alike
             wants = self.state.wanted(want_records or {})
             self.state.offer_late(round_, wants)
-            joiners = self.state.expected.get(round_, set()) | {n for n, target in wants.items() if target == round_}
-            wait, why = base_wait, base_why
-            if joiners and longest > wait:
-                wait, why = longest, f"the longest wait: {', '.join(sorted(joiners))} fetched the state"
-            announced = announced if seen is None else seen  # a failed read keeps the last view (never shrinks it)
-            now = time.monotonic()
-            if announced and first_seen is None:
-                first_seen = now
-            if len(announced) > count:
-                count, last_new = len(announced), now
-            peers = peers if peer_records is None else peer_records
-            expected = self.live_peers(round_, peers or {}) | joiners
-            if announced and peers is not None and expected <= set(announced):
-                if first_seen is not None:
-                    self.spreads = (self.spreads + [last_new - first_seen])[-50:]
-                return announced, done
-            if (first_seen is not None and now >= first_seen + wait) or now >= deadline:
-                missing = sorted(expected - set(announced))
-                log.info("[node=%s round=%d] closing without %s after the round's wait (%s)", self.name, round_,
-                         ", ".join(missing) or "nobody", why)
-                return announced, done
+            joiners = round_joiners(round_, self.state.expected.get(round_, set()), wants)
+            wait, why = close_wait(base_wait, base_why, longest, joiners)
+            now = self.clock.now()
+            view = view.see(now, seen, peer_records)
+            decision = close_group(now, view.first_seen, view.announced, view.live(round_), joiners, wait, deadline,
+                                   why)
+            if decision.close:
+                self.closed[round_] = decision
+                if decision.kind is GroupKind.ALL_ANNOUNCED:
+                    self.spreads = (self.spreads + [view.spread])[-50:]
+                else:
+                    log.info("[node=%s round=%d] %s", self.name, round_, decision.reason)
+                return dict(view.announced), done
             if self._given_up():  # closed, cancelled or DHT gone: nothing more will arrive
                 return {}, None
-
-    def _outcome(self, round_: int, mine: str, records: dict[str, Any] | None = None) -> Outcome | None:
-        """The round's decided outcome among the ``done`` records of peers with our reference: the earliest
-        published (ties: the publisher's name), so every peer that reads the same records picks the same.
-        ``records``: the done key, if the caller read it already."""
-        if records is None:
-            records = self._read(f"{self.run_id}/round/{round_}/done")
-        found = [Outcome.parse(p, v) for p, v in records.items()]
-        ours = [o for o in found if o is not None and o.committed and (not mine or o.fingerprint in (mine, ""))]
-        if not ours:
-            return None
-        best = min(ours, key=lambda o: (o.published_at, o.publisher))
-        best.sources = {o.publisher: o.peer_id for o in ours if o.pairs == best.pairs}
-        return best
 
     def _publish_done(self, round_: int, fingerprint: str, committed: bool, pairs: frozenset[Pair],
                       published_at: float | None = None, wait: bool = True) -> None:
         """``wait=False``: send it and go on (an outcome repeated only as a source for peers that lack frames)."""
-        value = (self.peer_id, fingerprint, get_dht_time() if published_at is None else published_at, committed,
-                 sorted([s, sha] for s, sha in pairs))
+        outcome = Outcome(self.name, self.peer_id, fingerprint,
+                          get_dht_time() if published_at is None else published_at, committed, pairs)
         store = self._store if wait else self._store_later
-        store(f"{self.run_id}/round/{round_}/done", self.name, value, get_dht_time() + self._record_ttl)
+        store(f"{self.run_id}/round/{round_}/done", self.name, outcome.encode(), get_dht_time() + self._record_ttl)
+
+    def _publish_have(self, round_: int, have: HaveList) -> None:
+        self._store(f"{self.run_id}/round/{round_}/have", self.name, have.encode(), get_dht_time() + self._record_ttl)
+
+    def _read_outcome(self, round_: int, mine: str) -> Outcome | None:
+        return choose_outcome(self._read(f"{self.run_id}/round/{round_}/done"), mine)
 
     def collect(self, round_: int, timeout_s: float, fingerprint: str | None = None) -> RoundResult:
         """The round's outcome. ``fingerprint``: an observer's reference (a member's comes from ``submit``)."""
         if self._closed:
             return RoundResult(round_, RoundStatus.CLOSED, reason="this transport is closed")
-        deadline = time.monotonic() + timeout_s
+        deadline = self.clock.now() + timeout_s
         if fingerprint is not None and self.frames.latest_own(round_) is None:  # a member's is what it submitted
             self._fingerprints[round_] = fingerprint
         mine = self._fingerprints.get(round_, "")
         closed, done = self._close_group(round_, deadline)
-        announced = {s: v for s, v in closed.items() if well_formed(v)}
+        parsed = {s: Announcement.parse(v) for s, v in closed.items()}
+        announced = {s: a for s, a in parsed.items() if a is not None}
+        sent = self.frames.served.get(round_, 0)
         if not announced:
             return RoundResult(round_, RoundStatus.TIMED_OUT, reason="no peer announced a frame before the deadline",
-                               bytes_sent=self.frames.served.get(round_, 0))
-        announced, diverged = same_reference(mine, announced, f"[node={self.name} round={round_}]")
-        if diverged:
-            return RoundResult(round_, RoundStatus.DIVERGED, reason=diverged,
-                               bytes_sent=self.frames.served.get(round_, 0))
-        decided = self._outcome(round_, mine, done)  # done: read with the announcements (None: read it now)
+                               bytes_sent=sent)
+        reference = same_reference(mine, announced)
+        for sender, why in reference.dropped:
+            log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, why)
+        if reference.kind is ReferenceKind.DIVERGED:
+            return RoundResult(round_, RoundStatus.DIVERGED, reason=reference.reason, bytes_sent=sent)
+        announced = dict(reference.members)
+        # done: read with the announcements (None: that read failed, read it now)
+        decided = self._read_outcome(round_, mine) if done is None else choose_outcome(done, mine)
         received = 0
         if decided is None:
             decided, received = self._decide(round_, announced, mine, deadline)
@@ -306,7 +303,7 @@ class DhtTransport(BoundedDht):
         retries end after ``fetch_timeout_s``; a transfer that moves may run to the caller's deadline (a large frame
         on a slow link)."""
         before = {s for s, (_src, _size, sha) in wanted.items() if self.frames.get(round_, sha) is not None}
-        left = max(0.1, deadline - time.monotonic())
+        left = max(0.1, deadline - self.clock.now())
         budget = min(self.fetch_timeout_s, left)
         try:
             got = self._run(self.frames.fetch_all(self.p2p, round_, wanted, budget, longest=left),
@@ -316,116 +313,100 @@ class DhtTransport(BoundedDht):
         received = sum(len(v) for s, v in got.items() if isinstance(v, bytes) and s not in before)
         return got, received
 
-    def _decide(self, round_: int, announced: dict[str, Any], mine: str,
+    def _fetch_announced(self, round_: int, announced: dict[str, Announcement], deadline: float,
+                         held: set[Pair]) -> int:
+        """Fetch the frames of ``announced`` into ``held`` (a frame that cannot be had is logged and left out);
+        bytes received."""
+        fetched, received = self._fetch(round_, {s: ([a.peer_id], a.size, a.sha256) for s, a in announced.items()},
+                                        deadline)
+        for sender, got in sorted(fetched.items()):
+            if isinstance(got, bytes):
+                held.add((sender, announced[sender].sha256))
+            else:
+                log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, got)
+        return received
+
+    def _decide(self, round_: int, announced: dict[str, Announcement], mine: str,
                 deadline: float) -> tuple[Outcome | RoundResult | None, int]:
         """Phases 2–3 for a round nobody decided yet: fetch, publish the have-list, agree, publish the outcome.
         None: this node is not a member and no member published an outcome in time. Also: bytes received.
         ``announced`` grows by the late senders another member took in (``_take_late``)."""
         member = self.name in announced
-        fetched, received = self._fetch(round_, {s: ([v[0]], v[1], v[2]) for s, v in announced.items()}, deadline)
-        held = self._held(round_, announced, fetched)
-        have_key, done_key = f"{self.run_id}/round/{round_}/have", f"{self.run_id}/round/{round_}/done"
+        held: set[Pair] = set()
+        received = self._fetch_announced(round_, announced, deadline, held)
         if member:
-            self._store(have_key, self.name, HaveList(frozenset(held), frozenset(announced)).encode(),
-                        get_dht_time() + self._record_ttl)
-        agree_until = min(deadline, time.monotonic() + self.agree_wait_s)
-        refused: set[str] = set()  # late senders whose announcement we cannot take (another reference, malformed)
-        wants_read = time.monotonic()
+            self._publish_have(round_, HaveList(frozenset(held), frozenset(announced)))
+        have_key, done_key = f"{self.run_id}/round/{round_}/have", f"{self.run_id}/round/{round_}/done"
+        until = min(deadline, self.clock.now() + self.agree_wait_s)
+        refused: set[str] = set()  # late senders whose announcement is from another reference
+        wants_read = self.clock.now()
         while True:
-            offer = member and time.monotonic() >= wants_read + self.heartbeat_s  # a joiner asking now waits for us
+            offer = member and self.clock.now() >= wants_read + self.heartbeat_s  # a joiner asking now waits for us
             have_records, done_records, *want_records = self._read_many(
                 [have_key, done_key] + ([self.state.want_key] if offer else []))
             if offer:
                 self.state.offer_late(round_, self.state.wanted(want_records[0] or {}))
-                wants_read = time.monotonic()
-            haves = {s: HaveList.parse(v) for s, v in (have_records or {}).items() if s in announced}
-            haves = {s: h for s, h in haves.items() if h is not None}
-            decided = self._outcome(round_, mine, done_records or {})
+                wants_read = self.clock.now()
+            haves = parse_haves(have_records or {}, announced)
+            decided = choose_outcome(done_records or {}, mine)
             if decided is not None:
                 return decided, received  # someone committed already: that is the round (we adopt it)
             if member:
-                late = set().union(*(h.group for h in haves.values())) - set(announced) - refused
+                late = late_senders(haves, announced, refused)
                 before = len(announced)
                 received += self._take_late(round_, late, announced, mine, held, refused, deadline) if late else 0
                 haves[self.name] = HaveList(frozenset(held), frozenset(announced))
                 if len(announced) > before:  # our list again, over the grown group
-                    self._store(have_key, self.name, haves[self.name].encode(), get_dht_time() + self._record_ttl)
-                pending = set().union(*(h.group for h in haves.values())) - set(announced) - refused
-                # every member listed what it holds of the whole group (not of a group that lacks a late sender)
-                if not pending and all(s in haves and haves[s].group >= set(announced) for s in announced):
-                    break
-            if time.monotonic() >= agree_until or self._given_up():
+                    self._publish_have(round_, haves[self.name])
+            step = agree_step(self.clock.now(), until, haves, announced, refused, member)
+            if step.done or self._given_up():
+                log.debug("[node=%s round=%d] agree: %s", self.name, round_, step.reason)
                 break
         if not member:
             return None, received
-        confirmed = set(haves)  # members that published a have-list in time
-        final = {p for p in held if p[0] in confirmed}
-        for sender in confirmed:
-            final &= haves[sender].held
-        for sender in sorted({s for s, _ in held} - {s for s, _ in final}):
-            reason = "published no have-list in time" if sender not in haves else "another member does not hold it"
-            log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, reason)
-        sent = self.frames.served.get(round_, 0)
-        if not final or len(final) < self.min_members:
+        agreed = agreed_set(held, haves, announced, self.min_members)
+        self.agreed[round_] = agreed
+        for sender, why in agreed.dropped:
+            log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, why)
+        if agreed.kind is not Verdict.COMMIT:
             self._publish_done(round_, mine, False, frozenset())  # the others need not wait for our outcome
-            why = ("no frame is held by every member" if not final else f"only {len(final)} member(s) agreed, "
-                   f"fewer than the run's min_nodes {self.min_members}")  # a peer cut off must not go on alone
-            return RoundResult(round_, RoundStatus.NO_QUORUM, reason=why, bytes_sent=sent,
-                               bytes_received=received), received
-        self._publish_done(round_, mine, True, frozenset(final))
-        return self._settle(round_, mine, confirmed | {s for s, _ in final}, deadline), received
+            return RoundResult(round_, RoundStatus.NO_QUORUM, reason=agreed.reason,
+                               bytes_sent=self.frames.served.get(round_, 0), bytes_received=received), received
+        self._publish_done(round_, mine, True, agreed.pairs)
+        return self._settle(round_, mine, agreed.settle_with, deadline), received
 
-    def _held(self, round_: int, announced: dict[str, Any], fetched: dict[str, bytes | str]) -> set[Pair]:
-        held: set[Pair] = set()
-        for sender, got in sorted(fetched.items()):
-            if isinstance(got, bytes):
-                held.add((sender, announced[sender][2]))
-            else:
-                log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, got)
-        return held
-
-    def _take_late(self, round_: int, late: set[str], announced: dict[str, Any], mine: str, held: set[Pair],
-                   refused: set[str], deadline: float) -> int:
-        """Take into the round the senders another member took in after we closed (a joiner whose join record
-        reached that member first, a peer that announced just after our wait): add their announcements, fetch
-        their frames into ``held``. Without this one early close would drop them for everyone. Bytes received."""
-        seen = self._read(f"{self.run_id}/round/{round_}")
-        found = {s: seen[s] for s in late if s in seen and well_formed(seen[s])}
-        for sender in sorted(late - set(found)):
-            log.debug("[node=%s round=%d] %s is in another member's group; its announcement is not readable yet",
-                      self.name, round_, sender)
-        taken = {s: v for s, v in found.items() if not mine or v[3] in (mine, "")}
-        refused.update(set(found) - set(taken))
-        if not taken:
+    def _take_late(self, round_: int, late: set[str], announced: dict[str, Announcement], mine: str,
+                   held: set[Pair], refused: set[str], deadline: float) -> int:
+        """Take into the round the senders another member took in after we closed (``dht_agreement.take_late``):
+        add their announcements to ``announced``, fetch their frames into ``held``. Bytes received."""
+        decision = take_late(late, self._read(f"{self.run_id}/round/{round_}"), mine)
+        log.debug("[node=%s round=%d] late senders: %s", self.name, round_, decision.reason)
+        refused.update(decision.refused)
+        if not decision.taken:
             return 0
         log.info("[node=%s round=%d] taking in %s: another member's group holds them", self.name, round_,
-                 ", ".join(sorted(taken)))
-        announced.update(taken)
-        fetched, received = self._fetch(round_, {s: ([v[0]], v[1], v[2]) for s, v in taken.items()}, deadline)
-        held |= self._held(round_, announced, fetched)
-        return received
+                 ", ".join(sorted(decision.taken)))
+        announced.update(decision.taken)
+        return self._fetch_announced(round_, dict(decision.taken), deadline, held)
 
-    def _settle(self, round_: int, mine: str, peers: set[str], deadline: float) -> Outcome | None:
-        """Wait (≤ ``settle_s``) for the outcomes of the other members; the earliest published one is the round's.
-        Members that read their have-lists at slightly different moments can decide different sets: this is
-        where they find out, and all pick the same."""
+    def _settle(self, round_: int, mine: str, peers: frozenset[str], deadline: float) -> Outcome | None:
+        """Wait (≤ ``settle_s``) for the outcomes of the other members; the earliest published one is the round's."""
         done_key = f"{self.run_id}/round/{round_}/done"
-        until = min(deadline, time.monotonic() + self.settle_s)
+        until = min(deadline, self.clock.now() + self.settle_s)
         while True:
             records = self._read(done_key)
-            if peers - {self.name} <= set(records) or time.monotonic() >= until or self._given_up():
+            step = settle_step(self.clock.now(), until, records, peers, self.name)
+            if step.done or self._given_up():
+                log.debug("[node=%s round=%d] settle: %s", self.name, round_, step.reason)
                 break
-        return self._outcome(round_, mine, records or None)  # empty: the read failed (ours is in there), read again
+        # empty: the read failed (ours is in there), read again
+        return choose_outcome(records, mine) if records else self._read_outcome(round_, mine)
 
-    def _adopt(self, round_: int, outcome: Outcome, announced: dict[str, Any], mine: str, deadline: float,
+    def _adopt(self, round_: int, outcome: Outcome, announced: dict[str, Announcement], mine: str, deadline: float,
                received: int) -> RoundResult:
-        """Commit exactly ``outcome``'s frames: from what we hold, else from their senders or any publisher of
-        the outcome (each holds every frame in it). A frame none can serve means fetching the state."""
-        wanted: dict[str, tuple[list[str], int | None, str]] = {}
-        for sender, sha in outcome.pairs:
-            direct = [announced[sender][0]] if sender in announced and announced[sender][2] == sha else []
-            wanted[sender] = (direct + list(outcome.sources.values()), None, sha)
-        fetched, more = self._fetch(round_, wanted, deadline)
+        """Commit exactly ``outcome``'s frames (``dht_agreement.adopt_sources``). A frame none can serve means
+        fetching the state."""
+        fetched, more = self._fetch(round_, adopt_sources(outcome, announced), deadline)
         received += more
         sent = self.frames.served.get(round_, 0)
         lacking = sorted(s for s, got in fetched.items() if not isinstance(got, bytes))
@@ -435,14 +416,12 @@ class DhtTransport(BoundedDht):
                                bytes_sent=sent, bytes_received=received)
         if outcome.publisher != self.name:  # the same outcome again: more sources for peers that missed frames
             self._publish_done(round_, mine, True, outcome.pairs, outcome.published_at, wait=False)
-            if self.name in announced and (self.name, announced[self.name][2]) not in outcome.pairs:
+            if self.name in announced and (self.name, announced[self.name].sha256) not in outcome.pairs:
                 log.info("[node=%s round=%d] %s decided the round without our latest frame", self.name, round_,
                          outcome.publisher)
         payloads = {s: f for s, f in sorted(fetched.items()) if isinstance(f, bytes)}  # all of them (none lacking)
-        missing = sorted(set(announced) - set(payloads))
-        reason = "every announced member agreed" if not missing else f"committed without {', '.join(missing)}"
-        return RoundResult(round_, RoundStatus.COMMITTED, payloads, reason=reason, bytes_sent=sent,
-                           bytes_received=received)
+        return RoundResult(round_, RoundStatus.COMMITTED, payloads, reason=commit_reason(announced, payloads),
+                           bytes_sent=sent, bytes_received=received)
 
     # -- state and shutdown -------------------------------------------------------------------------------
     def fetch_state(self, timeout_s: float = 60.0) -> StateBlob | None:

@@ -30,12 +30,12 @@ import json
 import logging
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from hivemind.utils import get_dht_time
 
+from node.clock import SYSTEM_CLOCK, Clock
 from node.membership import DeadlinePolicy
 from node.config import RunConfig, diff_configs
 from node.transport.control import Identity, JoinInfo, JoinRefused, Stopped
@@ -88,9 +88,13 @@ def shard_of(name: str, num_shards: int) -> int:
 
 
 class DhtControl:
-    def __init__(self, run: RunConfig, settings: DhtSettings, name: str, stop: threading.Event) -> None:
+    """``clock``: what the waits are decided on — the start wait for ``min_nodes`` peers here, and every wait of the
+    transport's rounds and state fetches."""
+
+    def __init__(self, run: RunConfig, settings: DhtSettings, name: str, stop: threading.Event,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.where = "dht"
-        self.run, self.settings, self.name, self.stop = run, settings, name, stop
+        self.run, self.settings, self.name, self.stop, self.clock = run, settings, name, stop, clock
         self.lost = threading.Event()  # a DHT peer has no lease to lose: never set
         self._round = 0
         self._run_round = 0  # the highest round any node recorded entering
@@ -102,7 +106,7 @@ class DhtControl:
                 announce_maddrs=settings.announce_maddrs,
                 round_wait_s=settings.round_wait_s, heartbeat_s=settings.heartbeat_s, deadline=settings.deadline,
                 state_chunk_bytes=settings.state_chunk_bytes, cancel=stop, min_members=settings.min_nodes,
-                **settings.extra)
+                clock=clock, **settings.extra)
         for maddr in self.transport.visible_maddrs():  # other nodes can bootstrap through any of these
             log.info("[node=%s] DHT address %s", name, maddr)
         self._key = f"{run.run_id}/config"
@@ -170,14 +174,14 @@ class DhtControl:
             self._round = at + 1
             return JoinInfo(shard, self.settings.num_shards, at + 1, at)
         self.transport.join(0)  # heartbeats start: the peers now wait for our frame in every round
-        until = time.monotonic() + self.settings.start_timeout_s
+        until = self.clock.now() + self.settings.start_timeout_s
         while len(self.transport.live_peers() | {self.name}) < self.settings.min_nodes:
             if self._under_way() is not None:
                 break  # the others started without waiting for more (we still joined before round 0 closed)
-            if time.monotonic() >= until:
+            if self.clock.now() >= until:
                 raise JoinRefused(f"fewer than {self.settings.min_nodes} peers came within "
                                   f"{self.settings.start_timeout_s:.0f} s")
-            if self.stop.wait(0.2):
+            if self.clock.sleep(0.2, self.stop):
                 raise Stopped()
         return JoinInfo(shard, self.settings.num_shards, 0, 0)
 

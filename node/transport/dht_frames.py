@@ -8,6 +8,9 @@ died can still be reduced by a peer that missed it.
 
 Stream protocol (handler ``lowband.{run}.frame``): request = round (8 bytes, big-endian) + sha256 (32 raw bytes);
 answer = status byte (0: found, 1: not held) + the frame as length-prefixed raw data.
+
+The bounds on streams are real time (``time.monotonic``, ``asyncio.wait_for``): they bound waiting on the network,
+whatever clock the round's own waits are decided on (``node.clock``).
 """
 from __future__ import annotations
 
@@ -16,27 +19,31 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from hivemind.p2p import P2P, PeerID
+
+from node.transport.dht_faults import DhtFaults, Stream
 
 log = logging.getLogger(__name__)
 _OK, _MISSING = b"\x00", b"\x01"
 KEEP_OWN_ROUNDS = 8  # our own frames, served this many rounds back (a paused or slow peer may still want them)
 KEEP_FETCHED_ROUNDS = 2  # frames fetched from others: the round being decided and the one before
 
-Pair = tuple[str, str]  # (sender, sha256 hex)
 MAX_FRAME = 4 << 30  # the most a fetch of a frame of unknown size accepts (an announced size bounds it exactly)
 PIECE = 1 << 16
 
 
-async def send_moving(data: bytes, writer: asyncio.StreamWriter, idle_s: float) -> None:
+async def send_moving(data: bytes, writer: asyncio.StreamWriter, idle_s: float,
+                      before_piece: Callable[[int], Awaitable[None]] | None = None) -> None:
     """``P2P.send_raw_data``, bounded by progress: each piece must drain within ``idle_s``, so a large frame on a
-    slow uplink is sent to the end while a stalled stream fails."""
+    slow uplink is sent to the end while a stalled stream fails. ``before_piece(i)`` is awaited before piece ``i``
+    (the fault seam's pacing and stalls)."""
     writer.write(len(data).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
     view = memoryview(data)
-    for offset in range(0, len(view), PIECE):
+    for i, offset in enumerate(range(0, len(view), PIECE)):
+        if before_piece is not None:
+            await before_piece(i)
         writer.write(view[offset:offset + PIECE])
         await asyncio.wait_for(writer.drain(), idle_s)
     await asyncio.wait_for(writer.drain(), idle_s)
@@ -76,95 +83,13 @@ def digest(frame: bytes) -> str:
     return hashlib.sha256(frame).hexdigest()
 
 
-def parse_pairs(value: Any) -> frozenset[Pair] | None:
-    """A have-list / outcome as stored in the DHT (a list of [sender, sha256]); None when malformed."""
-    if not isinstance(value, (list, tuple)):
-        return None
-    pairs = set()
-    for item in value:
-        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)):
-            return None
-        pairs.add((item[0], item[1]))
-    return frozenset(pairs)
-
-
-@dataclass(frozen=True)
-class HaveList:
-    """A member's have-list: the frames it fetched and verified (``held``) out of those of ``group``, the senders
-    it took into the round. ``group`` tells the others whether a missing frame was tried and failed (a drop) or
-    belongs to a sender this member has not heard of yet (it will learn of it from their lists and try)."""
-
-    held: frozenset[Pair]
-    group: frozenset[str]
-
-    def encode(self) -> list[Any]:
-        return [sorted([s, sha] for s, sha in self.held), sorted(self.group)]
-
-    @classmethod
-    def parse(cls, value: Any) -> "HaveList | None":
-        if not (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], (list, tuple))
-                and all(isinstance(n, str) for n in value[1])):
-            return None
-        held = parse_pairs(value[0])
-        return None if held is None else cls(held, frozenset(value[1]))
-
-
-@dataclass
-class Outcome:
-    """A peer's record of how a round ended: ``committed`` with exactly ``pairs``, from reference ``fingerprint``.
-    ``sources``: publisher → peer id of every peer that published this same outcome (each holds its frames)."""
-
-    publisher: str
-    peer_id: str
-    fingerprint: str
-    published_at: float
-    committed: bool
-    pairs: frozenset[Pair]
-    sources: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, publisher: str, value: Any) -> "Outcome | None":
-        if not (isinstance(value, (list, tuple)) and len(value) == 5):
-            return None
-        peer_id, fingerprint, published_at, committed, raw = value
-        pairs = parse_pairs(raw)
-        if not (isinstance(peer_id, str) and isinstance(fingerprint, str) and isinstance(published_at, (int, float))
-                and isinstance(committed, bool) and pairs is not None):
-            return None
-        return cls(publisher, peer_id, fingerprint, float(published_at), committed, pairs, {publisher: peer_id})
-
-
-def well_formed(announcement: Any) -> bool:
-    """(peer_id, size, sha256, fingerprint), as ``DhtTransport.submit`` stores it."""
-    return (isinstance(announcement, (list, tuple)) and len(announcement) == 4 and isinstance(announcement[0], str)
-            and isinstance(announcement[1], int) and all(isinstance(x, str) for x in announcement[2:]))
-
-
-def same_reference(mine: str, announced: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
-    """Keep the members whose reference (announced fingerprint, ``announced[s][3]``) equals ours, ``mine``. If
-    another reference is held by more members (ties: the larger fingerprint string), ours is the diverged one:
-    ({}, why) tells the caller to fetch the state. Every member applies the same rule to the same announcements,
-    so a diverged replica is left out by the others exactly when it leaves itself out."""
-    groups: dict[str, set[str]] = {}
-    for sender, v in announced.items():
-        groups.setdefault(v[3], set()).add(sender)
-    if not mine or set(groups) <= {mine, ""}:
-        return announced, ""
-    checked = {fp: members for fp, members in groups.items() if fp}
-    best = max(checked.items(), key=lambda kv: (len(kv[1]), kv[0]))[0]
-    if best != mine:
-        return {}, (f"this replica's reference {mine} differs from the run's {best} "
-                    f"(held by {len(checked[best])} members): fetching the state")
-    keep = {s: v for s, v in announced.items() if v[3] in (mine, "")}
-    for sender in sorted(set(announced) - set(keep)):
-        log.warning("%s dropped %s: its reference %s differs from ours %s (a diverged replica)", where, sender,
-                    announced[sender][3], mine)
-    return keep, ""
-
-
 class FramePool:
-    def __init__(self, name: str, handler_name: str, fetch_timeout_s: float) -> None:
+    """Our frames and the ones we fetched, by round and sha256; serves them (``serve``) and pulls them (``fetch_all``).
+    ``faults``: what a test wants this peer's serving to do wrong (``dht_faults``; none by default)."""
+
+    def __init__(self, name: str, handler_name: str, fetch_timeout_s: float, faults: DhtFaults | None = None) -> None:
         self.name, self.handler_name, self.fetch_timeout_s = name, handler_name, fetch_timeout_s
+        self.faults = faults or DhtFaults()
         self._frames: dict[int, dict[str, bytes]] = {}  # round → sha256 → frame (ours and fetched)
         self._own: dict[int, dict[str, bytes]] = {}  # round → sha256 → frame, every frame we submitted
         self._latest: dict[int, str] = {}  # round → sha256 of our latest submission (the announced one)
@@ -196,13 +121,6 @@ class FramePool:
             sha = self._latest.get(round_)
             return None if sha is None else (sha, self._own[round_][sha])
 
-    def replace(self, round_: int, sha: str, frame: bytes) -> None:
-        """Serve other bytes under ``sha`` (tests: a peer whose frame no longer matches its announcement)."""
-        with self._lock:
-            self._frames[round_][sha] = frame
-            if sha in self._own.get(round_, {}):
-                self._own[round_][sha] = frame
-
     def _prune(self, newest: int) -> None:
         for r in [r for r in self._frames if r <= newest - KEEP_FETCHED_ROUNDS]:
             own = self._own.get(r, {})
@@ -219,11 +137,12 @@ class FramePool:
                 raise ValueError(f"a frame request is 40 bytes (round + sha256), got {len(request)}")
             round_, sha = int.from_bytes(request[:8], "big"), request[8:].hex()
             with self._lock:
-                frame = self._frames.get(round_, {}).get(sha)
+                frame = None if self.faults.refuses(Stream.FRAME) else self._frames.get(round_, {}).get(sha)
                 if frame is not None:
                     self.served[round_] = self.served.get(round_, 0) + len(frame)
             writer.write(_MISSING if frame is None else _OK)
-            await send_moving(frame or b"", writer, self.fetch_timeout_s)
+            await send_moving(self.faults.served(Stream.FRAME, frame or b""), writer, self.fetch_timeout_s,
+                              lambda i: self.faults.before_piece(Stream.FRAME, i))
             # closing our end at once can cut the frame short in p2pd: hold the stream until the caller
             # has read it and closed (as hivemind's own handlers do), bounded
             await asyncio.wait_for(reader.read(1), self.fetch_timeout_s)

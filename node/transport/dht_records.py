@@ -1,5 +1,9 @@
 """Bounded access to a hivemind DHT: every call into it (its request pipe, our P2P replica's event loop) has a
-time limit, and a network fault becomes a logged miss, never an exception out of a round."""
+time limit, and a network fault becomes a logged miss, never an exception out of a round.
+
+These limits are real time on purpose (``time.monotonic``, ``Future.result(timeout)``): they bound how long we
+block on another process, whatever clock the round's own waits are decided on (``node.clock``). A read that
+``faults`` (``dht_faults.DhtFaults``) says fails is not sent, and reads as a failed lookup does."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +16,8 @@ from typing import Any, Sequence
 import hivemind
 from hivemind.utils import get_dht_time
 
+from node.transport.dht_faults import DhtFaults
+
 log = logging.getLogger(__name__)
 
 
@@ -21,6 +27,7 @@ class BoundedDht:
     dht: hivemind.DHT
     name: str
     rpc_timeout_s: float
+    faults: DhtFaults  # reads a test wants to fail
     _lock: threading.Lock  # serialises sends into the DHT's pipe
     _loop: asyncio.AbstractEventLoop  # runs our P2P replica's streams
     _background: set[Future[Any]]  # stores nobody waits for (``_store_later``), held until they finish
@@ -83,7 +90,11 @@ class BoundedDht:
         return [self._finish_read(key, fut, until) for key, fut in zip(keys, pending)]
 
     def _start_read(self, key: str) -> Future[Any] | None:
-        """Send a read into the DHT process (None: it is not running); ``_finish_read`` takes the answer."""
+        """Send a read into the DHT process (None: it is not running, or it fails by an injected fault);
+        ``_finish_read`` takes the answer."""
+        if self.faults.read_fails(key):
+            log.warning("[node=%s] DHT get %s failed: injected fault", self.name, key)
+            return None
         if not self.dht.is_alive():
             log.warning("[node=%s] DHT get %s failed: the DHT process is not running", self.name, key)
             return None

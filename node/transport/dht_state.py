@@ -21,7 +21,12 @@ other donors — fetches only what is missing. The assembled blob must match the
 the daemon then checks the model fingerprint after loading it.
 
 Stream ``lowband.{run}.state``: request = msgpack [committed, offset, length]; answer = status byte +
-length-prefixed bytes. Requests are validated (types, ``length ≤ MAX_CHUNK``, range inside the snapshot).
+length-prefixed bytes. Requests are validated (types, ``length ≤ MAX_CHUNK``, range inside the snapshot:
+``answer_chunk``).
+
+The joiner's waits (for offers, for more donors, the overall timeout) are decided on the transport's clock
+(``node.clock``). The want record's refresh is not: it keeps a record alive whose expiry is DHT (wall) time, and on a
+virtual clock it would spin, storing as fast as the DHT answers.
 """
 from __future__ import annotations
 
@@ -29,14 +34,14 @@ import asyncio
 import hashlib
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import msgpack
 from hivemind.utils import get_dht_time
 
+from node.transport.dht_faults import Stream
 from node.transport.dht_frames import receive_moving, request_moving, send_moving
 
 if TYPE_CHECKING:
@@ -86,6 +91,22 @@ def _parse_offer(value: Any) -> tuple[str, Offer] | None:
             and isinstance(sha, str) and isinstance(fingerprint, str) and committed >= 0):
         return None
     return peer_id, Offer(committed, size, sha, fingerprint)
+
+
+def answer_chunk(snapshots: Mapping[int, bytes], request: Any) -> tuple[bytes, bytes]:
+    """(status, data) for a chunk request [committed, offset, length] against ``snapshots`` (committed → blob): the
+    bytes, or a precise refusal. A peer cannot make us buffer more than ``MAX_CHUNK`` or read past a snapshot."""
+    if not (isinstance(request, list) and len(request) == 3 and all(isinstance(x, int) for x in request)):
+        return _BAD, b"request must be [committed, offset, length] integers"
+    committed, offset, length = request
+    if not 0 < length <= MAX_CHUNK or offset < 0:
+        return _BAD, f"bad range offset={offset} length={length} (length must be in (0, {MAX_CHUNK}])".encode()
+    blob = snapshots.get(committed)
+    if blob is None:
+        return _MISSING, f"no snapshot after {committed} rounds here".encode()
+    if offset + length > len(blob):
+        return _BAD, f"range {offset}+{length} is past the snapshot's {len(blob)} bytes".encode()
+    return _OK, blob[offset:offset + length]
 
 
 class StateShare:
@@ -162,7 +183,8 @@ class StateShare:
                     peer = str(getattr(info, "peer_id", "?"))
                     self._served[peer] = self._served.get(peer, 0) + len(data)
             writer.write(status)
-            await send_moving(data, writer, timeout)
+            await send_moving(self.t.faults.served(Stream.STATE, data) if status == _OK else data, writer, timeout,
+                              lambda i: self.t.faults.before_piece(Stream.STATE, i))
             await asyncio.wait_for(reader.read(1), timeout)  # hold the stream until the joiner read it (see dht.py)
         except Exception as exc:
             log.debug("[node=%s] serving state failed: %r", self.t.name, exc)
@@ -170,18 +192,11 @@ class StateShare:
             writer.close()
 
     def _answer(self, request: Any) -> tuple[bytes, bytes]:
-        if not (isinstance(request, list) and len(request) == 3 and all(isinstance(x, int) for x in request)):
-            return _BAD, b"request must be [committed, offset, length] integers"
-        committed, offset, length = request
-        if not 0 < length <= MAX_CHUNK or offset < 0:
-            return _BAD, f"bad range offset={offset} length={length} (length must be in (0, {MAX_CHUNK}])".encode()
+        if self.t.faults.refuses(Stream.STATE):
+            return _MISSING, b"refused (injected fault)"
         with self._lock:
-            blob = self._snapshots.get(committed)
-        if blob is None:
-            return _MISSING, f"no snapshot after {committed} rounds here".encode()
-        if offset + length > len(blob):
-            return _BAD, f"range {offset}+{length} is past the snapshot's {len(blob)} bytes".encode()
-        return _OK, blob[offset:offset + length]
+            snapshots = dict(self._snapshots)  # a copy: the answer is sliced outside the lock
+        return answer_chunk(snapshots, request)
 
     # -- joiner side --------------------------------------------------------------------------------------
     def offers(self, min_committed: int) -> dict[Offer, dict[str, str]]:
@@ -200,14 +215,15 @@ class StateShare:
     def _want(self, stop: threading.Event) -> None:
         while True:
             self.t._store(self.want_key, self.t.name, self._want_target, get_dht_time() + 3 * self.t.heartbeat_s)
-            if stop.wait(self.t.heartbeat_s):
+            if stop.wait(self.t.heartbeat_s):  # real time: it refreshes a record that expires in DHT time
                 return
 
     def fetch(self, min_committed: int, timeout_s: float, gather_s: float | None = None,
               cancelled: threading.Event | None = None) -> Download | None:
         """The newest state of at least ``min_committed`` rounds, or None when none arrived within ``timeout_s``.
         Announces the want record for as long as it runs."""
-        started = time.monotonic()
+        clock = self.t.clock
+        started = clock.now()
         deadline = started + timeout_s
         # donors snapshot at their next round boundary, so one that is mid-round offers later (and a newer version):
         # wait a while for every live peer's offer of the newest version, to spread the download over all of them
@@ -220,33 +236,33 @@ class StateShare:
         transfer_s = 0.0
         try:
             first_seen: float | None = None
-            while time.monotonic() < deadline and not (cancelled is not None and cancelled.is_set()):
+            while clock.now() < deadline and not (cancelled is not None and cancelled.is_set()):
                 offers = self.offers(min_committed)
                 if not offers:
                     first_seen = None
-                    time.sleep(self.t.poll_s * 4)  # polling the DHT for announcements, bounded by the deadline
+                    clock.sleep(self.t.poll_s * 4, cancelled)  # polling the DHT for offers, bounded by the deadline
                     continue
-                first_seen = first_seen or time.monotonic()
+                first_seen = clock.now() if first_seen is None else first_seen  # (0.0 is a time)
                 offer, donors = max(offers.items(), key=lambda kv: (kv[0].committed, len(kv[1]), kv[0].sha256))
                 live = self.t.live_peers()
-                if not set(live - {self.t.name}) <= set(donors) and time.monotonic() < first_seen + gather:
-                    time.sleep(self.t.poll_s)  # more donors of this version may still be announcing
+                if not set(live - {self.t.name}) <= set(donors) and clock.now() < first_seen + gather:
+                    clock.sleep(self.t.poll_s, cancelled)  # more donors of this version may still be announcing
                     continue
                 self._want_target = offer.committed  # donors keep this snapshot while we download it
                 if self._partial is None or self._partial.offer != offer:
                     n = -(-offer.size // self.chunk_bytes)
                     self._partial = _Partial(offer, self.chunk_bytes, [None] * n)
-                budget = max(0.1, deadline - time.monotonic())
-                t0 = time.monotonic()
+                budget = max(0.1, deadline - clock.now())
+                t0 = clock.now()
                 got = self.t._run(self._download(self._partial, donors), timeout=budget + self.t.rpc_timeout_s)
-                transfer_s += time.monotonic() - t0
+                transfer_s += clock.now() - t0
                 for donor, n in got.items():
                     per_donor[donor] = per_donor.get(donor, 0) + n
                 if not self._partial.missing():
                     blob = b"".join(p for p in self._partial.parts if p is not None)
                     self._partial = None
                     if len(blob) == offer.size and hashlib.sha256(blob).hexdigest() == offer.sha256:
-                        return Download(offer, blob, per_donor, time.monotonic() - started, transfer_s)
+                        return Download(offer, blob, per_donor, clock.now() - started, transfer_s)
                     log.warning("[node=%s] assembled state does not match its announcement: fetching again",
                                 self.t.name)
                 else:
