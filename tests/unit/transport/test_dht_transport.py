@@ -51,8 +51,9 @@ def test_three_peers_commit_every_round_identically_and_a_retry_applies_what_was
 @pytest.mark.timeout(120)
 def test_a_peer_that_leaves_is_not_waited_for_and_large_frames_stream() -> None:
     """leave() publishes a record that outlives the last heartbeat, so the others close as soon as they both
-    announced — the round's wait here is far longer than the test's bound."""
-    with peers("run-leave", round_wait_s=300.0) as ts:
+    announced. The round's wait and w2's last heartbeat (ttl 3 × heartbeat_s) both outlast the test's bound: only
+    the leave record can let them close before it."""
+    with peers("run-leave", round_wait_s=300.0, heartbeat_s=100.0) as ts:
         ts[2].leave()
         frames = {t.name: bytes([i]) * (5 << 20) for i, t in enumerate(ts[:2])}  # > 4 MiB: streamed, not unary
         for t in ts[:2]:
