@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from node import wire
+from node.clock import ManualClock
 from node.transport.dht import DhtTransport
 from node.transport.dht_agreement import GroupKind
 
@@ -65,6 +66,28 @@ def test_a_peer_that_leaves_is_not_waited_for_and_large_frames_stream() -> None:
             closed = t.closed[0]
             assert closed.kind is GroupKind.ALL_ANNOUNCED and closed.group == NAMES[:2], closed
         assert results["w0"].bytes_received == len(frames["w1"])  # w0 pulled w1's frame, and only it
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_crashed_is_waited_for_the_rounds_wait_on_the_transports_clock_then_left_out() -> None:
+    """w2 dies without a word: its heartbeat stays live (for longer than the test), so the others wait the round's
+    wait for it, then close without it. The waits run on a virtual clock: the round's 1000 s wait passes in
+    polls of poll_s, and the clock shows it was waited in full. The agree and settle waits are far longer (in
+    virtual time, which the two peers' polls advance together): only the other's have-list and outcome end them."""
+    clock = ManualClock()
+    with peers("run-crash", round_wait_s=1000.0, heartbeat_s=100.0, poll_s=10.0, agree_wait_s=1e6, settle_s=1e6,
+               clock=clock) as ts:
+        ts[2].close(announce_leave=False)
+        frames = {t.name: bytes([i + 1]) * 1000 for i, t in enumerate(ts[:2])}
+        for t in ts[:2]:
+            t.submit(0, frames[t.name])
+        results = collect_all(ts[:2], 0, timeout_s=1e7)  # virtual seconds
+        for t in ts[:2]:
+            assert results[t.name].committed and results[t.name].payloads == frames, results[t.name].reason
+            closed = t.closed[0]
+            assert closed.kind is GroupKind.WAIT_OVER and closed.missing == ("w2",), closed
+            assert closed.group == ("w0", "w1") and "closing without w2 after the round's wait" in closed.reason
+        assert 1000.0 <= clock.now() < 1e6  # the round's wait in full; the agree and settle waits ended early
 
 
 @pytest.mark.timeout(120)
