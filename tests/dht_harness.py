@@ -7,6 +7,7 @@ import contextlib
 import subprocess
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterator, Mapping
 
 import pytest
@@ -26,18 +27,38 @@ NET: dict[str, Any] = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": 
 TASK_PARAMS: dict[str, Any] = {"size": "tiny", "batch_size": 2, "block_size": 32, "eval_batches": 2}
 
 
-def p2pd_pids() -> set[int]:
+OWNER_ENV = "LOWBAND_TEST_P2PD_OWNER"
+
+
+def p2pd_pids(owner: str | None = None) -> set[int]:
+    """p2pd processes on this machine; with ``owner``: only those started under ``no_orphaned_p2pd``'s marker (the
+    machine is shared: other test runs start and stop their own p2pd meanwhile)."""
     out = subprocess.run(["pgrep", "-f", "p2pd"], capture_output=True, text=True, timeout=10).stdout
-    return {int(p) for p in out.split()}
+    pids = {int(p) for p in out.split()}
+    if owner is None:
+        return pids
+    mark = f"{OWNER_ENV}={owner}".encode()
+    ours = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    ours.add(pid)
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return ours
 
 
 @pytest.fixture(scope="module")
 def no_orphaned_p2pd() -> Iterator[None]:
-    """Every p2pd these tests start must be gone after them (only pids that appeared during the module count)."""
-    before = p2pd_pids()
-    yield
+    """Every p2pd these tests start must be gone after them. They inherit a marker in their environment (through
+    the DHT process hivemind forks), so only this module's count."""
+    owner = uuid.uuid4().hex
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(OWNER_ENV, owner)
+        yield
     deadline = time.monotonic() + 15
-    while (left := p2pd_pids() - before) and time.monotonic() < deadline:
+    while (left := p2pd_pids(owner)) and time.monotonic() < deadline:
         time.sleep(0.1)  # polling a process table, not synchronising peers
     assert not left, f"p2pd processes left behind: {sorted(left)}"
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -128,7 +129,11 @@ class Cluster:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[Proc] = []
-        self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        # every process it starts (and theirs: a DHT's p2pd) carries this marker, telling them apart from other
+        # test runs' processes on a shared machine (``p2pd_pids``)
+        self.owner = uuid.uuid4().hex
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                        LOWBAND_TEST_P2PD_OWNER=self.owner)
 
     def spawn(self, name: str, args: list[str], workdir: Path | None = None) -> Proc:
         """``python -m node.cli ARGS`` in a new session; stdout to NAME.stdout, stderr to NAME.log."""
@@ -274,9 +279,22 @@ def check_replicas(workdirs: dict[str, Path], rows: list[Any]) -> dict[int, str]
 
 
 # -- serverless (DHT) mode -----------------------------------------------------------------------------------
-def p2pd_pids() -> set[int]:
+def p2pd_pids(owner: str | None = None) -> set[int]:
+    """p2pd processes on this machine; with ``owner``: only those a ``Cluster`` with that ``owner`` started."""
     out = subprocess.run(["pgrep", "-f", "p2pd"], capture_output=True, text=True, timeout=10).stdout
-    return {int(p) for p in out.split()}
+    pids = {int(p) for p in out.split()}
+    if owner is None:
+        return pids
+    mark = f"LOWBAND_TEST_P2PD_OWNER={owner}".encode()
+    ours = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    ours.add(pid)
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return ours
 
 
 def dht_peer(cluster: Cluster, timeout_s: float = 60.0) -> tuple[Proc, str]:

@@ -18,7 +18,6 @@ NAMES = ("d0", "d1", "d2")
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("recipe", ["sign", "dct-consistent"])
 def test_serverless_run_agrees_and_refuses_misfits(cluster: Cluster, tmp_path: Path, recipe: str) -> None:
-    before = p2pd_pids()
     run = write_run_file(tmp_path / "run.toml", recipe=recipe, rounds=ROUNDS, H=2, min_nodes=3, run_id="it-dht")
     other = write_run_file(tmp_path / "other.toml", recipe=recipe, rounds=ROUNDS, H=3, min_nodes=3, run_id="it-dht")
     boot, maddr = dht_peer(cluster)
@@ -45,6 +44,6 @@ def test_serverless_run_agrees_and_refuses_misfits(cluster: Cluster, tmp_path: P
     cluster.stop_all()  # SIGTERM: the bootstrap peer shuts its DHT down
     assert boot.popen.returncode == 0, boot.log_text()[-3000:]
     deadline = time.monotonic() + 15
-    while (left := p2pd_pids() - before) and time.monotonic() < deadline:
+    while (left := p2pd_pids(cluster.owner)) and time.monotonic() < deadline:
         time.sleep(0.1)  # polling a process table
     assert not left, f"p2pd processes left behind: {sorted(left)}"
