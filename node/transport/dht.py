@@ -17,28 +17,29 @@ a new frame while the others may already have committed its first one, and every
 A round, as every peer runs it in ``collect`` (every rule below is a pure function in ``dht_agreement``, where
 each is explained; this module reads and writes the records, moves the frames and calls them):
 
-1. close (``close_group``, ``close_wait``; then ``same_reference``): wait until every live peer (and every joiner this peer just gave the state of this round) announced,
-   or the round's wait after the first announcement this peer saw (bounded by ``timeout_s``); the group G =
-   the announcements read then. The wait adapts as in the coordinator (``node.membership.round_wait``:
-   clamp(margin × quantile of this peer's recent first-to-last announcement spreads)) when a
-   ``DeadlinePolicy`` is given, else it is the fixed ``round_wait_s``.
+1. close (``close_group``, ``close_wait``, then ``same_reference``): wait until every live peer (and every joiner
+   this peer just gave the state of this round) announced, or the round's wait after the first announcement this
+   peer saw (bounded by ``timeout_s``); the group G = the announcements read then. The wait adapts as in the
+   coordinator (``node.membership.round_wait``: clamp(margin × quantile of this peer's recent first-to-last
+   announcement spreads)) when a ``DeadlinePolicy`` is given, else it is the fixed ``round_wait_s``.
    Members whose announced reference differs from ours are left out; if another reference is held by more
    members, ours is the diverged one and the result says ``state_needed`` (the daemon fetches the state).
-2. decided already (``choose_outcome``)? If a peer with our reference published a committed outcome, that *is* the round: adopt it
-   (step 5). This is how a peer that retries the round, arrives late, or only observes gets the same result.
-3. fetch and agree (``take_late``, ``agree_step``, ``agreed_set``): pull every member's announced frame by its sha256 (a stream must keep moving,
-   ``fetch_timeout_s`` per step: a large frame on a slow link takes what it takes, a stalled one fails); publish
-   ``have``; wait (≤ ``agree_wait_s``) until every member of G published a have-list over all of G (or an
-   outcome, then step 5). A sender in another member's group but not in ours (it announced after we closed, or
-   its join record reached that member first) is taken in: its frame fetched, our list published again. The set
-   is (what I hold) ∩ (every have-list received) restricted to the members that published one. A frame any
-   member tried and failed to get is dropped by everyone who reads that member's list.
+2. decided already (``choose_outcome``)? If a peer with our reference published a committed outcome, that *is*
+   the round: adopt it (step 5). This is how a peer that retries the round, arrives late, or only observes gets
+   the same result.
+3. fetch and agree (``take_late``, ``agree_step``, ``agreed_set``): pull every member's announced frame by its
+   sha256 (a stream must keep moving, ``fetch_timeout_s`` per step: a large frame on a slow link takes what it
+   takes, a stalled one fails); publish ``have``; wait (≤ ``agree_wait_s``) until every member of G published a
+   have-list over all of G (or an outcome, then step 5). A sender in another member's group but not in ours (it
+   announced after we closed, or its join record reached that member first) is taken in: its frame fetched, our
+   list published again. The set is (what I hold) ∩ (every have-list received) restricted to the members that
+   published one. A frame any member tried and failed to get is dropped by everyone who reads that member's list.
 4. publish the outcome (committed only with ≥ ``min_members`` frames, else a "not committed" record so no one
-   waits for us), then settle (``settle_step``): wait (≤ ``settle_s``) for the outcomes of the other members. The earliest
-   published committed outcome (ties: the publisher's name) is the round's, for everyone that reads it —
+   waits for us), then settle (``settle_step``): wait (≤ ``settle_s``) for the outcomes of the other members. The
+   earliest published committed outcome (ties: the publisher's name) is the round's, for everyone that reads it —
    members whose have-list reads raced at a deadline find out here and all apply the same set.
-5. adopt (``adopt_sources``): commit exactly that outcome's frames, fetching any we lack from their senders or from the peers that
-   published the outcome; if none can serve one, ``state_needed``.
+5. adopt (``adopt_sources``): commit exactly that outcome's frames, fetching any we lack from their senders or from
+   the peers that published the outcome; if none can serve one, ``state_needed``.
 
 Limits, stated plainly:
 - Not Byzantine-fault tolerant: a peer can lie in its have-list or outcome; peers are trusted to run this code.
