@@ -35,6 +35,17 @@ RECIPES: dict[str, Recipe] = {
     # Replica-consistent variant: every worker applies only the agreed aggregate Q.
     "dct-consistent": Recipe("dct-consistent", H=128, codec=_DCT, feedback_decay=0.95,
                              outer=OuterConfig("nesterov", lr=0.7, params={"momentum": 0.0})),
+    # SparseLoCo (arXiv 2508.15706; docs/algorithms.md, §3 sparseloco): chunked top-k (64 of 4096 entries, 1.6 %)
+    # with 2-bit quantized values; the error-feedback residual with decay β stands in for the outer momentum, and the
+    # outer step is plain averaged SGD.
+    "sparseloco": Recipe("sparseloco", H=30, codec=CodecConfig("sparse_topk", {"k": 64, "chunk": 4096, "bits": 2,
+                                                                             "range_sigmas": 6.0, "reduce": "mean"}),
+                         feedback_decay=0.95, outer=OuterConfig("nesterov", lr=1.0, params={"momentum": 0.0})),
+    # lowband's own: the sign recipe's 1-bit payload with error feedback under DiLoCo's Nesterov outer step instead
+    # of the sign-momentum global step (docs/algorithms.md, §3 sign-nesterov).
+    "sign-nesterov": Recipe("sign-nesterov", H=16, codec=CodecConfig("sign", {"block": 0, "scale_dtype": "f32",
+                                                                              "reduce": "mean"}),
+                            feedback_decay=1.0, outer=OuterConfig("nesterov", lr=0.7, params={"momentum": 0.9})),
     # DeMo (arXiv 2411.19870): every step, DCT-top-k of a local momentum of gradients, sign step on the
     # aggregate (docs/algorithms.md, §3 demo).
     "demo": Recipe("demo", H=1, codec=_DCT, feedback_decay=0.999, payload_scale="inner_lr",

@@ -1,4 +1,4 @@
-"""Payload codecs (axis 1): dense, 1-bit sign, DCT-top-k; plus error feedback."""
+"""Payload codecs (axis 1): dense, 1-bit sign, DCT-top-k, chunked top-k with quantized values; plus error feedback."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,9 +8,11 @@ from node.compress.dct_topk import DctTopKCodec
 from node.compress.dense import Bf16Codec, DenseCodec, Fp16Codec
 from node.compress.feedback import ErrorFeedback, NoFeedback, make_feedback
 from node.compress.sign import SignCodec
+from node.compress.sparse_topk import SparseTopKCodec
 from node.errors import ConfigError
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (DenseCodec, Bf16Codec, Fp16Codec, SignCodec, DctTopKCodec)}
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (DenseCodec, Bf16Codec, Fp16Codec, SignCodec, DctTopKCodec,
+                                                       SparseTopKCodec)}
 
 
 def make_codec(name: str, params: dict[str, Any] | None = None) -> Codec:
@@ -25,4 +27,4 @@ def make_codec(name: str, params: dict[str, Any] | None = None) -> Codec:
 
 
 __all__ = ["BufferSpec", "Codec", "Encoded", "Shape", "CODECS", "make_codec", "ErrorFeedback", "NoFeedback",
-           "make_feedback", "DenseCodec", "Bf16Codec", "Fp16Codec", "SignCodec", "DctTopKCodec"]
+           "make_feedback", "DenseCodec", "Bf16Codec", "Fp16Codec", "SignCodec", "DctTopKCodec", "SparseTopKCodec"]

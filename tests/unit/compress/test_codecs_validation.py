@@ -44,7 +44,7 @@ def test_make_codec_bad_params(name: str, params: dict[str, Any], needle: str) -
 
 
 def test_codec_registry() -> None:
-    assert set(CODECS) == {"identity", "bf16", "fp16", "sign", "dct_topk"}
+    assert set(CODECS) == {"identity", "bf16", "fp16", "sign", "dct_topk", "sparse_topk"}
     for name, cls in CODECS.items():
         assert cls.name == name and issubclass(cls, Codec)
     assert isinstance(make_codec("sign"), SignCodec) and isinstance(make_codec("dct_topk"), DctTopKCodec)

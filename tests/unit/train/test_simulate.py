@@ -15,7 +15,7 @@ from node.train.simulate import SimResult, simulate
 
 TASK_PARAMS: dict[str, Any] = {"size": "tiny", "batch_size": 2, "block_size": 32, "eval_batches": 2}
 WORKERS, ROUNDS = 2, 2
-REPLICA_CONSISTENT = {"ddp", "diloco", "dsm", "sign", "dct-consistent", "demo"}
+REPLICA_CONSISTENT = {"ddp", "diloco", "dsm", "sign", "sign-nesterov", "dct-consistent", "demo", "sparseloco"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,6 +98,9 @@ def test_payload_sizes_order_as_designed() -> None:
     dct = result_for("dct").payload_bytes_per_round
     assert dct == result_for("dct-consistent").payload_bytes_per_round == result_for("demo").payload_bytes_per_round
     assert dct < sign < dense / 20
+    assert result_for("sign-nesterov").payload_bytes_per_round == sign
+    # 1.6 % of a large tensor at 12 + 2 bits an entry; the tiny model is mostly small tensors (min(k, n) each)
+    assert result_for("sparseloco").payload_bytes_per_round < sign / 3
 
 
 def test_sign_payload_is_about_one_bit_per_parameter() -> None:
