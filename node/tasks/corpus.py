@@ -15,7 +15,6 @@ import logging
 import operator
 import os
 import sysconfig
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from node.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +97,6 @@ def _cheap_key(root: Path, relpaths: list[str], val_percent: int) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes | bytearray) -> None:
-    """Write to a temporary file then rename, so a crash never leaves a half-written entry behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _bin_paths(cache_dir: Path, fingerprint: str) -> tuple[Path, Path]:
     stem = f"corpus-{fingerprint[:16]}"
     return cache_dir / f"{stem}-train.bin", cache_dir / f"{stem}-val.bin"
@@ -159,13 +143,14 @@ def _load_cached(cache_dir: Path, key: str) -> Corpus | None:
 def _store(cache_dir: Path, key: str, root: Path, train: bytearray, val: bytearray, fp: str, n: int) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     train_path, val_path = _bin_paths(cache_dir, fp)
-    _atomic_write(train_path, train)
-    _atomic_write(val_path, val)
+    # several processes may build the cache at once (a test run, a demo's nodes): each writes its own temp file
+    write_atomic(train_path, train, unique_tmp=True)
+    write_atomic(val_path, val, unique_tmp=True)
     meta = {
         "format": FORMAT_VERSION, "key": key, "fingerprint": fp, "num_files": n,
         "train_bytes": len(train), "val_bytes": len(val), "stdlib": str(root),
     }
-    _atomic_write(_meta_path(cache_dir, key), json.dumps(meta, indent=1).encode())  # last: marks completion
+    write_atomic(_meta_path(cache_dir, key), json.dumps(meta, indent=1), unique_tmp=True)  # last: marks completion
 
 
 def load_stdlib_corpus(val_percent: int = 5, cache_dir: str | os.PathLike[str] | None = None) -> Corpus:
