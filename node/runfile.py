@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.config import RunConfig, TaskConfig
-from node.membership import DeadlinePolicy, MembershipPolicy
+from node.config import Recipe, RunConfig, TaskConfig
 from node.errors import ConfigError
-from node.recipes import make_run_config
+from node.membership import DeadlinePolicy, MembershipPolicy
+from node.outer import outer_is_replica_consistent
+from node.recipes import RECIPES, make_run_config
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,21 @@ class RunFile:
             raise ConfigError(f"rounds.result must be 'relay' or 'aggregate', got {self.result!r}")
         if self.aggregate_codec not in ("identity", "bf16", "fp16"):
             raise ConfigError(f"rounds.aggregate_codec must be identity, bf16 or fp16, got {self.aggregate_codec!r}")
-        if self.run.recipe.name == "dct" and self.run.recipe.outer.name == "decoupled_nesterov":
-            raise ConfigError("recipe 'dct' (faithful) lets replicas drift by design, so there is no global state "
-                              "for a coordinator to serve to joiners; use 'dct-consistent' in coordinator mode")
+        recipe = self.run.recipe
+        if not outer_is_replica_consistent(recipe.outer.name):
+            raise ConfigError(f"recipe {recipe.name!r}: its outer optimizer {recipe.outer.name!r} lets replicas drift "
+                              f"by design, so there is no global state for a coordinator to serve to joiners; "
+                              f"{_consistent_alternative(recipe)}")
+
+
+def _consistent_alternative(recipe: Recipe) -> str:
+    """Advice for a recipe whose replicas drift: the named recipes that stay consistent with the same codec and
+    the same kind of inner loop (local steps or one gradient)."""
+    same_codec = [r.name for r in RECIPES.values() if r.codec == recipe.codec and
+                  r.inner.optimizer == recipe.inner.optimizer and outer_is_replica_consistent(r.outer.name)]
+    if same_codec:
+        return f"use {' or '.join(repr(n) for n in same_codec)} in coordinator mode"
+    return "use a replica-consistent outer optimizer in coordinator mode"
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

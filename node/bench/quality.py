@@ -19,7 +19,7 @@ from typing import Any
 
 from node.config import TaskConfig
 from node.fsutil import write_atomic
-from node.recipes import make_run_config
+from node.recipes import get_recipe, make_run_config
 from node.train.simulate import SimResult, simulate
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,15 @@ PROFILES = {
 }
 
 
+def has_local_steps(recipe: str, overrides: dict[str, Any] | None = None) -> bool:
+    """Whether the recipe (with ``overrides``) trains locally between exchanges; an inner loop of one gradient
+    (``inner.optimizer = "grad"``: ddp, DeMo) exchanges every step, so it runs at H = 1."""
+    inner = dict(overrides or {}).get("inner.optimizer", get_recipe(recipe).inner.optimizer)
+    return inner != "grad"
+
+
 def _run_recipe(recipe: str, prof: Profile, device: str, extra: dict[str, Any] | None = None) -> SimResult:
-    local_steps = recipe not in ("ddp", "demo")
-    H = prof.H if local_steps else 1
+    H = prof.H if has_local_steps(recipe, extra) else 1
     rounds = prof.steps_per_worker // H
     overrides: dict[str, Any] = {"H": H, "inner.lr": prof.inner_lr, "inner.total_steps": rounds * H, **(extra or {})}
     task = TaskConfig("gpt", {"size": prof.size, "batch_size": prof.batch_size, **prof.task_params})

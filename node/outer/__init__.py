@@ -51,10 +51,29 @@ def make_outer(name: str, named: NamedTensors, lr: float, params: dict[str, Any]
         raise ConfigError(f"outer optimizer {name!r}: bad parameters {params}: {exc}") from None
 
 
+#: The class behind each name: what a configuration can ask about an optimizer before building one.
+OUTER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "nesterov": NesterovSGD,
+    "sign_momentum": SignMomentum,
+    "sign_sgd": SignSGD,
+    "decoupled_nesterov": DecoupledNesterov,
+    "adamw": torch.optim.AdamW,
+}
+
+
 def is_replica_consistent(opt: torch.optim.Optimizer) -> bool:
     """Whether every worker ends a round with identical parameters (joiners may copy the reference)."""
     return bool(getattr(opt, "replica_consistent", True))
 
 
-__all__ = ["OUTER_OPTIMIZERS", "make_outer", "is_replica_consistent", "NesterovSGD", "SignMomentum", "SignSGD",
-           "DecoupledNesterov"]
+def outer_is_replica_consistent(name: str) -> bool:
+    """``is_replica_consistent`` asked of a configuration (the optimizer's name), before any optimizer exists:
+    the same class attribute, looked up on the registered class. Unknown names raise ConfigError."""
+    cls = OUTER_CLASSES.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown outer optimizer {name!r}; known: {sorted(OUTER_CLASSES)}")
+    return bool(getattr(cls, "replica_consistent", True))
+
+
+__all__ = ["OUTER_OPTIMIZERS", "OUTER_CLASSES", "make_outer", "is_replica_consistent", "outer_is_replica_consistent",
+           "NesterovSGD", "SignMomentum", "SignSGD", "DecoupledNesterov"]
