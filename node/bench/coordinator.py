@@ -14,76 +14,37 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from node import wire
-from node.compress import make_codec
-from node.demo import _read_address, stop_group
+from node.bench.fake_nodes import encoded_updates, protocol_run_file
+from node.bench.procs import read_coordinator_address, spawn_lowband, stop_group
+from node.runfile import parse_run_file
 from node.tasks import load_task
 from node.train.reference import model_digest
 from node.transport.grpc_client import GrpcTransport, Identity
 
 log = logging.getLogger(__name__)
 
-RUN = """\
-[run]
-id = "bench-coordinator"
-task = "gpt"
-recipe = "{recipe}"
-rounds = 100000
-[task]
-size = "{size}"
-batch_size = 8
-[recipe]
-H = 16
-[membership]
-min_nodes = 1
-max_nodes = 64
-heartbeat_s = 2.0
-lease_s = 60.0
-[rounds]
-initial_wait_s = 120.0
-max_wait_s = 120.0
-eval_every = 0
-"""
-
-
-def _encoded_updates(cfg: Any, task: Any, names: list[str]) -> tuple[Any, wire.ModelSpec, dict[str, Any], int]:
-    """(codec, model spec, name → encoded random update, parameter count): what each fake node sends."""
-    model = task.build_model(cfg.seed)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    codec = make_codec(cfg.recipe.codec.name, cfg.recipe.codec.params)
-    gen = torch.Generator().manual_seed(1)
-    updates = {name: {n: codec.encode(torch.randn(p.shape, generator=gen) * 1e-3) for n, p in named} for name in names}
-    return codec, wire.model_spec(named), updates, sum(p.numel() for _, p in named)
-
-
 def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sign", size: str = "tiny",
                           out: Path | None = None) -> list[dict[str, Any]]:
-    from node.runfile import parse_run_file
-
-    text = RUN.format(recipe=recipe, size=size)
+    text = protocol_run_file(recipe, size)
     cfg = parse_run_file(text).run
     task = load_task(cfg.task.name, **cfg.task.params)
     results = []
     for n in nodes_list:
         root = Path(tempfile.mkdtemp(prefix="lowband-bench-coord-"))
         (root / "run.toml").write_text(text)
-        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "-q", "coordinator", "--listen", "127.0.0.1:0",
-                                 "--state-dir", str(root / "state"), "--run", str(root / "run.toml")],
-                                stdout=subprocess.PIPE, stderr=open(root / "coordinator.log", "wb"),
-                                start_new_session=True)
+        proc = spawn_lowband(["-q", "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(root / "state"),
+                              "--run", str(root / "run.toml")], root / "coordinator.log", stdout=subprocess.PIPE)
         try:
-            address = _read_address(proc, 120)
+            address = read_coordinator_address(proc, 120)
             names = [f"b{i:02d}" for i in range(n)]
-            codec, spec, updates, params = _encoded_updates(cfg, task, names)
+            codec, spec, updates, params = encoded_updates(cfg, task, names)
             digest = model_digest(spec)
             clients = []
             for name in names:

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from node import wire
-from node.bench.coordinator import RUN, _encoded_updates, run_coordinator_bench
+from node.bench.coordinator import run_coordinator_bench
+from node.bench.fake_nodes import encoded_updates, protocol_run_file
+from node.runfile import parse_run_file
 from node.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -36,13 +38,12 @@ NET: dict[str, Any] = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": 
 
 
 def dht_exchange(n: int, rounds: int, recipe: str, size: str) -> dict[str, Any]:
-    from node.runfile import parse_run_file
     from node.transport.dht import DhtTransport
 
-    cfg = parse_run_file(RUN.format(recipe=recipe, size=size)).run
+    cfg = parse_run_file(protocol_run_file(recipe, size)).run
     task = load_task(cfg.task.name, **cfg.task.params)
     names = [f"p{i:02d}" for i in range(n)]
-    codec, spec, updates, params = _encoded_updates(cfg, task, names)
+    codec, spec, updates, params = encoded_updates(cfg, task, names)
     peers: list[DhtTransport] = []
     try:
         started = time.perf_counter()

@@ -20,83 +20,51 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node.demo import _read_address, _spawn, stop_group
-from node.roundlog import read_round_log
+from node.bench.procs import child_env, read_coordinator_address, read_dht_address, spawn_lowband, stop_group
+from node.roundlog import applied_rounds, read_round_log
+from node.runfile import build_run_file
 
 log = logging.getLogger(__name__)
 
-RUN = """\
-[run]
-id = "bench-join"
-task = "gpt"
-recipe = "{recipe}"
-rounds = 100000
-[task]
-size = "{size}"
-batch_size = {batch}
-[recipe]
-H = {H}
-"inner.lr" = 1e-3
-[membership]
-min_nodes = 2
-heartbeat_s = 1.0
-lease_s = 30.0
-[rounds]
-initial_wait_s = 300.0
-max_wait_s = 300.0
-eval_every = 0
-"""
 
-
-
-
-def _dht_address(proc: subprocess.Popen, log_path: Path, timeout_s: float) -> str:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the DHT peer exited with {proc.returncode}")
-        for line in log_path.read_text(errors="replace").splitlines():
-            if line.startswith("lowband dht peer ") and "/127.0.0.1/" in line:
-                return line.rsplit(" ", 1)[-1].strip()
-        time.sleep(0.2)
-    raise TimeoutError("the DHT peer printed no address")
-
-
-def _applied(workdir: Path) -> int:
-    return sum(1 for e in read_round_log(workdir) if "round" in e)
+def join_run_file(recipe: str, size: str, H: int, batch: int, min_nodes: int) -> str:
+    """The bench's run: endless rounds that wait long for everyone, no evaluation."""
+    return build_run_file(run_id="bench-join", recipe=recipe, rounds=100_000,
+                          task_params={"size": size, "batch_size": batch}, recipe_overrides={"H": H, "inner.lr": 1e-3},
+                          membership={"min_nodes": min_nodes, "heartbeat_s": 1.0, "lease_s": 30.0},
+                          rounds_policy={"initial_wait_s": 300.0, "max_wait_s": 300.0, "eval_every": 0})
 
 
 def run_join_bench(size: str = "tiny", recipe: str = "sign", H: int = 4, batch: int = 8, warm_rounds: int = 2,
                    timeout_s: float = 1200.0, dht: bool = False, donors: int = 2) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="lowband-bench-join-"))
-    (root / "run.toml").write_text(RUN.format(recipe=recipe, size=size, H=H, batch=batch).replace(
-        "min_nodes = 2", f"min_nodes = {donors if dht else 2}"))
+    (root / "run.toml").write_text(join_run_file(recipe, size, H, batch, min_nodes=donors if dht else 2))
     procs: list[subprocess.Popen] = []
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    env = child_env()
     run = ["--run", str(root / "run.toml")]
+
+    def spawn(args: list[str], log_name: str, stdout: int | None = None) -> subprocess.Popen:
+        procs.append(spawn_lowband(args, root / log_name, stdout=stdout, env=env))
+        return procs[-1]
+
     try:
         if dht:
-            boot = _spawn(["dht", "--listen", "/ip4/127.0.0.1/tcp/0"], root / "dht.log")
-            procs.append(boot)
-            where = ["--dht", "--initial-peers", _dht_address(boot, root / "dht.log", 120),
-                     "--listen", "/ip4/127.0.0.1/tcp/0", *run]
+            boot = spawn(["dht", "--listen", "/ip4/127.0.0.1/tcp/0"], "dht.log", stdout=subprocess.PIPE)
+            where = ["--dht", "--initial-peers", read_dht_address(boot, 120), "--listen", "/ip4/127.0.0.1/tcp/0", *run]
         else:
-            coord = _spawn(["coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(root / "state"), *run],
-                           root / "coordinator.log", stdout=subprocess.PIPE)
-            procs.append(coord)
-            where = ["--coordinator", _read_address(coord, 300)]
+            coord = spawn(["coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(root / "state"), *run],
+                          "coordinator.log", stdout=subprocess.PIPE)
+            where = ["--coordinator", read_coordinator_address(coord, 300)]
         n_donors = donors if dht else 2
         for i in range(n_donors):
-            procs.append(_spawn(["node", *where, "--workdir", str(root / f"n{i}"), "--name", f"n{i}",
-                                 "--device", "cpu"], root / f"n{i}.log"))
+            spawn(["node", *where, "--workdir", str(root / f"n{i}"), "--name", f"n{i}", "--device", "cpu"], f"n{i}.log")
         end = time.monotonic() + timeout_s
-        while _applied(root / "n0") < warm_rounds:
+        while len(applied_rounds(root / "n0")) < warm_rounds:
             if time.monotonic() > end or any(p.poll() is not None for p in procs):
                 raise TimeoutError(f"the run did not get under way (logs in {root})")
             time.sleep(0.5)
         started = time.time()
-        procs.append(_spawn(["node", *where, "--workdir", str(root / "joiner"), "--name", "joiner",
-                             "--device", "cpu"], root / "joiner.log"))
+        spawn(["node", *where, "--workdir", str(root / "joiner"), "--name", "joiner", "--device", "cpu"], "joiner.log")
         first = state = None
         while first is None:
             if time.monotonic() > end or procs[-1].poll() is not None:

@@ -22,6 +22,7 @@ box compute as separate machines of that speed would; without it, utilization mi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,10 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import dataclasses
-
-from node.demo import _read_address, _spawn, stop_group
+from node.bench.procs import child_env, read_coordinator_address, spawn_lowband, stop_group
 from node.roundlog import applied_rounds, coordinator_rounds, read_round_log
+from node.runfile import build_run_file, load_run_file
 from node.netem import netns as nsmod
 from node.netem.cpu import CpuBudget
 from node.netem.link import Link
@@ -44,49 +44,28 @@ from node.netem.profiles import describe, get_profile
 
 log = logging.getLogger(__name__)
 
-RUN = """\
-[run]
-id = "bench-network"
-task = "gpt"
-recipe = "{recipe}"
-rounds = 100000
-[task]
-size = "{size}"
-batch_size = {batch}
-block_size = 128
-[recipe]
-H = {H}
-overlap = {overlap}
-[membership]
-min_nodes = {nodes}
-heartbeat_s = 2.0
-lease_s = 60.0
-[rounds]
-initial_wait_s = 600.0
-max_wait_s = 600.0
-eval_every = 0
-result = "{result}"
-"""
+
+def network_run_file(recipe: str, size: str, batch: int, H: int, nodes: int, overlap: bool, result: str) -> str:
+    """The bench's run: endless rounds that start with all ``nodes`` and wait long for everyone, no evaluation."""
+    return build_run_file(run_id="bench-network", recipe=recipe, rounds=100_000,
+                          task_params={"size": size, "batch_size": batch, "block_size": 128},
+                          recipe_overrides={"H": H, "overlap": overlap},
+                          membership={"min_nodes": nodes, "heartbeat_s": 2.0, "lease_s": 60.0},
+                          rounds_policy={"initial_wait_s": 600.0, "max_wait_s": 600.0, "eval_every": 0,
+                                         "result": result})
 
 
-
-
-
-
-def _frame_bytes(recipe: str, size: str, batch: int, H: int, run_id: str, name: str) -> tuple[int, int]:
-    """(exact frame bytes for ``name``, parameter count): the codec's formula + the wire envelope."""
+def _frame_bytes(run_file: Path, name: str) -> tuple[int, int]:
+    """(exact frame bytes for ``name``, parameter count) in the run: the codec's formula + the wire envelope."""
     from node import wire
     from node.compress import make_codec
-    from node.recipes import make_run_config
-    from node.config import TaskConfig
     from node.tasks import load_task
 
-    cfg = make_run_config(recipe, {"H": H}, task=TaskConfig("gpt", {"size": size, "batch_size": batch}))
-    task = load_task("gpt", size=size, batch_size=batch)
-    model = task.build_model(0)
+    cfg = load_run_file(run_file).run
+    model = load_task(cfg.task.name, **cfg.task.params).build_model(cfg.seed)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     codec = make_codec(cfg.recipe.codec.name, cfg.recipe.codec.params)
-    return wire.expected_size(codec, wire.model_spec(named), run_id, name), sum(p.numel() for _, p in named)
+    return wire.expected_size(codec, wire.model_spec(named), cfg.run_id, name), sum(p.numel() for _, p in named)
 
 
 def _commit_times(state_dir: Path) -> dict[int, float]:
@@ -100,21 +79,20 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
     topo = nsmod.Topology(prefix="lbn") if use_netns else None
     budget = CpuBudget(prefix="lbn") if cpu_per_node else None
     root.mkdir(parents=True, exist_ok=True)
-    (root / "run.toml").write_text(RUN.format(recipe=recipe, size=size, batch=batch, H=H, nodes=nodes,
-                                              overlap=str(overlap).lower(), result=result))
+    (root / "run.toml").write_text(network_run_file(recipe, size, batch, H, nodes, overlap, result))
     procs: list[subprocess.Popen] = []
     links: dict[str, Link] = {}
-    env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
+    env = child_env()
     try:
         # with namespaces the kernel shapes bandwidth (tc tbf on each host's veth) and the relay, listening on
         # the bridge, adds only latency, jitter, loss and outages
         relay_profile = dataclasses.replace(profile, up_bps=0.0, down_bps=0.0) if topo else profile
         listen_host = topo.add_host("coord") if topo else "127.0.0.1"
-        coord = _spawn(["coordinator", "--listen", f"{listen_host}:0", "--state-dir", str(root / "state"),
-                        "--run", str(root / "run.toml")], root / "coordinator.log", stdout=subprocess.PIPE,
-                       prefix=topo.prefix_cmd("coord") if topo else None)
+        coord = spawn_lowband(["coordinator", "--listen", f"{listen_host}:0", "--state-dir", str(root / "state"),
+                               "--run", str(root / "run.toml")], root / "coordinator.log", stdout=subprocess.PIPE,
+                              prefix=topo.prefix_cmd("coord") if topo else None, env=env)
         procs.append(coord)
-        host, port = _read_address(coord, 300).rsplit(":", 1)
+        host, port = read_coordinator_address(coord, 300).rsplit(":", 1)
         names = [f"n{i}" for i in range(nodes)]
 
         def start(name: str) -> None:
@@ -124,9 +102,9 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
                         listen_host=topo.gateway if topo else "127.0.0.1")
             link.start()
             links[name] = link
-            procs.append(_spawn(["node", "--coordinator", link.address, "--workdir", str(root / name), "--name", name,
-                                 "--device", "cpu", "--checkpoint-every", str(checkpoint_every)], root / f"{name}.log",
-                                 prefix=topo.prefix_cmd(name) if topo else None))
+            procs.append(spawn_lowband(["node", "--coordinator", link.address, "--workdir", str(root / name),
+                                        "--name", name, "--device", "cpu", "--checkpoint-every", str(checkpoint_every)],
+                                       root / f"{name}.log", prefix=topo.prefix_cmd(name) if topo else None, env=env))
             if budget is not None and cpu_per_node:
                 budget.host(name, cpu_per_node)
                 budget.add(name, procs[-1].pid)
@@ -176,7 +154,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
         # the joiner's first contribution counts when its round commits (the coordinator's store says when); the
         # joiner's own log line comes when it applies that round, a whole round later with overlap
         join_row["join_s"] = round(_commit_times(root / "state")[join_row["join_s"]] - started, 2)
-    frame, params = _frame_bytes(recipe, size, batch, H, "bench-network", "n0")
+    frame, params = _frame_bytes(root / "run.toml", "n0")
     per_node = []
     for n in names:
         applied = applied_rounds(root / n)
@@ -201,7 +179,7 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
            "round_s": statistics.median(r["round_s"] for r in per_node),
            "train_s": statistics.median(r["train_s"] for r in per_node),
            "upload_s": round(frame * 8 / profile.up_bps, 3) if profile.up_bps else 0.0,
-           **join_row, "per_node": per_node, "omp_threads": env_threads, "cpu_per_node": cpu_per_node,
+           **join_row, "per_node": per_node, "omp_threads": env["OMP_NUM_THREADS"], "cpu_per_node": cpu_per_node,
            "checkpoint_every": checkpoint_every, "result": result,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     log.info("%s overlap=%s %s: utilization %.1f%% (min %.1f%%), round %.2f s, up %.0f B/round = %.3f× formula%s",
