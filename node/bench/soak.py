@@ -11,16 +11,16 @@ unshaped and a partition is played as a pause; the report's ``links`` says which
 
 Checked afterwards (``SoakReport.problems`` lists every violation; empty means the run passed):
 - no process that the schedule did not kill exited before the end, and every survivor exits 0 on SIGTERM;
-- every node's round log applies rounds in order, each exactly once (a state adoption may skip ahead);
-- coordinator mode: every applied round is one the coordinator committed, with its fingerprint and members;
-  DHT mode: every node that applied a round has the same fingerprint for it (replica-consistent recipes);
+- the invariants of ``node.bench.invariants.replica_problems``: every node's round log applies rounds in order,
+  each exactly once (a state adoption may skip ahead); coordinator mode: every applied round is one the
+  coordinator committed, with its fingerprint and members; in both modes every node that applied a round has
+  the same fingerprint and members for it (replica-consistent recipes);
 - the final validation loss (the last checkpoint's reference, evaluated on the task's validation split).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import statistics
 import subprocess
@@ -30,41 +30,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.demo import _read_address, _spawn, stop_group
+from node.bench.invariants import agreed_fingerprints, applied, replica_problems
+from node.bench.procs import (child_env, read_coordinator_address, read_dht_address, signal_group, spawn_lowband,
+                              stop_group)
 from node.netem import netns as nsmod
 from node.netem.churn import ChurnEvent, random_schedule
 from node.netem.link import Link
 from node.netem.profiles import between_hosts, describe, get_profile
 from node.roundlog import coordinator_rounds, read_round_log
+from node.runfile import build_run_file
 
 log = logging.getLogger(__name__)
 P2P_PORT = 4001  # a DHT peer's port inside its own namespace, where nothing else listens: it cannot collide
-
-RUN = """\
-[run]
-id = "soak"
-task = "gpt"
-recipe = "{recipe}"
-rounds = {rounds}
-seed = 0
-[task]
-size = "{size}"
-batch_size = 4
-block_size = 64
-[recipe]
-H = {H}
-[membership]
-min_nodes = 2
-max_nodes = 64
-heartbeat_s = 0.5
-lease_s = 4.0
-[rounds]
-initial_wait_s = 10.0
-min_wait_s = 1.0
-max_wait_s = 10.0
-eval_every = 0
-"""
-
 
 @dataclass
 class SoakConfig:
@@ -102,25 +79,14 @@ class SoakReport:
         return asdict(self)
 
 
-
-
-def check_round_log(entries: list[dict[str, Any]], who: str) -> list[str]:
-    """Rounds applied in order, each once; a state adoption may move the expected round forward only."""
-    problems, expected, seen = [], None, set()
-    for e in entries:
-        if e.get("event") == "state":
-            if expected is not None and e["committed_rounds"] < expected:
-                problems.append(f"{who}: adopted state of round {e['committed_rounds']} after applying {expected - 1}")
-            expected = e["committed_rounds"]
-            continue
-        r = e["round"]
-        if r in seen:
-            problems.append(f"{who}: applied round {r} twice")
-        if expected is not None and r != expected:
-            problems.append(f"{who}: applied round {r}, expected {expected}")
-        seen.add(r)
-        expected = r + 1
-    return problems
+def soak_run_file(cfg: SoakConfig) -> str:
+    """Short rounds (small batches, short waits and leases) so that churn meets many of them."""
+    return build_run_file(run_id="soak", recipe=cfg.recipe, rounds=cfg.rounds,
+                          task_params={"size": cfg.size, "batch_size": 4, "block_size": 64},
+                          recipe_overrides={"H": cfg.H},
+                          membership={"min_nodes": 2, "max_nodes": 64, "heartbeat_s": 0.5, "lease_s": 4.0},
+                          rounds_policy={"initial_wait_s": 10.0, "min_wait_s": 1.0, "max_wait_s": 10.0,
+                                         "eval_every": 0})
 
 
 def final_val_loss(workdir: Path, run_file: Path) -> float:
@@ -148,6 +114,7 @@ class Soak:
         self.profile = get_profile(cfg.profile)
         self.procs: dict[str, subprocess.Popen] = {}
         self.expected_dead: set[str] = set()
+        self.killed: set[str] = set()  # nodes the schedule killed at some point (the invariants allow for them)
         self.paused: set[str] = set()
         self.links: dict[str, Link] = {}
         self.topo: nsmod.Topology | None = None
@@ -157,14 +124,16 @@ class Soak:
         self.coordinator_down_at = 0.0
         self.initial_peers = ""
         self.run_file = root / "run.toml"
-        self.run_file.write_text(RUN.format(recipe=cfg.recipe, rounds=cfg.rounds, size=cfg.size, H=cfg.H))
+        self.run_file.write_text(soak_run_file(cfg))
+        self.env = child_env()
 
     # -- processes ------------------------------------------------------------------------------------------
     def start_coordinator(self) -> None:
         listen = f"127.0.0.1:{self.coord_port}"
-        proc = _spawn(["coordinator", "--listen", listen, "--state-dir", str(self.root / "state"),
-                       "--run", str(self.run_file)], self.root / "coordinator.log", stdout=subprocess.PIPE)
-        self.coord_port = int(_read_address(proc, 120).rsplit(":", 1)[1])
+        proc = spawn_lowband(["coordinator", "--listen", listen, "--state-dir", str(self.root / "state"),
+                              "--run", str(self.run_file)], self.root / "coordinator.log", stdout=subprocess.PIPE,
+                             env=self.env)
+        self.coord_port = int(read_coordinator_address(proc, 120).rsplit(":", 1)[1])
         self.procs["coordinator"] = proc
         self.expected_dead.discard("coordinator")
 
@@ -188,16 +157,10 @@ class Soak:
         if self.topo is not None:
             host = self.topo.add_host("boot")
             listen, prefix = f"/ip4/{host}/tcp/{P2P_PORT}", self.topo.prefix_cmd("boot")
-        proc = _spawn(["dht", "--listen", listen], self.root / "dht.log", prefix=prefix)
+        proc = spawn_lowband(["dht", "--listen", listen], self.root / "dht.log", stdout=subprocess.PIPE,
+                             prefix=prefix, env=self.env)
         self.procs["dht"] = proc
-        end = time.monotonic() + 120
-        while not self.initial_peers:
-            for line in (self.root / "dht.log").read_text(errors="replace").splitlines():
-                if line.startswith("lowband dht peer ") and f"/{host}/" in line:
-                    self.initial_peers = line.rsplit(" ", 1)[-1]
-            if time.monotonic() > end or proc.poll() is not None:
-                raise RuntimeError("the DHT bootstrap peer did not start")
-            time.sleep(0.2)
+        self.initial_peers = read_dht_address(proc, 120, host)
 
     def start_node(self, name: str) -> None:
         prefix = None
@@ -221,21 +184,19 @@ class Soak:
                 link.start()
                 self.links[name] = link
             where = ["--coordinator", self.links[name].address, "--run", str(self.run_file)]
-        self.procs[name] = _spawn(["node", *where, "--workdir", str(self.root / name), "--name", name,
-                                   "--device", "cpu"], self.root / f"{name}.log", prefix=prefix)
+        self.procs[name] = spawn_lowband(["node", *where, "--workdir", str(self.root / name), "--name", name,
+                                          "--device", "cpu"], self.root / f"{name}.log", prefix=prefix, env=self.env)
         self.expected_dead.discard(name)
 
     def is_down(self, name: str) -> bool:
         return name not in self.procs or self.procs[name].poll() is not None
 
     def signal_group(self, name: str, sig: signal.Signals) -> None:
-        try:
-            os.killpg(self.procs[name].pid, sig)
-        except ProcessLookupError:
-            pass
+        signal_group(self.procs[name], sig)
 
     def kill(self, name: str) -> None:
         self.expected_dead.add(name)
+        self.killed.add(name)
         self.signal_group(name, signal.SIGKILL)
         self.procs[name].wait(timeout=30)
 
@@ -378,37 +339,21 @@ class Soak:
             # installs its handler), which systemd also counts as a clean stop
             if name not in self.expected_dead and name not in ("coordinator", "dht") and code not in (0, -15):
                 problems.append(f"{name} exited with {code} on SIGTERM")
-        fingerprints: dict[int, str] = {}
-        committed: dict[int, Any] = {}
+        rows = coordinator_rounds(self.root / "state") if self.cfg.mode == "coordinator" else None
+        logs = {name: read_round_log(self.root / name) for name in self.procs if name not in ("coordinator", "dht")}
+        problems += replica_problems(logs, rows, killed=self.killed)
         exchanges: list[float] = []
         gaps: list[float] = []
-        if self.cfg.mode == "coordinator":
-            committed = {row.round: row for row in coordinator_rounds(self.root / "state")}
-            if sorted(committed) != list(range(len(committed))):
-                problems.append("the coordinator's committed rounds have gaps")
-        for name in self.procs:
-            if name in ("coordinator", "dht"):
-                continue
-            entries = read_round_log(self.root / name)
-            problems += check_round_log(entries, name)
-            applied = [e for e in entries if "round" in e]
-            report.applied[name] = len(applied)
-            exchanges += [e["wait_s"] for e in applied[1:] if "wait_s" in e]
-            gaps += [b["time"] - a["time"] for a, b in zip(applied, applied[1:]) if b["round"] == a["round"] + 1]
-            for e in applied:
-                r = e["round"]
-                if committed and r not in committed:
-                    problems.append(f"{name} applied round {r}, which the coordinator never committed")
-                elif committed and e["fingerprint"] != committed[r].fingerprint:
-                    problems.append(f"{name} round {r}: fingerprint differs from the coordinator's")
-                elif committed and e["members"] != committed[r].members:
-                    problems.append(f"{name} round {r}: members differ from the coordinator's")
-                if fingerprints.setdefault(r, e["fingerprint"]) != e["fingerprint"]:
-                    problems.append(f"{name} round {r}: fingerprint differs from another node's")
+        for name, entries in logs.items():
+            done = applied(entries)
+            report.applied[name] = len(done)
+            exchanges += [e["wait_s"] for e in done[1:] if "wait_s" in e]
+            gaps += [b["time"] - a["time"] for a, b in zip(done, done[1:]) if b["round"] == a["round"] + 1]
         if exchanges and gaps:
             report.exchange_s_median = round(statistics.median(exchanges), 3)
             report.round_s_median = round(statistics.median(gaps), 3)
-        report.committed_rounds = len(committed) if committed else (max(fingerprints) + 1 if fingerprints else 0)
+        fingerprints = agreed_fingerprints(logs)
+        report.committed_rounds = len(rows) if rows is not None else (max(fingerprints) + 1 if fingerprints else 0)
         best = max((n for n in report.applied if (self.root / n / "checkpoint.pt").exists()),
                    key=lambda n: report.applied[n], default=None)
         if best is not None:
@@ -419,7 +364,6 @@ class Soak:
 def run_soak(cfg: SoakConfig, root: Path | None = None, out: Path | None = None) -> SoakReport:
     root = root or Path(tempfile.mkdtemp(prefix=f"lowband-soak-{cfg.mode}-"))
     root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     report = Soak(cfg, root).run()
     log.info("soak %s: %d rounds committed in %.0f s (round %.2f s, exchange %.2f s median), final val loss %.4f, "
              "%d problems (logs in %s)", cfg.mode, report.committed_rounds, report.wall_s, report.round_s_median,

@@ -15,53 +15,27 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Collection, TypeVar
 
-
+from node.bench.invariants import agreed_fingerprints, applied, replica_problems, round_sequence_problems
+from node.bench.proctable import p2pd_processes
 from node.roundlog import applied_rounds, coordinator_rounds, read_round_log as read_log  # the tests import both from here
+from node.runfile import build_run_file
 from node.status import fetch_status
 
 T = TypeVar("T")
 
-RUN_TEMPLATE = """\
-[run]
-id = "{run_id}"
-task = "gpt"
-recipe = "{recipe}"
-rounds = {rounds}
-seed = 0
-
-[task]
-size = "tiny"
-batch_size = 2
-block_size = 32
-
-[recipe]
-H = {H}
-"inner.lr" = 2e-3
-overlap = {overlap}
-
-[membership]
-min_nodes = {min_nodes}
-max_nodes = 16
-heartbeat_s = 0.5
-lease_s = {lease_s}
-
-[rounds]
-initial_wait_s = {initial_wait_s}
-min_wait_s = {min_wait_s}
-max_wait_s = {max_wait_s}
-eval_every = 0
-"""
-
-
 def write_run_file(path: Path, *, recipe: str = "sign", rounds: int = 6, H: int = 2, min_nodes: int = 2,
                    lease_s: float = 3.0, initial_wait_s: float = 20.0, min_wait_s: float = 1.0,
                    max_wait_s: float = 20.0, run_id: str | None = None, overlap: bool = False) -> Path:
-    path.write_text(RUN_TEMPLATE.format(run_id=run_id or f"it-{recipe}", recipe=recipe, rounds=rounds, H=H,
-                                        min_nodes=min_nodes, lease_s=lease_s, initial_wait_s=initial_wait_s,
-                                        min_wait_s=min_wait_s, max_wait_s=max_wait_s,
-                                        overlap=str(overlap).lower()))
+    """A run file for the tests: the tiny model on small batches, short heartbeats, no evaluation."""
+    path.write_text(build_run_file(
+        run_id=run_id or f"it-{recipe}", recipe=recipe, rounds=rounds,
+        task_params={"size": "tiny", "batch_size": 2, "block_size": 32},
+        recipe_overrides={"H": H, "inner.lr": 2e-3, "overlap": overlap},
+        membership={"min_nodes": min_nodes, "max_nodes": 16, "heartbeat_s": 0.5, "lease_s": lease_s},
+        rounds_policy={"initial_wait_s": initial_wait_s, "min_wait_s": min_wait_s, "max_wait_s": max_wait_s,
+                       "eval_every": 0}))
     return path
 
 
@@ -199,6 +173,11 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 pass
 
+    def p2pd_pids(self) -> set[int]:
+        """The live p2pd daemons this cluster's processes started: each such process leads a session, and its p2pd
+        stays in it even once orphaned (its node died without stopping it). Other runs' p2pd never count."""
+        return p2pd_processes(sessions=[p.pid for p in self.procs])
+
     def dump_logs(self, lines: int = 40) -> str:
         parts = []
         for p in self.procs:
@@ -244,59 +223,25 @@ def rounds_table(state_dir: Path) -> list[Any]:
 
 def check_round_sequence(entries: list[dict[str, Any]], who: str) -> list[dict[str, Any]]:
     """Applied rounds follow each other by exactly 1 (a state adoption resets the expected round to its
-    committed_rounds); no round is applied twice. Returns the applied-round entries."""
-    applied, expected = [], None
-    for e in entries:
-        if e.get("event") == "state":
-            assert expected is None or e["committed_rounds"] >= expected, f"{who}: state went back: {e}"
-            expected = e["committed_rounds"]
-            continue
-        assert expected is None or e["round"] == expected, f"{who}: applied round {e['round']}, expected {expected}"
-        expected = e["round"] + 1
-        applied.append(e)
-    rounds = [e["round"] for e in applied]
-    assert len(rounds) == len(set(rounds)), f"{who}: a round was applied twice: {rounds}"
-    return applied
+    committed_rounds, never back); no round is applied twice (node/bench/invariants.py). Returns the applied-round
+    entries."""
+    problems = round_sequence_problems(entries, who)
+    assert not problems, "\n".join(problems)
+    return [dict(e) for e in applied(entries)]
 
 
-def check_replicas(workdirs: dict[str, Path], rows: list[Any]) -> dict[int, str]:
-    """Every node's reference after each applied round equals the coordinator's (the round's fingerprint
-    in the node's own log, the one the coordinator published, and the one in its rounds table), and every
-    node that applied a round saw the same members. Returns round → fingerprint."""
-    by_round = {row.round: row for row in rows}
-    assert sorted(by_round) == list(range(len(rows))), f"rounds table has gaps: {sorted(by_round)}"
-    fingerprints: dict[int, str] = {}
-    for name, wd in workdirs.items():
-        for e in check_round_sequence(read_log(wd), name):
-            r = e["round"]
-            assert r in by_round, f"{name} applied round {r}, which the coordinator never committed"
-            row = by_round[r]
-            assert e["fingerprint"] == e["coordinator_fingerprint"] == row.fingerprint, (name, e, row)
-            assert e["members"] == row.members, (name, e, row)
-            assert e["contributed"] == (name in row.members), (name, e)
-            assert fingerprints.setdefault(r, e["fingerprint"]) == e["fingerprint"]
-    return fingerprints
+def check_replicas(workdirs: dict[str, Path], rows: list[Any] | None, killed: Collection[str] = ()) -> dict[int, str]:
+    """Every node's replica is the run's (``node.bench.invariants.replica_problems``): rounds in sequence, and each
+    applied round's fingerprint and members the same on every node — and, with the coordinator's ``rows``
+    (None: serverless), the ones the coordinator published and committed, with no gap in its rounds.
+    ``killed``: nodes killed with SIGKILL during the test. Returns round → fingerprint."""
+    logs = {name: read_log(wd) for name, wd in workdirs.items()}
+    problems = replica_problems(logs, rows, killed)
+    assert not problems, "\n".join(problems)
+    return agreed_fingerprints(logs)
 
 
 # -- serverless (DHT) mode -----------------------------------------------------------------------------------
-def p2pd_pids(owner: str | None = None) -> set[int]:
-    """p2pd processes on this machine; with ``owner``: only those a ``Cluster`` with that ``owner`` started."""
-    out = subprocess.run(["pgrep", "-f", "p2pd"], capture_output=True, text=True, timeout=10).stdout
-    pids = {int(p) for p in out.split()}
-    if owner is None:
-        return pids
-    mark = f"LOWBAND_TEST_P2PD_OWNER={owner}".encode()
-    ours = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if mark in f.read().split(b"\0"):
-                    ours.add(pid)
-        except OSError:  # gone meanwhile, or not ours to read
-            pass
-    return ours
-
-
 def dht_peer(cluster: Cluster, timeout_s: float = 60.0) -> tuple[Proc, str]:
     """A ``lowband dht`` bootstrap peer on 127.0.0.1 and its multiaddr."""
     proc = cluster.spawn("dht", ["dht", "--listen", "/ip4/127.0.0.1/tcp/0"])

@@ -68,4 +68,5 @@ def test_checkpoint_every_n_rounds_and_a_crash_restart_fetches_what_the_checkpoi
     assert terminate(coord) == [0]
     log = read_log(again.workdir)
     assert any(e.get("event") == "state" and e["committed_rounds"] > saved for e in log), log
-    check_replicas({"n0": n0.workdir, "n1": n1.workdir}, rounds_table(tmp_path / "state"))
+    # killed: restarted from its checkpoint, n1 may catch up on a round it had contributed to before the kill
+    check_replicas({"n0": n0.workdir, "n1": n1.workdir}, rounds_table(tmp_path / "state"), killed={"n1"})

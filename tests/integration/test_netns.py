@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lowband_cluster import (Proc, check_replicas, check_round_sequence, read_log, rounds_table, wait_all_exit,
-                             wait_for, write_run_file)
+from lowband_cluster import Proc, applied_rounds, check_replicas, rounds_table, wait_all_exit, wait_for, write_run_file
 from node.netem import netns
 from node.netem.link import Link
 from node.netem.profiles import between_hosts, get_profile
@@ -126,13 +125,13 @@ def test_dht_peers_in_namespaces_reach_each_other_only_through_their_announced_r
                                       "--announce", f"/ip4/{topo.gateway}/tcp/{link.port}",
                                       "--workdir", str(tmp_path / name), "--name", name, "--device", "cpu"]))
         assert wait_all_exit(nodes, timeout_s=180) == [0, 0], [n.log_text()[-2000:] for n in nodes]
-        fetched, fingerprints = 0, {}
+        check_replicas({node.name: tmp_path / node.name for node in nodes}, None)
+        fetched = 0
         for node in nodes:
-            applied = check_round_sequence(read_log(tmp_path / node.name), node.name)
+            applied = applied_rounds(tmp_path / node.name)
             assert [e["round"] for e in applied] == [0, 1, 2], applied
             for e in applied:
                 assert e["members"] == ["a", "b"], e
-                assert fingerprints.setdefault(e["round"], e["fingerprint"]) == e["fingerprint"], e
                 fetched += e["bytes_in"]
         relayed = sum(link.stats()["bytes_up"] + link.stats()["bytes_down"] for link in links)
         assert fetched > 0 and relayed >= fetched, (relayed, fetched)
