@@ -9,99 +9,66 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
+
+from node.bench.procs import read_coordinator_address, spawn_lowband, stop_group
+from node.roundlog import RoundRow, coordinator_rounds
 
 log = logging.getLogger(__name__)
-
-RUN_TEMPLATE = """\
-[run]
-id = "demo-{recipe}"
-task = "gpt"
-recipe = "{recipe}"
-rounds = {rounds}
-seed = 0
-
-[task]
-size = "tiny"
-batch_size = 8
-
-[recipe]
-H = {H}
-"inner.lr" = 2e-3
-{tuning}
-[membership]
-min_nodes = {min_nodes}
-max_nodes = 16
-heartbeat_s = 1.0
-lease_s = 6.0
-
-[rounds]
-initial_wait_s = 60.0
-min_wait_s = 2.0
-max_wait_s = 60.0
-eval_every = 1
-"""
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-#: Per-recipe settings for a short demo run: the sign-momentum global lr γ = 1 of the spec moves each
-#: coordinate by only η_t per round, which needs hundreds of rounds; γ = 4 was best in the quick
-#: quality benchmark (BENCHMARKS.md). The recipes themselves keep the spec's defaults.
-DEMO_TUNING: dict[str, dict[str, float]] = {"sign": {"outer.lr": 4.0}, "dsm": {"outer.lr": 4.0}}
+#: Outer lr for a short demo run, by outer optimizer: the sign-momentum global lr γ = 1 of the spec moves each
+#: coordinate by only η_t per round, which needs hundreds of rounds; γ = 4 was best in the quick quality
+#: benchmark (BENCHMARKS.md). The recipes themselves keep the spec's defaults.
+SHORT_RUN_OUTER_LR: dict[str, float] = {"sign_momentum": 4.0}
 
 
-def _spawn(args: list[str], log_path: Path, stdout: int | None = None,
-           prefix: list[str] | None = None) -> subprocess.Popen:
-    """``lowband ARGS`` in its own session; ``prefix`` runs it through e.g. ``ip netns exec NS``."""
-    out = open(log_path, "ab")
-    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "node.cli", *args], stdout=stdout or out,
-                            stderr=out,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+def demo_run_file(recipe: str, rounds: int, H: int, nodes: int) -> str:
+    """The demo's run: the tiny model, every round evaluated, started once all but one node joined."""
+    from node.recipes import get_recipe
+    from node.runfile import build_run_file
+
+    overrides: dict[str, float | int] = {"H": H, "inner.lr": 2e-3}
+    outer = get_recipe(recipe).outer.name
+    if outer in SHORT_RUN_OUTER_LR:
+        overrides["outer.lr"] = SHORT_RUN_OUTER_LR[outer]
+    return build_run_file(run_id=f"demo-{recipe}", recipe=recipe, rounds=rounds,
+                          task_params={"size": "tiny", "batch_size": 8}, recipe_overrides=overrides,
+                          membership={"min_nodes": max(1, nodes - 1), "max_nodes": 16, "heartbeat_s": 1.0,
+                                      "lease_s": 6.0},
+                          rounds_policy={"initial_wait_s": 60.0, "min_wait_s": 2.0, "max_wait_s": 60.0,
+                                         "eval_every": 1})
 
 
-def _read_address(proc: subprocess.Popen, timeout_s: float) -> str:
-    end = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    buf = b""
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"coordinator exited with {proc.returncode} before listening")
-        chunk = proc.stdout.read() or b""
-        buf += chunk
-        for line in buf.decode(errors="replace").splitlines():
-            if "listening on" in line:
-                return line.rsplit(" ", 1)[-1].strip()
-        time.sleep(0.1)
-    raise TimeoutError("coordinator did not print its address in time")
+def rounds_to_show(rows: Sequence[RoundRow], shown: int, ended: bool) -> list[RoundRow]:
+    """The committed rounds from round ``shown`` on whose line is final, in order. A round's line waits for its
+    validation loss until it is known, or known never to come: a later round has one (the coordinator's evaluator
+    scores rounds in order and skips to the newest when it falls behind), or the run ended."""
+    last_scored = max((r.round for r in rows if not math.isnan(r.val_loss)), default=-1)
+    out: list[RoundRow] = []
+    for row in rows:
+        if row.round < shown:
+            continue
+        if row.round != shown + len(out) or not (ended or row.round <= last_scored):
+            break
+        out.append(row)
+    return out
 
 
-def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace_s``."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+def round_line(row: RoundRow, rounds: int) -> str:
+    val = "" if math.isnan(row.val_loss) else f" val_loss={row.val_loss:.4f}"
+    return (f"round {row.round:>3}/{rounds}: members={len(row.members)} train_loss={row.mean_loss:.4f}{val} "
+            f"bytes_in={row.bytes_in:,} ({row.duration_s:.2f} s to close)")
 
 
 def _node_totals(workdir: Path) -> tuple[int, int]:
@@ -117,19 +84,24 @@ def _node_totals(workdir: Path) -> tuple[int, int]:
 
 def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16, workdir: str | None = None,
              timeout_s: float = 900.0) -> int:
-    from node.runfile import parse_run_file
     from node import wire
     from node.compress import make_codec
-    from node.roundlog import coordinator_rounds
-    from node.status import fetch_status
+    from node.runfile import parse_run_file
 
     root = Path(workdir or tempfile.mkdtemp(prefix="lowband-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    tuning = "".join(f'"{k}" = {v}\n' for k, v in DEMO_TUNING.get(recipe, {}).items())
-    run_text = RUN_TEMPLATE.format(recipe=recipe, rounds=rounds, H=H, min_nodes=max(1, nodes - 1), tuning=tuning)
+    run_text = demo_run_file(recipe, rounds, H, nodes)
     (root / "run.toml").write_text(run_text)
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
+    shown = 0
+
+    def show(ended: bool) -> None:
+        nonlocal shown
+        for row in rounds_to_show(coordinator_rounds(root / "state"), shown, ended):
+            print(round_line(row, rounds), flush=True)
+            shown = row.round + 1
+
     # The children run in their own process groups, so a SIGTERM to the demo would not reach them: turn it
     # into KeyboardInterrupt so that the ``finally`` below stops every one of them.
     main = threading.current_thread() is threading.main_thread()
@@ -137,30 +109,24 @@ def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16
     print(f"lowband demo: coordinator + {nodes} nodes, recipe {recipe}, {rounds} rounds of H={H}; files in {root}",
           flush=True)
     try:
-        coord = _spawn(["coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(root / "state"),
-                        "--run", str(root / "run.toml")], root / "coordinator.log", stdout=subprocess.PIPE)
+        coord = spawn_lowband(["coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(root / "state"),
+                               "--run", str(root / "run.toml")], root / "coordinator.log", stdout=subprocess.PIPE)
         procs.append(coord)
-        address = _read_address(coord, 120)
+        address = read_coordinator_address(coord, 120)
         print(f"coordinator listening on {address}", flush=True)
-        nodes_procs = [_spawn(["node", "--coordinator", address, "--workdir", str(root / f"node{i}"),
-                               "--name", f"node{i}", "--device", "cpu"], root / f"node{i}.log") for i in range(nodes)]
+        nodes_procs = [spawn_lowband(["node", "--coordinator", address, "--workdir", str(root / f"node{i}"),
+                                      "--name", f"node{i}", "--device", "cpu"], root / f"node{i}.log")
+                       for i in range(nodes)]
         procs.extend(nodes_procs)
-        shown = 0
-        while any(p.poll() is None for p in nodes_procs):
+        while live := [p for p in nodes_procs if p.poll() is None]:
             if time.monotonic() - started > timeout_s:
                 print("demo: timed out", flush=True)
                 return 1
-            time.sleep(1.0)
-            try:
-                status = fetch_status(address, timeout_s=5)
-            except Exception:
-                continue
-            for r in status.recent_rounds:
-                if r.round >= shown:
-                    val = "" if math.isnan(r.val_loss) else f" val_loss={r.val_loss:.4f}"
-                    print(f"round {r.round:>3}/{rounds}: members={len(r.members)} train_loss={r.mean_loss:.4f}{val} "
-                          f"bytes_in={r.bytes_in:,} ({r.duration_s:.2f} s to close)", flush=True)
-                    shown = r.round + 1
+            show(ended=False)
+            try:  # the next look at the round log in a second, or at once when a node exits
+                live[0].wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
         failed = [i for i, p in enumerate(nodes_procs) if p.returncode != 0]
         stop_group(coord, grace_s=120.0)  # it finishes the last evaluation before it exits
     finally:
@@ -170,6 +136,7 @@ def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16
             stop_group(p)
         if main:
             signal.signal(signal.SIGTERM, previous)
+    show(ended=True)
     rows = coordinator_rounds(root / "state")
     cfg = parse_run_file(run_text).run
     from node.tasks import load_task

@@ -1,0 +1,66 @@
+"""The run files that the demo and the benches build (node/runfile.build_run_file) say what each tool means, and
+the demo prints a round's line only once that line is final."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from node.bench.fake_nodes import protocol_run_file
+from node.bench.join import join_run_file
+from node.bench.network import network_run_file
+from node.bench.quality import ALL_RECIPES, has_local_steps
+from node.bench.soak import SoakConfig, soak_run_file
+from node.demo import demo_run_file, round_line, rounds_to_show
+from node.roundlog import RoundRow
+from node.runfile import parse_run_file
+
+
+def test_demo_tunes_the_outer_lr_of_sign_momentum_recipes_only() -> None:
+    sign = parse_run_file(demo_run_file("sign", rounds=5, H=3, nodes=3))
+    assert (sign.run.run_id, sign.run.rounds, sign.run.recipe.H) == ("demo-sign", 5, 3)
+    assert sign.run.recipe.outer.lr == 4.0 and sign.run.recipe.inner.lr == 2e-3
+    assert sign.membership.min_nodes == 2 and sign.eval_every == 1
+    assert parse_run_file(demo_run_file("dsm", 5, 3, 3)).run.recipe.outer.lr == 4.0
+    assert parse_run_file(demo_run_file("diloco", 5, 3, 3)).run.recipe.outer.lr == 0.7  # the recipe's own
+
+
+def test_bench_run_files_carry_their_settings() -> None:
+    net = parse_run_file(network_run_file("sign", "tiny", 1, 8, 4, True, "aggregate"))
+    assert net.run.recipe.overlap and net.result == "aggregate" and net.membership.min_nodes == 4
+    assert net.run.task.params == {"size": "tiny", "batch_size": 1, "block_size": 128} and net.eval_every == 0
+    join = parse_run_file(join_run_file("sign", "tiny", H=4, batch=8, min_nodes=3))
+    assert join.membership.min_nodes == 3 and join.run.recipe.inner.lr == 1e-3
+    proto = parse_run_file(protocol_run_file("dct-consistent", "tiny"))
+    assert proto.run.recipe.name == "dct-consistent" and proto.deadline.max_wait_s == 120.0
+    soak = parse_run_file(soak_run_file(SoakConfig(recipe="sign", rounds=7, H=2)))
+    assert (soak.run.rounds, soak.run.recipe.H, soak.membership.lease_s) == (7, 2, 4.0)
+
+
+def test_quality_runs_one_gradient_recipes_at_H_1() -> None:
+    assert [r for r in ALL_RECIPES if not has_local_steps(r)] == ["ddp", "demo"]
+    assert not has_local_steps("sign", {"inner.optimizer": "grad"})
+
+
+def row(r: int, val: float = math.nan) -> RoundRow:
+    return RoundRow(round=r, committed_at=0.0, members=["a", "b"], reason="", fingerprint="f", bytes_in=1234,
+                    bytes_out=0, duration_s=0.5, mean_loss=3.0, val_loss=val)
+
+
+def test_a_round_line_waits_for_its_val_loss_or_the_end_of_the_run() -> None:
+    rows = [row(0, 2.5), row(1), row(2)]
+    assert [r.round for r in rounds_to_show(rows, 0, ended=False)] == [0]  # round 1 is being evaluated
+    assert rounds_to_show(rows, 1, ended=False) == []
+    assert [r.round for r in rounds_to_show(rows, 1, ended=True)] == [1, 2]
+
+
+def test_a_round_the_evaluator_skipped_is_shown_once_a_later_one_is_scored() -> None:
+    rows = [row(0, 2.5), row(1), row(2, 2.4), row(3)]  # the evaluator jumped from 0 to 2: 1 never gets a loss
+    assert [r.round for r in rounds_to_show(rows, 1, ended=False)] == [1, 2]
+    assert [r.round for r in rounds_to_show([row(0), row(2, 1.0)], 0, ended=True)] == [0]  # never past a gap
+
+
+@pytest.mark.parametrize("val,shown", [(2.5, " val_loss=2.5000 "), (math.nan, " bytes_in")])
+def test_round_lines(val: float, shown: str) -> None:
+    line = round_line(row(4, val), 12)
+    assert line.startswith("round   4/12: members=2 train_loss=3.0000") and shown in line
