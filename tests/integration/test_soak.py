@@ -13,6 +13,7 @@ import pytest
 from node.bench.soak import SoakConfig, run_soak
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("mode", ["coordinator", "dht"])
 def test_short_soak_keeps_every_invariant(tmp_path: Path, mode: str) -> None:
