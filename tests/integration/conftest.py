@@ -3,7 +3,7 @@ when the test failed. Helpers live in lowband_cluster.py."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -18,7 +18,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, request: pytest.FixtureRequest):
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
     try:
         yield c

@@ -187,7 +187,8 @@ class Cluster:
         return "\n".join(parts)
 
 
-def status(address: str):
+def status(address: str) -> Any:
+    """The coordinator's Status answer (a ``StatusResponse`` message)."""
     return fetch_status(address, timeout_s=5.0)
 
 

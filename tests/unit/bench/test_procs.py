@@ -7,12 +7,13 @@ import select
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from node.bench.procs import (child_env, read_coordinator_address, read_dht_address, read_printed, signal_group,
                               stop_group)
-from node.bench.proctable import _parse_stat, descendants, find_processes, process_table
+from node.bench.proctable import descendants, find_processes, process_table
 
 
 def python(code: str, **kw: object) -> subprocess.Popen:
@@ -113,6 +114,12 @@ def test_descendants_follow_the_parent_chain() -> None:
         proc.wait()
 
 
-def test_stat_lines_with_odd_process_names_parse() -> None:
-    e = _parse_stat("42 (a (b) c) S 7 42 40 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 1298")
+def test_stat_lines_with_odd_process_names_parse(tmp_path: Path) -> None:
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "stat").write_text("42 (a (b) c) S 7 42 40 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 1298\n")
+    (tmp_path / "43").mkdir()  # exited between the listing and the read: left out
+    (tmp_path / "self").mkdir()
+    table = process_table(str(tmp_path))
+    assert list(table) == [42]
+    e = table[42]
     assert (e.pid, e.comm, e.state, e.ppid, e.session) == (42, "a (b) c", "S", 7, 40)
