@@ -1,16 +1,18 @@
 """Which processes belong to us: a walk over ``/proc`` (Linux), so that a check for leftovers (a p2pd that
 outlived its node) sees only this run's processes, never another run's on the same machine.
 
-A process belongs to a root when its parent chain reaches the root. An orphan — its parent died, e.g. a p2pd
-whose node was killed — is re-parented to init and leaves every chain; it keeps its session, though, and each
-``lowband`` child that tools and tests start leads a session of its own (``start_new_session``). So a
-leftover is found by its session: pass the pids of the children you started as ``sessions``.
+A process is ours by any of three signs. Its parent chain reaches a root of ours (``under``). An orphan — its
+parent died, e.g. a p2pd whose node was killed — is re-parented to init and leaves every chain; it keeps its
+session, though, and each ``lowband`` child that tools and tests start leads a session of its own
+(``start_new_session``): pass their pids as ``sessions``. And it inherits its environment: a marker variable set
+for the children of one run (``environ``) tells that run's processes apart wherever they moved (in-process
+DHTs, whose p2pd share the test process's session, need it).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,31 @@ def descendants(root: int, table: dict[int, ProcessEntry] | None = None) -> set[
     return found
 
 
+def has_environ(pid: int, environ: Mapping[str, str], proc_root: str = "/proc") -> bool:
+    """Whether process ``pid`` started with every ``NAME=VALUE`` of ``environ`` (False when it is gone or its
+    environment is not ours to read)."""
+    try:
+        with open(os.path.join(proc_root, str(pid), "environ"), "rb") as f:
+            held = set(f.read().split(b"\0"))
+    except OSError:
+        return False
+    return all(f"{k}={v}".encode() in held for k, v in environ.items())
+
+
 def find_processes(comm: str, *, under: int | None = None, sessions: Iterable[int] = (),
-                   table: dict[int, ProcessEntry] | None = None) -> set[int]:
-    """Live processes named ``comm`` that descend from ``under`` or sit in one of ``sessions`` (see the module
-    docstring: orphans keep their session). Zombies do not count: they have exited."""
+                   environ: Mapping[str, str] | None = None, table: dict[int, ProcessEntry] | None = None) -> set[int]:
+    """Live processes named ``comm`` that are ours by any sign given (see the module docstring): they descend from
+    ``under``, sit in one of ``sessions``, or carry every variable of ``environ``. Zombies do not count: they have
+    exited."""
     table = process_table() if table is None else table
     ours = descendants(under, table) if under is not None else set()
     wanted = set(sessions)
-    return {e.pid for e in table.values()
-            if e.comm == comm and e.state != "Z" and (e.pid in ours or e.session in wanted)}
+    named = [e for e in table.values() if e.comm == comm and e.state != "Z"]
+    return {e.pid for e in named
+            if e.pid in ours or e.session in wanted or (environ and has_environ(e.pid, environ))}
 
 
-def p2pd_processes(under: int | None = None, sessions: Iterable[int] = ()) -> set[int]:
-    """hivemind's p2pd daemons of ours: ``find_processes("p2pd", under=..., sessions=...)``."""
-    return find_processes("p2pd", under=under, sessions=sessions)
+def p2pd_processes(under: int | None = None, sessions: Iterable[int] = (),
+                   environ: Mapping[str, str] | None = None) -> set[int]:
+    """hivemind's p2pd daemons of ours: ``find_processes("p2pd", ...)``."""
+    return find_processes("p2pd", under=under, sessions=sessions, environ=environ)

@@ -24,6 +24,7 @@ from node.runfile import build_run_file
 from node.status import fetch_status
 
 T = TypeVar("T")
+OWNER_ENV = "LOWBAND_TEST_P2PD_OWNER"  # the marker every process of one Cluster inherits (tests/dht_harness.py's too)
 
 def write_run_file(path: Path, *, recipe: str = "sign", rounds: int = 6, H: int = 2, min_nodes: int = 2,
                    lease_s: float = 3.0, initial_wait_s: float = 20.0, min_wait_s: float = 1.0,
@@ -107,7 +108,7 @@ class Cluster:
         # test runs' processes on a shared machine (``p2pd_pids``)
         self.owner = uuid.uuid4().hex
         self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                        LOWBAND_TEST_P2PD_OWNER=self.owner)
+                        **{OWNER_ENV: self.owner})
 
     def spawn(self, name: str, args: list[str], workdir: Path | None = None) -> Proc:
         """``python -m node.cli ARGS`` in a new session; stdout to NAME.stdout, stderr to NAME.log."""
@@ -175,8 +176,9 @@ class Cluster:
 
     def p2pd_pids(self) -> set[int]:
         """The live p2pd daemons this cluster's processes started: each such process leads a session, and its p2pd
-        stays in it even once orphaned (its node died without stopping it). Other runs' p2pd never count."""
-        return p2pd_processes(sessions=[p.pid for p in self.procs])
+        stays in it and keeps the cluster's marker even once orphaned (its node died without stopping it). Other
+        runs' p2pd never count."""
+        return p2pd_processes(sessions=[p.pid for p in self.procs], environ={OWNER_ENV: self.owner})
 
     def dump_logs(self, lines: int = 40) -> str:
         parts = []

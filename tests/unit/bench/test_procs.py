@@ -13,7 +13,7 @@ import pytest
 
 from node.bench.procs import (child_env, read_coordinator_address, read_dht_address, read_printed, signal_group,
                               stop_group)
-from node.bench.proctable import descendants, find_processes, process_table
+from node.bench.proctable import descendants, find_processes, has_environ, process_table
 
 
 def python(code: str, **kw: object) -> subprocess.Popen:
@@ -72,8 +72,9 @@ if sys.argv[1] == "WAIT":
 OUR_NAME = open("/proc/self/comm").read().strip()  # the grandchild runs this interpreter too
 
 
-def spawner(mode: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-c", SPAWNER, mode], stdout=subprocess.PIPE, start_new_session=True)
+def spawner(mode: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-c", SPAWNER, mode], stdout=subprocess.PIPE, start_new_session=True,
+                            env=env)
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
 
@@ -99,6 +100,17 @@ def test_an_orphan_is_found_by_its_session_and_stop_group_ends_it() -> None:
             os.kill(orphan, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_an_inherited_environment_marker_finds_a_grandchild_and_nothing_else() -> None:
+    proc, grandchild = spawner("WAIT", env=child_env(RUN_MARK="abc"))
+    try:
+        assert has_environ(grandchild, {"RUN_MARK": "abc"}) and not has_environ(grandchild, {"RUN_MARK": "abd"})
+        assert find_processes(OUR_NAME, environ={"RUN_MARK": "abc"}) == {proc.pid, grandchild}
+        assert find_processes(OUR_NAME, environ={"RUN_MARK": "other"}) == set()
+    finally:
+        signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
 
 def test_descendants_follow_the_parent_chain() -> None:
