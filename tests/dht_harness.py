@@ -4,7 +4,6 @@ import the fixtures they use from here."""
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import threading
 import time
 import uuid
@@ -12,6 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
+from node.bench.proctable import p2pd_processes
 from node.config import TaskConfig
 from node.recipes import make_run_config
 from node.train.simulate import build_task
@@ -30,23 +30,10 @@ TASK_PARAMS: dict[str, Any] = {"size": "tiny", "batch_size": 2, "block_size": 32
 OWNER_ENV = "LOWBAND_TEST_P2PD_OWNER"
 
 
-def p2pd_pids(owner: str | None = None) -> set[int]:
-    """p2pd processes on this machine; with ``owner``: only those started under ``no_orphaned_p2pd``'s marker (the
-    machine is shared: other test runs start and stop their own p2pd meanwhile)."""
-    out = subprocess.run(["pgrep", "-f", "p2pd"], capture_output=True, text=True, timeout=10).stdout
-    pids = {int(p) for p in out.split()}
-    if owner is None:
-        return pids
-    mark = f"{OWNER_ENV}={owner}".encode()
-    ours = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if mark in f.read().split(b"\0"):
-                    ours.add(pid)
-        except OSError:  # gone meanwhile, or not ours to read
-            pass
-    return ours
+def p2pd_pids(owner: str) -> set[int]:
+    """The p2pd processes started under ``no_orphaned_p2pd``'s marker ``owner`` (the machine is shared: other test
+    runs start and stop their own p2pd meanwhile), read from /proc."""
+    return p2pd_processes(environ={OWNER_ENV: owner})
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from typing import Any
 
 from node.bench.invariants import agreed_fingerprints, applied, replica_problems
 # the name tests/fault/daemon_harness.py imports; the checker itself lives in node/bench/invariants.py
-from node.bench.invariants import round_sequence_problems as check_round_log  # noqa: F401
 from node.bench.procs import (child_env, read_coordinator_address, read_dht_address, signal_group, spawn_lowband,
                               stop_group)
 from node.netem import netns as nsmod

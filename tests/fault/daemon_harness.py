@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from node.bench.soak import check_round_log
+from node.bench.invariants import round_sequence_problems
 from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig, TaskConfig
 from node.daemon import NodeDaemon, NodeOptions
@@ -119,7 +119,7 @@ class LocalCluster:
     def applied(self, name: str) -> dict[int, dict[str, Any]]:
         """Round → the entry of the round ``name`` applied (every round at most once: checked)."""
         entries = self.log(name)
-        problems = check_round_log(entries, name)
+        problems = round_sequence_problems(entries, name)
         assert not problems, problems
         return {e["round"]: e for e in entries if "round" in e}
 
