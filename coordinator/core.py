@@ -31,7 +31,7 @@ from node.membership import CloseKind
 from node.roundlog import RoundRow
 from node.tasks import load_task
 from node.tasks.base import build_seeded
-from node.train.reference import Reference, model_digest
+from node.train.reference import Reference
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
@@ -65,9 +65,9 @@ class CoordinatorCore:
         run = cfg.run
         self.task = load_task(run.task.name, **run.task.params)
         model = build_seeded(self.task, run.seed)
-        self.reference = Reference(run, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        self.reference = Reference.for_model(run, model)  # trainable parameters and buffers
         self.config_hash = run.config_hash(self.task.fingerprint)
-        self.model_digest = model_digest(self.reference.spec)
+        self.model_digest = self.reference.digest()
         problem = store.check_identity(run.run_id, self.config_hash)
         if problem:
             raise ConfigError(problem)
@@ -76,7 +76,7 @@ class CoordinatorCore:
             self.reference.load_bytes(blob)
             log.info("resumed run %s after %d committed rounds (fingerprint %s)", run.run_id, committed,
                      self.reference.fingerprint())
-        self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec)
+        self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec, self.reference.buffer_spec)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.members: dict[str, Member] = store.load_members(clock())
@@ -249,7 +249,7 @@ class CoordinatorCore:
             self.uploads.pop(up.node_id, None)
         try:
             env = wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
-                              limit=self.limit)
+                              limit=self.limit, extra_spec=self.reference.buffer_spec)
         except PayloadError as exc:
             raise BadPayload(f"payload rejected: {exc}") from None
         if env.sender != m.name:
@@ -357,7 +357,7 @@ class CoordinatorCore:
         log.info("[round=%d] committed: members=%d in=%dB loss=%.4f fp=%s (%s)", r, len(frames), bytes_in,
                  row.mean_loss, fingerprint, decision.reason)
         if self.evaluator is not None and (r + 1) % self.cfg.eval_every == 0:
-            self.evaluator.submit(r, self.reference.tensors)
+            self.evaluator.submit(r, self.reference.tensors, self.reference.buffers)
         self.cond.notify_all()
 
     def _record_val_loss(self, round_: int, val: float) -> None:

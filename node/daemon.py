@@ -6,12 +6,12 @@ The run is driven through a ``ControlPlane`` (node/transport/control.py): a gRPC
 wrapped in the fault seam). The only mode switch is where the plane is built. Waits are decided on an injected
 ``Clock`` (node/clock.py).
 
-Files in the workdir: ``checkpoint.pt`` (write-then-rename every ``checkpoint_every`` applied rounds and on exit) and
-``rounds.jsonl`` (one line per applied round or adopted state: the exactly-once audit trail).
+Files in the workdir: ``checkpoint.safetensors`` (write-then-rename every ``checkpoint_every`` applied rounds and on
+exit; the state format of docs/state.md, node/train/checkpoint.py) and ``rounds.jsonl`` (one line per applied round
+or adopted state: the exactly-once audit trail).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from node import wire
 from node.clock import SYSTEM_CLOCK, Clock
 from node.fsutil import write_atomic
 from node.config import RunConfig, diff_configs
 from node.tasks import load_task
 from node.tasks.base import build_seeded
+from node.train import checkpoint, state_file
 from node.train.inner import InnerStats
-from node.train.reference import model_digest
+from node.train.tensors import digest_of
 from node.roundlog import append_line
 from node.train.worker import Worker
 from node.transport.control import ControlPlane, Identity, JoinRefused, Rejoin, Stopped
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from node.transport.state_prefetch import StatePrefetch
 
 log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.safetensors"
+OLD_CHECKPOINT = "checkpoint.pt"  # a PyTorch pickle from before the safetensors state format: never loaded
 
 
 @dataclass
@@ -66,17 +68,6 @@ def _device(name: str) -> str:
     return name
 
 
-def _detached(obj: Any) -> Any:
-    """A copy of a (nested) state dict whose tensors no longer share memory with the live ones."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _detached(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_detached(v) for v in obj)
-    return obj
-
-
 STEP_IN_MAX_S = 120.0  # the longest a node entering an overlapped run waits for the others' next round to start
 
 
@@ -88,6 +79,7 @@ class InFlight:
     stats: InnerStats | None  # None: a round only observed, while this node trains the next one (see _step_in)
     started: float
     future: Future[RoundResult]
+    reset: str = ""  # the frame was sent after a reset of a poisoned local state (why), see Worker.prepare
 
 
 class NodeDaemon:
@@ -123,31 +115,37 @@ class NodeDaemon:
         assert self.worker is not None
         if self._ckpt_write is not None:
             self._ckpt_write.result()  # the previous round's write is done before the next starts
-        snapshot = {"config_hash": config_hash, "name": self.name, "state": _detached(self.worker.state_dict())}
+        header, tensors = checkpoint.snapshot(self.worker, node=self.name, config_hash=config_hash)
 
         def write() -> None:
-            buf = io.BytesIO()
-            torch.save(snapshot, buf)
-            write_atomic(self.workdir / "checkpoint.pt", buf.getvalue())
+            write_atomic(self.workdir / CHECKPOINT, state_file.dumps(tensors, header))
 
         self._ckpt_write = self._ckpt_executor.submit(write)
         if wait:
             self._ckpt_write.result()
 
-    def _load_checkpoint(self, config_hash: str) -> dict[str, Any] | None:
-        path = self.workdir / "checkpoint.pt"
+    def _restore_checkpoint(self, config_hash: str) -> bool:
+        """Restore the worker from the workdir's checkpoint; False (logged) when there is none, it is of another run,
+        or it is not a lowband checkpoint this model can take — the worker is then unchanged."""
+        worker = self.worker
+        assert worker is not None
+        if (self.workdir / OLD_CHECKPOINT).exists():
+            log.warning("[node=%s] %s is a PyTorch pickle from an older lowband: it is never loaded (delete it); "
+                        "checkpoints are %s now", self.name, self.workdir / OLD_CHECKPOINT, CHECKPOINT)
+        path = self.workdir / CHECKPOINT
         if not path.exists():
-            return None
+            return False
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
-            return None
-        if ckpt.get("config_hash") != config_hash:
-            log.info("checkpoint is from another run (config hash %s ≠ %s): not used", ckpt.get("config_hash"),
-                     config_hash)
-            return None
-        return ckpt
+            sf = state_file.parse(path.read_bytes(), worker.reference.max_header() * 3)
+            if sf.header.get("config_hash") != config_hash:
+                log.info("checkpoint is from another run (config hash %s ≠ %s): not used", sf.header.get("config_hash"),
+                         config_hash)
+                return False
+            checkpoint.restore(worker, sf)
+        except (OSError, ValueError) as exc:  # StateFormatError is a ValueError
+            log.warning("[node=%s] checkpoint %s refused: %s", self.name, path, exc)
+            return False
+        return True
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def _make_plane(self) -> ControlPlane:
@@ -178,8 +176,7 @@ class NodeDaemon:
         else:
             cfg_for_join = cfg
         task = load_task(cfg_for_join.task.name, **cfg_for_join.task.params)
-        probe = build_seeded(task, cfg_for_join.seed)
-        digest = model_digest(wire.model_spec([(n, p) for n, p in probe.named_parameters() if p.requires_grad]))
+        digest = digest_of(build_seeded(task, cfg_for_join.seed))
         config_hash = cfg_for_join.config_hash(task.fingerprint)
         identity = Identity(self.name, json.dumps(cfg_for_join.to_dict()), config_hash, task.fingerprint, digest,
                             (f"device={_device(self.opts.device)}",), self.opts.join_token)
@@ -196,9 +193,7 @@ class NodeDaemon:
         state (this node enters a run under way)."""
         worker = self.worker
         assert worker is not None
-        ckpt = self._load_checkpoint(config_hash)
-        if ckpt is not None:
-            worker.load_state_dict(ckpt["state"])
+        if self._restore_checkpoint(config_hash):
             if worker.reference.committed_rounds == first_round:
                 log.info("[node=%s] resumed from checkpoint at round %d", self.name, first_round)
                 self._drop_prefetch()
@@ -369,9 +364,10 @@ class NodeDaemon:
                     retry = worker.pending is not None and worker.pending.round == r
                     frame = worker.pending.frame if retry else worker.prepare(r)  # a round that did not commit:
                     # the same frame again (the steps trained meanwhile go into the next round's, or are dropped)
+                    assert worker.pending is not None
                     submission = Submission(r, frame, self.name, stats.mean_loss, worker.fingerprint())
                     exchange = InFlight(r, stats, self.clock.now(), self._executor.submit(
-                        self._plane.exchange, submission, self.opts.round_timeout_s))
+                        self._plane.exchange, submission, self.opts.round_timeout_s), worker.pending.reset)
                     if cfg.recipe.overlap:
                         inflight = exchange
                     else:
@@ -411,10 +407,17 @@ class NodeDaemon:
             return
         self.applied += 1
         fp = worker.fingerprint()
+        health = {"skipped_steps": stats.skipped} if stats.skipped else {}
+        if done.reset:
+            health["reset"] = done.reset
+        if stats.skipped:
+            log.warning("[node=%s round=%d] skipped %d of %d inner steps with a non-finite loss or gradient (first: %s)",
+                        self.name, r, stats.skipped, stats.steps, stats.skip_cause)
         self._log_round({"round": r, "members": list(report.members), "contributed": report.contributed,
                          "fingerprint": fp, "coordinator_fingerprint": result.reference_fingerprint,
                          "loss": stats.mean_loss, "bytes_out": result.bytes_sent, "bytes_in": result.bytes_received,
-                         "train_s": round(stats.compute_s, 3), "wait_s": round(wait_s, 3), "rejected": report.rejected})
+                         "train_s": round(stats.compute_s, 3), "wait_s": round(wait_s, 3), "rejected": report.rejected,
+                         **health})
         log.info("[node=%s round=%d] loss=%.4f members=%d contributed=%s out=%dB in=%dB train=%.2fs exchange=%.2fs "
                  "fp=%s", self.name, r, stats.mean_loss, len(report.members), report.contributed, result.bytes_sent,
                  result.bytes_received, stats.compute_s, wait_s, fp)
@@ -429,10 +432,12 @@ class NodeDaemon:
         self._plane.offer_state(worker.reference.committed_rounds, worker.fingerprint(), worker.reference.to_bytes)
         self._late_streak = 0 if report.contributed else self._late_streak + 1
         if self._late_streak >= 2 and not worker.cfg.recipe.overlap:
-            # our frames keep arriving after the round closed (e.g. we started a round late and stay late by that
-            # margin): sit the next round out, so the one after starts when everyone else's does
-            log.info("[node=%s round=%d] late %d rounds in a row: skipping a round to get back in step", self.name, r,
-                     self._late_streak)
+            # our frames keep missing the rounds (most often they arrive after the round closed: we started a round
+            # late and stay late by that margin): sit the next round out, so the one after starts when everyone
+            # else's does. Our own frames are always valid (prepare never sends a non-finite value), so a refusal is
+            # not among the usual causes; the plane's log says which it was.
+            log.info("[node=%s round=%d] our frame was not in %d rounds in a row (late or lost on the way): skipping "
+                     "a round to get back in step", self.name, r, self._late_streak)
             self._late_streak = 0
             self._catch_up(skip_open_round=True)
 

@@ -5,7 +5,13 @@ Frame: ``b"LBW1"`` + msgpack body + 8-byte BLAKE2b digest of the body. The body 
     {"v": 1, "run": str, "round": int, "sender": str,
      "codec": str, "codec_v": int, "params": {...},
      "tensors": [[name, [dims...]], ...],          # the model's tensors, in model order
-     "buffers": [[bytes, ...], ...]}               # per tensor, in the codec's layout order
+     "buffers": [[bytes, ...], ...],               # per tensor, in the codec's layout order
+     "extra": [[name, dtype, [dims...], bytes], ...]}   # only for models with buffers (below)
+
+``extra`` carries the model's buffers (BatchNorm statistics and the like) dense, in their own dtype and in model
+order, with no codec: they are small and are averaged (floating) or maxed (integer) across the round's members, not
+compressed (docs/algorithms.md, §10). A model without buffers sends no ``extra`` field, so its frames are byte for
+byte what they were before buffers travelled.
 
 ``unpack`` checks everything against what the receiver expects — frame size, digest, msgpack limits,
 field types, run, round, codec and its parameters, tensor names and shapes, every buffer's exact length
@@ -15,7 +21,8 @@ Every failure is a ``PayloadError`` whose message names the field.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import msgpack
@@ -29,6 +36,12 @@ MAGIC = b"LBW1"
 DIGEST_BYTES = 8
 _FIELDS = {"v", "run", "round", "sender", "codec", "codec_v", "params", "tensors", "buffers"}
 _MAX_NAME = 256
+#: dtypes a buffer may have on the wire, by the code the frame (and the state file, which uses safetensors' names)
+#: gives them; little-endian, as torch stores them on every platform lowband runs on
+DTYPE_CODES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+CODE_OF: dict[torch.dtype, str] = {v: k for k, v in DTYPE_CODES.items()}
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,23 @@ ModelSpec = Sequence[TensorSpec]
 
 
 @dataclass(frozen=True)
+class ExtraSpec:
+    """A buffer that travels dense in the frame's ``extra`` section: its name, shape and dtype (one of
+    ``DTYPE_CODES``)."""
+
+    name: str
+    shape: Shape
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+ExtraSpecs = Sequence[ExtraSpec]
+
+
+@dataclass(frozen=True)
 class Envelope:
     """A validated payload: who sent it, for which round, and each tensor's codec buffers."""
 
@@ -49,6 +79,7 @@ class Envelope:
     sender: str
     tensors: dict[str, Encoded]
     nbytes: int
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # buffer name → its value (``ExtraSpec`` dtype)
 
 
 def model_spec(named: Sequence[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
@@ -63,32 +94,49 @@ def _raw(buf: torch.Tensor) -> bytes:
     return buf.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def pack(run: str, round_: int, sender: str, codec: Codec, spec: ModelSpec, encoded: dict[str, Encoded]) -> bytes:
-    """Codec buffers of every tensor → one frame."""
+def pack(run: str, round_: int, sender: str, codec: Codec, spec: ModelSpec, encoded: dict[str, Encoded],
+         extra_spec: ExtraSpecs = (), extra: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Codec buffers of every tensor (and, for a model with buffers, each buffer's value) → one frame.
+
+    ``extra``: buffer name → tensor of exactly its ``ExtraSpec`` shape and dtype; required when ``extra_spec`` is
+    not empty. Raises ValueError when a buffer does not match its spec (a caller's bug, caught before sending)."""
     tensors, buffers = [], []
     for t in spec:
         enc = encoded[t.name]
         tensors.append([t.name, list(t.shape)])
         buffers.append([_raw(enc[key]) for key in codec.layout(t.shape)])
-    body = msgpack.packb({"v": FORMAT_VERSION, "run": run, "round": round_, "sender": sender,
-                          "codec": codec.name, "codec_v": codec.version, "params": codec.params(),
-                          "tensors": tensors, "buffers": buffers}, use_bin_type=True)
+    body_map: dict[str, Any] = {"v": FORMAT_VERSION, "run": run, "round": round_, "sender": sender,
+                                "codec": codec.name, "codec_v": codec.version, "params": codec.params(),
+                                "tensors": tensors, "buffers": buffers}
+    if extra_spec:
+        values = extra or {}
+        entries = []
+        for e in extra_spec:
+            value = values[e.name]
+            if tuple(value.shape) != e.shape or value.dtype != e.dtype:
+                raise ValueError(f"buffer {e.name!r} is {value.dtype} {tuple(value.shape)}, its spec {e.dtype} {e.shape}")
+            entries.append([e.name, CODE_OF[e.dtype], list(e.shape), _raw(value)])
+        body_map["extra"] = entries
+    body = msgpack.packb(body_map, use_bin_type=True)
     return MAGIC + body + _digest(body)
 
 
-def expected_size(codec: Codec, spec: ModelSpec, run: str, sender: str, round_: int = 0) -> int:
+def expected_size(codec: Codec, spec: ModelSpec, run: str, sender: str, round_: int = 0,
+                  extra_spec: ExtraSpecs = ()) -> int:
     """Exact frame size for this model (depends on name lengths, so computed by packing zeros)."""
     zeros = {t.name: {k: torch.zeros(b.numel, dtype=b.dtype) for k, b in codec.layout(t.shape).items()}
              for t in spec}
-    return len(pack(run, round_, sender, codec, spec, zeros))
+    extra = {e.name: torch.zeros(e.shape, dtype=e.dtype) for e in extra_spec}
+    return len(pack(run, round_, sender, codec, spec, zeros, extra_spec, extra))
 
 
-def max_frame_size(codec: Codec, spec: ModelSpec) -> int:
+def max_frame_size(codec: Codec, spec: ModelSpec, extra_spec: ExtraSpecs = ()) -> int:
     """An upper bound on any honest frame for this model: payload bytes + generous header room."""
-    payload = sum(codec.nbytes(t.shape) for t in spec)
+    payload = sum(codec.nbytes(t.shape) for t in spec) + sum(e.nbytes for e in extra_spec)
     # 4 · _MAX_NAME: a sender of up to _MAX_NAME characters takes up to 4 bytes per character in UTF-8
     header = 1024 + 4 * _MAX_NAME + sum(len(t.name.encode()) + 16 + 10 * len(t.shape)
                                         + 16 * len(codec.layout(t.shape)) for t in spec)
+    header += sum(len(e.name.encode()) + 32 + 10 * len(e.shape) for e in extra_spec)
     return len(MAGIC) + payload + header + DIGEST_BYTES
 
 
@@ -97,7 +145,7 @@ def _need(cond: bool, message: str) -> None:
         raise PayloadError(message)
 
 
-def _decode_body(data: bytes, limit: int) -> dict[str, Any]:
+def _decode_body(data: bytes, limit: int, with_extra: bool = False) -> dict[str, Any]:
     _need(isinstance(data, (bytes, bytearray, memoryview)), f"payload must be bytes, got {type(data).__name__}")
     data = bytes(data)
     _need(len(data) <= limit, f"payload is {len(data)} bytes, more than the limit of {limit} for this model")
@@ -112,7 +160,8 @@ def _decode_body(data: bytes, limit: int) -> dict[str, Any]:
     except Exception as exc:  # msgpack raises many types; all mean "not an envelope"
         raise PayloadError(f"payload body is not valid msgpack: {type(exc).__name__}: {exc}") from None
     _need(isinstance(obj, dict), f"envelope must be a map, got {type(obj).__name__}")
-    _need(set(obj) == _FIELDS, f"envelope fields are {sorted(map(str, obj))}, expected {sorted(_FIELDS)}")
+    fields = _FIELDS | {"extra"} if with_extra else _FIELDS
+    _need(set(obj) == fields, f"envelope fields are {sorted(map(str, obj))}, expected {sorted(fields)}")
     return obj
 
 
@@ -130,10 +179,11 @@ def _same(got: Any, want: Any) -> bool:
 
 
 def unpack(data: bytes, codec: Codec, spec: ModelSpec, run: str, round_: int | None = None,
-           limit: int | None = None) -> Envelope:
-    """Validate a frame from outside against the expected run/round/codec/model; see module doc."""
-    limit = max_frame_size(codec, spec) if limit is None else limit
-    obj = _decode_body(data, limit)
+           limit: int | None = None, extra_spec: ExtraSpecs = ()) -> Envelope:
+    """Validate a frame from outside against the expected run/round/codec/model (and buffers, ``extra_spec``); see
+    module doc. Raises PayloadError naming the field."""
+    limit = max_frame_size(codec, spec, extra_spec) if limit is None else limit
+    obj = _decode_body(data, limit, bool(extra_spec))
     _need(_is_int(obj["v"]) and obj["v"] == FORMAT_VERSION,
           f"envelope format version {obj['v']!r} is not supported (expected {FORMAT_VERSION})")
     _need(isinstance(obj["run"], str), "field 'run' must be a string")
@@ -165,6 +215,8 @@ def unpack(data: bytes, codec: Codec, spec: ModelSpec, run: str, round_: int | N
             _need(isinstance(raw, bytes), f"tensor {want.name!r} buffer {key!r} must be binary")
             _need(len(raw) == bspec.nbytes,
                   f"tensor {want.name!r} buffer {key!r} is {len(raw)} bytes, expected {bspec.nbytes}")
+    if extra_spec:
+        _check_extra(obj["extra"], extra_spec)
     # Sizes are right: now allocate, then let the codec check contents.
     out: dict[str, Encoded] = {}
     for want, bufs in zip(spec, buffers):
@@ -176,4 +228,28 @@ def unpack(data: bytes, codec: Codec, spec: ModelSpec, run: str, round_: int | N
         except PayloadError as exc:
             raise PayloadError(f"tensor {want.name!r}: {exc}") from None
         out[want.name] = enc
-    return Envelope(run=obj["run"], round=obj["round"], sender=obj["sender"], tensors=out, nbytes=len(data))
+    extra = {}
+    for e, entry in zip(extra_spec, obj.get("extra", ())):
+        raw = entry[3]
+        value = (torch.frombuffer(bytearray(raw), dtype=e.dtype) if raw else torch.empty(0, dtype=e.dtype)).reshape(e.shape)
+        _need(not value.is_floating_point() or bool(torch.isfinite(value).all()),
+              f"buffer {e.name!r} holds non-finite values")
+        extra[e.name] = value
+    return Envelope(run=obj["run"], round=obj["round"], sender=obj["sender"], tensors=out, nbytes=len(data),
+                    extra=extra)
+
+
+def _check_extra(entries: Any, extra_spec: ExtraSpecs) -> None:
+    """Names, dtypes, shapes and exact byte lengths of the ``extra`` section, before anything is allocated."""
+    _need(isinstance(entries, list) and len(entries) == len(extra_spec),
+          f"field 'extra' must hold one entry per model buffer ({len(extra_spec)})")
+    for i, (entry, e) in enumerate(zip(entries, extra_spec)):
+        _need(isinstance(entry, list) and len(entry) == 4, f"extra[{i}] must be [name, dtype, shape, bytes]")
+        name, code, shape, raw = entry
+        _need(name == e.name, f"extra[{i}] is {name!r}, expected buffer {e.name!r}")
+        _need(isinstance(code, str) and code == CODE_OF[e.dtype],
+              f"buffer {e.name!r} has dtype {code!r}, the model has {CODE_OF[e.dtype]}")
+        _need(isinstance(shape, list) and all(_is_int(d) for d in shape) and tuple(shape) == e.shape,
+              f"buffer {e.name!r} has shape {shape!r}, the model has {list(e.shape)}")
+        _need(isinstance(raw, bytes) and len(raw) == e.nbytes,
+              f"buffer {e.name!r} must be {e.nbytes} bytes of binary")

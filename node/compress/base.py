@@ -46,6 +46,29 @@ def numel_of(shape: Shape) -> int:
     return n
 
 
+def _wire_limit(dtype: torch.dtype) -> float:
+    """The largest magnitude of ``dtype`` that is ≤ MAX_MAGNITUDE (fp16: 65504; fp32 and bf16: just below 1e30).
+    The cast of 1e30 itself rounds *up* in fp32 and bf16, past what receivers accept, hence the step down."""
+    top = torch.tensor(min(MAX_MAGNITUDE, torch.finfo(dtype).max), dtype=torch.float64).to(dtype)
+    while float(top) > MAX_MAGNITUDE:
+        top = torch.nextafter(top, torch.zeros((), dtype=dtype))
+    return float(top)
+
+
+#: per wire float type, the largest magnitude a codec puts on the wire (saturation bound)
+WIRE_LIMIT: dict[torch.dtype, float] = {d: _wire_limit(d) for d in (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def saturate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (fp32 or fp64, finite or ±inf from an intermediate overflow) cast to the wire ``dtype`` with every
+    magnitude above ``WIRE_LIMIT[dtype]`` clamped to it: a codec's floats are never ±inf and always pass
+    ``check_floats``. In-range values are cast exactly as a plain ``.to(dtype)`` would (clamping them is a no-op), so
+    codec outputs are bit-identical to an unsaturated cast wherever no value is out of range. The caller's error
+    feedback keeps what saturation cut off (docs/algorithms.md, §5, range)."""
+    limit = WIRE_LIMIT[dtype]
+    return x.clamp(-limit, limit).to(dtype)
+
+
 def check_floats(enc: Encoded, codec: str) -> None:
     """Every float buffer finite and within ±MAX_MAGNITUDE; raises PayloadError naming the buffer."""
     for key, buf in enc.items():
@@ -74,6 +97,19 @@ class Codec(ABC):
     @abstractmethod
     def encode(self, x: torch.Tensor) -> Encoded:
         """fp32 tensor (any shape, any device) → buffers on the same device."""
+
+    def fit(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` brought into what ``encode`` carries: every finite fp32 input leaves ``encode(fit(x))`` finite and
+        within the wire bound. Codecs that saturate inside ``encode`` (sign, DCT-top-k) return ``x``; dense codecs,
+        whose ``encode`` is a plain cast that refuses out-of-range values, clamp here. What is cut off is the caller's
+        to keep (error feedback: ``e = u − decode(encode(fit(u)))``)."""
+        return x
+
+    def wire_limit(self) -> float:
+        """The largest magnitude this codec can put on the wire: where it saturates. 65504 for any configuration with
+        an f16 buffer; just below MAX_MAGNITUDE otherwise. A run whose codec saturates at 65504 needs error feedback
+        to carry the excess (checked at start-up, ``Reference``)."""
+        return WIRE_LIMIT[torch.float32]
 
     @abstractmethod
     def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:

@@ -10,6 +10,11 @@ Buffers per tensor with nb blocks of size bs and k' = min(k, bs) kept coefficien
 Reduce ``selector-mean`` averages each coefficient over the workers that picked it (reference
 semantics: a coefficient picked by one worker keeps its value); ``mean`` divides by all workers.
 Reduction happens in coefficient space followed by one inverse DCT (the transform is linear).
+
+Range: every float on the wire is saturated at its type's limit (f16 values: 65504; f32 and bf16 values and the
+f32 scales: just below 1e30), never ±inf; the sender's error feedback keeps the rest. The transform of an input
+near fp32's limit is taken in fp64 (its coefficients can be up to √(block size) times larger than any input). An
+empty tensor has empty buffers and decodes to an empty tensor.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from node.compress import dct
-from node.compress.base import WIRE_DTYPES, BufferSpec, Codec, Encoded, Shape
+from node.compress.base import WIRE_DTYPES, WIRE_LIMIT, BufferSpec, Codec, Encoded, Shape, numel_of, saturate
 from node.compress.bitpack import index_width, pack_bools, pack_uints, packed_bits_nbytes, unpack_bools, unpack_uints
 from node.errors import ConfigError, PayloadError
 
@@ -48,7 +53,14 @@ class DctTopKCodec(Codec):
         width = 0 if kept == plan.block_size else index_width(plan.block_size)
         return plan, kept, width
 
+    def wire_limit(self) -> float:
+        return WIRE_LIMIT[torch.float16] if self.values == "f16" else WIRE_LIMIT[torch.float32]
+
     def layout(self, shape: Shape) -> dict[str, BufferSpec]:
+        if numel_of(shape) == 0:  # nothing to transform: the same buffers, all empty
+            empty = {"indices": BufferSpec(torch.uint8, 0),
+                     "values": BufferSpec(WIRE_DTYPES.get(self.values, torch.uint8), 0)}
+            return empty | ({"scales": BufferSpec(torch.float32, 0)} if self.values in ("int8", "sign") else {})
         plan, kept, width = self._dims(shape)
         count = plan.nblocks * kept
         out = {"indices": BufferSpec(torch.uint8, packed_bits_nbytes(count, width))}
@@ -64,8 +76,14 @@ class DctTopKCodec(Codec):
 
     # -- encode ------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Encoded:
+        if x.numel() == 0:
+            return {k: torch.empty(0, dtype=b.dtype, device=x.device) for k, b in self.layout(tuple(x.shape)).items()}
         plan, kept, width = self._dims(tuple(x.shape))
         coeffs = dct.forward(x.detach().to(torch.float32), plan)  # (nb, bs)
+        if not bool(torch.isfinite(coeffs).all()):
+            # an intermediate product overflowed fp32 (inputs near its limit): transform in fp64, where it cannot;
+            # the coefficients are saturated on the way to the wire below (rare path: the common one stays fp32)
+            coeffs = dct.forward(x.detach().to(torch.float64), plan)
         if kept == plan.block_size:
             idx = None
             vals = coeffs  # (nb, bs), every coefficient in order
@@ -81,7 +99,8 @@ class DctTopKCodec(Codec):
     def _encode_values(self, vals: torch.Tensor) -> Encoded:
         """(nb, k) fp32 → value buffers."""
         if self.values in ("f16", "bf16", "f32"):
-            return {"values": vals.reshape(-1).to(WIRE_DTYPES[self.values]).contiguous()}
+            return {"values": saturate(vals.reshape(-1), WIRE_DTYPES[self.values]).contiguous()}
+        vals = saturate(vals, torch.float32)  # int8 and sign scale from the saturated coefficients
         if self.values == "int8":
             scale = vals.abs().amax(dim=1) / 127.0  # (nb,)
             q = torch.round(vals / scale.clamp_min(1e-30).unsqueeze(1)).clamp_(-127, 127)  # (nb, k)
@@ -123,12 +142,16 @@ class DctTopKCodec(Codec):
         return total, picks, plan
 
     def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
+        if numel_of(shape) == 0:
+            return torch.zeros(shape, dtype=torch.float32, device=enc["values"].device)
         total, _, plan = self._accumulate([enc], shape)
         return dct.inverse(total, plan)
 
     def reduce(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
         if not encs:
             raise ValueError("reduce needs at least one payload")
+        if numel_of(shape) == 0:
+            return self.decode(encs[0], shape)
         total, picks, plan = self._accumulate(encs, shape)
         if self.reduce_mode == "selector-mean":
             total = total / picks.clamp_min(1.0)
@@ -138,6 +161,8 @@ class DctTopKCodec(Codec):
 
     def validate(self, enc: Encoded, shape: Shape) -> None:
         super().validate(enc, shape)
+        if numel_of(shape) == 0:
+            return
         plan, kept, width = self._dims(shape)
         if kept != plan.block_size:
             idx = unpack_uints(enc["indices"], plan.nblocks * kept, width).view(plan.nblocks, kept)

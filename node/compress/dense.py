@@ -5,7 +5,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from node.compress.base import BufferSpec, Codec, Encoded, Shape, numel_of
+from node.compress.base import WIRE_LIMIT, BufferSpec, Codec, Encoded, Shape, numel_of
 
 
 class DenseCodec(Codec):
@@ -27,9 +27,16 @@ class DenseCodec(Codec):
             raise ValueError(f"{self.name}: tensor has values that are not finite at this precision")
         return {"values": values.contiguous()}
 
+    def fit(self, x: torch.Tensor) -> torch.Tensor:
+        """Clamp to the wire range (fp16: ±65504; fp32, bf16: just below ±1e30); in-range values are unchanged."""
+        limit = WIRE_LIMIT[self.wire_dtype]
+        return x.clamp(-limit, limit)
+
+    def wire_limit(self) -> float:
+        return WIRE_LIMIT[self.wire_dtype]
+
     def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
         return enc["values"].to(torch.float32).reshape(shape)
-
 
 
 class Bf16Codec(DenseCodec):

@@ -4,6 +4,10 @@ A chunk is the whole tensor (``block=0``) or consecutive runs of ``block`` eleme
 short). ``x ≥ 0`` is sent as +1: a bit cannot carry torch's sign(0) = 0, and error feedback keeps the
 difference. Reduce ``mean`` averages the scaled signs; ``vote`` takes the majority sign times the mean
 scale (ties give 0).
+
+Range: a scale is saturated at its wire type's limit (f16: 65504; f32 and bf16: just below 1e30), never ±inf;
+the sender's error feedback keeps the rest. Means of inputs near fp32's limit are taken in fp64, so they do not
+overflow on the way.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from node.compress.base import WIRE_DTYPES, BufferSpec, Codec, Encoded, Shape, numel_of
+from node.compress.base import WIRE_DTYPES, WIRE_LIMIT, BufferSpec, Codec, Encoded, Shape, numel_of, saturate
 from node.compress.bitpack import pack_bools, unpack_bools
 from node.errors import ConfigError, PayloadError
 
@@ -52,11 +56,22 @@ class SignCodec(Codec):
         flat = x.detach().reshape(-1).to(torch.float32)  # (N,)
         n = flat.numel()
         chunks = self._chunks(n)
+        ids = self._chunk_ids(n, flat.device)
         abs_sum = torch.zeros(chunks, dtype=torch.float32, device=flat.device)
-        abs_sum.index_add_(0, self._chunk_ids(n, flat.device), flat.abs())
-        counts = torch.bincount(self._chunk_ids(n, flat.device), minlength=chunks).to(torch.float32)
-        scales = (abs_sum / counts.clamp_min(1)).to(WIRE_DTYPES[self.scale_dtype])  # (chunks,)
+        abs_sum.index_add_(0, ids, flat.abs())
+        counts = torch.bincount(ids, minlength=chunks).to(torch.float32)
+        means = abs_sum / counts.clamp_min(1)  # (chunks,)
+        if chunks and not bool(torch.isfinite(means).all()):
+            # the fp32 sum overflowed (inputs near fp32's limit): the same mean in fp64 (rare path, so the common one
+            # stays bit-identical to a plain fp32 mean)
+            wide = torch.zeros(chunks, dtype=torch.float64, device=flat.device)
+            wide.index_add_(0, ids, flat.abs().double())
+            means = wide / counts.double().clamp_min(1)
+        scales = saturate(means, WIRE_DTYPES[self.scale_dtype])  # (chunks,)
         return {"bits": pack_bools(flat >= 0), "scales": scales}
+
+    def wire_limit(self) -> float:
+        return WIRE_LIMIT[WIRE_DTYPES[self.scale_dtype]]
 
     def _signs(self, enc: Encoded, n: int) -> torch.Tensor:
         """(N,) fp32 of ±1."""

@@ -8,7 +8,9 @@ Per coordinate, with lr = γ·η_t set each round by the trainer:
 ``d`` arrives as ``.grad``; the recipe divides pseudo-gradients by η_t before they are exchanged, so
 d = (θ_ref − x̄)/η_t exactly as in the reference code. ``sign_mode="randomized"`` uses the paper's
 stochastic sign S(c)_j = +1 w.p. ½(1 + c_j/B) with B = max|c| per tensor (an option, not the default;
-the bound B per tensor is lowband's choice). Its generator is seeded identically on every replica.
+the bound B per tensor is lowband's choice). Its generator is seeded identically on every replica, and its state is
+part of ``state_dict()`` (key ``"generator"``, the uint8 state of a CPU ``torch.Generator``): a replica that takes
+the run's state, or resumes from a checkpoint, draws the same signs as every other one from the next round on.
 """
 from __future__ import annotations
 
@@ -30,6 +32,25 @@ class SignMomentum(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": (b1, b2), "weight_decay": weight_decay})
         self.sign_mode = sign_mode
         self._generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """torch's optimizer state plus ``"generator"``: the randomized sign's generator state, (5056,) uint8."""
+        state = super().state_dict()
+        state["generator"] = self._generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """Inverse of ``state_dict``; a dict without ``"generator"`` leaves the generator as it is. Raises
+        ValueError when the generator state is not a CPU generator's."""
+        state_dict = dict(state_dict)
+        generator = state_dict.pop("generator", None)
+        if generator is not None:
+            template = self._generator.get_state()
+            if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8 or \
+                    generator.shape != template.shape:
+                raise ValueError(f"sign_momentum: generator state must be {tuple(template.shape)} uint8")
+            self._generator.set_state(generator.clone())
+        super().load_state_dict(state_dict)
 
     def _sign(self, c: torch.Tensor) -> torch.Tensor:
         if self.sign_mode == "exact":

@@ -1,7 +1,8 @@
 """The Task seam: what the trainer needs from a workload, and nothing else.
 
 A task builds the model, yields this worker's batches and evaluates a model. The trainer never looks
-inside the data; users plug their own task with ``--task package.module:function`` (see ``load``).
+inside the data; users plug their own task with ``--task package.module:function`` (see ``load``). How to write
+one, what lowband does with buffers, frozen and tied parameters and mixed precision: docs/tasks.md.
 """
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ class Task(ABC):
     @abstractmethod
     def batches(self, worker: int, num_workers: int, seed: int) -> Iterator[Batch]:
         """Endless batches from this worker's shard; shards of different workers are disjoint."""
+
+    def batches_from(self, worker: int, num_workers: int, seed: int, step: int) -> Iterator[Batch]:
+        """The batches ``batches(worker, num_workers, seed)`` yields from its ``step``-th on (0-based): where a worker
+        restored from a checkpoint resumes its stream. The default draws the first ``step`` batches and drops them,
+        which is right for any deterministic stream but costs their generation; override it when the stream can
+        seek (the built-in ``gpt`` task skips without building the windows)."""
+        stream = self.batches(worker, num_workers, seed)
+        for _ in range(step):
+            next(stream)
+        return stream
+
+    def rng_state(self) -> bytes:
+        """The task's own random state beyond its batch stream (e.g. a generator for augmentation drawn in ``loss``),
+        as bytes; saved in a node's checkpoint and given back to ``set_rng_state`` on resume. Default: none."""
+        return b""
+
+    def set_rng_state(self, state: bytes) -> None:
+        """Restore what ``rng_state`` returned (at most 1 MiB). Default: nothing to restore."""
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

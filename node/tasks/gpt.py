@@ -202,9 +202,20 @@ class GPTTask(Task):
             yield torch.randint(lo, hi - T, (self.batch_size,), generator=gen)
 
     def batches(self, worker: int, num_workers: int, seed: int) -> Iterator[Batch]:
+        return self.batches_from(worker, num_workers, seed, 0)
+
+    def batches_from(self, worker: int, num_workers: int, seed: int, step: int) -> Iterator[Batch]:
+        """As ``batches``, from its ``step``-th batch: the skipped offsets are drawn (the generator has to advance)
+        but no window is gathered."""
+        starts = self.batch_starts(worker, num_workers, seed)
+        for _ in range(step):
+            next(starts)
+        return self._windows_of(starts)
+
+    def _windows_of(self, starts: Iterator[torch.Tensor]) -> Iterator[Batch]:
         stream = self.corpus.train
-        for starts in self.batch_starts(worker, num_workers, seed):
-            yield _windows(stream, starts, self.config.block_size)
+        for s in starts:
+            yield _windows(stream, s, self.config.block_size)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch

@@ -1,15 +1,30 @@
 """The inner loop: H local steps of any torch optimizer on this worker's batches.
 
 Inner optimizer state (AdamW moments) is local and persists across rounds; it is never exchanged.
-bf16 autocast is used on CUDA; parameters stay fp32 so the outer step always works on fp32 masters.
+bf16 autocast is used on CUDA.
+
+Mixed precision: the inner optimizer steps **fp32 master copies** of the trainable parameters (``masters``); a
+bf16/fp16 model holds their rounded copy for its forward and backward, and its gradients are taken into the masters
+in fp32 each step. Local progress therefore accumulates in fp32, and a worker that makes none holds θ_ref exactly,
+so its Δ = θ_ref − master is exactly 0 whatever the model's dtype. For an fp32 model the masters *are* the
+parameters (no copy, the arithmetic of a plain loop).
+
+Non-finite steps: a step whose loss or gradient holds NaN or ±inf (or whose gradient norm overflows fp32) is
+skipped, as ``torch.amp.GradScaler`` skips one: no optimizer step, no moment update, the gradient dropped, the
+model's floating buffers (updated by its forward) put back; the batch counts as drawn and the schedule moves on.
+Skips are counted (``InnerStats.skipped``, ``InnerLoop.skipped``) and the first of each round is logged with its
+cause. In ``grad`` mode a skipped step leaves no gradient: the round's payload is 0.
+
+Data position: ``drawn`` counts the batches taken from the task's stream; ``seek`` reopens the stream there
+(``Task.batches_from``), so a worker restored from a checkpoint continues with the batch it would have used.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -17,20 +32,29 @@ from torch import nn
 from node.config import InnerConfig
 from node.tasks.base import Batch, Task
 from node.train.schedule import inner_lr, warmup_steps
+from node.train.tensors import first_nonfinite
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class InnerStats:
     steps: int
     tokens: int
-    mean_loss: float
+    mean_loss: float  # over the steps taken (NaN when every step was skipped)
     last_lr: float  # η_t: the inner lr of the round's last step
     compute_s: float
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    skip_cause: str = ""  # the first skip's cause, e.g. "step 17: loss is nan"
 
 
-def make_inner_optimizer(cfg: InnerConfig, model: nn.Module) -> torch.optim.Optimizer | None:
-    """AdamW with decay on ≥2-D tensors only; SGD; or None for ``grad`` (no local step)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_inner_optimizer(cfg: InnerConfig, model: nn.Module | Iterable[torch.Tensor]) -> torch.optim.Optimizer | None:
+    """AdamW with decay on ≥2-D tensors only; SGD; or None for ``grad`` (no local step). ``model``: a module (its
+    trainable parameters) or the tensors to optimize (the fp32 masters)."""
+    if isinstance(model, nn.Module):
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = list(model)
     if cfg.optimizer == "grad":
         return None
     decay = [p for p in params if p.dim() >= 2]
@@ -42,48 +66,124 @@ def make_inner_optimizer(cfg: InnerConfig, model: nn.Module) -> torch.optim.Opti
 
 
 class InnerLoop:
-    """Runs H inner steps; in ``grad`` mode it accumulates one gradient and leaves parameters alone."""
+    """Runs H inner steps; in ``grad`` mode it accumulates one gradient and leaves parameters alone.
 
-    def __init__(self, cfg: InnerConfig, task: Task, model: nn.Module, batches: Iterator[Batch],
-                 total_steps: int, device: torch.device) -> None:
-        self.cfg, self.task, self.model, self.batches = cfg, task, model, batches
+    ``named``: the trainable parameters (name, tensor); ``stream(start)``: the worker's batches from its
+    ``start``-th (``Task.batches_from``); ``buffers``: the model's persistent buffers, put back after a skipped
+    step. The masters live on the parameters' device."""
+
+    def __init__(self, cfg: InnerConfig, task: Task, model: nn.Module, named: Sequence[tuple[str, torch.Tensor]],
+                 stream: Callable[[int], Iterator[Batch]], total_steps: int, device: torch.device,
+                 buffers: Sequence[torch.Tensor] = ()) -> None:
+        self.cfg, self.task, self.model = cfg, task, model
         self.total_steps, self.device = total_steps, device
-        self.optimizer = make_inner_optimizer(cfg, model)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        # fp32 masters: the parameters themselves when already fp32, else fp32 copies the optimizer steps
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
+        self.mixed = any(m is not p for m, p in zip(self.masters, self.params))
+        self.float_buffers = [b for b in buffers if b.is_floating_point()]
+        self.optimizer = make_inner_optimizer(cfg, self.masters)
+        self._stream = stream
+        self.batches = stream(0)
         self.step = 0  # global inner step count, drives the schedule
+        self.drawn = 0  # batches taken from the stream: the data position
+        self.skipped = 0  # non-finite steps skipped, over the worker's life
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
         return inner_lr(step, c.lr, warmup_steps(c.warmup_steps, self.total_steps), self.total_steps, c.min_lr_ratio)
 
+    def seek(self, drawn: int) -> None:
+        """Reopen the stream at batch ``drawn`` (0-based), as if that many had been taken."""
+        self.batches = self._stream(drawn)
+        self.drawn = drawn
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state (moments), e.g. after they were poisoned."""
+        self.optimizer = make_inner_optimizer(self.cfg, self.masters)
+
+    def sync_model(self) -> None:
+        """Copy the masters into a mixed-precision model's parameters (rounding to its dtype)."""
+        if self.mixed:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.masters):
+                    if p is not m:
+                        p.copy_(m)
+
+    def _grads(self) -> list[torch.Tensor | None]:
+        """The step's gradients on the masters (fp32), taken from a mixed model's parameters."""
+        if self.mixed:
+            for p, m in zip(self.params, self.masters):
+                if m is not p:
+                    m.grad = None if p.grad is None else p.grad.detach().float()
+        return [m.grad for m in self.masters]
+
+    def _nonfinite(self, loss: torch.Tensor, grads: list[torch.Tensor | None]) -> tuple[str | None, torch.Tensor]:
+        """(cause or None, total gradient norm): one synchronisation when everything is finite."""
+        present = [g for g in grads if g is not None]
+        norm = torch.nn.utils.get_total_norm(present, 2.0) if present else torch.zeros((), device=loss.device)
+        if bool(torch.isfinite(loss.detach()).all() & torch.isfinite(norm)):
+            return None, norm
+        if not bool(torch.isfinite(loss.detach()).all()):
+            return f"loss is {float(loss.detach().float().reshape(-1)[0])}", norm
+        bad = first_nonfinite(zip(self.names, grads))
+        return (f"gradient {bad}" if bad else "gradient norm overflows fp32 (finite gradients above ~1e19)"), norm
+
+    def _skip(self, snapshot: list[torch.Tensor]) -> None:
+        self.model.zero_grad(set_to_none=True)
+        for m in self.masters:
+            m.grad = None
+        with torch.no_grad():
+            for b, s in zip(self.float_buffers, snapshot):
+                b.copy_(s)  # the forward already moved running statistics with this batch
+        self.skipped += 1
+
     def run(self, H: int) -> InnerStats:
         start = time.perf_counter()
         self.model.train()
-        losses = []
+        losses, skipped, cause = [], 0, ""
         lr = self.lr_at(self.step)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         for _ in range(H):
             lr = self.lr_at(self.step)
             x, y = next(self.batches)
+            self.drawn += 1
             batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            snapshot = [b.detach().clone() for b in self.float_buffers]
             with autocast:
                 loss = self.task.loss(self.model, batch)
             self.model.zero_grad(set_to_none=True)
             loss.backward()
+            grads = self._grads()
+            problem, norm = self._nonfinite(loss, grads)
+            if problem is not None:
+                self._skip(snapshot)
+                if not skipped:
+                    cause = f"step {self.step}: {problem}"
+                    log.warning("inner step %d skipped: %s (the optimizer, its moments and the buffers are "
+                                "untouched)", self.step, problem)
+                skipped += 1
+                self.step += 1
+                continue
             if self.cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                torch.nn.utils.clip_grads_with_norm_(self.masters, self.cfg.grad_clip, norm)
             if self.optimizer is not None:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.optimizer.step()
+                self.sync_model()
             losses.append(loss.detach())
             self.step += 1
-        mean_loss = float(torch.stack(losses).float().mean())
-        return InnerStats(H, H * self.task.tokens_per_batch, mean_loss, lr, time.perf_counter() - start)
+        mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
+        return InnerStats(H, H * self.task.tokens_per_batch, mean_loss, lr, time.perf_counter() - start, skipped,
+                          cause)
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict() if self.optimizer else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
-        if self.optimizer is not None and state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+    def state_is_finite(self) -> str | None:
+        """None, or which master or optimizer moment holds a non-finite value."""
+        named = list(zip(self.names, self.masters))
+        if self.optimizer is not None:
+            names = {id(m): n for n, m in zip(self.names, self.masters)}
+            for p, state in self.optimizer.state.items():
+                named += [(f"{names.get(id(p), '?')}.{k}", v) for k, v in state.items() if isinstance(v, torch.Tensor)]
+        return first_nonfinite(named)

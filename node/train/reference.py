@@ -4,25 +4,37 @@ Both sides run exactly this code on the same frames in the same (sorted-by-sende
 replica-consistent recipes every worker and the coordinator hold bit-identical parameters, which the
 published fingerprint checks. θ_ref and the outer optimizer live in fp32 on ``device`` (CPU by default:
 the same arithmetic everywhere, whatever accelerator the inner loop uses).
+
+The model's buffers (BatchNorm statistics and the like) are part of the reference too: each frame carries its
+sender's buffer values, and a committed round sets the reference buffers to their mean over the round's members
+(floating buffers, accumulated in fp64 in sender order) or their elementwise max (integer and bool buffers).
+They join the fingerprint and the state; docs/algorithms.md, §10.
+
+The state (``to_bytes``, ``load_bytes``) is a safetensors file with a JSON header (node/train/state_file.py;
+docs/state.md): ``param/<name>`` (θ_ref, fp32), ``buffer/<name>`` (own dtype), ``outer/<name>/<key>`` and
+``outer.extra/<key>`` (the outer optimizer's state, e.g. the randomized sign's generator).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from node import wire
 from node.compress import make_codec
-from node.config import RunConfig
-from node.errors import PayloadError
+from node.config import RunConfig, diff_configs
+from node.errors import ConfigError, PayloadError
 from node.outer import is_replica_consistent, make_outer
+from node.train import state_file, tensors as model_tensors
 from node.train.schedule import round_inner_lr
+from node.train.state_file import StateFile, StateFormatError
 
 log = logging.getLogger(__name__)
 AGGREGATE_SENDER = "coordinator"
+F16_LIMIT = 65504.0
 
 
 def tensors_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
@@ -32,24 +44,58 @@ def tensors_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def model_digest(spec: wire.ModelSpec) -> str:
-    """Names and shapes of the model's tensors: two models with equal digests take each other's payloads."""
-    text = ";".join(f"{t.name}:{'x'.join(map(str, t.shape))}" for t in spec)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+model_digest = model_tensors.model_digest  # re-exported: callers that hash a spec import it from here
+
+
+class Aggregate(list):
+    """A round's outcome to apply: the fp32 aggregate per trainable tensor (this list, in model order) and
+    ``buffers``, the agreed value of each buffer (model order, own dtype; empty for a model without buffers)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor] = ()) -> None:
+        super().__init__(tensors)
+        self.buffers = list(buffers)
 
 
 class Reference:
-    def __init__(self, cfg: RunConfig, named: Sequence[tuple[str, torch.Tensor]], device: str | torch.device = "cpu") -> None:
+    """θ_ref (fp32, one tensor per trainable parameter), the buffers and the outer optimizer.
+
+    ``named``: the trainable parameters (``tensors.trainable(model)``); ``buffers``: the persistent buffers
+    (``tensors.buffers(model)``); ``for_model`` takes both from a model. Raises ConfigError at start-up for a
+    parameter dtype lowband cannot train, or a codec that saturates at fp16's ±65504 without error feedback to carry
+    the excess (docs/algorithms.md, §5)."""
+
+    def __init__(self, cfg: RunConfig, named: Sequence[tuple[str, torch.Tensor]], device: str | torch.device = "cpu",
+                 buffers: Sequence[tuple[str, torch.Tensor]] = ()) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.names = [n for n, _ in named]
         self.spec = wire.model_spec(named)
+        for name, t in named:
+            if t.dtype not in model_tensors.TRAINABLE_DTYPES:
+                raise ConfigError(f"parameter {name!r} is {t.dtype}: lowband trains float32, bfloat16 and float16")
         self.tensors = [t.detach().to(self.device, torch.float32).clone() for _, t in named]  # θ_ref, fp32
+        self.buffer_names = [n for n, _ in buffers]
+        self.buffer_spec = model_tensors.buffer_spec(buffers)
+        self.buffers = [b.detach().to(self.device).clone() for _, b in buffers]  # own dtype
         recipe = cfg.recipe
         self.codec = make_codec(recipe.codec.name, recipe.codec.params)
+        if self.codec.wire_limit() <= F16_LIMIT and recipe.feedback_decay is None and self.names:
+            raise ConfigError(
+                f"codec {self.codec.describe()} saturates at ±65504 (fp16) and this recipe has no error feedback to "
+                f"carry what is cut off: tensor {self.names[0]!r} (and every other) could lose updates beyond that. "
+                "Set feedback_decay (e.g. 1.0), or use bf16 values, which carry fp32's range")
         self.outer = make_outer(recipe.outer.name, list(zip(self.names, self.tensors)), recipe.outer.lr,
                                 dict(recipe.outer.params))
         self.committed_rounds = 0  # rounds applied so far; the next round to apply has this number
+
+    @classmethod
+    def for_model(cls, cfg: RunConfig, model: nn.Module, device: str | torch.device = "cpu") -> "Reference":
+        """The reference of ``model``: its trainable parameters and persistent buffers."""
+        return cls(cfg, model_tensors.trainable(model), device, model_tensors.buffers(model))
+
+    def digest(self) -> str:
+        """The model digest a node presents at Join (trainable tensors, then buffers)."""
+        return model_tensors.model_digest(self.spec, self.buffer_spec)
 
     @property
     def replica_consistent(self) -> bool:
@@ -67,7 +113,7 @@ class Reference:
         good, rejected = [], {}
         for sender, frame in sorted(frames.items()):
             try:
-                env = wire.unpack(frame, self.codec, self.spec, self.cfg.run_id, round_)
+                env = wire.unpack(frame, self.codec, self.spec, self.cfg.run_id, round_, extra_spec=self.buffer_spec)
                 if env.sender != sender:
                     raise PayloadError(f"frame names sender {env.sender!r} but came from {sender!r}")
                 good.append(env)
@@ -75,14 +121,30 @@ class Reference:
                 rejected[sender] = str(exc)
         return good, rejected
 
-    def reduce(self, envelopes: Sequence[wire.Envelope]) -> list[torch.Tensor]:
-        """The codec's reduce of the envelopes (sorted by sender), per tensor, fp32."""
+    def reduce(self, envelopes: Sequence[wire.Envelope]) -> Aggregate:
+        """The codec's reduce of the envelopes (sorted by sender), per tensor, fp32; and the buffers' agreed values."""
         assert envelopes, "reduce() needs at least one payload"
         assert [e.sender for e in envelopes] == sorted(e.sender for e in envelopes), "reduce order must be sorted"
         out = []
         for name, ref in zip(self.names, self.tensors):
             encs = [{k: v.to(self.device) for k, v in e.tensors[name].items()} for e in envelopes]
             out.append(self.codec.reduce(encs, tuple(ref.shape)))
+        return Aggregate(out, self.reduce_buffers(envelopes))
+
+    def reduce_buffers(self, envelopes: Sequence[wire.Envelope]) -> list[torch.Tensor]:
+        """Each buffer's agreed value: floating ones the mean over the envelopes (fp64 sum in the envelopes' order, one
+        division, cast back: bit-identical on every replica and never overflowing), integer and bool ones the
+        elementwise max (for a counter such as ``num_batches_tracked``, the furthest member's count)."""
+        out = []
+        for spec in self.buffer_spec:
+            values = [e.extra[spec.name].to(self.device) for e in envelopes]
+            if spec.dtype.is_floating_point:
+                total = torch.zeros(spec.shape, dtype=torch.float64, device=self.device)
+                for v in values:
+                    total.add_(v.to(torch.float64))
+                out.append(total.div_(len(values)).to(spec.dtype))
+            else:
+                out.append(torch.stack(values).amax(dim=0) if spec.dtype != torch.bool else torch.stack(values).any(0))
         return out
 
     def apply(self, envelopes: Sequence[wire.Envelope], round_: int,
@@ -109,60 +171,122 @@ class Reference:
         self.outer.step()
         for ref in self.tensors:
             ref.grad = None
+        bad = model_tensors.first_nonfinite(zip(self.names, self.tensors))
+        if bad is not None:
+            # validated frames are finite and bounded, so this needs ~10^7 rounds of saturated aggregates: the run's
+            # state is then unusable and every replica fails here alike rather than carrying on with it
+            raise FloatingPointError(f"round {round_}: the outer step left θ_ref non-finite ({bad})")
+        buffers = getattr(aggregate, "buffers", None)
+        if buffers:
+            model_tensors.assign(self.buffers, buffers)
         self.committed_rounds = round_ + 1
 
     # -- aggregate results (coordinator-side reduce) ------------------------------------------------
-    def pack_aggregate(self, aggregate: Sequence[torch.Tensor], round_: int, codec_name: str) -> tuple[bytes, list[torch.Tensor]]:
+    def pack_aggregate(self, aggregate: Sequence[torch.Tensor], round_: int, codec_name: str) -> tuple[bytes, Aggregate]:
         """Encode an aggregate for the wire with a dense codec; returns the frame and what it decodes to.
 
         Whoever applies an aggregate applies the *decoded* one, so the sender and every receiver take the
-        same step even when the wire precision (bf16) is lower than fp32.
+        same step even when the wire precision (bf16) is lower than fp32. Values beyond the codec's range are
+        saturated (``Codec.fit``; logged), identically for everyone. The buffers travel exact.
         """
         codec = make_codec(codec_name)
-        encoded = {name: codec.encode(agg) for name, agg in zip(self.names, aggregate)}
-        frame = wire.pack(self.cfg.run_id, round_, AGGREGATE_SENDER, codec, self.spec, encoded)
-        return frame, [codec.decode(encoded[n], tuple(a.shape)) for n, a in zip(self.names, aggregate)]
+        fitted = [codec.fit(a) for a in aggregate]
+        for name, a, f in zip(self.names, aggregate, fitted):
+            if f is not a and not torch.equal(f, a):
+                log.warning("[round=%d] aggregate of %r saturated at ±%g (%s)", round_, name, codec.wire_limit(),
+                            codec_name)
+        encoded = {name: codec.encode(f) for name, f in zip(self.names, fitted)}
+        buffers = list(getattr(aggregate, "buffers", ())) or [b.clone() for b in self.buffers]
+        frame = wire.pack(self.cfg.run_id, round_, AGGREGATE_SENDER, codec, self.spec, encoded, self.buffer_spec,
+                          dict(zip(self.buffer_names, buffers)))
+        decoded = [codec.decode(encoded[n], tuple(a.shape)) for n, a in zip(self.names, aggregate)]
+        return frame, Aggregate(decoded, buffers)
 
-    def unpack_aggregate(self, frame: bytes, round_: int, codec_name: str) -> list[torch.Tensor]:
+    def unpack_aggregate(self, frame: bytes, round_: int, codec_name: str) -> Aggregate:
         """Validate an aggregate frame; raises PayloadError."""
         codec = make_codec(codec_name)
-        env = wire.unpack(frame, codec, self.spec, self.cfg.run_id, round_)
+        env = wire.unpack(frame, codec, self.spec, self.cfg.run_id, round_, extra_spec=self.buffer_spec)
         if env.sender != AGGREGATE_SENDER:
             raise PayloadError(f"aggregate frame names sender {env.sender!r}, expected {AGGREGATE_SENDER!r}")
-        return [codec.decode(env.tensors[n], tuple(t.shape)) for n, t in zip(self.names, self.tensors)]
+        return Aggregate([codec.decode(env.tensors[n], tuple(t.shape)) for n, t in zip(self.names, self.tensors)],
+                         [env.extra[n] for n in self.buffer_names])
 
     def fingerprint(self) -> str:
-        return tensors_fingerprint(self.tensors)
+        """Digest of θ_ref then the buffers (16 hex): equal digests mean bit-identical replicas. A model without
+        buffers has the digest of θ_ref alone, as before buffers joined it."""
+        return tensors_fingerprint(self.tensors + self.buffers)
 
     # -- state for joiners and checkpoints -----------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The live tensors (no copies, like torch's own state dicts): callers that keep it while training goes on
-        detach a copy (the daemon's checkpoint does)."""
-        return {"committed_rounds": self.committed_rounds, "names": list(self.names),
-                "tensors": [t.detach().cpu() for t in self.tensors], "outer": self.outer.state_dict(),
-                "fingerprint": self.fingerprint()}
+    def names_by_id(self) -> dict[int, str]:
+        return {id(t): n for n, t in zip(self.names, self.tensors)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state["names"]) != self.names:
-            raise ValueError("state holds different tensors than this model")
-        for ref, t in zip(self.tensors, state["tensors"]):
-            if tuple(t.shape) != tuple(ref.shape):
-                raise ValueError(f"state tensor of shape {tuple(t.shape)} does not fit {tuple(ref.shape)}")
-            ref.data.copy_(t.to(self.device, torch.float32))
-        self.outer.load_state_dict(state["outer"])
-        self.committed_rounds = int(state["committed_rounds"])
-        if self.fingerprint() != state["fingerprint"]:
-            raise ValueError("state fingerprint mismatch after loading (corrupted state)")
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON header, tensors) of the state: copies, so the caller may keep them while training goes on."""
+        outer_header, outer_tensors = state_file.optimizer_state(self.outer, self.names_by_id(), "outer")
+        header = {"kind": "reference", "run": self.cfg.to_dict(), "committed_rounds": self.committed_rounds,
+                  "fingerprint": self.fingerprint(), "params": list(self.names), "buffers": list(self.buffer_names),
+                  "outer": {"name": self.cfg.recipe.outer.name, **outer_header}}
+        tensors = {f"param/{n}": t.detach().clone() for n, t in zip(self.names, self.tensors)}
+        tensors |= {f"buffer/{n}": b.detach().clone() for n, b in zip(self.buffer_names, self.buffers)}
+        return header, tensors | outer_tensors
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
-        return buf.getvalue()
+        """The state as a safetensors file with lowband's JSON header (docs/state.md)."""
+        header, tensors = self.state()
+        return state_file.dumps(tensors, header)
 
     def load_bytes(self, blob: bytes) -> None:
-        # weights_only: a state blob comes from the network and must never run code when loaded
+        """Take a state from outside (the network): refused with a ValueError naming what is wrong unless it is a
+        lowband state of this run and model; nothing is allocated before the structure is checked, and nothing
+        changes unless all of it loads."""
+        self.load_state(state_file.parse(blob, self.max_header()), kind="reference")
+
+    def max_header(self) -> int:
+        """Bound on a state file's JSON header for this model (names and entries, generously)."""
+        names = sum(len(n.encode()) for n in self.names + self.buffer_names)
+        return (1 << 20) + 64 * names + 2048 * (len(self.names) + len(self.buffer_names))
+
+    def load_state(self, sf: StateFile, kind: str = "reference", others: tuple[str, ...] = ()) -> None:
+        """Load the reference section of a parsed state file (``kind`` ``reference``, or ``checkpoint``, whose
+        tensors under the prefixes ``others`` belong to the worker). Raises StateFormatError; on any error the
+        reference is as it was."""
+        h = sf.header
+        if h.get("kind") != kind:
+            raise StateFormatError(f"state is a {h.get('kind')!r}, expected a {kind!r}")
+        run = h.get("run")
+        if not isinstance(run, dict) or run.get("run_id") != self.cfg.run_id:
+            raise StateFormatError(f"state is for run {run.get('run_id') if isinstance(run, dict) else None!r}, "
+                                   f"this run is {self.cfg.run_id!r}")
+        diffs = diff_configs(run.get("recipe") or {}, self.cfg.to_dict()["recipe"])
+        if diffs:
+            raise StateFormatError("state is from another recipe: " + "; ".join(diffs[:3]))
+        if h.get("params") != self.names or h.get("buffers") != self.buffer_names:
+            raise StateFormatError("state holds different tensors than this model (params or buffers differ)")
+        committed, fingerprint = h.get("committed_rounds"), h.get("fingerprint")
+        if type(committed) is not int or not 0 <= committed < 1 << 53:
+            raise StateFormatError(f"committed_rounds {committed!r} is not a non-negative integer")
+        if not isinstance(fingerprint, str) or len(fingerprint) != 16:
+            raise StateFormatError(f"fingerprint {fingerprint!r} is not 16 hex characters")
+        expected = {f"param/{n}": (torch.float32, tuple(t.shape)) for n, t in zip(self.names, self.tensors)}
+        expected |= {f"buffer/{s.name}": (s.dtype, s.shape) for s in self.buffer_spec}
+        stray = [k for k in sf.entries if k not in expected and not k.startswith(("outer/", "outer.extra/") + others)]
+        if stray:
+            raise StateFormatError(f"state holds tensors this model does not have: {sorted(stray)[:3]}")
+        for key, (dtype, shape) in expected.items():
+            sf.expect(key, dtype, shape)
+        values = {k: state_file.check_finite(sf, k, sf.tensor(k)) for k in expected}
+        saved = ([t.clone() for t in self.tensors], [b.clone() for b in self.buffers], self.outer.state_dict(),
+                 self.committed_rounds)
         try:
-            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"state blob is not a valid lowband state: {type(exc).__name__}: {exc}") from None
-        self.load_state_dict(state)
+            model_tensors.assign(self.tensors, [values[f"param/{n}"] for n in self.names])
+            model_tensors.assign(self.buffers, [values[f"buffer/{n}"] for n in self.buffer_names])
+            state_file.load_optimizer_state(self.outer, self.names_by_id(), "outer", sf)
+            self.committed_rounds = committed
+            if self.fingerprint() != fingerprint:
+                raise StateFormatError("state fingerprint mismatch after loading (corrupted state)")
+        except BaseException:
+            model_tensors.assign(self.tensors, saved[0])
+            model_tensors.assign(self.buffers, saved[1])
+            self.outer.load_state_dict(saved[2])
+            self.committed_rounds = saved[3]
+            raise

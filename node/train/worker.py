@@ -27,13 +27,23 @@ because θ_ref_r − Δ_r is exactly where round r ended locally (Δ_r = θ_ref_
 is then θ_ref_{r+1} − θ = −(progress in round r+1), as without overlap. θ_ref — what the fingerprint covers —
 follows the same outer steps as without overlap, one round later, so replicas stay identical. The cost is
 staleness: round r+1's inner steps start from a point that does not yet include the others' round-r updates.
+
+Buffers (docs/algorithms.md, §10) ride along: each frame carries the sender's buffer values, the round sets the
+reference buffers to their agreed value (mean or max) and the model takes them like θ_ref — or, with overlap,
+shifts by (agreed − what it sent), as parameters do.
+
+Poisoned local state: a worker whose Δ, fp32 masters, inner moments or buffers hold NaN/inf at prepare time (inner
+steps with a non-finite loss or gradient are skipped before that, node/train/inner.py) resets its local state from
+θ_ref (fresh inner moments) and sends Δ = 0 for that round — its frame stays valid, so it stays in the round, and
+it trains normally from the next one. A non-finite error-feedback residual is dropped the same way. Nothing
+non-finite reaches a frame or the reference.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -42,8 +52,9 @@ from node.compress import make_feedback
 from node.config import RunConfig
 from node.errors import PayloadError
 from node.tasks.base import Task, build_seeded
+from node.train import tensors as model_tensors
 from node.train.inner import InnerLoop, InnerStats
-from node.train.reference import Reference
+from node.train.reference import Aggregate, Reference
 from node.transport.messages import RoundResult
 
 log = logging.getLogger(__name__)
@@ -58,6 +69,8 @@ class Pending:
     wanted: list[torch.Tensor]  # u per tensor (what feedback wanted to send)
     encoded: dict[str, dict[str, torch.Tensor]]
     frame: bytes
+    buffers: list[torch.Tensor] = field(default_factory=list)  # the buffer values sent
+    reset: str = ""  # why the local state was reset from θ_ref before this frame ("" when it was not)
 
 
 @dataclass
@@ -69,20 +82,32 @@ class ApplyReport:
 
 
 class Worker:
+    """One worker: a model, its inner loop, error feedback and its replica of the reference.
+
+    Raises ConfigError at construction for a model lowband cannot train (a parameter or buffer dtype, named) or a
+    codec that needs error feedback this recipe lacks (``Reference``)."""
+
     def __init__(self, name: str, cfg: RunConfig, task: Task, shard: int, num_shards: int,
                  device: torch.device | str = "cpu", reference_device: torch.device | str = "cpu") -> None:
         self.name, self.cfg, self.task = name, cfg, task
+        self.shard, self.num_shards = shard, num_shards
         self.device = torch.device(device)
         recipe = cfg.recipe
         self.model = build_seeded(task, cfg.seed).to(self.device)  # same seed: identical start everywhere
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named = model_tensors.trainable(self.model)
         self.params = [p for _, p in named]
-        self.reference = Reference(cfg, named, reference_device)
+        named_buffers = model_tensors.buffers(self.model)
+        self.buffers = [b for _, b in named_buffers]  # the model's live buffers
+        self.reference = Reference(cfg, named, reference_device, named_buffers)
         self.names, self.spec, self.codec = self.reference.names, self.reference.spec, self.reference.codec
         self.feedback = make_feedback(recipe.feedback_decay)
-        self.inner = InnerLoop(recipe.inner, task, self.model, task.batches(shard, num_shards, cfg.seed),
-                               cfg.total_inner_steps, self.device)
+        self.inner = InnerLoop(recipe.inner, task, self.model, named,
+                               lambda start: task.batches_from(shard, num_shards, cfg.seed, start),
+                               cfg.total_inner_steps, self.device, self.buffers)
+        self.masters = self.inner.masters  # fp32: the parameters themselves for an fp32 model
         self.pending: Pending | None = None
+        self.resets = 0  # times the local state was reset from θ_ref (poisoned)
+        self._saturation_noted: set[str] = set()
 
     @property
     def ref(self) -> list[torch.Tensor]:
@@ -102,23 +127,85 @@ class Worker:
 
     def _pseudo_gradients(self) -> list[torch.Tensor]:
         if self.inner.optimizer is None:  # 'grad' mode: no local step, the payload is the gradient
-            return [p.grad.detach().float().to(r.device) if p.grad is not None else torch.zeros_like(r)
-                    for p, r in zip(self.params, self.ref)]
-        return [r - p.detach().float().to(r.device) for r, p in zip(self.ref, self.params)]
+            return [m.grad.detach().float().to(r.device) if m.grad is not None else torch.zeros_like(r)
+                    for m, r in zip(self.masters, self.ref)]
+        return [r - m.detach().float().to(r.device) for r, m in zip(self.ref, self.masters)]
+
+    def _poisoned(self, deltas: list[torch.Tensor]) -> str | None:
+        """Why this worker's local state cannot be sent (NaN/inf in Δ, moments or buffers), or None."""
+        bad = model_tensors.first_nonfinite(zip(self.names, deltas))
+        if bad is not None:
+            return f"pseudo-gradient {bad}"
+        bad = self.inner.state_is_finite()
+        if bad is not None:
+            return f"inner state {bad}"
+        bad = model_tensors.first_nonfinite(zip(self.reference.buffer_names, self.buffers))
+        return None if bad is None else f"buffer {bad}"
+
+    def reset_local(self, why: str) -> None:
+        """Poisoned: the local model, masters and buffers back to θ_ref, fresh inner optimizer moments. The error
+        feedback residual is kept (it is checked per tensor in ``prepare``)."""
+        self.resets += 1
+        log.error("[node=%s] local state poisoned (%s): reset from θ_ref, fresh inner moments; this round sends Δ = 0",
+                  self.name, why)
+        self.inner.reset_optimizer()
+        self.load_reference_into_model()
 
     def prepare(self, round_: int, inner_lr: float | None = None) -> bytes:
         """Encode this round's update (η_t defaults to the round's scheduled lr); returns the frame."""
         eta = self.reference.inner_lr(round_) if inner_lr is None else inner_lr
         scale = {"unit": 1.0, "inverse_inner_lr": 1.0 / eta, "inner_lr": eta}[self.cfg.recipe.payload_scale]
         deltas = self._pseudo_gradients()
+        reset = self._poisoned(deltas) or ""
+        if reset:
+            self.reset_local(reset)
+            deltas = [torch.zeros_like(r) for r in self.ref]
+            if self.inner.optimizer is None:
+                for m in self.masters:
+                    m.grad = None
         wanted, encoded = [], {}
         for name, delta in zip(self.names, deltas):
-            u = self.feedback.compensate(name, delta * scale if scale != 1.0 else delta)
+            x = delta * scale if scale != 1.0 else delta
+            u = self.feedback.compensate(name, x)
+            if model_tensors.first_nonfinite([(name, u)]) is not None:
+                # the residual overflowed or was poisoned: drop it rather than send (or keep) a non-finite value
+                log.error("[node=%s round=%d] error-feedback residual of %r is not finite: dropped", self.name, round_,
+                          name)
+                self.feedback.residuals.pop(name, None)
+                u = self.feedback.compensate(name, x)
             wanted.append(u)
-            encoded[name] = self.codec.encode(u)
-        frame = wire.pack(self.cfg.run_id, round_, self.name, self.codec, self.spec, encoded)
-        self.pending = Pending(round_, deltas, wanted, encoded, frame)
+            encoded[name] = self.codec.encode(self.codec.fit(u))
+            self._note_saturation(name, encoded[name])
+        sent = [b.detach().to(self.reference.device).clone() for b in self.buffers]
+        frame = wire.pack(self.cfg.run_id, round_, self.name, self.codec, self.spec, encoded,
+                          self.reference.buffer_spec, dict(zip(self.reference.buffer_names, sent)))
+        self.pending = Pending(round_, deltas, wanted, encoded, frame, sent, reset)
         return frame
+
+    def _note_saturation(self, name: str, enc: dict[str, torch.Tensor]) -> None:
+        """Say once per tensor when an f16 wire value hit ±65504 (the rest stays in error feedback)."""
+        if name in self._saturation_noted:
+            return
+        for key, buf in enc.items():
+            if buf.dtype == torch.float16 and buf.numel() and float(buf.abs().max()) >= 65504.0:
+                self._saturation_noted.add(name)
+                log.warning("[node=%s] %r: %s values reached fp16's ±65504 and were saturated; error feedback keeps "
+                            "the excess (bf16 values carry fp32's range)", self.name, name, key)
+                return
+
+    def _result_aggregate(self, result: RoundResult) -> tuple[Aggregate | None, tuple[str, ...], dict[str, str]]:
+        """(aggregate, members, rejected senders) of a committed result; aggregate None when nothing valid."""
+        if result.aggregate is not None:
+            try:
+                aggregate = self.reference.unpack_aggregate(result.aggregate, result.round, result.aggregate_codec)
+            except PayloadError as exc:
+                log.error("[node=%s round=%d] rejected the aggregate: %s", self.name, result.round, exc)
+                return None, (), {"coordinator": str(exc)}
+            return aggregate, tuple(result.aggregate_members), {}
+        envelopes, rejected = self.reference.unpack(result.payloads, result.round)
+        if not envelopes:
+            return None, (), rejected
+        return self.reference.reduce(envelopes), tuple(e.sender for e in envelopes), rejected
 
     def apply(self, result: RoundResult) -> ApplyReport:
         pending = self.pending
@@ -128,24 +215,14 @@ class Worker:
             # that accepted it, must see the same bytes), so the round's outcome is the same whichever copy counts
             return ApplyReport(False, False, (), {})
         self.pending = None
-        rejected: dict[str, str] = {}
-        if result.aggregate is not None:
-            try:
-                aggregate = self.reference.unpack_aggregate(result.aggregate, result.round, result.aggregate_codec)
-            except PayloadError as exc:
-                log.error("[node=%s round=%d] rejected the aggregate: %s", self.name, result.round, exc)
-                return ApplyReport(False, False, (), {"coordinator": str(exc)})
-            members = tuple(result.aggregate_members)
-        else:
-            envelopes, rejected = self.reference.unpack(result.payloads, result.round)
+        aggregate, members, rejected = self._result_aggregate(result)
+        if result.aggregate is None:
             for sender, reason in rejected.items():
                 log.warning("[node=%s round=%d] rejected payload from %s: %s", self.name, result.round, sender, reason)
-            if not envelopes:
-                return ApplyReport(False, False, (), rejected)
-            members = tuple(e.sender for e in envelopes)
-            aggregate = self.reference.reduce(envelopes)
+        if aggregate is None:
+            return ApplyReport(False, False, (), rejected)
         contributed = self.name in members
-        before = [r.detach().clone() for r in self.ref] if self.cfg.recipe.overlap else None
+        before = self._snapshot() if self.cfg.recipe.overlap else None
         for name, u, enc in zip(self.names, pending.wanted, pending.encoded.values()):
             if contributed:
                 self.feedback.commit(name, u, self.codec.decode(enc, tuple(u.shape)))
@@ -156,7 +233,7 @@ class Worker:
         if before is None:
             self.load_reference_into_model()
         else:
-            self._shift_local(before, pending.deltas)
+            self._shift_local(before, pending.deltas, pending.buffers)
         return ApplyReport(True, contributed, members, rejected)
 
     def apply_observed(self, result: RoundResult, keep_local_progress: bool = False) -> bool:
@@ -169,75 +246,73 @@ class Worker:
         outer step, θ ← θ + (θ_ref_new − θ_ref_old), instead of being reset to θ_ref."""
         if not result.committed:
             return False
-        if result.aggregate is not None:
-            try:
-                aggregate = self.reference.unpack_aggregate(result.aggregate, result.round, result.aggregate_codec)
-            except PayloadError as exc:
-                log.error("[node=%s round=%d] rejected the aggregate: %s", self.name, result.round, exc)
-                return False
-        else:
-            envelopes, _rejected = self.reference.unpack(result.payloads, result.round)
-            if not envelopes:
-                return False
-            aggregate = self.reference.reduce(envelopes)
+        aggregate, _, _ = self._result_aggregate(result)
+        if aggregate is None:
+            return False
         if getattr(self.outer, "set_round_context", None) is not None:
             return False  # the faithful decoupled rule mixes in this worker's own Δ: there is none for this round
         self.pending = None
-        before = [r.detach().clone() for r in self.ref] if keep_local_progress else None
+        before = self._snapshot() if keep_local_progress else None
         self.reference.step(aggregate, result.round)
         if before is None:
             self.load_reference_into_model()
         else:
-            self._shift_local(before, None)
+            self._shift_local(before, None, None)
         return True
 
-    def _shift_local(self, before: list[torch.Tensor], deltas: list[torch.Tensor] | None) -> None:
+    def _snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [r.detach().clone() for r in self.ref], [b.detach().clone() for b in self.reference.buffers]
+
+    def _shift_local(self, before: tuple[list[torch.Tensor], list[torch.Tensor]], deltas: list[torch.Tensor] | None,
+                     sent: list[torch.Tensor] | None) -> None:
         """Overlap: θ ← θ + (θ_ref_new − θ_ref_old) + Δ_r, keeping the progress made since round r ended
-        (``deltas`` None: Δ_r = 0, a round this worker only observed)."""
+        (``deltas`` None: Δ_r = 0, a round this worker only observed). Buffers likewise: b ← b + (agreed − sent) —
+        or + (agreed − previous agreed) for an observed round; bool buffers take the agreed value."""
+        old_ref, old_buffers = before
         with torch.no_grad():
-            for i, (p, new, old) in enumerate(zip(self.params, self.ref, before)):
+            for i, (m, new, old) in enumerate(zip(self.masters, self.ref, old_ref)):
                 step = new - old if deltas is None else new - old + deltas[i]
-                p.add_(step.to(p.device, p.dtype))
+                m.add_(step.to(m.device, m.dtype))
+            self.inner.sync_model()
+            for b, new, base in zip(self.buffers, self.reference.buffers, sent if sent is not None else old_buffers):
+                if b.dtype == torch.bool:
+                    b.copy_(new)
+                elif b.is_floating_point():
+                    b.copy_(b.double() + (new.double() - base.double()).to(b.device))
+                else:
+                    b.add_((new - base).to(b.device, b.dtype))
 
     @contextlib.contextmanager
     def reference_weights(self) -> Iterator[torch.nn.Module]:
-        """The model holding θ_ref for a while (evaluation), then the local weights back."""
-        saved = [p.detach().clone() for p in self.params]
-        self.load_reference_into_model()
+        """The model holding θ_ref and the reference buffers for a while (evaluation), then its own back."""
+        saved = [p.detach().clone() for p in self.params], [b.detach().clone() for b in self.buffers]
+        model_tensors.assign(self.params, self.ref)
+        model_tensors.assign(self.buffers, self.reference.buffers)
         try:
             yield self.model
         finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
+            model_tensors.assign(self.params, saved[0])
+            model_tensors.assign(self.buffers, saved[1])
 
     def load_reference_into_model(self) -> None:
-        with torch.no_grad():
-            for ref, p in zip(self.ref, self.params):
-                p.copy_(ref)
+        """Local state ← the reference: the masters (and a mixed model's parameters) to θ_ref, buffers to theirs."""
+        model_tensors.assign(self.masters, self.ref)
+        self.inner.sync_model()
+        model_tensors.assign(self.buffers, self.reference.buffers)
 
     # -- inspection and persistence ----------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Digest of the reference parameters: equal digests mean bit-identical replicas."""
+        """Digest of the reference parameters and buffers: equal digests mean bit-identical replicas."""
         return self.reference.fingerprint()
 
     def payload_bytes(self) -> int:
         """Exact frame size of this worker's payload (the byte formula + envelope)."""
-        return wire.expected_size(self.codec, self.spec, self.cfg.run_id, self.name)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume this worker exactly: θ_ref + outer, inner optimizer, feedback."""
-        return {"reference": self.reference.state_dict(), "inner": self.inner.state_dict(),
-                "feedback": self.feedback.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reference.load_state_dict(state["reference"])
-        self.inner.load_state_dict(state["inner"])
-        self.feedback.load_state_dict(state["feedback"])
-        self.load_reference_into_model()
+        return wire.expected_size(self.codec, self.spec, self.cfg.run_id, self.name,
+                                  extra_spec=self.reference.buffer_spec)
 
     def adopt_global_state(self, blob: bytes) -> None:
-        """Take the run's reference state (a joiner, or a replica whose fingerprint diverged)."""
+        """Take the run's reference state (a joiner, or a replica whose fingerprint diverged). Raises ValueError
+        (``StateFormatError``) for a blob that is not a state of this run and model; nothing changes then."""
         self.reference.load_bytes(blob)
         self.inner.step = self.reference.committed_rounds * self.cfg.recipe.H  # the schedule follows the run
         self.load_reference_into_model()
