@@ -301,7 +301,10 @@ class CoordinatorCore:
             self._last_reason = started.reason
             return
         expected = self._expected(self.open_round)
-        decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership)
+        decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership,
+                                       observing=self.observers)
+        if decision.kind is CloseKind.QUORUM_UNREACHABLE:
+            log.warning("[round=%d] %s", self.open_round, decision.reason)
         if not decision.close:
             if decision.reason != self._last_reason and decision.kind is CloseKind.NO_QUORUM:
                 log.warning("[round=%d] %s", self.open_round, decision.reason)

@@ -81,6 +81,9 @@ class CloseKind(str, enum.Enum):
     NO_PAYLOAD = "no_payload"  # open: nobody submitted yet
     WAITING = "waiting"  # open: the deadline has not passed and members are missing
     NO_QUORUM = "no_quorum"  # open: the deadline passed with fewer than min_nodes payloads
+    #: the deadline passed with fewer than min_nodes payloads, and every member still missing observes the round (it
+    #: said it will not send one: a refused frame, a node catching up): no more can come, so it closes with them
+    QUORUM_UNREACHABLE = "quorum_unreachable"
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,10 @@ def round_wait(spreads: Sequence[float], policy: DeadlinePolicy) -> tuple[float,
 
 
 def decide_close(now: float, expected: set[str], submitted: set[str], deadline: float | None,
-                 policy: MembershipPolicy) -> CloseDecision:
-    """Close when every expected member submitted, or at the deadline with at least min_nodes payloads."""
+                 policy: MembershipPolicy, observing: Iterable[str] = ()) -> CloseDecision:
+    """Close when every expected member submitted, or at the deadline with at least min_nodes payloads — or, below
+    min_nodes, at the deadline when every missing member is ``observing`` the round (it takes the result without a
+    payload): waiting longer could not bring the quorum, so the run would wait forever."""
     got = tuple(sorted(submitted))
     if not submitted:
         return CloseDecision(False, CloseKind.NO_PAYLOAD, "no payload yet")
@@ -157,6 +162,11 @@ def decide_close(now: float, expected: set[str], submitted: set[str], deadline: 
             return CloseDecision(True, CloseKind.DEADLINE_QUORUM,
                                  f"deadline passed with {len(submitted)}/{len(expected)} payloads "
                                  f"(≥ min_nodes {policy.min_nodes}); missing {len(missing)}", got)
+        if missing <= set(observing):
+            return CloseDecision(True, CloseKind.QUORUM_UNREACHABLE,
+                                 f"deadline passed with {len(submitted)} < min_nodes {policy.min_nodes} payloads, and "
+                                 f"the {len(missing)} missing member(s) observe this round: no more payloads can come, "
+                                 f"closing with {len(submitted)}", got)
         return CloseDecision(False, CloseKind.NO_QUORUM, f"deadline passed but only {len(submitted)} < min_nodes "
                                                          f"{policy.min_nodes} payloads: waiting for quorum")
     return CloseDecision(False, CloseKind.WAITING, f"waiting for {len(missing)} of {len(expected)} members")

@@ -200,3 +200,17 @@ def test_run_starts_once_min_nodes_joined() -> None:
     assert not waiting.act and waiting.reason == "waiting for 3 members to start the run (2 joined)"
     assert run_started(0, 3, mp).act
     assert run_started(5, 1, mp).act  # once under way, departures do not stop the run
+
+
+def test_a_round_below_quorum_closes_when_no_more_payloads_can_come() -> None:
+    """min_nodes 3, three members, one of which observes (its frame was refused): at the deadline the round closes
+    with the two payloads it can get instead of waiting for a quorum forever (CloseKind.QUORUM_UNREACHABLE)."""
+    policy = MembershipPolicy(min_nodes=3, max_nodes=3)
+    expected, submitted = {"a", "b", "c"}, {"a", "c"}
+    waiting = decide_close(10.0, expected, submitted, 5.0, policy)
+    assert not waiting.close and waiting.kind is CloseKind.NO_QUORUM  # b may still send
+    closed = decide_close(10.0, expected, submitted, 5.0, policy, observing={"b"})
+    assert closed.close and closed.kind is CloseKind.QUORUM_UNREACHABLE and closed.members == ("a", "c")
+    assert "2 < min_nodes 3" in closed.reason and "observe" in closed.reason
+    early = decide_close(4.0, expected, submitted, 5.0, policy, observing={"b"})
+    assert not early.close and early.kind is CloseKind.WAITING  # the deadline still applies
