@@ -141,7 +141,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     join_token = args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", "")
-    if args.coordinator and not (Path(args.workdir) / "checkpoint.pt").exists():
+    if args.coordinator and not (Path(args.workdir) / "checkpoint.safetensors").exists():  # checkpoint.FILE
         # a fresh node: download the run's state while torch imports and the model builds (seconds on a slow CPU)
         from node.transport.state_prefetch import StatePrefetch
 
@@ -184,6 +184,33 @@ def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch
     return run_node(NodeOptions(args.coordinator or "", Path(args.workdir), args.name or "", args.device, expected,
                                 join_token, args.max_rounds, dht=dht, checkpoint_every=args.checkpoint_every,
                                 prefetch=prefetch))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The run's reference → a safetensors state_dict of the task's model (node/train/export.py)."""
+    if bool(args.workdir) == bool(args.state_dir):
+        raise ConfigError("give either --workdir DIR (a node's checkpoint) or --state-dir DIR (a coordinator's state)")
+    from node.train import export
+
+    if args.workdir:
+        try:
+            source = export.checkpoint_bytes(Path(args.workdir))
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        from coordinator.store import Store  # the command line is where node and coordinator meet
+
+        state_dir = Path(args.state_dir)
+        if not (state_dir / "coordinator.sqlite").is_file():
+            raise ConfigError(f"{state_dir} is not a coordinator state dir (no coordinator.sqlite)")
+        committed, source = Store(state_dir).latest()
+        if source is None:
+            raise ConfigError(f"{state_dir} holds no committed round yet: there is nothing but the seeded model")
+    try:
+        print(json.dumps(export.export(source, Path(args.out))))
+    except ValueError as exc:  # StateFormatError: not a lowband state or checkpoint this task's model takes
+        raise ConfigError(str(exc)) from None
+    return 0
 
 
 def cmd_dht(args: argparse.Namespace) -> int:
@@ -285,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowband", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("--task-path", action="append", default=[], metavar="DIR",
+                        help="a directory to import --task modules from (before PYTHONPATH; repeatable, docs/tasks.md)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="N workers in one process through the in-process transport")
@@ -330,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dht_args(dh, "/ip4/0.0.0.0/tcp/7071")
     dh.add_argument("--initial-peers", default=None, help="other DHT peers to join, comma-separated")
     dh.set_defaults(func=cmd_dht)
+
+    ex = sub.add_parser("export", help="the run's model as a safetensors state_dict (model.load_state_dict(...))")
+    ex.add_argument("--workdir", default=None, help="a node's workdir: its checkpoint's reference")
+    ex.add_argument("--state-dir", default=None, help="a coordinator's state dir: its last committed state")
+    ex.add_argument("--out", required=True, help="the .safetensors file to write")
+    ex.set_defaults(func=cmd_export)
 
     st = sub.add_parser("status", help="members, round, deadline, bytes and loss of a running coordinator")
     st.add_argument("--coordinator", required=True)
@@ -432,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    for path in reversed(args.task_path):  # first given, first searched; a task module can then be imported
+        sys.path.insert(0, str(Path(path).resolve()))
     if args.func.__name__.startswith("cmd_bench"):
         _interrupt_on_sigterm()
     try:

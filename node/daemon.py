@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     from node.transport.state_prefetch import StatePrefetch
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.safetensors"
-OLD_CHECKPOINT = "checkpoint.pt"  # a PyTorch pickle from before the safetensors state format: never loaded
 
 
 @dataclass
@@ -118,7 +116,7 @@ class NodeDaemon:
         header, tensors = checkpoint.snapshot(self.worker, node=self.name, config_hash=config_hash)
 
         def write() -> None:
-            write_atomic(self.workdir / CHECKPOINT, state_file.dumps(tensors, header))
+            write_atomic(self.workdir / checkpoint.FILE, state_file.dumps(tensors, header))
 
         self._ckpt_write = self._ckpt_executor.submit(write)
         if wait:
@@ -129,10 +127,10 @@ class NodeDaemon:
         or it is not a lowband checkpoint this model can take — the worker is then unchanged."""
         worker = self.worker
         assert worker is not None
-        if (self.workdir / OLD_CHECKPOINT).exists():
+        if (self.workdir / checkpoint.OLD_FILE).exists():
             log.warning("[node=%s] %s is a PyTorch pickle from an older lowband: it is never loaded (delete it); "
-                        "checkpoints are %s now", self.name, self.workdir / OLD_CHECKPOINT, CHECKPOINT)
-        path = self.workdir / CHECKPOINT
+                        "checkpoints are %s now", self.name, self.workdir / checkpoint.OLD_FILE, checkpoint.FILE)
+        path = self.workdir / checkpoint.FILE
         if not path.exists():
             return False
         try:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from node.train.worker import Worker
 
 log = logging.getLogger(__name__)
+FILE = "checkpoint.safetensors"  # in a node's workdir
+OLD_FILE = "checkpoint.pt"  # a PyTorch pickle from before this format: never loaded
 MAX_TASK_RNG = 1 << 20
 LOCAL = ("inner/", "inner.extra/", "feedback/", "rng/")
 

@@ -11,7 +11,7 @@ parameters (no copy, the arithmetic of a plain loop).
 
 Non-finite steps: a step whose loss or gradient holds NaN or ±inf (or whose gradient norm overflows fp32) is
 skipped, as ``torch.amp.GradScaler`` skips one: no optimizer step, no moment update, the gradient dropped, the
-model's floating buffers (updated by its forward) put back; the batch counts as drawn and the schedule moves on.
+model's buffers (moved by its forward) put back; the batch counts as drawn and the schedule moves on.
 Skips are counted (``InnerStats.skipped``, ``InnerLoop.skipped``) and the first of each round is logged with its
 cause. In ``grad`` mode a skipped step leaves no gradient: the round's payload is 0.
 
@@ -82,7 +82,7 @@ class InnerLoop:
         # fp32 masters: the parameters themselves when already fp32, else fp32 copies the optimizer steps
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         self.mixed = any(m is not p for m, p in zip(self.masters, self.params))
-        self.float_buffers = [b for b in buffers if b.is_floating_point()]
+        self.buffers = list(buffers)  # put back after a skipped step (its forward moved them)
         self.optimizer = make_inner_optimizer(cfg, self.masters)
         self._stream = stream
         self.batches = stream(0)
@@ -135,7 +135,7 @@ class InnerLoop:
         for m in self.masters:
             m.grad = None
         with torch.no_grad():
-            for b, s in zip(self.float_buffers, snapshot):
+            for b, s in zip(self.buffers, snapshot):
                 b.copy_(s)  # the forward already moved running statistics with this batch
         self.skipped += 1
 
@@ -150,7 +150,7 @@ class InnerLoop:
             x, y = next(self.batches)
             self.drawn += 1
             batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-            snapshot = [b.detach().clone() for b in self.float_buffers]
+            snapshot = [b.detach().clone() for b in self.buffers]
             with autocast:
                 loss = self.task.loss(self.model, batch)
             self.model.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ it is.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -69,12 +70,28 @@ class StateFile:
             raise StateFormatError(f"state tensor {key!r} is {e.dtype} {list(e.shape)}, expected {dtype} {list(shape)}")
 
 
+def _digest(items: list[tuple[str, bytes | memoryview]]) -> str:
+    """sha256 over (name, NUL, bytes, NUL) of every tensor in name order: the header's ``tensors_sha256``."""
+    h = hashlib.sha256()
+    for key, raw in sorted(items, key=lambda kv: kv[0]):
+        h.update(key.encode() + b"\0")
+        h.update(raw)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
 def dumps(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> bytes:
-    """Tensors (any device; copied to CPU, contiguous) and a JSON-able header → the file's bytes. Raises ValueError for
-    a header JSON cannot carry exactly (NaN, ±inf)."""
-    meta = json.dumps({"format": FORMAT, "version": VERSION, **header}, sort_keys=True, separators=(",", ":"),
-                      allow_nan=False)
+    """Tensors (any device; copied to CPU, contiguous) and a JSON-able header → the file's bytes. The header gains
+    ``tensors_sha256`` (every tensor's bytes, checked by ``parse``: a torn or flipped byte anywhere is refused). Raises
+    ValueError for a header JSON cannot carry exactly (NaN, ±inf)."""
     flat = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    digest = _digest([(k, _raw(t)) for k, t in flat.items()])
+    meta = json.dumps({"format": FORMAT, "version": VERSION, **header, "tensors_sha256": digest}, sort_keys=True,
+                      separators=(",", ":"), allow_nan=False)
     return _save(flat, metadata={META_KEY: meta})
 
 
@@ -122,6 +139,8 @@ def parse(blob: bytes | bytearray | memoryview, max_header: int = 16 << 20) -> S
     data = view[8 + n:]
     entries = {key: _entry(key, info, len(data)) for key, info in header.items()}
     _check_tiling(entries, len(data))
+    if ours.get("tensors_sha256") != _digest([(k, data[e.start:e.end]) for k, e in entries.items()]):
+        _fail("state tensors do not match the header's tensors_sha256 (truncated or corrupted)")
     return StateFile(ours, entries, data)
 
 

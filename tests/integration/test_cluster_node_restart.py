@@ -19,7 +19,7 @@ def test_sigterm_leaves_checkpoints_and_a_restart_resumes(cluster: Cluster, tmp_
     wait_for("two rounds with n1", lambda: len(applied_rounds(n1.workdir)) >= 2 or None, timeout_s=90)
 
     assert terminate(n1) == [0]
-    assert (n1.workdir / "checkpoint.pt").exists()
+    assert (n1.workdir / "checkpoint.safetensors").exists()
     assert "n1" not in member_names(coord.address)  # gone at once, 60 s before its lease would expire
     assert "leave n1" in coord.log_text()
     left_after = applied_rounds(n1.workdir)[-1]["round"]
@@ -46,7 +46,7 @@ def test_checkpoint_every_n_rounds_and_a_crash_restart_fetches_what_the_checkpoi
         cluster: Cluster, tmp_path: Path) -> None:
     """``--checkpoint-every 3``: after kill -9 the checkpoint holds a multiple of 3 rounds (never a torn file); the
     restarted node starts from it, takes the run's newer state and keeps an identical replica."""
-    import torch
+    from node.train import state_file
 
     run = write_run_file(tmp_path / "run.toml", rounds=100_000, min_nodes=2, H=2, lease_s=3.0, max_wait_s=2.0)
     coord = cluster.coordinator(run, tmp_path / "state")
@@ -55,8 +55,9 @@ def test_checkpoint_every_n_rounds_and_a_crash_restart_fetches_what_the_checkpoi
     wait_for("n1 to apply five rounds", lambda: len(applied_rounds(n1.workdir)) >= 5 or None, timeout_s=90)
     n1.kill9()
     applied = len(applied_rounds(n1.workdir))
-    ckpt = torch.load(n1.workdir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    saved = ckpt["state"]["reference"]["committed_rounds"]
+    header = state_file.parse((n1.workdir / "checkpoint.safetensors").read_bytes()).header
+    assert header["kind"] == "checkpoint" and header["node"] == "n1"
+    saved = header["committed_rounds"]
     first = applied_rounds(n1.workdir)[0]["round"]
     # written after its 3rd, 6th… applied round (rounds first…first+2 applied → first+3 committed)
     assert (saved - first) % 3 == 0 and first + 3 <= saved <= first + applied, (saved, first, applied)

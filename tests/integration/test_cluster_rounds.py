@@ -46,4 +46,4 @@ def test_three_nodes_commit_every_round_with_identical_replicas(cluster: Cluster
         log = read_log(wd)
         assert [e["round"] for e in log] == list(range(rounds)), (name, log)  # no state adoption needed
         assert all(e["contributed"] for e in log), (name, log)
-        assert (wd / "checkpoint.pt").is_file()
+        assert (wd / "checkpoint.safetensors").is_file()

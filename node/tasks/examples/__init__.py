@@ -1,0 +1,1 @@
+"""Example tasks beyond the built-in ``gpt``, documented in docs/tasks.md."""
