@@ -105,7 +105,7 @@ class DctTopKCodec(Codec):
             scale = vals.abs().amax(dim=1) / 127.0  # (nb,)
             q = torch.round(vals / scale.clamp_min(1e-30).unsqueeze(1)).clamp_(-127, 127)  # (nb, k)
             return {"values": q.to(torch.int8).view(torch.uint8).reshape(-1), "scales": scale}
-        scale = vals.abs().mean(dim=1)  # (nb,)
+        scale = saturate(vals.abs().mean(dim=1), torch.float32)  # (nb,); a mean of saturated values can round up
         return {"values": pack_bools((vals >= 0).reshape(-1)), "scales": scale}
 
     # -- decode / reduce -----------------------------------------------------------------------------
