@@ -163,17 +163,17 @@ class Worker:
             if self.inner.optimizer is None:
                 for m in self.masters:
                     m.grad = None
-        wanted, encoded = [], {}
-        for name, delta in zip(self.names, deltas):
-            x = delta * scale if scale != 1.0 else delta
-            u = self.feedback.compensate(name, x)
-            if model_tensors.first_nonfinite([(name, u)]) is not None:
-                # the residual overflowed or was poisoned: drop it rather than send (or keep) a non-finite value
-                log.error("[node=%s round=%d] error-feedback residual of %r is not finite: dropped", self.name, round_,
-                          name)
-                self.feedback.residuals.pop(name, None)
-                u = self.feedback.compensate(name, x)
-            wanted.append(u)
+        xs = [delta * scale if scale != 1.0 else delta for delta in deltas]
+        wanted = [self.feedback.compensate(name, x) for name, x in zip(self.names, xs)]
+        while (bad := model_tensors.first_nonfinite(zip(self.names, wanted))) is not None:
+            # Δ is finite here, so a residual overflowed or was poisoned: drop it rather than send (or keep) a
+            # non-finite value
+            i = next(i for i, u in enumerate(wanted) if model_tensors.first_nonfinite([("", u)]) is not None)
+            log.error("[node=%s round=%d] error-feedback residual: %s; dropped", self.name, round_, bad)
+            self.feedback.residuals.pop(self.names[i], None)
+            wanted[i] = self.feedback.compensate(self.names[i], xs[i])
+        encoded = {}
+        for name, u in zip(self.names, wanted):
             encoded[name] = self.codec.encode(self.codec.fit(u))
             self._note_saturation(name, encoded[name])
         sent = [b.detach().to(self.reference.device).clone() for b in self.buffers]
