@@ -257,7 +257,10 @@ class Reference:
         if not isinstance(run, dict) or run.get("run_id") != self.cfg.run_id:
             raise StateFormatError(f"state is for run {run.get('run_id') if isinstance(run, dict) else None!r}, "
                                    f"this run is {self.cfg.run_id!r}")
-        diffs = diff_configs(run.get("recipe") or {}, self.cfg.to_dict()["recipe"])
+        recipe = run.get("recipe")
+        if not isinstance(recipe, dict):
+            raise StateFormatError("state has no recipe in its run configuration")
+        diffs = diff_configs(recipe, self.cfg.to_dict()["recipe"])
         if diffs:
             raise StateFormatError("state is from another recipe: " + "; ".join(diffs[:3]))
         if h.get("params") != self.names or h.get("buffers") != self.buffer_names:
