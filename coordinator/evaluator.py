@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from node.tasks.base import Task
-from node.train.tensors import assign, buffers, trainable
+from node.train.tensors import assign, buffers as model_buffers, trainable
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ class Evaluator:
     def __init__(self, task: Task, model: nn.Module, on_result: Callable[[int, float], None]) -> None:
         self.task, self.model, self.on_result = task, model, on_result
         self.params = [p for _, p in trainable(model)]
-        self.buffers = [b for _, b in buffers(model)]  # the reference's buffers, in its order
+        self.buffers = [b for _, b in model_buffers(model)]  # the reference's buffers, in its order
         self._job: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
         self._cv = threading.Condition()
         self._stop = False

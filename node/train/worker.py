@@ -131,9 +131,10 @@ class Worker:
                     for m, r in zip(self.masters, self.ref)]
         return [r - m.detach().float().to(r.device) for r, m in zip(self.ref, self.masters)]
 
-    def _poisoned(self, deltas: list[torch.Tensor]) -> str | None:
-        """Why this worker's local state cannot be sent (NaN/inf in Δ, moments or buffers), or None."""
-        bad = model_tensors.first_nonfinite(zip(self.names, deltas))
+    def _poisoned(self, xs: list[torch.Tensor]) -> str | None:
+        """Why this worker's local state cannot be sent (NaN/inf in the scaled Δ, the inner state or the buffers), or
+        None."""
+        bad = model_tensors.first_nonfinite(zip(self.names, xs))
         if bad is not None:
             return f"pseudo-gradient {bad}"
         bad = self.inner.state_is_finite()
@@ -152,22 +153,25 @@ class Worker:
         self.load_reference_into_model()
 
     def prepare(self, round_: int, inner_lr: float | None = None) -> bytes:
-        """Encode this round's update (η_t defaults to the round's scheduled lr); returns the frame."""
+        """Encode this round's update (η_t defaults to the round's scheduled lr); returns the frame, which is always
+        valid: a poisoned local state is reset first (Δ = 0 this round), a non-finite residual dropped, every value
+        brought into the codec's range."""
         eta = self.reference.inner_lr(round_) if inner_lr is None else inner_lr
         scale = {"unit": 1.0, "inverse_inner_lr": 1.0 / eta, "inner_lr": eta}[self.cfg.recipe.payload_scale]
         deltas = self._pseudo_gradients()
-        reset = self._poisoned(deltas) or ""
+        xs = [delta * scale if scale != 1.0 else delta for delta in deltas]
+        reset = self._poisoned(xs) or ""  # x, not Δ: a finite Δ divided by a small η_t can still overflow
         if reset:
             self.reset_local(reset)
             deltas = [torch.zeros_like(r) for r in self.ref]
+            xs = [torch.zeros_like(r) for r in self.ref]
             if self.inner.optimizer is None:
                 for m in self.masters:
                     m.grad = None
-        xs = [delta * scale if scale != 1.0 else delta for delta in deltas]
         wanted = [self.feedback.compensate(name, x) for name, x in zip(self.names, xs)]
         while (bad := model_tensors.first_nonfinite(zip(self.names, wanted))) is not None:
-            # Δ is finite here, so a residual overflowed or was poisoned: drop it rather than send (or keep) a
-            # non-finite value
+            # x is finite here, so a residual overflowed or was poisoned: drop it rather than send (or keep) a
+            # non-finite value; each pass drops one, and u = x then, so this ends
             i = next(i for i, u in enumerate(wanted) if model_tensors.first_nonfinite([("", u)]) is not None)
             log.error("[node=%s round=%d] error-feedback residual: %s; dropped", self.name, round_, bad)
             self.feedback.residuals.pop(self.names[i], None)

@@ -129,3 +129,17 @@ def test_a_poisoned_residual_is_dropped_not_sent() -> None:
     b.prepare(1)
     assert first_nonfinite([(name, b.pending.wanted[0])]) is None
     assert first_nonfinite(b.feedback.residuals.items()) is None
+
+
+def test_a_pseudo_gradient_that_overflows_when_scaled_counts_as_poisoned() -> None:
+    """dsm sends Δ/η_t: a finite Δ near fp32's limit overflows when scaled. That is a poisoned state (reset, Δ = 0),
+    never a non-finite frame or an endless retry."""
+    cl = Cluster(run_config("dsm", H=H), PoisonedShapes(steps=()), names=("a", "b"))
+    cl.round(0)
+    b = cl.workers[1]
+    b.train()
+    with torch.no_grad():
+        b.masters[0].fill_(-3e38)  # Δ = θ_ref + 3e38: finite; Δ / 0.01 is not
+    b.prepare(1)
+    assert b.resets == 1 and b.pending.reset.startswith("pseudo-gradient 'conv1.weight' holds inf")
+    assert all(float(d.abs().max()) == 0.0 for d in b.pending.deltas)
