@@ -18,6 +18,10 @@ nc = ceil(N / chunk) chunks and K = Σ k' kept entries:
 Reduce ``mean`` divides the sum of every worker's decoded sparse tensor by the number of workers (the paper's
 Δ = (1/R) Σ_r Δ̂_r); ``selector-mean`` divides each entry by the number of workers that kept it (what the reference
 implementation's scatter-mean does), a separately named variant.
+
+Range: ``levels`` and ``shift`` are saturated just below ±1e30 (what receivers accept), never ±inf; the sender's
+error feedback keeps the rest. The quantizer's statistics of values near fp32's limit are taken in fp64, where
+they cannot overflow (docs/algorithms.md, §5, range).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from node.compress.base import BufferSpec, Codec, Encoded, Shape, numel_of
+from node.compress.base import BufferSpec, Codec, Encoded, Shape, numel_of, saturate
 from node.compress.bitpack import index_width, pack_uints, packed_bits_nbytes, unpack_uints
 from node.errors import ConfigError, PayloadError
 
@@ -115,18 +119,36 @@ class SparseTopKCodec(Codec):
             return (torch.zeros(0, dtype=torch.int64, device=values.device),
                     torch.zeros(bins, dtype=torch.float32, device=values.device),
                     torch.zeros(1, dtype=torch.float32, device=values.device))
+        stats = self._statistics(values, bins)
+        if stats is None:
+            # a sum overflowed fp32 (values near its limit): the same statistics in fp64, which holds any fp32
+            # input's (rare path, so the common one stays the fp32 arithmetic of the reference code)
+            stats = self._statistics(values.double(), bins)
+            assert stats is not None
+        codes, levels, shift = stats
+        return codes, saturate(levels, torch.float32), saturate(shift.reshape(1), torch.float32)
+
+    def _statistics(self, values: torch.Tensor, bins: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The quantizer in ``values``' dtype: codes (K,) int64, levels (bins,), shift (); None when a statistic
+        overflows that dtype."""
         shift = values.mean()
         centered = values - shift
-        sigma = centered.norm() / math.sqrt(max(1, centered.numel() - 1))
+        norm = centered.norm()
+        if not bool(torch.isfinite(shift) & torch.isfinite(norm)):
+            return None
+        sigma = norm / math.sqrt(max(1, centered.numel() - 1))
         step = self.range_sigmas * sigma / bins
         if not (bool(torch.isfinite(step)) and float(step) > 0):
-            step = torch.ones((), dtype=torch.float32, device=values.device)
+            step = torch.ones((), dtype=values.dtype, device=values.device)
         codes = (centered / step + bins // 2).round().clamp(0, bins - 1).to(torch.int64)  # (K,)
-        sums = torch.zeros(bins, dtype=torch.float32, device=values.device).scatter_add_(0, codes, centered)
-        counts = torch.zeros(bins, dtype=torch.float32, device=values.device).scatter_add_(
+        sums = torch.zeros(bins, dtype=values.dtype, device=values.device).scatter_add_(0, codes, centered)
+        counts = torch.zeros(bins, dtype=values.dtype, device=values.device).scatter_add_(
             0, codes, torch.ones_like(centered))
         levels = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))  # (bins,)
-        return codes, levels, shift.reshape(1).to(torch.float32)
+        if not bool(torch.isfinite(levels).all()):
+            return None
+        return codes, levels, shift
 
     # -- codec -----------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Encoded:

@@ -20,8 +20,12 @@ from codecs_harness import CONFIGS, CONFIG_IDS
 
 PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-REPRESENTATIVE = [(n, p) for n, p in CONFIGS if n != "dct_topk" or (p["k"], p["chunk"]) in ((32, 64), (4096, 10))]
-REP_IDS = [CONFIG_IDS[CONFIGS.index(c)] for c in REPRESENTATIVE]
+SPARSE = [("sparse_topk", dict(k=k, chunk=c, bits=b, reduce=r))
+          for k, c, b, r in ((4, 16, 2, "mean"), (64, 4096, 1, "selector-mean"), (3, 5, 8, "mean"))]
+REPRESENTATIVE = ([(n, p) for n, p in CONFIGS if n != "dct_topk" or (p["k"], p["chunk"]) in ((32, 64), (4096, 10))]
+                  + SPARSE)
+REP_IDS = [CONFIG_IDS[CONFIGS.index(c)] if c in CONFIGS else "sparse_topk-" + "-".join(map(str, c[1].values()))
+           for c in REPRESENTATIVE]
 
 shapes = st.one_of(st.just(()), st.lists(st.integers(0, 70), min_size=1, max_size=1).map(tuple),
                    st.lists(st.integers(1, 19), min_size=2, max_size=3).map(tuple))

@@ -20,7 +20,9 @@ from node.train.worker import ApplyReport, Worker
 from node.transport.inprocess import InProcessHub, RelayLink
 
 SHAPES = TaskConfig("node.tasks.examples.shapes:shapes_task", {"batch_size": 8, "channels": 4, "size": 8})
-ALL_RECIPES = ["ddp", "diloco", "dsm", "sign", "dct", "dct-consistent", "demo"]
+from node.recipes import RECIPES
+
+ALL_RECIPES = sorted(RECIPES)  # every named recipe, so a new one is covered as it lands
 GRAD_RECIPES = ("ddp", "demo")
 
 

@@ -20,6 +20,8 @@ STILL = {
     "dct": {"outer.momentum": 0.0, "feedback_decay": 0.0},
     "dct-consistent": {"feedback_decay": 0.0},
     "demo": {"feedback_decay": 0.0},
+    "sparseloco": {"feedback_decay": 0.0},
+    "sign-nesterov": {"outer.momentum": 0.0, "feedback_decay": 0.0},
 }
 
 
@@ -32,6 +34,7 @@ def _no_progress_round(cl: Cluster, task: ToyTask, recipe: str, r: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("recipe", ALL_RECIPES)
 def test_no_local_progress_moves_nothing(recipe: str, dtype: torch.dtype) -> None:
+    assert recipe in STILL, f"recipe {recipe!r}: say which settings make a zero aggregate leave θ_ref still"
     task = ToyTask(dtype)
     cl = Cluster(run_config(recipe, TOY, STILL[recipe], workers=2, rounds=8), task)
     w = cl.workers[0]

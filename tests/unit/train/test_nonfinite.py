@@ -12,7 +12,7 @@ import torch
 from node import wire
 from node.train.tensors import first_nonfinite
 from node.train.worker import Worker
-from models_harness import Cluster, PoisonedShapes, ToyTask, run_config
+from models_harness import ALL_RECIPES, Cluster, PoisonedShapes, ToyTask, run_config
 
 H = 3
 POISON_STEP = H + 1  # b's second inner step of round 1
@@ -24,7 +24,7 @@ def all_finite(w: Worker) -> bool:
     return first_nonfinite(named) is None and w.inner.state_is_finite() is None
 
 
-@pytest.mark.parametrize("recipe", ["sign", "dct-consistent", "diloco", "dsm", "demo", "ddp"])
+@pytest.mark.parametrize("recipe", [r for r in ALL_RECIPES if r != "dct"])  # faithful dct drifts by design
 def test_a_nan_batch_is_skipped_and_the_worker_stays_in_every_round(recipe: str,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     steps = (1,) if recipe in ("demo", "ddp") else (POISON_STEP,)  # one step per round in grad mode: round 1's
