@@ -92,19 +92,13 @@ def soak_run_file(cfg: SoakConfig) -> str:
 
 def final_val_loss(workdir: Path, run_file: Path) -> float:
     """The validation loss of the reference in a node's last checkpoint."""
-    import torch
-
     from node.runfile import load_run_file
     from node.tasks import load_task
-    from node.train.worker import Worker
+    from node.train.export import checkpoint_bytes, model_from_state
 
     cfg = load_run_file(run_file).run
-    task = load_task(cfg.task.name, **cfg.task.params)
-    worker = Worker("eval", cfg, task, shard=0, num_shards=1)
-    ckpt = torch.load(workdir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    worker.reference.load_state_dict(ckpt["state"]["reference"])
-    worker.load_reference_into_model()
-    return float(task.evaluate(worker.model))
+    model, _ = model_from_state(checkpoint_bytes(workdir))
+    return float(load_task(cfg.task.name, **cfg.task.params).evaluate(model))
 
 
 class Soak:
@@ -355,7 +349,7 @@ class Soak:
             report.round_s_median = round(statistics.median(gaps), 3)
         fingerprints = agreed_fingerprints(logs)
         report.committed_rounds = len(rows) if rows is not None else (max(fingerprints) + 1 if fingerprints else 0)
-        best = max((n for n in report.applied if (self.root / n / "checkpoint.pt").exists()),
+        best = max((n for n in report.applied if (self.root / n / "checkpoint.safetensors").exists()),
                    key=lambda n: report.applied[n], default=None)
         if best is not None:
             report.final_val_loss = final_val_loss(self.root / best, self.run_file)

@@ -66,9 +66,8 @@ class InProcessRun:
         self.run, self.clock = run, clock
         self.policy = MembershipPolicy(min_nodes=min_nodes, max_nodes=num_shards)
         self.round_wait_s, self.keep_results = round_wait_s, keep_results
-        model = build_seeded(task, run.seed)
-        self.reference = Reference(run, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
-        self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec)
+        self.reference = Reference.for_model(run, build_seeded(task, run.seed))
+        self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec, self.reference.buffer_spec)
         self.members: dict[str, _Member] = {}
         self.open = _Open(0)
         self.results: OrderedDict[int, _Closed] = OrderedDict()
@@ -78,6 +77,7 @@ class InProcessRun:
         #: test makes something happen at an exact point of a run (restart it, start a joiner)
         self.on_frame: Callable[[int, int], None] | None = None
         self.held_from: int | None = None  # rounds from this one on do not close (``hold``)
+        self.start_with = min_nodes  # members that must have joined before round 0 can close (``start_when``)
 
     def plane(self, name: str, stop: threading.Event | None = None) -> "InProcessPlane":
         return InProcessPlane(self, name, stop or threading.Event())
@@ -91,6 +91,12 @@ class InProcessRun:
                 m.plane.lost.set()
             self._maybe_close()
             self.cond.notify_all()
+
+    def start_when(self, joined: int) -> None:
+        """Keep round 0 open to joiners (each of them contributes to it) until ``joined`` members are in: nodes
+        started together then all start the run, however their start-ups interleave."""
+        with self.cond:
+            self.start_with = max(self.policy.min_nodes, joined)
 
     def hold(self, round_: int) -> None:
         """Keep round ``round_`` and later ones open (members wait in them) until ``release``: a slow network,
@@ -113,7 +119,7 @@ class InProcessRun:
 
     # -- rules ----------------------------------------------------------------------------------------------
     def _started(self) -> bool:
-        return self.open.round > 0 or len(self.members) >= self.policy.min_nodes
+        return self.open.round > 0 or len(self.members) >= self.start_with
 
     def _maybe_close(self) -> None:
         if not self._started() or not self.open.frames:
@@ -231,7 +237,7 @@ class InProcessPlane:
             return False  # late (the round closed without it) or not ours to contribute to
         try:
             env = wire.unpack(sub.frame, r.reference.codec, r.reference.spec, r.run.run_id, sub.round,
-                              limit=r.limit)
+                              limit=r.limit, extra_spec=r.reference.buffer_spec)
             if env.sender != self.name:
                 raise PayloadError(f"frame names sender {env.sender!r} but {self.name!r} sent it")
         except PayloadError:

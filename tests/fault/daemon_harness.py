@@ -90,13 +90,11 @@ class LocalCluster:
         return node
 
     def start_together(self, names: tuple[str, ...]) -> None:
-        """Start ``names`` and keep round 0 open until every one of them joined (otherwise the first ``min_nodes``
-        to join start the run and the others join it under way)."""
-        self.run.hold(0)
+        """Start ``names``; the run starts once every one of them joined (otherwise the first ``min_nodes`` to join
+        start it and the others join it under way)."""
+        self.run.start_when(len(names))
         for name in names:
             self.start(name)
-        wait_for(lambda: set(names) <= set(self.run.members))
-        self.run.release()
 
     def __enter__(self) -> "LocalCluster":
         return self

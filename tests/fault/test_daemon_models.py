@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from node.config import TaskConfig
 from node.recipes import make_run_config
@@ -72,3 +73,26 @@ def test_an_old_pickle_checkpoint_is_never_loaded(tmp_path: Path, caplog: pytest
     assert any("checkpoint.pt is a PyTorch pickle from an older lowband: it is never loaded" in r.getMessage()
                for r in caplog.records)
     assert (tmp_path / "a" / "checkpoint.safetensors").is_file()
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_batchnorm_statistics_are_one_agreed_value_on_every_replica_and_in_the_run(tmp_path: Path,
+                                                                                   overlap: bool) -> None:
+    """The example task (BatchNorm, a frozen stem) through real daemons: after every round each replica's reference
+    buffers are the run's, including the running variance that used to stay each node's own."""
+    cfg = make_run_config("diloco", {"H": 2, "inner.lr": 2e-3, "overlap": overlap},
+                          task=TaskConfig("node.tasks.examples.shapes:shapes_task",
+                                          {"batch_size": 4, "channels": 4, "size": 8}),
+                          rounds=4, run_id="models-bn")
+    with LocalCluster(tmp_path, cfg, min_nodes=3) as cl:
+        cl.start_together(NAMES)
+        assert all(o == {"code": 0} for o in cl.wait_all().values())
+        check_consistent(cl)
+        run_buffers = cl.run.reference.buffers
+        assert run_buffers and any(b.is_floating_point() for b in run_buffers)
+        for name in NAMES:
+            mine = cl.nodes[name].daemon.worker.reference.buffers
+            assert len(mine) == len(run_buffers)
+            assert all(torch.equal(a, b) for a, b in zip(mine, run_buffers)), name
+        variance = next(b for b, s in zip(run_buffers, cl.run.reference.buffer_spec) if "running_var" in s.name)
+        assert not torch.equal(variance, torch.ones_like(variance))  # the statistics moved, and agree
