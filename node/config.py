@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from node.errors import ConfigError
 
 PAYLOAD_SCALES = ("unit", "inverse_inner_lr", "inner_lr")
-INNER_OPTIMIZERS = ("adamw", "sgd", "grad")
+INNER_OPTIMIZERS = ("adamw", "sgd", "muon", "grad")
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def restore(worker: "Worker", sf: StateFile) -> None:
     if stray:
         raise StateFormatError(f"checkpoint holds unknown RNG states {stray}")
     inner = worker.inner
-    optimizer = make_inner_optimizer(worker.cfg.recipe.inner, worker.masters)  # loaded aside: the live one stays
+    optimizer = make_inner_optimizer(worker.cfg.recipe.inner, worker.masters, worker.names)  # loaded aside
     if optimizer is not None:
         names = {id(m): n for n, m in zip(worker.names, worker.masters)}
         state_file.load_optimizer_state(optimizer, names, "inner", sf)

@@ -48,15 +48,23 @@ class InnerStats:
     skip_cause: str = ""  # the first skip's cause, e.g. "step 17: loss is nan"
 
 
-def make_inner_optimizer(cfg: InnerConfig, model: nn.Module | Iterable[torch.Tensor]) -> torch.optim.Optimizer | None:
-    """AdamW with decay on ≥2-D tensors only; SGD; or None for ``grad`` (no local step). ``model``: a module (its
-    trainable parameters) or the tensors to optimize (the fp32 masters)."""
+def make_inner_optimizer(cfg: InnerConfig, model: nn.Module | Iterable[torch.Tensor],
+                         names: Sequence[str] | None = None) -> torch.optim.Optimizer | None:
+    """AdamW with decay on ≥2-D tensors only; SGD; Muon on the hidden matrices with AdamW on the rest (``muon``,
+    node/train/muon.py: it tells them apart by ``names``); or None for ``grad`` (no local step). ``model``: a module
+    (its trainable parameters) or the tensors to optimize (the fp32 masters, named by ``names``)."""
     if isinstance(model, nn.Module):
-        params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     else:
-        params = list(model)
+        tensors = list(model)
+        named = list(zip(names if names is not None else [f"p{i}" for i in range(len(tensors))], tensors))
+    params = [p for _, p in named]
     if cfg.optimizer == "grad":
         return None
+    if cfg.optimizer == "muon":
+        from node.train.muon import MuonAdamW
+
+        return MuonAdamW(named, cfg.lr, cfg.betas, cfg.weight_decay)
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
@@ -83,7 +91,7 @@ class InnerLoop:
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         self.mixed = any(m is not p for m, p in zip(self.masters, self.params))
         self.buffers = list(buffers)  # put back after a skipped step (its forward moved them)
-        self.optimizer = make_inner_optimizer(cfg, self.masters)
+        self.optimizer = make_inner_optimizer(cfg, self.masters, self.names)
         self._stream = stream
         self.batches = stream(0)
         self.step = 0  # global inner step count, drives the schedule
@@ -101,7 +109,7 @@ class InnerLoop:
 
     def reset_optimizer(self) -> None:
         """Fresh optimizer state (moments), e.g. after they were poisoned."""
-        self.optimizer = make_inner_optimizer(self.cfg, self.masters)
+        self.optimizer = make_inner_optimizer(self.cfg, self.masters, self.names)
 
     def sync_model(self) -> None:
         """Copy the masters into a mixed-precision model's parameters (rounding to its dtype)."""
