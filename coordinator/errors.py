@@ -18,6 +18,7 @@ class Refused(CoordinatorError):
 
 
 class Unauthorized(CoordinatorError):
+    """A missing or wrong credential: join or read token, key signature, timestamp, replay, certificate."""
     code = "UNAUTHENTICATED"
 
 
@@ -69,3 +70,27 @@ class StillOpen(CoordinatorError):
 class ResultGone(CoordinatorError):
     """The round's result is no longer held: fetch state instead."""
     code = "OUT_OF_RANGE"
+
+
+class Invalid(CoordinatorError):
+    """A field from the network is out of its bounds (size, charset, depth): the message names field and bound."""
+    code = "INVALID_ARGUMENT"
+
+
+class Busy(CoordinatorError):
+    """Too many calls in progress (from one address, one member, or in all)."""
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(CoordinatorError):
+    """The coordinator cannot take rounds now (it cannot persist them); the message says why."""
+    code = "UNAVAILABLE"
+
+
+class Cancelled(CoordinatorError):
+    """The caller went away (or the server cancelled the call): nothing is sent back."""
+    code = "CANCELLED"
+
+
+class StartupError(Exception):
+    """The coordinator cannot start (state dir in use or unusable, port busy, unsafe exposure): one line, exit 2."""

@@ -1,8 +1,17 @@
-"""``lowband coordinator``: build the core, serve gRPC (+ standard health checking), tick deadlines."""
+"""``lowband coordinator``: build the core, serve gRPC (+ standard health checking), tick deadlines.
+
+Start-up (coordinator/startup.py) locks the state dir, checks the exposure (TLS off loopback, or --insecure), sets
+up the join token, and binds the port (the remembered one for ``HOST:0``); any failure is a ``StartupError``:
+``lowband coordinator`` prints its one line and exits 2. Every call passes the guard (coordinator/guard.py) before
+the servicer; the server's threads are sized so every bound of ``ServerLimits`` can be full at once, and gRPC
+refuses calls beyond that at once (``maximum_concurrent_rpcs``) instead of queueing them. Health is NOT_SERVING
+while the store cannot persist rounds.
+"""
 from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -10,11 +19,18 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from node.runfile import load_run_file
 from coordinator.core import CoordinatorCore
+from coordinator.errors import StartupError
+from coordinator.guard import RpcGuard, ServerLimits
 from coordinator.servicer import CoordinatorServicer
-from coordinator.store import Store
+from coordinator.startup import (ServerTls, StateDirLock, check_exposure, check_port_free, ensure_join_token,
+                                 remember_port, remembered_port)
+from coordinator.store import Disk, Store
+from coordinator.watchdog import Watchdog
+from node.clock import SYSTEM_CLOCK, Clock
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
+from node.runfile import load_run_file
+from node.transport.grpc_auth import is_loopback, split_address
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 8 << 20
@@ -22,53 +38,129 @@ SERVICE_NAME = "lowband.v1.Coordinator"
 
 
 class CoordinatorServer:
-    def __init__(self, listen: str, state_dir: str | Path, run_file: str | Path, tick_s: float = 0.2) -> None:
+    """One coordinator. ``tls``: TLS settings (None: plaintext, refused off loopback unless ``insecure``);
+    ``limits``: resource bounds; ``disk``: the store's writer (tests inject faults); ``watchdog_clock``: what
+    server-side deadlines are measured on (tests drive it by hand with ``start_watchdog=False``)."""
+
+    def __init__(self, listen: str, state_dir: str | Path, run_file: str | Path, tick_s: float = 0.2, *,
+                 tls: ServerTls | None = None, insecure: bool = False, limits: ServerLimits | None = None,
+                 disk: Disk | None = None, watchdog_clock: Clock = SYSTEM_CLOCK, start_watchdog: bool = True) -> None:
         cfg = load_run_file(run_file)
-        self.store = Store(state_dir)
-        self.core = CoordinatorCore(cfg, self.store)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.membership.max_nodes * 3 + 8),
-                                  options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                           ("grpc.max_send_message_length", MAX_MESSAGE)])
-        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.core), self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {listen}")
-        self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
+        host, port = split_address(listen)
+        check_exposure(host, tls, insecure)
+        self.state_dir = Path(state_dir)
+        self.lock = StateDirLock(self.state_dir)
+        self.limits = limits or ServerLimits()
         self._stop = threading.Event()
-        self._tick_s = tick_s
-        self._ticker = threading.Thread(target=self._tick_loop, name="ticker", daemon=True)
+        self.store: Store | None = None
+        self.core: CoordinatorCore | None = None
+        self.watchdog: Watchdog | None = None
+        try:
+            cfg, self.generated_token = ensure_join_token(cfg, self.state_dir, is_loopback(host))
+            try:
+                self.store = Store(self.state_dir, disk=disk)
+            except (OSError, sqlite3.Error) as exc:
+                raise StartupError(f"cannot use state dir {self.state_dir}: {exc}") from None
+            try:
+                self.core = CoordinatorCore(cfg, self.store, skew_s=self.limits.skew_s)
+            except (OSError, sqlite3.Error) as exc:
+                raise StartupError(f"cannot use state dir {self.state_dir}: {exc}") from None
+            self.watchdog = Watchdog(watchdog_clock, start=start_watchdog)
+            self.guard = RpcGuard(self.core.member_key, self.limits, self.watchdog,
+                                  mtls=tls is not None and tls.client_ca is not None)
+            workers = self.limits.workers(cfg.membership.max_nodes)
+            self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[self.guard],
+                                      maximum_concurrent_rpcs=workers,
+                                      options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                                               ("grpc.max_send_message_length", MAX_MESSAGE),
+                                               ("grpc.so_reuseport", 0)])
+            pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.core, self.guard.mtls), self.server)
+            self.health = health.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            self.port = self._bind(host, port, tls)
+            remember_port(self.state_dir, self.port)
+            self.address = f"{host}:{self.port}"
+            self.tls = tls
+            self._tick_s = tick_s
+            self._ticker = threading.Thread(target=self._tick_loop, name="ticker", daemon=True)
+        except BaseException:
+            self._release()
+            raise
+
+    def _bind(self, host: str, port: int, tls: ServerTls | None) -> int:
+        why = ""
+        if port == 0:
+            port = remembered_port(self.state_dir) or 0
+            why = f" (the port it had before, remembered in {self.state_dir}/listen.json)" if port else ""
+        if port:
+            check_port_free(host, port, why)
+        address = f"{host}:{port}"
+        try:
+            bound = (self.server.add_secure_port(address, tls.credentials()) if tls is not None
+                     else self.server.add_insecure_port(address))
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise StartupError(f"cannot listen on {address}{why}: address in use or not available here")
+        return bound
 
     def _tick_loop(self) -> None:
+        serving = True
         while not self._stop.wait(self._tick_s):
             try:
-                self.core.tick()
+                self.core.tick()  # type: ignore[union-attr]
             except Exception:  # a bug in one tick must not stop lease expiry for good
                 log.exception("tick failed")
+            ok = self.core.persistence.ok  # type: ignore[union-attr]
+            if ok != serving:
+                serving = ok
+                self._set_health(ok)
+
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
 
     def start(self) -> None:
         self.server.start()
         self._ticker.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(True)
 
     def stop(self, grace: float = 2.0) -> None:
         self._stop.set()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._set_health(False)
         self.server.stop(grace).wait()
-        self.core.close()
-        self.store.close()
+        if self._ticker.is_alive():
+            self._ticker.join(timeout=5)
+        self._release()
+
+    def _release(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
+        if self.core is not None:
+            self.core.close()
+        if self.store is not None:
+            self.store.close()
+        self.lock.release()
 
 
-def serve(listen: str, state_dir: str, run_file: str) -> int:
-    server = CoordinatorServer(listen, state_dir, run_file)
+def serve(listen: str, state_dir: str, run_file: str, *, tls: ServerTls | None = None, insecure: bool = False,
+          limits: ServerLimits | None = None) -> int:
+    """Run until SIGTERM/SIGINT; raises StartupError (one line for the operator) when it cannot start."""
+    server = CoordinatorServer(listen, state_dir, run_file, tls=tls, insecure=insecure, limits=limits)
     server.start()
+    core = server.core
+    assert core is not None
     # The bound address goes to stdout on its own line so scripts can read it (``--listen HOST:0``).
     print(f"lowband coordinator listening on {server.address}", flush=True)
-    log.info("run %s recipe %s, state in %s, committed rounds %d", server.core.cfg.run.run_id,
-             server.core.cfg.run.recipe.name, state_dir, server.core.reference.committed_rounds)
+    if server.generated_token:
+        print(f"lowband coordinator join token: {server.generated_token}", flush=True)
+        log.warning("this run listens off loopback and its run file has no join token: nodes need the one generated "
+                    "in %s/join_token (printed above): --join-token or $LOWBAND_JOIN_TOKEN", state_dir)
+    log.info("run %s recipe %s, state in %s, committed rounds %d, %s%s", core.cfg.run.run_id,
+             core.cfg.run.recipe.name, state_dir, core.reference.committed_rounds,
+             "TLS" if tls is not None else "plaintext (no TLS)",
+             ", mutual TLS (client certificates name node keys)" if tls is not None and tls.client_ca else "")
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

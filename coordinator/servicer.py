@@ -1,4 +1,9 @@
-"""gRPC adapter: proto messages ⇄ CoordinatorCore calls; domain errors → status codes + precise text."""
+"""gRPC adapter: proto messages ⇄ CoordinatorCore calls; domain errors → status codes + precise text.
+
+Every call has already passed the guard (coordinator/guard.py: bounds, signature, deadline). Any exception that is
+not a domain error is a bug: the call ends INTERNAL with a short message, the traceback goes to the log
+(rate-limited per exception type), and the server keeps serving.
+"""
 from __future__ import annotations
 
 import functools
@@ -8,13 +13,19 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from coordinator.bounds import RateLimited, check_node_id, printable
 from coordinator.core import Chunk, CoordinatorCore
-from coordinator.errors import CoordinatorError
+from coordinator.errors import CoordinatorError, Unauthorized
+from coordinator.guard import tls_node_key
+from coordinator.rounds import Waiter
+from node.identity import key_id
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
+from node.transport.grpc_auth import MD_KEY
 
 log = logging.getLogger(__name__)
 PIECE = 1 << 20
+_internal = RateLimited(log, every_s=60.0)
 
 
 def _abort(context: grpc.ServicerContext, exc: CoordinatorError) -> None:
@@ -23,17 +34,24 @@ def _abort(context: grpc.ServicerContext, exc: CoordinatorError) -> None:
     context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
 
 
+def _fail(name: str, context: grpc.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, CoordinatorError):
+        log.info("%s → %s: %s", name, exc.code, printable(exc, 300))
+        _abort(context, exc)
+    _internal.error(f"{name}:{type(exc).__name__}", "%s failed with an unexpected %s: %s (the call ends INTERNAL)",
+                    name, type(exc).__name__, printable(exc, 200), exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name} ({type(exc).__name__}); the coordinator "
+                                            "logged it")
+
+
 def translated(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map domain errors to statuses; anything else is a bug: INTERNAL, logged, and the server keeps serving."""
     @functools.wraps(fn)
     def wrapper(self: "CoordinatorServicer", request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, request, context)
-        except CoordinatorError as exc:
-            log.info("%s → %s: %s", fn.__name__, exc.code, exc)
-            _abort(context, exc)
-        except ValueError as exc:
-            _abort(context, _Invalid(str(exc)))
+        except Exception as exc:  # noqa: BLE001 — the one place where every failure becomes a status
+            _fail(fn.__name__, context, exc)
     return wrapper
 
 
@@ -42,28 +60,33 @@ def translated_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
     def wrapper(self: "CoordinatorServicer", request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             yield from fn(self, request, context)
-        except CoordinatorError as exc:
-            log.info("%s → %s: %s", fn.__name__, exc.code, exc)
-            _abort(context, exc)
+        except Exception as exc:  # noqa: BLE001
+            _fail(fn.__name__, context, exc)
     return wrapper
 
 
-class _Invalid(CoordinatorError):
-    code = "INVALID_ARGUMENT"
-
-
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, core: CoordinatorCore) -> None:
-        self.core = core
+    """``mtls``: client certificates are required, and a Join's key must be the one its certificate names."""
+
+    def __init__(self, core: CoordinatorCore, mtls: bool = False) -> None:
+        self.core, self.mtls = core, mtls
 
     @translated
     def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.GetRunResponse:
-        return pb.GetRunResponse(**self.core.run_info(request.protocol_version))
+        return pb.GetRunResponse(**self.core.run_info(request.protocol_version, request.read_token))
 
     @translated
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        if self.mtls:
+            named = tls_node_key(context)
+            if named != request.public_key:
+                raise Unauthorized(f"with mutual TLS a node joins with the key its certificate names: the certificate "
+                                   f"names {key_id(named) if named else 'no node key'}, the Join "
+                                   f"{key_id(request.public_key) if len(request.public_key) == 32 else 'none'} "
+                                   "(issue the certificate with `lowband certs --node WORKDIR`)")
         out = self.core.join(request.node_name, request.protocol_version, request.config_json, request.config_hash,
-                             request.task_fingerprint, request.model_digest, request.capabilities, request.join_token)
+                             request.task_fingerprint, request.model_digest, request.capabilities, request.join_token,
+                             request.public_key, request.signature, request.timestamp_ms)
         return pb.JoinResponse(**out)
 
     @translated
@@ -72,7 +95,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @translated
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
-        self.core.leave(request.node_id, request.reason)
+        self.core.leave(request.node_id, request.reason[:256])
         return pb.LeaveResponse()
 
     @translated
@@ -83,7 +106,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @translated_stream
     def Collect(self, request: pb.CollectRequest, context: grpc.ServicerContext) -> Iterator[pb.CollectChunk]:
         wait_s = min(request.wait_ms, 60_000) / 1000.0
-        result, to_send = self.core.collect(request.node_id, request.round, wait_s, request.submitted)
+        waiter = Waiter()
+        if not context.add_callback(waiter.cancel):  # a cancelled call frees its thread at once
+            return
+        result, to_send = self.core.collect(request.node_id, request.round, wait_s, request.submitted, waiter)
         members = list(result.frames)
         if result.aggregate is not None:
             yield pb.CollectChunk(header=pb.CollectHeader(
@@ -105,14 +131,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @translated_stream
     def FetchState(self, request: pb.FetchStateRequest, context: grpc.ServicerContext) -> Iterator[pb.StateChunk]:
-        for part in self.core.fetch_state(request.node_id, request.offset, request.join_token):
+        if request.node_id:
+            check_node_id(request.node_id)
+        key = dict(context.invocation_metadata() or ()).get(MD_KEY)  # verified by the guard before Join
+        for part in self.core.fetch_state(request.node_id, request.offset, request.join_token,
+                                          key if isinstance(key, bytes) else None):
             yield pb.StateChunk(**part)
 
     @translated
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        self.core.check_read(request.read_token)
         s = self.core.status()
         now = s["now"]
-        members = [pb.MemberStatus(node_id=m.node_id[:8], name=m.name, last_heartbeat_age_s=now - m.last_heartbeat,
+        # no credential material: no session ids, no tokens; a member is its name and its key's public id
+        members = [pb.MemberStatus(name=m.name, key_id=key_id(m.public_key), last_heartbeat_age_s=now - m.last_heartbeat,
                                    rounds_contributed=m.rounds_contributed, first_round=m.first_round,
                                    bytes_in=m.bytes_in, bytes_out=m.bytes_out,
                                    last_loss=m.last_loss if not math.isnan(m.last_loss) else float("nan"),
@@ -123,4 +155,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.StatusResponse(run_id=s["run_id"], recipe=s["recipe"], current_round=s["current_round"],
                                  committed_rounds=s["committed_rounds"], deadline_in_s=s["deadline_in_s"],
                                  members=members, recent_rounds=rounds,
-                                 reference_fingerprint=s["reference_fingerprint"], submitted=s["submitted"])
+                                 reference_fingerprint=s["reference_fingerprint"], submitted=s["submitted"],
+                                 persistence_error=s["persistence_error"])
+

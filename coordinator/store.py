@@ -1,22 +1,62 @@
 """Crash-safe persistence of the coordinator: SQLite for metadata, write-then-rename files for blobs.
 
 Order at each commit: state blob and round result files are written to temporary names, fsynced and
-renamed; then one SQLite transaction records the round. On start the latest round in SQLite decides
-what is loaded, so a crash at any point leaves either the old or the new round, never a mix.
+renamed; then one SQLite transaction records the round — the commit point. On start the latest round in SQLite
+decides what is loaded, so a crash at any point leaves either the old or the new round, never a mix.
+``commit_round`` raises (OSError, sqlite3.Error) only when the round did not become durable; a failure after the
+commit point (the audit line, removing old files) is logged and retried at the next write.
+
+Every write goes through a ``Disk`` (the seam where tests inject a full or read-only disk).
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
 from node.membership import Member
 from node.fsutil import write_atomic
-from node.roundlog import COORDINATOR_LOG, RoundRow, append_line
+from node.roundlog import COORDINATOR_LOG, RoundRow
+
+log = logging.getLogger(__name__)
+
+
+class Disk:
+    """The store's writes. Subclass to inject faults (a test's full or read-only disk raises OSError here)."""
+
+    def write_atomic(self, path: Path, data: bytes) -> None:
+        write_atomic(path, data)
+
+    def append_line(self, path: Path, line: str) -> None:
+        """Append one line durably; a torn last line (a crash or a full disk mid-write) is cut off first, so the
+        file stays a sequence of complete lines."""
+        with open(path, "ab+") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(max(0, end - 65536))
+                tail = f.read()
+                if not tail.endswith(b"\n"):
+                    cut = tail.rfind(b"\n")
+                    f.truncate(end - len(tail) + cut + 1 if cut >= 0 else (0 if end <= 65536 else end))
+                    f.seek(0, os.SEEK_END)
+            f.write(line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def unlink(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def transaction(self, db: sqlite3.Connection, statements: Callable[[], None]) -> None:
+        """Run ``statements`` in one SQLite transaction (all or nothing)."""
+        with db:
+            db.execute("BEGIN")
+            statements()
 
 
 def _real(value: float | None) -> float:
@@ -25,10 +65,12 @@ def _real(value: float | None) -> float:
 
 
 class Store:
-    def __init__(self, state_dir: str | Path, keep: int = 3) -> None:
+    def __init__(self, state_dir: str | Path, keep: int = 3, disk: Disk | None = None) -> None:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep = keep
+        self.disk = disk or Disk()
+        self.pending: list[str] = []  # audit lines of durable rounds not yet appended (the disk failed after commit)
         self.db = sqlite3.connect(self.dir / "coordinator.sqlite", check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -39,19 +81,20 @@ class Store:
                 mean_loss REAL, val_loss REAL, close TEXT DEFAULT '');
             CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY, name TEXT, first_round INTEGER,
                 shard INTEGER, joined_at REAL, capabilities TEXT, rounds_contributed INTEGER,
-                bytes_in INTEGER, bytes_out INTEGER);
+                bytes_in INTEGER, bytes_out INTEGER, public_key BLOB DEFAULT NULL);
         """)
         if "close" not in {r[1] for r in self.db.execute("PRAGMA table_info(rounds)")}:  # a state dir from before
             self.db.execute("ALTER TABLE rounds ADD COLUMN close TEXT DEFAULT ''")
+        if "public_key" not in {r[1] for r in self.db.execute("PRAGMA table_info(members)")}:
+            self.db.execute("ALTER TABLE members ADD COLUMN public_key BLOB DEFAULT NULL")
 
     # -- identity ------------------------------------------------------------------------------------
     def check_identity(self, run_id: str, config_hash: str) -> str | None:
         """Record the run on first use; on later starts return a message if the run file changed."""
         rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
         if not rows:
-            with self.db:
-                self.db.execute("BEGIN")
-                self.db.executemany("INSERT INTO meta VALUES (?, ?)", [("run_id", run_id), ("config_hash", config_hash)])
+            self.disk.transaction(self.db, lambda: self.db.executemany(
+                "INSERT INTO meta VALUES (?, ?)", [("run_id", run_id), ("config_hash", config_hash)]))
             return None
         if rows.get("run_id") != run_id or rows.get("config_hash") != config_hash:
             return (f"state dir {self.dir} holds run {rows.get('run_id')!r} with config hash {rows.get('config_hash')}; "
@@ -67,26 +110,43 @@ class Store:
 
     def commit_round(self, row: RoundRow, state_blob: bytes, frames: dict[str, bytes],
                      members: dict[str, Member], aggregate: bytes | None = None) -> None:
+        """Persist a round; raises OSError/sqlite3.Error when it did not become durable (nothing to undo then)."""
         committed = row.round + 1
-        write_atomic(self._state_path(committed), state_blob)
-        write_atomic(self._result_path(row.round), msgpack.packb(
+        self.disk.write_atomic(self._state_path(committed), state_blob)
+        self.disk.write_atomic(self._result_path(row.round), msgpack.packb(
             {"round": row.round, "frames": frames, "aggregate": aggregate}, use_bin_type=True))
-        with self.db:
-            self.db.execute("BEGIN")
+
+        def record() -> None:
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                             (row.round, row.committed_at, json.dumps(row.members), row.reason, row.fingerprint,
                              row.bytes_in, row.bytes_out, row.duration_s, row.mean_loss, row.val_loss, row.close))
             self._save_members(members)
-        append_line(self.dir / COORDINATOR_LOG, row.to_json())  # the audit trail tools read (node/roundlog.py)
-        for old in sorted(self.dir.glob("state-*.pt"))[:-self.keep]:
-            old.unlink(missing_ok=True)
-        for old in sorted(self.dir.glob("result-*.msgpack"))[:-self.keep]:
-            old.unlink(missing_ok=True)
+
+        self.disk.transaction(self.db, record)  # the commit point
+        # the audit trail tools read (node/roundlog.py); the round is durable whether or not these succeed now
+        self.pending.append(row.to_json())
+        self.flush()
+
+    def flush(self) -> bool:
+        """Append the audit lines still pending and remove old files; False (logged) when the disk still fails."""
+        try:
+            while self.pending:
+                self.disk.append_line(self.dir / COORDINATOR_LOG, self.pending[0])
+                self.pending.pop(0)
+            for pattern in ("state-*.pt", "result-*.msgpack"):
+                for old in sorted(self.dir.glob(pattern))[:-self.keep]:
+                    self.disk.unlink(old)
+        except OSError as exc:
+            log.warning("state dir %s: %d audit line(s) not written yet (%s); retrying at the next write", self.dir,
+                        len(self.pending), exc)
+            return False
+        return True
 
     def set_val_loss(self, round_: int, val_loss: float) -> None:
-        with self.db:
-            self.db.execute("UPDATE rounds SET val_loss = ? WHERE round = ?", (val_loss, round_))
-        append_line(self.dir / COORDINATOR_LOG, {"round": round_, "val_loss": val_loss})
+        self.disk.transaction(self.db, lambda: self.db.execute("UPDATE rounds SET val_loss = ? WHERE round = ?",
+                                                               (val_loss, round_)))
+        self.pending.append(json.dumps({"round": round_, "val_loss": val_loss}))
+        self.flush()
 
     def latest(self) -> tuple[int, bytes | None]:
         """(committed rounds, state blob) of the last committed round; (0, None) for a new run."""
@@ -117,23 +177,25 @@ class Store:
     # -- members -------------------------------------------------------------------------------------
     def _save_members(self, members: dict[str, Member]) -> None:
         self.db.execute("DELETE FROM members")
-        self.db.executemany("INSERT INTO members VALUES (?,?,?,?,?,?,?,?,?)", [
+        self.db.executemany("INSERT INTO members VALUES (?,?,?,?,?,?,?,?,?,?)", [
             (m.node_id, m.name, m.first_round, m.shard, m.joined_at, json.dumps(list(m.capabilities)),
-             m.rounds_contributed, m.bytes_in, m.bytes_out) for m in members.values()])
+             m.rounds_contributed, m.bytes_in, m.bytes_out, m.public_key) for m in members.values()])
 
     def save_members(self, members: dict[str, Member]) -> None:
-        with self.db:
-            self.db.execute("BEGIN")
-            self._save_members(members)
+        """Raises OSError/sqlite3.Error when the members could not be written (the caller retries later)."""
+        self.disk.transaction(self.db, lambda: self._save_members(members))
 
     def load_members(self, now: float | None = None) -> dict[str, Member]:
-        """Members as of the last save; their leases restart now (a restart must not expel everyone)."""
+        """Members as of the last save; their leases restart now (a restart must not expel everyone). Members saved
+        without a key (a state dir from before protocol 2) are left out: they join again."""
         now = time.monotonic() if now is None else now
         out = {}
         for r in self.db.execute("SELECT * FROM members").fetchall():
+            if not r[9]:
+                continue
             out[r[0]] = Member(node_id=r[0], name=r[1], first_round=r[2], shard=r[3], joined_at=r[4],
                                last_heartbeat=now, capabilities=tuple(json.loads(r[5])), rounds_contributed=r[6],
-                               bytes_in=r[7], bytes_out=r[8])
+                               bytes_in=r[7], bytes_out=r[8], public_key=bytes(r[9]), contributed_at=now)
         return out
 
     def close(self) -> None:

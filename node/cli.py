@@ -126,9 +126,39 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.errors import StartupError
+    from coordinator.guard import ServerLimits
     from coordinator.server import serve
+    from coordinator.startup import ServerTls
 
-    return serve(args.listen, args.state_dir, args.run)
+    try:
+        limits = ServerLimits(per_member_rpcs=args.max_rpcs_per_node, per_peer_rpcs=args.max_rpcs_per_address,
+                              anonymous_rpcs=args.max_rpcs_before_join, idle_stream_s=args.idle_stream_s)
+        return serve(args.listen, args.state_dir, args.run, limits=limits, insecure=args.insecure,
+                     tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca))
+    except StartupError as exc:
+        print(f"lowband coordinator: cannot start: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from node.certs import make_certs
+
+    for line in make_certs(args.dir, args.host, args.node, days=args.days):
+        print(line)
+    return 0
+
+
+def _client_tls(args: argparse.Namespace, address: str):
+    """The node's or status's TLS settings from --tls/--tls-ca/--tls-cert/--tls-key; refuses plaintext off loopback
+    unless --insecure (ConfigError)."""
+    from node.transport.grpc_auth import ClientTls, check_plaintext
+
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name or "")
+    check_plaintext(address, tls, args.insecure)
+    return tls
 
 
 def _split(text: str | None) -> list[str]:
@@ -141,19 +171,42 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     join_token = args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", "")
-    if args.coordinator and not (Path(args.workdir) / "checkpoint.safetensors").exists():  # checkpoint.FILE
-        # a fresh node: download the run's state while torch imports and the model builds (seconds on a slow CPU)
-        from node.transport.state_prefetch import StatePrefetch
+    if args.name:
+        from node.membership import check_node_name
 
-        prefetch = StatePrefetch(args.coordinator, join_token)
-        try:
-            return _run_node(args, join_token, prefetch)
-        finally:
-            prefetch.cancel()
-    return _run_node(args, join_token, None)
+        problem = check_node_name(args.name)
+        if problem:
+            raise ConfigError(f"--name: {problem}")
+    tls = None
+    if args.coordinator:
+        tls = _client_tls(args, args.coordinator)
+    try:
+        if args.coordinator and not (Path(args.workdir) / "checkpoint.safetensors").exists():  # checkpoint.FILE
+            # a fresh node: download the run's state while torch imports and the model builds (seconds on a slow
+            # CPU), signed by the node's key (created here on first start)
+            from node.identity import NodeKey
+            from node.transport.state_prefetch import StatePrefetch
+
+            prefetch = StatePrefetch(args.coordinator, join_token, key=NodeKey.load_or_create(args.workdir), tls=tls)
+            try:
+                return _run_node(args, join_token, prefetch, tls)
+            finally:
+                prefetch.cancel()
+        return _run_node(args, join_token, None, tls)
+    except Exception as exc:
+        from node.transport.control import JoinRefused
+        from node.transport.grpc_client import CoordinatorFault
+
+        if isinstance(exc, CoordinatorFault):
+            print(f"lowband node: giving up: {exc}", file=sys.stderr)
+            return 4
+        if isinstance(exc, JoinRefused):  # refused when joining again (the first refusal is the daemon's exit 3)
+            print(f"lowband node: join refused: {exc}", file=sys.stderr)
+            return 3
+        raise
 
 
-def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch | None) -> int:
+def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch | None, tls: Any) -> int:
     from node.daemon import NodeOptions, run_node
 
     expected, dht = None, None
@@ -183,7 +236,7 @@ def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch
                           state_chunk_bytes=args.state_chunk_bytes)
     return run_node(NodeOptions(args.coordinator or "", Path(args.workdir), args.name or "", args.device, expected,
                                 join_token, args.max_rounds, dht=dht, checkpoint_every=args.checkpoint_every,
-                                prefetch=prefetch))
+                                prefetch=prefetch, tls=tls))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -254,7 +307,21 @@ def _add_dht_args(p: argparse.ArgumentParser, listen: str) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from node.status import print_status
 
-    return print_status(args.coordinator, as_json=args.json)
+    token = args.read_token or os.environ.get("LOWBAND_READ_TOKEN", "") or os.environ.get("LOWBAND_JOIN_TOKEN", "")
+    return print_status(args.coordinator, as_json=args.json, read_token=token,
+                        tls=_client_tls(args, args.coordinator))
+
+
+def _add_client_tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) that issued the coordinator's certificate")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's CA roots (a publicly trusted "
+                   "coordinator certificate)")
+    p.add_argument("--tls-cert", default=None, help="mutual TLS: this node's certificate (`lowband certs --node`)")
+    p.add_argument("--tls-key", default=None, help="mutual TLS: the certificate's private key")
+    p.add_argument("--tls-server-name", default=None, help="the name to check the coordinator's certificate "
+                   "against, when it is not the host of the address dialled")
+    p.add_argument("--insecure", action="store_true", help="talk to a coordinator off loopback without TLS (only "
+                   "inside a VPN or a private network: the join token and frames then cross it in clear)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -334,7 +401,29 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--listen", default="0.0.0.0:7070", help="HOST:PORT; port 0 picks a free one (printed)")
     co.add_argument("--state-dir", required=True, help="persistent state (survives kill -9)")
     co.add_argument("--run", required=True, help="the run file (TOML), see deploy/runs/")
+    co.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); TLS is required off loopback")
+    co.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    co.add_argument("--tls-client-ca", default=None, help="mutual TLS: only nodes with a certificate from this CA, "
+                    "naming their node key (`lowband certs --node`), may connect")
+    co.add_argument("--insecure", action="store_true", help="listen off loopback without TLS (only inside a VPN or "
+                    "a private network: everything, join token included, crosses it in clear)")
+    co.add_argument("--max-rpcs-per-node", type=int, default=4, help="concurrent calls of one member (default 4)")
+    co.add_argument("--max-rpcs-per-address", type=int, default=64, help="concurrent calls from one IP address "
+                    "(default 64; raise it for many nodes behind one NAT)")
+    co.add_argument("--max-rpcs-before-join", type=int, default=16, help="concurrent calls of nodes that have not "
+                    "joined, in all (default 16)")
+    co.add_argument("--idle-stream-s", type=float, default=30.0, help="cancel an upload or download that moves "
+                    "nothing this long (default 30 s)")
     co.set_defaults(func=cmd_coordinator)
+
+    ce = sub.add_parser("certs", help="a CA, a coordinator certificate and node certificates for a test deployment")
+    ce.add_argument("--dir", required=True, help="where the CA (made once) and the server certificate go")
+    ce.add_argument("--host", action="append", default=[], help="a name or address nodes dial the coordinator at "
+                    "(repeatable): makes DIR/server.pem + DIR/server.key")
+    ce.add_argument("--node", action="append", default=[], metavar="WORKDIR", help="a node's workdir (repeatable): "
+                    "makes WORKDIR/tls.pem + WORKDIR/tls.key naming the key in WORKDIR/node.key (created if missing)")
+    ce.add_argument("--days", type=int, default=365, help="validity of the server and node certificates")
+    ce.set_defaults(func=cmd_certs)
 
     nd = sub.add_parser("node", help="a worker that joins a coordinator's run, or a serverless run over a DHT")
     nd.add_argument("--coordinator", default=None, help="HOST:PORT")
@@ -353,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "older checkpoint fetches the run's state. Each write costs a full state snapshot")
     nd.add_argument("--state-chunk-bytes", type=int, default=4 << 20,
                     help="with --dht: a joiner fetches the state in chunks of this size, spread over the donors")
+    _add_client_tls_args(nd)
     nd.set_defaults(func=cmd_node)
 
     dh = sub.add_parser("dht", help="a DHT bootstrap peer for serverless runs (prints its multiaddrs)")
@@ -369,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="members, round, deadline, bytes and loss of a running coordinator")
     st.add_argument("--coordinator", required=True)
     st.add_argument("--json", action="store_true")
+    st.add_argument("--read-token", default=None, help="the run's read or join token (or $LOWBAND_READ_TOKEN, "
+                    "$LOWBAND_JOIN_TOKEN)")
+    _add_client_tls_args(st)
     st.set_defaults(func=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")

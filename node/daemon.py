@@ -40,6 +40,7 @@ from node.transport.messages import RoundResult, RoundStatus, Submission
 
 if TYPE_CHECKING:
     from node.transport.dht_control import DhtSettings
+    from node.transport.grpc_auth import ClientTls
     from node.transport.state_prefetch import StatePrefetch
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class NodeOptions:
     dht: DhtSettings | None = None  # serverless: join the run through this DHT (``run`` is then required)
     checkpoint_every: int = 1  # applied rounds between checkpoint writes (one is also written on exit)
     prefetch: StatePrefetch | None = None  # the run's state, downloading since the process started (cmd_node)
+    tls: ClientTls | None = None  # the coordinator channel's TLS (None: plaintext; cmd_node allows it on loopback)
 
 
 def _device(name: str) -> str:
@@ -155,9 +157,12 @@ class NodeDaemon:
             if self.opts.run is None:
                 raise ValueError("DHT mode needs the run file: there is no coordinator to hand it out")
             return DhtControl(self.opts.run, self.opts.dht, self.name, self.stop, self.clock)
+        from node.identity import NodeKey
         from node.transport.grpc_control import GrpcControl
 
-        return GrpcControl(self.opts.coordinator, self.stop)
+        # the node's identity: the key in its workdir (a restart with the same workdir is the same node)
+        return GrpcControl(self.opts.coordinator, self.stop, key=NodeKey.load_or_create(self.workdir),
+                           tls=self.opts.tls, token=self.opts.join_token)
 
     @property
     def _plane(self) -> ControlPlane:

@@ -1,4 +1,5 @@
-"""``lowband status``: one look at a running coordinator."""
+"""``lowband status``: one look at a running coordinator (its read or join token when the run has one; TLS like a
+node's). Status carries no credential material: members are shown by name and public key id."""
 from __future__ import annotations
 
 import json
@@ -10,20 +11,24 @@ from google.protobuf.json_format import MessageToDict
 
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
+from node.transport.grpc_auth import ClientTls, open_channel
 
 
-def fetch_status(address: str, timeout_s: float = 5.0) -> pb.StatusResponse:
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout_s)
+def fetch_status(address: str, timeout_s: float = 5.0, *, read_token: str = "",
+                 tls: ClientTls | None = None) -> pb.StatusResponse:
+    """One Status call (raises grpc.RpcError); ``read_token``: the run's read or join token, if it has one."""
+    raw, channel = open_channel(address, tls, ())
+    with raw:
+        return pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(read_token=read_token), timeout=timeout_s)
 
 
 def _f(x: float, fmt: str = ".4f") -> str:
     return "-" if math.isnan(x) else format(x, fmt)
 
 
-def print_status(address: str, as_json: bool = False) -> int:
+def print_status(address: str, as_json: bool = False, read_token: str = "", tls: ClientTls | None = None) -> int:
     try:
-        s = fetch_status(address)
+        s = fetch_status(address, read_token=read_token, tls=tls)
     except grpc.RpcError as exc:
         print(f"lowband status: {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -34,10 +39,13 @@ def print_status(address: str, as_json: bool = False) -> int:
     deadline = f"{s.deadline_in_s:.1f} s" if s.deadline_in_s >= 0 else "not set (no payload yet)"
     print(f"run {s.run_id}  recipe {s.recipe}  round {s.current_round} open  {s.committed_rounds} committed  "
           f"deadline {deadline}  fingerprint {s.reference_fingerprint}")
+    if s.persistence_error:
+        print(f"NOT SERVING ROUNDS: {s.persistence_error}")
     print(f"submitted this round: {', '.join(s.submitted) or '-'}")
-    print(f"{'member':<20}{'heartbeat':>11}{'rounds':>8}{'first':>7}{'in B':>12}{'out B':>12}{'loss':>9}")
+    print(f"{'member':<20}{'key id':>18}{'heartbeat':>11}{'rounds':>8}{'first':>7}{'in B':>12}{'out B':>12}"
+          f"{'loss':>9}")
     for m in s.members:
-        print(f"{m.name:<20}{m.last_heartbeat_age_s:>9.1f} s{m.rounds_contributed:>8}{m.first_round:>7}"
+        print(f"{m.name:<20}{m.key_id:>18}{m.last_heartbeat_age_s:>9.1f} s{m.rounds_contributed:>8}{m.first_round:>7}"
               f"{m.bytes_in:>12,}{m.bytes_out:>12,}{_f(m.last_loss):>9}")
     print(f"{'round':>6}{'members':>9}{'bytes in':>12}{'dur s':>8}{'loss':>9}{'val':>9}  reason")
     for r in s.recent_rounds[-10:]:

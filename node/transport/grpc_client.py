@@ -1,6 +1,11 @@
 """The node's side of the gRPC coordinator: retries with backoff, resumable uploads and downloads,
 heartbeats in the background. A network fault never raises out of ``exchange``: it waits, retries,
 and reports the round as not committed only when the caller's deadline passes.
+
+Every call after Join is signed by the node's key (node/transport/grpc_auth.py); the channel is TLS when a
+``ClientTls`` is given. A coordinator that answers INTERNAL or UNKNOWN (a bug on its side, not the network) is
+retried only ``MAX_FAULTS`` times in a row: then ``CoordinatorFault`` is raised and the node exits naming it.
+Waits (backoff, the stall watch, a collect's bound) are decided on an injected ``node.clock.Clock``.
 """
 from __future__ import annotations
 
@@ -10,21 +15,26 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
+from node.clock import SYSTEM_CLOCK, Clock
+from node.identity import NodeKey
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 # re-exported: callers import them from here too
 from node.transport.control import Identity, JoinRefused, Rejoin, Stopped  # noqa: F401
+from node.transport.grpc_auth import ClientTls, SigningInterceptor, join_message, open_channel
 from node.transport.messages import RoundResult, RoundStatus, StateBlob
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 CHUNK = 1 << 20
 RESULT_DOWNLOAD_MAX_S = 3600.0  # a round's result that takes longer than this to download is given up on
 MIN_UPLOAD_BPS = 2e6  # the slowest uplink an upload's deadline allows for (the `bad` link profile's rate)
+MAX_FAULTS = 6  # INTERNAL/UNKNOWN answers in a row before the node gives up on the coordinator
+FAULTS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED}
 REFUSALS = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS,
@@ -35,10 +45,16 @@ class NeedResubmit(Exception):
     """The coordinator holds no payload from us for the open round (it restarted): upload it again."""
 
 
+class CoordinatorFault(Exception):
+    """The coordinator kept failing with INTERNAL/UNKNOWN: a bug or a broken deployment on its side, which retrying
+    does not fix. The node stops (``lowband node`` exits 4 naming it)."""
+
+
 @dataclass
 class Backoff:
     initial: float = 0.2
     maximum: float = 5.0
+    clock: Clock = SYSTEM_CLOCK
     _next: float = field(default=0.0, init=False)
 
     def reset(self) -> None:
@@ -46,7 +62,7 @@ class Backoff:
 
     def sleep(self, stop: threading.Event) -> None:
         self._next = min(self.maximum, max(self.initial, self._next * 2))
-        if stop.wait(self._next * random.uniform(0.8, 1.2)):
+        if self.clock.sleep(self._next * random.uniform(0.8, 1.2), stop):
             raise Stopped()
 
 
@@ -64,24 +80,30 @@ def _status(header: pb.CollectHeader) -> RoundStatus:
 class StallWatch:
     """Cancels a streaming call once nothing arrived for ``idle_s`` (``first_s`` before the first message), however
     long it runs while messages keep coming: a result that takes minutes on a slow downlink must not be cut by a
-    fixed deadline, and a stalled one must not hang. Use as a context manager around the iteration."""
+    fixed deadline, and a stalled one must not hang. Use as a context manager around the iteration (a thread then
+    calls ``check`` until the block ends); time is ``clock``'s (seconds)."""
 
-    def __init__(self, call: Any, first_s: float, idle_s: float) -> None:
-        self.call, self.idle_s = call, idle_s
-        self.due = time.monotonic() + first_s
+    def __init__(self, call: Any, first_s: float, idle_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.call, self.idle_s, self.clock = call, idle_s, clock
+        self.due = clock.now() + first_s
         self.stalled = False
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
 
     def progressed(self) -> None:
-        self.due = time.monotonic() + self.idle_s
+        self.due = self.clock.now() + self.idle_s
+
+    def check(self) -> bool:
+        """Cancel the call if its due time passed; returns whether it is (now) stalled."""
+        if not self.stalled and not self._done.is_set() and self.clock.now() >= self.due:
+            self.stalled = True
+            self.call.cancel()
+        return self.stalled
 
     def _watch(self) -> None:
-        while not self._done.wait(max(0.05, min(1.0, self.due - time.monotonic()))):
-            if time.monotonic() >= self.due:
-                self.stalled = True
-                self.call.cancel()
-                return
+        while not self.check() and not self.clock.sleep(max(0.05, min(1.0, self.due - self.clock.now())),
+                                                        self._done):
+            pass
 
     def __enter__(self) -> "StallWatch":
         self._thread.start()
@@ -93,18 +115,28 @@ class StallWatch:
 
 
 class GrpcTransport:
-    """The coordinator's RPCs with retries; ``GrpcControl`` adapts it to the ``ControlPlane`` seam."""
+    """The coordinator's RPCs with retries; ``GrpcControl`` adapts it to the ``ControlPlane`` seam.
 
-    def __init__(self, address: str, stop: threading.Event | None = None, rpc_timeout_s: float = 30.0) -> None:
+    ``key``: the node's identity (a fresh in-memory key when None: tests and benchmarks); ``tls``: TLS settings
+    (None: plaintext); ``token``: the run's join or read token for GetRun and Status; ``interceptors``: extra client
+    interceptors, outermost first, that see every call as the transport makes it (tests inject faults there);
+    ``clock``: what retries and stall watches wait on."""
+
+    def __init__(self, address: str, stop: threading.Event | None = None, rpc_timeout_s: float = 30.0, *,
+                 key: NodeKey | None = None, tls: ClientTls | None = None, token: str = "",
+                 interceptors: Sequence[grpc.ClientInterceptor] = (), clock: Clock = SYSTEM_CLOCK) -> None:
         self.address = address
         self.stop = stop or threading.Event()
         self.rpc_timeout_s = rpc_timeout_s
+        self.key = key or NodeKey.generate()
+        self.token = token
+        self.clock = clock
         # gRPC's own reconnect backoff grows to 120 s by default: after a long coordinator outage a node would
         # sit idle that long after the coordinator is back. Cap it at our retry backoff's maximum.
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 << 20),
-                                                              ("grpc.max_send_message_length", 8 << 20),
-                                                              ("grpc.max_reconnect_backoff_ms",
-                                                               int(Backoff.maximum * 1000))])
+        self._raw, self.channel = open_channel(
+            address, tls, [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20),
+                           ("grpc.max_reconnect_backoff_ms", int(Backoff.maximum * 1000))],
+            [*interceptors, SigningInterceptor(self.key, lambda: self.node_id)])
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.identity: Identity | None = None
         self.node_id = ""
@@ -115,38 +147,69 @@ class GrpcTransport:
         self._hb_stop = threading.Event()
         self.join_response: pb.JoinResponse | None = None
         self._own: tuple[int, bytes] | None = None  # the last frame we submitted: Collect does not send it back
+        self._faults = 0  # INTERNAL/UNKNOWN answers in a row
+
+    def _backoff(self) -> Backoff:
+        return Backoff(clock=self.clock)
 
     # -- retrying ------------------------------------------------------------------------------------
-    def _retry(self, what: str, call: Callable[[], object]) -> object:
-        backoff = Backoff()
+    def _ok(self) -> None:
+        self._faults = 0
+
+    def _fault(self, what: str, exc: grpc.RpcError) -> None:
+        """Count an INTERNAL/UNKNOWN answer; raise CoordinatorFault once there were ``MAX_FAULTS`` in a row."""
+        if exc.code() not in FAULTS:
+            return
+        self._faults += 1
+        if self._faults >= MAX_FAULTS:
+            raise CoordinatorFault(f"the coordinator at {self.address} answered {what} with {exc.code().name} "
+                                   f"{self._faults} times in a row (last: {exc.details()}): a fault on its side, "
+                                   "which retrying does not fix; see the coordinator's log") from None
+
+    def _retry(self, what: str, call: Callable[[], Any]) -> Any:
+        backoff = self._backoff()
         while True:
             if self.stop.is_set():
                 raise Stopped()
             try:
-                return call()
+                out = call()
+                self._ok()
+                return out
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise
+                self._fault(what, exc)
                 log.warning("%s: coordinator unreachable (%s: %s); retrying", what, exc.code().name, exc.details())
                 backoff.sleep(self.stop)
 
     # -- run and membership --------------------------------------------------------------------------
     def get_run(self) -> pb.GetRunResponse:
-        return self._retry("GetRun", lambda: self.stub.GetRun(pb.GetRunRequest(protocol_version=PROTOCOL_VERSION),
-                                                              timeout=self.rpc_timeout_s))
+        req = pb.GetRunRequest(protocol_version=PROTOCOL_VERSION, read_token=self.token)
+        return self._retry("GetRun", lambda: self.stub.GetRun(req, timeout=self.rpc_timeout_s))
 
     def status(self) -> pb.StatusResponse:
-        return self._retry("Status", lambda: self.stub.Status(pb.StatusRequest(), timeout=self.rpc_timeout_s))
+        req = pb.StatusRequest(read_token=self.token)
+        return self._retry("Status", lambda: self.stub.Status(req, timeout=self.rpc_timeout_s))
 
-    def join(self) -> pb.JoinResponse:
+    def _join_request(self, run_id: str) -> pb.JoinRequest:
         ident = self.identity
         assert ident is not None, "set .identity before join()"
-        req = pb.JoinRequest(node_name=ident.name, protocol_version=PROTOCOL_VERSION, config_json=ident.config_json,
-                             config_hash=ident.config_hash, task_fingerprint=ident.task_fingerprint,
-                             model_digest=ident.model_digest, capabilities=list(ident.capabilities),
-                             join_token=ident.join_token)
+        ts = int(time.time() * 1000)  # wall time: the coordinator checks it against its own clock
+        return pb.JoinRequest(node_name=ident.name, protocol_version=PROTOCOL_VERSION, config_json=ident.config_json,
+                              config_hash=ident.config_hash, task_fingerprint=ident.task_fingerprint,
+                              model_digest=ident.model_digest, capabilities=list(ident.capabilities),
+                              join_token=ident.join_token, public_key=self.key.public, timestamp_ms=ts,
+                              signature=self.key.sign(join_message(run_id, ident.name, self.key.public, ts)))
+
+    def join(self) -> pb.JoinResponse:
+        """Join with this transport's key; raises JoinRefused with the coordinator's reason."""
+        assert self.identity is not None, "set .identity before join()"
+        if not self.token:
+            self.token = self.identity.join_token
         try:
-            resp = self._retry("Join", lambda: self.stub.Join(req, timeout=self.rpc_timeout_s))
+            run_id = self.get_run().run_id
+            # signed afresh at every attempt: a retry after an outage must not carry a stale timestamp
+            resp = self._retry("Join", lambda: self.stub.Join(self._join_request(run_id), timeout=self.rpc_timeout_s))
         except grpc.RpcError as exc:
             if exc.code() in REFUSALS:
                 raise JoinRefused(f"{exc.code().name}: {exc.details()}") from None
@@ -156,6 +219,8 @@ class GrpcTransport:
         self.heartbeat_s = resp.heartbeat_interval_ms / 1000.0
         self.current_round = resp.current_round
         self.lost.clear()
+        if resp.replaced:
+            log.info("took this node's place back in the run (its previous session ended)")
         self._start_heartbeats()
         return resp
 
@@ -174,8 +239,8 @@ class GrpcTransport:
                 resp = self.stub.Heartbeat(pb.HeartbeatRequest(node_id=node_id), timeout=self.heartbeat_s * 2)
                 self.current_round = resp.current_round
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    log.warning("coordinator no longer knows this node: %s", exc.details())
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
+                    log.warning("coordinator no longer accepts this session: %s", exc.details())
                     self.lost.set()
                     return
                 log.debug("heartbeat failed: %s", exc.code().name)
@@ -190,7 +255,7 @@ class GrpcTransport:
 
     def close(self) -> None:
         self._hb_stop.set()
-        self.channel.close()
+        self._raw.close()
 
     # -- rounds --------------------------------------------------------------------------------------
     def _chunks(self, round_: int, payload: bytes, offset: int, loss: float,
@@ -207,7 +272,7 @@ class GrpcTransport:
 
     def submit(self, round_: int, payload: bytes, loss: float = float("nan")) -> str:
         """Upload with resume. Returns "accepted", "late" (round closed) or "rejected: <why>"."""
-        offset, backoff = 0, Backoff()
+        offset, backoff = 0, self._backoff()
         self._own = (round_, payload)
         while True:
             if self.stop.is_set():
@@ -216,6 +281,7 @@ class GrpcTransport:
             try:
                 self.stub.Submit(self._chunks(round_, payload, offset, loss, sent),
                                  timeout=self._upload_timeout(len(payload) - offset))
+                self._ok()
                 return "accepted"
             except grpc.RpcError as exc:
                 code = exc.code()
@@ -226,36 +292,40 @@ class GrpcTransport:
                 # cut without a word from the server (deadline, connection lost): go on from the last chunk that
                 # started to leave; offset 0 would restart the upload, any other offset the coordinator corrects
                 offset = sent[0]
-                if code == grpc.StatusCode.NOT_FOUND:
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
                     raise Rejoin(exc.details()) from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     return "late"
                 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             grpc.StatusCode.ALREADY_EXISTS):
                     return f"rejected: {exc.details()}"
+                self._fault("Submit", exc)
                 log.warning("submit round %d: %s (%s); retrying", round_, code.name, exc.details())
                 backoff.sleep(self.stop)
 
     def collect(self, round_: int, timeout_s: float, submitted: bool = True, own: bytes | None = None,
                 own_name: str = "") -> RoundResult:
-        end = time.monotonic() + timeout_s
-        backoff = Backoff()
+        end = self.clock.now() + timeout_s
+        backoff = self._backoff()
         if own is None and self._own is not None and self._own[0] == round_ and self.identity is not None:
             own, own_name = self._own[1], self.identity.name
-        while time.monotonic() < end:
+        while self.clock.now() < end:
             if self.stop.is_set():
                 raise Stopped()
-            wait_ms = int(max(0.1, min(20.0, end - time.monotonic())) * 1000)
+            wait_ms = int(max(0.1, min(20.0, end - self.clock.now())) * 1000)
             try:
                 # the deadline only bounds a download that keeps moving; the watch cuts one that stalls
                 stream = self.stub.Collect(pb.CollectRequest(node_id=self.node_id, round=round_, wait_ms=wait_ms,
                                                              submitted=submitted),
                                            timeout=wait_ms / 1000 + self.rpc_timeout_s + RESULT_DOWNLOAD_MAX_S)
-                with StallWatch(stream, wait_ms / 1000 + self.rpc_timeout_s, self.rpc_timeout_s) as watch:
-                    return self._assemble(stream, round_, own, own_name, watch)
+                with StallWatch(stream, wait_ms / 1000 + self.rpc_timeout_s, self.rpc_timeout_s,
+                                self.clock) as watch:
+                    result = self._assemble(stream, round_, own, own_name, watch)
+                self._ok()
+                return result
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.NOT_FOUND:
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
                     raise Rejoin(exc.details()) from None
                 if _metadata(exc, "lowband-not-submitted") is not None:
                     raise NeedResubmit(exc.details()) from None
@@ -265,6 +335,7 @@ class GrpcTransport:
                     backoff.reset()
                     continue  # the round is still open: ask again
                 if code in RETRYABLE:
+                    self._fault("Collect", exc)
                     log.warning("collect round %d: %s (%s); retrying", round_, code.name, exc.details())
                     backoff.sleep(self.stop)
                     continue
@@ -316,13 +387,13 @@ class GrpcTransport:
     def exchange(self, round_: int, payload: bytes, timeout_s: float, loss: float = float("nan"),
                  own_name: str = "") -> RoundResult:
         """Submit then collect; resubmits when the coordinator lost our payload (e.g. it restarted)."""
-        end = time.monotonic() + timeout_s
+        end = self.clock.now() + timeout_s
         outcome = self.submit(round_, payload, loss)
         if outcome.startswith("rejected"):
             log.error("round %d: payload %s", round_, outcome)
         while True:
             try:
-                result = self.collect(round_, max(0.0, end - time.monotonic()), submitted=outcome == "accepted",
+                result = self.collect(round_, max(0.0, end - self.clock.now()), submitted=outcome == "accepted",
                                       own=payload, own_name=own_name)
                 return dataclasses.replace(result, bytes_sent=len(payload))
             except NeedResubmit as exc:
@@ -331,9 +402,9 @@ class GrpcTransport:
 
     def fetch_state(self, timeout_s: float = 600.0, join_token: str = "", min_committed: int = 0) -> StateBlob | None:
         """(committed rounds, state blob, fingerprint); resumes from the last byte after a broken stream.
-        Before Join (no node id yet) the join token authorises the download. None when the run's state is from
+        Before Join (no node id yet) the join token authorises the download, signed by this transport's key. None when the run's state is from
         before round ``min_committed`` (e.g. 1: the seeded initial state every node builds for itself)."""
-        buf, backoff = bytearray(), Backoff()
+        buf, backoff = bytearray(), self._backoff()
         committed, total, fingerprint = -1, -1, ""
         while True:
             if self.stop.is_set():
@@ -352,12 +423,15 @@ class GrpcTransport:
                     if chunk.offset != len(buf):
                         break
                     buf += chunk.data
+                self._ok()
                 if total >= 0 and len(buf) == total:
                     return StateBlob(committed, bytes(buf), fingerprint)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                if exc.code() == grpc.StatusCode.NOT_FOUND or (exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                                                               and self.node_id):
                     raise Rejoin(exc.details()) from None
                 if exc.code() not in RETRYABLE:
                     raise
+                self._fault("FetchState", exc)
                 log.warning("fetch state: %s; resuming at byte %d", exc.code().name, len(buf))
                 backoff.sleep(self.stop)

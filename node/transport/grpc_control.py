@@ -6,15 +6,22 @@ import threading
 from typing import Callable
 
 from node.config import RunConfig, run_config_from_dict
+from node.identity import NodeKey
 from node.transport.control import Identity, JoinInfo
+from node.transport.grpc_auth import ClientTls
 from node.transport.messages import RoundResult, StateBlob, Submission
 from node.transport.grpc_client import GrpcTransport
 
 
 class GrpcControl:
-    def __init__(self, address: str, stop: threading.Event) -> None:
+    """``key``: the node's identity key (node/identity.py; a fresh one when None); ``tls``: the channel's TLS
+    settings (None: plaintext, which ``lowband node`` allows only to a loopback coordinator or with --insecure);
+    ``token``: the run's join token, also shown to GetRun and Status."""
+
+    def __init__(self, address: str, stop: threading.Event, *, key: NodeKey | None = None,
+                 tls: ClientTls | None = None, token: str = "") -> None:
         self.where = address
-        self.transport = GrpcTransport(address, stop)
+        self.transport = GrpcTransport(address, stop, key=key, tls=tls, token=token)
         self.lost: threading.Event = self.transport.lost
 
     @property

@@ -3,7 +3,8 @@
 On a slow link a join is mostly the state transfer (≈ 200 MB for a 25M-parameter model with outer momentum),
 and a fresh process spends seconds importing torch and building its task and model before it can Join. Both
 can happen at once: the coordinator serves the state to a node that has not joined yet if it holds the run's
-join token, so ``lowband node`` starts this download first and hands it to the daemon, which checks it like
+join token (the request is signed by the node's key, so the coordinator knows which node already holds the state
+when it joins), so ``lowband node`` starts this download first and hands it to the daemon, which checks it like
 any state (fingerprint) and applies the rounds that closed meanwhile.
 
 Only gRPC and the generated messages are imported here: importing torch first would defeat the purpose.
@@ -14,6 +15,8 @@ import logging
 import threading
 import time
 
+from node.identity import NodeKey
+from node.transport.grpc_auth import ClientTls
 from node.transport.grpc_client import GrpcTransport
 from node.transport.messages import StateBlob
 
@@ -21,11 +24,12 @@ log = logging.getLogger(__name__)
 
 
 class StatePrefetch:
-    def __init__(self, address: str, join_token: str = "", timeout_s: float = 600.0) -> None:
+    def __init__(self, address: str, join_token: str = "", timeout_s: float = 600.0, *, key: NodeKey | None = None,
+                 tls: ClientTls | None = None) -> None:
         self.started = time.monotonic()
         self.finished: float | None = None
         self._stop = threading.Event()
-        self._transport = GrpcTransport(address, self._stop)
+        self._transport = GrpcTransport(address, self._stop, key=key, tls=tls, token=join_token)
         self._result: StateBlob | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._download, args=(join_token, timeout_s), daemon=True,

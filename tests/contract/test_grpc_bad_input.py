@@ -1,11 +1,14 @@
 """A real gRPC coordinator on 127.0.0.1 (port 0) against bad input: each bad request gets its precise status
 code and details, and afterwards honest nodes (GrpcTransport + Worker) still submit and the round commits
-with replicas bit-identical to the coordinator's reference."""
+with replicas bit-identical to the coordinator's reference. Bad requests of a member are sent through that member's
+own signed stub (``Node.transport.stub``): what is tested is the coordinator's answer to the content, not to a
+missing signature (that is tests/security/)."""
 from __future__ import annotations
 
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +24,9 @@ from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 from node.tasks import load_task
 from node.train.worker import Worker
 from node.transport.grpc_client import GrpcTransport, Identity
+from node.transport.grpc_auth import join_message
 from node.transport.state_prefetch import StatePrefetch
+from node.identity import NodeKey
 
 RPC_S = 10.0  # every RPC of this module is bounded by this
 ROUND_S = 30.0  # and every wait for a round to close by this
@@ -158,7 +163,7 @@ def test_health_check_reports_serving(run: Run) -> None:
 
 
 def test_get_run_describes_the_run(run: Run) -> None:
-    assert run.info.run_id == "contract" and run.info.protocol_version == 1
+    assert run.info.run_id == "contract" and run.info.protocol_version == 2
     assert json.loads(run.info.config_json)["recipe"]["H"] == 1
     assert run.info.config_hash == run.server.core.config_hash
 
@@ -171,6 +176,9 @@ def test_honest_rounds_commit_and_status_reports_members_and_rounds(run: Run) ->
     assert s.current_round == 2 and s.committed_rounds == 2
     assert sorted(m.name for m in s.members) == ["a", "b"]
     assert all(m.rounds_contributed == 2 and m.bytes_in > 0 and m.capabilities == ["device=cpu"] for m in s.members)
+    # no credential material: no session id; a member is named by its public key's id
+    assert sorted(m.key_id for m in s.members) == sorted(run.nodes[n].transport.key.key_id for n in ("a", "b"))
+    assert all(m.node_id == "" for m in s.members) and s.persistence_error == ""
     assert [r.round for r in s.recent_rounds] == [0, 1]
     assert all(list(r.members) == ["a", "b"] and r.reason == "all 2 live members submitted" for r in s.recent_rounds)
     assert s.recent_rounds[-1].reference_fingerprint == s.reference_fingerprint
@@ -181,11 +189,11 @@ def test_honest_rounds_commit_and_status_reports_members_and_rounds(run: Run) ->
 def test_malformed_payload_is_invalid_argument(run: Run) -> None:
     a = run.nodes["a"].transport
     garbage = os.urandom(3000)
-    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, garbage)]))
+    err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 0, garbage)]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "payload rejected: payload does not start with the lowband magic" in err.details()
     # a frame that names another member as its sender
-    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, run.frame("b", 0))]))
+    err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 0, run.frame("b", 0))]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "payload names sender 'b' but node 'a' sent it" in err.details()
     run.honest_round()
@@ -194,7 +202,7 @@ def test_malformed_payload_is_invalid_argument(run: Run) -> None:
 def test_oversized_payload_is_resource_exhausted(run: Run) -> None:
     a = run.nodes["a"].transport
     limit = run.server.core.limit
-    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, b"x" * 16, total=limit + 1)]))
+    err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 0, b"x" * 16, total=limit + 1)]))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"payload of {limit + 1} bytes exceeds this run's limit of {limit} bytes" in err.details()
     run.honest_round()
@@ -202,11 +210,11 @@ def test_oversized_payload_is_resource_exhausted(run: Run) -> None:
 
 def test_wrong_round_is_failed_precondition(run: Run) -> None:
     a = run.nodes["a"].transport
-    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 3, b"x" * 64)]))
+    err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 3, b"x" * 64)]))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "round 3 is not open yet (the open round is 0)" in err.details()
     run.honest_round()
-    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, b"x" * 64)]))
+    err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 0, b"x" * 64)]))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "round 0 is closed (the open round is 1)" in err.details()
     run.honest_round()
@@ -214,28 +222,33 @@ def test_wrong_round_is_failed_precondition(run: Run) -> None:
 
 def test_unknown_node_is_not_found(run: Run) -> None:
     ghost = "0" * 32
-    for err in (rpc_error(run.stub.Submit, iter([chunk(ghost, 0, b"x" * 64)])),
-                rpc_error(run.stub.Heartbeat, pb.HeartbeatRequest(node_id=ghost)),
-                rpc_error(run.stub.Collect, pb.CollectRequest(node_id=ghost, round=0, wait_ms=0)),
-                rpc_error(run.stub.FetchState, pb.FetchStateRequest(node_id=ghost))):
-        assert err.code() == grpc.StatusCode.NOT_FOUND
-        assert "unknown node id 00000000…" in err.details() and "join again" in err.details()
+    t = GrpcTransport(run.server.address, rpc_timeout_s=RPC_S)  # signs properly, as a node id nobody has
+    t.node_id = ghost
+    try:
+        for err in (rpc_error(t.stub.Submit, iter([chunk(ghost, 0, b"x" * 64)])),
+                    rpc_error(t.stub.Heartbeat, pb.HeartbeatRequest(node_id=ghost)),
+                    rpc_error(t.stub.Collect, pb.CollectRequest(node_id=ghost, round=0, wait_ms=0)),
+                    rpc_error(t.stub.FetchState, pb.FetchStateRequest(node_id=ghost))):
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            assert "unknown node id 00000000…" in err.details() and "join again" in err.details()
+    finally:
+        t.close()
     run.honest_round()
 
 
 def test_truncated_stream_is_data_loss_with_resume_offset(run: Run) -> None:
     a = run.nodes["a"].transport
     frame = run.frame("a", 0)
-    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, frame[:1000], total=len(frame))]))
+    err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 0, frame[:1000], total=len(frame))]))
     assert err.code() == grpc.StatusCode.DATA_LOSS
     assert f"stream ended at byte 1000 of {len(frame)}; resume from offset 1000" in err.details()
     assert trailing(err)["lowband-resume-offset"] == "1000"
     # resuming at the wrong offset is OUT_OF_RANGE naming the right one
-    err = rpc_error(run.stub.Submit, iter([chunk(a.node_id, 0, frame[2000:], offset=2000, total=len(frame))]))
+    err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 0, frame[2000:], offset=2000, total=len(frame))]))
     assert err.code() == grpc.StatusCode.OUT_OF_RANGE
     assert "resume from 1000" in err.details() and trailing(err)["lowband-resume-offset"] == "1000"
     # resuming from the advertised offset completes the upload
-    resp = run.stub.Submit(iter([chunk(a.node_id, 0, frame[1000:], offset=1000, total=len(frame))]), timeout=RPC_S)
+    resp = a.stub.Submit(iter([chunk(a.node_id, 0, frame[1000:], offset=1000, total=len(frame))]), timeout=RPC_S)
     assert (resp.round, resp.received_bytes, resp.accepted) == (0, len(frame), True)
     run.honest_round({"a": frame})  # a's transport resubmits: idempotent
 
@@ -253,6 +266,26 @@ class _CutByTheClient(grpc.RpcError):
         return ()
 
 
+class CutOnce(grpc.StreamUnaryClientInterceptor):
+    """A fault interceptor (the transport's ``interceptors`` seam): the first upload is cut after 2 of the 4 chunks
+    gRPC pulled reached the coordinator, the way a deadline cuts it (no status from the server); every attempt's
+    first offset and deadline are recorded."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[int, float]] = []
+
+    def intercept_stream_unary(self, continuation: Any, details: grpc.ClientCallDetails,
+                               chunks: Iterator[pb.SubmitChunk]) -> Any:
+        first = next(chunks)
+        self.attempts.append((first.offset, details.timeout))
+        if len(self.attempts) > 1:
+            return continuation(details, iter([first, *chunks]))
+        pulled = [first, next(chunks), next(chunks), next(chunks)]  # gRPC pulled 4 chunks; 2 arrived
+        with pytest.raises(grpc.RpcError):
+            continuation(details, iter(pulled[:2])).result()
+        raise _CutByTheClient()
+
+
 def test_an_upload_cut_by_its_own_deadline_goes_on_where_it_left_off(run: Run,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A large payload on a slow uplink: the deadline grows with the bytes left, and an attempt cut on the client
@@ -260,51 +293,43 @@ def test_an_upload_cut_by_its_own_deadline_goes_on_where_it_left_off(run: Run,
     from node.transport import grpc_client
 
     monkeypatch.setattr(grpc_client, "CHUNK", 4096)
+    cut = CutOnce()
     a = run.nodes["a"].transport
-    frame = run.frame("a", 0)
-    real, attempts = a.stub, []  # (first offset, deadline) of every attempt
-
-    class CutOnce:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
-        def Submit(self, chunks: Iterator[pb.SubmitChunk], timeout: float) -> Any:
-            first = next(chunks)
-            attempts.append((first.offset, timeout))
-            if len(attempts) > 1:
-                return real.Submit(iter([first, *chunks]), timeout=timeout)
-            pulled = [first, next(chunks), next(chunks), next(chunks)]  # gRPC pulled 4 chunks; 2 arrived
-            with pytest.raises(grpc.RpcError):
-                real.Submit(iter(pulled[:2]), timeout=RPC_S)
-            raise _CutByTheClient()
-
-    monkeypatch.setattr(a, "stub", CutOnce())
-    assert a.submit(0, frame, loss=2.0) == "accepted"
-    (start0, deadline0), (start1, _), *more = attempts
+    t = GrpcTransport(run.server.address, rpc_timeout_s=RPC_S, key=a.key, interceptors=[cut])
+    t.node_id, t.identity = a.node_id, a.identity  # the same member, through a channel with the fault
+    try:
+        frame = run.frame("a", 0)
+        assert t.submit(0, frame, loss=2.0) == "accepted"
+    finally:
+        t.close()
+    (start0, deadline0), (start1, _), *more = cut.attempts
     assert start0 == 0 and deadline0 == pytest.approx(RPC_S + len(frame) * 8 / grpc_client.MIN_UPLOAD_BPS)
     # the retry began at the 4th chunk; the coordinator held 2, named that offset, and the upload went on from it
-    assert (start1, [m[0] for m in more]) == (3 * 4096, [2 * 4096]), attempts
-    monkeypatch.setattr(a, "stub", real)
+    assert (start1, [m[0] for m in more]) == (3 * 4096, [2 * 4096]), cut.attempts
     run.honest_round({"a": frame})
+
+
+def signed_join(run: Run, name: str, key: NodeKey, **kw: Any) -> pb.JoinRequest:
+    """A Join as a node with ``key`` makes it, signed now; ``kw`` overrides fields."""
+    ts = int(time.time() * 1000)
+    fields: dict[str, Any] = dict(node_name=name, protocol_version=2, config_json=run.info.config_json,
+                                  config_hash=run.info.config_hash, task_fingerprint=run.info.task_fingerprint,
+                                  model_digest=run.info.model_digest, public_key=key.public, timestamp_ms=ts,
+                                  signature=key.sign(join_message(run.info.run_id, name, key.public, ts)))
+    fields.update(kw)
+    return pb.JoinRequest(**fields)
 
 
 def test_refused_join_is_failed_precondition_naming_the_field(run: Run) -> None:
     theirs = json.loads(run.info.config_json)
     theirs["recipe"]["H"] = 4
-    req = pb.JoinRequest(node_name="mallory", protocol_version=1, config_json=json.dumps(theirs),
-                         config_hash=run.info.config_hash, task_fingerprint=run.info.task_fingerprint,
-                         model_digest=run.info.model_digest)
-    err = rpc_error(run.stub.Join, req)
+    err = rpc_error(run.stub.Join, signed_join(run, "mallory", NodeKey.generate(), config_json=json.dumps(theirs)))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "config differs from the run's (node vs run): recipe.H: 4 vs 1" in err.details()
-    # a duplicate name is ALREADY_EXISTS; a wrong protocol FAILED_PRECONDITION
-    dup = pb.JoinRequest(node_name="a", protocol_version=1, config_json=run.info.config_json,
-                         config_hash=run.info.config_hash, task_fingerprint=run.info.task_fingerprint,
-                         model_digest=run.info.model_digest)
-    err = rpc_error(run.stub.Join, dup)
-    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "already named 'a'" in err.details()
-    dup.protocol_version = 9
-    err = rpc_error(run.stub.Join, dup)
+    # a live member's name with another key is ALREADY_EXISTS; a wrong protocol FAILED_PRECONDITION
+    err = rpc_error(run.stub.Join, signed_join(run, "a", NodeKey.generate()))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "already named 'a' with another key" in err.details()
+    err = rpc_error(run.stub.Join, signed_join(run, "a", NodeKey.generate(), protocol_version=9))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "protocol version 9 is not supported" in err.details()
     s = run.stub.Status(pb.StatusRequest(), timeout=RPC_S)
     assert sorted(m.name for m in s.members) == ["a", "b"]
@@ -315,9 +340,9 @@ def test_collect_on_an_open_round_and_without_payload(run: Run) -> None:
     a, b = run.nodes["a"].transport, run.nodes["b"].transport
     frame = run.frame("a", 0)
     assert a.submit(0, frame) == "accepted"
-    err = rpc_error(run.stub.Collect, pb.CollectRequest(node_id=a.node_id, round=0, wait_ms=0, submitted=True))
+    err = rpc_error(a.stub.Collect, pb.CollectRequest(node_id=a.node_id, round=0, wait_ms=0, submitted=True))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "round 0 is still open" in err.details()
-    err = rpc_error(run.stub.Collect, pb.CollectRequest(node_id=b.node_id, round=0, wait_ms=0, submitted=True))
+    err = rpc_error(b.stub.Collect, pb.CollectRequest(node_id=b.node_id, round=0, wait_ms=0, submitted=True))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "no payload from b for round 0 is held" in err.details()
     assert trailing(err)["lowband-not-submitted"] == "1"

@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
+from node.identity import NodeKey
 from node.runfile import parse_run_file
 from coordinator.core import PROTOCOL_VERSION, Chunk, CoordinatorCore
-from coordinator.store import Store
+from coordinator.store import Disk, Store
 from node import wire
 from node.train.worker import Worker
+from node.transport.grpc_auth import join_message
 
 
 BASE: dict[str, dict[str, Any]] = {
@@ -49,27 +51,45 @@ class Clock:
         self.t += dt
 
 
-class Harness:
-    """One coordinator core over a state dir, plus helpers that act as its members."""
+WALL0 = 1.7e9  # the harness's unix time (the core checks signed timestamps against it)
 
-    def __init__(self, state_dir: Path, clock: Clock, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+
+class Harness:
+    """One coordinator core over a state dir, plus helpers that act as its members (each name has a node key)."""
+
+    def __init__(self, state_dir: Path, clock: Clock, overrides: dict[str, dict[str, Any]] | None = None,
+                 disk: Disk | None = None) -> None:
         self.clock = clock
         self.cfg = parse_run_file(run_text(overrides))
-        self.store = Store(state_dir)
+        self.store = Store(state_dir, disk=disk)
         try:
-            self.core = CoordinatorCore(self.cfg, self.store, clock=clock)
+            self.core = CoordinatorCore(self.cfg, self.store, clock=clock, wall=self.wall)
         except BaseException:
             self.store.close()
             raise
-        self.info = self.core.run_info(PROTOCOL_VERSION)
+        self.info = self.core.run_info(PROTOCOL_VERSION, self.cfg.membership.join_token)
         self.ids: dict[str, str] = {}
+        self.joins = 0
+        self.keys: dict[str, NodeKey] = {}
         self.gen = torch.Generator().manual_seed(1234)
 
-    def join(self, name: str, **kw: Any) -> dict[str, Any]:
+    def wall(self) -> float:
+        return WALL0 + self.clock.t
+
+    def key(self, name: str) -> NodeKey:
+        return self.keys.setdefault(name, NodeKey.generate())
+
+    def join(self, name: str, key: NodeKey | None = None, **kw: Any) -> dict[str, Any]:
+        """Join as ``name`` with its key (or ``key``), signed now; ``kw`` overrides any argument of core.join."""
+        key = key or self.key(name)
+        self.joins += 1
+        ts = int(self.wall() * 1000) + self.joins  # distinct: the same signed message twice is a replay
         args: dict[str, Any] = dict(name=name, protocol_version=PROTOCOL_VERSION, config_json=self.info["config_json"],
                                     config_hash=self.info["config_hash"],
                                     task_fingerprint=self.info["task_fingerprint"],
-                                    digest=self.info["model_digest"], capabilities=("device=cpu",), join_token="")
+                                    digest=self.info["model_digest"], capabilities=("device=cpu",), join_token="",
+                                    public_key=key.public, timestamp_ms=ts,
+                                    signature=key.sign(join_message(self.cfg.run.run_id, name, key.public, ts)))
         args.update(kw)
         out = self.core.join(**args)
         self.ids[name] = out["node_id"]

@@ -149,9 +149,10 @@ def row(r: int, **kw: object) -> RoundRow:
     return RoundRow(**base)  # type: ignore[arg-type]
 
 
-def mem(node_id: str, name: str, shard: int, hb: float = 5.0) -> Member:
+def mem(node_id: str, name: str, shard: int, hb: float = 5.0, key: bytes | None = None) -> Member:
     return Member(node_id, name, first_round=1, shard=shard, joined_at=123.0, last_heartbeat=hb,
-                  capabilities=("device=cpu",), rounds_contributed=4, bytes_in=11, bytes_out=22)
+                  capabilities=("device=cpu",), rounds_contributed=4, bytes_in=11, bytes_out=22,
+                  public_key=bytes([len(name)]) * 32 if key is None else key)
 
 
 @pytest.fixture
@@ -222,12 +223,15 @@ def test_members_save_and_load_restart_leases(store: Store) -> None:
     for nid, m in loaded.items():
         want = members[nid]
         assert (m.name, m.first_round, m.shard, m.joined_at, m.capabilities, m.rounds_contributed,
-                m.bytes_in, m.bytes_out) == (want.name, want.first_round, want.shard, want.joined_at,
-                                             want.capabilities, want.rounds_contributed, want.bytes_in,
-                                             want.bytes_out)
+                m.bytes_in, m.bytes_out, m.public_key) == (want.name, want.first_round, want.shard, want.joined_at,
+                                                           want.capabilities, want.rounds_contributed, want.bytes_in,
+                                                           want.bytes_out, want.public_key)
         assert m.last_heartbeat == 777.0  # the lease restarts: a restart must not expel everyone
     store.save_members({"n2": members["n2"]})
     assert set(store.load_members(now=0.0)) == {"n2"}
+    # a member saved without a key (a state dir from before protocol 2) is not loaded: it joins again
+    store.save_members({"n3": mem("n3", "carol", 1, key=b"")})
+    assert store.load_members(now=0.0) == {}
 
 
 def test_commit_round_saves_members_atomically(store: Store) -> None:

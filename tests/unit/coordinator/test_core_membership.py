@@ -9,6 +9,7 @@ from typing import Any, Callable
 import pytest
 
 from core_harness import T0, Clock, Harness
+from node.identity import NodeKey
 from coordinator.errors import Conflict, Full, Refused, StillOpen, Truncated, Unauthorized, UnknownNode, WrongRound
 from node.config import run_config_from_dict
 
@@ -34,14 +35,32 @@ def test_join_assigns_ids_shards_and_first_round(h: Harness) -> None:
     assert h.core.members[a["node_id"]].capabilities == ("device=cpu",)
 
 
-def test_join_same_name_is_a_conflict(h: Harness) -> None:
+def test_join_same_name_with_another_key_is_a_conflict(h: Harness) -> None:
     h.join("a")
-    with pytest.raises(Conflict, match="a live member is already named 'a'"):
-        h.join("a")
+    with pytest.raises(Conflict, match="a live member is already named 'a' with another key") as info:
+        h.join("a", key=NodeKey.generate())
+    assert info.value.code == "ALREADY_EXISTS"
     # a name that happens to contain "full" is still a conflict, not a full run
     h.join("carefully")
     with pytest.raises(Conflict, match="already named 'carefully'"):
-        h.join("carefully")
+        h.join("carefully", key=NodeKey.generate())
+
+
+def test_the_same_node_restarted_takes_its_place_back_at_once(h: Harness, clock: Clock) -> None:
+    """kill -9 and restart with the same workdir (same key): no wait for the old lease, the old session ends, the
+    shard stays; the payload the old session already sent still counts in its round."""
+    a1, b = h.join("a"), h.join("b")
+    h.submit("a", 0)
+    clock.advance(1.0)  # far inside the 10 s lease of the dead session
+    a2 = h.join("a")
+    assert a2["replaced"] and a2["node_id"] != a1["node_id"] and a2["shard"] == a1["shard"]
+    assert a2["first_round"] == 1  # round 0 already holds its payload
+    with pytest.raises(UnknownNode):
+        h.core.heartbeat(a1["node_id"])
+    assert sorted(m.name for m in h.core.members.values()) == ["a", "b"]
+    h.submit("b", 0)
+    assert h.core.open_round == 1 and h.store.recent_rounds()[-1].members == ["a", "b"]
+    assert h.join("b", key=h.key("b"))["replaced"] and b["node_id"] not in h.core.members
 
 
 def test_join_when_full(make: Callable[..., Harness]) -> None:
@@ -66,19 +85,47 @@ def test_join_with_different_config_is_refused_naming_the_field(h: Harness) -> N
 
 
 @pytest.mark.parametrize("kw, error, pattern", [
-    ({"protocol_version": 2}, Refused, "protocol version 2 is not supported; this coordinator speaks 1"),
+    ({"protocol_version": 1}, Refused, "protocol version 1 is not supported; this coordinator speaks 2"),
     ({"task_fingerprint": "0" * 64}, Refused, "task fingerprint differs: node 0000000000000000 vs run "),
     ({"digest": "deadbeefdeadbeef"}, Refused, "model tensors differ: node digest deadbeefdeadbeef vs run "),
     ({"config_json": "", "config_hash": "feedfeedfeedfeed"}, Refused, "config hash differs: node feedfeedfeedfeed"),
     ({"config_json": "{not json"}, Refused, "config_json is not valid JSON"),
-    ({"name": ""}, Refused, "node_name must be 1–128 characters"),
-    ({"name": "x" * 129}, Refused, "node_name must be 1–128 characters"),
 ])
 def test_join_refusals(h: Harness, kw: dict[str, Any], error: type, pattern: str) -> None:
     with pytest.raises(error, match=re.escape(pattern)) as info:
         h.join(kw.pop("name", "a"), **kw)
     assert info.value.code == "FAILED_PRECONDITION"
     assert h.core.members == {}
+
+
+def test_a_member_idle_for_idle_rounds_is_evicted_and_a_full_run_makes_room(make: Callable[..., Harness],
+                                                                             clock: Clock) -> None:
+    """Squatting: members that never take part hold places and make every round wait for its deadline. One that
+    neither contributed nor observed ``idle_rounds`` rounds is evicted by tick(); in a full run a newcomer takes the
+    place of one that sent no payload for ``idle_rounds`` rounds (observing does not count there)."""
+    h = make({"membership": {"max_nodes": 3, "idle_rounds": 2}})
+    for n in "abc":
+        h.join(n)
+    for r in range(2):  # c sits out; the rounds close at their deadline with a and b
+        h.submit("a", r), h.submit("b", r)
+        clock.advance(6.0)
+        for n in "abc":
+            h.core.heartbeat(h.ids[n])
+        h.core.tick()
+    assert h.core.open_round == 2 and sorted(m.name for m in h.core.members.values()) == ["a", "b"]
+    h.join("d")
+    with pytest.raises(Full, match=re.escape("the run is full (3 members)")):
+        h.join("e")
+    for r in (2, 3):  # d only observes; c and d sent no payload
+        h.submit("a", r), h.submit("b", r)
+        h.core.collect(h.ids["d"], r, 0.0, False)
+        clock.advance(6.0)
+        for n in "abd":
+            h.core.heartbeat(h.ids[n])
+        h.core.tick()
+    assert {m.name for m in h.core.members.values()} == {"a", "b", "d"}  # d observed, so tick() keeps it
+    h.join("f")  # full again (a, b, d); d has sent no payload for 2 rounds: f takes its place
+    assert {m.name for m in h.core.members.values()} == {"a", "b", "f"}
 
 
 def test_join_token(make: Callable[..., Harness]) -> None:
@@ -177,28 +224,62 @@ def test_a_late_payload_teaches_the_deadline_to_wait_for_the_straggler(h: Harnes
     assert h.core.deadline == pytest.approx(clock.t + 14.0)  # quantile 1.0 × margin 2 × 7 s
 
 
-def test_a_members_first_round_after_the_start_waits_the_longest_wait_for_it(h: Harness, clock: Clock) -> None:
+def later(h: Harness, clock: Clock, dt: float) -> None:
+    """``dt`` seconds pass; every member heartbeats; the coordinator ticks."""
+    clock.advance(dt)
+    for nid in list(h.core.members):
+        h.core.heartbeat(nid)
+    h.core.tick()
+
+
+def test_a_newcomers_first_round_waits_longer_only_once_it_earned_it_and_at_most_a_fraction_of_a_round(
+        h: Harness, clock: Clock) -> None:
     """A joiner fetches the state and starts its inner steps after the others: the deadline learnt from members
-    in step would close its first round without it and waste those steps. That round waits the longest wait
-    (still closing the moment the joiner's payload arrives); the round after is adaptive again."""
+    in step would close its first round without it. That round waits longer — at most ``newcomer_fraction`` (0.5)
+    × the run's round period — but only for a newcomer that downloaded the state, and once per key: a stream of
+    fresh Joins that never submit cannot stall the run."""
     for n in "ab":
         h.join(n)
-    h.submit("a", 0)
-    clock.advance(1.0)
-    h.submit("b", 0)  # spread 1 s: the adaptive wait is 2 s
-    assert h.join("c")["first_round"] == 1
-    h.submit("a", 1)
-    assert h.core.deadline == pytest.approx(clock.t + 60.0)
-    assert h.core.deadline_reason == "the longest wait: first round of c"
-    h.submit("b", 1)
-    for _ in range(4):  # 8 s, four times the adaptive wait; c's heartbeats keep its lease
-        clock.advance(2.0)
-        h.core.heartbeat(h.ids["c"])
-        h.core.tick()
-    assert h.core.open_round == 1
-    h.submit("c", 1)
-    assert h.core.open_round == 2 and h.store.recent_rounds()[-1].members == ["a", "b", "c"]
-    h.submit("a", 2)
+    for r in range(3):  # a round every 20 s, each with a 1 s spread: the adaptive wait is 2 s
+        h.submit("a", r)
+        later(h, clock, 1.0)
+        h.submit("b", r)
+        later(h, clock, 19.0)
+    h.submit("a", 3)
+    assert h.join("lazy")["first_round"] == 4
+    later(h, clock, 1.0)
+    h.submit("b", 3)
+    later(h, clock, 19.0)
+    h.submit("a", 4)
+    assert h.core.deadline == pytest.approx(clock.t + 2.0)  # lazy never fetched the state: nothing earned
+    assert h.core.deadline_reason.startswith("q1.00 of")
+    later(h, clock, 1.0)
+    h.submit("b", 4)
+    later(h, clock, 2.0)
+    assert h.core.open_round == 5  # closed at its deadline, without lazy
+    h.core.leave(h.ids["lazy"], "test")
+    later(h, clock, 16.0)
+    c = h.join("c")
+    assert c["first_round"] == 5 and h.core.members[c["node_id"]].holds_state is False
+    assert len(b"".join(p["data"] for p in h.core.fetch_state(c["node_id"], 0))) > 0  # the whole state
+    h.submit("a", 5)
+    assert h.core.deadline == pytest.approx(clock.t + 10.0)  # 0.5 × the median round period, 20 s
+    assert h.core.deadline_reason == "first round of c: 0.5 × round period 20.00 s → 10.00 s (max 60.0 s)"
+    h.submit("b", 5)
+    later(h, clock, 8.0)
+    assert h.core.open_round == 5  # still waiting for c (the adaptive wait alone would have closed it)
+    h.submit("c", 5)
+    assert h.core.open_round == 6 and h.store.recent_rounds()[-1].members == ["a", "b", "c"]
+    later(h, clock, 12.0)
+    # the same node restarted (same key): its next first round is not granted a longer wait again
+    h.submit("a", 6)
+    again = h.join("c")
+    assert again["replaced"] and again["first_round"] == 7
+    list(h.core.fetch_state(again["node_id"], 0))
+    h.submit("b", 6)
+    later(h, clock, 2.0)
+    assert h.core.open_round == 7  # c's old session owed round 6: closed at the adaptive deadline
+    h.submit("a", 7)
     assert h.core.deadline_reason.startswith("q1.00 of")
 
 

@@ -7,10 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetRunRequest(_message.Message):
-    __slots__ = ("protocol_version",)
+    __slots__ = ("protocol_version", "read_token")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    READ_TOKEN_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
-    def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
+    read_token: str
+    def __init__(self, protocol_version: _Optional[int] = ..., read_token: _Optional[str] = ...) -> None: ...
 
 class GetRunResponse(_message.Message):
     __slots__ = ("run_id", "config_json", "config_hash", "task_fingerprint", "model_digest", "protocol_version")
@@ -29,7 +31,7 @@ class GetRunResponse(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., config_hash: _Optional[str] = ..., task_fingerprint: _Optional[str] = ..., model_digest: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("node_name", "protocol_version", "config_json", "config_hash", "task_fingerprint", "model_digest", "capabilities", "join_token")
+    __slots__ = ("node_name", "protocol_version", "config_json", "config_hash", "task_fingerprint", "model_digest", "capabilities", "join_token", "public_key", "signature", "timestamp_ms")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +40,9 @@ class JoinRequest(_message.Message):
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     protocol_version: int
     config_json: str
@@ -46,10 +51,13 @@ class JoinRequest(_message.Message):
     model_digest: str
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     join_token: str
-    def __init__(self, node_name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config_json: _Optional[str] = ..., config_hash: _Optional[str] = ..., task_fingerprint: _Optional[str] = ..., model_digest: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., join_token: _Optional[str] = ...) -> None: ...
+    public_key: bytes
+    signature: bytes
+    timestamp_ms: int
+    def __init__(self, node_name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config_json: _Optional[str] = ..., config_hash: _Optional[str] = ..., task_fingerprint: _Optional[str] = ..., model_digest: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., join_token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("node_id", "lease_ms", "heartbeat_interval_ms", "current_round", "first_round", "committed_rounds", "config_json", "shard", "num_shards")
+    __slots__ = ("node_id", "lease_ms", "heartbeat_interval_ms", "current_round", "first_round", "committed_rounds", "config_json", "shard", "num_shards", "replaced")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +67,7 @@ class JoinResponse(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lease_ms: int
     heartbeat_interval_ms: int
@@ -68,7 +77,8 @@ class JoinResponse(_message.Message):
     config_json: str
     shard: int
     num_shards: int
-    def __init__(self, node_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., current_round: _Optional[int] = ..., first_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., config_json: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    replaced: bool
+    def __init__(self, node_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., current_round: _Optional[int] = ..., first_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., config_json: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., replaced: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id",)
@@ -199,11 +209,13 @@ class StateChunk(_message.Message):
     def __init__(self, committed_rounds: _Optional[int] = ..., total_size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., reference_fingerprint: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("read_token",)
+    READ_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    read_token: str
+    def __init__(self, read_token: _Optional[str] = ...) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("node_id", "name", "last_heartbeat_age_s", "rounds_contributed", "first_round", "bytes_in", "bytes_out", "last_loss", "capabilities")
+    __slots__ = ("node_id", "name", "last_heartbeat_age_s", "rounds_contributed", "first_round", "bytes_in", "bytes_out", "last_loss", "capabilities", "key_id")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +225,7 @@ class MemberStatus(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     last_heartbeat_age_s: float
@@ -222,7 +235,8 @@ class MemberStatus(_message.Message):
     bytes_out: int
     last_loss: float
     capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., rounds_contributed: _Optional[int] = ..., first_round: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., last_loss: _Optional[float] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    key_id: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., rounds_contributed: _Optional[int] = ..., first_round: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., last_loss: _Optional[float] = ..., capabilities: _Optional[_Iterable[str]] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("round", "members", "bytes_in", "bytes_out", "duration_s", "mean_loss", "reason", "val_loss", "reference_fingerprint")
@@ -247,7 +261,7 @@ class RoundStatus(_message.Message):
     def __init__(self, round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., duration_s: _Optional[float] = ..., mean_loss: _Optional[float] = ..., reason: _Optional[str] = ..., val_loss: _Optional[float] = ..., reference_fingerprint: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("run_id", "recipe", "current_round", "committed_rounds", "deadline_in_s", "members", "recent_rounds", "reference_fingerprint", "submitted")
+    __slots__ = ("run_id", "recipe", "current_round", "committed_rounds", "deadline_in_s", "members", "recent_rounds", "reference_fingerprint", "submitted", "persistence_error")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +271,7 @@ class StatusResponse(_message.Message):
     RECENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_ERROR_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     recipe: str
     current_round: int
@@ -266,4 +281,5 @@ class StatusResponse(_message.Message):
     recent_rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
     reference_fingerprint: str
     submitted: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., recipe: _Optional[str] = ..., current_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., reference_fingerprint: _Optional[str] = ..., submitted: _Optional[_Iterable[str]] = ...) -> None: ...
+    persistence_error: str
+    def __init__(self, run_id: _Optional[str] = ..., recipe: _Optional[str] = ..., current_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., reference_fingerprint: _Optional[str] = ..., submitted: _Optional[_Iterable[str]] = ..., persistence_error: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,76 @@
+"""An idempotent commit: the round's outer step is computed on a scratch copy of the reference, the new state is
+persisted, and only then is it swapped in. A failed write leaves the live state exactly as it was, so retrying the
+commit computes the same step again from the same state — it is never applied twice.
+
+``Persistence`` remembers that the store is failing (the reason, for health checks, Status and the refusals of
+round calls) and paces the retries (``retry_s`` doubling up to ``max_retry_s`` seconds of the core's clock).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+from node.runfile import RunFile
+from node.train.reference import Reference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """A round's outcome computed off the live state: ``reference`` holds the new state."""
+
+    reference: Reference
+    blob: bytes
+    fingerprint: str
+    aggregate: bytes | None
+
+
+def compute_step(live: Reference, scratch: Reference, frames: dict[str, bytes], round_: int, cfg: RunFile) -> Step:
+    """Load ``live``'s state into ``scratch`` and apply round ``round_`` (``frames``: sender → validated frame) there;
+    ``live`` is not touched. Relay mode applies every frame; aggregate mode reduces, encodes the aggregate with
+    ``cfg.aggregate_codec`` and applies what it decodes to (what the members will apply)."""
+    scratch.load_state_dict(copy.deepcopy(live.state_dict()))
+    envelopes, rejected = scratch.unpack(frames, round_)
+    assert not rejected, f"frames were validated on arrival: {rejected}"
+    aggregate = None
+    if cfg.result == "aggregate":
+        aggregate, decoded = scratch.pack_aggregate(scratch.reduce(envelopes), round_, cfg.aggregate_codec)
+        scratch.step(decoded, round_)
+    else:
+        scratch.apply(envelopes, round_)
+    return Step(scratch, scratch.to_bytes(), scratch.fingerprint(), aggregate)
+
+
+class Persistence:
+    """Whether the coordinator can persist, and when to try again after it could not."""
+
+    def __init__(self, retry_s: float = 0.5, max_retry_s: float = 10.0) -> None:
+        self.retry_s, self.max_retry_s = retry_s, max_retry_s
+        self.error = ""  # why the last write failed; "" while writes succeed
+        self.retry_at = 0.0
+        self._backoff = retry_s
+        self.failures = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    def may_try(self, now: float) -> bool:
+        return not self.error or now >= self.retry_at
+
+    def failed(self, now: float, what: str, exc: BaseException) -> None:
+        first = not self.error
+        self.error = f"cannot persist {what}: {type(exc).__name__}: {exc}"
+        self.failures += 1
+        self.retry_at = now + self._backoff
+        if first or self.failures % 20 == 0:
+            log.error("%s; not serving rounds until the state dir is writable again (retrying every ≤ %.0f s, "
+                      "%d failures so far)", self.error, self.max_retry_s, self.failures)
+        self._backoff = min(self.max_retry_s, self._backoff * 2)
+
+    def succeeded(self) -> None:
+        if self.error:
+            log.warning("persisting works again after %d failures: serving rounds", self.failures)
+        self.error, self.failures, self._backoff = "", 0, self.retry_s

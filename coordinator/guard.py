@@ -1,0 +1,329 @@
+"""The one check every call passes before any handler work: concurrency bounds, the caller's signature, and a
+server-side deadline. A gRPC server interceptor (``RpcGuard``) wraps every method's handler:
+
+1. **Bounds.** At most ``per_peer_rpcs`` calls at once from one IP address; at most ``per_member_rpcs`` per member
+   (node id) and ``anonymous_rpcs`` in all for calls made before Join (GetRun, Join, Status, a FetchState before
+   Join); health checks have their own few. Beyond them: RESOURCE_EXHAUSTED naming the bound, at once.
+2. **Identity.** A member's call (Heartbeat, Leave, Submit, Collect, FetchState with a node id) must carry metadata
+   signed by the member's registered key over the method, node id, timestamp, nonce and a digest of the exact request
+   bytes (for Submit: the first chunk's round and total size, in metadata, checked before any chunk is read) —
+   node/transport/grpc_auth.py builds it. A timestamp outside ±``skew_s`` of this machine's clock, a signature seen
+   before, or one that does not verify is UNAUTHENTICATED; an unknown node id is NOT_FOUND (the node joins again).
+   With mutual TLS the client certificate must name the member's key (``tls_node_key``). The request's own node_id
+   must be the signed one, in every chunk. A FetchState before Join is signed the same way by the key it carries.
+3. **Deadlines.** Every call is watched (coordinator/watchdog.py): unary calls end after ``unary_s``; streams
+   after ``idle_stream_s`` without a message, or when they average less than ``min_stream_bps``; a Collect also
+   after its wait (``collect_wait_s``) plus ``idle_stream_s`` before its first message.
+
+Requests reach the wrapped handler deserialized as before; only the checks and the bookkeeping are added here.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import grpc
+from cryptography import x509
+
+from coordinator.bounds import NODE_ID_RE, RateLimited, ReplayCache, printable
+from coordinator.errors import Busy, Cancelled, CoordinatorError, Unauthorized, UnknownNode
+from coordinator.watchdog import Watch, Watchdog
+from node.certs import NODE_KEY_URI  # a node certificate's URI SAN: the node key it speaks for
+from node.identity import key_id, verify
+from node.transport.grpc_auth import (MD_KEY, MD_NODE, MD_NONCE, MD_SIG, MD_SUBMIT, MD_TS, NONCE_HEX, SERVICE,
+                                      request_digest, rpc_message, submit_digest)
+
+log = logging.getLogger(__name__)
+HEALTH_RPCS = 4
+MEMBER_METHODS = frozenset(SERVICE + m for m in ("Heartbeat", "Leave", "Submit", "Collect"))
+FETCH_STATE, COLLECT, SUBMIT = SERVICE + "FetchState", SERVICE + "Collect", SERVICE + "Submit"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Resource bounds of a coordinator (counts of concurrent calls; seconds; bits per second)."""
+
+    per_member_rpcs: int = 4
+    anonymous_rpcs: int = 16
+    per_peer_rpcs: int = 64
+    unary_s: float = 30.0
+    idle_stream_s: float = 30.0
+    collect_wait_s: float = 60.0
+    min_stream_bps: float = 1e6
+    skew_s: float = 60.0
+
+    def workers(self, max_nodes: int) -> int:
+        """Server threads (and gRPC's maximum_concurrent_rpcs): every bound can be full at once."""
+        return max_nodes * self.per_member_rpcs + self.anonymous_rpcs + HEALTH_RPCS
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string ("ipv4:1.2.3.4:5", "ipv6:[::1]:5", "unix:/path")."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:rest.find("]")]
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    return peer
+
+
+_CERT_KEYS: OrderedDict[bytes, bytes | None] = OrderedDict()
+_CERT_LOCK = threading.Lock()
+
+
+def tls_node_key(context: grpc.ServicerContext) -> bytes | None:
+    """The node key named by the caller's TLS client certificate (its ``urn:lowband:node-key:HEX`` URI SAN), or None
+    (no certificate, or it names none)."""
+    pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+    if not pems:
+        return None
+    pem = pems[0]
+    with _CERT_LOCK:
+        if pem in _CERT_KEYS:
+            return _CERT_KEYS[pem]
+    found = None
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+        keys = [bytes.fromhex(u[len(NODE_KEY_URI):]) for u in uris if u.startswith(NODE_KEY_URI)]
+        found = keys[0] if len(keys) == 1 and len(keys[0]) == 32 else None
+    except (ValueError, x509.ExtensionNotFound):
+        found = None
+    with _CERT_LOCK:
+        _CERT_KEYS[pem] = found
+        while len(_CERT_KEYS) > 1024:
+            _CERT_KEYS.popitem(last=False)
+    return found
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def take(self, key: str, limit: int) -> bool:
+        with self.lock:
+            if self.counts.get(key, 0) >= limit:
+                return False
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return True
+
+    def give(self, key: str) -> None:
+        with self.lock:
+            n = self.counts.get(key, 0) - 1
+            if n > 0:
+                self.counts[key] = n
+            else:
+                self.counts.pop(key, None)
+
+
+class _Call:
+    """One admitted call: its slots (released once, when the call ends) and its watch."""
+
+    def __init__(self, guard: "RpcGuard") -> None:
+        self.guard = guard
+        self.slots: list[tuple[_Counter, str]] = []
+        self.watch: Watch | None = None
+        self.node_id = ""
+        self.public_key: bytes | None = None  # the signer of a FetchState before Join
+        self.submit_head: tuple[int, int] | None = None
+        self._released = False
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        for counter, key in self.slots:
+            counter.give(key)
+        if self.watch is not None:
+            self.watch.done()
+
+
+class RpcGuard(grpc.ServerInterceptor):
+    """``member_key(node_id)``: the registered public key of a live member, or None. ``mtls``: client certificates
+    are required and must name the member's key. ``wall``: unix time, for the timestamp window."""
+
+    def __init__(self, member_key: Callable[[str], bytes | None], limits: ServerLimits, watchdog: Watchdog, *,
+                 mtls: bool = False, wall: Callable[[], float] = time.time) -> None:
+        self.member_key, self.limits, self.watchdog, self.mtls, self.wall = member_key, limits, watchdog, mtls, wall
+        self.by_peer, self.by_member, self.anonymous, self.health = _Counter(), _Counter(), _Counter(), _Counter()
+        self.replays: OrderedDict[str, ReplayCache] = OrderedDict()
+        self._replay_lock = threading.Lock()
+        self.warn = RateLimited(log)
+
+    # -- the interceptor -----------------------------------------------------------------------------
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        metadata = {k: v for k, v in (details.invocation_metadata or ())}
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, metadata, handler), None, handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary_stream(method, metadata, handler), None, handler.response_serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._stream_unary(method, metadata, handler), None, handler.response_serializer)
+        return handler
+
+    def _unary(self, method: str, md: dict[str, Any], handler: Any) -> Callable[[bytes, Any], Any]:
+        def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
+            call = self._admit(method, md, context, raw, self.limits.unary_s)
+            request = handler.request_deserializer(raw)
+            self._check_node_id(call, request, context)
+            return handler.unary_unary(request, context)
+        return behavior
+
+    def _unary_stream(self, method: str, md: dict[str, Any], handler: Any) -> Callable[[bytes, Any], Iterator[Any]]:
+        def behavior(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+            request = handler.request_deserializer(raw)
+            first = self.limits.idle_stream_s
+            if method == COLLECT:
+                first += min(request.wait_ms / 1000.0, self.limits.collect_wait_s)
+            call = self._admit(method, md, context, raw, None, first)
+            self._check_node_id(call, request, context)
+            for response in handler.unary_stream(request, context):
+                yield response
+                call.watch.progress(response.ByteSize())  # type: ignore[union-attr]
+        return behavior
+
+    def _stream_unary(self, method: str, md: dict[str, Any], handler: Any) -> Callable[[Iterator[bytes], Any], Any]:
+        def behavior(raws: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            call = self._admit(method, md, context, None, None)
+            return handler.stream_unary(self._chunks(call, raws, handler.request_deserializer), context)
+        return behavior
+
+    def _chunks(self, call: _Call, raws: Iterator[bytes], deserialize: Callable[[bytes], Any]) -> Iterator[Any]:
+        first = True
+        while True:
+            try:
+                raw = next(raws)
+            except StopIteration:
+                return
+            except grpc.RpcError:  # the client went away, or the watchdog cancelled the call
+                why = call.watch.fired if call.watch is not None else ""
+                raise Cancelled(f"upload stream ended: {why or 'cancelled by the client'}") from None
+            call.watch.progress(len(raw))  # type: ignore[union-attr]
+            chunk = deserialize(raw)
+            if chunk.node_id != call.node_id:
+                raise Unauthorized("every chunk of an upload must name the node id its call was signed for")
+            if first and call.submit_head is not None and (chunk.round, chunk.total_size) != call.submit_head:
+                raise Unauthorized(f"the first chunk's round/total_size ({chunk.round}, {chunk.total_size}) are not "
+                                   f"the signed ones {call.submit_head}")
+            first = False
+            yield chunk
+
+    # -- admission -----------------------------------------------------------------------------------
+    def _admit(self, method: str, md: dict[str, Any], context: grpc.ServicerContext, raw: bytes | None,
+               total_s: float | None, first_s: float | None = None) -> _Call:
+        call = _Call(self)
+        if not context.add_callback(call.release):  # it ended already
+            call.release()
+        try:
+            self._take(call, method, md, context, raw)
+        except CoordinatorError as exc:
+            call.release()
+            self.warn.info(f"{exc.code}:{peer_host(context.peer())}", "refused %s from %s: %s: %s",
+                           method.rsplit("/", 1)[-1], printable(context.peer()), exc.code, exc)
+            if exc.metadata:
+                context.set_trailing_metadata(tuple(exc.metadata.items()))
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        idle = self.limits.idle_stream_s
+        call.watch = self.watchdog.watch(context.cancel, f"{method.rsplit('/', 1)[-1]} from {context.peer()}",
+                                         first_s=first_s if first_s is not None else (total_s or idle), idle_s=idle,
+                                         total_s=total_s, min_bps=None if total_s else self.limits.min_stream_bps)
+        return call
+
+    def _take(self, call: _Call, method: str, md: dict[str, Any], context: grpc.ServicerContext,
+              raw: bytes | None) -> None:
+        lim = self.limits
+        host = peer_host(context.peer())
+        if not self.by_peer.take(host, lim.per_peer_rpcs):
+            raise Busy(f"too many calls in progress from {host} (limit {lim.per_peer_rpcs})")
+        call.slots.append((self.by_peer, host))
+        if not method.startswith(SERVICE):
+            if not self.health.take("", HEALTH_RPCS):
+                raise Busy(f"too many health checks in progress (limit {HEALTH_RPCS})")
+            call.slots.append((self.health, ""))
+            return
+        node_id = str(md.get(MD_NODE, ""))
+        if method in MEMBER_METHODS or (method == FETCH_STATE and node_id):
+            public = self._verify(call, method, md, context, raw, node_id, member=True)
+            if not self.by_member.take(node_id, lim.per_member_rpcs):
+                raise Busy(f"node {key_id(public)} already has {lim.per_member_rpcs} calls in progress (the limit)")
+            call.slots.append((self.by_member, node_id))
+            call.node_id = node_id
+            return
+        if method == FETCH_STATE:
+            call.public_key = self._verify(call, method, md, context, raw, "", member=False)
+        if not self.anonymous.take("", lim.anonymous_rpcs):
+            raise Busy(f"too many calls before Join in progress (limit {lim.anonymous_rpcs}): try again shortly")
+        call.slots.append((self.anonymous, ""))
+
+    def _verify(self, call: _Call, method: str, md: dict[str, Any], context: grpc.ServicerContext,
+                raw: bytes | None, node_id: str, member: bool) -> bytes:
+        sig, ts_text, nonce = md.get(MD_SIG), str(md.get(MD_TS, "")), str(md.get(MD_NONCE, ""))
+        if not isinstance(sig, bytes) or not ts_text or not nonce:
+            raise Unauthorized("this call must be signed by the node's key (metadata lowband-ts, lowband-nonce, "
+                               "lowband-sig-bin): a node id alone authorises nothing")
+        if not ts_text.lstrip("-").isdigit() or len(ts_text) > 20 or len(nonce) != NONCE_HEX:
+            raise Unauthorized("malformed lowband-ts or lowband-nonce metadata")
+        off = int(ts_text) / 1000.0 - self.wall()
+        if abs(off) > self.limits.skew_s:
+            raise Unauthorized(f"request timestamp is {off:+.0f} s off the coordinator's clock (allowed ±"
+                               f"{self.limits.skew_s:.0f} s): check this machine's clock (NTP)")
+        if member:
+            if not NODE_ID_RE.fullmatch(node_id):
+                raise Unauthorized("lowband-node-id metadata is not a node id")
+            public = self.member_key(node_id)
+            if public is None:
+                raise UnknownNode(f"unknown node id {node_id[:8]}…: never joined, left, replaced by a restart of the "
+                                  "same node, or its lease expired; join again")
+        else:
+            public = md.get(MD_KEY)
+            if not isinstance(public, bytes) or len(public) != 32:
+                raise Unauthorized("a download before Join must carry the node's public key (lowband-key-bin) and be "
+                                   "signed by it")
+        if method == SUBMIT:
+            head = str(md.get(MD_SUBMIT, ""))
+            r, sep, total = head.partition(":")
+            if not sep or not r.isdigit() or not total.isdigit() or len(head) > 41:
+                raise Unauthorized("an upload must name its round and total size in lowband-submit metadata")
+            digest = submit_digest(int(r), int(total))
+            call.submit_head = (int(r), int(total))  # the first chunk is checked against it (``_chunks``)
+        else:
+            digest = request_digest(raw or b"")
+        if not verify(public, sig, rpc_message(method, node_id, int(ts_text), nonce, digest)):
+            raise Unauthorized(f"request signature does not verify with the key of node {key_id(public)}")
+        if self._replays(node_id or key_id(public)).seen(sig, self.wall()):
+            raise Unauthorized("replayed request: this signature was already used")
+        if self.mtls and member and tls_node_key(context) != public:
+            raise Unauthorized(f"the TLS client certificate does not name this member's key {key_id(public)}")
+        return public
+
+    def _replays(self, who: str) -> ReplayCache:
+        with self._replay_lock:
+            cache = self.replays.get(who)
+            if cache is None:
+                cache = self.replays[who] = ReplayCache(2 * self.limits.skew_s + 1)
+                while len(self.replays) > 4096:
+                    self.replays.popitem(last=False)
+            self.replays.move_to_end(who)
+            return cache
+
+    def _check_node_id(self, call: _Call, request: Any, context: grpc.ServicerContext) -> None:
+        named = getattr(request, "node_id", None)
+        if named is not None and named != call.node_id:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "the request names another node id than the one its call was signed for")
+

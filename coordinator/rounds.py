@@ -1,0 +1,399 @@
+"""The coordinator's rounds: uploads, the decision to close, the idempotent commit, and results for collectors.
+
+``Rounds`` is the base of ``CoordinatorCore`` (coordinator/core.py), which adds membership; both share one lock.
+The outer step of a closing round is computed on a scratch reference, persisted, and only then swapped in
+(coordinator/commit.py): a store that fails leaves the live state untouched, the round open with its payloads, the
+coordinator NOT_SERVING and refusing round calls (UNAVAILABLE, with the reason) until a retry persists it — the
+step is applied exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sqlite3
+import statistics
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from coordinator.commit import Persistence, compute_step
+from coordinator.errors import (BadPayload, Cancelled, Conflict, NotSubmitted, ResultGone, StillOpen, Truncated,
+                                Unavailable, WrongRound)
+from coordinator.evaluator import Evaluator
+from coordinator.store import Store
+from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_chunk
+from node import membership as policy
+from node import wire
+from node.errors import ConfigError, PayloadError
+from node.membership import CloseKind, Member
+from node.roundlog import RoundRow
+from node.runfile import RunFile
+from node.tasks import load_task
+from node.tasks.base import build_seeded
+from node.train.reference import Reference, model_digest
+
+log = logging.getLogger(__name__)
+STATE_CHUNK = 1 << 20
+
+
+@dataclass
+class Committed:
+    round: int
+    frames: dict[str, bytes]  # member name → frame, sorted
+    fingerprint: str
+    reason: str
+    aggregate: bytes | None = None  # result "aggregate": the one dense frame every member receives
+
+
+@dataclass
+class Chunk:
+    """One SubmitChunk, transport-neutral."""
+
+    node_id: str
+    round: int
+    offset: int
+    total_size: int
+    data: bytes
+    train_loss: float = float("nan")
+
+
+class Waiter:
+    """A collector's wake-up: ``event`` is set when a round commits, and by ``cancel`` (the call went away)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.event.set()
+
+
+class Rounds:
+    lock: threading.RLock
+    members: dict[str, Member]
+    db_errors = sqlite3.Error
+
+    def __init__(self, cfg: RunFile, store: Store, clock: Callable[[], float]) -> None:
+        self.cfg, self.store, self.clock = cfg, store, clock
+        run = cfg.run
+        self.task = load_task(run.task.name, **run.task.params)
+        model = build_seeded(self.task, run.seed)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.reference = Reference(run, named)
+        self._scratch = Reference(run, named)  # where a commit computes the next state (see _commit)
+        self.config_hash = run.config_hash(self.task.fingerprint)
+        self.model_digest = model_digest(self.reference.spec)
+        problem = store.check_identity(run.run_id, self.config_hash)
+        if problem:
+            raise ConfigError(problem)
+        committed, blob = store.latest()
+        if blob is not None:
+            self.reference.load_bytes(blob)
+            log.info("resumed run %s after %d committed rounds (fingerprint %s)", run.run_id, committed,
+                     self.reference.fingerprint())
+        self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec)
+        self.open_round = self.reference.committed_rounds
+        self.uploads: dict[str, Upload] = {}
+        self.submitted: dict[str, tuple[bytes, float, float]] = {}  # node id → (frame, at, loss)
+        self.submitter_names: dict[str, str] = {}  # node id → name, kept if the member leaves before commit
+        self.observers: set[str] = set()  # members that observe the open round without a payload: not waited for
+        self.first_submit_at: float | None = None
+        self.first_submits: dict[int, float] = {}  # recent closed round → time of its first payload
+        self.late_noted: set[tuple[str, int]] = set()
+        self.deadline: float | None = None
+        self.deadline_reason = ""
+        self.spreads: deque[float] = deque(maxlen=cfg.deadline.history)
+        self.commit_times: deque[float] = deque(maxlen=cfg.deadline.history + 1)  # clock() of recent commits
+        self.granted: OrderedDict[bytes, None] = OrderedDict()  # keys whose first round already waited longer
+        self.results: OrderedDict[int, Committed] = OrderedDict()
+        self.recent: deque[RoundRow] = deque(store.recent_rounds(20), maxlen=20)
+        # Rounds every member made: their first-to-last submission spread seeds the adaptive deadline after a restart.
+        self.spreads.extend(row.duration_s for row in self.recent if row.close == CloseKind.ALL_SUBMITTED.value)
+        self._state_cache: tuple[int, bytes] | None = (committed, blob) if blob is not None else None
+        self._last_reason = ""
+        self.persistence = Persistence()
+        self.commit_pending = False  # a round is ready to commit but could not be persisted yet
+        self.waiters: set[Waiter] = set()  # collectors waiting for the open round
+        self.evaluator = Evaluator(self.task, model, self._record_val_loss) if cfg.eval_every else None
+
+    # -- submissions ---------------------------------------------------------------------------------
+    def _serving(self) -> None:
+        if not self.persistence.ok:
+            raise Unavailable(f"not serving rounds: {self.persistence.error}; retrying — try again later")
+
+    def submit(self, chunks: Iterable[Chunk]) -> dict[str, Any]:
+        up: Upload | None = None
+        for chunk in chunks:
+            if up is None:
+                up = self._start_upload(chunk)
+            with self.lock:
+                append_chunk(up, chunk.node_id, chunk.round, chunk.offset, chunk.total_size, chunk.data)
+        if up is None:
+            raise BadPayload("empty upload stream: send at least one chunk")
+        if up.duplicate_of is not None:
+            if not up.duplicate_of.startswith(bytes(up.data)):
+                raise Conflict(f"a different payload for round {up.round} was already accepted from this node")
+            if not up.complete:  # repeats are not kept for resumption: send it whole
+                raise Truncated(f"repeated upload ended at byte {up.received} of {up.total}; resend from offset 0",
+                                {RESUME_KEY: "0"})
+            return {"round": up.round, "received_bytes": up.total, "accepted": True}
+        if not up.complete:
+            raise Truncated(f"stream ended at byte {up.received} of {up.total}; resume from offset {up.received}",
+                            {RESUME_KEY: str(up.received)})
+        return self._finish_upload(up)
+
+    def _start_upload(self, chunk: Chunk) -> Upload:
+        with self.lock:
+            m = self._member(chunk.node_id)
+            self._check_round(m, chunk.round)
+            check_first_chunk(chunk.total_size, self.limit)
+            if chunk.node_id in self.submitted:
+                # A retry after a lost response: take the whole stream, accept only the same bytes.
+                return Upload(chunk.node_id, chunk.round, chunk.total_size, duplicate_of=self.submitted[chunk.node_id][0])
+            self._serving()
+            up = self.uploads.get(chunk.node_id)
+            if up is None or up.round != chunk.round or up.total != chunk.total_size or chunk.offset == 0:
+                up = self.uploads[chunk.node_id] = Upload(chunk.node_id, chunk.round, chunk.total_size)
+            up.loss = chunk.train_loss
+            return up
+
+    def _member(self, node_id: str) -> Member:
+        raise NotImplementedError
+
+    def _check_round(self, m: Member, round_: int) -> None:
+        if round_ < self.open_round:
+            self._note_late(m, round_)
+            raise WrongRound(f"round {round_} is closed (the open round is {self.open_round}); keep the update in "
+                             "error feedback and collect the round's result")
+        if round_ > self.open_round:
+            raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")
+        if m.first_round > round_:
+            raise WrongRound(f"{m.name} joined for round {m.first_round}; it cannot contribute to round {round_}")
+
+    def _note_late(self, m: Member, round_: int) -> None:
+        """A member that was waited for sent its payload after the round closed: how late it was (from the round's
+        first payload) joins the spread history, so the adaptive deadline learns to wait for a steady straggler
+        (one late payload among ``history`` rounds moves a high quantile little). Once per member and round."""
+        first = self.first_submits.get(round_)
+        if first is None or m.first_round > round_ or (m.node_id, round_) in self.late_noted:
+            return
+        self.late_noted.add((m.node_id, round_))
+        self.spreads.append(self.clock() - first)
+        log.info("[round=%d] %s's payload came %.2f s after the round's first: the deadline will adapt", round_,
+                 m.name, self.clock() - first)
+
+    def _finish_upload(self, up: Upload) -> dict[str, Any]:
+        frame = bytes(up.data)
+        with self.lock:
+            m = self._member(up.node_id)
+            self.uploads.pop(up.node_id, None)
+        try:
+            env = wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
+                              limit=self.limit)
+        except PayloadError as exc:
+            raise BadPayload(f"payload rejected: {exc}") from None
+        if env.sender != m.name:
+            raise BadPayload(f"payload names sender {env.sender!r} but node {m.name!r} sent it")
+        with self.lock:
+            self._member(up.node_id)
+            self._check_round(m, up.round)
+            now = self.clock()
+            self.submitted[up.node_id] = (frame, now, up.loss)
+            self.submitter_names[up.node_id] = m.name
+            m.bytes_in += len(frame)
+            m.last_loss = up.loss
+            m.contributed_round = m.active_round = up.round
+            m.contributed_at = now
+            if self.first_submit_at is None:
+                self.first_submit_at = now
+                self._set_deadline(now, up.round, m.name)
+            self._maybe_close()
+            return {"round": up.round, "received_bytes": len(frame), "accepted": True}
+
+    def _set_deadline(self, now: float, round_: int, first_name: str) -> None:
+        """The round's first payload arrived: its deadline is the adaptive wait, lengthened for newcomers that earned
+        it (``policy.newcomer_wait``): their first round, they downloaded the state, and their key never had one.
+        With overlap a joiner instead steps in at a round boundary (node/daemon.py, _step_in): no longer wait."""
+        wait, self.deadline_reason = policy.round_wait(list(self.spreads), self.cfg.deadline)
+        eligible = [] if self.cfg.run.recipe.overlap else [
+            n for n in self.members.values()
+            if 0 < n.first_round == round_ and n.holds_state and n.public_key not in self.granted]
+        longer, why = policy.newcomer_wait(wait, self._round_period(), [n.name for n in eligible], self.cfg.deadline)
+        if why:
+            wait, self.deadline_reason = longer, why
+            for n in eligible:
+                self.granted[n.public_key] = None
+            while len(self.granted) > 4096:
+                self.granted.popitem(last=False)
+        self.deadline = now + wait
+        log.info("[round=%d] first payload from %s; deadline in %.1f s (%s)", round_, first_name, wait,
+                 self.deadline_reason)
+
+    def _round_period(self) -> float | None:
+        times = list(self.commit_times)
+        return statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else None
+
+    # -- closing rounds ------------------------------------------------------------------------------
+    def _waiting_to_start(self) -> bool:
+        return not policy.run_started(self.open_round, len(self.members), self.cfg.membership).act
+
+    def _expected(self, round_: int) -> set[str]:
+        """The members whose payload the open round waits for: those in it, less those observing it once the round
+        holds a quorum (``min_nodes`` payloads; an observer never lets a round commit below it)."""
+        expected = policy.expected_members(self.members, round_)
+        if len(self.submitted) >= self.cfg.membership.min_nodes:
+            expected -= self.observers
+        return expected
+
+    def _maybe_close(self) -> None:
+        started = policy.run_started(self.open_round, len(self.members), self.cfg.membership)
+        if not started.act:
+            if started.reason != self._last_reason:
+                log.info("[round=%d] %s", self.open_round, started.reason)
+            self._last_reason = started.reason
+            return
+        expected = self._expected(self.open_round)
+        decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership)
+        if not decision.close:
+            if decision.reason != self._last_reason and decision.kind is CloseKind.NO_QUORUM:
+                log.warning("[round=%d] %s", self.open_round, decision.reason)
+            self._last_reason = decision.reason
+            return
+        if self.persistence.may_try(self.clock()):
+            self._commit(decision)
+
+    def _commit(self, decision: policy.CloseDecision) -> None:
+        """Compute the round's step off the live state, persist it, then swap it in (coordinator/commit.py). A
+        store failure leaves everything as it was: the round stays open with its payloads and is retried."""
+        r, now = self.open_round, self.clock()
+        names = {nid: self.submitter_names[nid] for nid in decision.members}
+        frames = dict(sorted((names[nid], self.submitted[nid][0]) for nid in decision.members))
+        step = compute_step(self.reference, self._scratch, frames, r, self.cfg)
+        times = [self.submitted[nid][1] for nid in decision.members]
+        losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
+        bytes_in = sum(len(f) for f in frames.values())
+        # what the round's result costs to hand out: every other member's frame to each member, or one aggregate
+        bytes_out = (len(frames) * len(step.aggregate) if step.aggregate is not None else (len(frames) - 1) * bytes_in)
+        row = RoundRow(r, time.time(), list(frames), decision.reason, step.fingerprint, bytes_in, bytes_out,
+                       now - (self.first_submit_at or now), sum(losses) / len(losses) if losses else float("nan"),
+                       float("nan"), decision.kind.value)
+        after = {nid: dataclasses.replace(m, rounds_contributed=m.rounds_contributed + (nid in decision.members))
+                 for nid, m in self.members.items()}
+        try:
+            self.store.commit_round(row, step.blob, frames, after, step.aggregate)
+        except (OSError, sqlite3.Error) as exc:
+            self.commit_pending = True
+            self.persistence.failed(now, f"round {r}", exc)
+            return
+        self.commit_pending = False
+        self.persistence.succeeded()
+        self.reference, self._scratch = step.reference, self.reference  # the swap: the round is applied, once
+        self._state_cache = (r + 1, step.blob)
+        for nid in decision.members:
+            if nid in self.members:
+                self.members[nid].rounds_contributed += 1
+        if set(decision.members) >= self._expected(r):
+            self.spreads.append(max(times) - min(times))
+        self.commit_times.append(now)
+        self.results[r] = Committed(r, frames, step.fingerprint, decision.reason, step.aggregate)
+        while len(self.results) > self.cfg.keep_results:
+            self.results.popitem(last=False)
+        self.recent.append(row)
+        self.open_round = r + 1
+        self.submitted.clear()
+        self.submitter_names.clear()
+        self.observers.clear()
+        self.uploads = {k: u for k, u in self.uploads.items() if u.round > r}
+        if self.first_submit_at is not None:
+            self.first_submits[r] = self.first_submit_at
+        for old_round in [k for k in self.first_submits if k < r - self.cfg.keep_results]:
+            del self.first_submits[old_round]
+        self.late_noted = {(n, k) for n, k in self.late_noted if k >= r - self.cfg.keep_results}
+        self.first_submit_at = self.deadline = None
+        self._last_reason = ""
+        log.info("[round=%d] committed: members=%d in=%dB loss=%.4f fp=%s (%s)", r, len(frames), bytes_in,
+                 row.mean_loss, step.fingerprint, decision.reason)
+        if self.evaluator is not None and (r + 1) % self.cfg.eval_every == 0:
+            self.evaluator.submit(r, self.reference.tensors)
+        for waiter in self.waiters:
+            waiter.event.set()
+
+    def _record_val_loss(self, round_: int, val: float) -> None:
+        with self.lock:  # the store's connection is shared: never write inside another thread's commit
+            for row in self.recent:
+                if row.round == round_:
+                    row.val_loss = val
+            try:
+                self.store.set_val_loss(round_, val)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("[round=%d] val_loss %.4f not persisted: %s", round_, val, exc)
+        log.info("[round=%d] reference val_loss=%.4f", round_, val)
+
+    # -- results -------------------------------------------------------------------------------------
+    def collect(self, node_id: str, round_: int, wait_s: float, submitted: bool,
+                waiter: Waiter | None = None) -> tuple[Committed, list[str]]:
+        """Block until ``round_`` closes (≤ wait_s seconds); returns the result and the members to send (not the
+        caller). ``waiter.cancel()`` (the caller went away) ends the wait at once: raises Cancelled."""
+        wake = waiter or Waiter()
+        end = self.clock() + max(0.0, wait_s)
+        with self.lock:
+            m = self._member(node_id)
+            if round_ > self.open_round:
+                raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")
+            if round_ == self.open_round:
+                self._serving()
+            if (not submitted and round_ == self.open_round and node_id not in self.submitted
+                    and node_id not in self.uploads and node_id not in self.observers):
+                # it takes this round's result without contributing (a joiner catching up or stepping in, a node
+                # that skips a round to get back in step): the round need not wait for its payload
+                self.observers.add(node_id)
+                log.info("[round=%d] %s observes this round: not waiting for its payload", round_, m.name)
+                self._maybe_close()
+            self.waiters.add(wake)
+            m.transfers += 1
+        try:
+            while True:
+                wake.event.clear()
+                if wake.cancelled:
+                    raise Cancelled("the collector went away")
+                with self.lock:
+                    m = self._member(node_id)
+                    if round_ != self.open_round:
+                        break
+                    if submitted and node_id not in self.submitted and node_id not in self.uploads:
+                        raise NotSubmitted(f"no payload from {m.name} for round {round_} is held (the coordinator "
+                                           "may have restarted): submit it again", {"lowband-not-submitted": "1"})
+                    remaining = end - self.clock()
+                    if remaining <= 0:
+                        why = self.persistence.error or self._last_reason or "waiting"
+                        raise StillOpen(f"round {round_} is still open: {why}")
+                wake.event.wait(timeout=min(remaining, 1.0))
+        finally:
+            with self.lock:
+                self.waiters.discard(wake)
+                if node_id in self.members:
+                    self.members[node_id].transfers -= 1
+        with self.lock:
+            m.active_round = max(m.active_round, round_)
+            result = self.results.get(round_)
+            if result is None:
+                frames = self.store.result(round_)
+                if frames is None or round_ != self.reference.committed_rounds - 1:
+                    raise ResultGone(f"the result of round {round_} is no longer held (the run is at round "
+                                     f"{self.open_round}); fetch the state instead")
+                result = Committed(round_, dict(sorted(frames.items())), self.reference.fingerprint(), "restored",
+                                   self.store.aggregate(round_))
+            if result.aggregate is not None:
+                m.bytes_out += len(result.aggregate)
+                return result, []
+            to_send = [name for name in result.frames if name != m.name]
+            m.bytes_out += sum(len(result.frames[n]) for n in to_send)
+            return result, to_send
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.stop()
