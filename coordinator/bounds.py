@@ -74,13 +74,13 @@ def check_join(name: str, config_json: str, config_hash: str, task_fingerprint: 
     for field, value in (("config_hash", config_hash), ("task_fingerprint", task_fingerprint),
                          ("model_digest", digest)):
         if not HEX_RE.fullmatch(value):
-            raise Invalid(f"{field}: must be 1–128 lowercase hex characters, got {printable(value, 40)!r}")
+            raise Invalid(f"{field}: must be 1–128 lowercase hex characters, got '{printable(value, 40)}'")
     caps = list(capabilities)
     if len(caps) > MAX_CAPABILITIES:
         raise Invalid(f"capabilities: {len(caps)} given, at most {MAX_CAPABILITIES}")
     for cap in caps:
         if not CAPABILITY_RE.fullmatch(cap):
-            raise Invalid(f"capabilities: {printable(cap, 40)!r} is not 1–64 characters of letters, digits and "
+            raise Invalid(f"capabilities: '{printable(cap, 40)}' is not 1–64 characters of letters, digits and "
                           "'._=:/+-'")
     if len(public_key) != PUBLIC_BYTES:
         raise Invalid(f"public_key: must be the node's {PUBLIC_BYTES}-byte ed25519 public key, got {len(public_key)} "
@@ -97,7 +97,7 @@ def check_token(field: str, token: str) -> None:
 
 def check_node_id(node_id: str, field: str = "node_id") -> None:
     if not NODE_ID_RE.fullmatch(node_id):
-        raise Invalid(f"{field}: must be the 32 hex characters Join returned, got {printable(node_id, 40)!r}")
+        raise Invalid(f"{field}: must be the 32 hex characters Join returned, got '{printable(node_id, 40)}'")
 
 
 class ReplayCache:

@@ -56,6 +56,12 @@ class CoordinatorServer:
         self.core: CoordinatorCore | None = None
         self.watchdog: Watchdog | None = None
         try:
+            why = ""
+            if port == 0:  # the port it had before, so its nodes find a restarted coordinator where it was
+                port = remembered_port(self.state_dir) or 0
+                why = f" (the port it had before, remembered in {self.state_dir / 'listen.json'})" if port else ""
+            if port:
+                check_port_free(host, port, why)
             cfg, self.generated_token = ensure_join_token(cfg, self.state_dir, is_loopback(host))
             try:
                 self.store = Store(self.state_dir, disk=disk)
@@ -77,7 +83,7 @@ class CoordinatorServer:
             pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.core, self.guard.mtls), self.server)
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-            self.port = self._bind(host, port, tls)
+            self.port = self._bind(host, port, tls, why)
             remember_port(self.state_dir, self.port)
             self.address = f"{host}:{self.port}"
             self.tls = tls
@@ -87,13 +93,7 @@ class CoordinatorServer:
             self._release()
             raise
 
-    def _bind(self, host: str, port: int, tls: ServerTls | None) -> int:
-        why = ""
-        if port == 0:
-            port = remembered_port(self.state_dir) or 0
-            why = f" (the port it had before, remembered in {self.state_dir}/listen.json)" if port else ""
-        if port:
-            check_port_free(host, port, why)
+    def _bind(self, host: str, port: int, tls: ServerTls | None, why: str) -> int:
         address = f"{host}:{port}"
         try:
             bound = (self.server.add_secure_port(address, tls.credentials()) if tls is not None
