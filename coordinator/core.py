@@ -167,12 +167,12 @@ class CoordinatorCore(Rounds):
             raise UnknownNode(f"unknown node id {node_id[:8]}…: never joined, left, or its lease expired; join again")
         return m
 
-    def _drop(self, node_id: str, why: str, save: bool = True) -> None:
+    def _drop(self, node_id: str, why: str, save: bool = True, level: int = logging.INFO) -> None:
         """Remove a member (its payload for the open round, if any, still counts); caller holds the lock."""
         m = self.members.pop(node_id)
         self.uploads.pop(node_id, None)
         self.observers.discard(node_id)
-        log.info("[round=%d] %s (key %s) leaves the run: %s", self.open_round, m.name, key_id(m.public_key), why)
+        log.log(level, "[round=%d] leave %s (key %s): %s", self.open_round, m.name, key_id(m.public_key), why)
         if save:
             self._save_members()
 
@@ -193,7 +193,7 @@ class CoordinatorCore(Rounds):
     def leave(self, node_id: str, reason: str) -> None:
         with self.lock:
             self._member(node_id)
-            self._drop(node_id, f"left: {printable(reason or 'no reason given', 120)}")
+            self._drop(node_id, printable(reason or "no reason given", 120))
             self._maybe_close()
 
     def tick(self) -> None:
@@ -201,10 +201,10 @@ class CoordinatorCore(Rounds):
         with self.lock:
             mp = self.cfg.membership
             for node_id, reason in policy.expired_members(self.clock(), self.members, mp):
-                self._drop(node_id, f"lease expired: {reason}")
+                self._drop(node_id, f"lease expired: {reason}", level=logging.WARNING)
             self._maybe_close()
             for node_id, reason in policy.idle_members(self.open_round, self.members, mp):
-                self._drop(node_id, f"evicted: {reason}")
+                self._drop(node_id, f"evicted: {reason}", level=logging.WARNING)
             if (not self.persistence.ok or self.store.pending) and self.persistence.may_try(self.clock()):
                 if self.members_dirty:
                     self._save_members()

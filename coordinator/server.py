@@ -9,6 +9,7 @@ while the store cannot persist rounds.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sqlite3
@@ -44,8 +45,11 @@ class CoordinatorServer:
 
     def __init__(self, listen: str, state_dir: str | Path, run_file: str | Path, tick_s: float = 0.2, *,
                  tls: ServerTls | None = None, insecure: bool = False, limits: ServerLimits | None = None,
-                 disk: Disk | None = None, watchdog_clock: Clock = SYSTEM_CLOCK, start_watchdog: bool = True) -> None:
+                 disk: Disk | None = None, watchdog_clock: Clock = SYSTEM_CLOCK, start_watchdog: bool = True,
+                 join_token: str = "") -> None:
         cfg = load_run_file(run_file)
+        if join_token:  # --join-token / $LOWBAND_JOIN_TOKEN: the run file's own, for deployments that inject it
+            cfg = dataclasses.replace(cfg, membership=dataclasses.replace(cfg.membership, join_token=join_token))
         host, port = split_address(listen)
         check_exposure(host, tls, insecure)
         self.state_dir = Path(state_dir)
@@ -145,9 +149,10 @@ class CoordinatorServer:
 
 
 def serve(listen: str, state_dir: str, run_file: str, *, tls: ServerTls | None = None, insecure: bool = False,
-          limits: ServerLimits | None = None) -> int:
+          limits: ServerLimits | None = None, join_token: str = "") -> int:
     """Run until SIGTERM/SIGINT; raises StartupError (one line for the operator) when it cannot start."""
-    server = CoordinatorServer(listen, state_dir, run_file, tls=tls, insecure=insecure, limits=limits)
+    server = CoordinatorServer(listen, state_dir, run_file, tls=tls, insecure=insecure, limits=limits,
+                               join_token=join_token)
     server.start()
     core = server.core
     assert core is not None

@@ -135,7 +135,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         limits = ServerLimits(per_member_rpcs=args.max_rpcs_per_node, per_peer_rpcs=args.max_rpcs_per_address,
                               anonymous_rpcs=args.max_rpcs_before_join, idle_stream_s=args.idle_stream_s)
         return serve(args.listen, args.state_dir, args.run, limits=limits, insecure=args.insecure,
-                     tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca))
+                     tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca),
+                     join_token=args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""))
     except StartupError as exc:
         print(f"lowband coordinator: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -333,7 +334,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench_coordinator(args: argparse.Namespace) -> int:
     from node.bench.coordinator import run_coordinator_bench
 
-    run_coordinator_bench(args.nodes, args.rounds, args.recipe, args.size, Path(args.out) if args.out else None)
+    run_coordinator_bench(args.nodes, args.rounds, args.recipe, args.size, Path(args.out) if args.out else None,
+                          tls=args.tls)
     return 0
 
 
@@ -407,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "naming their node key (`lowband certs --node`), may connect")
     co.add_argument("--insecure", action="store_true", help="listen off loopback without TLS (only inside a VPN or "
                     "a private network: everything, join token included, crosses it in clear)")
+    co.add_argument("--join-token", default=None, help="the run's join token instead of the run file's (or "
+                    "$LOWBAND_JOIN_TOKEN); off loopback one is generated into the state dir when neither is set")
     co.add_argument("--max-rpcs-per-node", type=int, default=4, help="concurrent calls of one member (default 4)")
     co.add_argument("--max-rpcs-per-address", type=int, default=64, help="concurrent calls from one IP address "
                     "(default 64; raise it for many nodes behind one NAT)")
@@ -485,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
     bc.add_argument("--size", default="tiny")
     bc.add_argument("--out", default=None)
+    bc.add_argument("--tls", action="store_true", help="the coordinator serves TLS (a throwaway CA), as off loopback")
     bc.set_defaults(func=cmd_bench_coordinator)
     bj = bsub.add_parser("join", help="time from `lowband node` start to its first committed contribution")
     bj.add_argument("--size", default="tiny")

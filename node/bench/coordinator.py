@@ -4,7 +4,8 @@ A real coordinator process serves a run; N client threads play the nodes with pr
 (no training), so a round's latency is pure protocol + validation + outer step + persistence +
 transfer. Overhead = latency − transfer time, where transfer time is the round's bytes through the
 coordinator divided by the loopback gRPC throughput measured in the same session (a FetchState of the
-model's state).
+model's state). ``tls``: the coordinator serves TLS with a certificate from a throwaway CA (node/certs.py) and the
+clients check it, as off loopback; every call is signed by the client's node key either way.
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ from node.transport.grpc_client import GrpcTransport, Identity
 log = logging.getLogger(__name__)
 
 def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sign", size: str = "tiny",
-                          out: Path | None = None) -> list[dict[str, Any]]:
+                          out: Path | None = None, tls: bool = False) -> list[dict[str, Any]]:
+    from node.certs import CertificateAuthority
+    from node.transport.grpc_auth import ClientTls
+
     text = protocol_run_file(recipe, size)
     cfg = parse_run_file(text).run
     task = load_task(cfg.task.name, **cfg.task.params)
@@ -39,8 +43,15 @@ def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sig
     for n in nodes_list:
         root = Path(tempfile.mkdtemp(prefix="lowband-bench-coord-"))
         (root / "run.toml").write_text(text)
+        tls_args, client_tls = [], None
+        if tls:
+            ca = CertificateAuthority.load_or_create(root / "pki")
+            ca.issue_server(["127.0.0.1"], root / "pki" / "server.pem", root / "pki" / "server.key")
+            tls_args = ["--tls-cert", str(root / "pki" / "server.pem"), "--tls-key", str(root / "pki" / "server.key")]
+            client_tls = ClientTls(ca.path.read_bytes())
         proc = spawn_lowband(["-q", "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(root / "state"),
-                              "--run", str(root / "run.toml")], root / "coordinator.log", stdout=subprocess.PIPE)
+                              "--run", str(root / "run.toml"), *tls_args], root / "coordinator.log",
+                             stdout=subprocess.PIPE)
         try:
             address = read_coordinator_address(proc, 120)
             names = [f"b{i:02d}" for i in range(n)]
@@ -48,7 +59,7 @@ def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sig
             digest = model_digest(spec)
             clients = []
             for name in names:
-                t = GrpcTransport(address)
+                t = GrpcTransport(address, tls=client_tls)
                 t.identity = Identity(name, json.dumps(cfg.to_dict()), cfg.config_hash(task.fingerprint),
                                       task.fingerprint, digest)
                 t.join()
@@ -78,7 +89,7 @@ def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sig
                     latencies.append(max(done) - start)
                     bytes_moved.append(sum(moved))
             t0 = time.perf_counter()
-            _, blob, _ = clients[0].fetch_state()
+            blob = clients[0].fetch_state().blob
             fetch_s = time.perf_counter() - t0
             throughput = len(blob) / fetch_s
             for t in clients:
@@ -86,7 +97,7 @@ def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sig
                 t.close()
             med = statistics.median(latencies)
             transfer = statistics.median(bytes_moved) / throughput
-            row = {"nodes": n, "recipe": recipe, "size": size, "params": params, "rounds": rounds,
+            row = {"nodes": n, "tls": tls, "recipe": recipe, "size": size, "params": params, "rounds": rounds,
                    "frame_bytes": len(next(iter(frames.values()))), "bytes_per_round": statistics.median(bytes_moved),
                    "latency_median_s": med, "latency_p90_s": sorted(latencies)[int(0.9 * (len(latencies) - 1))],
                    "loopback_Bps": throughput, "transfer_s": transfer, "overhead_s": med - transfer}
@@ -94,7 +105,8 @@ def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sig
             log.info("%d nodes: median round %.3f s, transfer %.3f s, overhead %.3f s", n, med, transfer, med - transfer)
         finally:
             stop_group(proc)
-    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores; recipe {recipe}, gpt {size}", "",
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores; recipe {recipe}, gpt {size}, "
+             f"{'TLS' if tls else 'plaintext'} (calls signed by node keys)", "",
              "| nodes | params | frame bytes | bytes/round | median round s | p90 s | transfer s | overhead s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lowband_cluster import (Cluster, applied_rounds, check_replicas, free_port, rounds_table, status, terminate,
-                             wait_all_exit, wait_for, write_run_file)
+from lowband_cluster import (Cluster, applied_rounds, check_replicas, rounds_table, status, terminate, wait_all_exit,
+                             wait_for, write_run_file)
 
 NAMES = ["n0", "n1", "n2"]
 
@@ -16,10 +16,9 @@ NAMES = ["n0", "n1", "n2"]
 def test_coordinator_killed_and_restarted_resumes_the_run(cluster: Cluster, tmp_path: Path) -> None:
     rounds = 14
     run = write_run_file(tmp_path / "run.toml", rounds=rounds, min_nodes=3)
-    # A fixed port, so that the restarted coordinator is where the nodes keep calling.
-    listen = f"127.0.0.1:{free_port()}"
-    coord = cluster.coordinator(run, tmp_path / "state", listen=listen)
-    assert coord.address == listen
+    # Port 0: the state dir remembers the port the coordinator bound, and the restarted one binds it again, so it is
+    # where the nodes keep calling (no free-port guess that another process could take meanwhile).
+    coord = cluster.coordinator(run, tmp_path / "state", listen="127.0.0.1:0")
     nodes = [cluster.node(coord.address, name) for name in NAMES]
 
     def mid_round() -> bool:
@@ -33,8 +32,8 @@ def test_coordinator_killed_and_restarted_resumes_the_run(cluster: Cluster, tmp_
     killed_at = max(len(applied_rounds(p.workdir)) for p in nodes)
     assert killed_at < rounds, "the run ended before the coordinator was killed"
 
-    coord2 = cluster.coordinator(run, tmp_path / "state", listen=listen)
-    assert coord2.address == listen
+    coord2 = cluster.coordinator(run, tmp_path / "state", listen="127.0.0.1:0")
+    assert coord2.address == coord.address
     assert wait_all_exit(nodes, timeout_s=100) == [0, 0, 0]
     s = status(coord2.address)
     assert s.committed_rounds == rounds
