@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import statistics
+import secrets
 import subprocess
 import tempfile
 import time
@@ -88,8 +89,12 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
         # the bridge, adds only latency, jitter, loss and outages
         relay_profile = dataclasses.replace(profile, up_bps=0.0, down_bps=0.0) if topo else profile
         listen_host = topo.add_host("coord") if topo else "127.0.0.1"
+        # namespaces put the coordinator off loopback, on an emulated private network: plaintext on purpose, with the
+        # join token a run off loopback needs (docs/security.md)
+        private = ["--insecure", "--join-token", secrets.token_hex(16)] if topo else []
         coord = spawn_lowband(["coordinator", "--listen", f"{listen_host}:0", "--state-dir", str(root / "state"),
-                               "--run", str(root / "run.toml")], root / "coordinator.log", stdout=subprocess.PIPE,
+                               "--run", str(root / "run.toml"), *private], root / "coordinator.log",
+                              stdout=subprocess.PIPE,
                               prefix=topo.prefix_cmd("coord") if topo else None, env=env)
         procs.append(coord)
         host, port = read_coordinator_address(coord, 300).rsplit(":", 1)
@@ -103,7 +108,8 @@ def run_one(recipe: str, overlap: bool, profile_name: str, *, nodes: int, size: 
             link.start()
             links[name] = link
             procs.append(spawn_lowband(["node", "--coordinator", link.address, "--workdir", str(root / name),
-                                        "--name", name, "--device", "cpu", "--checkpoint-every", str(checkpoint_every)],
+                                        "--name", name, "--device", "cpu", "--checkpoint-every", str(checkpoint_every),
+                                        *private],
                                        root / f"{name}.log", prefix=topo.prefix_cmd(name) if topo else None, env=env))
             if budget is not None and cpu_per_node:
                 budget.host(name, cpu_per_node)

@@ -54,8 +54,10 @@ def test_a_run_across_namespaces_and_emulated_links(tmp_path: Path) -> None:
         def spawn(host: str, args: list[str]) -> Proc:
             return spawn_in(topo, host, args, tmp_path, procs)
 
+        # a private emulated network: plaintext on purpose (--insecure), with the join token a run off loopback needs
+        secure = ["--insecure", "--join-token", "netns-test-token"]
         coord = spawn("coord", ["coordinator", "--listen", f"{coord_ip}:0", "--state-dir", str(tmp_path / "state"),
-                                "--run", str(run)])
+                                "--run", str(run), *secure])
 
         def address() -> str | None:
             assert coord.alive(), coord.log_text()[-2000:]
@@ -73,7 +75,7 @@ def test_a_run_across_namespaces_and_emulated_links(tmp_path: Path) -> None:
             link.start()
             links.append(link)
             nodes.append(spawn(name, ["node", "--coordinator", link.address, "--workdir", str(tmp_path / name),
-                                      "--name", name, "--device", "cpu"]))
+                                      "--name", name, "--device", "cpu", *secure]))
         assert wait_all_exit(nodes, timeout_s=150) == [0, 0], [n.log_text()[-2000:] for n in nodes]
         coord.popen.terminate()
         coord.popen.wait(timeout=30)
