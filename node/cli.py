@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from node.cli_trust import add_certs_parser, add_client_tls_args, add_coordinator_args, client_tls, cmd_coordinator
 from node.config import TaskConfig, parse_value
 from node.errors import ConfigError
 from node.fsutil import write_atomic
@@ -125,43 +126,6 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.errors import StartupError
-    from coordinator.guard import ServerLimits
-    from coordinator.server import serve
-    from coordinator.startup import ServerTls
-
-    try:
-        limits = ServerLimits(per_member_rpcs=args.max_rpcs_per_node, per_peer_rpcs=args.max_rpcs_per_address,
-                              anonymous_rpcs=args.max_rpcs_before_join, idle_stream_s=args.idle_stream_s)
-        return serve(args.listen, args.state_dir, args.run, limits=limits, insecure=args.insecure,
-                     tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca),
-                     join_token=args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""))
-    except StartupError as exc:
-        print(f"lowband coordinator: cannot start: {exc}", file=sys.stderr)
-        return 2
-
-
-def cmd_certs(args: argparse.Namespace) -> int:
-    from node.certs import make_certs
-
-    for line in make_certs(args.dir, args.host, args.node, days=args.days):
-        print(line)
-    return 0
-
-
-def _client_tls(args: argparse.Namespace, address: str):
-    """The node's or status's TLS settings from --tls/--tls-ca/--tls-cert/--tls-key; refuses plaintext off loopback
-    unless --insecure (ConfigError)."""
-    from node.transport.grpc_auth import ClientTls, check_plaintext
-
-    tls = None
-    if args.tls or args.tls_ca or args.tls_cert:
-        tls = ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name or "")
-    check_plaintext(address, tls, args.insecure)
-    return tls
-
-
 def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
@@ -180,7 +144,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             raise ConfigError(f"--name: {problem}")
     tls = None
     if args.coordinator:
-        tls = _client_tls(args, args.coordinator)
+        tls = client_tls(args, args.coordinator)
     try:
         if args.coordinator and not (Path(args.workdir) / "checkpoint.safetensors").exists():  # checkpoint.FILE
             # a fresh node: download the run's state while torch imports and the model builds (seconds on a slow
@@ -310,19 +274,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     token = args.read_token or os.environ.get("LOWBAND_READ_TOKEN", "") or os.environ.get("LOWBAND_JOIN_TOKEN", "")
     return print_status(args.coordinator, as_json=args.json, read_token=token,
-                        tls=_client_tls(args, args.coordinator))
-
-
-def _add_client_tls_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) that issued the coordinator's certificate")
-    p.add_argument("--tls", action="store_true", help="TLS with the system's CA roots (a publicly trusted "
-                   "coordinator certificate)")
-    p.add_argument("--tls-cert", default=None, help="mutual TLS: this node's certificate (`lowband certs --node`)")
-    p.add_argument("--tls-key", default=None, help="mutual TLS: the certificate's private key")
-    p.add_argument("--tls-server-name", default=None, help="the name to check the coordinator's certificate "
-                   "against, when it is not the host of the address dialled")
-    p.add_argument("--insecure", action="store_true", help="talk to a coordinator off loopback without TLS (only "
-                   "inside a VPN or a private network: the join token and frames then cross it in clear)")
+                        tls=client_tls(args, args.coordinator))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -403,31 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--listen", default="0.0.0.0:7070", help="HOST:PORT; port 0 picks a free one (printed)")
     co.add_argument("--state-dir", required=True, help="persistent state (survives kill -9)")
     co.add_argument("--run", required=True, help="the run file (TOML), see deploy/runs/")
-    co.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); TLS is required off loopback")
-    co.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
-    co.add_argument("--tls-client-ca", default=None, help="mutual TLS: only nodes with a certificate from this CA, "
-                    "naming their node key (`lowband certs --node`), may connect")
-    co.add_argument("--insecure", action="store_true", help="listen off loopback without TLS (only inside a VPN or "
-                    "a private network: everything, join token included, crosses it in clear)")
-    co.add_argument("--join-token", default=None, help="the run's join token instead of the run file's (or "
-                    "$LOWBAND_JOIN_TOKEN); off loopback one is generated into the state dir when neither is set")
-    co.add_argument("--max-rpcs-per-node", type=int, default=4, help="concurrent calls of one member (default 4)")
-    co.add_argument("--max-rpcs-per-address", type=int, default=64, help="concurrent calls from one IP address "
-                    "(default 64; raise it for many nodes behind one NAT)")
-    co.add_argument("--max-rpcs-before-join", type=int, default=16, help="concurrent calls of nodes that have not "
-                    "joined, in all (default 16)")
-    co.add_argument("--idle-stream-s", type=float, default=30.0, help="cancel an upload or download that moves "
-                    "nothing this long (default 30 s)")
+    add_coordinator_args(co)
     co.set_defaults(func=cmd_coordinator)
 
-    ce = sub.add_parser("certs", help="a CA, a coordinator certificate and node certificates for a test deployment")
-    ce.add_argument("--dir", required=True, help="where the CA (made once) and the server certificate go")
-    ce.add_argument("--host", action="append", default=[], help="a name or address nodes dial the coordinator at "
-                    "(repeatable): makes DIR/server.pem + DIR/server.key")
-    ce.add_argument("--node", action="append", default=[], metavar="WORKDIR", help="a node's workdir (repeatable): "
-                    "makes WORKDIR/tls.pem + WORKDIR/tls.key naming the key in WORKDIR/node.key (created if missing)")
-    ce.add_argument("--days", type=int, default=365, help="validity of the server and node certificates")
-    ce.set_defaults(func=cmd_certs)
+    add_certs_parser(sub)
 
     nd = sub.add_parser("node", help="a worker that joins a coordinator's run, or a serverless run over a DHT")
     nd.add_argument("--coordinator", default=None, help="HOST:PORT")
@@ -446,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "older checkpoint fetches the run's state. Each write costs a full state snapshot")
     nd.add_argument("--state-chunk-bytes", type=int, default=4 << 20,
                     help="with --dht: a joiner fetches the state in chunks of this size, spread over the donors")
-    _add_client_tls_args(nd)
+    add_client_tls_args(nd)
     nd.set_defaults(func=cmd_node)
 
     dh = sub.add_parser("dht", help="a DHT bootstrap peer for serverless runs (prints its multiaddrs)")
@@ -465,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--read-token", default=None, help="the run's read or join token (or $LOWBAND_READ_TOKEN, "
                     "$LOWBAND_JOIN_TOKEN)")
-    _add_client_tls_args(st)
+    add_client_tls_args(st)
     st.set_defaults(func=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")

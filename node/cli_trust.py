@@ -1,0 +1,88 @@
+"""The command-line pieces of the coordinator's trust settings (docs/security.md), used by node/cli.py: the
+coordinator's TLS, token and limit flags, the client TLS flags of ``lowband node`` and ``lowband status``, and
+``lowband certs``. Imports nothing heavy at module level: ``lowband node`` parses these before torch loads."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def add_coordinator_args(co: argparse.ArgumentParser) -> None:
+    co.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); TLS is required off loopback")
+    co.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    co.add_argument("--tls-client-ca", default=None, help="mutual TLS: only nodes with a certificate from this CA, "
+                    "naming their node key (`lowband certs --node`), may connect")
+    co.add_argument("--insecure", action="store_true", help="listen off loopback without TLS (only inside a VPN or "
+                    "a private network: everything, join token included, crosses it in clear)")
+    co.add_argument("--join-token", default=None, help="the run's join token instead of the run file's (or "
+                    "$LOWBAND_JOIN_TOKEN); off loopback one is generated into the state dir when neither is set")
+    co.add_argument("--max-rpcs-per-node", type=int, default=4, help="concurrent calls of one member (default 4)")
+    co.add_argument("--max-rpcs-per-address", type=int, default=64, help="concurrent calls from one IP address "
+                    "(default 64; raise it for many nodes behind one NAT)")
+    co.add_argument("--max-rpcs-before-join", type=int, default=16, help="concurrent calls of nodes that have not "
+                    "joined, in all (default 16)")
+    co.add_argument("--idle-stream-s", type=float, default=30.0, help="cancel an upload or download that moves "
+                    "nothing this long (default 30 s)")
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    """``lowband coordinator``: serve until SIGTERM; a start-up error is one line on stderr and exit 2."""
+    from coordinator.errors import StartupError
+    from coordinator.guard import ServerLimits
+    from coordinator.server import serve
+    from coordinator.startup import ServerTls
+
+    try:
+        limits = ServerLimits(per_member_rpcs=args.max_rpcs_per_node, per_peer_rpcs=args.max_rpcs_per_address,
+                              anonymous_rpcs=args.max_rpcs_before_join, idle_stream_s=args.idle_stream_s)
+        return serve(args.listen, args.state_dir, args.run, limits=limits, insecure=args.insecure,
+                     tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca),
+                     join_token=args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""))
+    except StartupError as exc:
+        print(f"lowband coordinator: cannot start: {exc}", file=sys.stderr)
+        return 2
+
+
+def add_certs_parser(sub: Any) -> None:
+    ce = sub.add_parser("certs", help="a CA, a coordinator certificate and node certificates for a test deployment")
+    ce.add_argument("--dir", required=True, help="where the CA (made once) and the server certificate go")
+    ce.add_argument("--host", action="append", default=[], help="a name or address nodes dial the coordinator at "
+                    "(repeatable): makes DIR/server.pem + DIR/server.key")
+    ce.add_argument("--node", action="append", default=[], metavar="WORKDIR", help="a node's workdir (repeatable): "
+                    "makes WORKDIR/tls.pem + WORKDIR/tls.key naming the key in WORKDIR/node.key (created if missing)")
+    ce.add_argument("--days", type=int, default=365, help="validity of the server and node certificates")
+    ce.set_defaults(func=cmd_certs)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from node.certs import make_certs
+
+    for line in make_certs(args.dir, args.host, args.node, days=args.days):
+        print(line)
+    return 0
+
+
+def add_client_tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) that issued the coordinator's certificate")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's CA roots (a publicly trusted "
+                   "coordinator certificate)")
+    p.add_argument("--tls-cert", default=None, help="mutual TLS: this node's certificate (`lowband certs --node`)")
+    p.add_argument("--tls-key", default=None, help="mutual TLS: the certificate's private key")
+    p.add_argument("--tls-server-name", default=None, help="the name to check the coordinator's certificate "
+                   "against, when it is not the host of the address dialled")
+    p.add_argument("--insecure", action="store_true", help="talk to a coordinator off loopback without TLS (only "
+                   "inside a VPN or a private network: the join token and frames then cross it in clear)")
+
+
+def client_tls(args: argparse.Namespace, address: str) -> Any:
+    """The ``ClientTls`` from --tls/--tls-ca/--tls-cert/--tls-key (None: plaintext); raises ConfigError for plaintext
+    to a coordinator off loopback without --insecure, or a TLS file that cannot be read."""
+    from node.transport.grpc_auth import ClientTls, check_plaintext
+
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name or "")
+    check_plaintext(address, tls, args.insecure)
+    return tls
