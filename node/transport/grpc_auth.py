@@ -77,16 +77,17 @@ def split_address(address: str) -> tuple[str, int]:
 
 class SigningInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                          grpc.StreamUnaryClientInterceptor):
-    """Signs the calls in ``SIGNED_METHODS`` with ``key`` for the node id ``node_id()`` returns at call time (empty
-    before Join: then a FetchState carries the public key and is signed by it). Other calls pass untouched."""
+    """Signs the calls in ``SIGNED_METHODS`` with ``key`` for the node id the request itself names (its first chunk's
+    for Submit; empty before Join: then a FetchState carries the public key and is signed by it). Other calls pass
+    untouched. ``wall``: unix time in seconds, for the signed timestamp."""
 
-    def __init__(self, key: NodeKey, node_id: Callable[[], str], wall: Callable[[], float] = time.time) -> None:
-        self.key, self.node_id, self.wall = key, node_id, wall
+    def __init__(self, key: NodeKey, wall: Callable[[], float] = time.time) -> None:
+        self.key, self.wall = key, wall
 
-    def _metadata(self, details: grpc.ClientCallDetails, digest: bytes,
+    def _metadata(self, details: grpc.ClientCallDetails, node_id: str, digest: bytes,
                   extra: Sequence[tuple[str, Any]] = ()) -> Any:
         method = details.method if isinstance(details.method, str) else details.method.decode()
-        node_id, ts, nonce = self.node_id(), int(self.wall() * 1000), secrets.token_hex(NONCE_HEX // 2)
+        ts, nonce = int(self.wall() * 1000), secrets.token_hex(NONCE_HEX // 2)
         sig = self.key.sign(rpc_message(method, node_id, ts, nonce, digest))
         md = [*(details.metadata or ()), (MD_NODE, node_id), (MD_TS, str(ts)), (MD_NONCE, nonce), (MD_SIG, sig),
               *extra]
@@ -101,12 +102,12 @@ class SigningInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClien
 
     def intercept_unary_unary(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
         if self._signed(details):
-            details = self._metadata(details, request_digest(request.SerializeToString()))
+            details = self._metadata(details, request.node_id, request_digest(request.SerializeToString()))
         return continuation(details, request)
 
     def intercept_unary_stream(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
         if self._signed(details):
-            details = self._metadata(details, request_digest(request.SerializeToString()))
+            details = self._metadata(details, request.node_id, request_digest(request.SerializeToString()))
         return continuation(details, request)
 
     def intercept_stream_unary(self, continuation: Any, details: grpc.ClientCallDetails,
@@ -116,7 +117,7 @@ class SigningInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClien
         first = next(request_iterator, None)  # the first chunk names round and total size: they are signed
         if first is None:
             return continuation(details, iter(()))
-        details = self._metadata(details, submit_digest(first.round, first.total_size),
+        details = self._metadata(details, first.node_id, submit_digest(first.round, first.total_size),
                                  [(MD_SUBMIT, f"{first.round}:{first.total_size}")])
         return continuation(details, _chain(first, request_iterator))
 

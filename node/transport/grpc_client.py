@@ -136,7 +136,7 @@ class GrpcTransport:
         self._raw, self.channel = open_channel(
             address, tls, [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20),
                            ("grpc.max_reconnect_backoff_ms", int(Backoff.maximum * 1000))],
-            [*interceptors, SigningInterceptor(self.key, lambda: self.node_id)])
+            [*interceptors, SigningInterceptor(self.key)])
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.identity: Identity | None = None
         self.node_id = ""
@@ -240,8 +240,9 @@ class GrpcTransport:
                 self.current_round = resp.current_round
             except grpc.RpcError as exc:
                 if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
-                    log.warning("coordinator no longer accepts this session: %s", exc.details())
-                    self.lost.set()
+                    if node_id == self.node_id:  # not a session this node already replaced by joining again
+                        log.warning("coordinator no longer accepts this session: %s", exc.details())
+                        self.lost.set()
                     return
                 log.debug("heartbeat failed: %s", exc.code().name)
 
