@@ -30,7 +30,7 @@ import grpc
 from cryptography import x509
 
 from coordinator.bounds import NODE_ID_RE, RateLimited, ReplayCache, printable
-from coordinator.errors import Busy, Cancelled, CoordinatorError, Unauthorized, UnknownNode
+from coordinator.errors import Busy, Cancelled, CoordinatorError, Invalid, Unauthorized, UnknownNode
 from coordinator.watchdog import Watch, Watchdog
 from node.certs import NODE_KEY_URI  # a node certificate's URI SAN: the node key it speaks for
 from node.identity import key_id, verify
@@ -99,6 +99,17 @@ def tls_node_key(context: grpc.ServicerContext) -> bytes | None:
         while len(_CERT_KEYS) > 1024:
             _CERT_KEYS.popitem(last=False)
     return found
+
+
+def _parse(deserialize: Callable[[bytes], Any], raw: bytes, method: str, context: grpc.ServicerContext) -> Any:
+    """The request message, or INVALID_ARGUMENT when the bytes are not one (never an unhandled exception)."""
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except Exception:  # noqa: BLE001 — protobuf raises DecodeError (or worse) on hostile bytes
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request is not a valid {method.rsplit('/', 1)[-1]} request message")
 
 
 class _Counter:
@@ -179,14 +190,14 @@ class RpcGuard(grpc.ServerInterceptor):
     def _unary(self, method: str, md: dict[str, Any], handler: Any) -> Callable[[bytes, Any], Any]:
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
             call = self._admit(method, md, context, raw, self.limits.unary_s)
-            request = handler.request_deserializer(raw)
+            request = _parse(handler.request_deserializer, raw, method, context)
             self._check_node_id(call, request, context)
             return handler.unary_unary(request, context)
         return behavior
 
     def _unary_stream(self, method: str, md: dict[str, Any], handler: Any) -> Callable[[bytes, Any], Iterator[Any]]:
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
-            request = handler.request_deserializer(raw)
+            request = _parse(handler.request_deserializer, raw, method, context)
             first = self.limits.idle_stream_s
             if method == COLLECT:
                 first += min(request.wait_ms / 1000.0, self.limits.collect_wait_s)
@@ -214,7 +225,10 @@ class RpcGuard(grpc.ServerInterceptor):
                 why = call.watch.fired if call.watch is not None else ""
                 raise Cancelled(f"upload stream ended: {why or 'cancelled by the client'}") from None
             call.watch.progress(len(raw))  # type: ignore[union-attr]
-            chunk = deserialize(raw)
+            try:
+                chunk = deserialize(raw)
+            except Exception:  # noqa: BLE001 — protobuf raises DecodeError (or worse) on hostile bytes
+                raise Invalid("an upload chunk is not a valid SubmitChunk message") from None
             if chunk.node_id != call.node_id:
                 raise Unauthorized("every chunk of an upload must name the node id its call was signed for")
             if first and call.submit_head is not None and (chunk.round, chunk.total_size) != call.submit_head:

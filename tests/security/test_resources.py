@@ -160,6 +160,22 @@ def test_every_join_field_is_bounded_with_a_precise_message(trial: Callable[...,
     assert t.core.members == {}
 
 
+def test_bytes_that_are_no_request_are_invalid_argument_not_a_crash(trial: Callable[..., Trial]) -> None:
+    t = trial()
+    a = t.join("a")
+    ch = t.channel()
+    garbage = b"\xff\xff\xff\xff\x0f"
+    for method in ("GetRun", "Join", "Status"):
+        err = rpc_error(ch.unary_unary(f"/lowband.v1.Coordinator/{method}"), garbage)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err)
+        assert err.details() == f"the request is not a valid {method} request message"
+    err = rpc_error(ch.stream_unary("/lowband.v1.Coordinator/Submit"), iter([garbage]),
+                    metadata=signed_metadata(a.transport.key, a.transport.node_id, "Submit", submit=(0, 10)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid SubmitChunk" in err.details()
+    t.join("b")
+    assert t.honest_round() == 0
+
+
 def test_a_bug_answers_internal_and_the_server_keeps_serving(trial: Callable[..., Trial]) -> None:
     class Buggy(Disk):
         armed = False

@@ -80,14 +80,16 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetRun(self, request, context):
-        """The run's configuration, so that a node needs only the coordinator's address.
+        """The run's configuration, so that a node needs only the coordinator's address. Needs the read or join
+        token when the run has one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Join(self, request, context):
-        """Enter the run. Refused with FAILED_PRECONDITION naming every field that differs.
+        """Enter the run. Refused with FAILED_PRECONDITION naming every field that differs, UNAUTHENTICATED for a
+        wrong token or signature, ALREADY_EXISTS for a live member's name held by another key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,7 +131,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Members, round, deadline, bytes and loss, for operators.
+        """Members, round, deadline, bytes and loss, for operators (no credential material). Needs the read or join
+        token when the run has one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
