@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.guard import ServerLimits
-from coordinator.server import CoordinatorServer
+from coordinator.server import SERVICE_NAME, CoordinatorServer
 from coordinator.startup import ServerTls
 from coordinator.store import Disk
 from node.certs import CertificateAuthority
@@ -213,3 +214,17 @@ class Idle:
 
     def release(self) -> None:
         self.released.set()
+
+
+class Health:
+    """The coordinator's health as gRPC's Watch streams it (no polling)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                                timeout=120)
+
+    def next_status(self, want: int) -> int:
+        for resp in self.stream:
+            if resp.status == want:
+                return resp.status
+        raise AssertionError("health stream ended")

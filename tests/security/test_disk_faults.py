@@ -12,14 +12,14 @@ from typing import Any, Callable
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from coordinator.errors import StartupError
-from coordinator.server import SERVICE_NAME, CoordinatorServer
+from coordinator.server import CoordinatorServer
 from coordinator.store import Disk
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.train.reference import Reference
-from security_harness import RPC_S, Trial, rpc_error
+from security_harness import RPC_S, Health, Trial, rpc_error
 
 WAIT_S = 30.0
 
@@ -54,20 +54,6 @@ class FaultyDisk(Disk):
     def wait_refused(self, n: int) -> bool:
         with self.changed:
             return self.changed.wait_for(lambda: self.refused >= n, WAIT_S)
-
-
-class Health:
-    """The coordinator's health as gRPC's Watch streams it (no polling)."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self.stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                                                timeout=120)
-
-    def next_status(self, want: int) -> int:
-        for resp in self.stream:
-            if resp.status == want:
-                return resp.status
-        raise AssertionError("health stream ended")
 
 
 @pytest.mark.parametrize("fault", [OSError(errno.ENOSPC, "No space left on device"),
