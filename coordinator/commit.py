@@ -7,7 +7,6 @@ round calls) and paces the retries (``retry_s`` doubling up to ``max_retry_s`` s
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 
@@ -27,11 +26,12 @@ class Step:
     aggregate: bytes | None
 
 
-def compute_step(live: Reference, scratch: Reference, frames: dict[str, bytes], round_: int, cfg: RunFile) -> Step:
-    """Load ``live``'s state into ``scratch`` and apply round ``round_`` (``frames``: sender → validated frame) there;
-    ``live`` is not touched. Relay mode applies every frame; aggregate mode reduces, encodes the aggregate with
-    ``cfg.aggregate_codec`` and applies what it decodes to (what the members will apply)."""
-    scratch.load_state_dict(copy.deepcopy(live.state_dict()))
+def compute_step(live_state: bytes, scratch: Reference, frames: dict[str, bytes], round_: int, cfg: RunFile) -> Step:
+    """Load the live state (``live_state``: its serialised bytes, as persisted) into ``scratch`` and apply round
+    ``round_`` (``frames``: sender → validated frame) there; the live reference is not touched. Relay mode applies
+    every frame; aggregate mode reduces, encodes the aggregate with ``cfg.aggregate_codec`` and applies what it
+    decodes to (what the members will apply)."""
+    scratch.load_bytes(live_state)
     envelopes, rejected = scratch.unpack(frames, round_)
     assert not rejected, f"frames were validated on arrival: {rejected}"
     aggregate = None

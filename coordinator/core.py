@@ -213,13 +213,6 @@ class CoordinatorCore(Rounds):
             self._maybe_close()
 
     # -- state ---------------------------------------------------------------------------------------
-    def state_blob(self) -> tuple[int, bytes, str]:
-        with self.lock:
-            committed = self.reference.committed_rounds
-            if self._state_cache is None or self._state_cache[0] != committed:
-                self._state_cache = (committed, self.reference.to_bytes())
-            return committed, self._state_cache[1], self.reference.fingerprint()
-
     def fetch_state(self, node_id: str, offset: int, join_token: str = "",
                     public_key: bytes | None = None) -> Iterable[dict[str, Any]]:
         """The state blob from ``offset``, to a member, or (empty ``node_id``) to a node that has not joined yet but

@@ -33,7 +33,7 @@ from node.roundlog import RoundRow
 from node.runfile import RunFile
 from node.tasks import load_task
 from node.tasks.base import build_seeded
-from node.train.reference import Reference, model_digest
+from node.train.reference import Reference
 
 log = logging.getLogger(__name__)
 STATE_CHUNK = 1 << 20
@@ -82,11 +82,10 @@ class Rounds:
         run = cfg.run
         self.task = load_task(run.task.name, **run.task.params)
         model = build_seeded(self.task, run.seed)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.reference = Reference(run, named)
-        self._scratch = Reference(run, named)  # where a commit computes the next state (see _commit)
+        self.reference = Reference.for_model(run, model)  # trainable parameters and buffers
+        self._scratch = Reference.for_model(run, model)  # where a commit computes the next state (see _commit)
         self.config_hash = run.config_hash(self.task.fingerprint)
-        self.model_digest = model_digest(self.reference.spec)
+        self.model_digest = self.reference.digest()
         problem = store.check_identity(run.run_id, self.config_hash)
         if problem:
             raise ConfigError(problem)
@@ -95,7 +94,7 @@ class Rounds:
             self.reference.load_bytes(blob)
             log.info("resumed run %s after %d committed rounds (fingerprint %s)", run.run_id, committed,
                      self.reference.fingerprint())
-        self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec)
+        self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec, self.reference.buffer_spec)
         self.open_round = self.reference.committed_rounds
         self.uploads: dict[str, Upload] = {}
         self.submitted: dict[str, tuple[bytes, float, float]] = {}  # node id → (frame, at, loss)
@@ -193,7 +192,7 @@ class Rounds:
             self.uploads.pop(up.node_id, None)
         try:
             env = wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
-                              limit=self.limit)
+                              limit=self.limit, extra_spec=self.reference.buffer_spec)
         except PayloadError as exc:
             raise BadPayload(f"payload rejected: {exc}") from None
         if env.sender != m.name:
@@ -257,7 +256,10 @@ class Rounds:
             self._last_reason = started.reason
             return
         expected = self._expected(self.open_round)
-        decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership)
+        decision = policy.decide_close(self.clock(), expected, set(self.submitted), self.deadline, self.cfg.membership,
+                                       observing=self.observers)
+        if decision.kind is CloseKind.QUORUM_UNREACHABLE and decision.reason != self._last_reason:
+            log.warning("[round=%d] %s", self.open_round, decision.reason)
         if not decision.close:
             if decision.reason != self._last_reason and decision.kind is CloseKind.NO_QUORUM:
                 log.warning("[round=%d] %s", self.open_round, decision.reason)
@@ -272,7 +274,8 @@ class Rounds:
         r, now = self.open_round, self.clock()
         names = {nid: self.submitter_names[nid] for nid in decision.members}
         frames = dict(sorted((names[nid], self.submitted[nid][0]) for nid in decision.members))
-        step = compute_step(self.reference, self._scratch, frames, r, self.cfg)
+        _, live_blob, _ = self.state_blob()
+        step = compute_step(live_blob, self._scratch, frames, r, self.cfg)
         times = [self.submitted[nid][1] for nid in decision.members]
         losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
         bytes_in = sum(len(f) for f in frames.values())
@@ -318,7 +321,7 @@ class Rounds:
         log.info("[round=%d] committed: members=%d in=%dB loss=%.4f fp=%s (%s)", r, len(frames), bytes_in,
                  row.mean_loss, step.fingerprint, decision.reason)
         if self.evaluator is not None and (r + 1) % self.cfg.eval_every == 0:
-            self.evaluator.submit(r, self.reference.tensors)
+            self.evaluator.submit(r, self.reference.tensors, self.reference.buffers)
         for waiter in self.waiters:
             waiter.event.set()
 
@@ -332,6 +335,14 @@ class Rounds:
             except (OSError, sqlite3.Error) as exc:
                 log.warning("[round=%d] val_loss %.4f not persisted: %s", round_, val, exc)
         log.info("[round=%d] reference val_loss=%.4f", round_, val)
+
+    def state_blob(self) -> tuple[int, bytes, str]:
+        """(committed rounds, the live state's bytes — what the store persisted, fingerprint)."""
+        with self.lock:
+            committed = self.reference.committed_rounds
+            if self._state_cache is None or self._state_cache[0] != committed:
+                self._state_cache = (committed, self.reference.to_bytes())
+            return committed, self._state_cache[1], self.reference.fingerprint()
 
     # -- results -------------------------------------------------------------------------------------
     def collect(self, node_id: str, round_: int, wait_s: float, submitted: bool,

@@ -18,6 +18,7 @@ from coordinator.errors import StartupError
 from coordinator.server import CoordinatorServer
 from coordinator.store import Disk
 from node.proto.lowband.v1 import coordinator_pb2 as pb
+from node.tasks.base import build_seeded
 from node.train.reference import Reference
 from security_harness import RPC_S, Health, Trial, rpc_error
 
@@ -65,7 +66,7 @@ def test_a_failing_store_never_applies_a_round_twice(trial: Callable[..., Trial]
     assert t.honest_round() == 0
     health = Health(t.channel())
     health.next_status(health_pb2.HealthCheckResponse.SERVING)
-    oracle = Reference(t.cfg, [(n, p) for n, p in t.task.build_model(t.cfg.seed).named_parameters() if p.requires_grad])
+    oracle = Reference.for_model(t.cfg, build_seeded(t.task, t.cfg.seed))
     oracle.load_bytes(t.core.state_blob()[1])  # the state after round 0, before the fault
     before = t.core.reference.fingerprint()
 
