@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from node.cli_trust import add_certs_parser, add_client_tls_args, add_coordinator_args, client_tls, cmd_coordinator
+from node.cli_trust import (add_certs_parser, add_client_tls_args, add_coordinator_args, client_tls, cmd_coordinator,
+                            node_exit_code, node_security, read_token)
 from node.config import TaskConfig, parse_value
 from node.errors import ConfigError
 from node.fsutil import write_atomic
@@ -136,15 +137,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     join_token = args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", "")
-    if args.name:
-        from node.membership import check_node_name
-
-        problem = check_node_name(args.name)
-        if problem:
-            raise ConfigError(f"--name: {problem}")
-    tls = None
-    if args.coordinator:
-        tls = client_tls(args, args.coordinator)
+    tls = node_security(args)
     try:
         if args.coordinator and not (Path(args.workdir) / "checkpoint.safetensors").exists():  # checkpoint.FILE
             # a fresh node: download the run's state while torch imports and the model builds (seconds on a slow
@@ -159,16 +152,10 @@ def cmd_node(args: argparse.Namespace) -> int:
                 prefetch.cancel()
         return _run_node(args, join_token, None, tls)
     except Exception as exc:
-        from node.transport.control import JoinRefused
-        from node.transport.grpc_client import CoordinatorFault
-
-        if isinstance(exc, CoordinatorFault):
-            print(f"lowband node: giving up: {exc}", file=sys.stderr)
-            return 4
-        if isinstance(exc, JoinRefused):  # refused when joining again (the first refusal is the daemon's exit 3)
-            print(f"lowband node: join refused: {exc}", file=sys.stderr)
-            return 3
-        raise
+        code = node_exit_code(exc)
+        if code is None:
+            raise
+        return code
 
 
 def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch | None, tls: Any) -> int:
@@ -272,8 +259,7 @@ def _add_dht_args(p: argparse.ArgumentParser, listen: str) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from node.status import print_status
 
-    token = args.read_token or os.environ.get("LOWBAND_READ_TOKEN", "") or os.environ.get("LOWBAND_JOIN_TOKEN", "")
-    return print_status(args.coordinator, as_json=args.json, read_token=token,
+    return print_status(args.coordinator, as_json=args.json, read_token=read_token(args),
                         tls=client_tls(args, args.coordinator))
 
 

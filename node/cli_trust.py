@@ -86,3 +86,37 @@ def client_tls(args: argparse.Namespace, address: str) -> Any:
         tls = ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name or "")
     check_plaintext(address, tls, args.insecure)
     return tls
+
+
+def node_security(args: argparse.Namespace) -> Any:
+    """``lowband node``'s checks before anything starts: a valid --name, and the coordinator channel's TLS (None for
+    plaintext or DHT mode). Raises ConfigError naming the problem."""
+    if args.name:
+        from node.membership import check_node_name
+
+        problem = check_node_name(args.name)
+        if problem:
+            from node.errors import ConfigError
+
+            raise ConfigError(f"--name: {problem}")
+    return client_tls(args, args.coordinator) if args.coordinator else None
+
+
+def node_exit_code(exc: BaseException) -> int | None:
+    """The exit status (after one line on stderr) for how a node's run ended: 4 when the coordinator kept failing
+    (INTERNAL/UNKNOWN), 3 when a Join was refused after the first one; None for anything else (re-raised)."""
+    from node.transport.control import JoinRefused
+    from node.transport.grpc_client import CoordinatorFault
+
+    if isinstance(exc, CoordinatorFault):
+        print(f"lowband node: giving up: {exc}", file=sys.stderr)
+        return 4
+    if isinstance(exc, JoinRefused):  # refused when joining again (the first refusal is the daemon's exit 3)
+        print(f"lowband node: join refused: {exc}", file=sys.stderr)
+        return 3
+    return None
+
+
+def read_token(args: argparse.Namespace) -> str:
+    """``lowband status``'s token: --read-token, else $LOWBAND_READ_TOKEN, else $LOWBAND_JOIN_TOKEN."""
+    return args.read_token or os.environ.get("LOWBAND_READ_TOKEN", "") or os.environ.get("LOWBAND_JOIN_TOKEN", "")
