@@ -2,8 +2,9 @@
 server-side deadline. A gRPC server interceptor (``RpcGuard``) wraps every method's handler:
 
 1. **Bounds.** At most ``per_peer_rpcs`` calls at once from one IP address; at most ``per_member_rpcs`` per member
-   (node id) and ``anonymous_rpcs`` in all for calls made before Join (GetRun, Join, Status, a FetchState before
-   Join); health checks have their own few. Beyond them: RESOURCE_EXHAUSTED naming the bound, at once.
+   (node id), ``anonymous_rpcs`` in all for calls made before Join (GetRun, Join, Status) and ``prejoin_downloads``
+   state downloads before Join; health checks have their own few. Beyond them: RESOURCE_EXHAUSTED naming the
+   bound, at once, with trailing metadata ``lowband-retry`` (the client retries; "the run is full" has none).
 2. **Identity.** A member's call (Heartbeat, Leave, Submit, Collect, FetchState with a node id) must carry metadata
    signed by the member's registered key over the method, node id, timestamp, nonce and a digest of the exact request
    bytes (for Submit: the first chunk's round and total size, in metadata, checked before any chunk is read) —
@@ -39,6 +40,7 @@ from node.transport.grpc_auth import (MD_KEY, MD_NODE, MD_NONCE, MD_SIG, MD_SUBM
 
 log = logging.getLogger(__name__)
 HEALTH_RPCS = 4
+RETRY_MD = {"lowband-retry": "1"}  # on a RESOURCE_EXHAUSTED that is a passing bound (not "the run is full")
 MEMBER_METHODS = frozenset(SERVICE + m for m in ("Heartbeat", "Leave", "Submit", "Collect"))
 FETCH_STATE, COLLECT, SUBMIT = SERVICE + "FetchState", SERVICE + "Collect", SERVICE + "Submit"
 
@@ -49,6 +51,7 @@ class ServerLimits:
 
     per_member_rpcs: int = 4
     anonymous_rpcs: int = 16
+    prejoin_downloads: int = 8
     per_peer_rpcs: int = 64
     unary_s: float = 30.0
     idle_stream_s: float = 30.0
@@ -58,7 +61,7 @@ class ServerLimits:
 
     def workers(self, max_nodes: int) -> int:
         """Server threads (and gRPC's maximum_concurrent_rpcs): every bound can be full at once."""
-        return max_nodes * self.per_member_rpcs + self.anonymous_rpcs + HEALTH_RPCS
+        return max_nodes * self.per_member_rpcs + self.anonymous_rpcs + self.prejoin_downloads + HEALTH_RPCS
 
 
 def peer_host(peer: str) -> str:
@@ -263,25 +266,32 @@ class RpcGuard(grpc.ServerInterceptor):
         lim = self.limits
         host = peer_host(context.peer())
         if not self.by_peer.take(host, lim.per_peer_rpcs):
-            raise Busy(f"too many calls in progress from {host} (limit {lim.per_peer_rpcs})")
+            raise Busy(f"too many calls in progress from {host} (limit {lim.per_peer_rpcs})", RETRY_MD)
         call.slots.append((self.by_peer, host))
         if not method.startswith(SERVICE):
             if not self.health.take("", HEALTH_RPCS):
-                raise Busy(f"too many health checks in progress (limit {HEALTH_RPCS})")
+                raise Busy(f"too many health checks in progress (limit {HEALTH_RPCS})", RETRY_MD)
             call.slots.append((self.health, ""))
             return
         node_id = str(md.get(MD_NODE, ""))
         if method in MEMBER_METHODS or (method == FETCH_STATE and node_id):
             public = self._verify(call, method, md, context, raw, node_id, member=True)
             if not self.by_member.take(node_id, lim.per_member_rpcs):
-                raise Busy(f"node {key_id(public)} already has {lim.per_member_rpcs} calls in progress (the limit)")
+                raise Busy(f"node {key_id(public)} already has {lim.per_member_rpcs} calls in progress (the limit)",
+                           RETRY_MD)
             call.slots.append((self.by_member, node_id))
             call.node_id = node_id
             return
-        if method == FETCH_STATE:
+        if method == FETCH_STATE:  # a download before Join: long on a slow link, so a budget of its own
             call.public_key = self._verify(call, method, md, context, raw, "", member=False)
+            if not self.anonymous.take("download", lim.prejoin_downloads):
+                raise Busy(f"too many state downloads before Join in progress (limit {lim.prejoin_downloads}): "
+                           "try again shortly, or join first", RETRY_MD)
+            call.slots.append((self.anonymous, "download"))
+            return
         if not self.anonymous.take("", lim.anonymous_rpcs):
-            raise Busy(f"too many calls before Join in progress (limit {lim.anonymous_rpcs}): try again shortly")
+            raise Busy(f"too many calls before Join in progress (limit {lim.anonymous_rpcs}): try again shortly",
+                       RETRY_MD)
         call.slots.append((self.anonymous, ""))
 
     def _verify(self, call: _Call, method: str, md: dict[str, Any], context: grpc.ServicerContext,

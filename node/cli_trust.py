@@ -23,6 +23,8 @@ def add_coordinator_args(co: argparse.ArgumentParser) -> None:
                     "(default 64; raise it for many nodes behind one NAT)")
     co.add_argument("--max-rpcs-before-join", type=int, default=16, help="concurrent calls of nodes that have not "
                     "joined, in all (default 16)")
+    co.add_argument("--max-downloads-before-join", type=int, default=8, help="concurrent state downloads of nodes "
+                    "that have not joined yet, in all (default 8)")
     co.add_argument("--idle-stream-s", type=float, default=30.0, help="cancel an upload or download that moves "
                     "nothing this long (default 30 s)")
 
@@ -36,7 +38,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     try:
         limits = ServerLimits(per_member_rpcs=args.max_rpcs_per_node, per_peer_rpcs=args.max_rpcs_per_address,
-                              anonymous_rpcs=args.max_rpcs_before_join, idle_stream_s=args.idle_stream_s)
+                              anonymous_rpcs=args.max_rpcs_before_join, idle_stream_s=args.idle_stream_s,
+                              prejoin_downloads=args.max_downloads_before_join)
         return serve(args.listen, args.state_dir, args.run, limits=limits, insecure=args.insecure,
                      tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca),
                      join_token=args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""))

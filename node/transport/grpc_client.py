@@ -73,6 +73,13 @@ def _metadata(exc: grpc.RpcError, key: str) -> str | None:
     return None
 
 
+def _busy(exc: grpc.RpcError) -> bool:
+    """A RESOURCE_EXHAUSTED that is a passing bound of the coordinator (too many calls at once: metadata
+    ``lowband-retry``, or gRPC's own concurrency limit), to retry — not a refusal such as "the run is full"."""
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+        _metadata(exc, "lowband-retry") is not None or "Concurrent RPC limit" in (exc.details() or ""))
+
+
 def _status(header: pb.CollectHeader) -> RoundStatus:
     return RoundStatus.COMMITTED if header.committed else RoundStatus.NO_QUORUM
 
@@ -176,7 +183,7 @@ class GrpcTransport:
                 self._ok()
                 return out
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
+                if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault(what, exc)
                 log.warning("%s: coordinator unreachable (%s: %s); retrying", what, exc.code().name, exc.details())
@@ -297,6 +304,10 @@ class GrpcTransport:
                     raise Rejoin(exc.details()) from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     return "late"
+                if _busy(exc):
+                    log.info("submit round %d: %s; retrying", round_, exc.details())
+                    backoff.sleep(self.stop)
+                    continue
                 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             grpc.StatusCode.ALREADY_EXISTS):
                     return f"rejected: {exc.details()}"
@@ -335,7 +346,7 @@ class GrpcTransport:
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     backoff.reset()
                     continue  # the round is still open: ask again
-                if code in RETRYABLE:
+                if code in RETRYABLE or _busy(exc):
                     self._fault("Collect", exc)
                     log.warning("collect round %d: %s (%s); retrying", round_, code.name, exc.details())
                     backoff.sleep(self.stop)
@@ -431,7 +442,7 @@ class GrpcTransport:
                 if exc.code() == grpc.StatusCode.NOT_FOUND or (exc.code() == grpc.StatusCode.UNAUTHENTICATED
                                                                and self.node_id):
                     raise Rejoin(exc.details()) from None
-                if exc.code() not in RETRYABLE:
+                if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault("FetchState", exc)
                 log.warning("fetch state: %s; resuming at byte %d", exc.code().name, len(buf))

@@ -67,11 +67,11 @@ def test_idle_upload_streams_do_not_stop_rounds(trial: Callable[..., Trial]) -> 
 
 
 def test_cancelled_collects_free_their_threads_at_once(trial: Callable[..., Trial]) -> None:
-    """A server with 14 threads: 40 collects that wait on an open round and are cancelled one after the other each
+    """A server with 15 threads: 40 collects that wait on an open round and are cancelled one after the other each
     get a thread (the cancelled ones free theirs at once), and the round then commits."""
-    limits = ServerLimits(per_member_rpcs=2, anonymous_rpcs=2)
+    limits = ServerLimits(per_member_rpcs=2, anonymous_rpcs=2, prejoin_downloads=1)
     t = trial(limits=limits, membership={"max_nodes": 4})
-    assert limits.workers(4) == 14
+    assert limits.workers(4) == 15
     a, _ = t.join("a"), t.join("b")
     dog = t.server.watchdog
     request = pb.CollectRequest(node_id=a.transport.node_id, round=0, wait_ms=60_000, submitted=False)
@@ -95,6 +95,7 @@ def test_calls_beyond_the_bound_per_address_are_refused_at_once(trial: Callable[
         err = rpc_error(stub.GetRun, pb.GetRunRequest(protocol_version=2))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert err.details() == "too many calls in progress from 127.0.0.1 (limit 3)"
+        assert dict(err.trailing_metadata())["lowband-retry"] == "1"  # a passing bound: nodes retry it
     finally:
         idle.release()
         for c in calls:
@@ -223,3 +224,43 @@ def test_a_node_gives_up_after_a_bounded_number_of_internal_errors(trial: Callab
     finally:
         node.close()
     assert AlwaysInternal.calls == MAX_FAULTS and clock.slept > 0  # backed off between tries, on virtual time
+
+
+class _Exhausted(grpc.RpcError):
+    def __init__(self, retry: bool) -> None:
+        self.retry = retry
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "too many calls in progress from 10.0.0.1 (limit 64)" if self.retry else "the run is full (4 members)"
+
+    def trailing_metadata(self) -> tuple:
+        return (("lowband-retry", "1"),) if self.retry else ()
+
+
+def test_a_node_retries_a_passing_bound_but_not_a_full_run(trial: Callable[..., Trial]) -> None:
+    class BusyTwice(grpc.UnaryUnaryClientInterceptor):
+        calls = 0
+
+        def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            BusyTwice.calls += 1
+            if BusyTwice.calls <= 2:
+                raise _Exhausted(retry=True)
+            if isinstance(request, pb.JoinRequest):
+                raise _Exhausted(retry=False)
+            return continuation(details, request)
+
+    t = trial()
+    clock = ManualClock()
+    node = GrpcTransport(t.address, threading.Event(), interceptors=[BusyTwice()], clock=clock)
+    try:
+        assert node.get_run().run_id == "security" and BusyTwice.calls == 3 and clock.slept > 0
+        node.identity = t.identity("a")
+        from node.transport.control import JoinRefused
+
+        with pytest.raises(JoinRefused, match="RESOURCE_EXHAUSTED: the run is full"):
+            node.join()
+    finally:
+        node.close()
