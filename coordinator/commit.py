@@ -7,8 +7,11 @@ round calls) and paces the retries (``retry_s`` doubling up to ``max_retry_s`` s
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
+
+import torch
 
 from node.runfile import RunFile
 from node.train.reference import Reference
@@ -26,12 +29,23 @@ class Step:
     aggregate: bytes | None
 
 
-def compute_step(live_state: bytes, scratch: Reference, frames: dict[str, bytes], round_: int, cfg: RunFile) -> Step:
-    """Load the live state (``live_state``: its serialised bytes, as persisted) into ``scratch`` and apply round
-    ``round_`` (``frames``: sender → validated frame) there; the live reference is not touched. Relay mode applies
-    every frame; aggregate mode reduces, encodes the aggregate with ``cfg.aggregate_codec`` and applies what it
-    decodes to (what the members will apply)."""
-    scratch.load_bytes(live_state)
+def copy_state(src: Reference, dst: Reference) -> None:
+    """``dst`` ← ``src`` in memory: parameters, buffers, the outer optimizer's state (deep-copied: nothing is shared)
+    and the committed-round count. Both were built for the same run and model (the same tensors in the same order)."""
+    with torch.no_grad():
+        for d, s in zip(dst.tensors, src.tensors, strict=True):
+            d.copy_(s)
+        for d, s in zip(dst.buffers, src.buffers, strict=True):
+            d.copy_(s)
+    dst.outer.load_state_dict(copy.deepcopy(src.outer.state_dict()))
+    dst.committed_rounds = src.committed_rounds
+
+
+def compute_step(live: Reference, scratch: Reference, frames: dict[str, bytes], round_: int, cfg: RunFile) -> Step:
+    """Copy ``live``'s state into ``scratch`` and apply round ``round_`` (``frames``: sender → validated frame) there;
+    ``live`` is not touched. Relay mode applies every frame; aggregate mode reduces, encodes the aggregate with
+    ``cfg.aggregate_codec`` and applies what it decodes to (what the members will apply)."""
+    copy_state(live, scratch)
     envelopes, rejected = scratch.unpack(frames, round_)
     assert not rejected, f"frames were validated on arrival: {rejected}"
     aggregate = None

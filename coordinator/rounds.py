@@ -274,8 +274,7 @@ class Rounds:
         r, now = self.open_round, self.clock()
         names = {nid: self.submitter_names[nid] for nid in decision.members}
         frames = dict(sorted((names[nid], self.submitted[nid][0]) for nid in decision.members))
-        _, live_blob, _ = self.state_blob()
-        step = compute_step(live_blob, self._scratch, frames, r, self.cfg)
+        step = compute_step(self.reference, self._scratch, frames, r, self.cfg)
         times = [self.submitted[nid][1] for nid in decision.members]
         losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
         bytes_in = sum(len(f) for f in frames.values())
