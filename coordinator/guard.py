@@ -251,7 +251,7 @@ class RpcGuard(grpc.ServerInterceptor):
         except CoordinatorError as exc:
             call.release()
             self.warn.info(f"{exc.code}:{peer_host(context.peer())}", "refused %s from %s: %s: %s",
-                           method.rsplit("/", 1)[-1], printable(context.peer()), exc.code, exc)
+                           method.rsplit("/", 1)[-1], printable(context.peer()), exc.code, printable(exc, 300))
             if exc.metadata:
                 context.set_trailing_metadata(tuple(exc.metadata.items()))
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
