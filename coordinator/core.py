@@ -43,7 +43,7 @@ class CoordinatorCore(Rounds):
         self.wall, self.skew_s = wall, skew_s
         self.lock = threading.RLock()
         super().__init__(cfg, store, clock)
-        self.members: dict[str, Member] = store.load_members(clock())
+        self.members: dict[str, Member] = store.load_members(policy.restored_heartbeat(clock(), cfg.membership))
         for m in self.members.values():  # a restart must not make everyone look idle
             m.active_round = m.contributed_round = self.open_round - 1
         self.members_dirty = False
