@@ -50,6 +50,7 @@ class Group:
         self._all: list[ControlPlane] = []
         self.server: Any = None
         self.run: Any = None
+        self._authority: Any = None
         try:
             if kind == "inprocess":
                 from node.transport.inprocess_plane import InProcessRun
@@ -87,10 +88,22 @@ class Group:
 
             boot = () if not self._all else tuple(self._all[0].transport.visible_maddrs())  # type: ignore[attr-defined]
             settings = DhtSettings(initial_peers=boot, host_maddrs=DHT_NET, num_shards=8, min_nodes=1, heartbeat_s=0.5,
-                                   round_wait_s=self.round_wait_s)
+                                   round_wait_s=self.round_wait_s, authority=self.authority())
             plane = DhtControl(self.cfg, settings, name, self.stop)
         self._all.append(plane)
         return plane
+
+    def authority(self) -> Any:
+        """The run's authority signature (serverless runs need one; an open run: any member may join)."""
+        if self._authority is None:
+            from node.identity import NodeKey
+            from node.transport.dht_authority import signed_record
+            from node.transport.dht_trust import RunAuthority
+
+            key = NodeKey.generate()
+            self._authority = RunAuthority(key.public, RunAuthority.sign(key, self.cfg.run_id, signed_record(
+                self.run_file, open_run=True)), open_run=True)
+        return self._authority
 
     def submission(self, name: str, round_: int) -> Submission:
         """``name``'s worker trains a round and offers it."""
