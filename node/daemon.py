@@ -197,6 +197,9 @@ class NodeDaemon:
         worker = self.worker
         assert worker is not None
         if self._restore_checkpoint(config_hash):
+            # where peers serve the state (serverless): from the start, so that after every node restarted, one
+            # whose checkpoint is a round behind can fetch it from the others instead of waiting for them forever
+            self._plane.offer_state(worker.reference.committed_rounds, worker.fingerprint(), worker.reference.to_bytes)
             if worker.reference.committed_rounds == first_round:
                 log.info("[node=%s] resumed from checkpoint at round %d", self.name, first_round)
                 self._drop_prefetch()

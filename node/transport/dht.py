@@ -463,6 +463,11 @@ class DhtTransport(DhtMembers):
         self._stop.set()
         if self._hb is not None:
             self._hb.join(timeout=self.rpc_timeout_s + self.heartbeat_s)
+        if self.dht.is_alive():  # the validator's counts live in the DHT process: take them while it runs
+            ignored = self.refresh_rejections()
+            if ignored:
+                log.info("[node=%s] records ignored in all: %s", self.name, "; ".join(f"{k} ({n})"
+                                                                               for k, n in ignored.items()))
         if announce_leave and hasattr(self, "peer_id") and self.dht.is_alive():
             self._announce_leave()
         if hasattr(self, "p2p"):
