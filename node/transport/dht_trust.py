@@ -264,16 +264,16 @@ class RunTrust:
             self.rejections.add(kind, "malformed name", (public, raw))
             return None
         if not self.granted(public, name, grant):
-            self.rejections.add(kind, "writer has no grant from the run's authority", (public, name))
+            self.rejections.add(kind, "writer has no grant from the run's authority", (public, raw))
             return None
         if not roster:
             return name, body
         holder = self.holder(name)
         if holder is not None and holder != public:
-            self.rejections.add(kind, "name held by another member's key", (public, name))
+            self.rejections.add(kind, "name held by another member's key", (public, raw))
             return None
         if not self.within_max(public):
-            self.rejections.add(kind, "writer is beyond the run's max_nodes", (public, name))
+            self.rejections.add(kind, "writer is beyond the run's max_nodes", (public, raw))
             return None
         return name, body
 
