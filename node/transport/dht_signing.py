@@ -102,6 +102,7 @@ class SignedRecordValidator(RecordValidatorBase):
         self._lock = threading.Lock()
         self._counts: dict[bytes, Counter[str]] = {}  # DHT key id → reason → distinct records refused
         self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._valid: OrderedDict[bytes, None] = OrderedDict()  # records verified already (most recent last)
         self.token = uuid.uuid4().hex
         _REGISTRY[self.token] = self
 
@@ -143,9 +144,20 @@ class SignedRecordValidator(RecordValidatorBase):
         if isinstance(parsed, str):
             return parsed
         run_id, value, signature = parsed
+        # a record is read on every poll of every peer: verify each distinct one once
+        digest = hashlib.sha256(b"\0".join((record.key, record.subkey, record.value,
+                                            struct.pack("!d", record.expiration_time)))).digest()
+        with self._lock:
+            if digest in self._valid:
+                self._valid.move_to_end(digest)
+                return None
         if len(signature) != SIGNATURE_BYTES or not verify(
                 public, signature, record_message(run_id, record.key, record.subkey, value, record.expiration_time)):
             return "bad signature"
+        with self._lock:
+            self._valid[digest] = None
+            if len(self._valid) > _SEEN:
+                self._valid.popitem(last=False)
         return None
 
     def _count(self, record: DHTRecord, why: str) -> None:
