@@ -242,6 +242,12 @@ class DhtTransport(DhtMembers):
             if self._given_up():  # closed, cancelled or DHT gone: nothing more will arrive
                 return {}, None, None, None
 
+    def _drop_warning(self, round_: int, sender: str, why: str) -> None:
+        """A frame left out of a round: a warning per sender at most every ``WARN_EVERY_S`` (a diverged or broken
+        peer is left out of every round)."""
+        self._warn_every(f"dropped {sender}", "[node=%s round=%d] dropped %s: %s", self.name, round_, sender, why,
+                         logger=log)
+
     def _publish_done(self, round_: int, fingerprint: str, committed: bool, pairs: frozenset[Pair],
                       confirmed: frozenset[str], published_at: float | None = None, wait: bool = True) -> None:
         """``wait=False``: send it and go on (an outcome repeated only as a source for peers that lack frames)."""
@@ -268,9 +274,14 @@ class DhtTransport(DhtMembers):
                                           else f"not supported: {decision.kind.value}", (round_, p))
         return choose_outcome({p: done[p] for p in good}, mine)
 
-    def _read_outcome(self, round_: int, group: dict[str, Announcement], mine: str, voters: int) -> Outcome | None:
+    def _read_outcome(self, round_: int, group: dict[str, Announcement], mine: str, voters: int,
+                      own: HaveList | None = None) -> Outcome | None:
+        """The round's supported outcome, read now; ``own``: our have-list as we hold it (a read may lag it)."""
         haves, done = self._read_many([f"{self.run_id}/round/{round_}/have", f"{self.run_id}/round/{round_}/done"])
-        return self._supported(round_, done or {}, parse_haves(haves or {}, group), mine, voters)
+        lists = parse_haves(haves or {}, group)
+        if own is not None:
+            lists[self.name] = own
+        return self._supported(round_, done or {}, lists, mine, voters)
 
     def collect(self, round_: int, timeout_s: float, fingerprint: str | None = None) -> RoundResult:
         """The round's outcome. ``fingerprint``: an observer's reference (a member's comes from ``submit``)."""
@@ -292,7 +303,7 @@ class DhtTransport(DhtMembers):
                                bytes_sent=sent)
         reference = same_reference(mine, announced)
         for sender, why in reference.dropped:
-            log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, why)
+            self._drop_warning(round_, sender, why)
         if reference.kind is ReferenceKind.DIVERGED:
             return RoundResult(round_, RoundStatus.DIVERGED, reason=reference.reason, bytes_sent=sent)
         announced = dict(reference.members)
@@ -337,7 +348,7 @@ class DhtTransport(DhtMembers):
             if isinstance(got, bytes):
                 held.add((sender, announced[sender].sha256))
             else:
-                log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, got)
+                self._drop_warning(round_, sender, got)
         return received
 
     def _decide(self, round_: int, announced: dict[str, Announcement], mine: str, deadline: float,
@@ -384,13 +395,13 @@ class DhtTransport(DhtMembers):
         agreed = agreed_set(held, haves, announced, self.min_members, voters)
         self.agreed[round_] = agreed
         for sender, why in agreed.dropped:
-            log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, why)
+            self._drop_warning(round_, sender, why)
         if agreed.kind is not Verdict.COMMIT:  # the others need not wait for our outcome
             self._publish_done(round_, mine, False, frozenset(), frozenset())
             return RoundResult(round_, RoundStatus.NO_QUORUM, reason=agreed.reason,
                                bytes_sent=self.frames.served.get(round_, 0), bytes_received=received), received
         self._publish_done(round_, mine, True, agreed.pairs, agreed.confirmed)
-        return self._settle(round_, announced, mine, agreed.settle_with, deadline, voters), received
+        return self._settle(round_, announced, mine, agreed.settle_with, deadline, voters, haves[self.name]), received
 
     def _take_late(self, round_: int, late: set[str], announced: dict[str, Announcement], mine: str,
                    held: set[Pair], refused: set[str], deadline: float) -> int:
@@ -407,8 +418,9 @@ class DhtTransport(DhtMembers):
         return self._fetch_announced(round_, dict(decision.taken), deadline, held)
 
     def _settle(self, round_: int, group: dict[str, Announcement], mine: str, peers: frozenset[str],
-                deadline: float, voters: int) -> Outcome | None:
-        """Wait (≤ ``settle_s``) for the outcomes of the other members; the earliest supported one is the round's."""
+                deadline: float, voters: int, own: HaveList) -> Outcome | None:
+        """Wait (≤ ``settle_s``) for the outcomes of the other members; the earliest supported one is the round's.
+        ``own``: our have-list (ours counts as we hold it, whatever a read returns)."""
         keys = [f"{self.run_id}/round/{round_}/have", f"{self.run_id}/round/{round_}/done"]
         until = min(deadline, self.clock.now() + self.settle_s)
         while True:
@@ -418,8 +430,8 @@ class DhtTransport(DhtMembers):
                 log.debug("[node=%s round=%d] settle: %s", self.name, round_, step.reason)
                 break
         if not records or haves is None:  # the read failed (ours is in there): read again
-            return self._read_outcome(round_, group, mine, voters)
-        return self._supported(round_, records, parse_haves(haves, group), mine, voters)
+            return self._read_outcome(round_, group, mine, voters, own)
+        return self._supported(round_, records, {**parse_haves(haves, group), self.name: own}, mine, voters)
 
     def _adopt(self, round_: int, outcome: Outcome, announced: dict[str, Announcement], mine: str, deadline: float,
                received: int) -> RoundResult:

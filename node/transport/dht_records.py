@@ -48,11 +48,16 @@ class BoundedDht:
 
     def _warn(self, key: str, what: str, *args: Any) -> None:
         """A warning about ``key``, at most once per ``WARN_EVERY_S`` per kind of key (else at debug level)."""
-        kind, now = key_kind(self.run_id, key), time.monotonic()
-        due = now >= self._warned.get(kind, -1e18) + WARN_EVERY_S
+        self._warn_every(key_kind(self.run_id, key), "[node=%s] " + what, self.name, *args)
+
+    def _warn_every(self, group: str, fmt: str, *args: Any, logger: logging.Logger = log) -> None:
+        """``logger.warning(fmt, *args)`` at most once per ``WARN_EVERY_S`` per ``group``; the rest at debug level
+        (a warning that repeats every poll or every round says nothing new)."""
+        now = time.monotonic()
+        due = now >= self._warned.get(group, -1e18) + WARN_EVERY_S
         if due:
-            self._warned[kind] = now
-        log.log(logging.WARNING if due else logging.DEBUG, "[node=%s] " + what, self.name, *args)
+            self._warned[group] = now
+        logger.log(logging.WARNING if due else logging.DEBUG, fmt, *args)
 
     def _kind(self, key: str) -> str:
         kind = key_kind(self.run_id, key)

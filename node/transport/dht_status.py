@@ -17,7 +17,6 @@ from hivemind.utils import get_dht_time
 from node.identity import NodeKey, key_id
 from node.runfile import RunFile
 from node.transport.dht_agreement import Announcement, parse_haves
-from node.transport.dht_members import Heartbeat
 from node.transport.dht_trust import RunAuthority, RunTrust
 
 log = logging.getLogger(__name__)
