@@ -242,7 +242,9 @@ class DhtControl:
             return JoinInfo(shard, n, at, at)
         self.transport.join(0)  # heartbeats say "live": the peers now wait for our frame in every round
         until = self.clock.now() + self.settings.start_timeout_s
-        while len(self.transport.live_peers() | {self.name}) < self.settings.min_nodes:
+        # a peer still "joining" counts: after every node restarted, one may have taken a dying peer's last heartbeat
+        # for a live run and be fetching the state, which it gets from us only once we start our round
+        while len(self._present() | {self.name}) < self.settings.min_nodes:
             if self.transport.run_round() is not None:
                 break  # the others started without waiting for more (we still joined before their round closed)
             if self.clock.now() >= until:
@@ -251,6 +253,10 @@ class DhtControl:
             if self.clock.sleep(0.2, self.stop):
                 raise Stopped()
         return JoinInfo(shard, n, 0, 0)
+
+    def _present(self) -> set[str]:
+        """The peers live or joining (not those that left or whose heartbeat expired)."""
+        return {n for n, hb in self.transport.heartbeats().items() if hb.status != "left"}
 
     def exchange(self, submission: Submission, timeout_s: float) -> RoundResult:
         round_ = submission.round
