@@ -48,6 +48,10 @@ class WrongRound(CoordinatorError):
     code = "FAILED_PRECONDITION"
 
 
+class Late(WrongRound):
+    """A payload for a round that already closed (the metrics count these apart: ``lowband_frames_late_total``)."""
+
+
 class ResumeMismatch(CoordinatorError):
     """Upload resumed at the wrong offset; metadata ``lowband-resume-offset`` holds the right one."""
     code = "OUT_OF_RANGE"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from coordinator.commit import Persistence, compute_step
-from coordinator.errors import (BadPayload, Cancelled, Conflict, NotSubmitted, ResultGone, StillOpen, Truncated,
-                                Unavailable, WrongRound)
+from coordinator.errors import (BadPayload, Cancelled, Conflict, Late, NotSubmitted, ResultGone, StillOpen,
+                                Truncated, Unavailable, WrongRound)
 from coordinator.evaluator import Evaluator
 from coordinator.store import Store
 from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_chunk
@@ -166,7 +166,7 @@ class Rounds:
     def _check_round(self, m: Member, round_: int) -> None:
         if round_ < self.open_round:
             self._note_late(m, round_)
-            raise WrongRound(f"round {round_} is closed (the open round is {self.open_round}); keep the update in "
+            raise Late(f"round {round_} is closed (the open round is {self.open_round}); keep the update in "
                              "error feedback and collect the round's result")
         if round_ > self.open_round:
             raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")

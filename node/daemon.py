@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -21,7 +22,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -60,6 +61,7 @@ class NodeOptions:
     checkpoint_every: int = 1  # applied rounds between checkpoint writes (one is also written on exit)
     prefetch: StatePrefetch | None = None  # the run's state, downloading since the process started (cmd_node)
     tls: ClientTls | None = None  # the coordinator channel's TLS (None: plaintext; cmd_node allows it on loopback)
+    on_record: Callable[[dict[str, Any]], None] | None = None  # told every rounds.jsonl entry (node/metrics.py)
 
 
 def _device(name: str) -> str:
@@ -106,7 +108,10 @@ class NodeDaemon:
 
     # -- files ---------------------------------------------------------------------------------------
     def _log_round(self, entry: dict[str, Any]) -> None:
-        append_line(self.workdir / "rounds.jsonl", {**entry, "time": time.time()})
+        entry = {**entry, "time": time.time()}
+        append_line(self.workdir / "rounds.jsonl", entry)
+        if self.opts.on_record is not None:  # the one hook where a round's record is produced
+            self.opts.on_record(entry)
 
     def _checkpoint(self, config_hash: str, wait: bool = False) -> None:
         """Snapshot the worker now (tensor copies, so training can go on) and write it on the checkpoint thread:
@@ -423,6 +428,7 @@ class NodeDaemon:
                          "fingerprint": fp, "coordinator_fingerprint": result.reference_fingerprint,
                          "loss": stats.mean_loss, "bytes_out": result.bytes_sent, "bytes_in": result.bytes_received,
                          "train_s": round(stats.compute_s, 3), "wait_s": round(wait_s, 3), "rejected": report.rejected,
+                         "steps": stats.steps, "dense_bytes": 4 * sum(math.prod(t.shape) for t in worker.reference.spec),
                          **health})
         log.info("[node=%s round=%d] loss=%.4f members=%d contributed=%s out=%dB in=%dB train=%.2fs exchange=%.2fs "
                  "fp=%s", self.name, r, stats.mean_loss, len(report.members), report.contributed, result.bytes_sent,
@@ -452,6 +458,13 @@ def run_node(opts: NodeOptions) -> int:
     import signal
 
     stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not stop.is_set():  # one line, at once: finishing the round's inner steps can take a while
+            log.warning("%s: finishing this round's inner steps, then checkpoint, leave and exit 0",
+                        signal.Signals(signum).name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     return NodeDaemon(opts, stop).run()

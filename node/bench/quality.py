@@ -21,6 +21,7 @@ from node.config import TaskConfig
 from node.fsutil import write_atomic
 from node.recipes import get_recipe, make_run_config
 from node.train.simulate import SimResult, simulate
+from node.progress import progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def run_quality_bench(profile: str, out: Path, recipes: list[str] | None = None,
     rows = []
     started = time.perf_counter()
     runs = [(r, {}) for r in (ALL_RECIPES if recipes is None else recipes)] + [parse_variant(v) for v in variants or []]
-    for recipe, extra in runs:
+    for recipe, extra in progress_iter(runs, "bench quality"):
         log.info("bench quality: %s %s ...", recipe, extra or "")
         res = _run_recipe(recipe, prof, device, extra)
         row = _row(res)

@@ -21,6 +21,7 @@ import grpc
 
 from node.clock import SYSTEM_CLOCK, Clock
 from node.identity import NodeKey
+from node.progress import Progress
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 # re-exported: callers import them from here too
@@ -33,6 +34,7 @@ PROTOCOL_VERSION = 2
 CHUNK = 1 << 20
 RESULT_DOWNLOAD_MAX_S = 3600.0  # a round's result that takes longer than this to download is given up on
 MIN_UPLOAD_BPS = 2e6  # the slowest uplink an upload's deadline allows for (the `bad` link profile's rate)
+PROGRESS_FROM = 4 << 20  # a state download this large or larger shows its progress
 MAX_FAULTS = 6  # INTERNAL/UNKNOWN answers in a row before the node gives up on the coordinator
 FAULTS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -418,6 +420,7 @@ class GrpcTransport:
         before round ``min_committed`` (e.g. 1: the seeded initial state every node builds for itself)."""
         buf, backoff = bytearray(), self._backoff()
         committed, total, fingerprint = -1, -1, ""
+        progress: Progress | None = None  # shown for a state of PROGRESS_FROM bytes or more
         while True:
             if self.stop.is_set():
                 raise Stopped()
@@ -435,8 +438,14 @@ class GrpcTransport:
                     if chunk.offset != len(buf):
                         break
                     buf += chunk.data
+                    if progress is None and total >= PROGRESS_FROM:
+                        progress = Progress(f"state download from {self.address}", total)
+                    if progress is not None:
+                        progress.update(len(buf))
                 self._ok()
                 if total >= 0 and len(buf) == total:
+                    if progress is not None:
+                        progress.close()
                     return StateBlob(committed, bytes(buf), fingerprint)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND or (exc.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -445,5 +454,6 @@ class GrpcTransport:
                 if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault("FetchState", exc)
-                log.warning("fetch state: %s; resuming at byte %d", exc.code().name, len(buf))
+                log.warning("fetch state from %s: %s (%s); %s", self.address, exc.code().name,
+                            (exc.details() or "")[:160], f"resuming at byte {len(buf)}" if buf else "retrying")
                 backoff.sleep(self.stop)
