@@ -59,6 +59,9 @@ class CoordinatorServer:
             cfg = dataclasses.replace(cfg, membership=dataclasses.replace(cfg.membership, join_token=join_token))
         host, port = split_address(listen)
         check_exposure(host, tls, insecure)
+        for address, what in ((http, "the dashboard"), (metrics, "the metrics")):
+            if address:  # refused before anything is loaded: the same rule as the gRPC port's
+                check_http_exposure(split_address(address)[0], tls, insecure, what)
         self.state_dir = Path(state_dir)
         self.lock = StateDirLock(self.state_dir)
         self.limits = limits or ServerLimits()
@@ -134,7 +137,6 @@ class CoordinatorServer:
             if not address:
                 continue
             host, port = split_address(address)
-            check_http_exposure(host, tls, insecure, what)
             if not pages and http and port and split_address(http) == (host, port):
                 self.urls["metrics"] = self.urls["http"] + "metrics"  # the dashboard's port serves /metrics too
                 continue

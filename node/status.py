@@ -47,7 +47,7 @@ def message_json(message: Message) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             out[field.name] = [_value(field, v) for v in value]
         else:
             out[field.name] = _value(field, value)

@@ -1,0 +1,39 @@
+"""``lowband status``'s views of a Status answer: JSON with numbers as numbers (never the strings proto3's JSON
+mapping makes of 64-bit integers) and NaN as null; the text table."""
+from __future__ import annotations
+
+import json
+import math
+
+from node.proto.lowband.v1 import coordinator_pb2 as pb
+from node.status import status_json, status_text
+
+
+def _status() -> pb.StatusResponse:
+    return pb.StatusResponse(
+        run_id="r", recipe="sign", current_round=7, committed_rounds=7, deadline_in_s=-1.0,
+        members=[pb.MemberStatus(name="n0", key_id="ab" * 8, last_heartbeat_age_s=0.25, rounds_contributed=6,
+                                 first_round=0, bytes_in=2**40, bytes_out=5, last_loss=float("nan"),
+                                 capabilities=["device=cpu"])],
+        recent_rounds=[pb.RoundStatus(round=6, members=["n0"], bytes_in=10, bytes_out=0, duration_s=0.5,
+                                      mean_loss=2.5, val_loss=float("nan"), reason="all submitted")],
+        reference_fingerprint="f" * 16, submitted=[], persistence_error="")
+
+
+def test_json_numbers_are_numbers_and_nan_is_null() -> None:
+    view = json.loads(json.dumps(status_json(_status()), allow_nan=False))
+    assert view["current_round"] == 7 and isinstance(view["committed_rounds"], int)
+    member = view["members"][0]
+    assert member["bytes_in"] == 2**40 and isinstance(member["bytes_in"], int)  # int64: a string in proto3 JSON
+    assert member["last_loss"] is None
+    assert math.isclose(member["last_heartbeat_age_s"], 0.25)
+    assert member["capabilities"] == ["device=cpu"]
+    assert view["recent_rounds"][0]["members"] == ["n0"] and view["recent_rounds"][0]["val_loss"] is None
+    assert view["submitted"] == [] and view["persistence_error"] == ""
+
+
+def test_text_shows_the_members_and_rounds() -> None:
+    text = "\n".join(status_text(_status()))
+    assert "round 7 open" in text and "not set (no payload yet)" in text
+    assert "1,099,511,627,776" in text  # bytes in, grouped
+    assert "all submitted" in text
