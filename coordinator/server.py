@@ -74,6 +74,8 @@ class CoordinatorServer:
         try:
             # port 0: the port it had before, so its nodes find a restarted coordinator where it was
             port, why = pick_port(self.state_dir, port, "port", "the coordinator")
+            if why:
+                log.info("listening on the port it had before%s", why)
             if port:
                 check_port_free(host, port, why)
             cfg, self.generated_token = ensure_join_token(cfg, self.state_dir, is_loopback(host))
