@@ -22,3 +22,15 @@ def test_items_get_a_line_each_with_an_eta(caplog: pytest.LogCaptureFixture) -> 
     lines = [r.getMessage() for r in caplog.records]
     assert [line.split(",")[0] for line in lines] == ["bench x: 1 runs of 3 runs (33%)", "bench x: 2 runs of 3 runs (67%)"]
     assert all("eta" in line for line in lines)
+
+
+def test_the_demo_line_ends_with_the_runs_eta() -> None:
+    import math
+
+    from node.demo import eta, round_line
+    from node.roundlog import RoundRow
+
+    assert eta(100.0, 3, 12, now=130.0) == "1m30s"  # 10 s a round, 9 to go
+    assert eta(100.0, 0, 12, now=130.0) == "?" and eta(100.0, 12, 12, now=130.0) == "0s"
+    row = RoundRow(2, 0.0, ["a"], "", "f", 10, 0, 0.5, 3.0, math.nan)
+    assert round_line(row, 12, "1m30s").endswith("(0.50 s to close) eta 1m30s")
