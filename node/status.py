@@ -88,8 +88,9 @@ def print_status(address: str, as_json: bool = False, read_token: str = "", tls:
     except grpc.RpcError as exc:
         print(f"lowband status: {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    # flushed here: a reader that went away (``| head``) is then a BrokenPipeError the command line ends quietly
     if as_json:
-        print(json.dumps(status_json(s), indent=2, allow_nan=False))
+        print(json.dumps(status_json(s), indent=2, allow_nan=False), flush=True)
     else:
-        print("\n".join(status_text(s)))
+        print("\n".join(status_text(s)), flush=True)
     return 0
