@@ -13,6 +13,7 @@ from node.tasks.gpt import GPT_SIZES, GPTConfig, GPTTask, gpt_task
 __all__ = ["Batch", "GPTTask", "GPT_SIZES", "Task", "load_task", "BUILTIN_TASKS"]
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {"gpt": gpt_task}
+PROGRAMMATIC = frozenset({"corpus"})  # parameters code passes (a loaded corpus), never a run file's [task] key
 
 
 def task_keys(factory: Callable[..., Task]) -> list[str] | None:
@@ -23,19 +24,19 @@ def task_keys(factory: Callable[..., Task]) -> list[str] | None:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
         return None
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-             and p.name not in ("self", "corpus")]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
     return None if any(p.kind is p.VAR_KEYWORD for p in params) and factory is not GPTTask else sorted(names)
 
 
 def _build(spec: str, factory: Callable[..., Task], kwargs: dict[str, Any]) -> Task:
     """``factory(**kwargs)``; a parameter it does not take, or a value it refuses, is a ConfigError naming the
     ``[task]`` key and the valid ones (a traceback would make a supervisor restart a run that cannot start)."""
-    valid = task_keys(factory)
-    unknown = sorted(set(kwargs) - set(valid)) if valid is not None else []
+    accepted = task_keys(factory)
+    valid = [k for k in accepted or [] if k not in PROGRAMMATIC]  # what a run file's [task] may set
+    unknown = sorted(set(kwargs) - set(accepted)) if accepted is not None else []
     if unknown:
         raise ConfigError(f"task {spec!r}: unknown [task] key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(map(repr, unknown))}; valid keys: {', '.join(valid or [])}")
+                          f"{', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
     try:
         return factory(**kwargs)
     except ConfigError:
