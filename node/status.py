@@ -43,9 +43,12 @@ def _value(field: FieldDescriptor, value: Any) -> Any:
 
 
 def message_json(message: Message) -> dict[str, Any]:
-    """Every field of ``message`` (defaults included) as plain JSON values, by the proto's field names."""
+    """Every field of ``message`` (defaults included, deprecated ones left out) as plain JSON values, by the proto's
+    field names."""
     out: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
+        if field.GetOptions().deprecated:  # e.g. MemberStatus.node_id: never set since protocol 2
+            continue
         value = getattr(message, field.name)
         if field.is_repeated:
             out[field.name] = [_value(field, v) for v in value]
@@ -58,27 +61,78 @@ def status_json(s: pb.StatusResponse) -> dict[str, Any]:
     return message_json(s)
 
 
-def _f(x: float, fmt: str = ".4f") -> str:
-    return "-" if math.isnan(x) else format(x, fmt)
+def dht_view(d: Any, recipe: str) -> dict[str, Any]:
+    """A serverless run's status (``node.transport.dht_status.DhtStatus``, read from its DHT records) as the
+    ``Status`` view: the same fields, ``None`` where a DHT does not know (bytes, losses, deadline, fingerprint), and
+    what only a DHT has: each member's ``status``, ``shard`` and ``records_ignored``, each round's ``announced``, the
+    run's ``authority`` and ``open_run``, and the records this reader ignored."""
+    committed = [r.round for r in d.rounds if r.outcome.startswith("committed")]
+    open_round = next((r for r in d.rounds if r.round == d.round), None)
+    return {
+        "run_id": d.run_id, "recipe": recipe, "current_round": d.round,
+        "committed_rounds": max(committed) + 1 if committed else None, "deadline_in_s": None,
+        "members": [{"name": m.name, "key_id": m.key_id, "last_heartbeat_age_s": m.last_heartbeat_s,
+                     "rounds_contributed": None, "first_round": m.from_round, "bytes_in": None, "bytes_out": None,
+                     "last_loss": None, "capabilities": [], "status": m.status, "shard": m.shard,
+                     "records_ignored": m.rejected} for m in d.members],
+        "recent_rounds": [{"round": r.round, "members": list(r.members), "bytes_in": None, "bytes_out": None,
+                           "duration_s": None, "mean_loss": None, "reason": r.outcome, "val_loss": None,
+                           "reference_fingerprint": None, "announced": list(r.announced)} for r in d.rounds],
+        "reference_fingerprint": None, "submitted": list(open_round.announced) if open_round is not None else [],
+        "persistence_error": None, "authority": d.authority, "open_run": d.open_run,
+        "records_ignored": dict(d.rejected),
+    }
+
+
+def _n(x: Any, fmt: str) -> str:
+    """A number of the view, formatted; ``-`` for one not known (None) or not measured (NaN)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, fmt)
+
+
+def status_lines(v: dict[str, Any]) -> list[str]:
+    """The view as the text table of ``lowband status`` (coordinator and serverless alike)."""
+    deadline = "not set (no payload yet)" if v["deadline_in_s"] is None or v["deadline_in_s"] < 0 else \
+        f"{v['deadline_in_s']:.1f} s"
+    if "authority" in v:
+        deadline = "none (serverless)"
+    lines = [f"run {v['run_id']}  recipe {v['recipe']}  round {_n(v['current_round'], 'd')} open  "
+             f"{_n(v['committed_rounds'], 'd')} committed  deadline {deadline}  "
+             f"fingerprint {v['reference_fingerprint'] or '-'}"]
+    if "authority" in v:
+        lines.append(f"serverless: authority {v['authority']}, {'open' if v['open_run'] else 'closed'} run; records "
+                     f"this reader ignored: {', '.join(f'{k} ({n})' for k, n in v['records_ignored'].items()) or 'none'}")
+    if v["persistence_error"]:
+        lines.append(f"NOT SERVING ROUNDS: {v['persistence_error']}")
+    lines.append(f"submitted this round: {', '.join(v['submitted']) or '-'}")
+    extra = "status" in (v["members"][0] if v["members"] else {})
+    lines.append(f"{'member':<20}{'key id':>18}{'heartbeat':>11}{'rounds':>8}{'first':>7}{'in B':>12}{'out B':>12}"
+                 f"{'loss':>9}" + ("  status  shard  ignored" if extra else ""))
+    for m in v["members"]:
+        lines.append(f"{m['name']:<20}{m['key_id']:>18}{_n(m['last_heartbeat_age_s'], '9.1f'):>9} s"
+                     f"{_n(m['rounds_contributed'], 'd'):>8}{_n(m['first_round'], 'd'):>7}{_n(m['bytes_in'], ','):>12}"
+                     f"{_n(m['bytes_out'], ','):>12}{_n(m['last_loss'], '.4f'):>9}"
+                     + (f"  {m['status']:<7}{m['shard']:>6}{m['records_ignored']:>9}" if extra else ""))
+    lines.append(f"{'round':>6}{'members':>9}{'bytes in':>12}{'dur s':>8}{'loss':>9}{'val':>9}  reason")
+    for r in v["recent_rounds"][-10:]:
+        lines.append(f"{r['round']:>6}{len(r['members']):>9}{_n(r['bytes_in'], ','):>12}{_n(r['duration_s'], '.2f'):>8}"
+                     f"{_n(r['mean_loss'], '.4f'):>9}{_n(r['val_loss'], '.4f'):>9}  {r['reason']}")
+    return lines
 
 
 def status_text(s: pb.StatusResponse) -> list[str]:
-    deadline = f"{s.deadline_in_s:.1f} s" if s.deadline_in_s >= 0 else "not set (no payload yet)"
-    lines = [f"run {s.run_id}  recipe {s.recipe}  round {s.current_round} open  {s.committed_rounds} committed  "
-             f"deadline {deadline}  fingerprint {s.reference_fingerprint}"]
-    if s.persistence_error:
-        lines.append(f"NOT SERVING ROUNDS: {s.persistence_error}")
-    lines.append(f"submitted this round: {', '.join(s.submitted) or '-'}")
-    lines.append(f"{'member':<20}{'key id':>18}{'heartbeat':>11}{'rounds':>8}{'first':>7}{'in B':>12}{'out B':>12}"
-                 f"{'loss':>9}")
-    for m in s.members:
-        lines.append(f"{m.name:<20}{m.key_id:>18}{m.last_heartbeat_age_s:>9.1f} s{m.rounds_contributed:>8}"
-                     f"{m.first_round:>7}{m.bytes_in:>12,}{m.bytes_out:>12,}{_f(m.last_loss):>9}")
-    lines.append(f"{'round':>6}{'members':>9}{'bytes in':>12}{'dur s':>8}{'loss':>9}{'val':>9}  reason")
-    for r in s.recent_rounds[-10:]:
-        lines.append(f"{r.round:>6}{len(r.members):>9}{r.bytes_in:>12,}{r.duration_s:>8.2f}{_f(r.mean_loss):>9}"
-                     f"{_f(r.val_loss):>9}  {r.reason}")
-    return lines
+    return status_lines(status_json(s))
+
+
+def print_view(view: dict[str, Any], as_json: bool) -> int:
+    """Print a status view (flushed here: a reader that went away is a BrokenPipeError the command line ends
+    quietly)."""
+    if as_json:
+        print(json.dumps(view, indent=2, allow_nan=False), flush=True)
+    else:
+        print("\n".join(status_lines(view)), flush=True)
+    return 0
 
 
 def print_status(address: str, as_json: bool = False, read_token: str = "", tls: ClientTls | None = None) -> int:
@@ -88,9 +142,4 @@ def print_status(address: str, as_json: bool = False, read_token: str = "", tls:
     except grpc.RpcError as exc:
         print(f"lowband status: {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    # flushed here: a reader that went away (``| head``) is then a BrokenPipeError the command line ends quietly
-    if as_json:
-        print(json.dumps(status_json(s), indent=2, allow_nan=False), flush=True)
-    else:
-        print("\n".join(status_text(s)), flush=True)
-    return 0
+    return print_view(status_json(s), as_json)

@@ -28,6 +28,7 @@ def test_json_numbers_are_numbers_and_nan_is_null() -> None:
     assert member["last_loss"] is None
     assert math.isclose(member["last_heartbeat_age_s"], 0.25)
     assert member["capabilities"] == ["device=cpu"]
+    assert "node_id" not in member  # deprecated, never set: not shown
     assert view["recent_rounds"][0]["members"] == ["n0"] and view["recent_rounds"][0]["val_loss"] is None
     assert view["submitted"] == [] and view["persistence_error"] == ""
 
@@ -37,3 +38,30 @@ def test_text_shows_the_members_and_rounds() -> None:
     assert "round 7 open" in text and "not set (no payload yet)" in text
     assert "1,099,511,627,776" in text  # bytes in, grouped
     assert "all submitted" in text
+
+
+def test_a_serverless_runs_status_is_the_same_view_with_what_only_a_dht_knows() -> None:
+    from node.status import dht_view, status_lines
+    from node.transport.dht_status import DhtStatus, MemberRow, RoundRow
+
+    d = DhtStatus("dht-run", "cd" * 8, False, 5,
+                  [MemberRow("d0", "ab" * 8, "live", 0, 0, 0, 0.5, 0), MemberRow("d1", "ef" * 8, "left", 1, 2, 0,
+                                                                                   None, 3)],
+                  [RoundRow(4, ["d0", "d1"], "committed by d0", ["d0", "d1"]), RoundRow(5, ["d0"], "open")],
+                  {"bad signature": 2})
+    view = json.loads(json.dumps(dht_view(d, "sign"), allow_nan=False))
+    coordinator = status_json(_status())
+    assert set(coordinator) <= set(view)  # every field of the coordinator's view, by the same names
+    assert set(coordinator["members"][0]) <= set(view["members"][0])
+    assert set(coordinator["recent_rounds"][0]) <= set(view["recent_rounds"][0])
+    assert view["current_round"] == 5 and view["committed_rounds"] == 5 and view["submitted"] == ["d0"]
+    assert view["members"][0]["last_heartbeat_age_s"] == 0.5 and view["members"][1]["last_heartbeat_age_s"] is None
+    assert view["members"][1]["status"] == "left" and view["members"][1]["records_ignored"] == 3
+    assert view["recent_rounds"][0]["reason"] == "committed by d0" and view["records_ignored"] == {"bad signature": 2}
+    assert view["members"][0]["bytes_in"] is None  # a DHT does not count bytes
+    text = "\n".join(status_lines(view))
+    assert text.splitlines()[0].startswith("run dht-run  recipe sign  round 5 open  5 committed  deadline none")
+    assert "closed run" in text and "bad signature (2)" in text
+    header = next(line for line in status_text(_status()) if line.startswith("member"))
+    assert header in text  # the same table, with the DHT's columns after it
+    assert "committed by d0" in text and "  left" in text
