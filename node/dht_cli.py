@@ -164,5 +164,5 @@ def add_run_parser(sub: Any) -> None:
                     "printed")
     rg.set_defaults(func=cmd_run)
     rk = rsub.add_parser("key", help="print a node's public key (creating its node.key if missing)")
-    rk.add_argument("--workdir", required=True)
+    rk.add_argument("--workdir", required=True, help="the node's workdir (its node.key)")
     rk.set_defaults(func=cmd_run)
