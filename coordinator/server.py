@@ -101,10 +101,11 @@ class CoordinatorServer:
                                                       self.server)
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            if http or metrics:
+                self._web(http, metrics, tls, insecure)
+            # bound last: gRPC keeps an unstarted server's port until the process ends, so nothing may fail after it
             self.port = self._bind(host, port, tls, why)
             remember_port(self.state_dir, self.port)
-            if http or metrics:
-                self.web = self._web(http, metrics, tls, insecure)
             self.address = f"{host}:{self.port}"
             self.tls = tls
             self._tick_s = tick_s
@@ -124,7 +125,7 @@ class CoordinatorServer:
             raise StartupError(f"cannot listen on {address}{why}: address in use or not available here")
         return bound
 
-    def _web(self, http: str | None, metrics: str | None, tls: ServerTls | None, insecure: bool) -> WebServer:
+    def _web(self, http: str | None, metrics: str | None, tls: ServerTls | None, insecure: bool) -> None:
         """Bind the dashboard's and the metrics' ports (checked like the gRPC port's); served from ``start``."""
         core = self.core
         assert core is not None
@@ -132,8 +133,9 @@ class CoordinatorServer:
         dense = 4 * sum(math.prod(t.shape) for t in core.reference.spec)  # one member's Δ as dense fp32
         history = RoundHistory(self.state_dir)
         registry = coordinator_registry(CoordinatorCollector(history, core.status, self.refusals, dense, run.rounds))
-        web = WebServer(Dashboard(lambda: status_json(status_response(core)), history, registry, core.check_read,
-                                  run.rounds), tls)
+        # held at once: a port that cannot be bound below still has the ones bound before it closed by _release
+        self.web = web = WebServer(Dashboard(lambda: status_json(status_response(core)), history, registry,
+                                             core.check_read, run.rounds), tls)
         for address, key, what, pages in ((http, "http_port", "the dashboard", True),
                                           (metrics, "metrics_port", "the metrics", False)):
             if not address:
@@ -148,7 +150,6 @@ class CoordinatorServer:
             web.add(sock, pages)
             remember_port(self.state_dir, bound, key)
             self.urls["http" if pages else "metrics"] = url(web.scheme, host, bound, "/" if pages else "/metrics")
-        return web
 
     def _tick_loop(self) -> None:
         serving = True

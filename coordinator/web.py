@@ -255,6 +255,8 @@ class WebServer:
                 log.warning("http server did not stop cleanly: %s", exc)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
         for sock, _ in self._sites:
             sock.close()
 
