@@ -80,6 +80,15 @@ def check_floats(enc: Encoded, codec: str) -> None:
             raise PayloadError(f"{codec}: buffer {key!r} holds a magnitude above {MAX_MAGNITUDE:g}")
 
 
+def median0(x: torch.Tensor) -> torch.Tensor:
+    """The median over dim 0 of ``x`` (shape ``(n, ...)``, n ≥ 1) → shape ``(...)``, same dtype: the middle value of
+    the sorted column, or for even n the mean of the two middle ones. Sorting makes it exact and independent of the
+    order of the rows (every replica gets the same bits)."""
+    s = x.sort(dim=0).values
+    n = s.shape[0]
+    return s[n // 2].clone() if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
 class Codec(ABC):
     """Turns an fp32 tensor into buffers (``encode``), back (``decode``), and combines many (``reduce``)."""
 
@@ -126,6 +135,26 @@ class Codec(ABC):
         for enc in encs[1:]:
             total.add_(self.decode(enc, shape))
         return total.div_(len(encs))
+
+    def norm(self, enc: Encoded, shape: Shape) -> float:
+        """The L2 norm of what ``enc`` decodes to (fp64 arithmetic, returned as a Python float), computed in the
+        codec's own representation where that is cheaper than decoding. Used to bound one sender's influence
+        (node/robust/bounds.py). ``enc``'s contents must have been validated (finite)."""
+        return float(self.decode(enc, shape).double().square().sum().sqrt())
+
+    def scaled(self, enc: Encoded, shape: Shape, factor: float) -> Encoded:
+        """A payload that decodes to ``factor`` × what ``enc`` decodes to (0 ≤ factor ≤ 1: a clip), in the codec's
+        own representation: the float buffer(s) that carry magnitude multiplied by ``factor`` in fp32, everything
+        else shared with ``enc``. Such a payload is for ``reduce`` and ``decode`` only: its float buffers may be fp32
+        where the wire carries f16 or bf16, so it is never packed. ``factor`` 1 returns ``enc`` itself."""
+        if factor == 1.0:
+            return enc
+        return {key: (buf.to(torch.float32) * factor if key in self.magnitude_buffers(enc) else buf)
+                for key, buf in enc.items()}
+
+    def magnitude_buffers(self, enc: Encoded) -> tuple[str, ...]:
+        """The buffers whose values scale the decoded tensor linearly (what ``scaled`` multiplies)."""
+        raise NotImplementedError(f"codec {self.name!r} does not say which buffers carry magnitude")
 
     def nbytes(self, shape: Shape) -> int:
         """Exact payload bytes for one tensor (the byte formula)."""
