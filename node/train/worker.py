@@ -171,8 +171,7 @@ class Worker:
         worker's key, which is always valid: a poisoned local state is reset first (Δ = 0 this round), a non-finite
         residual dropped, every value brought into the codec's range. ``transform``: applied to the scaled
         pseudo-gradient x (per tensor) before error feedback; its output must be finite (the Byzantine benchmark)."""
-        eta = self.reference.inner_lr(round_) if inner_lr is None else inner_lr
-        scale = {"unit": 1.0, "inverse_inner_lr": 1.0 / eta, "inner_lr": eta}[self.cfg.recipe.payload_scale]
+        scale = self.payload_scale(round_, inner_lr)
         deltas = self._pseudo_gradients()
         xs = [delta * scale if scale != 1.0 else delta for delta in deltas]
         if transform is not None:
@@ -202,6 +201,12 @@ class Worker:
                           self.reference.buffer_spec, dict(zip(self.reference.buffer_names, sent)), key=self.key)
         self.pending = Pending(round_, deltas, wanted, encoded, frame, sent, reset)
         return frame
+
+    def payload_scale(self, round_: int, inner_lr: float | None = None) -> float:
+        """What multiplies Δ before error feedback in round ``round_`` (``recipe.payload_scale``: 1, 1/η_t or η_t; η_t
+        the round's scheduled lr unless ``inner_lr`` is given)."""
+        eta = self.reference.inner_lr(round_) if inner_lr is None else inner_lr
+        return {"unit": 1.0, "inverse_inner_lr": 1.0 / eta, "inner_lr": eta}[self.cfg.recipe.payload_scale]
 
     def _note_saturation(self, name: str, enc: dict[str, torch.Tensor]) -> None:
         """Say once per tensor when an f16 wire value hit ±65504 (the rest stays in error feedback)."""
