@@ -121,6 +121,12 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_byzantine(args: argparse.Namespace) -> int:
+    from node.bench.byzantine import run_from_args
+
+    return run_from_args(args, "lowband " + " ".join(sys.argv[1:]))
+
+
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
     from node.bench.codecs import run_codec_bench
 
@@ -372,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--variant", action="append", default=[], metavar="RECIPE:KEY=VAL[,KEY=VAL]",
                    help="an extra row: a recipe with overrides, e.g. sign:outer.lr=8 (repeatable)")
     q.set_defaults(func=cmd_bench_quality)
+    from node.bench.byzantine import add_arguments as byzantine_arguments
+
+    by = bsub.add_parser("byzantine", help="1 or 2 hostile members of 8, with and without robust reduce settings")
+    byzantine_arguments(by)
+    by.set_defaults(func=cmd_bench_byzantine)
     c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")
     c.add_argument("--size", default="medium", help="gpt size whose tensors are encoded (medium ≈ 25M params)")
     c.add_argument("--repeats", type=int, default=3)

@@ -18,9 +18,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from node.bench.byzantine import ATTACKS
 from node.train.worker import Transform, Worker
 
-ATTACKS = ("scale", "flip", "noise", "alie")
+__all__ = ["ATTACKS", "make_attack"]
 SCALE = 1e12
 ALIE_Z = 1.0
 

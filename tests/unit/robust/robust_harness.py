@@ -22,9 +22,12 @@ RING = KeyRing({n: k.public for n, k in KEYS.items()})
 
 
 def run_config(recipe: str = "diloco", task: TaskConfig | None = None, **reduce: Any) -> RunConfig:
-    overrides = {f"reduce.{k}": v for k, v in reduce.items()}
-    return make_run_config(recipe, {"H": 2, "outer.lr": 1.0, "outer.momentum": 0.0, **overrides}, run_id=RUN,
-                           task=task or TaskConfig())
+    """``recipe`` with H = 2 and the ``reduce`` fields given; diloco as plain averaging SGD (lr 1, no momentum), so an
+    aggregate is easy to read off θ_ref."""
+    overrides: dict[str, Any] = {"H": 2, **{f"reduce.{k}": v for k, v in reduce.items()}}
+    if recipe == "diloco":
+        overrides |= {"outer.lr": 1.0, "outer.momentum": 0.0}
+    return make_run_config(recipe, overrides, run_id=RUN, task=task or TaskConfig())
 
 
 def reference(cfg: RunConfig, shape: tuple[int, ...] = (2,)) -> Reference:
