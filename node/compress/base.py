@@ -80,11 +80,25 @@ def check_floats(enc: Encoded, codec: str) -> None:
             raise PayloadError(f"{codec}: buffer {key!r} holds a magnitude above {MAX_MAGNITUDE:g}")
 
 
+def sorted0(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (shape ``(n, ...)``) sorted along dim 0, ascending: exact (the same values whatever the order of the
+    rows). Up to 16 rows by an odd-even transposition network of elementwise min/max (several times faster than
+    ``torch.sort`` across rows), beyond that by ``torch.sort``; both give the same tensor."""
+    n = x.shape[0]
+    if n > 16:
+        return x.sort(dim=0).values
+    rows = list(x.unbind(0))
+    for phase in range(n):
+        for j in range(phase % 2, n - 1, 2):
+            rows[j], rows[j + 1] = torch.minimum(rows[j], rows[j + 1]), torch.maximum(rows[j], rows[j + 1])
+    return torch.stack(rows) if rows else x.clone()
+
+
 def median0(x: torch.Tensor) -> torch.Tensor:
     """The median over dim 0 of ``x`` (shape ``(n, ...)``, n ≥ 1) → shape ``(...)``, same dtype: the middle value of
     the sorted column, or for even n the mean of the two middle ones. Sorting makes it exact and independent of the
     order of the rows (every replica gets the same bits)."""
-    s = x.sort(dim=0).values
+    s = sorted0(x)
     n = s.shape[0]
     return s[n // 2].clone() if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
@@ -141,6 +155,12 @@ class Codec(ABC):
         codec's own representation where that is cheaper than decoding. Used to bound one sender's influence
         (node/robust/bounds.py). ``enc``'s contents must have been validated (finite)."""
         return float(self.decode(enc, shape).double().square().sum().sqrt())
+
+    def dots(self, encs: Sequence[Encoded], shape: Shape, other: torch.Tensor) -> list[float]:
+        """⟨decode(enc), other⟩ for each payload (fp64 arithmetic, Python floats); ``other``: fp32 of ``shape``. For
+        reports (the cosine of a member's payload to the aggregate), not for decisions."""
+        wide = other.double()
+        return [float((self.decode(enc, shape).double() * wide).sum()) for enc in encs]
 
     def scaled(self, enc: Encoded, shape: Shape, factor: float) -> Encoded:
         """A payload that decodes to ``factor`` × what ``enc`` decodes to (0 ≤ factor ≤ 1: a clip), in the codec's

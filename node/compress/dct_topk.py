@@ -190,6 +190,20 @@ class DctTopKCodec(Codec):
     def magnitude_buffers(self, enc: Encoded) -> tuple[str, ...]:
         return ("scales",) if self.values in ("int8", "sign") else ("values",)
 
+    def dots(self, encs: Sequence[Encoded], shape: Shape, other: torch.Tensor) -> list[float]:
+        """In coefficient space: ⟨decode(enc), other⟩ = ⟨sent coefficients, DCT(other)⟩ (the transform is
+        orthonormal), so ``other`` is transformed once instead of every payload inverted."""
+        if numel_of(shape) == 0:
+            return [0.0 for _ in encs]
+        plan, kept, width = self._dims(shape)
+        coeffs = dct.forward(other.double(), plan)  # (nb, bs)
+        out = []
+        for enc in encs:
+            idx, vals = self._sparse(enc, plan, kept, width)
+            picked = coeffs if idx is None else coeffs.gather(1, idx)
+            out.append(float((vals.double() * picked).sum()))
+        return out
+
     def validate(self, enc: Encoded, shape: Shape) -> None:
         super().validate(enc, shape)
         if numel_of(shape) == 0:

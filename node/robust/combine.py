@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from node.compress.base import Codec, Encoded, Shape, median0
+from node.compress.base import Codec, Encoded, Shape, median0, sorted0
 from node.config import ReduceConfig
 
 
@@ -31,7 +31,7 @@ def trimmed_mean(decoded: torch.Tensor, trim: float) -> torch.Tensor:
     (``trim_count``), accumulated from the smallest kept value up."""
     n = decoded.shape[0]
     b = trim_count(n, trim)
-    s = decoded.sort(dim=0).values
+    s = sorted0(decoded)
     total = s[b].clone()
     for j in range(b + 1, n - b):
         total.add_(s[j])

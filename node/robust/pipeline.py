@@ -65,13 +65,16 @@ def reduce_round(codec: Codec, names: Sequence[str], shapes: Sequence[Shape], en
                          else torch.zeros(shape, dtype=torch.float32, device=device))
     ref_norm = math.sqrt(sum(r * r for r in decision.reference))
     agg_norm = math.sqrt(sum(float(a.double().square().sum()) for a in aggregate))
+    dots = [0.0] * len(considered)
+    for t, (shape, a) in enumerate(zip(shapes, aggregate)):
+        for i, d in enumerate(codec.dots([row[t] for row in encs], shape, a)):
+            dots[i] += d
     records = dict(state.members)
     evicted = {}
     for i, env in enumerate(considered):
         norm = math.sqrt(sum(n * n for n in norms[i]))
         ratio = norm / ref_norm if ref_norm > 0 else math.nan
-        dot = sum(float((codec.decode(enc, s).double() * a.double()).sum()) for enc, s, a in
-                  zip(encs[i], shapes, aggregate))
+        dot = dots[i]
         cosine = dot / (norm * agg_norm) if norm > 0 and agg_norm > 0 else None
         if cosine is not None:
             cosine = max(-1.0, min(1.0, cosine))  # quantized norms can put |cos| a hair above 1

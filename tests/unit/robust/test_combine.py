@@ -98,3 +98,22 @@ def test_norms_by_hand() -> None:
     assert sign.norm(enc, (7,)) == pytest.approx(math.sqrt(4 * 3 + 1 * 3 + 16 * 1))
     assert sign.scaled(enc, (7,), 0.5)["scales"].tolist() == [1.0, 0.5, 2.0]
     assert sign.scaled(enc, (7,), 0.5)["bits"] is enc["bits"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 16, 17])
+def test_sorted0_is_torch_sort_for_any_number_of_rows(n: int) -> None:
+    from node.compress.base import sorted0
+
+    x = torch.randn(n, 5, 3, generator=torch.Generator().manual_seed(n))
+    x[0, 0, 0] = x[-1, 0, 0]  # a tie
+    assert torch.equal(sorted0(x), x.sort(dim=0).values)
+
+
+@pytest.mark.parametrize("name,params", CODECS, ids=[f"{n}-{p}" for n, p in CODECS])
+def test_dots_are_the_decoded_inner_products(name: str, params: dict) -> None:
+    codec = make_codec(name, params)
+    g = torch.Generator().manual_seed(4)
+    encs = [codec.encode(codec.fit(torch.randn(48, 16, generator=g))) for _ in range(3)]
+    other = torch.randn(48, 16, generator=g)
+    want = [float((codec.decode(e, (48, 16)).double() * other.double()).sum()) for e in encs]
+    assert codec.dots(encs, (48, 16), other) == pytest.approx(want, rel=1e-5, abs=1e-5)
