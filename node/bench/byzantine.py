@@ -193,6 +193,7 @@ def run_byzantine_bench(out: Path, recipes: Sequence[str] = RECIPES, attacks: Se
                         H: int = 16, inner_lr: float = 2e-3, size: str = "tiny", batch_size: int = 8,
                         eval_batches: int = 32, evals: int = 4, command: str = "") -> list[dict[str, Any]]:
     """Run the grid (``cases``), skipping cases already in DIR/results.json; returns every row."""
+    commit = _commit()  # the code that runs (HEAD may move while a long benchmark runs)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
@@ -207,7 +208,7 @@ def run_byzantine_bench(out: Path, recipes: Sequence[str] = RECIPES, attacks: Se
         rows.append(row)
         log.info("bench byzantine: %s final val %.4f (%.0f s)", case.key, row["final_val_loss"], row["wall_s"])
         write_atomic(path, json.dumps(rows, indent=1))
-    meta = {"command": command or "lowband bench byzantine", "commit": _commit(), "date": time.strftime("%Y-%m-%d"),
+    meta = {"command": command or "lowband bench byzantine", "commit": commit, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "setup": f"gpt {size}, batch {batch_size}, {workers} workers, H {H}, {rounds} rounds, inner lr {inner_lr}, "
                      f"eval on {eval_batches} batches, seed 0"}
