@@ -78,3 +78,16 @@ def test_recipes_refuse_modes_their_codec_cannot_run() -> None:
     with pytest.raises(ConfigError, match="the faithful decoupled rule"):
         make_run_config("dct", {"reduce.bound": "clip"})
     assert make_run_config("sign", {"reduce.robust": "median"}).recipe.reduce.robust == "median"
+
+
+def test_the_recommended_settings_are_valid_for_every_replica_consistent_recipe() -> None:
+    from node.recipes import RECIPES, get_recipe
+    from node.robust.defaults import untrusted, untrusted_overrides
+
+    for name in RECIPES:
+        if name == "dct":  # replicas drift by design: there is no agreed aggregate to bound
+            continue
+        reduce = make_run_config(name, untrusted_overrides(get_recipe(name))).recipe.reduce
+        assert reduce.bound == "clip" and reduce.evict_after == 4, name
+    assert untrusted("sign")["robust"] == "vote" and untrusted("identity")["robust"] == "trimmed_mean"
+    assert untrusted("dct_topk")["robust"] == "clipped_selector_mean" and untrusted("sparse_topk")["robust"] == "none"
