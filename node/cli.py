@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from node.bench.byzantine import add_parser as add_byzantine_parser
 from node.cli_trust import (add_certs_parser, add_client_tls_args, add_coordinator_args, client_tls, cmd_coordinator,
                             node_exit_code, node_security, read_token)
 from node.config import TaskConfig, parse_value
@@ -119,12 +120,6 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device),
                       command="lowband " + " ".join(sys.argv[1:]), variants=args.variant)
     return 0
-
-
-def cmd_bench_byzantine(args: argparse.Namespace) -> int:
-    from node.bench.byzantine import run_from_args
-
-    return run_from_args(args, "lowband " + " ".join(sys.argv[1:]))
 
 
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
@@ -324,7 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(func=cmd_coordinator)
 
     add_certs_parser(sub)
-
     nd = sub.add_parser("node", help="a worker that joins a coordinator's run, or a serverless run over a DHT")
     nd.add_argument("--coordinator", default=None, help="HOST:PORT")
     nd.add_argument("--dht", action="store_true", help="serverless: agree on the run and exchange through a DHT")
@@ -378,11 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--variant", action="append", default=[], metavar="RECIPE:KEY=VAL[,KEY=VAL]",
                    help="an extra row: a recipe with overrides, e.g. sign:outer.lr=8 (repeatable)")
     q.set_defaults(func=cmd_bench_quality)
-    from node.bench.byzantine import add_arguments as byzantine_arguments
-
-    by = bsub.add_parser("byzantine", help="1 or 2 hostile members of 8, with and without robust reduce settings")
-    byzantine_arguments(by)
-    by.set_defaults(func=cmd_bench_byzantine)
+    add_byzantine_parser(bsub)
     c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")
     c.add_argument("--size", default="medium", help="gpt size whose tensors are encoded (medium ≈ 25M params)")
     c.add_argument("--repeats", type=int, default=3)

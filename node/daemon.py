@@ -160,11 +160,10 @@ class NodeDaemon:
             if self.opts.run is None:
                 raise ValueError("DHT mode needs the run file: there is no coordinator to hand it out")
             return DhtControl(self.opts.run, self.opts.dht, self.name, self.stop, self.clock)
-        from node.identity import NodeKey
         from node.transport.grpc_control import GrpcControl
 
         # the node's identity: the key in its workdir (a restart with the same workdir is the same node)
-        return GrpcControl(self.opts.coordinator, self.stop, key=NodeKey.load_or_create(self.workdir),
+        return GrpcControl(self.opts.coordinator, self.stop, key=self.key,
                            tls=self.opts.tls, token=self.opts.join_token)
 
     @property

@@ -236,6 +236,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def add_parser(bench: Any) -> None:
+    """``lowband bench byzantine``: its parser under ``bench`` (the ``bench`` subparsers of node/cli.py)."""
+    p = bench.add_parser("byzantine", help="1 or 2 hostile members of 8, with and without robust reduce settings")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench_byzantine)
+
+
+def cmd_bench_byzantine(args: argparse.Namespace) -> int:
+    """The command (named cmd_bench_* so that node/cli.py treats it as a benchmark: SIGTERM unwinds it)."""
+    import sys
+
+    return run_from_args(args, "lowband " + " ".join(sys.argv[1:]))
+
+
 def run_from_args(args: argparse.Namespace, command: str) -> int:
     run_byzantine_bench(Path(args.out), args.recipes, args.attacks, args.attackers, args.robust, args.plain_attackers,
                         workers=args.workers, rounds=args.rounds, H=args.H, inner_lr=args.inner_lr, size=args.size,
