@@ -13,6 +13,7 @@ exactly-once audit trail; with a recipe's ``reduce`` on, each round's accountabi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -159,6 +160,10 @@ class NodeDaemon:
 
             if self.opts.run is None:
                 raise ValueError("DHT mode needs the run file: there is no coordinator to hand it out")
+            # one identity: the key that writes this node's DHT records signs its frames
+            if self.opts.dht.key is None:
+                self.opts.dht = dataclasses.replace(self.opts.dht, key=self.key)
+            self.key = self.opts.dht.key
             return DhtControl(self.opts.run, self.opts.dht, self.name, self.stop, self.clock)
         from node.transport.grpc_control import GrpcControl
 

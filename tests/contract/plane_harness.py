@@ -94,7 +94,7 @@ class Group:
 
             boot = () if not self._all else tuple(self._all[0].transport.visible_maddrs())  # type: ignore[attr-defined]
             settings = DhtSettings(initial_peers=boot, host_maddrs=DHT_NET, num_shards=8, min_nodes=1, heartbeat_s=0.5,
-                                   round_wait_s=self.round_wait_s, authority=self.authority())
+                                   round_wait_s=self.round_wait_s, authority=self.authority(), key=self.key(name))
             plane = DhtControl(self.cfg, settings, name, self.stop)
         self._all.append(plane)
         return plane
