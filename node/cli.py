@@ -115,8 +115,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from node.bench.quality import run_quality_bench
+    from node.bench.quality import collect_results, run_quality_bench
 
+    if args.collect:
+        collect_results([Path(f) for f in args.collect], Path(args.out), "lowband " + " ".join(sys.argv[1:]))
+        return 0
     run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device),
                       command="lowband " + " ".join(sys.argv[1:]), variants=args.variant)
     return 0
@@ -365,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
     bsub = bench.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="all recipes at equal tokens per worker: loss vs bytes")
-    q.add_argument("--profile", default="quick", choices=["quick", "full"])
+    q.add_argument("--profile", default="quick", choices=["quick", "standard", "full"])
+    q.add_argument("--collect", nargs="+", metavar="JSON", help="table and plot from `simulate --json` files instead")
     q.add_argument("--out", default="out/bench-quality")
     q.add_argument("--recipes", nargs="*", default=None, help="subset of recipes (default: all)")
     q.add_argument("--device", default="cpu")
