@@ -307,7 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(func=cmd_coordinator)
 
     add_certs_parser(sub)
-
     nd = sub.add_parser("node", help="a worker that joins a coordinator's run, or a serverless run over a DHT")
     nd.add_argument("--coordinator", default=None, help="HOST:PORT of the coordinator (what it printed at start)")
     nd.add_argument("--dht", action="store_true", help="serverless: agree on the run and exchange through a DHT")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from node.bench.byzantine import add_parser as add_byzantine_parser
 from node.cli_checks import positive_int
 
 RECIPE_HELP = "a name from node/recipes.py (an unknown name lists them)"
@@ -22,8 +23,11 @@ def _device(name: str) -> str:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from node.bench.quality import run_quality_bench
+    from node.bench.quality import collect_results, run_quality_bench
 
+    if args.collect:
+        collect_results([Path(f) for f in args.collect], Path(args.out), "lowband " + " ".join(sys.argv[1:]))
+        return 0
     run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device),
                       command="lowband " + " ".join(sys.argv[1:]), variants=args.variant)
     return 0
@@ -91,13 +95,16 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     q = bsub.add_parser("quality", help="all recipes at equal tokens per worker: loss vs bytes")
-    q.add_argument("--profile", default="quick", choices=["quick", "full"], help="how long: quick (minutes) or full")
+    q.add_argument("--profile", default="quick", choices=["quick", "standard", "full"],
+                   help="how long: quick (minutes), standard or full")
+    q.add_argument("--collect", nargs="+", metavar="JSON", help="table and plot from `simulate --json` files instead")
     q.add_argument("--out", default="out/bench-quality", help="results.json, results.md and the plot go here")
     q.add_argument("--recipes", nargs="*", default=None, help="subset of recipes (default: all)")
     q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     q.add_argument("--variant", action="append", default=[], metavar="RECIPE:KEY=VAL[,KEY=VAL]",
                    help="an extra row: a recipe with overrides, e.g. sign:outer.lr=8 (repeatable)")
     q.set_defaults(func=cmd_bench_quality)
+    add_byzantine_parser(bsub)
     c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")
     c.add_argument("--size", default="medium", help="gpt size whose tensors are encoded (medium ≈ 25M params)")
     c.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions per codec")

@@ -6,12 +6,14 @@ The run is driven through a ``ControlPlane`` (node/transport/control.py): a gRPC
 wrapped in the fault seam). The only mode switch is where the plane is built. Waits are decided on an injected
 ``Clock`` (node/clock.py).
 
-Files in the workdir: ``checkpoint.safetensors`` (write-then-rename every ``checkpoint_every`` applied rounds and on
-exit; the state format of docs/state.md, node/train/checkpoint.py) and ``rounds.jsonl`` (one line per applied round
-or adopted state: the exactly-once audit trail).
+Files in the workdir: ``node.key`` (the node's ed25519 identity, node/identity.py: it signs every frame),
+``checkpoint.safetensors`` (write-then-rename every ``checkpoint_every`` applied rounds and on exit; the state format of
+docs/state.md, node/train/checkpoint.py) and ``rounds.jsonl`` (one line per applied round or adopted state: the
+exactly-once audit trail; with a recipe's ``reduce`` on, each round's accountability report under ``"robust"``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,6 +31,7 @@ import torch
 from node.clock import SYSTEM_CLOCK, Clock
 from node.fsutil import write_atomic
 from node.config import RunConfig, diff_configs
+from node.identity import NodeKey
 from node.tasks import load_task
 from node.tasks.base import build_seeded
 from node.train import checkpoint, state_file
@@ -97,6 +100,7 @@ class NodeDaemon:
         self.name = opts.name or f"{socket.gethostname()}-{os.getpid()}"
         self.workdir = Path(opts.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.key = NodeKey.load_or_create(self.workdir)  # a restart with the same workdir is the same node
         self.plane: ControlPlane | None = None  # built in run(): starting a DHT can fail, and must be closed
         self.worker: Worker | None = None
         self.applied = 0
@@ -161,12 +165,15 @@ class NodeDaemon:
 
             if self.opts.run is None:
                 raise ValueError("DHT mode needs the run file: there is no coordinator to hand it out")
+            # one identity: the key that writes this node's DHT records signs its frames
+            if self.opts.dht.key is None:
+                self.opts.dht = dataclasses.replace(self.opts.dht, key=self.key)
+            self.key = self.opts.dht.key
             return DhtControl(self.opts.run, self.opts.dht, self.name, self.stop, self.clock)
-        from node.identity import NodeKey
         from node.transport.grpc_control import GrpcControl
 
         # the node's identity: the key in its workdir (a restart with the same workdir is the same node)
-        return GrpcControl(self.opts.coordinator, self.stop, key=NodeKey.load_or_create(self.workdir),
+        return GrpcControl(self.opts.coordinator, self.stop, key=self.key,
                            tls=self.opts.tls, token=self.opts.join_token)
 
     @property
@@ -187,11 +194,11 @@ class NodeDaemon:
         digest = digest_of(build_seeded(task, cfg_for_join.seed))
         config_hash = cfg_for_join.config_hash(task.fingerprint)
         identity = Identity(self.name, json.dumps(cfg_for_join.to_dict()), config_hash, task.fingerprint, digest,
-                            (f"device={_device(self.opts.device)}",), self.opts.join_token)
+                            (f"device={_device(self.opts.device)}",), self.opts.join_token, self.key.public)
         info = self._plane.join(identity)
         if self.worker is None:
             self.worker = Worker(self.name, cfg, task, shard=info.shard, num_shards=info.num_shards,
-                                 device=_device(self.opts.device))
+                                 device=_device(self.opts.device), key=self.key)
         log.info("[node=%s] joined %s: shard %d/%d, first round %d, %d rounds committed", self.name,
                  self._plane.where, info.shard, info.num_shards, info.first_round, info.committed_rounds)
         return cfg, config_hash, info.first_round
@@ -250,12 +257,28 @@ class NodeDaemon:
         self._log_round({"round": c, "members": list(result.members),
                          "contributed": False, "fingerprint": fp,
                          "coordinator_fingerprint": result.reference_fingerprint, "observed": True,
-                         **({"overlapped": True} if overlapped else {})})
+                         **({"overlapped": True} if overlapped else {}), **self._robust_entry(c)})
         log.info("[node=%s round=%d] applied without contributing (%s) fp=%s", self.name, c,
                  "observed while training the next round" if overlapped else "catching up", fp)
         if result.reference_fingerprint and fp != result.reference_fingerprint and worker.replica_consistent:
             self._adopt_state("fingerprint mismatch")
         return True
+
+    def _robust_entry(self, round_: int) -> dict[str, Any]:
+        """The round's accountability report for rounds.jsonl (``{"robust": ...}``; empty with ``reduce`` off), and a
+        log line for every member whose frame the bounds rejected or that the round evicted."""
+        worker = self.worker
+        assert worker is not None
+        report = worker.reference.last_report
+        if report is None or report.round != round_:
+            return {}
+        for name, m in sorted(report.members.items()):
+            if m.rejected and not m.rejected.startswith("evicted"):
+                log.warning("[node=%s round=%d] dropped %s's frame: %s", self.name, round_, name, m.rejected)
+        for name, reason in sorted(report.evicted.items()):
+            log.warning("[node=%s round=%d] member %s evicted (its frames are dropped from now on): %s", self.name,
+                        round_, name, reason)
+        return {"robust": report.to_json()}
 
     def _step_in(self) -> InFlight | None:
         """With overlapped rounds, a node that enters a run under way starts its inner steps when the others start
@@ -387,7 +410,11 @@ class NodeDaemon:
                     log.warning("[node=%s] %s: joining again", self.name, exc)
                     inflight = None
                     worker.pending = None
-                    _, _, first = self._join()
+                    try:
+                        _, _, first = self._join()
+                    except JoinRefused as refused:  # e.g. the run evicted this node
+                        log.error("[node=%s] join refused: %s", self.name, refused)
+                        return 3
                     self._sync_state(first, config_hash)  # no _step_in: after a coordinator restart all rejoin
         finally:
             if inflight is not None:
@@ -429,7 +456,7 @@ class NodeDaemon:
                          "loss": stats.mean_loss, "bytes_out": result.bytes_sent, "bytes_in": result.bytes_received,
                          "train_s": round(stats.compute_s, 3), "wait_s": round(wait_s, 3), "rejected": report.rejected,
                          "steps": stats.steps, "dense_bytes": 4 * sum(math.prod(t.shape) for t in worker.reference.spec),
-                         **health})
+                         **health, **self._robust_entry(r)})
         log.info("[node=%s round=%d] loss=%.4f members=%d contributed=%s out=%dB in=%dB train=%.2fs exchange=%.2fs "
                  "fp=%s", self.name, r, stats.mean_loss, len(report.members), report.contributed, result.bytes_sent,
                  result.bytes_received, stats.compute_s, wait_s, fp)

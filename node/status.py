@@ -1,5 +1,7 @@
 """``lowband status``: one look at a running coordinator (its read or join token when the run has one; TLS like a
-node's). Status carries no credential material: members are shown by name and public key id.
+node's). Status carries no credential material: members are shown by name and public key id. With the recipe's
+``[recipe.reduce]`` on, each member's accountability (frames seen, clipped, rejected, norm ratio, cosine) and the
+members the run evicted.
 
 ``status_json`` is the one JSON form of the ``Status`` view — ``lowband status --json`` prints it and the
 coordinator's dashboard (coordinator/web.py) serves it: the proto's field names, numbers as JSON numbers (never the
@@ -114,10 +116,25 @@ def status_lines(v: dict[str, Any]) -> list[str]:
                      f"{_n(m['rounds_contributed'], 'd'):>8}{_n(m['first_round'], 'd'):>7}{_n(m['bytes_in'], ','):>12}"
                      f"{_n(m['bytes_out'], ','):>12}{_n(m['last_loss'], '.4f'):>9}"
                      + (f"  {m['status']:<7}{m['shard']:>6}{m['records_ignored']:>9}" if extra else ""))
+    lines += accountability_lines(v)
     lines.append(f"{'round':>6}{'members':>9}{'bytes in':>12}{'dur s':>8}{'loss':>9}{'val':>9}  reason")
     for r in v["recent_rounds"][-10:]:
         lines.append(f"{r['round']:>6}{len(r['members']):>9}{_n(r['bytes_in'], ','):>12}{_n(r['duration_s'], '.2f'):>8}"
                      f"{_n(r['mean_loss'], '.4f'):>9}{_n(r['val_loss'], '.4f'):>9}  {r['reason']}")
+    return lines
+
+
+def accountability_lines(v: dict[str, Any]) -> list[str]:
+    """Each member's frames seen, clipped and rejected, its latest norm ratio and cosine, and the evicted members:
+    only where the run reports them (``[recipe.reduce]`` on; none in a serverless view)."""
+    members, evicted = v["members"], v.get("evicted") or []
+    if not any(m.get("frames_seen") for m in members) and not evicted:
+        return []
+    lines = [f"{'member':<20}{'frames':>8}{'clipped':>9}{'rejected':>10}{'norm ratio':>12}{'cosine':>8}"]
+    for m in members:
+        lines.append(f"{m['name']:<20}{m['frames_seen']:>8}{m['frames_clipped']:>9}{m['frames_rejected']:>10}"
+                     f"{_n(m['norm_ratio'], '.3g'):>12}{_n(m['cosine'], '.2f'):>8}")
+    lines += [f"evicted: {e['name']} at round {e['round']}: {e['reason']}" for e in evicted]
     return lines
 
 

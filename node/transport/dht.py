@@ -451,8 +451,10 @@ class DhtTransport(DhtMembers):
                 log.info("[node=%s round=%d] %s decided the round without our latest frame", self.name, round_,
                          outcome.publisher)
         payloads = {s: f for s, f in sorted(fetched.items()) if isinstance(f, bytes)}  # all of them (none lacking)
+        keys = {s: self.trust.writers[s] for s in payloads if s in self.trust.writers}  # whose key signs whose frames
+        keys = keys if len(keys) == len(payloads) else {}  # all or none (docs/algorithms.md §11)
         return RoundResult(round_, RoundStatus.COMMITTED, payloads, reason=commit_reason(announced, payloads),
-                           bytes_sent=sent, bytes_received=received)
+                           bytes_sent=sent, bytes_received=received, member_keys=keys)
 
     # -- state and shutdown -------------------------------------------------------------------------------
     def fetch_state(self, timeout_s: float = 60.0) -> StateBlob | None:

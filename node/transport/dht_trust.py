@@ -217,6 +217,8 @@ class RunTrust:
     rejections: Rejections = field(default=None)  # type: ignore[assignment]
     _verified: dict[tuple[bytes, str, bytes], bool] = field(default_factory=dict)
     _roster: dict[bytes, Member] = field(default_factory=dict)  # live members by key, from the last heartbeat read
+    #: name → the key of the last record of this name that passed every check: whose key signs that member's frames
+    writers: dict[str, bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -275,6 +277,10 @@ class RunTrust:
         if not self.within_max(public):
             self.rejections.add(kind, "writer is beyond the run's max_nodes", (public, raw))
             return None
+        with self._lock:
+            if len(self.writers) > _SEEN and name not in self.writers:
+                self.writers.clear()
+            self.writers[name] = public
         return name, body
 
     def open(self, kind: str, records: Mapping[Any, Any]) -> dict[str, Any]:

@@ -88,7 +88,8 @@ def test_restart_resumes_rounds_fingerprint_and_members(make: Callable[..., Harn
     assert result.reason == "restored" and list(result.frames) == ["a", "b"] and to_send == ["b"]
     with pytest.raises(NotSubmitted, match="no payload from a for round 1 is held"):
         h2.core.collect(ids["a"], 1, 0.0, True)
-    h2.ids = ids
+    h2.ids, h2.keys = ids, h1.keys  # the same nodes, with the keys their frames are signed with
+    assert result.keys == {"a": h1.keys["a"].public, "b": h1.keys["b"].public}  # relayed with the restored result
     h2.submit("a", 1), h2.submit("b", 1)
     assert h2.core.reference.committed_rounds == 2
 

@@ -171,7 +171,7 @@ def test_a_well_formed_frame_with_invalid_content_is_rejected_by_every_worker(
                 name = next(iter(pending.encoded))
                 bad = {n: dict(enc) for n, enc in pending.encoded.items()}
                 bad[name]["scales"] = torch.full_like(bad[name]["scales"], float("nan"))
-                frame = wire.pack(w.cfg.run_id, 0, w.name, w.codec, w.spec, bad)
+                frame = wire.pack(w.cfg.run_id, 0, w.name, w.codec, w.spec, bad, key=w.key)  # signed: its own
             t.submit(0, frame)
         results = collect_all(ts, 0)
         for res in results.values():
