@@ -63,11 +63,16 @@ def status_json(s: pb.StatusResponse) -> dict[str, Any]:
     return message_json(s)
 
 
+# a DHT reader does not see the peers' robust reports (each peer's rounds.jsonl has them)
+_NO_ACCOUNTABILITY = dict.fromkeys(("frames_seen", "frames_clipped", "frames_rejected", "norm_ratio", "cosine"))
+
+
 def dht_view(d: Any, recipe: str) -> dict[str, Any]:
     """A serverless run's status (``node.transport.dht_status.DhtStatus``, read from its DHT records) as the
     ``Status`` view: the same fields, ``None`` where a DHT does not know (bytes, losses, deadline, fingerprint), and
     what only a DHT has: each member's ``status``, ``shard`` and ``records_ignored``, each round's ``announced``, the
-    run's ``authority`` and ``open_run``, and the records this reader ignored."""
+    run's ``authority`` and ``open_run``, and the records this reader ignored. Accountability (``[recipe.reduce]``)
+    is ``None``: each peer's ``rounds.jsonl`` has its reports."""
     committed = [r.round for r in d.rounds if r.outcome.startswith("committed")]
     open_round = next((r for r in d.rounds if r.round == d.round), None)
     return {
@@ -75,13 +80,13 @@ def dht_view(d: Any, recipe: str) -> dict[str, Any]:
         "committed_rounds": max(committed) + 1 if committed else None, "deadline_in_s": None,
         "members": [{"name": m.name, "key_id": m.key_id, "last_heartbeat_age_s": m.last_heartbeat_s,
                      "rounds_contributed": None, "first_round": m.from_round, "bytes_in": None, "bytes_out": None,
-                     "last_loss": None, "capabilities": [], "status": m.status, "shard": m.shard,
-                     "records_ignored": m.rejected} for m in d.members],
+                     "last_loss": None, "capabilities": [], **_NO_ACCOUNTABILITY, "status": m.status,
+                     "shard": m.shard, "records_ignored": m.rejected} for m in d.members],
         "recent_rounds": [{"round": r.round, "members": list(r.members), "bytes_in": None, "bytes_out": None,
                            "duration_s": None, "mean_loss": None, "reason": r.outcome, "val_loss": None,
                            "reference_fingerprint": None, "announced": list(r.announced)} for r in d.rounds],
         "reference_fingerprint": None, "submitted": list(open_round.announced) if open_round is not None else [],
-        "persistence_error": None, "authority": d.authority, "open_run": d.open_run,
+        "persistence_error": None, "evicted": None, "authority": d.authority, "open_run": d.open_run,
         "records_ignored": dict(d.rejected),
     }
 

@@ -65,3 +65,25 @@ def test_a_serverless_runs_status_is_the_same_view_with_what_only_a_dht_knows() 
     header = next(line for line in status_text(_status()) if line.startswith("member"))
     assert header in text  # the same table, with the DHT's columns after it
     assert "committed by d0" in text and "  left" in text
+
+
+def test_accountability_with_reduce_on_is_in_json_and_text() -> None:
+    s = _status()
+    s.members[0].frames_seen, s.members[0].frames_clipped, s.members[0].frames_rejected = 6, 2, 1
+    s.members[0].norm_ratio, s.members[0].cosine = 3.5, -0.25
+    s.members.add(name="n1", key_id="cd" * 8, norm_ratio=float("nan"), cosine=float("nan"))  # no frame yet
+    s.evicted.add(name="m", round=4, reason="4 of its last 4 frames were clipped or rejected")
+    view = json.loads(json.dumps(status_json(s), allow_nan=False))
+    n0, n1 = view["members"]
+    assert (n0["frames_seen"], n0["frames_clipped"], n0["frames_rejected"], n0["norm_ratio"], n0["cosine"]) == \
+        (6, 2, 1, 3.5, -0.25)
+    assert (n1["frames_seen"], n1["norm_ratio"], n1["cosine"]) == (0, None, None)
+    assert view["evicted"] == [{"name": "m", "round": 4, "reason": "4 of its last 4 frames were clipped or rejected"}]
+    lines = status_text(s)
+    assert any(line.split() == ["n0", "6", "2", "1", "3.5", "-0.25"] for line in lines), lines
+    assert any(line.split() == ["n1", "0", "0", "0", "-", "-"] for line in lines), lines
+    assert "evicted: m at round 4: 4 of its last 4 frames were clipped or rejected" in lines
+
+
+def test_no_accountability_table_with_reduce_off() -> None:
+    assert not any("clipped" in line for line in status_text(_status()))
