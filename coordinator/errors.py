@@ -43,6 +43,10 @@ class BadPayload(CoordinatorError):
     code = "INVALID_ARGUMENT"
 
 
+class BadSignature(BadPayload):
+    """A frame whose signature is missing or does not verify against the key its sender joined with."""
+
+
 class WrongRound(CoordinatorError):
     """A payload or request for a round that is closed or not yet open."""
     code = "FAILED_PRECONDITION"

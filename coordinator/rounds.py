@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from coordinator.commit import Persistence, compute_step
-from coordinator.errors import (BadPayload, Cancelled, Conflict, Late, NotSubmitted, ResultGone, StillOpen,
-                                Truncated, Unavailable, WrongRound)
+from coordinator.errors import (BadPayload, BadSignature, Cancelled, Conflict, Late, NotSubmitted, ResultGone,
+                                StillOpen, Truncated, Unavailable, WrongRound)
 from coordinator.evaluator import Evaluator
 from coordinator.store import Store
 from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_chunk
 from node import membership as policy
 from node import wire
-from node.errors import ConfigError, PayloadError
+from node.errors import ConfigError, PayloadError, SignatureError
 from node.keyring import KeyRing
 from node.membership import CloseKind, Member
 from node.roundlog import RoundRow
@@ -199,6 +199,8 @@ class Rounds:
         try:
             wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
                         limit=self.limit, extra_spec=self.reference.buffer_spec, sender=m.name, keys=KeyRing.of(keys))
+        except SignatureError as exc:  # counted apart (coordinator/metrics.py); the same status and text
+            raise BadSignature(f"payload rejected: {exc}") from None
         except PayloadError as exc:
             raise BadPayload(f"payload rejected: {exc}") from None
         with self.lock:

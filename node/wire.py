@@ -36,7 +36,7 @@ import msgpack
 import torch
 
 from node.compress.base import Codec, Encoded, Shape
-from node.errors import PayloadError
+from node.errors import PayloadError, SignatureError
 from node.identity import SIGNATURE_BYTES, NodeKey, verify
 from node.keyring import KeyRing, frame_message
 
@@ -155,9 +155,9 @@ def max_frame_size(codec: Codec, spec: ModelSpec, extra_spec: ExtraSpecs = ()) -
     return len(MAGIC) + payload + header + SIGNATURE_BYTES + DIGEST_BYTES
 
 
-def _need(cond: bool, message: str) -> None:
+def _need(cond: bool, message: str, error: type[PayloadError] = PayloadError) -> None:
     if not cond:
-        raise PayloadError(message)
+        raise error(message)
 
 
 def split(data: bytes, limit: int) -> tuple[bytes, bytes | None]:
@@ -206,17 +206,18 @@ def verify_signature(body: bytes, signature: bytes | None, keys: KeyRing, run: s
                      sender: str | None, limit: int) -> None:
     """Check a frame's signature against the key ``keys`` holds for ``sender`` (the name the transport delivered
     it under; None: the name the body states), over (``run``, ``round_``, sender, sha256(body)) — before the body is
-    decoded, except to explain a failure. Raises PayloadError saying why: not signed, no key for the sender, signed
-    for another run or round (a replay), signed by another member (a swapped sender), or not by this key at all
-    (wrong key, or the body changed after signing)."""
+    decoded, except to explain a failure. Raises SignatureError (a PayloadError) saying why: not signed, no key for
+    the sender, signed for another run or round (a replay), signed by another member (a swapped sender), or not by
+    this key at all (wrong key, or the body changed after signing)."""
     claims = _claims(body, limit) if sender is None or round_ is None else None
     who = sender if sender is not None else (claims[2] if claims else None)
-    _need(who is not None, "payload names no sender: its signature cannot be checked")
+    _need(who is not None, "payload names no sender: its signature cannot be checked", SignatureError)
     _need(signature is not None, f"frame from {who!r} is not signed, and this run verifies every frame against its "
-                                 "sender's key")
+                                 "sender's key", SignatureError)
     assert signature is not None and who is not None
     public = keys.get(who)
-    _need(public is not None, f"no key is registered for sender {who!r}: its frames cannot be verified")
+    _need(public is not None, f"no key is registered for sender {who!r}: its frames cannot be verified",
+          SignatureError)
     assert public is not None
     sha = hashlib.sha256(body).digest()
     if round_ is not None and verify(public, signature, frame_message(run, round_, who, sha)):
@@ -224,16 +225,16 @@ def verify_signature(body: bytes, signature: bytes | None, keys: KeyRing, run: s
     claims = claims or _claims(body, limit)
     if claims is not None and verify(public, signature, frame_message(*claims, sha)):
         c_run, c_round, c_sender = claims
-        _need(c_run == run, f"frame signed by {who!r} for run {c_run!r} replayed in run {run!r}")
+        _need(c_run == run, f"frame signed by {who!r} for run {c_run!r} replayed in run {run!r}", SignatureError)
         _need(round_ is None or c_round == round_,
-              f"frame signed by {who!r} for round {c_round} replayed in round {round_}")
-        _need(c_sender == who, f"frame signed by {who!r} names sender {c_sender!r}")
+              f"frame signed by {who!r} for round {c_round} replayed in round {round_}", SignatureError)
+        _need(c_sender == who, f"frame signed by {who!r} names sender {c_sender!r}", SignatureError)
         return
     if claims is not None and claims[2] != who and claims[2] in keys \
             and verify(keys[claims[2]], signature, frame_message(*claims, sha)):
-        raise PayloadError(f"frame signed by {keys.describe(claims[2])} arrived as {who!r}'s (a swapped sender)")
-    raise PayloadError(f"signature does not verify against the key registered for {keys.describe(who)} (another "
-                       "key signed it, or the frame changed after signing)")
+        raise SignatureError(f"frame signed by {keys.describe(claims[2])} arrived as {who!r}'s (a swapped sender)")
+    raise SignatureError(f"signature does not verify against the key registered for {keys.describe(who)} (another "
+                         "key signed it, or the frame changed after signing)")
 
 
 def _decode_body(body: bytes, limit: int, with_extra: bool = False) -> dict[str, Any]:

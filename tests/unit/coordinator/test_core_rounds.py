@@ -9,8 +9,8 @@ import torch
 
 from core_harness import Clock, Harness
 from coordinator.core import Chunk
-from coordinator.errors import (BadPayload, Conflict, NotSubmitted, ResumeMismatch, StillOpen, TooLarge, Truncated,
-                                UnknownNode, WrongRound)
+from coordinator.errors import (BadPayload, BadSignature, Conflict, NotSubmitted, ResumeMismatch, StillOpen, TooLarge,
+                                Truncated, UnknownNode, WrongRound)
 from coordinator.uploads import RESUME_KEY
 from node.transport.messages import RoundResult, RoundStatus
 
@@ -216,6 +216,7 @@ def test_bad_payloads_are_rejected_and_the_member_can_still_submit(h: Harness, c
     with pytest.raises(BadPayload, match=pattern) as info:
         h.submit("a", 0, bad)
     assert info.value.code == "INVALID_ARGUMENT"
+    assert isinstance(info.value, BadSignature) == (case in ("wrong_round", "wrong_run", "other_sender"))  # metrics
     assert h.core.submitted == {} and h.core.uploads == {} and h.core.deadline is None
     with pytest.raises(NotSubmitted):
         h.core.collect(h.ids["a"], 0, 0.0, True)
