@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from node.metrics import robust_tally
 from node.roundlog import COORDINATOR_LOG
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class RoundHistory:
         self.period = _Histogram(ROUND_BUCKETS)
         self.spread = _Histogram(ROUND_BUCKETS)
         self.close_kinds: Counter[str] = Counter()
+        self.clipped = 0  # [recipe.reduce]: frames the bounds scaled down, dropped by reason, members evicted
+        self.dropped: Counter[str] = Counter()
+        self.evicted = 0
         self._last_at: float | None = None
 
     def refresh(self) -> None:
@@ -150,6 +154,10 @@ class RoundHistory:
         spread = _num(entry.get("duration_s"))
         self.spread.observe(spread)
         self.close_kinds[str(entry.get("close") or "unknown")[:32]] += 1
+        clipped, dropped, evicted = robust_tally(entry.get("robust"))
+        self.clipped += clipped
+        self.dropped.update(dropped)
+        self.evicted += evicted
         self._index[r] = len(self.points)
         self.points.append(RoundPoint(r, at, len(members) if isinstance(members, list) else 0, bytes_in, bytes_out,
                                       period, spread, _num(entry.get("mean_loss")), _num(entry.get("val_loss")),
@@ -228,6 +236,11 @@ class CoordinatorCollector(Collector):
                 closes.add_metric([kind], n)
             yield closes
             last = h.points[-1] if h.points else None
+            yield _counter("lowband_frames_clipped", "Payloads the bounds scaled down in committed rounds "
+                           "([recipe.reduce]).", h.clipped)
+            yield _counter("lowband_members_evicted", "Members the run evicted ([recipe.reduce] evict_after).",
+                           h.evicted)
+            by_reason: Counter[str] = Counter(h.dropped)  # frames the bounds dropped at commit: "bound", "evicted"
         if last is not None:
             yield _gauge("lowband_round_received_bytes", "Payload bytes received in the last committed round.",
                          last.bytes_in)
@@ -265,11 +278,11 @@ class CoordinatorCollector(Collector):
             m_in.add_metric([m.name], m.bytes_in)
             m_out.add_metric([m.name], m.bytes_out)
         yield from (age, contributed, m_in, m_out)
+        yield from _accountability(members, s.get("records") or {})
         refused = CounterMetricFamily("lowband_refusals", "Calls refused, by method and reason.",
                                       labels=["method", "reason"])
         rejected = CounterMetricFamily("lowband_frames_rejected", "Payloads refused, by reason.", labels=["reason"])
         late = 0
-        by_reason: Counter[str] = Counter()
         for (method, reason), n in sorted(self.refusals.snapshot().items()):
             refused.add_metric([method, reason], n)
             if method == "Submit":
@@ -282,6 +295,31 @@ class CoordinatorCollector(Collector):
         yield refused
         yield rejected
         yield _counter("lowband_frames_late", "Payloads that arrived after their round closed.", late)
+
+
+def _accountability(members: list[Any], records: dict[str, Any]) -> Iterator[Metric]:
+    """Per member, with [recipe.reduce] on: frames clipped and rejected, the latest norm ratio and cosine (the
+    members' robust records, node/robust/state.py; live members and the evicted ones)."""
+    live = {m.name for m in members}
+    clipped = CounterMetricFamily("lowband_member_frames_clipped", "A member's frames the bounds scaled down.",
+                                  labels=["member"])
+    rejected = CounterMetricFamily("lowband_member_frames_rejected", "A member's frames the bounds rejected.",
+                                   labels=["member"])
+    ratio = GaugeMetricFamily("lowband_member_norm_ratio", "A member's latest frame norm over the round's reference.",
+                              labels=["member"])
+    cosine = GaugeMetricFamily("lowband_member_cosine", "Cosine of a member's latest frame to the round's aggregate.",
+                               labels=["member"])
+    evicted = GaugeMetricFamily("lowband_member_evicted", "1 for a member the run evicted.", labels=["member"])
+    for name, r in sorted(records.items()):
+        if name not in live and not r.evicted:
+            continue
+        clipped.add_metric([name], r.clipped)
+        rejected.add_metric([name], r.rejected)
+        for family, value in ((ratio, r.norm_ratio), (cosine, r.cosine)):
+            if value is not None and math.isfinite(value):
+                family.add_metric([name], value)
+        evicted.add_metric([name], 1 if r.evicted else 0)
+    yield from (clipped, rejected, ratio, cosine, evicted)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

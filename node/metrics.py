@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter as Tally
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -25,6 +26,24 @@ def _num(entry: dict[str, Any], key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return math.nan
     return float(value)
+
+
+def robust_tally(robust: Any) -> tuple[int, Tally[str], int]:
+    """A round's accountability report (the ``"robust"`` entry of a rounds.jsonl line, ``RoundReport.to_json``;
+    ``[recipe.reduce]`` on) as counts: frames clipped, frames dropped by reason (``bound``: over a bound, or absurd;
+    ``evicted``: from a member evicted before), and members the round evicted. A malformed entry counts nothing."""
+    clipped, dropped = 0, Tally[str]()
+    members = robust.get("members") if isinstance(robust, dict) else None
+    for m in members.values() if isinstance(members, dict) else ():
+        if not isinstance(m, dict):
+            continue
+        if isinstance(m.get("clipped"), int) and m["clipped"] > 0:
+            clipped += 1
+        why = m.get("rejected")
+        if isinstance(why, str) and why:
+            dropped["evicted" if why.startswith("evicted") else "bound"] += 1
+    evicted = robust.get("evicted") if isinstance(robust, dict) else None
+    return clipped, dropped, len(evicted) if isinstance(evicted, dict) else 0
 
 
 class NodeMetrics:
@@ -57,8 +76,14 @@ class NodeMetrics:
         self.train_loss = Gauge("lowband_train_loss", "Mean inner-step loss of the last applied round.", registry=r)
         self.skipped = Counter("lowband_nonfinite_steps_skipped", "Inner steps skipped: non-finite loss or gradient.",
                                registry=r)
-        self.rejected = Counter("lowband_frames_rejected", "Members' payloads this node refused (invalid).",
-                                registry=r)
+        self.rejected = Counter("lowband_frames_rejected", "Members' payloads this node refused or dropped, by reason "
+                                "(invalid, a bad signature included; bound; evicted).", ["reason"], registry=r)
+        for reason in ("invalid", "bound", "evicted"):  # present at 0 from the start
+            self.rejected.labels(reason=reason)
+        self.clipped = Counter("lowband_frames_clipped", "Members' payloads the bounds scaled down ([recipe.reduce]).",
+                               registry=r)
+        self.evicted = Counter("lowband_members_evicted", "Members the run evicted ([recipe.reduce] evict_after).",
+                               registry=r)
         self.members = Gauge("lowband_round_members", "Members in the last applied round.", registry=r)
         self.states = Counter("lowband_state_downloads", "Run states this node adopted, by why.", ["why"], registry=r)
         self.state_seconds = Gauge("lowband_state_download_seconds", "How long the last state download took.",
@@ -99,6 +124,11 @@ class NodeMetrics:
         members = entry.get("members")
         if isinstance(members, list):
             self.members.set(len(members))
+        clipped, dropped, evicted = robust_tally(entry.get("robust"))  # every applied round's
+        self.clipped.inc(clipped)
+        self.evicted.inc(evicted)
+        for reason, n in dropped.items():
+            self.rejected.labels(reason=reason).inc(n)
         if entry.get("observed"):
             return  # applied without contributing: no train, exchange or bytes of its own
         sent, got = _num(entry, "bytes_out"), _num(entry, "bytes_in")
@@ -125,7 +155,7 @@ class NodeMetrics:
             self.skipped.inc(skipped)
         rejected = entry.get("rejected")
         if isinstance(rejected, (dict, list)) and rejected:
-            self.rejected.inc(len(rejected))
+            self.rejected.labels(reason="invalid").inc(len(rejected))
         if contributed and not self._joined:
             self._joined = True
             self.join_seconds.set(time.monotonic() - self.started)

@@ -37,12 +37,34 @@ def test_rounds_and_states_become_metrics() -> None:
     assert s[("lowband_inner_steps_per_second", ())] == 4.0
     assert s[("lowband_communication_ratio", ())] == 0.5
     assert s[("lowband_nonfinite_steps_skipped_total", ())] == 2
-    assert s[("lowband_frames_rejected_total", ())] == 1
+    assert s[("lowband_frames_rejected_total", (("reason", "invalid"),))] == 1
+    assert s[("lowband_frames_rejected_total", (("reason", "bound"),))] == 0  # present from the start
     assert s[("lowband_state_downloads_total", (("why", "join"),))] == 1
     assert s[("lowband_state_download_seconds", ())] == 2.5
     assert s[("lowband_train_loss", ())] == 2.5 and s[("lowband_last_round", ())] == 4
     assert s[("lowband_join_seconds", ())] > 0
     assert s[("lowband_node_info", (("name", "n0"),))] == 1
+
+
+def test_robust_reports_become_metrics() -> None:
+    """[recipe.reduce]: the round's report in the record (clipped, dropped by the bounds or after eviction,
+    evicted), observed rounds included."""
+    m = NodeMetrics()
+    robust = {"reference_norm": 1.0, "members": {
+        "a": {"norm_ratio": 1.0, "cosine": 0.9}, "b": {"norm_ratio": 3.0, "cosine": 0.1, "clipped": 2, "factor": 0.5},
+        "m": {"norm_ratio": 50.0, "cosine": None, "rejected": "tensor 'w': absurd, rejected"}},
+        "evicted": {"m": "2 of its last 2 frames were clipped or rejected"}}
+    m.observe({**ROUND, "robust": robust})
+    later = {"reference_norm": 1.0, "members": {"a": {"norm_ratio": 1.0, "cosine": 0.9},
+                                                "m": {"norm_ratio": 50.0, "cosine": None, "rejected": "evicted at round 3: …"}}}
+    m.observe({"round": 4, "members": ["a"], "contributed": False, "observed": True, "robust": later})
+    m.observe({**ROUND, "round": 5, "robust": {"members": "not a map", "evicted": []}})  # malformed: nothing
+    s = _samples(m)
+    assert s[("lowband_frames_clipped_total", ())] == 1
+    assert s[("lowband_frames_rejected_total", (("reason", "bound"),))] == 1
+    assert s[("lowband_frames_rejected_total", (("reason", "evicted"),))] == 1
+    assert s[("lowband_frames_rejected_total", (("reason", "invalid"),))] == 0
+    assert s[("lowband_members_evicted_total", ())] == 1
 
 
 def test_a_malformed_record_never_raises() -> None:
