@@ -55,8 +55,8 @@ def test_robust_reports_become_metrics() -> None:
         "m": {"norm_ratio": 50.0, "cosine": None, "rejected": "tensor 'w': absurd, rejected"}},
         "evicted": {"m": "2 of its last 2 frames were clipped or rejected"}}
     m.observe({**ROUND, "robust": robust})
-    later = {"reference_norm": 1.0, "members": {"a": {"norm_ratio": 1.0, "cosine": 0.9},
-                                                "m": {"norm_ratio": 50.0, "cosine": None, "rejected": "evicted at round 3: …"}}}
+    later = {"reference_norm": 1.0, "members": {
+        "a": {"norm_ratio": 1.0, "cosine": 0.9}, "m": {"norm_ratio": 50.0, "cosine": None, "rejected": "evicted at round 3"}}}
     m.observe({"round": 4, "members": ["a"], "contributed": False, "observed": True, "robust": later})
     m.observe({**ROUND, "round": 5, "robust": {"members": "not a map", "evicted": []}})  # malformed: nothing
     s = _samples(m)

@@ -120,7 +120,8 @@ def test_accountability_with_reduce_on(tmp_path: Path) -> None:
     assert s[("lowband_member_norm_ratio", (("member", "b"),))] == 3.0
     assert s[("lowband_member_cosine", (("member", "a"),))] == 0.9
     assert ("lowband_member_cosine", (("member", "m"),)) not in s  # never measured: absent, not 0
-    assert s[("lowband_member_evicted", (("member", "m"),))] == 1 and s[("lowband_member_evicted", (("member", "a"),))] == 0
+    assert s[("lowband_member_evicted", (("member", "m"),))] == 1
+    assert s[("lowband_member_evicted", (("member", "a"),))] == 0
     assert not any(labels == (("member", "gone"),) for _, labels in s)
 
 
