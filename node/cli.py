@@ -56,6 +56,8 @@ RECIPE_HELP = "a name from node/recipes.py (an unknown name lists them)"
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if not verbose:  # gRPC core's own INFO lines (one per failed TLS handshake) only with -v; before grpc loads
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
 
@@ -138,7 +140,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     metrics = _node_metrics(args)
     try:
         if args.coordinator:
-            wait_for_coordinator(args.coordinator, tls, args.connect_timeout)
+            wait_for_coordinator(args.coordinator, tls, args.connect_timeout, ca_path=args.tls_ca or "")
     except CoordinatorUnreachable as exc:
         print(f"lowband node: giving up: {exc}", file=sys.stderr)
         return UNREACHABLE_EXIT
@@ -255,7 +257,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from node.status import print_status
 
     return print_status(args.coordinator, as_json=args.json, read_token=read_token(args),
-                        tls=client_tls(args, args.coordinator))
+                        tls=client_tls(args, args.coordinator), ca_path=args.tls_ca or "")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

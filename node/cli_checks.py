@@ -3,7 +3,8 @@ shows every default, address checks, and a node's first contact with its coordin
 give-up time instead of retrying an address that is wrong or a coordinator that is not there forever).
 
 Exit statuses of ``lowband``: 0 done; 1 an unexpected error (a traceback: a bug); 2 a usage or configuration error
-(one line naming what to fix); 3 a node's Join was refused; 4 the coordinator kept failing (INTERNAL); 5 the
+(one line naming what to fix; a coordinator's TLS certificate that does not verify is one); 3 a node's Join was
+refused; 4 the coordinator kept failing (INTERNAL); 5 the
 coordinator stayed unreachable past ``--connect-timeout``; 130 interrupted. Nothing heavy is imported at module level:
 ``lowband node`` runs these before torch loads.
 """
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 EXIT_CODES = """exit status:
   0    done (a node: the run ended, or it was stopped and left)
   1    an unexpected error: a bug (please report the traceback)
-  2    a usage or configuration error: one line says what to fix (supervisors should not restart)
+  2    a usage or configuration error (a coordinator certificate that does not verify is one): one line says
+       what to fix (supervisors should not restart)
   3    a node's Join was refused (wrong join token, another run, a name taken by another key)
   4    the coordinator kept failing (INTERNAL errors on its side)
   5    the coordinator stayed unreachable past --connect-timeout
@@ -116,6 +118,31 @@ def coordinator_address(text: str, flag: str = "--coordinator") -> str:
     return f"{host}:{int(port)}"
 
 
+def tls_problem(details: str, address: str, tls: Any, ca_path: str = "") -> str | None:
+    """What a failed call's details say is wrong with the TLS between this client and the coordinator — a certificate
+    that does not verify against the CA given, one that does not name the host dialled, a coordinator that does not
+    speak TLS — as one line saying what to fix; None when they name no such problem (then it may be unreachable for
+    now, and is retried). Retrying never fixes these. A closed socket is not one: a client certificate the coordinator
+    refused looks like a connection it dropped."""
+    if tls is None:
+        return None
+    ca = f"--tls-ca {ca_path}" if ca_path else ("--tls-ca" if tls.ca else "the system's CA roots (--tls)")
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        why = details.split("CERTIFICATE_VERIFY_FAILED", 1)[1].strip(": ").split(":")[0].strip()
+        fix = ("renew it (`lowband certs --dir DIR --host HOST` issues a new one)" if "valid" in why or "expired" in why
+               else "give --tls-ca the CA that issued it (`lowband certs --dir DIR` writes DIR/ca.pem)")
+        return (f"coordinator {address}: its TLS certificate does not verify against {ca} "
+                f"({why or 'verify failed'}): {fix}")
+    if "Hostname Verification" in details:
+        host = tls.server_name or address.rsplit(":", 1)[0]
+        return (f"coordinator {address}: its TLS certificate does not name {host!r}: dial it by a name the certificate "
+                "holds, give --tls-server-name NAME, or issue it for this host (`lowband certs --host HOST`)")
+    if "WRONG_VERSION_NUMBER" in details:
+        return (f"coordinator {address} does not speak TLS (a coordinator started without --tls-cert, or another "
+                "service on that port): check the port, or drop --tls/--tls-ca for a plaintext coordinator on loopback")
+    return None
+
+
 class CoordinatorUnreachable(Exception):
     """The coordinator did not answer within the node's ``--connect-timeout``."""
 
@@ -126,9 +153,10 @@ def _clock(seconds: float) -> str:
 
 
 def wait_for_coordinator(address: str, tls: Any, give_up_s: float, *, rpc_timeout_s: float = 5.0,
-                         out: Any = None) -> None:
+                         out: Any = None, ca_path: str = "") -> None:
     """Ask the coordinator for its run (GetRun) until it answers at all; between tries one line on stderr with the
-    reason, the next try and the give-up time. ``give_up_s`` ≤ 0: never give up. Raises CoordinatorUnreachable."""
+    reason, the next try and the give-up time. ``give_up_s`` ≤ 0: never give up. Raises CoordinatorUnreachable, or
+    at once ConfigError for a TLS problem no retry fixes (``tls_problem``; ``ca_path``: --tls-ca, to name it)."""
     import grpc
 
     from node.proto.lowband.v1 import coordinator_pb2 as pb
@@ -146,6 +174,9 @@ def wait_for_coordinator(address: str, tls: Any, give_up_s: float, *, rpc_timeou
         except grpc.RpcError as exc:
             if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return  # it answered (a refusal is the node's to report, with the token it will present)
+            problem = tls_problem(exc.details() or "", address, tls, ca_path)
+            if problem:
+                raise ConfigError(problem) from None
             last = f"{exc.code().name}: {(exc.details() or '').splitlines()[0][:160]}"
         finally:
             raw.close()

@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from node.errors import ConfigError
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 from node.transport.grpc_auth import ClientTls, open_channel
@@ -157,11 +158,18 @@ def print_view(view: dict[str, Any], as_json: bool) -> int:
     return 0
 
 
-def print_status(address: str, as_json: bool = False, read_token: str = "", tls: ClientTls | None = None) -> int:
-    """Exit status: 0, or 1 (one line on stderr) when the coordinator did not answer or refused."""
+def print_status(address: str, as_json: bool = False, read_token: str = "", tls: ClientTls | None = None,
+                 ca_path: str = "") -> int:
+    """Exit status: 0, or 1 (one line on stderr) when the coordinator did not answer or refused; ConfigError (the
+    command line's exit 2) for a TLS problem no retry fixes (a certificate that does not verify: ``tls_problem``)."""
+    from node.cli_checks import tls_problem
+
     try:
         s = fetch_status(address, read_token=read_token, tls=tls)
     except grpc.RpcError as exc:
+        problem = tls_problem(exc.details() or "", address, tls, ca_path)
+        if problem:
+            raise ConfigError(problem) from None
         print(f"lowband status: {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     return print_view(status_json(s), as_json)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from concurrent import futures
 from pathlib import Path
+from typing import Iterator
 
+import grpc
 import pytest
+
+from node.certs import CertificateAuthority
 
 from node.runfile import build_run_file
 
@@ -57,6 +62,60 @@ def test_an_unreachable_coordinator_counts_down_then_gives_up_with_5(tmp_path: P
                              for line in countdown)
     assert lines[-1].startswith(f"lowband node: giving up: coordinator {address} unreachable for 2s")
     assert "--connect-timeout" in lines[-1]
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """Two CAs made by ``lowband certs``: ca1 issued the coordinator's certificate (for 127.0.0.1, and one more for
+    another host), ca2 did not."""
+    assert lowband("certs", "--dir", str(tmp_path / "ca1"), "--host", "127.0.0.1").returncode == 0
+    assert lowband("certs", "--dir", str(tmp_path / "ca2")).returncode == 0
+    CertificateAuthority.load_or_create(tmp_path / "ca1").issue_server(["coordinator.example.org"],
+                                                                       tmp_path / "other.pem", tmp_path / "other.key")
+    return tmp_path
+
+
+def _server(cert: Path | None, key: Path | None) -> Iterator[str]:
+    """A gRPC server on 127.0.0.1, port 0 (TLS with ``cert``, plaintext without), serving no method: a client that
+    gets through TLS is answered UNIMPLEMENTED."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    address = "127.0.0.1:0"
+    port = (server.add_secure_port(address, grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+            if cert is not None and key is not None else server.add_insecure_port(address))
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("served, ca, says", [
+    ("ca1/server", "ca2", "its TLS certificate does not verify against --tls-ca {ca} (unable to get local issuer "
+                          "certificate): give --tls-ca the CA that issued it"),
+    ("other", "ca1", "its TLS certificate does not name '127.0.0.1': dial it by a name the certificate holds, give "
+                     "--tls-server-name NAME"),
+    (None, "ca1", "does not speak TLS"),
+])
+def test_a_tls_problem_with_the_coordinator_exits_2_at_once_naming_it(pki: Path, served: str | None, ca: str,
+                                                                       says: str) -> None:
+    """A wrong CA, a certificate for another host, a plaintext coordinator: no retry fixes them, so a node is not
+    left counting down to --connect-timeout as if the coordinator were away."""
+    cert, key = (pki / f"{served}.pem", pki / f"{served}.key") if served else (None, None)
+    ca_path = str(pki / ca / "ca.pem")
+    for address in _server(cert, key):
+        node = lowband("node", "--coordinator", address, "--workdir", str(pki / "w"), "--tls-ca", ca_path,
+                       "--connect-timeout", "600")
+        status = lowband("status", "--coordinator", address, "--tls-ca", ca_path)
+        trusted = lowband("status", "--coordinator", address, "--tls-ca", str(pki / "ca1" / "ca.pem"))
+    assert node.returncode == 2, node.stderr
+    line = one_line(node)
+    assert line.startswith(f"lowband node: configuration error: coordinator {address}"), line
+    assert says.format(ca=ca_path) in line, line
+    assert "not reachable" not in node.stderr  # failed at the first try
+    assert status.returncode == 2, status.stderr
+    assert says.format(ca=ca_path) in one_line(status)
+    if served == "ca1/server":  # the CA that issued it gets through TLS (then: no such method on this server)
+        assert trusted.returncode == 1 and "UNIMPLEMENTED" in one_line(trusted), trusted.stderr
 
 
 def test_demo_arguments_out_of_range_exit_2_with_one_line() -> None:
