@@ -26,12 +26,18 @@
   }
   const fmt = (x, digits) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
 
+  // a cell is its text, or [text, class]
   function row(cells, cls) {
     const tr = document.createElement("tr");
     if (cls) tr.className = cls;
     for (const c of cells) {
       const td = document.createElement("td");
-      td.textContent = c;
+      if (Array.isArray(c)) {
+        td.textContent = c[0];
+        td.className = c[1];
+      } else {
+        td.textContent = c;
+      }
       tr.appendChild(td);
     }
     return tr;
@@ -65,10 +71,18 @@
       "deadline in " + s.deadline_in_s.toFixed(1) + " s";
     $("round").textContent = "round " + s.current_round + " open · " + deadline + " · payloads from " +
       (s.submitted.length ? s.submitted.join(", ") : "nobody yet");
+    // accountability ([recipe.reduce] on): frames seen, clipped, rejected, latest norm ratio and cosine; evictions
+    const evicted = s.evicted || [];
+    const accountable = s.members.some((m) => m.frames_seen > 0) || evicted.length > 0;
+    $("members").classList.toggle("with-acct", accountable);
     fill("members", s.members.map((m) => row([
       m.name, m.key_id, fmt(m.last_heartbeat_age_s, 1) + " s", String(m.rounds_contributed),
       String(m.first_round), fmtBytes(m.bytes_in), fmtBytes(m.bytes_out), fmt(m.last_loss, 4),
+      [String(m.frames_seen), "acct"], [String(m.frames_clipped), "acct"], [String(m.frames_rejected), "acct"],
+      [fmt(m.norm_ratio, 3), "acct"], [fmt(m.cosine, 2), "acct"],
     ], m.last_heartbeat_age_s > 10 ? "stale" : "")));
+    $("evicted-section").hidden = evicted.length === 0;
+    fill("evicted", evicted.map((e) => row([e.name, String(e.round), e.reason])));
     fill("recent", s.recent_rounds.slice(-10).reverse().map((r) => row([
       String(r.round), String(r.members.length), fmtBytes(r.bytes_in), fmtBytes(r.bytes_out), fmt(r.duration_s, 2),
       fmt(r.mean_loss, 4), fmt(r.val_loss, 4), r.reason,

@@ -2,7 +2,8 @@
 Prometheus metrics of the coordinator and of a node, scraped and parsed with Prometheus' text parser; the dashboard
 in headless Chromium (the page loads, its plots render with the run's data and keep updating, no console error);
 ``lowband status --json`` and a closed pipe; SIGTERM on a node. The run has a join token and a read token, so every
-read is authorised the way an operator's would be."""
+read is authorised the way an operator's would be, and the recommended ``[recipe.reduce]`` (no eviction: two honest
+nodes), so every view shows each member's accountability."""
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from browser import Chromium, find_chromium
 from lowband_cluster import Cluster, applied_rounds, coordinator_rounds, printed, wait_for
+from node.recipes import get_recipe
+from node.robust.defaults import untrusted_overrides
 from node.runfile import build_run_file
 
 JOIN, READ = "jt-live-operations", "rt-live-operations"
@@ -34,7 +37,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     run.write_text(build_run_file(
         run_id="ops-live", recipe="sign", rounds=400,
         task_params={"size": "tiny", "batch_size": 2, "block_size": 32, "eval_batches": 2},
-        recipe_overrides={"H": 2, "inner.lr": 2e-3},
+        recipe_overrides={"H": 2, "inner.lr": 2e-3, **untrusted_overrides(get_recipe("sign")),
+                          "reduce.evict_after": 0},
         membership={"min_nodes": 2, "max_nodes": 8, "heartbeat_s": 0.5, "lease_s": 5.0, "join_token": JOIN,
                     "read_token": READ},
         rounds_policy={"initial_wait_s": 30.0, "min_wait_s": 1.0, "max_wait_s": 30.0, "eval_every": 1}))
@@ -91,6 +95,12 @@ def test_the_coordinators_metrics_are_prometheus_text_with_the_runs_numbers(live
         assert _value(fam, "lowband_member_rounds_contributed", "_total", member=name) >= 1
         assert _value(fam, "lowband_member_heartbeat_age_seconds", member=name) >= 0
     assert fam["lowband_frames_late"].type == "counter"
+    # [recipe.reduce]: each member's accountability (two honest members: a norm ratio, nothing rejected or evicted)
+    for name in ("n0", "n1"):
+        assert _value(fam, "lowband_member_norm_ratio", member=name) > 0
+        assert _value(fam, "lowband_member_frames_rejected", "_total", member=name) == 0
+        assert _value(fam, "lowband_member_evicted", member=name) == 0
+    assert _value(fam, "lowband_members_evicted", "_total") == 0
     # the dashboard's port serves the same metrics
     code, _, body = _get(live["dashboard"] + "metrics")
     assert code == 200 and "lowband_rounds_committed_total" in body.decode()
@@ -149,6 +159,12 @@ def test_the_dashboard_renders_the_live_run_in_headless_chromium(live: dict[str,
                       loss: plot('plot-loss'), time: plot('plot-time'), bytes: plot('plot-bytes'),
                       lossValues: u ? u.data[1].filter((v) => v !== null).length : 0,
                       members: [...document.querySelectorAll('#members tbody tr td:first-child')].map((td) => td.textContent),
+                      // the accountability columns, shown: [recipe.reduce] is on
+                      acct: [...document.querySelectorAll('#members thead th.acct')].map(
+                        (th) => [th.textContent, getComputedStyle(th).display]),
+                      frames: [...document.querySelectorAll('#members tbody tr')].map(
+                        (tr) => Number(tr.querySelector('td.acct').textContent)),
+                      evictedHidden: document.getElementById('evicted-section').hidden,
                       recent: document.querySelectorAll('#recent tbody tr').length,
                       round: document.getElementById('round').textContent,
                       loginHidden: document.getElementById('login').hidden,
@@ -169,6 +185,10 @@ def test_the_dashboard_renders_the_live_run_in_headless_chromium(live: dict[str,
     for plot in ("loss", "time", "bytes"):
         assert seen[plot]["canvas"] is not None and min(seen[plot]["canvas"]) > 0
     assert sorted(seen["members"]) == ["n0", "n1"]
+    assert [name for name, _ in seen["acct"]] == ["frames", "clipped", "rejected", "norm ratio", "cosine"]
+    assert all(display != "none" for _, display in seen["acct"]), seen["acct"]
+    assert all(n >= 1 for n in seen["frames"]), seen["frames"]
+    assert seen["evictedHidden"]
     assert seen["recent"] >= 3
     assert "open" in seen["round"]
 
@@ -184,6 +204,13 @@ def test_status_json_writes_numbers_as_numbers(live: dict[str, Any]) -> None:
     for key in ("bytes_in", "bytes_out", "rounds_contributed", "first_round"):
         assert isinstance(member[key], int), (key, member[key])
     assert isinstance(member["last_heartbeat_age_s"], float)
+    # [recipe.reduce]: accountability per member, numbers too
+    for key in ("frames_seen", "frames_clipped", "frames_rejected"):
+        assert isinstance(member[key], int), (key, member[key])
+    assert member["frames_seen"] >= 1 and member["frames_rejected"] == 0
+    assert isinstance(member["norm_ratio"], float) and member["norm_ratio"] > 0
+    assert member["cosine"] is None or isinstance(member["cosine"], float)
+    assert s["evicted"] == []
     assert all(isinstance(r["bytes_in"], int) and (r["val_loss"] is None or isinstance(r["val_loss"], float))
                for r in s["recent_rounds"])
 
