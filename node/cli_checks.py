@@ -4,9 +4,8 @@ give-up time instead of retrying an address that is wrong or a coordinator that 
 
 Exit statuses of ``lowband``: 0 done; 1 an unexpected error (a traceback: a bug); 2 a usage or configuration error
 (one line naming what to fix; a coordinator's TLS certificate that does not verify is one); 3 a node's Join was
-refused; 4 the coordinator kept failing (INTERNAL); 5 the
-coordinator stayed unreachable past ``--connect-timeout``; 130 interrupted. Nothing heavy is imported at module level:
-``lowband node`` runs these before torch loads.
+refused; 4 the coordinator kept failing (INTERNAL); 5 the coordinator stayed unreachable past ``--connect-timeout``;
+130 interrupted. Nothing heavy is imported at module level: ``lowband node`` runs these before torch loads.
 """
 from __future__ import annotations
 
