@@ -19,7 +19,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 from coordinator.bounds import check_join, check_node_id, check_token, printable
-from coordinator.errors import Conflict, Full, Invalid, Refused, Unauthorized, UnknownNode, WrongRound
+from coordinator.errors import Conflict, Evicted, Full, Invalid, Refused, ResumeMismatch, Unauthorized, UnknownNode
 from coordinator.rounds import STATE_CHUNK, Chunk, Committed, Rounds  # noqa: F401  (re-exported)
 from coordinator.store import Store
 from node import membership as policy
@@ -30,8 +30,16 @@ from node.runfile import RunFile
 from node.transport.grpc_auth import join_message
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 2
+#: 3: config hash over RFC 8785 canonical JSON; status codes one meaning each (INVALID_ARGUMENT for malformed
+#: input, ABORTED for "submit again", OUT_OF_RANGE only for byte offsets); GetRun checks the version too
+PROTOCOL_VERSION = 3
 MAX_DIFFS = 20  # differing config fields named in a refusal
+
+
+def check_protocol(version: int) -> None:
+    """Raises Refused unless ``version`` is the one this coordinator speaks (0, unset, is refused too)."""
+    if version != PROTOCOL_VERSION:
+        raise Refused(f"protocol version {version} is not supported; this coordinator speaks {PROTOCOL_VERSION}")
 
 
 class CoordinatorCore(Rounds):
@@ -53,6 +61,9 @@ class CoordinatorCore(Rounds):
 
     # -- run and membership --------------------------------------------------------------------------
     def run_info(self, protocol_version: int, read_token: str = "") -> dict[str, Any]:
+        """GetRun. Raises Refused for another protocol version (checked first: a client of another version learns
+        that before anything else), Unauthorized for a missing or wrong read token."""
+        check_protocol(protocol_version)
         self.check_read(read_token)
         return {"run_id": self.cfg.run.run_id, "config_json": json.dumps(self.cfg.run.to_dict()),
                 "config_hash": self.config_hash, "task_fingerprint": self.task.fingerprint,
@@ -70,37 +81,21 @@ class CoordinatorCore(Rounds):
     def join(self, name: str, protocol_version: int, config_json: str, config_hash: str, task_fingerprint: str,
              digest: str, capabilities: Iterable[str], join_token: str, public_key: bytes = b"",
              signature: bytes = b"", timestamp_ms: int = 0) -> dict[str, Any]:
-        """Admit a node. Raises Refused (protocol, config, task, model), Unauthorized (token, signature, timestamp,
-        replay), Invalid (a field out of bounds), Conflict (name taken by another key) or Full."""
+        """Admit a node. Raises Refused (protocol; config, config hash, task or model: every difference named at
+        once), Unauthorized (token, signature, timestamp, replay), Invalid (a field out of bounds, config_json not a JSON
+        object), Evicted, Conflict (name taken by another key) or Full."""
         mp = self.cfg.membership
-        if protocol_version != PROTOCOL_VERSION:
-            raise Refused(f"protocol version {protocol_version} is not supported; this coordinator speaks {PROTOCOL_VERSION}")
+        check_protocol(protocol_version)
         self._authorize(join_token)
         caps = check_join(name, config_json, config_hash, task_fingerprint, digest, capabilities, public_key,
                           signature)
         self._check_join_signature(name, public_key, signature, timestamp_ms)
         evicted = self._was_evicted(name, public_key)
         if evicted:
-            raise Refused(f"{name} (key {key_id(public_key)}) was evicted from this run: {evicted}")
-        try:
-            theirs = json.loads(config_json) if config_json else None
-        except json.JSONDecodeError as exc:
-            raise Refused(f"config_json is not valid JSON: {exc}") from None
-        if theirs is not None:
-            if not isinstance(theirs, dict):
-                raise Invalid("config_json: must be a JSON object (the node's RunConfig)")
-            diffs = diff_configs(theirs, self.cfg.run.to_dict())
-            if diffs:
-                more = f"; and {len(diffs) - MAX_DIFFS} more" if len(diffs) > MAX_DIFFS else ""
-                raise Refused("config differs from the run's (node vs run): " + "; ".join(
-                    printable(d, 160) for d in diffs[:MAX_DIFFS]) + more)
-        if task_fingerprint != self.task.fingerprint:
-            raise Refused(f"task fingerprint differs: node {task_fingerprint[:16]} vs run {self.task.fingerprint[:16]} "
-                          "(different data, e.g. another Python version's standard library, or task parameters)")
-        if digest != self.model_digest:
-            raise Refused(f"model tensors differ: node digest {digest} vs run {self.model_digest}")
-        if config_hash != self.config_hash:
-            raise Refused(f"config hash differs: node {config_hash} vs run {self.config_hash}")
+            raise Evicted(f"{name} (key {key_id(public_key)}) was evicted from this run: {evicted}")
+        differences = self._differences(config_json, config_hash, task_fingerprint, digest)
+        if differences:
+            raise Refused("this node differs from the run (node vs run): " + "; ".join(differences))
         with self.lock:
             now = self.clock()
             admission = policy.admit(self.members, name, mp, public_key, now, self.open_round)
@@ -134,6 +129,29 @@ class CoordinatorCore(Rounds):
                     "first_round": first, "committed_rounds": self.reference.committed_rounds,
                     "config_json": json.dumps(self.cfg.run.to_dict()), "shard": shard, "num_shards": mp.max_nodes,
                     "replaced": admission.kind is AdmitKind.REPLACED}
+
+    def _differences(self, config_json: str, config_hash: str, task_fingerprint: str, digest: str) -> list[str]:
+        """Every way a joining node differs from the run, each named (a node fixes all of them in one go), or [].
+        Raises Invalid when ``config_json`` is not a JSON object (malformed, not a difference)."""
+        out = []
+        try:
+            theirs = json.loads(config_json) if config_json else None
+        except json.JSONDecodeError as exc:
+            raise Invalid(f"config_json: not valid JSON: {exc}") from None
+        if theirs is not None:
+            if not isinstance(theirs, dict):
+                raise Invalid("config_json: must be a JSON object (the node's RunConfig)")
+            diffs = diff_configs(theirs, self.cfg.run.to_dict())
+            more = [f"and {len(diffs) - MAX_DIFFS} more config fields"] if len(diffs) > MAX_DIFFS else []
+            out += [f"config {printable(d, 160)}" for d in diffs[:MAX_DIFFS]] + more
+        if config_hash != self.config_hash:
+            out.append(f"config hash {config_hash} vs {self.config_hash}")
+        if task_fingerprint != self.task.fingerprint:
+            out.append(f"task fingerprint {task_fingerprint[:16]} vs {self.task.fingerprint[:16]} (different data, e.g. "
+                       "another Python version's standard library, or task parameters)")
+        if digest != self.model_digest:
+            out.append(f"model digest {digest} vs {self.model_digest} (the model's tensor names or shapes)")
+        return out
 
     def _check_join_signature(self, name: str, public_key: bytes, signature: bytes, timestamp_ms: int) -> None:
         off = timestamp_ms / 1000.0 - self.wall()
@@ -248,7 +266,7 @@ class CoordinatorCore(Rounds):
         try:
             committed, blob, fingerprint = self.state_blob()
             if offset > len(blob):
-                raise WrongRound(f"offset {offset} is past the end of the {len(blob)}-byte state")
+                raise ResumeMismatch(f"offset {offset} is past the end of the {len(blob)}-byte state")
             with self.lock:
                 if node_id in self.members:
                     self.members[node_id].bytes_out += len(blob) - offset

@@ -88,7 +88,7 @@ class Rounds:
         self._scratch = Reference.for_model(run, model)  # where a commit computes the next state (see _commit)
         self.config_hash = run.config_hash(self.task.fingerprint)
         self.model_digest = self.reference.digest()
-        problem = store.check_identity(run.run_id, self.config_hash)
+        problem = store.check_identity(run.run_id, self.config_hash, run.legacy_config_hash(self.task.fingerprint))
         if problem:
             raise ConfigError(problem)
         committed, blob = store.latest()
@@ -378,7 +378,8 @@ class Rounds:
         with self.lock:
             m = self._member(node_id)
             if round_ > self.open_round:
-                raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")
+                raise ResultGone(f"round {round_} is not open yet (the open round is {self.open_round}); fetch the "
+                                 "state")
             if round_ == self.open_round:
                 self._serving()
             if (not submitted and round_ == self.open_round and node_id not in self.submitted

@@ -89,12 +89,17 @@ class Store:
             self.db.execute("ALTER TABLE members ADD COLUMN public_key BLOB DEFAULT NULL")
 
     # -- identity ------------------------------------------------------------------------------------
-    def check_identity(self, run_id: str, config_hash: str) -> str | None:
-        """Record the run on first use; on later starts return a message if the run file changed."""
+    def check_identity(self, run_id: str, config_hash: str, legacy_hash: str = "") -> str | None:
+        """Record the run on first use; on later starts return a message if the run file changed. ``legacy_hash``: the
+        same run's hash as protocol 2 computed it; a state dir recorded with it is this run, and is re-recorded."""
         rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
         if not rows:
             self.disk.transaction(self.db, lambda: self.db.executemany(
                 "INSERT INTO meta VALUES (?, ?)", [("run_id", run_id), ("config_hash", config_hash)]))
+            return None
+        if legacy_hash and rows.get("run_id") == run_id and rows.get("config_hash") == legacy_hash:
+            self.disk.transaction(self.db, lambda: self.db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'config_hash'", (config_hash,)))
             return None
         if rows.get("run_id") != run_id or rows.get("config_hash") != config_hash:
             return (f"state dir {self.dir} holds run {rows.get('run_id')!r} with config hash {rows.get('config_hash')}; "

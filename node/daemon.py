@@ -146,7 +146,9 @@ class NodeDaemon:
             return False
         try:
             sf = state_file.parse(path.read_bytes(), worker.reference.max_header() * 3)
-            if sf.header.get("config_hash") != config_hash:
+            # a checkpoint written before protocol 3 names the same run by its older hash
+            legacy = worker.cfg.legacy_config_hash(worker.task.fingerprint)
+            if sf.header.get("config_hash") not in (config_hash, legacy):
                 log.info("checkpoint is from another run (config hash %s ≠ %s): not used", sf.header.get("config_hash"),
                          config_hash)
                 return False

@@ -1,5 +1,8 @@
 """The payload envelope: the only place where codec buffers become bytes and bytes become tensors.
 
+The format, byte by byte and for every codec, for implementations in other languages: docs/wire.md (test vectors in
+tests/vectors/). What follows is the summary this module implements.
+
 Frame, unsigned: ``b"LBW1"`` + msgpack body + 8-byte BLAKE2b digest of the body.
 Frame, signed (a node with a key, node/identity.py): ``b"LBSF"`` + msgpack body + 64-byte ed25519 signature +
 8-byte BLAKE2b digest of (body + signature). The signature covers

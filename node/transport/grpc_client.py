@@ -30,7 +30,7 @@ from node.transport.grpc_auth import ClientTls, SigningInterceptor, join_message
 from node.transport.messages import RoundResult, RoundStatus, StateBlob
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # coordinator/core.py's; what changed with each: proto/lowband/v1/coordinator.proto
 CHUNK = 1 << 20
 RESULT_DOWNLOAD_MAX_S = 3600.0  # a round's result that takes longer than this to download is given up on
 MIN_UPLOAD_BPS = 2e6  # the slowest uplink an upload's deadline allows for (the `bad` link profile's rate)
@@ -40,7 +40,7 @@ FAULTS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED}
 REFUSALS = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS,
-            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
 
 
 class NeedResubmit(Exception):
@@ -341,9 +341,9 @@ class GrpcTransport:
                 code = exc.code()
                 if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
                     raise Rejoin(exc.details()) from None
-                if _metadata(exc, "lowband-not-submitted") is not None:
+                if code == grpc.StatusCode.ABORTED:  # no payload of ours is held (metadata lowband-not-submitted)
                     raise NeedResubmit(exc.details()) from None
-                if code == grpc.StatusCode.OUT_OF_RANGE:
+                if code == grpc.StatusCode.FAILED_PRECONDITION:  # the result is not held (or not yet open)
                     return RoundResult(round_, RoundStatus.RESULT_GONE, reason=exc.details())
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     backoff.reset()
@@ -456,6 +456,9 @@ class GrpcTransport:
                 if exc.code() == grpc.StatusCode.NOT_FOUND or (exc.code() == grpc.StatusCode.UNAUTHENTICATED
                                                                and self.node_id):
                     raise Rejoin(exc.details()) from None
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # past the end of a newer, shorter state: start over
+                    buf, committed = bytearray(), -1
+                    continue
                 if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault("FetchState", exc)

@@ -10,6 +10,7 @@ from typing import Callable
 import grpc
 import pytest
 
+from coordinator.core import PROTOCOL_VERSION
 from node.identity import NodeKey
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.transport.control import JoinRefused
@@ -68,7 +69,7 @@ def test_join_is_signed_by_the_node_key_and_cannot_be_replayed(trial: Callable[.
     ts = int(time.time() * 1000)
 
     def join(name: str, signature: bytes, ts: int = ts) -> pb.JoinRequest:
-        return pb.JoinRequest(node_name=name, protocol_version=2, config_json=i.config_json,
+        return pb.JoinRequest(node_name=name, protocol_version=PROTOCOL_VERSION, config_json=i.config_json,
                               config_hash=i.config_hash, task_fingerprint=i.task_fingerprint, model_digest=i.model_digest,
                               public_key=key.public, signature=signature, timestamp_ms=ts)
 
@@ -103,14 +104,15 @@ def test_status_and_get_run_need_a_token_when_the_run_has_one_and_show_no_creden
     t = trial(membership={"join_token": "join-s3cret", "read_token": "read-s3cret"})
     t.join("a"), t.join("b")
     stub = t.stub()
-    for call, request in ((stub.Status, pb.StatusRequest()), (stub.GetRun, pb.GetRunRequest(protocol_version=2)),
+    for call, request in ((stub.Status, pb.StatusRequest()),
+                          (stub.GetRun, pb.GetRunRequest(protocol_version=PROTOCOL_VERSION)),
                           (stub.Status, pb.StatusRequest(read_token="wrong"))):
         err = rpc_error(call, request)
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "needs its read token" in err.details()
     for token in ("read-s3cret", "join-s3cret"):
         s = stub.Status(pb.StatusRequest(read_token=token), timeout=RPC_S)
         assert sorted(m.name for m in s.members) == ["a", "b"]
-        assert stub.GetRun(pb.GetRunRequest(protocol_version=2, read_token=token), timeout=RPC_S).run_id
+        assert stub.GetRun(pb.GetRunRequest(protocol_version=PROTOCOL_VERSION, read_token=token), timeout=RPC_S).run_id
     wire = s.SerializeToString()
     for secret in ("join-s3cret", "read-s3cret", *(m.transport.node_id for m in t.members.values()),
                    *(m.transport.node_id[:8] for m in t.members.values())):

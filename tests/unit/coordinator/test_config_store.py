@@ -180,6 +180,16 @@ def test_identity_recorded_then_mismatch_message(store: Store, tmp_path: Path) -
     assert msg is not None and "run 'run-2'" in msg
 
 
+def test_a_state_dir_recorded_with_the_protocol_2_hash_is_the_same_run(store: Store) -> None:
+    """The config hash moved to canonical JSON in protocol 3: a state dir that recorded the same run's older hash
+    is taken, and re-recorded with the new one; another run's older hash is still refused."""
+    assert store.check_identity("run-1", "old-hash") is None
+    assert store.check_identity("run-1", "new-hash", legacy_hash="other-old") is not None
+    assert store.check_identity("run-1", "new-hash", legacy_hash="old-hash") is None
+    assert store.info() == {"run_id": "run-1", "config_hash": "new-hash"}
+    assert store.check_identity("run-1", "new-hash") is None
+
+
 def test_new_store_has_no_rounds(store: Store) -> None:
     assert store.latest() == (0, None)
     assert store.result(0) is None

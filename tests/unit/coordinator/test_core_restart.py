@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 
 from core_harness import Clock, Harness
-from coordinator.errors import NotSubmitted, WrongRound
+from coordinator.errors import NotSubmitted, ResumeMismatch
 from node.errors import ConfigError
 from node.membership import RESTART_GRACE_S
 from node.train.reference import Reference
@@ -29,8 +29,10 @@ def test_fetch_state_is_the_reference_and_resumes_by_offset(h: Harness) -> None:
     assert fresh.fingerprint() == h.core.reference.fingerprint() and fresh.committed_rounds == 1
     tail = list(h.core.fetch_state(h.ids["a"], 100))
     assert tail[0]["offset"] == 100 and b"".join(p["data"] for p in tail) == blob[100:]
-    with pytest.raises(WrongRound, match=f"offset {len(blob) + 1} is past the end of the {len(blob)}-byte state"):
+    with pytest.raises(ResumeMismatch, match=f"offset {len(blob) + 1} is past the end of the {len(blob)}-byte state") \
+            as info:
         list(h.core.fetch_state(h.ids["a"], len(blob) + 1))
+    assert info.value.code == "OUT_OF_RANGE"  # the one meaning of OUT_OF_RANGE: a byte offset outside what is held
 
 
 def test_members_a_restart_restores_have_the_grace_to_reconnect_then_the_lease_rules(
