@@ -10,8 +10,7 @@ aggregate's norm (cosine to it 0.48; the same attacker flipping its own update a
 and an 8th honest member by 0.13), and the attacker's frame is never clipped, so it is never evicted. A plain mean
 would give it 1/8 of the weight (≤ 0.25 here).
 
-SECURITY BUG (xfail, strict) until selector-mean stops giving a lone picker full weight (suggested: divide by
-max(picks, ⌈n/2⌉) — or count a coefficient only when a quorum of senders picked it — under ``[reduce]``)."""
+Fixed: a coefficient's sum is divided by max(picks, ⌈n/2⌉) (DctTopKCodec.clipped_selector_mean)."""
 from __future__ import annotations
 
 import pytest
@@ -44,8 +43,6 @@ def _beside_the_top_k(x: torch.Tensor, ratio: float = 1.95) -> torch.Tensor:
     return dct.inverse(torch.zeros_like(c).scatter(1, pick, vals), plan)
 
 
-@pytest.mark.xfail(strict=True, reason="SECURITY BUG: selector-mean gives a coefficient only the attacker picked its "
-                                       "full value; one unflagged member of 8 moves the aggregate by > its norm")
 def test_one_unflagged_member_of_8_moves_the_clipped_selector_mean_little() -> None:
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(SHAPE, generator=gen)
