@@ -118,3 +118,16 @@ def test_status_and_get_run_need_a_token_when_the_run_has_one_and_show_no_creden
                    *(m.transport.node_id[:8] for m in t.members.values())):
         assert secret.encode() not in wire
     assert {m.key_id for m in s.members} == {m.transport.key.key_id for m in t.members.values()}
+
+
+def test_a_node_without_the_join_token_is_refused_in_one_line_naming_the_flag(trial: Callable[..., Trial]) -> None:
+    import threading
+
+    from node.transport.grpc_control import GrpcControl
+
+    t = trial(membership={"join_token": "join-s3cret"})
+    plane = GrpcControl(t.address, threading.Event(), key=NodeKey.generate())  # no token: GetRun is refused
+    with pytest.raises(JoinRefused, match=r"UNAUTHENTICATED: .*pass --join-token TOKEN or set \$LOWBAND_JOIN_TOKEN"):
+        plane.get_run_config()
+    assert GrpcControl(t.address, threading.Event(), key=NodeKey.generate(),
+                       token="join-s3cret").get_run_config().run_id == "security"
