@@ -161,6 +161,7 @@ def wait_for_coordinator(address: str, tls: Any, give_up_s: float, *, rpc_timeou
     from node.proto.lowband.v1 import coordinator_pb2 as pb
     from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
     from node.transport.grpc_auth import open_channel
+    from node.transport.grpc_client import tls_hint
 
     stream = out or sys.stderr
     started = time.monotonic()
@@ -176,7 +177,7 @@ def wait_for_coordinator(address: str, tls: Any, give_up_s: float, *, rpc_timeou
             problem = tls_problem(exc.details() or "", address, tls, ca_path)
             if problem:
                 raise ConfigError(problem) from None
-            last = f"{exc.code().name}: {(exc.details() or '').splitlines()[0][:160]}"
+            last = f"{exc.code().name}: {(exc.details() or '').splitlines()[0][:160]}{tls_hint(exc, tls)}"
         finally:
             raw.close()
         left = give_up_s - (time.monotonic() - started) if give_up_s > 0 else float("inf")

@@ -22,6 +22,7 @@ from node.errors import ConfigError
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 from node.transport.grpc_auth import ClientTls, open_channel
+from node.transport.grpc_client import tls_hint
 
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 
@@ -170,6 +171,6 @@ def print_status(address: str, as_json: bool = False, read_token: str = "", tls:
         problem = tls_problem(exc.details() or "", address, tls, ca_path)
         if problem:
             raise ConfigError(problem) from None
-        print(f"lowband status: {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"lowband status: {address}: {exc.code().name}: {exc.details()}{tls_hint(exc, tls)}", file=sys.stderr)
         return 1
     return print_view(status_json(s), as_json)

@@ -123,6 +123,21 @@ class StallWatch:
         self._thread.join(timeout=5)
 
 
+def tls_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
+    """What to check when a connection is closed during its handshake ("Socket closed"): the usual cause is a TLS
+    mismatch (a plaintext node and a coordinator that serves TLS, or no client certificate for mutual TLS), which
+    gRPC reports only as an unreachable coordinator."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or "Socket closed" not in (exc.details() or ""):
+        return ""
+    if tls is None:
+        return (" (if the coordinator serves TLS it closes plaintext connections: pass --tls-ca CA.pem, and "
+                "--tls-cert/--tls-key if it requires client certificates)")
+    if tls.cert is None:
+        return (" (if the coordinator requires client certificates (--tls-client-ca) it closes connections without "
+                "one: pass --tls-cert/--tls-key, made by `lowband certs --node WORKDIR`)")
+    return ""
+
+
 class GrpcTransport:
     """The coordinator's RPCs with retries; ``GrpcControl`` adapts it to the ``ControlPlane`` seam.
 
@@ -139,6 +154,7 @@ class GrpcTransport:
         self.rpc_timeout_s = rpc_timeout_s
         self.key = key or NodeKey.generate()
         self.token = token
+        self.tls = tls
         self.clock = clock
         # gRPC's own reconnect backoff grows to 120 s by default: after a long coordinator outage a node would
         # sit idle that long after the coordinator is back. Cap it at our retry backoff's maximum.
@@ -188,7 +204,8 @@ class GrpcTransport:
                 if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault(what, exc)
-                log.warning("%s: coordinator unreachable (%s: %s); retrying", what, exc.code().name, exc.details())
+                log.warning("%s: coordinator unreachable (%s: %s); retrying%s", what, exc.code().name, exc.details(),
+                            tls_hint(exc, self.tls))
                 backoff.sleep(self.stop)
 
     # -- run and membership --------------------------------------------------------------------------
