@@ -119,7 +119,9 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
     if unknown:
         raise ConfigError(f"{source}: unknown section{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(f'[{u}]' for u in sorted(unknown))}; valid sections: [run], [task], [recipe], "
-                          "[membership], [rounds], [authority]")
+                          "[membership], [rounds], [authority]"
+                          + ("; bounds and robust reduce go under the recipe: [recipe.reduce]" if "reduce" in unknown
+                             else ""))
     run = dict(doc.get("run", {}))
     known_run = {"id", "task", "recipe", "rounds", "seed"}
     if set(run) - known_run:

@@ -103,6 +103,7 @@ def test_missing_run_file_names_the_path(tmp_path: Path) -> None:
     ("[run\nid = 1", r"^r\.toml: not valid TOML: "),
     ("[runs]\nid = 'x'", r"^r\.toml: unknown section \[runs\]; valid sections: \[run\], \[task\], \[recipe\], \[membership\], "
                         r"\[rounds\], \[authority\]$"),
+    ("[reduce]\nbound = 'clip'", r"^r\.toml: unknown section \[reduce\]; .*go under the recipe: \[recipe\.reduce\]$"),
     ("[run]\nid = 'x'\nepochs = 3", r"^r\.toml: unknown \[run\] key\(s\) 'epochs'; valid keys: id, recipe, rounds, seed, task$"),
     ("[run]\nrounds = 'many'", r"^r\.toml: run\.rounds must be an integer, got 'many'"),
     ("[rounds]\neval_every = 'often'", r"^r\.toml: rounds\.eval_every must be an integer, got 'often'"),
