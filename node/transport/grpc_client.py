@@ -277,6 +277,7 @@ class GrpcTransport:
         if self.node_id:
             try:
                 self.stub.Leave(pb.LeaveRequest(node_id=self.node_id, reason=reason), timeout=5)
+                log.info("left the run at %s (%s)", self.address, reason)
             except grpc.RpcError as exc:
                 log.info("leave: %s", exc.code().name)
 
