@@ -291,8 +291,9 @@ class CoordinatorCore(Rounds):
         with self.lock:
             now = self.clock()
             robust = self.reference.robust
-            return {"records": dict(robust.members) if robust is not None else {},"run_id": self.cfg.run.run_id, "recipe": self.cfg.run.recipe.name, "current_round": self.open_round,
-                    "committed_rounds": self.reference.committed_rounds,
+            return {"records": dict(robust.members) if robust is not None else {}, "run_id": self.cfg.run.run_id,
+                    "recipe": self.cfg.run.recipe.name, "current_round": self.open_round,
+                    "committed_rounds": self.reference.committed_rounds, "total_rounds": self.cfg.run.rounds,
                     "deadline_in_s": (self.deadline - now) if self.deadline is not None else -1.0,
                     "members": [m for m in self.members.values()], "recent": list(self.recent),
                     "reference_fingerprint": self.reference.fingerprint(),

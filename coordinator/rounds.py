@@ -329,6 +329,9 @@ class Rounds:
         self._last_reason = ""
         log.info("[round=%d] committed: members=%d in=%dB loss=%.4f fp=%s (%s)", r, len(frames), bytes_in,
                  row.mean_loss, step.fingerprint, decision.reason)
+        if r + 1 == self.cfg.run.rounds:
+            log.info("run %s complete: all %d rounds committed (fingerprint %s); the state stays served for joins, "
+                     "status and `lowband export --state-dir`", self.cfg.run.run_id, r + 1, step.fingerprint)
         if self.evaluator is not None and (r + 1) % self.cfg.eval_every == 0:
             self.evaluator.submit(r, self.reference.tensors, self.reference.buffers)
         if report is not None:

@@ -192,4 +192,5 @@ def status_response(core: CoordinatorCore) -> pb.StatusResponse:
                              committed_rounds=s["committed_rounds"], deadline_in_s=s["deadline_in_s"],
                              members=members, recent_rounds=rounds,
                              reference_fingerprint=s["reference_fingerprint"], submitted=s["submitted"],
-                             persistence_error=s["persistence_error"], evicted=evicted)
+                             persistence_error=s["persistence_error"], evicted=evicted,
+                             total_rounds=s["total_rounds"])

@@ -130,7 +130,7 @@ def cmd_status_dht(args: argparse.Namespace) -> int:
     run_file = load_run_file(args.run)
     # the coordinator's Status view (node/status.py): the same fields and table, plus what only a DHT has
     return print_view(dht_view(read_status(_split(args.initial_peers), run_file, listen, nat_enabled(listen, args.no_nat)),
-                               run_file.run.recipe.name), args.json)
+                               run_file.run.recipe.name, run_file.run.rounds), args.json)
 
 
 def add_status_dht_args(st: argparse.ArgumentParser) -> None:

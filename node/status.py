@@ -69,7 +69,7 @@ def status_json(s: pb.StatusResponse) -> dict[str, Any]:
 _NO_ACCOUNTABILITY = dict.fromkeys(("frames_seen", "frames_clipped", "frames_rejected", "norm_ratio", "cosine"))
 
 
-def dht_view(d: Any, recipe: str) -> dict[str, Any]:
+def dht_view(d: Any, recipe: str, total_rounds: int | None = None) -> dict[str, Any]:
     """A serverless run's status (``node.transport.dht_status.DhtStatus``, read from its DHT records) as the
     ``Status`` view: the same fields, ``None`` where a DHT does not know (bytes, losses, deadline, fingerprint), and
     what only a DHT has: each member's ``status``, ``shard`` and ``records_ignored``, each round's ``announced``, the
@@ -78,7 +78,7 @@ def dht_view(d: Any, recipe: str) -> dict[str, Any]:
     committed = [r.round for r in d.rounds if r.outcome.startswith("committed")]
     open_round = next((r for r in d.rounds if r.round == d.round), None)
     return {
-        "run_id": d.run_id, "recipe": recipe, "current_round": d.round,
+        "run_id": d.run_id, "recipe": recipe, "current_round": d.round, "total_rounds": total_rounds,
         "committed_rounds": max(committed) + 1 if committed else None, "deadline_in_s": None,
         "members": [{"name": m.name, "key_id": m.key_id, "last_heartbeat_age_s": m.last_heartbeat_s,
                      "rounds_contributed": None, "first_round": m.from_round, "bytes_in": None, "bytes_out": None,
@@ -106,9 +106,13 @@ def status_lines(v: dict[str, Any]) -> list[str]:
         f"{v['deadline_in_s']:.1f} s"
     if "authority" in v:
         deadline = "none (serverless)"
-    lines = [f"run {v['run_id']}  recipe {v['recipe']}  round {_n(v['current_round'], 'd')} open  "
-             f"{_n(v['committed_rounds'], 'd')} committed  deadline {deadline}  "
-             f"fingerprint {v['reference_fingerprint'] or '-'}"]
+    total, committed = v.get("total_rounds") or None, v["committed_rounds"]
+    if total is not None and committed is not None and committed >= total:
+        where = f"finished: all {total} rounds committed"
+    else:
+        where = (f"round {_n(v['current_round'], 'd')} open  {_n(committed, 'd')}"
+                 f"{f' of {total}' if total else ''} committed  deadline {deadline}")
+    lines = [f"run {v['run_id']}  recipe {v['recipe']}  {where}  fingerprint {v['reference_fingerprint'] or '-'}"]
     if "authority" in v:
         lines.append(f"serverless: authority {v['authority']}, {'open' if v['open_run'] else 'closed'} run; records "
                      f"this reader ignored: {', '.join(f'{k} ({n})' for k, n in v['records_ignored'].items()) or 'none'}")

@@ -87,3 +87,16 @@ def test_accountability_with_reduce_on_is_in_json_and_text() -> None:
 
 def test_no_accountability_table_with_reduce_off() -> None:
     assert not any("clipped" in line for line in status_text(_status()))
+
+
+def test_a_finished_run_says_so_and_a_running_one_counts_against_its_length() -> None:
+    running = _status()
+    running.total_rounds = 10
+    assert "round 7 open  7 of 10 committed" in "\n".join(status_text(running))
+    done = _status()
+    done.committed_rounds, done.current_round, done.total_rounds = 10, 10, 10
+    text = "\n".join(status_text(done))
+    assert "finished: all 10 rounds committed" in text and "open" not in text.splitlines()[0]
+    assert status_json(done)["total_rounds"] == 10
+    older = _status()  # a coordinator before the field: 0, the length unknown
+    assert "round 7 open  7 committed" in "\n".join(status_text(older))
