@@ -54,7 +54,8 @@ def make(tmp_path: Path, clock: Clock) -> Iterator[Callable[..., Harness]]:
 
 
 # the recommended settings for untrusted members, unchanged (evict_after 4 of 8)
-_ROBUST = {"recipe": {"H": 1, **untrusted_overrides(get_recipe("sign"))}, "membership": {"min_nodes": 3, "max_nodes": 8}}
+_ROBUST = {"recipe": {"H": 1, **untrusted_overrides(get_recipe("sign"))},
+           "membership": {"min_nodes": 3, "max_nodes": 8}}
 
 
 def _robust(make: Callable[..., Harness]) -> Harness:
@@ -80,8 +81,7 @@ def _round(h: Harness, r: int, honest: tuple[str, ...], loud: tuple[str, NodeKey
     clock.advance(1.0)
 
 
-def test_squatting_an_absent_honest_members_name_is_refused(make: Callable[..., Harness], clock: Clock,
-                                                           tmp_path: Path) -> None:
+def test_squatting_an_absent_honest_members_name_is_refused(make: Callable[..., Harness], clock: Clock) -> None:
     """The squatter of the original finding is refused at Join — across a coordinator restart too — and the honest
     node, back with its own key, takes its name and its clean record."""
     h = _robust(make)
@@ -133,8 +133,8 @@ def test_a_name_claimed_first_by_another_key_stays_its_until_an_operator_frees_i
     h.close()
 
 
-def test_an_evicted_key_stays_refused_under_any_name_after_a_restart(make: Callable[..., Harness], clock: Clock,
-                                                                    tmp_path: Path) -> None:
+def test_an_evicted_key_stays_refused_under_any_name_after_a_restart(make: Callable[..., Harness],
+                                                                    clock: Clock) -> None:
     h = _robust(make)
     for name in (*HONEST, "m"):
         h.join(name)
