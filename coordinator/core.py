@@ -6,7 +6,8 @@ the idempotent commit, results — in ``coordinator/rounds.py`` (``Rounds``, its
 
 Identity: a member is a node key (node/identity.py). Join checks the join token, every field's bounds, the key's
 signature over (run id, name, key, timestamp) within ``skew_s`` of this machine's clock, then the run's config.
-The same name with the same key replaces the live session at once; the same name with another key is refused.
+The same name with the same key replaces the live session at once; the same name with another key is refused — for
+the whole run, live or not: a name is bound to the first key that joined under it (coordinator/names.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 from coordinator.bounds import check_join, check_node_id, check_token, printable
 from coordinator.errors import Conflict, Evicted, Full, Invalid, Refused, ResumeMismatch, Unauthorized, UnknownNode
+from coordinator.names import Names
 from coordinator.rounds import STATE_CHUNK, Chunk, Committed, Rounds  # noqa: F401  (re-exported)
 from coordinator.store import Store
 from node import membership as policy
@@ -55,9 +57,14 @@ class CoordinatorCore(Rounds):
         for m in self.members.values():  # a restart must not make everyone look idle
             m.active_round = m.contributed_round = self.open_round - 1
         self.members_dirty = False
+        self.names = Names(store.load_names())  # name → the first key that joined under it; evicted keys
+        for m in self.members.values():  # members of a state dir from before names were bound hold theirs
+            if m.name not in self.names.bound:
+                self.names.bind(m.name, m.public_key, wall())
+        if self.names.dirty:
+            self._save_members()
         self.join_signatures: OrderedDict[bytes, float] = OrderedDict()  # replay window of Join signatures
         self.prefetched: OrderedDict[bytes, float] = OrderedDict()  # key → when it downloaded the state before Join
-        self.evicted_keys: dict[bytes, str] = {}  # keys of evicted members → why (names: the reference's records)
 
     # -- run and membership --------------------------------------------------------------------------
     def run_info(self, protocol_version: int, read_token: str = "") -> dict[str, Any]:
@@ -98,6 +105,7 @@ class CoordinatorCore(Rounds):
             raise Refused("this node differs from the run (node vs run): " + "; ".join(differences))
         with self.lock:
             now = self.clock()
+            self.names.check(name, public_key)  # first: waiting for a live holder's lease would not help
             admission = policy.admit(self.members, name, mp, public_key, now, self.open_round)
             if not admission.act:
                 raise (Full if admission.kind is AdmitKind.FULL else Conflict)(admission.reason)
@@ -120,6 +128,7 @@ class CoordinatorCore(Rounds):
             self.members[node_id] = Member(node_id, name, first, shard, time.time(), now, tuple(caps),
                                            public_key=public_key, contributed_at=now, active_round=first - 1,
                                            holds_state=fetched is not None and now - fetched < 3600)
+            self.names.bind(name, public_key, self.wall())
             self._save_members()
             log.info("[round=%d] join %s key %s (shard %d, first round %d)%s", self.open_round, name,
                      key_id(public_key), shard, first, "" if admission.kind is AdmitKind.ADMITTED
@@ -173,20 +182,23 @@ class CoordinatorCore(Rounds):
 
     def _was_evicted(self, name: str, public_key: bytes) -> str:
         """Why ``name`` or ``public_key`` was evicted ([recipe.reduce] evict_after), or "". Names are in the run's
-        robust state (they survive a restart); keys only in memory."""
+        robust state, keys in the coordinator's name table (both survive a restart)."""
         with self.lock:
             robust = self.reference.robust
             record = robust.evicted(name) if robust is not None else None
             if record is not None:
                 return f"at round {record.evicted_at}: {record.reason}"
-            return self.evicted_keys.get(public_key, "")
+            return self.names.evicted_keys.get(public_key, "")
 
     def _evict(self, name: str, why: str) -> None:
         """Drop every session of member ``name`` and refuse its key from now on; caller holds the lock."""
         for node_id in [nid for nid, m in self.members.items() if m.name == name]:
             if self.members[node_id].public_key:
-                self.evicted_keys[self.members[node_id].public_key] = why
+                self.names.evict(self.members[node_id].public_key, why)
             self._drop(node_id, why, level=logging.WARNING)
+
+    def _bound_keys(self, names: Iterable[str]) -> dict[str, bytes]:
+        return self.names.keys_of(names)
 
     def _authorize(self, join_token: str) -> None:
         check_token("join_token", join_token)
@@ -217,7 +229,8 @@ class CoordinatorCore(Rounds):
 
     def _save_members(self) -> None:
         try:
-            self.store.save_members(self.members)
+            self.store.save_members(self.members, self.names.pending())
+            self.names.saved()
             self.members_dirty = False
         except (OSError, self.db_errors) as exc:
             self.members_dirty = True

@@ -40,7 +40,8 @@ class UnknownNode(CoordinatorError):
 
 
 class Conflict(CoordinatorError):
-    """A live member's name held by another key (Join); another payload already accepted for this round (Submit)."""
+    """A name bound to another key (Join: the first key that joined under it, coordinator/names.py); another payload
+    already accepted for this round (Submit)."""
     code = "ALREADY_EXISTS"
 
 

@@ -295,7 +295,7 @@ class Rounds:
         after = {nid: dataclasses.replace(m, rounds_contributed=m.rounds_contributed + (nid in decision.members))
                  for nid, m in self.members.items()}
         try:
-            self.store.commit_round(row, step.blob, frames, after, step.aggregate)
+            self.store.commit_round(row, step.blob, frames, after, step.aggregate, keys)
         except (OSError, sqlite3.Error) as exc:
             self.commit_pending = True
             self.persistence.failed(now, f"round {r}", exc)
@@ -350,6 +350,10 @@ class Rounds:
 
     def _evict(self, name: str, why: str) -> None:
         """Drop member ``name`` from the run (core.py: it is then refused at Join)."""
+        raise NotImplementedError
+
+    def _bound_keys(self, names: Iterable[str]) -> dict[str, bytes]:
+        """The key each of ``names`` is bound to, where one is (core.py)."""
         raise NotImplementedError
 
     def _record_val_loss(self, round_: int, val: float) -> None:
@@ -424,7 +428,11 @@ class Rounds:
                 if frames is None or round_ != self.reference.committed_rounds - 1:
                     raise ResultGone(f"the result of round {round_} is no longer held (the run is at round "
                                      f"{self.open_round}); fetch the state instead")
-                keys = {m.name: m.public_key for m in self.members.values() if m.name in frames and m.public_key}
+                # the keys that signed the frames, stored with them: a sender may have left, or (after an operator
+                # freed its name) another key may hold the name now
+                keys = self.store.result_keys(round_)
+                if keys is None:  # a result stored before its keys were: the names' keys (bound for good, names.py)
+                    keys = self._bound_keys(frames)
                 result = Committed(round_, dict(sorted(frames.items())), self.reference.fingerprint(), "restored",
                                    self.store.aggregate(round_), keys)
             if result.aggregate is not None:

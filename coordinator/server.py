@@ -20,6 +20,7 @@ import sqlite3
 import threading
 from concurrent import futures
 from pathlib import Path
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -53,7 +54,8 @@ class CoordinatorServer:
     def __init__(self, listen: str, state_dir: str | Path, run_file: str | Path, tick_s: float = 0.2, *,
                  tls: ServerTls | None = None, insecure: bool = False, limits: ServerLimits | None = None,
                  disk: Disk | None = None, watchdog_clock: Clock = SYSTEM_CLOCK, start_watchdog: bool = True,
-                 join_token: str = "", http: str | None = None, metrics: str | None = None) -> None:
+                 join_token: str = "", http: str | None = None, metrics: str | None = None,
+                 forget_names: Sequence[str] = ()) -> None:
         cfg = load_run_file(run_file)
         if join_token:  # --join-token / $LOWBAND_JOIN_TOKEN: the run file's own, for deployments that inject it
             cfg = dataclasses.replace(cfg, membership=dataclasses.replace(cfg.membership, join_token=join_token))
@@ -81,6 +83,11 @@ class CoordinatorServer:
             cfg, self.generated_token = ensure_join_token(cfg, self.state_dir, is_loopback(host))
             try:
                 self.store = Store(self.state_dir, disk=disk)
+                freed, kept = self.store.forget_names(forget_names)  # an operator's decision (coordinator/names.py)
+                for name in freed:
+                    log.warning("name %r freed: the next key to join under it holds it", name)
+                for name in kept:
+                    log.warning("name %r not freed: its key was evicted (it would be refused again)", name)
             except (OSError, sqlite3.Error) as exc:
                 raise StartupError(f"cannot use state dir {self.state_dir}: {exc}") from None
             try:
@@ -200,10 +207,10 @@ class CoordinatorServer:
 
 def serve(listen: str, state_dir: str, run_file: str, *, tls: ServerTls | None = None, insecure: bool = False,
           limits: ServerLimits | None = None, join_token: str = "", http: str | None = None,
-          metrics: str | None = None) -> int:
+          metrics: str | None = None, forget_names: Sequence[str] = ()) -> int:
     """Run until SIGTERM/SIGINT; raises StartupError (one line for the operator) when it cannot start."""
     server = CoordinatorServer(listen, state_dir, run_file, tls=tls, insecure=insecure, limits=limits,
-                               join_token=join_token, http=http, metrics=metrics)
+                               join_token=join_token, http=http, metrics=metrics, forget_names=forget_names)
     server.start()
     core = server.core
     assert core is not None

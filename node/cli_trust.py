@@ -27,6 +27,10 @@ def add_coordinator_args(co: argparse.ArgumentParser) -> None:
                     "that have not joined yet, in all")
     co.add_argument("--idle-stream-s", type=float, default=30.0, help="cancel an upload or download that moves "
                     "nothing this many seconds")
+    co.add_argument("--forget-name", action="append", default=[], metavar="NAME",
+                    help="free NAME before serving (repeatable): a name is bound to the first key that joined under "
+                         "it, for the whole run; free it for a node that lost its key file (an evicted key stays "
+                         "refused, and so does an evicted name)")
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -44,7 +48,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                      tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca),
                      join_token=args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""),
                      http=_http_address(args.listen, args.http_host, args.http_port),
-                     metrics=_http_address(args.listen, args.metrics_host, args.metrics_port))
+                     metrics=_http_address(args.listen, args.metrics_host, args.metrics_port),
+                     forget_names=args.forget_name)
     except StartupError as exc:
         print(f"lowband coordinator: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -333,9 +333,10 @@ def test_refused_join_is_failed_precondition_naming_the_field(run: Run) -> None:
     err = rpc_error(run.stub.Join, signed_join(run, "mallory", NodeKey.generate(), config_json=json.dumps(theirs)))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "this node differs from the run (node vs run): config recipe.H: 4 vs 1" in err.details()
-    # a live member's name with another key is ALREADY_EXISTS; a wrong protocol FAILED_PRECONDITION
+    # a name bound to another key (the first that joined under it) is ALREADY_EXISTS; a wrong protocol
+    # FAILED_PRECONDITION
     err = rpc_error(run.stub.Join, signed_join(run, "a", NodeKey.generate()))
-    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "already named 'a' with another key" in err.details()
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "the name 'a' is bound to key" in err.details()
     err = rpc_error(run.stub.Join, signed_join(run, "a", NodeKey.generate(), protocol_version=9))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "protocol version 9 is not supported" in err.details()
     s = run.stub.Status(pb.StatusRequest(), timeout=RPC_S)

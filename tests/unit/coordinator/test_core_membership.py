@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pytest
 
 from core_harness import T0, Clock, Harness
-from node.identity import NodeKey
+from node.identity import NodeKey, key_id
 from coordinator.errors import (Conflict, Full, Invalid, Refused, StillOpen, Truncated, Unauthorized, UnknownNode,
                                 WrongRound)
 from node.config import run_config_from_dict
@@ -38,12 +38,12 @@ def test_join_assigns_ids_shards_and_first_round(h: Harness) -> None:
 
 def test_join_same_name_with_another_key_is_a_conflict(h: Harness) -> None:
     h.join("a")
-    with pytest.raises(Conflict, match="a live member is already named 'a' with another key") as info:
+    with pytest.raises(Conflict, match=f"the name 'a' is bound to key {key_id(h.key('a').public)}") as info:
         h.join("a", key=NodeKey.generate())
     assert info.value.code == "ALREADY_EXISTS"
     # a name that happens to contain "full" is still a conflict, not a full run
     h.join("carefully")
-    with pytest.raises(Conflict, match="already named 'carefully'"):
+    with pytest.raises(Conflict, match="the name 'carefully' is bound to key"):
         h.join("carefully", key=NodeKey.generate())
 
 

@@ -96,6 +96,25 @@ def test_restart_resumes_rounds_fingerprint_and_members(make: Callable[..., Harn
     assert h2.core.reference.committed_rounds == 2
 
 
+def test_a_restored_result_carries_the_keys_that_signed_its_frames(make: Callable[..., Harness],
+                                                                   clock: Clock) -> None:
+    """The round's keys are stored with its frames: after a restart the result names the signer of a frame whose
+    sender left since (the members' keys would lack it, and nodes then get no keys at all: all or none)."""
+    h1 = make()
+    for name in ("a", "b", "c"):
+        h1.join(name)
+    for name in ("a", "b", "c"):
+        h1.submit(name, 0)
+    assert h1.core.reference.committed_rounds == 1
+    h1.core.leave(h1.ids["c"], "done")
+    ids, keys = dict(h1.ids), h1.keys
+    h1.close()
+    h2 = make()
+    result, _ = h2.core.collect(ids["a"], 0, 0.0, True)
+    assert result.reason == "restored" and list(result.frames) == ["a", "b", "c"]
+    assert result.keys == {n: keys[n].public for n in ("a", "b", "c")}
+
+
 @pytest.mark.parametrize("overrides, what", [
     ({"recipe": {"H": 2}}, "config hash"),
     ({"run": {"id": "another-run"}}, "run 'another-run'"),
