@@ -24,9 +24,9 @@ HASH_EXCLUDED = ("workers", "rounds", "run_id")
 PAYLOAD_SCALES = ("unit", "inverse_inner_lr", "inner_lr")
 INNER_OPTIMIZERS = ("adamw", "sgd", "muon", "grad")
 BOUNDS = ("none", "clip", "reject")
-ROBUST_MODES = ("none", "trimmed_mean", "median", "vote", "clipped_selector_mean")
+ROBUST_MODES = ("none", "trimmed_mean", "median", "vote", "clipped_selector_mean", "quorum_selector_mean")
 #: robust modes that only one codec can run, by codec name
-ROBUST_CODEC = {"vote": "sign", "clipped_selector_mean": "dct_topk"}
+ROBUST_CODEC = {"vote": "sign", "clipped_selector_mean": "dct_topk", "quorum_selector_mean": "dct_topk"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,8 @@ class ReduceConfig:
     - ``robust``: the combination: ``none`` (the codec's reduce), ``trimmed_mean`` or ``median`` (coordinate-wise,
       over decoded payloads, any codec; ``trim`` is the fraction cut from each side), ``vote`` (sign codec: majority
       sign × mean of the bounded scales; needs a bound), ``clipped_selector_mean`` (DCT-top-k: every value clipped
-      to ``bound_ratio`` × the median over senders of each block's largest magnitude, then selector-mean).
+      to ``bound_ratio`` × the median over senders of each block's largest magnitude, then selector-mean) and
+      ``quorum_selector_mean`` (the same, each coefficient divided by at least ⌈n/2⌉ senders).
     - ``evict_after``: a member with this many flagged frames (clipped or rejected) among its last ``evict_window``
       contributions is evicted: every replica drops its frames from then on (0: never).
     """

@@ -157,7 +157,8 @@ class ReduceJSON(_Model):
     history: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     history_ratio: Annotated[float, Field(ge=1.0)] = 4.0
     absurd_ratio: Annotated[float, Field(ge=1.0, description="at least bound_ratio")] = 1000.0
-    robust: Literal["none", "trimmed_mean", "median", "vote", "clipped_selector_mean"] = "none"
+    robust: Literal["none", "trimmed_mean", "median", "vote", "clipped_selector_mean",
+                    "quorum_selector_mean"] = "none"
     trim: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.25
     evict_after: Annotated[int, Field(ge=0, le=64, description="at most evict_window")] = 0
     evict_window: Annotated[int, Field(ge=1, le=64)] = 8

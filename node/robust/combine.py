@@ -10,6 +10,7 @@ independent of machine details: sorting, elementwise arithmetic and sums accumul
 - ``median``: per coordinate, the median of the decoded values (even n: mean of the two middle ones); same paper.
 - ``vote``: sign payloads only: ``sign(Σ ±1) × mean of the (bounded) scales``, ``SignCodec.vote``.
 - ``clipped_selector_mean``: DCT-top-k payloads only, ``DctTopKCodec.clipped_selector_mean``.
+- ``quorum_selector_mean``: the same, each coefficient divided by at least ⌈n/2⌉ (``quorum=True``).
 """
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ def combine(codec: Codec, encs: Sequence[Encoded], shape: Shape, cfg: ReduceConf
         if vote is None:
             raise ValueError(f"reduce.robust = vote needs sign payloads, not {codec.name}")
         return vote(encs, shape)
-    if mode == "clipped_selector_mean":
+    if mode in ("clipped_selector_mean", "quorum_selector_mean"):
         clipped = getattr(codec, "clipped_selector_mean", None)
         if clipped is None:
-            raise ValueError(f"reduce.robust = clipped_selector_mean needs dct_topk payloads, not {codec.name}")
-        return clipped(encs, shape, cfg.bound_ratio)
+            raise ValueError(f"reduce.robust = {mode} needs dct_topk payloads, not {codec.name}")
+        return clipped(encs, shape, cfg.bound_ratio, quorum=mode == "quorum_selector_mean")
     raise ValueError(f"unknown reduce.robust {mode!r}")
