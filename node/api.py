@@ -261,8 +261,8 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
          scheduler: Scheduler | None = None, name: str = "", token: str = "", tls_ca: str | None = None,
          tls_cert: str | None = None, tls_key: str | None = None, insecure: bool = False,
          dht_listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",), max_rounds: int | None = None,
-         checkpoint_every: int = 1, round_timeout_s: float = 3600.0, plane: ControlPlane | None = None,
-         clock: Clock = SYSTEM_CLOCK) -> Session:
+         checkpoint_every: int = 1, round_timeout_s: float = 3600.0, stop: threading.Event | None = None,
+         plane: ControlPlane | None = None, clock: Clock = SYSTEM_CLOCK) -> Session:
     """Join a run with your model and optimizer; returns the ``Session`` your loop calls ``step()`` on.
 
     - ``model``: your ``nn.Module`` (or its DDP wrapper), already on its device. It must be the run's model: the
@@ -283,8 +283,10 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
       ``tls_cert``, ``tls_key``: TLS to the coordinator (plaintext is refused off loopback unless ``insecure``).
     - ``max_rounds``: leave after this many applied rounds; ``checkpoint_every``: applied rounds between checkpoints;
       ``round_timeout_s``: the longest one exchange may take (seconds).
-    - ``plane``: an already built control plane (tests and embedding: an ``InProcessRun.plane``); ``clock``: what
-      waits are decided on.
+    - ``stop``: an event that, once set (e.g. by your SIGTERM handler), ends the session's waits: the current
+      ``step()`` returns with ``done`` True, and ``close()`` leaves as a node that stops.
+    - ``plane``: an already built control plane (tests and embedding: an ``InProcessRun.plane``, which takes its own
+      stop event: pass the same one as ``stop``); ``clock``: what waits are decided on.
 
     Under ``torchrun`` (more than one local process, ``torch.distributed`` initialised by you or from the
     environment) call it on every local rank with the same arguments: rank 0 joins the run, the others follow it.
@@ -320,7 +322,7 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
     opts = NodeOptions(coordinator or "", workdir, name, device, run_file.run if run_file else None, token,
                        max_rounds, round_timeout_s, dht_settings, checkpoint_every, tls=tls)
     source = _UserModel(name, model, optimizer, scheduler)
-    stop = threading.Event()
+    stop = stop if stop is not None else threading.Event()
     group = LocalGroup.from_env(device, round_timeout_s)
     if group is not None and not group.leader:
         return _join_follower(source, stop, group, workdir)
