@@ -29,7 +29,7 @@ from torch import nn
 
 from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig
-from node.engine import NodeOptions, RoundEngine, RoundReport
+from node.engine import NodeOptions, RoundEngine, RoundReport, dht_settings as engine_dht_settings
 from node.errors import ConfigError
 from node.model_check import ModelMismatch, check_model, copy_model
 from node.runfile import RunFile, load_run_file
@@ -316,7 +316,9 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
         check_plaintext(coordinator, tls, insecure)
     dht_settings = None
     if dht is not None and run_file is not None:
-        dht_settings = _dht_settings(run_file, dht, dht_listen)
+        from node.dht_peer import nat_enabled
+
+        dht_settings = engine_dht_settings(run_file, dht, dht_listen, nat_enabled(list(dht_listen), False))
     model = _unwrap(model)
     device = next((p.device.type for p in model.parameters()), "cpu")
     opts = NodeOptions(coordinator or "", workdir, name, device, run_file.run if run_file else None, token,
@@ -360,16 +362,6 @@ def _join_follower(source: _UserModel, stop: threading.Event, group: LocalGroup,
     packet = group.receive(worker)
     session._done = bool(packet.get("done")) or packet["kind"] == "stop"
     return session
-
-
-def _dht_settings(run_file: RunFile, peers: Sequence[str], listen: Sequence[str]) -> Any:
-    from node.dht_peer import nat_enabled
-    from node.transport.dht_control import DhtSettings
-
-    mp = run_file.membership
-    return DhtSettings(tuple(peers), tuple(listen), nat_enabled(list(listen), False), None,
-                       num_shards=mp.max_nodes, min_nodes=mp.min_nodes, heartbeat_s=mp.heartbeat_s,
-                       round_wait_s=run_file.deadline.max_wait_s, deadline=run_file.deadline)
 
 
 def __getattr__(name: str) -> Any:

@@ -132,6 +132,9 @@ def _split(text: str | None) -> list[str]:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # N processes: this command again under torchrun
+        from node.train.local_group import exec_torchrun
+        exec_torchrun(args.nproc, sys.argv[1:])
     if bool(args.dht) == bool(args.coordinator):
         raise ConfigError("give either --coordinator HOST:PORT or --dht --initial-peers MADDR[,MADDR...]")
     if args.checkpoint_every < 1:
@@ -139,7 +142,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     join_token = args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", "")
     tls = node_security(args)
     try:
-        if args.coordinator and not (Path(args.workdir) / "checkpoint.safetensors").exists():  # checkpoint.FILE
+        leader = os.environ.get("LOCAL_RANK", "0") == "0"  # under torchrun only local rank 0 talks to the run
+        if args.coordinator and leader and not (Path(args.workdir) / "checkpoint.safetensors").exists():
             # a fresh node: download the run's state while torch imports and the model builds (seconds on a slow
             # CPU), signed by the node's key (created here on first start)
             from node.identity import NodeKey
@@ -169,7 +173,7 @@ def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch
         expected = run_file.run
     if args.dht:
         from node.dht_peer import nat_enabled
-        from node.transport.dht_control import DhtSettings
+        from node.engine import dht_settings
 
         if not args.run:
             raise ConfigError("--dht needs --run RUN.toml: there is no coordinator to hand out the run")
@@ -180,12 +184,8 @@ def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch
 
         if not 0 < args.state_chunk_bytes <= MAX_CHUNK:
             raise ConfigError(f"--state-chunk-bytes must be in 1..{MAX_CHUNK}, got {args.state_chunk_bytes}")
-        mp = run_file.membership
-        dht = DhtSettings(tuple(peers), tuple(listen), nat_enabled(listen, args.no_nat), args.identity,
-                          client_mode=args.client_mode, announce_maddrs=_announce_maddrs(args.announce),
-                          num_shards=mp.max_nodes, min_nodes=mp.min_nodes, heartbeat_s=mp.heartbeat_s,
-                          round_wait_s=run_file.deadline.max_wait_s, deadline=run_file.deadline,
-                          state_chunk_bytes=args.state_chunk_bytes)
+        dht = dht_settings(run_file, peers, listen, nat_enabled(listen, args.no_nat), args.identity, args.client_mode,
+                           _announce_maddrs(args.announce), args.state_chunk_bytes)
     return run_node(NodeOptions(args.coordinator or "", Path(args.workdir), args.name or "", args.device, expected,
                                 join_token, args.max_rounds, dht=dht, checkpoint_every=args.checkpoint_every,
                                 prefetch=prefetch, tls=tls))
@@ -361,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
                     help="write the checkpoint every N applied rounds (and on exit); a node restarted from an "
                          "older checkpoint fetches the run's state. Each write costs a full state snapshot")
+    nd.add_argument("--nproc", type=int, default=1, metavar="N", help="N local processes train one replica (DDP)")
     nd.add_argument("--state-chunk-bytes", type=int, default=4 << 20,
                     help="with --dht: a joiner fetches the state in chunks of this size, spread over the donors")
     add_client_tls_args(nd)

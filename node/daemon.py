@@ -81,13 +81,16 @@ class NodeDaemon:
         """Exit status: 0 when the run ended or the node was stopped, 3 when the run refused it. An unexpected error
         propagates without a checkpoint (the state may be half-updated: the last checkpoint stays) or a Leave."""
         engine = self.engine
+        clean = False  # after an error the other local processes may be inside a collective: torchrun ends them
         try:
             try:
                 info = engine.join()
             except JoinRefused as exc:
                 log.error("[node=%s] join refused: %s", self.name, exc)
+                clean = True
                 return 3
             except Stopped:
+                clean = True
                 return 0
             if self.group is not None:
                 assert engine.cfg is not None and engine.worker is not None
@@ -98,10 +101,11 @@ class NodeDaemon:
             except Stopped:
                 pass
             engine.leave()
+            clean = True
             return 0
         finally:
-            if self.group is not None and self.group.open:
-                self.group.send_stop()  # the other local processes end with us (also on an error: they would hang)
+            if self.group is not None and self.group.open and clean:
+                self.group.send_stop(engine.worker)  # the other local processes end with us, holding our state
             engine.shutdown()
 
     def _loop(self) -> None:
@@ -115,9 +119,11 @@ class NodeDaemon:
                 return
             if engine.before_round():
                 continue  # joined again: the state may have moved
-            if self.group is not None:
-                self.group.send_round(worker)  # the others train this round from exactly our local state
+            if self.group is not None:  # the others train this round from exactly our local state
+                self.group.send_round(worker, round=engine.next_round)
             stats = worker.train()
+            if self.group is not None:
+                self.group.trained(worker, engine.next_round)
             if self.stop.is_set():
                 return
             engine.end_round(stats)

@@ -25,7 +25,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 
@@ -39,6 +39,7 @@ from node.transport.messages import RoundResult, RoundStatus, Submission
 from node.workdir import Workdir
 
 if TYPE_CHECKING:
+    from node.runfile import RunFile
     from node.transport.dht_control import DhtSettings
     from node.transport.grpc_auth import ClientTls
     from node.transport.state_prefetch import StatePrefetch
@@ -62,6 +63,19 @@ class NodeOptions:
     checkpoint_every: int = 1  # applied rounds between checkpoint writes (one is also written on exit)
     prefetch: StatePrefetch | None = None  # the run's state, downloading since the process started (cmd_node)
     tls: ClientTls | None = None  # the coordinator channel's TLS (None: plaintext; cmd_node allows it on loopback)
+
+
+def dht_settings(run_file: RunFile, peers: Sequence[str], listen: Sequence[str], nat: bool,
+                 identity: str | None = None, client_mode: bool = False, announce: Sequence[str] = (),
+                 state_chunk_bytes: int = 4 << 20) -> DhtSettings:
+    """A serverless node's DHT settings: how to reach the DHT, and the run file's membership and deadline knobs."""
+    from node.transport.dht_control import DhtSettings
+
+    mp = run_file.membership
+    return DhtSettings(tuple(peers), tuple(listen), nat, identity, client_mode=client_mode,
+                       announce_maddrs=tuple(announce), num_shards=mp.max_nodes, min_nodes=mp.min_nodes,
+                       heartbeat_s=mp.heartbeat_s, round_wait_s=run_file.deadline.max_wait_s,
+                       deadline=run_file.deadline, state_chunk_bytes=state_chunk_bytes)
 
 
 def device_of(name: str) -> str:

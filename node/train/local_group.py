@@ -54,6 +54,7 @@ class LocalGroup:
     def __init__(self, rank: int, world: int, device: torch.device) -> None:
         self.rank, self.world, self.device = rank, world, device
         self.open = True
+        self._started = False  # the leader sent ``start``
         self._sent_epoch = -1  # the leader's optimizer epoch the followers hold
 
     @classmethod
@@ -107,6 +108,7 @@ class LocalGroup:
     # -- leader ------------------------------------------------------------------------------------------
     def send_start(self, cfg: RunConfig, worker: "Worker") -> None:
         self._json({"kind": "start", "cfg": cfg.to_dict(), "shard": worker.shard, "num_shards": worker.num_shards})
+        self._started = True
 
     def send_round(self, worker: "Worker", **extra: Any) -> None:
         """Before a round's inner steps: the followers take the leader's local state (``extra``: JSON-able fields
@@ -119,7 +121,8 @@ class LocalGroup:
         self._sent_epoch = inner.optimizer_epoch
 
     def send_stop(self, worker: "Worker | None" = None) -> None:
-        """The node ends; with ``worker``, the followers take its final local state first."""
+        """The node ends; with ``worker`` (once ``start`` was sent), the followers take its final local state first."""
+        worker = worker if self._started else None
         self._json({"kind": "stop", "state": worker is not None})
         if worker is not None:
             self._state(worker, False)
@@ -138,6 +141,7 @@ class LocalGroup:
             if packet["kind"] == "stop":
                 return 0
             worker.train()
+            self.trained(worker, packet.get("round"))
 
     def receive_start(self, make_worker: Callable[[RunConfig, int, int], "Worker"]) -> "Worker | None":
         packet = self._json(None)
@@ -163,6 +167,12 @@ class LocalGroup:
         if packet["optimizer"] and packet.get("inner_extra") is not None:
             inner.load_extra_state(packet["inner_extra"])
         return packet
+
+    def trained(self, worker: "Worker", round_: int | None) -> None:
+        """After a round's inner steps (every rank): at DEBUG, the local state's fingerprint — equal on every rank when
+        the replica's processes stepped in lockstep (it costs a pass over the model, so only when asked for)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("local rank %d: round %s trained, local state %s", self.rank, round_, local_fingerprint(worker))
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -230,6 +240,23 @@ class LocalGroup:
             state.setdefault(i, {})[key] = t
         if not self.leader:
             opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def exec_torchrun(nproc: int, argv: list[str]) -> None:
+    """``lowband node --nproc N``: the same command (``argv``, without ``--nproc``) under torchrun, N local processes;
+    the rendezvous takes a free port on the loopback (``--standalone``). Replaces this process (same pid)."""
+    import sys
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                              f"--nproc-per-node={nproc}", "-m", "node.cli", *rest])
 
 
 def local_fingerprint(worker: "Worker") -> str:
