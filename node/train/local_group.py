@@ -255,8 +255,9 @@ def exec_torchrun(nproc: int, argv: list[str]) -> None:
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
+    # "--": torchrun's parser would take lowband's --run for an abbreviation of its own --run-path
     os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                              f"--nproc-per-node={nproc}", "-m", "node.cli", *rest])
+                              f"--nproc-per-node={nproc}", "-m", "--", "node.cli", *rest])
 
 
 def local_fingerprint(worker: "Worker") -> str:

@@ -18,7 +18,8 @@ def test_two_local_processes_train_one_replica_in_a_coordinator_run(cluster: Clu
     run = write_run_file(tmp_path / "run.toml", rounds=4, min_nodes=2, H=2, max_wait_s=30.0)
     coord = cluster.coordinator(run, tmp_path / "state")
     multi = cluster.spawn("multi", ["-v", "node", "--coordinator", coord.address, "--workdir", str(tmp_path / "multi"),
-                                    "--name", "multi", "--device", "cpu", "--nproc", "2"], tmp_path / "multi")
+                                    "--name", "multi", "--device", "cpu", "--run", str(run), "--nproc", "2"],
+                          tmp_path / "multi")
     plain = cluster.node(coord.address, "plain")
     assert wait_all_exit([multi, plain], timeout_s=240) == [0, 0], cluster.dump_logs()
     assert terminate(coord) == [0]
@@ -42,3 +43,33 @@ def test_two_local_processes_train_one_replica_in_a_coordinator_run(cluster: Clu
     assert len({fps["0"] for fps in trained.values()}) == 4  # and the model moved every round
     finals = dict(re.findall(r"local rank (\d): final local state ([0-9a-f]{16})", text))
     assert set(finals) == {"0", "1"} and finals["0"] == finals["1"], text[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_users_ddp_loop_under_torchrun_is_one_node_through_the_api(cluster: Cluster, tmp_path: Path) -> None:
+    """Two ranks of a user's DDP loop call ``lowband.join`` and ``session.step()``: one member of the run; every rank
+    gets every round's report and, after it, the same local model."""
+    import json
+
+    run = write_run_file(tmp_path / "run.toml", rounds=3, min_nodes=2, H=2, max_wait_s=30.0)
+    coord = cluster.coordinator(run, tmp_path / "state")
+    script = Path(__file__).with_name("api_ddp_loop.py")
+    ddp = cluster.spawn("ddp", ["--coordinator", coord.address, "--run", str(run), "--workdir", str(tmp_path / "ddp"),
+                                "--name", "ddp"], tmp_path / "ddp",
+                        program=["-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+                                 "--", str(script)])
+    plain = cluster.node(coord.address, "plain")
+    assert wait_all_exit([ddp], timeout_s=240) == [0]
+    assert wait_all_exit([plain], timeout_s=60) == [0]
+    assert terminate(coord) == [0]
+    fingerprints = check_replicas({"ddp": ddp.workdir, "plain": plain.workdir}, rounds_table(tmp_path / "state"))
+    lines = [json.loads(line) for rank in (0, 1) for line in (ddp.workdir / f"rank{rank}.jsonl").read_text().splitlines()]
+    by_round: dict[int, dict[int, dict[str, object]]] = {}
+    for line in lines:
+        by_round.setdefault(int(line["round"]), {})[int(line["rank"])] = line
+    assert sorted(by_round) == [0, 1, 2], lines
+    for r, ranks in by_round.items():
+        assert set(ranks) == {0, 1}
+        assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"] == fingerprints[r]
+        assert ranks[0]["local"] == ranks[1]["local"]
+        assert ranks[0]["members"] == ["ddp", "plain"]
