@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from node.keyring import KeyRing
 from node.runfile import RunFile
 from node.train.reference import Reference
 
@@ -39,14 +40,17 @@ def copy_state(src: Reference, dst: Reference) -> None:
             d.copy_(s)
     dst.outer.load_state_dict(copy.deepcopy(src.outer.state_dict()))
     dst.committed_rounds = src.committed_rounds
+    dst.robust, dst.last_report = src.robust, src.last_report  # immutable values (node/robust/state.py): shared
 
 
-def compute_step(live: Reference, scratch: Reference, frames: dict[str, bytes], round_: int, cfg: RunFile) -> Step:
-    """Copy ``live``'s state into ``scratch`` and apply round ``round_`` (``frames``: sender → validated frame) there;
-    ``live`` is not touched. Relay mode applies every frame; aggregate mode reduces, encodes the aggregate with
-    ``cfg.aggregate_codec`` and applies what it decodes to (what the members will apply)."""
+def compute_step(live: Reference, scratch: Reference, frames: dict[str, bytes], round_: int, cfg: RunFile,
+                 keys: KeyRing | None = None) -> Step:
+    """Copy ``live``'s state into ``scratch`` and apply round ``round_`` (``frames``: sender → validated frame, signed
+    by the keys in ``keys`` when given) there; ``live`` is not touched. Relay mode applies every frame; aggregate mode
+    reduces, encodes the aggregate with ``cfg.aggregate_codec`` and applies what it decodes to (what the members will
+    apply)."""
     copy_state(live, scratch)
-    envelopes, rejected = scratch.unpack(frames, round_)
+    envelopes, rejected = scratch.unpack(frames, round_, keys)
     assert not rejected, f"frames were validated on arrival: {rejected}"
     aggregate = None
     if cfg.result == "aggregate":

@@ -43,12 +43,13 @@ class CoordinatorCore(Rounds):
         self.wall, self.skew_s = wall, skew_s
         self.lock = threading.RLock()
         super().__init__(cfg, store, clock)
-        self.members: dict[str, Member] = store.load_members(clock())
+        self.members: dict[str, Member] = store.load_members(policy.restored_heartbeat(clock(), cfg.membership))
         for m in self.members.values():  # a restart must not make everyone look idle
             m.active_round = m.contributed_round = self.open_round - 1
         self.members_dirty = False
         self.join_signatures: OrderedDict[bytes, float] = OrderedDict()  # replay window of Join signatures
         self.prefetched: OrderedDict[bytes, float] = OrderedDict()  # key → when it downloaded the state before Join
+        self.evicted_keys: dict[bytes, str] = {}  # keys of evicted members → why (names: the reference's records)
 
     # -- run and membership --------------------------------------------------------------------------
     def run_info(self, protocol_version: int, read_token: str = "") -> dict[str, Any]:
@@ -78,6 +79,9 @@ class CoordinatorCore(Rounds):
         caps = check_join(name, config_json, config_hash, task_fingerprint, digest, capabilities, public_key,
                           signature)
         self._check_join_signature(name, public_key, signature, timestamp_ms)
+        evicted = self._was_evicted(name, public_key)
+        if evicted:
+            raise Refused(f"{name} (key {key_id(public_key)}) was evicted from this run: {evicted}")
         try:
             theirs = json.loads(config_json) if config_json else None
         except json.JSONDecodeError as exc:
@@ -148,6 +152,23 @@ class CoordinatorCore(Rounds):
             self.join_signatures[signature] = now
             while len(self.join_signatures) > 65536:
                 self.join_signatures.popitem(last=False)
+
+    def _was_evicted(self, name: str, public_key: bytes) -> str:
+        """Why ``name`` or ``public_key`` was evicted ([recipe.reduce] evict_after), or "". Names are in the run's
+        robust state (they survive a restart); keys only in memory."""
+        with self.lock:
+            robust = self.reference.robust
+            record = robust.evicted(name) if robust is not None else None
+            if record is not None:
+                return f"at round {record.evicted_at}: {record.reason}"
+            return self.evicted_keys.get(public_key, "")
+
+    def _evict(self, name: str, why: str) -> None:
+        """Drop every session of member ``name`` and refuse its key from now on; caller holds the lock."""
+        for node_id in [nid for nid, m in self.members.items() if m.name == name]:
+            if self.members[node_id].public_key:
+                self.evicted_keys[self.members[node_id].public_key] = why
+            self._drop(node_id, why, level=logging.WARNING)
 
     def _authorize(self, join_token: str) -> None:
         check_token("join_token", join_token)
@@ -251,7 +272,8 @@ class CoordinatorCore(Rounds):
     def status(self) -> dict[str, Any]:
         with self.lock:
             now = self.clock()
-            return {"run_id": self.cfg.run.run_id, "recipe": self.cfg.run.recipe.name, "current_round": self.open_round,
+            robust = self.reference.robust
+            return {"records": dict(robust.members) if robust is not None else {},"run_id": self.cfg.run.run_id, "recipe": self.cfg.run.recipe.name, "current_round": self.open_round,
                     "committed_rounds": self.reference.committed_rounds,
                     "deadline_in_s": (self.deadline - now) if self.deadline is not None else -1.0,
                     "members": [m for m in self.members.values()], "recent": list(self.recent),

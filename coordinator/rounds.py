@@ -28,6 +28,7 @@ from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_ch
 from node import membership as policy
 from node import wire
 from node.errors import ConfigError, PayloadError
+from node.keyring import KeyRing
 from node.membership import CloseKind, Member
 from node.roundlog import RoundRow
 from node.runfile import RunFile
@@ -46,6 +47,7 @@ class Committed:
     fingerprint: str
     reason: str
     aggregate: bytes | None = None  # result "aggregate": the one dense frame every member receives
+    keys: dict[str, bytes] = dataclasses.field(default_factory=dict)  # member name → its public key (frames' signers)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Rounds:
         self.uploads: dict[str, Upload] = {}
         self.submitted: dict[str, tuple[bytes, float, float]] = {}  # node id → (frame, at, loss)
         self.submitter_names: dict[str, str] = {}  # node id → name, kept if the member leaves before commit
+        self.submitter_keys: dict[str, bytes] = {}  # node id → the key its frame was verified with
         self.observers: set[str] = set()  # members that observe the open round without a payload: not waited for
         self.first_submit_at: float | None = None
         self.first_submits: dict[int, float] = {}  # recent closed round → time of its first payload
@@ -190,19 +193,21 @@ class Rounds:
         with self.lock:
             m = self._member(up.node_id)
             self.uploads.pop(up.node_id, None)
+            # the members' keys: a frame is checked against the key its sender joined with (docs/algorithms.md §11)
+            # before it is decoded; the others' name a frame relayed from another member
+            keys = {n.name: n.public_key for n in self.members.values() if n.public_key} if m.public_key else None
         try:
-            env = wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
-                              limit=self.limit, extra_spec=self.reference.buffer_spec)
+            wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
+                        limit=self.limit, extra_spec=self.reference.buffer_spec, sender=m.name, keys=KeyRing.of(keys))
         except PayloadError as exc:
             raise BadPayload(f"payload rejected: {exc}") from None
-        if env.sender != m.name:
-            raise BadPayload(f"payload names sender {env.sender!r} but node {m.name!r} sent it")
         with self.lock:
             self._member(up.node_id)
             self._check_round(m, up.round)
             now = self.clock()
             self.submitted[up.node_id] = (frame, now, up.loss)
             self.submitter_names[up.node_id] = m.name
+            self.submitter_keys[up.node_id] = m.public_key
             m.bytes_in += len(frame)
             m.last_loss = up.loss
             m.contributed_round = m.active_round = up.round
@@ -274,15 +279,17 @@ class Rounds:
         r, now = self.open_round, self.clock()
         names = {nid: self.submitter_names[nid] for nid in decision.members}
         frames = dict(sorted((names[nid], self.submitted[nid][0]) for nid in decision.members))
-        step = compute_step(self.reference, self._scratch, frames, r, self.cfg)
+        keys = {names[nid]: self.submitter_keys[nid] for nid in decision.members if self.submitter_keys.get(nid)}
+        step = compute_step(self.reference, self._scratch, frames, r, self.cfg, KeyRing.of(keys))
         times = [self.submitted[nid][1] for nid in decision.members]
         losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
         bytes_in = sum(len(f) for f in frames.values())
         # what the round's result costs to hand out: every other member's frame to each member, or one aggregate
         bytes_out = (len(frames) * len(step.aggregate) if step.aggregate is not None else (len(frames) - 1) * bytes_in)
+        report = step.reference.last_report
         row = RoundRow(r, time.time(), list(frames), decision.reason, step.fingerprint, bytes_in, bytes_out,
                        now - (self.first_submit_at or now), sum(losses) / len(losses) if losses else float("nan"),
-                       float("nan"), decision.kind.value)
+                       float("nan"), decision.kind.value, report.to_json() if report is not None else None)
         after = {nid: dataclasses.replace(m, rounds_contributed=m.rounds_contributed + (nid in decision.members))
                  for nid, m in self.members.items()}
         try:
@@ -301,13 +308,14 @@ class Rounds:
         if set(decision.members) >= self._expected(r):
             self.spreads.append(max(times) - min(times))
         self.commit_times.append(now)
-        self.results[r] = Committed(r, frames, step.fingerprint, decision.reason, step.aggregate)
+        self.results[r] = Committed(r, frames, step.fingerprint, decision.reason, step.aggregate, keys)
         while len(self.results) > self.cfg.keep_results:
             self.results.popitem(last=False)
         self.recent.append(row)
         self.open_round = r + 1
         self.submitted.clear()
         self.submitter_names.clear()
+        self.submitter_keys.clear()
         self.observers.clear()
         self.uploads = {k: u for k, u in self.uploads.items() if u.round > r}
         if self.first_submit_at is not None:
@@ -321,8 +329,23 @@ class Rounds:
                  row.mean_loss, step.fingerprint, decision.reason)
         if self.evaluator is not None and (r + 1) % self.cfg.eval_every == 0:
             self.evaluator.submit(r, self.reference.tensors, self.reference.buffers)
+        if report is not None:
+            self._account(r, report)
         for waiter in self.waiters:
             waiter.event.set()
+
+    def _account(self, round_: int, report: Any) -> None:
+        """The round's accountability report (node/robust/report.py): log each frame the bounds dropped; members it
+        evicted are dropped from the run (core.py refuses them at Join)."""
+        for name, m in sorted(report.members.items()):
+            if m.rejected and not m.rejected.startswith("evicted"):
+                log.warning("[round=%d] dropped %s's frame: %s", round_, name, m.rejected)
+        for name, reason in sorted(report.evicted.items()):
+            self._evict(name, f"evicted at round {round_}: {reason}")
+
+    def _evict(self, name: str, why: str) -> None:
+        """Drop member ``name`` from the run (core.py: it is then refused at Join)."""
+        raise NotImplementedError
 
     def _record_val_loss(self, round_: int, val: float) -> None:
         with self.lock:  # the store's connection is shared: never write inside another thread's commit
@@ -395,8 +418,9 @@ class Rounds:
                 if frames is None or round_ != self.reference.committed_rounds - 1:
                     raise ResultGone(f"the result of round {round_} is no longer held (the run is at round "
                                      f"{self.open_round}); fetch the state instead")
+                keys = {m.name: m.public_key for m in self.members.values() if m.name in frames and m.public_key}
                 result = Committed(round_, dict(sorted(frames.items())), self.reference.fingerprint(), "restored",
-                                   self.store.aggregate(round_))
+                                   self.store.aggregate(round_), keys)
             if result.aggregate is not None:
                 m.bytes_out += len(result.aggregate)
                 return result, []

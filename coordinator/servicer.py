@@ -123,7 +123,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         yield pb.CollectChunk(header=pb.CollectHeader(
             round=result.round, committed=True, members=members,
             payload_sizes=[len(result.frames[m]) for m in members],
-            reference_fingerprint=result.fingerprint, reason=result.reason))
+            reference_fingerprint=result.fingerprint, reason=result.reason,
+            # the keys the frames are signed with (docs/algorithms.md §11); all or none, so every node checks alike
+            member_keys=[result.keys[m] for m in members] if all(m in result.keys for m in members) else []))
         for name in to_send:
             frame, index = result.frames[name], members.index(name)
             for off in range(0, len(frame), PIECE):
@@ -144,11 +146,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         s = self.core.status()
         now = s["now"]
         # no credential material: no session ids, no tokens; a member is its name and its key's public id
+        records = s["records"]  # accountability by name, with [recipe.reduce] on (node/robust/state.py)
         members = [pb.MemberStatus(name=m.name, key_id=key_id(m.public_key), last_heartbeat_age_s=now - m.last_heartbeat,
                                    rounds_contributed=m.rounds_contributed, first_round=m.first_round,
                                    bytes_in=m.bytes_in, bytes_out=m.bytes_out,
                                    last_loss=m.last_loss if not math.isnan(m.last_loss) else float("nan"),
-                                   capabilities=list(m.capabilities)) for m in s["members"]]
+                                   capabilities=list(m.capabilities), **_accountability(records.get(m.name)))
+                   for m in s["members"]]
+        evicted = [pb.EvictedMember(name=n, round=r.evicted_at, reason=r.reason)
+                   for n, r in sorted(records.items()) if r.evicted]
         rounds = [pb.RoundStatus(round=r.round, members=r.members, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
                                  duration_s=r.duration_s, mean_loss=r.mean_loss, reason=r.reason,
                                  val_loss=r.val_loss, reference_fingerprint=r.fingerprint) for r in s["recent"]]
@@ -156,5 +162,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                  committed_rounds=s["committed_rounds"], deadline_in_s=s["deadline_in_s"],
                                  members=members, recent_rounds=rounds,
                                  reference_fingerprint=s["reference_fingerprint"], submitted=s["submitted"],
-                                 persistence_error=s["persistence_error"])
+                                 persistence_error=s["persistence_error"], evicted=evicted)
+
+
+def _accountability(record: Any) -> dict[str, Any]:
+    """MemberStatus's accountability fields from a member's robust record (None: the recipe's reduce is off, or the
+    member sent no frame yet)."""
+    if record is None:
+        return {"norm_ratio": float("nan"), "cosine": float("nan")}
+    return {"frames_seen": record.frames, "frames_clipped": record.clipped, "frames_rejected": record.rejected,
+            "norm_ratio": record.norm_ratio if record.norm_ratio is not None else float("nan"),
+            "cosine": record.cosine if record.cosine is not None else float("nan")}
 

@@ -29,9 +29,11 @@ from torch import nn
 
 from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig
-from node.engine import NodeOptions, RoundEngine, RoundReport, dht_settings as engine_dht_settings
+from node.engine import NodeOptions, RoundEngine
 from node.errors import ConfigError
+from node.identity import NodeKey
 from node.model_check import ModelMismatch, check_model, copy_model
+from node.round_report import RoundReport
 from node.runfile import RunFile, load_run_file
 from node.tasks import load_task
 from node.tasks.base import Task, build_seeded
@@ -72,11 +74,11 @@ class _UserModel:
             self._initial = reference if self._initial is None else self._initial
         return self._described[1], self._described[2]
 
-    def build(self, cfg: RunConfig, task: Task, info: JoinInfo) -> Worker:
+    def build(self, cfg: RunConfig, task: Task, info: JoinInfo, key: NodeKey | None) -> Worker:
         if self._initial is not None:  # every replica starts from the run's seeded build (or its state, loaded next)
             copy_model(self._initial, self.model)
             self._initial = None
-        return Worker(self.name, cfg, task, shard=info.shard, num_shards=info.num_shards, model=self.model,
+        return Worker(self.name, cfg, task, shard=info.shard, num_shards=info.num_shards, key=key, model=self.model,
                       inner=lambda model, named, buffers: ExternalInner(model, named, self.optimizer, self.scheduler))
 
 
@@ -278,7 +280,9 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
       Restarting with the same workdir resumes the node.
     - ``run``: the run file (path or parsed ``RunFile``): required with ``dht``; with ``coordinator`` the join is
       refused if it differs from the coordinator's run.
-    - ``coordinator``: ``HOST:PORT`` of a ``lowband coordinator``; or ``dht``: multiaddrs of DHT peers (serverless).
+    - ``coordinator``: ``HOST:PORT`` of a ``lowband coordinator``; or ``dht``: multiaddrs of DHT peers (serverless:
+      the run file must carry its ``[authority]``; a closed run needs the authority's grant in ``workdir/grant.toml``,
+      ``lowband run grant``, whose name is the node's).
     - ``name``: the node's name (default ``HOST-WORKDIRNAME``); ``token``: the run's join token; ``tls_ca``,
       ``tls_cert``, ``tls_key``: TLS to the coordinator (plaintext is refused off loopback unless ``insecure``).
     - ``max_rounds``: leave after this many applied rounds; ``checkpoint_every``: applied rounds between checkpoints;
@@ -302,12 +306,6 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
     if dht is not None and run_file is None:
         raise ConfigError("dht needs run=RUN.toml: there is no coordinator to hand out the run")
     workdir = Path(workdir)
-    name = name or _default_name(workdir)
-    from node.membership import check_node_name
-
-    problem = check_node_name(name)
-    if problem:
-        raise ConfigError(f"name: {problem}")
     tls = None
     if coordinator is not None and plane is None:
         from node.transport.grpc_auth import ClientTls, check_plaintext
@@ -316,9 +314,21 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
         check_plaintext(coordinator, tls, insecure)
     dht_settings = None
     if dht is not None and run_file is not None:
+        from node.dht_cli import serverless_settings
         from node.dht_peer import nat_enabled
 
-        dht_settings = engine_dht_settings(run_file, dht, dht_listen, nat_enabled(list(dht_listen), False))
+        peers = [dht] if isinstance(dht, str) else list(dht)
+        listen = [dht_listen] if isinstance(dht_listen, str) else list(dht_listen)
+        # the run's [authority], the workdir's node.key and grant.toml (a closed run's grant names the node)
+        dht_settings, granted = serverless_settings(run_file, str(run) if isinstance(run, (str, Path)) else "run file",
+                                                    workdir, name or None, peers, listen, nat_enabled(listen, False))
+        name = granted or name
+    name = name or _default_name(workdir)
+    from node.membership import check_node_name
+
+    problem = check_node_name(name)
+    if problem:
+        raise ConfigError(f"name: {problem}")
     model = _unwrap(model)
     device = next((p.device.type for p in model.parameters()), "cpu")
     opts = NodeOptions(coordinator or "", workdir, name, device, run_file.run if run_file else None, token,
@@ -352,7 +362,7 @@ def _join_follower(source: _UserModel, stop: threading.Event, group: LocalGroup,
 
     def make(cfg: RunConfig, shard: int, num_shards: int) -> Worker:
         task, _ = source.describe(cfg)
-        return source.build(cfg, task, JoinInfo(shard, num_shards, 0, 0))
+        return source.build(cfg, task, JoinInfo(shard, num_shards, 0, 0), None)  # rank 0 alone signs frames
 
     worker = group.receive_start(make)
     if worker is None:

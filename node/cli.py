@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from node.bench.byzantine import add_parser as add_byzantine_parser
 from node.cli_trust import (add_certs_parser, add_client_tls_args, add_coordinator_args, client_tls, cmd_coordinator,
                             node_exit_code, node_security, read_token)
 from node.config import TaskConfig, parse_value
+from node.dht_cli import add_run_parser, add_status_dht_args, announce_maddrs
 from node.errors import ConfigError
 from node.fsutil import write_atomic
 
@@ -113,8 +115,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from node.bench.quality import run_quality_bench
+    from node.bench.quality import collect_results, run_quality_bench
 
+    if args.collect:
+        collect_results([Path(f) for f in args.collect], Path(args.out), "lowband " + " ".join(sys.argv[1:]))
+        return 0
     run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device),
                       command="lowband " + " ".join(sys.argv[1:]), variants=args.variant)
     return 0
@@ -172,20 +177,9 @@ def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch
         run_file = load_run_file(args.run)
         expected = run_file.run
     if args.dht:
-        from node.dht_peer import nat_enabled
-        from node.engine import dht_settings
+        from node.dht_cli import dht_settings
 
-        if not args.run:
-            raise ConfigError("--dht needs --run RUN.toml: there is no coordinator to hand out the run")
-        peers, listen = _split(args.initial_peers), _split(args.listen)
-        if not peers:
-            raise ConfigError("--dht needs --initial-peers MADDR[,MADDR...] (e.g. from `lowband dht`)")
-        from node.transport.dht_state import MAX_CHUNK
-
-        if not 0 < args.state_chunk_bytes <= MAX_CHUNK:
-            raise ConfigError(f"--state-chunk-bytes must be in 1..{MAX_CHUNK}, got {args.state_chunk_bytes}")
-        dht = dht_settings(run_file, peers, listen, nat_enabled(listen, args.no_nat), args.identity, args.client_mode,
-                           _announce_maddrs(args.announce), args.state_chunk_bytes)
+        dht = dht_settings(args, run_file if args.run else None)
     return run_node(NodeOptions(args.coordinator or "", Path(args.workdir), args.name or "", args.device, expected,
                                 join_token, args.max_rounds, dht=dht, checkpoint_every=args.checkpoint_every,
                                 prefetch=prefetch, tls=tls))
@@ -222,26 +216,7 @@ def cmd_dht(args: argparse.Namespace) -> int:
     from node.dht_peer import run_dht_peer
 
     return run_dht_peer(_split(args.listen), _split(args.initial_peers), args.identity, args.no_nat,
-                        args.client_mode, _announce_maddrs(args.announce))
-
-
-def _announce_maddrs(text: str) -> tuple[str, ...]:
-    """``--announce``: multiaddrs with an explicit TCP/UDP port (hivemind cannot announce port 0)."""
-    if not text:
-        return ()
-    from hivemind.utils.multiaddr import Multiaddr  # late: only DHT peers need it
-
-    found = []
-    for item in _split(text):
-        try:
-            maddr = Multiaddr(item)
-        except Exception as exc:
-            raise ConfigError(f"--announce: {item!r} is not a multiaddr ({exc})") from None
-        ports = [maddr.value_for_protocol(p.name) for p in maddr.protocols() if p.name in ("tcp", "udp")]
-        if not ports or "0" in [str(port) for port in ports]:
-            raise ConfigError(f"--announce: {item!r} needs an explicit port (e.g. /ip4/203.0.113.7/tcp/31337)")
-        found.append(item)
-    return tuple(found)
+                        args.client_mode, announce_maddrs(args.announce))
 
 
 def _add_dht_args(p: argparse.ArgumentParser, listen: str) -> None:
@@ -257,6 +232,12 @@ def _add_dht_args(p: argparse.ArgumentParser, listen: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.dht:  # serverless: read the run's records from the DHT
+        from node.dht_cli import cmd_status_dht
+
+        return cmd_status_dht(args)
+    if not args.coordinator:
+        raise ConfigError("give --coordinator HOST:PORT, or --dht --initial-peers MADDR --run RUN.toml")
     from node.status import print_status
 
     return print_status(args.coordinator, as_json=args.json, read_token=read_token(args),
@@ -345,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(func=cmd_coordinator)
 
     add_certs_parser(sub)
-
     nd = sub.add_parser("node", help="a worker that joins a coordinator's run, or a serverless run over a DHT")
     nd.add_argument("--coordinator", default=None, help="HOST:PORT")
     nd.add_argument("--dht", action="store_true", help="serverless: agree on the run and exchange through a DHT")
@@ -378,24 +358,30 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the .safetensors file to write")
     ex.set_defaults(func=cmd_export)
 
-    st = sub.add_parser("status", help="members, round, deadline, bytes and loss of a running coordinator")
-    st.add_argument("--coordinator", required=True)
+    st = sub.add_parser("status", help="members, round, deadline, bytes and loss of a running coordinator, or of a "
+                        "serverless run (--dht)")
+    st.add_argument("--coordinator", default=None)
     st.add_argument("--json", action="store_true")
     st.add_argument("--read-token", default=None, help="the run's read or join token (or $LOWBAND_READ_TOKEN, "
                     "$LOWBAND_JOIN_TOKEN)")
     add_client_tls_args(st)
+    add_status_dht_args(st)
     st.set_defaults(func=cmd_status)
+
+    add_run_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
     bsub = bench.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="all recipes at equal tokens per worker: loss vs bytes")
-    q.add_argument("--profile", default="quick", choices=["quick", "full"])
+    q.add_argument("--profile", default="quick", choices=["quick", "standard", "full"])
+    q.add_argument("--collect", nargs="+", metavar="JSON", help="table and plot from `simulate --json` files instead")
     q.add_argument("--out", default="out/bench-quality")
     q.add_argument("--recipes", nargs="*", default=None, help="subset of recipes (default: all)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--variant", action="append", default=[], metavar="RECIPE:KEY=VAL[,KEY=VAL]",
                    help="an extra row: a recipe with overrides, e.g. sign:outer.lr=8 (repeatable)")
     q.set_defaults(func=cmd_bench_quality)
+    add_byzantine_parser(bsub)
     c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")
     c.add_argument("--size", default="medium", help="gpt size whose tensors are encoded (medium ≈ 25M params)")
     c.add_argument("--repeats", type=int, default=3)

@@ -17,6 +17,10 @@ from node.errors import ConfigError
 
 PAYLOAD_SCALES = ("unit", "inverse_inner_lr", "inner_lr")
 INNER_OPTIMIZERS = ("adamw", "sgd", "muon", "grad")
+BOUNDS = ("none", "clip", "reject")
+ROBUST_MODES = ("none", "trimmed_mean", "median", "vote", "clipped_selector_mean")
+#: robust modes that only one codec can run, by codec name
+ROBUST_CODEC = {"vote": "sign", "clipped_selector_mean": "dct_topk"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,74 @@ class OuterConfig:
             raise ConfigError(f"outer.clip_norm must be > 0 or none, got {self.clip_norm}")
 
 
+def _number(section: str, name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+            high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+        raise ConfigError(f"{section}.{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    """How a round's frames are bounded and combined when some members may be broken or hostile
+    (docs/algorithms.md, §11). The default — every field at its default — is today's reduce, exactly: no bound,
+    the codec's own reduce, nothing kept, nothing in the config hash or the state.
+
+    - ``bound``: per sender and tensor, the decoded L2 norm ``n`` is compared with ``τ = bound_ratio · ref``, where
+      ``ref`` is the median of the round's senders' norms of that tensor, capped at ``history_ratio`` × an
+      exponential average (decay ``history``) of past rounds' ``ref`` (kept in the reference state). ``clip`` scales
+      a payload above ``τ`` down to ``τ`` (in the codec's own representation); ``reject`` drops the frame. A norm
+      above ``absurd_ratio · ref`` is rejected under either policy.
+    - ``robust``: the combination: ``none`` (the codec's reduce), ``trimmed_mean`` or ``median`` (coordinate-wise,
+      over decoded payloads, any codec; ``trim`` is the fraction cut from each side), ``vote`` (sign codec: majority
+      sign × mean of the bounded scales; needs a bound), ``clipped_selector_mean`` (DCT-top-k: every value clipped
+      to ``bound_ratio`` × the median over senders of each block's largest magnitude, then selector-mean).
+    - ``evict_after``: a member with this many flagged frames (clipped or rejected) among its last ``evict_window``
+      contributions is evicted: every replica drops its frames from then on (0: never).
+    """
+
+    bound: str = "none"
+    bound_ratio: float = 2.0
+    history: float = 0.9
+    history_ratio: float = 4.0
+    absurd_ratio: float = 1000.0
+    robust: str = "none"
+    trim: float = 0.25
+    evict_after: int = 0
+    evict_window: int = 8
+
+    def __post_init__(self) -> None:
+        if self.bound not in BOUNDS:
+            raise ConfigError(f"reduce.bound must be one of {BOUNDS}, got {self.bound!r}")
+        if self.robust not in ROBUST_MODES:
+            raise ConfigError(f"reduce.robust must be one of {ROBUST_MODES}, got {self.robust!r}")
+        _number("reduce", "bound_ratio", self.bound_ratio, 1.0)
+        _number("reduce", "history", self.history, 0.0, 1.0, high_open=True)
+        _number("reduce", "history_ratio", self.history_ratio, 1.0)
+        _number("reduce", "absurd_ratio", self.absurd_ratio, self.bound_ratio)
+        _number("reduce", "trim", self.trim, 0.0, 0.5, high_open=True)
+        for name, value, low, high in (("evict_after", self.evict_after, 0, 64),
+                                       ("evict_window", self.evict_window, 1, 64)):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"reduce.{name} must be an integer in [{low}, {high}], got {value!r}")
+        if self.evict_after > self.evict_window:
+            raise ConfigError(f"reduce.evict_after ({self.evict_after}) must be ≤ reduce.evict_window "
+                              f"({self.evict_window})")
+        if self.evict_after and self.bound == "none":
+            raise ConfigError("reduce.evict_after counts clipped or rejected frames: it needs reduce.bound = clip or "
+                              "reject")
+        if self.robust == "vote" and self.bound == "none":
+            raise ConfigError("reduce.robust = vote takes the mean of the senders' scales: it needs reduce.bound = "
+                              "clip or reject, or one sender's scale sets every step's size")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything differs from the codec's plain reduce (a bound or a robust mode)."""
+        return self.bound != "none" or self.robust != "none"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One codec + feedback policy + outer optimizer + defaults for H and the inner loop."""
@@ -83,6 +155,8 @@ class Recipe:
     #: overlapped rounds: train round r+1 while round r's exchange is in flight and apply round r's outer step
     #: one round late, shifting the local model by what round r changed (node/train/worker.py)
     overlap: bool = False
+    #: bounds and robust reduce (docs/algorithms.md, §11); the default is the codec's plain reduce
+    reduce: ReduceConfig = ReduceConfig()
 
     def __post_init__(self) -> None:
         from node.compress import make_codec  # late import: config must stay importable on its own
@@ -106,6 +180,15 @@ class Recipe:
             raise ConfigError(f"inner.optimizer 'grad' exchanges every gradient, so H must be 1 (got H={self.H})")
         if self.payload_scale == "inverse_inner_lr" and self.inner.min_lr_ratio == 0:
             raise ConfigError("payload_scale 'inverse_inner_lr' divides by η_t: inner.min_lr_ratio must be > 0")
+        if not isinstance(self.reduce, ReduceConfig):
+            raise ConfigError(f"reduce must be a [reduce] table, got {self.reduce!r}")
+        needs = ROBUST_CODEC.get(self.reduce.robust)
+        if needs is not None and self.codec.name != needs:
+            raise ConfigError(f"reduce.robust = {self.reduce.robust} works on {needs} payloads; this recipe's codec "
+                              f"is {self.codec.name!r} (trimmed_mean and median work on every codec)")
+        if self.reduce.enabled and self.outer.name == "decoupled_nesterov":
+            raise ConfigError("reduce: bounds and robust modes change the agreed aggregate, which the faithful "
+                              "decoupled rule does not apply (every worker applies its own Δ); use dct-consistent")
         if self.outer.name == "decoupled_nesterov":
             beta = self.outer.params.get("momentum", 0.95)
             if self.feedback_decay is None or abs(self.feedback_decay - beta) > 1e-12:
@@ -141,7 +224,12 @@ class RunConfig:
         return self.recipe.inner.total_steps or self.rounds * self.recipe.H
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data; ``recipe.reduce`` only when it is not the default, so a run without bounds or robust reduce
+        has the configuration (and config hash, and state header) it had before they existed."""
+        d = asdict(self)
+        if self.recipe.reduce == ReduceConfig():
+            del d["recipe"]["reduce"]
+        return d
 
     def config_hash(self, task_fingerprint: str = "") -> str:
         """Identifies the math and the bytes: everything but the worker count, round count and run id."""
@@ -186,7 +274,7 @@ def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     ``task.X`` sets a task parameter. All keys are applied to a plain dict first and validated once at the
     end, so cross-field rules (dct's feedback_decay = outer.momentum) see the final combination.
     """
-    d = copy.deepcopy(cfg.to_dict())
+    d = copy.deepcopy(asdict(cfg))  # every field, ``recipe.reduce`` included, so overrides can name it
     run_fields = {f.name for f in fields(RunConfig)}
     for key, value in overrides.items():
         path = key.split(".")
@@ -204,13 +292,25 @@ def run_config_from_dict(d: Mapping[str, Any]) -> RunConfig:
         r = dict(d["recipe"])
         recipe = Recipe(name=r["name"], H=r["H"], codec=CodecConfig(**r["codec"]), outer=OuterConfig(**r["outer"]),
                         inner=InnerConfig(**r["inner"]), feedback_decay=r["feedback_decay"],
-                        payload_scale=r["payload_scale"], overlap=r.get("overlap", False))
+                        payload_scale=r["payload_scale"], overlap=r.get("overlap", False),
+                        reduce=_reduce_from(r.get("reduce")))
         return RunConfig(recipe=recipe, task=TaskConfig(**d["task"]), workers=d["workers"], rounds=d["rounds"],
                          seed=d["seed"], run_id=d["run_id"])
     except KeyError as exc:
         raise ConfigError(f"run config is missing the field {exc}") from None
     except TypeError as exc:
         raise ConfigError(f"run config has a malformed field: {exc}") from None
+
+
+def _reduce_from(value: Any) -> ReduceConfig:
+    if value is None:
+        return ReduceConfig()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"recipe.reduce must be a table, got {value!r}")
+    try:
+        return ReduceConfig(**value)
+    except TypeError as exc:
+        raise ConfigError(f"recipe.reduce: {exc}") from None
 
 
 def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

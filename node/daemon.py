@@ -9,9 +9,10 @@ train one data-parallel replica (DDP). Local rank 0 drives the engine — it alo
 workdir's files and sends the node's frame — and at every round boundary broadcasts the node's local state to the
 others, which only train.
 
-Files in the workdir (node/workdir.py): ``checkpoint.safetensors`` (write-then-rename every ``checkpoint_every`` applied
-rounds and on exit; docs/state.md) and ``rounds.jsonl`` (one line per applied round or adopted state: the
-exactly-once audit trail).
+Files in the workdir (node/workdir.py): ``node.key`` (the node's ed25519 identity, node/identity.py: it signs its calls
+and every frame), ``checkpoint.safetensors`` (write-then-rename every ``checkpoint_every`` applied rounds and on exit;
+docs/state.md) and ``rounds.jsonl`` (one line per applied round or adopted state: the exactly-once
+audit trail; with a recipe's ``reduce`` on, each round's accountability report under ``"robust"``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import threading
 
 from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig
+from node.identity import NodeKey
 from node.engine import STEP_IN_MAX_S, NodeOptions, RoundEngine, device_of
 from node.tasks import load_task
 from node.tasks.base import Task, build_seeded
@@ -47,9 +49,9 @@ class TaskSource:
             self._described = key, task, digest_of(build_seeded(task, cfg.seed))
         return self._described[1], self._described[2]
 
-    def build(self, cfg: RunConfig, task: Task, info: JoinInfo) -> Worker:
+    def build(self, cfg: RunConfig, task: Task, info: JoinInfo, key: NodeKey) -> Worker:
         return Worker(self.name, cfg, task, shard=info.shard, num_shards=info.num_shards,
-                      device=self.group.device if self.group else device_of(self.device), local=self.group)
+                      device=self.group.device if self.group else device_of(self.device), key=key, local=self.group)
 
 
 class NodeDaemon:
@@ -95,14 +97,18 @@ class NodeDaemon:
             if self.group is not None:
                 assert engine.cfg is not None and engine.worker is not None
                 self.group.send_start(engine.cfg, engine.worker)
+            code = 0
             try:
                 engine.enter(info)
                 self._loop()
             except Stopped:
                 pass
+            except JoinRefused as exc:  # joining again was refused (e.g. the run evicted this node)
+                log.error("[node=%s] join refused: %s", self.name, exc)
+                code = 3
             engine.leave()
             clean = True
-            return 0
+            return code
         finally:
             if self.group is not None and self.group.open and clean:
                 self.group.send_stop(engine.worker)  # the other local processes end with us, holding our state

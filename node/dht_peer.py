@@ -1,5 +1,7 @@
 """``lowband dht``: a bootstrap peer for serverless runs. It only runs a hivemind DHT (and its p2pd) that nodes
-name in ``--initial-peers``; it trains nothing and holds no run state beyond the DHT records it stores."""
+name in ``--initial-peers``; it trains nothing and holds no run state beyond the DHT records it stores. It stores
+only records their writer's key signed (``dht_signing``: it validates, it never signs), and its DHT process and
+p2pd die with it, ``kill -9`` included (``dht_process``)."""
 from __future__ import annotations
 
 import ipaddress
@@ -35,17 +37,18 @@ def nat_enabled(listen: Sequence[str], no_nat: bool) -> bool:
 
 def run_dht_peer(listen: Sequence[str], initial_peers: Sequence[str], identity_path: str | None,
                  no_nat: bool, client_mode: bool = False, announce: Sequence[str] = ()) -> int:
-    import hivemind  # late: the other subcommands do not need it
-
-    from node.transport.dht_control import default_signals
+    from node.transport.dht_control import default_signals  # late: the other subcommands do not need hivemind
+    from node.transport.dht_process import start_dht
+    from node.transport.dht_signing import SignedRecordValidator
 
     nat = nat_enabled(listen, no_nat)
     extra: dict[str, Any] = {"identity_path": identity_path} if identity_path else {}
     if announce:
         extra["announce_maddrs"] = list(announce)
     with default_signals():  # the DHT's forked process must die on SIGTERM, not inherit our handler
-        dht = hivemind.DHT(initial_peers=list(initial_peers), host_maddrs=list(listen), start=True,
-                           nat_port_map=nat, auto_nat=nat, use_relay=nat, client_mode=client_mode, **extra)
+        dht = start_dht(initial_peers=list(initial_peers), host_maddrs=list(listen), nat_port_map=nat, auto_nat=nat,
+                        use_relay=nat, client_mode=client_mode, record_validators=[SignedRecordValidator()], **extra)
+    dht.wait_until_ready()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

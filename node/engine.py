@@ -12,25 +12,32 @@ The run is driven through a ``ControlPlane`` (node/transport/control.py): a gRPC
 ``NodeOptions.dht`` a serverless hivemind DHT, or any plane handed in (an in-process run in tests, wrapped in the fault
 seam). Waits are decided on an injected ``Clock`` (node/clock.py).
 
+Identity: the node's one key (``node.key`` in the workdir, node/identity.py) signs its calls, its frames and, in a
+serverless run, its DHT records; the worker verifies the other members' frames with the round's member keys.
+
 Each round's record is produced in one place, ``_record``: the ``RoundReport`` returned to the driver, the
-``rounds.jsonl`` line and the log line all come from it, and ``listeners`` (e.g. metrics) are called there.
+``rounds.jsonl`` line and the log line all come from it (node/round_report.py), and ``listeners`` (e.g. metrics) are
+called there.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
 from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig, diff_configs
+from node.identity import NodeKey
+from node.round_report import RoundReport, committed_line, observed_line, robust_entry
 from node.tasks.base import Task
 from node.train.inner import InnerStats
 from node.train.worker import Worker
@@ -39,7 +46,6 @@ from node.transport.messages import RoundResult, RoundStatus, Submission
 from node.workdir import Workdir
 
 if TYPE_CHECKING:
-    from node.runfile import RunFile
     from node.transport.dht_control import DhtSettings
     from node.transport.grpc_auth import ClientTls
     from node.transport.state_prefetch import StatePrefetch
@@ -65,19 +71,6 @@ class NodeOptions:
     tls: ClientTls | None = None  # the coordinator channel's TLS (None: plaintext; cmd_node allows it on loopback)
 
 
-def dht_settings(run_file: RunFile, peers: Sequence[str], listen: Sequence[str], nat: bool,
-                 identity: str | None = None, client_mode: bool = False, announce: Sequence[str] = (),
-                 state_chunk_bytes: int = 4 << 20) -> DhtSettings:
-    """A serverless node's DHT settings: how to reach the DHT, and the run file's membership and deadline knobs."""
-    from node.transport.dht_control import DhtSettings
-
-    mp = run_file.membership
-    return DhtSettings(tuple(peers), tuple(listen), nat, identity, client_mode=client_mode,
-                       announce_maddrs=tuple(announce), num_shards=mp.max_nodes, min_nodes=mp.min_nodes,
-                       heartbeat_s=mp.heartbeat_s, round_wait_s=run_file.deadline.max_wait_s,
-                       deadline=run_file.deadline, state_chunk_bytes=state_chunk_bytes)
-
-
 def device_of(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,40 +83,8 @@ class WorkerSource(Protocol):
     def describe(self, cfg: RunConfig) -> tuple[Task, str]:
         """The run's task and the digest of the model this node presents at Join (node/train/tensors.py)."""
 
-    def build(self, cfg: RunConfig, task: Task, info: JoinInfo) -> Worker:
-        """The worker, once, after the first Join."""
-
-
-@dataclass
-class RoundReport:
-    """One round as this node applied it: what ``session.step()`` returns and what ``rounds.jsonl`` records.
-
-    ``round``: the round's number (0-based); ``status``: ``"committed"``, or why it was not — a ``RoundStatus`` value
-    (``"timed_out"``, ``"no_quorum"``, ...; the round is offered again with the same frame) or ``"rejected"`` (it
-    committed but this node could use none of its payloads); ``contributed``: this node's payload is in it;
-    ``members``: the nodes whose payloads it combines; ``loss``: mean training loss of this node's inner steps (NaN
-    when not measured); ``fingerprint``: 16 hex characters of θ_ref after the round (equal on every replica of a
-    replica-consistent recipe); ``bytes_out``/``bytes_in``: this node's bytes on the wire for the round;
-    ``train_s``: seconds of inner steps; ``wait_s``: seconds from sending the frame to having the result (with
-    overlap, mostly hidden behind the next round's steps); ``skipped_steps``: inner steps skipped for a non-finite
-    loss or gradient; ``rejected``: sender → why its payload was refused."""
-
-    round: int
-    status: str
-    contributed: bool
-    members: tuple[str, ...]
-    loss: float
-    fingerprint: str
-    bytes_out: int = 0
-    bytes_in: int = 0
-    train_s: float = 0.0
-    wait_s: float = 0.0
-    skipped_steps: int = 0
-    rejected: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def committed(self) -> bool:
-        return self.status == RoundStatus.COMMITTED.value
+    def build(self, cfg: RunConfig, task: Task, info: JoinInfo, key: NodeKey) -> Worker:
+        """The worker, once, after the first Join; ``key`` signs its frames."""
 
 
 @dataclass
@@ -147,6 +108,7 @@ class RoundEngine:
         self._given_plane = plane
         self.name = opts.name or f"{socket.gethostname()}-{os.getpid()}"
         self.files = Workdir(Path(opts.workdir), self.name)
+        self.key = NodeKey.load_or_create(self.files.path)  # a restart with the same workdir is the same node
         self.plane: ControlPlane | None = None  # built in join(): starting a DHT can fail, and must be closed
         self.worker: Worker | None = None
         self.cfg: RunConfig | None = None
@@ -168,13 +130,15 @@ class RoundEngine:
 
             if self.opts.run is None:
                 raise ValueError("DHT mode needs the run file: there is no coordinator to hand it out")
+            # one identity: the key that writes this node's DHT records signs its frames
+            if self.opts.dht.key is None:
+                self.opts.dht = dataclasses.replace(self.opts.dht, key=self.key)
+            self.key = self.opts.dht.key
             return DhtControl(self.opts.run, self.opts.dht, self.name, self.stop, self.clock)
-        from node.identity import NodeKey
         from node.transport.grpc_control import GrpcControl
 
-        # the node's identity: the key in its workdir (a restart with the same workdir is the same node)
-        return GrpcControl(self.opts.coordinator, self.stop, key=NodeKey.load_or_create(self.files.path),
-                           tls=self.opts.tls, token=self.opts.join_token)
+        return GrpcControl(self.opts.coordinator, self.stop, key=self.key, tls=self.opts.tls,
+                           token=self.opts.join_token)
 
     @property
     def _plane(self) -> ControlPlane:
@@ -201,11 +165,11 @@ class RoundEngine:
         task, digest = self.source.describe(cfg_for_join)
         self.config_hash = cfg_for_join.config_hash(task.fingerprint)
         identity = Identity(self.name, json.dumps(cfg_for_join.to_dict()), self.config_hash, task.fingerprint, digest,
-                            (f"device={device_of(self.opts.device)}",), self.opts.join_token)
+                            (f"device={device_of(self.opts.device)}",), self.opts.join_token, self.key.public)
         info = self._plane.join(identity)
         if self.worker is None:
             self.cfg = cfg
-            self.worker = self.source.build(cfg, task, info)
+            self.worker = self.source.build(cfg, task, info, self.key)
         log.info("[node=%s] joined %s: shard %d/%d, first round %d, %d rounds committed", self.name,
                  self._plane.where, info.shard, info.num_shards, info.first_round, info.committed_rounds)
         return info
@@ -320,9 +284,10 @@ class RoundEngine:
         applied = worker.apply(result)
         status = (RoundStatus.COMMITTED.value if applied.committed
                   else "rejected" if result.committed else result.status.value)
+        robust = robust_entry(self.name, worker.reference.last_report, r) if applied.committed else None
         report = RoundReport(r, status, applied.contributed, applied.members, stats.mean_loss, worker.fingerprint(),
                              result.bytes_sent, result.bytes_received, stats.compute_s, wait_s, stats.skipped,
-                             applied.rejected)
+                             applied.rejected, robust)
         if not applied.committed:
             self._record(report, result, done.reset, stats)
             # still serve our (unchanged) state: a run short of its quorum gets it back from the joiners
@@ -355,26 +320,10 @@ class RoundEngine:
     def _record(self, report: RoundReport, result: RoundResult, reset: str, stats: InnerStats) -> None:
         """The one place a round's record is produced: the log line, the ``rounds.jsonl`` line of a committed round,
         and every listener (metrics hook here)."""
-        r = report.round
         if not report.committed:
-            log.warning("[node=%s round=%d] not committed: %s", self.name, r, result.reason)
+            log.warning("[node=%s round=%d] not committed: %s", self.name, report.round, result.reason)
         else:
-            health: dict[str, object] = {"skipped_steps": stats.skipped} if stats.skipped else {}
-            if reset:
-                health["reset"] = reset
-            if stats.skipped:
-                log.warning("[node=%s round=%d] skipped %d of %d inner steps with a non-finite loss or gradient "
-                            "(first: %s)", self.name, r, stats.skipped, stats.steps, stats.skip_cause)
-            self.files.log_round({"round": r, "members": list(report.members), "contributed": report.contributed,
-                                  "fingerprint": report.fingerprint,
-                                  "coordinator_fingerprint": result.reference_fingerprint,
-                                  "loss": report.loss,
-                                  "bytes_out": report.bytes_out, "bytes_in": report.bytes_in,
-                                  "train_s": round(report.train_s, 3), "wait_s": round(report.wait_s, 3),
-                                  "rejected": report.rejected, **health})
-            log.info("[node=%s round=%d] loss=%.4f members=%d contributed=%s out=%dB in=%dB train=%.2fs "
-                     "exchange=%.2fs fp=%s", self.name, r, report.loss, len(report.members), report.contributed,
-                     report.bytes_out, report.bytes_in, report.train_s, report.wait_s, report.fingerprint)
+            self.files.log_round(committed_line(self.name, report, result, reset, stats))
         for listener in self.listeners:
             listener(report)
 
@@ -385,7 +334,11 @@ class RoundEngine:
         worker = self._worker
         if self.files.restore(worker, self.config_hash):
             self.resumed = True
-            if worker.reference.committed_rounds == first_round:
+            c = worker.reference.committed_rounds
+            # where peers serve the state (serverless): from the start, so that after every node restarted, one
+            # whose checkpoint is a round behind can fetch it from the others instead of waiting for them forever
+            self._plane.offer_state(c, worker.fingerprint(), worker.reference.to_bytes)
+            if c == first_round:
                 log.info("[node=%s] resumed from checkpoint at round %d", self.name, first_round)
                 self._drop_prefetch()
                 return False
@@ -425,11 +378,8 @@ class RoundEngine:
                         result.reason or "not committed")
             return False
         fp = worker.fingerprint()
-        self.files.log_round({"round": c, "members": list(result.members), "contributed": False, "fingerprint": fp,
-                              "coordinator_fingerprint": result.reference_fingerprint, "observed": True,
-                              **({"overlapped": True} if overlapped else {})})
-        log.info("[node=%s round=%d] applied without contributing (%s) fp=%s", self.name, c,
-                 "observed while training the next round" if overlapped else "catching up", fp)
+        self.files.log_round(observed_line(self.name, c, result, fp, overlapped,
+                                           robust_entry(self.name, worker.reference.last_report, c)))
         if result.reference_fingerprint and fp != result.reference_fingerprint and worker.replica_consistent:
             self._adopt_state("fingerprint mismatch")
         return True

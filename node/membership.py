@@ -140,6 +140,17 @@ class CloseDecision:
     members: tuple[str, ...] = field(default_factory=tuple)  # node ids whose payloads make the round
 
 
+#: After a coordinator restart its members need time to find it again: their channels retry with a backoff of up to
+#: 5 s (node/transport/grpc_client.py), then a heartbeat goes out. Restored leases allow at least this much silence.
+RESTART_GRACE_S = 15.0
+
+
+def restored_heartbeat(now: float, policy: MembershipPolicy) -> float:
+    """The heartbeat time a restarted coordinator gives the members it restores: their lease then runs out no
+    sooner than ``max(lease_s, RESTART_GRACE_S)`` from now (a restart must not expel members that are reconnecting)."""
+    return now + max(0.0, RESTART_GRACE_S - policy.lease_s)
+
+
 def expired_members(now: float, members: Mapping[str, Member], policy: MembershipPolicy) -> list[tuple[str, str]]:
     """Members whose lease ran out, with the reason."""
     out = []

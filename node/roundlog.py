@@ -33,9 +33,13 @@ class RoundRow:
     mean_loss: float  # members' mean train loss (NaN: none reported)
     val_loss: float  # the evaluator's loss of the reference after the round (NaN: not evaluated)
     close: str = ""  # ``node.membership.CloseKind`` value: why the round closed
+    robust: dict[str, Any] | None = None  # the round's accountability report, [recipe.reduce] on (RoundReport.to_json)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), allow_nan=True)
+        d = asdict(self)
+        if d["robust"] is None:  # [recipe.reduce] off: the line is what it was before reports existed
+            del d["robust"]
+        return json.dumps(d, allow_nan=True)
 
 
 def _complete_lines(path: Path) -> list[dict[str, Any]]:

@@ -7,6 +7,8 @@
 [membership]   # min_nodes, max_nodes, heartbeat_s, lease_s, join_token
 [rounds]       # initial_wait_s, min_wait_s, max_wait_s, quantile, margin, eval_every, keep_results,
                # result ("relay" | "aggregate"), aggregate_codec ("identity" | "bf16" | "fp16")
+[authority]    # serverless runs: public_key, signature, open — written by `lowband run init`
+               # (node/transport/dht_trust.py reads it; a coordinator ignores it)
 ```
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ class RunFile:
     result: str = "relay"
     aggregate_codec: str = "identity"  # identity (fp32), bf16 or fp16
     extra: dict[str, Any] = field(default_factory=dict)
+    authority: dict[str, Any] = field(default_factory=dict)  # [authority] as written (serverless runs check it)
 
     def __post_init__(self) -> None:
         if self.eval_every < 0:
@@ -92,7 +95,7 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    unknown = set(doc) - {"run", "task", "recipe", "membership", "rounds"}
+    unknown = set(doc) - {"run", "task", "recipe", "membership", "rounds", "authority"}
     if unknown:
         raise ConfigError(f"{source}: unknown sections {sorted(unknown)}")
     run = dict(doc.get("run", {}))
@@ -111,7 +114,8 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
                           run_id=str(run.get("id", "lowband")))
     return RunFile(run=cfg, membership=_section(doc, "membership", MembershipPolicy),
                    deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy),
-                   eval_every=eval_every, keep_results=keep, result=result_mode, aggregate_codec=aggregate_codec)
+                   eval_every=eval_every, keep_results=keep, result=result_mode, aggregate_codec=aggregate_codec,
+                   authority=dict(doc.get("authority", {})))
 
 
 def load_run_file(path: str | Path) -> RunFile:

@@ -1,5 +1,7 @@
 """``lowband status``: one look at a running coordinator (its read or join token when the run has one; TLS like a
-node's). Status carries no credential material: members are shown by name and public key id."""
+node's). Status carries no credential material: members are shown by name and public key id. With the recipe's
+``[recipe.reduce]`` on, each member's accountability (frames seen, clipped, rejected, norm ratio, cosine) and the
+members the run evicted."""
 from __future__ import annotations
 
 import json
@@ -47,6 +49,13 @@ def print_status(address: str, as_json: bool = False, read_token: str = "", tls:
     for m in s.members:
         print(f"{m.name:<20}{m.key_id:>18}{m.last_heartbeat_age_s:>9.1f} s{m.rounds_contributed:>8}{m.first_round:>7}"
               f"{m.bytes_in:>12,}{m.bytes_out:>12,}{_f(m.last_loss):>9}")
+    if any(m.frames_seen for m in s.members) or s.evicted:  # [recipe.reduce] on: accountability
+        print(f"{'member':<20}{'frames':>8}{'clipped':>9}{'rejected':>10}{'norm ratio':>12}{'cosine':>8}")
+        for m in s.members:
+            print(f"{m.name:<20}{m.frames_seen:>8}{m.frames_clipped:>9}{m.frames_rejected:>10}"
+                  f"{_f(m.norm_ratio, '.3g'):>12}{_f(m.cosine, '.2f'):>8}")
+        for e in s.evicted:
+            print(f"evicted: {e.name} at round {e.round}: {e.reason}")
     print(f"{'round':>6}{'members':>9}{'bytes in':>12}{'dur s':>8}{'loss':>9}{'val':>9}  reason")
     for r in s.recent_rounds[-10:]:
         print(f"{r.round:>6}{len(r.members):>9}{r.bytes_in:>12,}{r.duration_s:>8.2f}{_f(r.mean_loss):>9}"

@@ -1,6 +1,11 @@
 """The payload envelope: the only place where codec buffers become bytes and bytes become tensors.
 
-Frame: ``b"LBW1"`` + msgpack body + 8-byte BLAKE2b digest of the body. The body is a map
+Frame, unsigned: ``b"LBW1"`` + msgpack body + 8-byte BLAKE2b digest of the body.
+Frame, signed (a node with a key, node/identity.py): ``b"LBSF"`` + msgpack body + 64-byte ed25519 signature +
+8-byte BLAKE2b digest of (body + signature). The signature covers
+``signed_message("lowband/frame/v1", run id, round, sender, sha256(body))`` (node/keyring.py): who sent which bytes
+for which round of which run. The BLAKE2b digest only catches corruption in transit; the signature binds the frame
+to its sender. The body is the same in both, a map
 
     {"v": 1, "run": str, "round": int, "sender": str,
      "codec": str, "codec_v": int, "params": {...},
@@ -13,10 +18,12 @@ order, with no codec: they are small and are averaged (floating) or maxed (integ
 compressed (docs/algorithms.md, §10). A model without buffers sends no ``extra`` field, so its frames are byte for
 byte what they were before buffers travelled.
 
-``unpack`` checks everything against what the receiver expects — frame size, digest, msgpack limits,
-field types, run, round, codec and its parameters, tensor names and shapes, every buffer's exact length
-— *before* it allocates any tensor, then lets the codec check contents (finite values, index ranges).
-Every failure is a ``PayloadError`` whose message names the field.
+``unpack`` checks everything against what the receiver expects — frame size, digest, then (given a ``KeyRing``)
+the signature against the key registered for the sender, then msgpack limits, field types, run, round, sender, codec
+and its parameters, tensor names and shapes, every buffer's exact length — *before* it allocates any tensor, then lets
+the codec check contents (finite values, index ranges). Every failure is a ``PayloadError`` whose message names the
+field; a signature that verifies for another round, run or sender says so ("signed by 'w1' for round 6, replayed in
+round 7").
 """
 from __future__ import annotations
 
@@ -30,9 +37,12 @@ import torch
 
 from node.compress.base import Codec, Encoded, Shape
 from node.errors import PayloadError
+from node.identity import SIGNATURE_BYTES, NodeKey, verify
+from node.keyring import KeyRing, frame_message
 
 FORMAT_VERSION = 1
 MAGIC = b"LBW1"
+SIGNED_MAGIC = b"LBSF"  # 6 bits from MAGIC: no single bit flip turns one into the other
 DIGEST_BYTES = 8
 _FIELDS = {"v", "run", "round", "sender", "codec", "codec_v", "params", "tensors", "buffers"}
 _MAX_NAME = 256
@@ -95,8 +105,9 @@ def _raw(buf: torch.Tensor) -> bytes:
 
 
 def pack(run: str, round_: int, sender: str, codec: Codec, spec: ModelSpec, encoded: dict[str, Encoded],
-         extra_spec: ExtraSpecs = (), extra: dict[str, torch.Tensor] | None = None) -> bytes:
-    """Codec buffers of every tensor (and, for a model with buffers, each buffer's value) → one frame.
+         extra_spec: ExtraSpecs = (), extra: dict[str, torch.Tensor] | None = None, key: NodeKey | None = None) -> bytes:
+    """Codec buffers of every tensor (and, for a model with buffers, each buffer's value) → one frame, signed with
+    ``key`` when given (module doc).
 
     ``extra``: buffer name → tensor of exactly its ``ExtraSpec`` shape and dtype; required when ``extra_spec`` is
     not empty. Raises ValueError when a buffer does not match its spec (a caller's bug, caught before sending)."""
@@ -118,16 +129,20 @@ def pack(run: str, round_: int, sender: str, codec: Codec, spec: ModelSpec, enco
             entries.append([e.name, CODE_OF[e.dtype], list(e.shape), _raw(value)])
         body_map["extra"] = entries
     body = msgpack.packb(body_map, use_bin_type=True)
-    return MAGIC + body + _digest(body)
+    if key is None:
+        return MAGIC + body + _digest(body)
+    signature = key.sign(frame_message(run, round_, sender, hashlib.sha256(body).digest()))
+    return SIGNED_MAGIC + body + signature + _digest(body + signature)
 
 
 def expected_size(codec: Codec, spec: ModelSpec, run: str, sender: str, round_: int = 0,
-                  extra_spec: ExtraSpecs = ()) -> int:
-    """Exact frame size for this model (depends on name lengths, so computed by packing zeros)."""
+                  extra_spec: ExtraSpecs = (), signed: bool = False) -> int:
+    """Exact frame size for this model (depends on name lengths, so computed by packing zeros); ``signed``: with the
+    64-byte signature."""
     zeros = {t.name: {k: torch.zeros(b.numel, dtype=b.dtype) for k, b in codec.layout(t.shape).items()}
              for t in spec}
     extra = {e.name: torch.zeros(e.shape, dtype=e.dtype) for e in extra_spec}
-    return len(pack(run, round_, sender, codec, spec, zeros, extra_spec, extra))
+    return len(pack(run, round_, sender, codec, spec, zeros, extra_spec, extra)) + (SIGNATURE_BYTES if signed else 0)
 
 
 def max_frame_size(codec: Codec, spec: ModelSpec, extra_spec: ExtraSpecs = ()) -> int:
@@ -137,7 +152,7 @@ def max_frame_size(codec: Codec, spec: ModelSpec, extra_spec: ExtraSpecs = ()) -
     header = 1024 + 4 * _MAX_NAME + sum(len(t.name.encode()) + 16 + 10 * len(t.shape)
                                         + 16 * len(codec.layout(t.shape)) for t in spec)
     header += sum(len(e.name.encode()) + 32 + 10 * len(e.shape) for e in extra_spec)
-    return len(MAGIC) + payload + header + DIGEST_BYTES
+    return len(MAGIC) + payload + header + SIGNATURE_BYTES + DIGEST_BYTES
 
 
 def _need(cond: bool, message: str) -> None:
@@ -145,20 +160,84 @@ def _need(cond: bool, message: str) -> None:
         raise PayloadError(message)
 
 
-def _decode_body(data: bytes, limit: int, with_extra: bool = False) -> dict[str, Any]:
+def split(data: bytes, limit: int) -> tuple[bytes, bytes | None]:
+    """A frame's (body, signature or None for an unsigned frame), after checking its type, size, magic and digest.
+    Raises PayloadError."""
     _need(isinstance(data, (bytes, bytearray, memoryview)), f"payload must be bytes, got {type(data).__name__}")
     data = bytes(data)
     _need(len(data) <= limit, f"payload is {len(data)} bytes, more than the limit of {limit} for this model")
     _need(len(data) >= len(MAGIC) + DIGEST_BYTES + 1, f"payload is truncated ({len(data)} bytes)")
-    _need(data[:len(MAGIC)] == MAGIC, f"payload does not start with the lowband magic {MAGIC!r}")
-    body, digest = data[len(MAGIC):-DIGEST_BYTES], data[-DIGEST_BYTES:]
-    _need(_digest(body) == digest, "payload digest mismatch (truncated or corrupted in transit)")
+    magic, digest = data[:len(MAGIC)], data[-DIGEST_BYTES:]
+    _need(magic in (MAGIC, SIGNED_MAGIC), f"payload does not start with the lowband magic {MAGIC!r} (or the signed {SIGNED_MAGIC!r})")
+    if magic == MAGIC:
+        body = data[len(MAGIC):-DIGEST_BYTES]
+        _need(_digest(body) == digest, "payload digest mismatch (truncated or corrupted in transit)")
+        return body, None
+    _need(len(data) >= len(MAGIC) + SIGNATURE_BYTES + DIGEST_BYTES + 1, f"signed payload is truncated ({len(data)} bytes)")
+    signed = data[len(MAGIC):-DIGEST_BYTES]
+    _need(_digest(signed) == digest, "payload digest mismatch (truncated or corrupted in transit)")
+    return signed[:-SIGNATURE_BYTES], signed[-SIGNATURE_BYTES:]
+
+
+def _msgpack(body: bytes, limit: int) -> Any:
     try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
-                              max_bin_len=limit, max_str_len=64 * 1024, max_array_len=1 << 20,
-                              max_map_len=4096, max_ext_len=0)
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
+                               max_bin_len=limit, max_str_len=64 * 1024, max_array_len=1 << 20,
+                               max_map_len=4096, max_ext_len=0)
     except Exception as exc:  # msgpack raises many types; all mean "not an envelope"
         raise PayloadError(f"payload body is not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def _claims(body: bytes, limit: int) -> tuple[str, int, str] | None:
+    """(run, round, sender) as the body states them, or None when it does not (only to explain a failed signature)."""
+    try:
+        obj = _msgpack(body, limit)
+    except PayloadError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    run, round_, sender = obj.get("run"), obj.get("round"), obj.get("sender")
+    if isinstance(run, str) and _is_int(round_) and isinstance(sender, str):
+        return run, round_, sender
+    return None
+
+
+def verify_signature(body: bytes, signature: bytes | None, keys: KeyRing, run: str, round_: int | None,
+                     sender: str | None, limit: int) -> None:
+    """Check a frame's signature against the key ``keys`` holds for ``sender`` (the name the transport delivered
+    it under; None: the name the body states), over (``run``, ``round_``, sender, sha256(body)) — before the body is
+    decoded, except to explain a failure. Raises PayloadError saying why: not signed, no key for the sender, signed
+    for another run or round (a replay), signed by another member (a swapped sender), or not by this key at all
+    (wrong key, or the body changed after signing)."""
+    claims = _claims(body, limit) if sender is None or round_ is None else None
+    who = sender if sender is not None else (claims[2] if claims else None)
+    _need(who is not None, "payload names no sender: its signature cannot be checked")
+    _need(signature is not None, f"frame from {who!r} is not signed, and this run verifies every frame against its "
+                                 "sender's key")
+    assert signature is not None and who is not None
+    public = keys.get(who)
+    _need(public is not None, f"no key is registered for sender {who!r}: its frames cannot be verified")
+    assert public is not None
+    sha = hashlib.sha256(body).digest()
+    if round_ is not None and verify(public, signature, frame_message(run, round_, who, sha)):
+        return
+    claims = claims or _claims(body, limit)
+    if claims is not None and verify(public, signature, frame_message(*claims, sha)):
+        c_run, c_round, c_sender = claims
+        _need(c_run == run, f"frame signed by {who!r} for run {c_run!r} replayed in run {run!r}")
+        _need(round_ is None or c_round == round_,
+              f"frame signed by {who!r} for round {c_round} replayed in round {round_}")
+        _need(c_sender == who, f"frame signed by {who!r} names sender {c_sender!r}")
+        return
+    if claims is not None and claims[2] != who and claims[2] in keys \
+            and verify(keys[claims[2]], signature, frame_message(*claims, sha)):
+        raise PayloadError(f"frame signed by {keys.describe(claims[2])} arrived as {who!r}'s (a swapped sender)")
+    raise PayloadError(f"signature does not verify against the key registered for {keys.describe(who)} (another "
+                       "key signed it, or the frame changed after signing)")
+
+
+def _decode_body(body: bytes, limit: int, with_extra: bool = False) -> dict[str, Any]:
+    obj = _msgpack(body, limit)
     _need(isinstance(obj, dict), f"envelope must be a map, got {type(obj).__name__}")
     fields = _FIELDS | {"extra"} if with_extra else _FIELDS
     _need(set(obj) == fields, f"envelope fields are {sorted(map(str, obj))}, expected {sorted(fields)}")
@@ -179,11 +258,17 @@ def _same(got: Any, want: Any) -> bool:
 
 
 def unpack(data: bytes, codec: Codec, spec: ModelSpec, run: str, round_: int | None = None,
-           limit: int | None = None, extra_spec: ExtraSpecs = ()) -> Envelope:
+           limit: int | None = None, extra_spec: ExtraSpecs = (), *, sender: str | None = None,
+           keys: KeyRing | None = None) -> Envelope:
     """Validate a frame from outside against the expected run/round/codec/model (and buffers, ``extra_spec``); see
-    module doc. Raises PayloadError naming the field."""
+    module doc. ``sender``: the name the transport delivered it under (the body must name the same); ``keys``: verify
+    the signature against the key registered for the sender first (None: no signature is checked). Raises
+    PayloadError naming the field."""
     limit = max_frame_size(codec, spec, extra_spec) if limit is None else limit
-    obj = _decode_body(data, limit, bool(extra_spec))
+    body, signature = split(data, limit)
+    if keys is not None:
+        verify_signature(body, signature, keys, run, round_, sender, limit)
+    obj = _decode_body(body, limit, bool(extra_spec))
     _need(_is_int(obj["v"]) and obj["v"] == FORMAT_VERSION,
           f"envelope format version {obj['v']!r} is not supported (expected {FORMAT_VERSION})")
     _need(isinstance(obj["run"], str), "field 'run' must be a string")
@@ -193,6 +278,7 @@ def unpack(data: bytes, codec: Codec, spec: ModelSpec, run: str, round_: int | N
         _need(obj["round"] == round_, f"payload is for round {obj['round']}, expected round {round_}")
     _need(isinstance(obj["sender"], str) and 0 < len(obj["sender"]) <= _MAX_NAME,
           "field 'sender' must be a non-empty string of at most 256 characters")
+    _need(sender is None or obj["sender"] == sender, f"frame names sender {obj['sender']!r} but came from {sender!r}")
     _need(obj["codec"] == codec.name and _is_int(obj["codec_v"]) and obj["codec_v"] == codec.version,
           f"payload codec {obj['codec']!r} v{obj['codec_v']!r} differs from this run's {codec.name!r} v{codec.version}")
     _need(_same(obj["params"], codec.params()),

@@ -15,12 +15,15 @@ from node.bench.proctable import p2pd_processes
 from node.config import TaskConfig
 from node.recipes import make_run_config
 from node.train.simulate import build_task
+from node.identity import NodeKey
 from node.train.worker import Worker
 from node.transport.dht import DhtTransport
+from node.transport.dht_trust import RunTrust
 from node.transport.dht_faults import DhtFaults
 from node.transport.messages import RoundResult
 
 NAMES = ("w0", "w1", "w2")
+KEYS = {name: NodeKey.generate() for name in NAMES}  # each peer's identity: its DHT records and its frames
 ROUND_WAIT_S = 2.0
 NET: dict[str, Any] = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False,
                        "use_relay": False}
@@ -63,8 +66,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]
 
 
 def workers(setup: tuple[Any, Any]) -> list[Worker]:
+    """A worker per peer, signing its frames with the key its peer writes its DHT records with (``KEYS``)."""
     cfg, task = setup
-    return [Worker(n, cfg, task, shard=i, num_shards=len(NAMES)) for i, n in enumerate(NAMES)]
+    return [Worker(n, cfg, task, shard=i, num_shards=len(NAMES), key=KEYS[n]) for i, n in enumerate(NAMES)]
 
 
 @contextlib.contextmanager
@@ -78,7 +82,7 @@ def peers(run_id: str, *, round_wait_s: float = ROUND_WAIT_S, faults: Mapping[st
         for name in NAMES:
             boot = made[0].visible_maddrs() if made else []
             made.append(DhtTransport.create(run_id, name, boot, round_wait_s=round_wait_s, faults=faults.get(name),
-                                            **NET, **kw))
+                                            trust=RunTrust(run_id, KEYS[name], name), **NET, **kw))
         for t in made:
             t.join()
         yield made

@@ -24,7 +24,7 @@ from node.train.simulate import SimResult, simulate
 
 log = logging.getLogger(__name__)
 
-ALL_RECIPES = ("ddp", "diloco", "dsm", "sign", "dct", "dct-consistent", "demo")
+ALL_RECIPES = ("ddp", "diloco", "dsm", "sign", "sign-nesterov", "dct", "dct-consistent", "sparseloco", "demo")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(size="tiny", batch_size=8, workers=4, steps_per_worker=768, H=32, inner_lr=2e-3, evals=8),
+    # >= 100 outer rounds per recipe at H = 16 (192 rounds), about 45 minutes per recipe on 2 CPU cores
+    "standard": Profile(size="tiny", batch_size=8, workers=4, steps_per_worker=3072, H=16, inner_lr=2e-3, evals=16),
     "full": Profile(size="small", batch_size=16, workers=4, steps_per_worker=4096, H=64, inner_lr=1e-3, evals=16),
 }
 
@@ -63,16 +65,23 @@ def _run_recipe(recipe: str, prof: Profile, device: str, extra: dict[str, Any] |
 
 
 def _row(res: SimResult) -> dict[str, Any]:
-    d = res.to_dict()
-    d["bits_per_param_per_round"] = res.payload_bytes_per_round * 8 / res.params
+    return row_from_result(res.to_dict())
+
+
+def row_from_result(d: dict[str, Any]) -> dict[str, Any]:
+    """A table row from a simulation's result (``SimResult.to_dict()``, or the JSON ``lowband simulate --json``
+    writes): its fields, bits per parameter per round, and the evaluated points of its curve."""
+    d = dict(d)
+    d["bits_per_param_per_round"] = d["payload_bytes_per_round"] * 8 / d["params"]
     d["curve"] = [{"round": h["round"], "bytes_sent_per_worker": h["bytes_sent_per_worker"],
                    "tokens_per_worker": h["tokens_per_worker"], "val_loss": h["val_loss"]}
                   for h in d.pop("history") if h["val_loss"] is not None]
     return d
 
 
-def _markdown(rows: list[dict[str, Any]], prof: Profile, command: str) -> str:
+def _markdown(rows: list[dict[str, Any]], prof: Profile | str, command: str) -> str:
     base = next((r for r in rows if r["recipe"] == "diloco"), None)
+    base = base or next((r for r in rows if r["recipe"].startswith("diloco")), None)
     lines = [f"Profile: {prof}", f"Command: `{command}`", f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
              f"Python {platform.python_version()}", "",
              "| recipe | workers | H | rounds | tokens/worker | final val loss | Δ vs diloco (nats) | bytes sent/worker "
@@ -131,15 +140,21 @@ def run_quality_bench(profile: str, out: Path, recipes: list[str] | None = None,
     prof = PROFILES[profile]
     out.mkdir(parents=True, exist_ok=True)
     command = command or f"lowband bench quality --profile {profile} --out {out}"
-    rows = []
+    path = out / "results.json"
+    # a rerun with the same profile resumes: rows already measured are kept, not run again
+    rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
+    rows = [r for r in rows if r.get("profile") == profile]
     started = time.perf_counter()
     runs = [(r, {}) for r in (ALL_RECIPES if recipes is None else recipes)] + [parse_variant(v) for v in variants or []]
     for recipe, extra in runs:
+        label = f"{recipe}[{','.join(f'{k}={v}' for k, v in extra.items())}]" if extra else recipe
+        if any(r["recipe"] == label for r in rows):
+            log.info("bench quality: %s already in %s, kept", label, path)
+            continue
         log.info("bench quality: %s %s ...", recipe, extra or "")
         res = _run_recipe(recipe, prof, device, extra)
         row = _row(res)
-        if extra:
-            row["recipe"] = f"{recipe}[{','.join(f'{k}={v}' for k, v in extra.items())}]"
+        row["recipe"], row["profile"] = label, profile
         rows.append(row)
         log.info("bench quality: %s final val %.4f, %d bytes sent/worker, %.1f s", recipe, res.final_val_loss,
                  res.bytes_sent_per_worker, res.wall_s)
@@ -149,4 +164,24 @@ def run_quality_bench(profile: str, out: Path, recipes: list[str] | None = None,
     _plot(rows, out / "loss_vs_bytes.png")
     log.info("bench quality: done in %.1f s → %s", time.perf_counter() - started, out)
     print(_markdown(rows, prof, command))
+    return rows
+
+
+def collect_results(files: list[Path], out: Path, command: str = "") -> list[dict[str, Any]]:
+    """Table and plot from results ``lowband simulate --json`` wrote (a sweep run as separate commands): each
+    file's stem labels its row. Files holding ``{"skipped": ...}`` are left out."""
+    rows = []
+    for f in files:
+        d = json.loads(f.read_text())
+        if "skipped" in d:
+            continue
+        row = row_from_result(d)
+        row["recipe"] = f.stem
+        rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    command = command or f"lowband bench quality --collect {' '.join(map(str, files))} --out {out}"
+    write_atomic(out / "results.json", json.dumps(rows, indent=2))
+    write_atomic(out / "results.md", _markdown(rows, "results of separate `lowband simulate --json` runs", command))
+    _plot(rows, out / "loss_vs_bytes.png")
+    print(_markdown(rows, "collected", command))
     return rows

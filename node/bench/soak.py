@@ -120,6 +120,10 @@ class Soak:
         self.initial_peers = ""
         self.run_file = root / "run.toml"
         self.run_file.write_text(soak_run_file(cfg))
+        if cfg.mode == "dht":  # serverless runs are signed by their authority; open: the soak's nodes come and go
+            from node.transport.dht_authority import init_run
+
+            init_run(self.run_file, self.run_file, root / "authority.key", open_run=True)
         self.env = child_env()
 
     # -- processes ------------------------------------------------------------------------------------------

@@ -80,6 +80,29 @@ def check_floats(enc: Encoded, codec: str) -> None:
             raise PayloadError(f"{codec}: buffer {key!r} holds a magnitude above {MAX_MAGNITUDE:g}")
 
 
+def sorted0(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (shape ``(n, ...)``) sorted along dim 0, ascending: exact (the same values whatever the order of the
+    rows). Up to 16 rows by an odd-even transposition network of elementwise min/max (several times faster than
+    ``torch.sort`` across rows), beyond that by ``torch.sort``; both give the same tensor."""
+    n = x.shape[0]
+    if n > 16:
+        return x.sort(dim=0).values
+    rows = list(x.unbind(0))
+    for phase in range(n):
+        for j in range(phase % 2, n - 1, 2):
+            rows[j], rows[j + 1] = torch.minimum(rows[j], rows[j + 1]), torch.maximum(rows[j], rows[j + 1])
+    return torch.stack(rows) if rows else x.clone()
+
+
+def median0(x: torch.Tensor) -> torch.Tensor:
+    """The median over dim 0 of ``x`` (shape ``(n, ...)``, n ≥ 1) → shape ``(...)``, same dtype: the middle value of
+    the sorted column, or for even n the mean of the two middle ones. Sorting makes it exact and independent of the
+    order of the rows (every replica gets the same bits)."""
+    s = sorted0(x)
+    n = s.shape[0]
+    return s[n // 2].clone() if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
 class Codec(ABC):
     """Turns an fp32 tensor into buffers (``encode``), back (``decode``), and combines many (``reduce``)."""
 
@@ -126,6 +149,32 @@ class Codec(ABC):
         for enc in encs[1:]:
             total.add_(self.decode(enc, shape))
         return total.div_(len(encs))
+
+    def norm(self, enc: Encoded, shape: Shape) -> float:
+        """The L2 norm of what ``enc`` decodes to (fp64 arithmetic, returned as a Python float), computed in the
+        codec's own representation where that is cheaper than decoding. Used to bound one sender's influence
+        (node/robust/bounds.py). ``enc``'s contents must have been validated (finite)."""
+        return float(self.decode(enc, shape).double().square().sum().sqrt())
+
+    def dots(self, encs: Sequence[Encoded], shape: Shape, other: torch.Tensor) -> list[float]:
+        """⟨decode(enc), other⟩ for each payload (fp64 arithmetic, Python floats); ``other``: fp32 of ``shape``. For
+        reports (the cosine of a member's payload to the aggregate), not for decisions."""
+        wide = other.double()
+        return [float((self.decode(enc, shape).double() * wide).sum()) for enc in encs]
+
+    def scaled(self, enc: Encoded, shape: Shape, factor: float) -> Encoded:
+        """A payload that decodes to ``factor`` × what ``enc`` decodes to (0 ≤ factor ≤ 1: a clip), in the codec's
+        own representation: the float buffer(s) that carry magnitude multiplied by ``factor`` in fp32, everything
+        else shared with ``enc``. Such a payload is for ``reduce`` and ``decode`` only: its float buffers may be fp32
+        where the wire carries f16 or bf16, so it is never packed. ``factor`` 1 returns ``enc`` itself."""
+        if factor == 1.0:
+            return enc
+        return {key: (buf.to(torch.float32) * factor if key in self.magnitude_buffers(enc) else buf)
+                for key, buf in enc.items()}
+
+    def magnitude_buffers(self, enc: Encoded) -> tuple[str, ...]:
+        """The buffers whose values scale the decoded tensor linearly (what ``scaled`` multiplies)."""
+        raise NotImplementedError(f"codec {self.name!r} does not say which buffers carry magnitude")
 
     def nbytes(self, shape: Shape) -> int:
         """Exact payload bytes for one tensor (the byte formula)."""

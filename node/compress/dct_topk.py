@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from node.compress import dct
-from node.compress.base import WIRE_DTYPES, WIRE_LIMIT, BufferSpec, Codec, Encoded, Shape, numel_of, saturate
+from node.compress.base import (WIRE_DTYPES, WIRE_LIMIT, BufferSpec, Codec, Encoded, Shape, median0, numel_of,
+                                saturate)
 from node.compress.bitpack import index_width, pack_bools, pack_uints, packed_bits_nbytes, unpack_bools, unpack_uints
 from node.errors import ConfigError, PayloadError
 
@@ -125,14 +126,20 @@ class DctTopKCodec(Codec):
             vals = signs * enc["scales"].to(torch.float32).unsqueeze(1)
         return idx, vals
 
-    def _accumulate(self, encs: Sequence[Encoded], shape: Shape) -> tuple[torch.Tensor, torch.Tensor, dct.BlockPlan]:
-        """Sum of scattered coefficients and per-coefficient pick counts, both (nb, bs) fp32."""
+    def _accumulate(self, encs: Sequence[Encoded], shape: Shape, clip_ratio: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, dct.BlockPlan]:
+        """Sum of scattered coefficients and per-coefficient pick counts, both (nb, bs) fp32. ``clip_ratio``: every
+        value first clipped to ± clip_ratio × the median over payloads of its block's largest magnitude."""
         plan, kept, width = self._dims(shape)
         device = encs[0]["values"].device
         total = torch.zeros(plan.nblocks, plan.block_size, dtype=torch.float32, device=device)
         picks = torch.zeros_like(total)
-        for enc in encs:
-            idx, vals = self._sparse(enc, plan, kept, width)
+        sparse = [self._sparse(enc, plan, kept, width) for enc in encs]
+        if clip_ratio is not None:
+            limit = median0(torch.stack([vals.abs().amax(dim=1) for _, vals in sparse])) * clip_ratio  # (nb,)
+            limit = limit.unsqueeze(1)
+            sparse = [(idx, torch.minimum(torch.maximum(vals, -limit), limit)) for idx, vals in sparse]
+        for idx, vals in sparse:
             if idx is None:
                 total.add_(vals)
                 picks.add_(1.0)
@@ -158,6 +165,44 @@ class DctTopKCodec(Codec):
         else:
             total = total / len(encs)
         return dct.inverse(total, plan)
+
+    def clipped_selector_mean(self, encs: Sequence[Encoded], shape: Shape, ratio: float) -> torch.Tensor:
+        """Selector-mean after clipping every sent value to ± ``ratio`` × c_b, where c_b is the median over the
+        payloads of block b's largest magnitude (for even n the mean of the two middle ones): a sender that puts its
+        weight on a few coefficients — which selector-mean would keep at full value wherever nobody else picked
+        them — is cut to what a typical sender's largest coefficient is. fp32, ``shape``; lowband's variant of
+        DeMo's selector-mean (arXiv 2411.19870), docs/algorithms.md §11. Raises ValueError for no payloads."""
+        if not encs:
+            raise ValueError("reduce needs at least one payload")
+        if numel_of(shape) == 0:
+            return self.decode(encs[0], shape)
+        total, picks, plan = self._accumulate(encs, shape, clip_ratio=ratio)
+        return dct.inverse(total / picks.clamp_min(1.0), plan)
+
+    def norm(self, enc: Encoded, shape: Shape) -> float:
+        """‖decode‖₂ (fp64) as the norm of the sent coefficients: the transform is orthonormal (Parseval)."""
+        if numel_of(shape) == 0:
+            return 0.0
+        plan, kept, width = self._dims(shape)
+        _, vals = self._sparse(enc, plan, kept, width)
+        return float(vals.double().square().sum().sqrt())
+
+    def magnitude_buffers(self, enc: Encoded) -> tuple[str, ...]:
+        return ("scales",) if self.values in ("int8", "sign") else ("values",)
+
+    def dots(self, encs: Sequence[Encoded], shape: Shape, other: torch.Tensor) -> list[float]:
+        """In coefficient space: ⟨decode(enc), other⟩ = ⟨sent coefficients, DCT(other)⟩ (the transform is
+        orthonormal), so ``other`` is transformed once instead of every payload inverted."""
+        if numel_of(shape) == 0:
+            return [0.0 for _ in encs]
+        plan, kept, width = self._dims(shape)
+        coeffs = dct.forward(other.double(), plan)  # (nb, bs)
+        out = []
+        for enc in encs:
+            idx, vals = self._sparse(enc, plan, kept, width)
+            picked = coeffs if idx is None else coeffs.gather(1, idx)
+            out.append(float((vals.double() * picked).sum()))
+        return out
 
     def validate(self, enc: Encoded, shape: Shape) -> None:
         super().validate(enc, shape)

@@ -38,6 +38,13 @@ class DenseCodec(Codec):
     def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
         return enc["values"].to(torch.float32).reshape(shape)
 
+    def norm(self, enc: Encoded, shape: Shape) -> float:
+        """‖values‖₂ (fp64)."""
+        return float(enc["values"].double().square().sum().sqrt())
+
+    def magnitude_buffers(self, enc: Encoded) -> tuple[str, ...]:
+        return ("values",)
+
 
 class Bf16Codec(DenseCodec):
     name: ClassVar[str] = "bf16"

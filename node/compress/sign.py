@@ -91,12 +91,34 @@ class SignCodec(Codec):
     def reduce(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
         if self.reduce_mode == "mean":
             return super().reduce(encs, shape)
+        return self.vote(encs, shape)
+
+    def vote(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
+        """Majority vote: ``sign(Σ_i ±1_i) · (1/n) Σ_i s_i`` per element (scales averaged per chunk), ties → 0;
+        fp32, ``shape``. signSGD with majority vote: Bernstein et al., arXiv 1810.05291. Raises ValueError when
+        ``encs`` is empty."""
         if not encs:
             raise ValueError("reduce needs at least one payload")
         n = numel_of(shape)
         votes = sum(self._signs(e, n) for e in encs)  # (N,) in [-n, n]
         mean_scale = sum(e["scales"].to(torch.float32) for e in encs) / len(encs)  # (chunks,)
         return (torch.sign(votes) * self._per_element(mean_scale, n)).reshape(shape)
+
+    def norm(self, enc: Encoded, shape: Shape) -> float:
+        """‖decode‖₂ = sqrt(Σ_chunks s_c² · len_c) (fp64), from the scales alone."""
+        n = numel_of(shape)
+        scales = enc["scales"].double()
+        if n == 0:
+            return 0.0
+        if self.block == 0:
+            lengths = torch.tensor([float(n)], dtype=torch.float64)
+        else:
+            lengths = torch.full((scales.numel(),), float(self.block), dtype=torch.float64)
+            lengths[-1] = float(n - self.block * (scales.numel() - 1))
+        return float((scales.square() * lengths).sum().sqrt())
+
+    def magnitude_buffers(self, enc: Encoded) -> tuple[str, ...]:
+        return ("scales",)
 
     def validate(self, enc: Encoded, shape: Shape) -> None:
         super().validate(enc, shape)

@@ -178,6 +178,14 @@ class SparseTopKCodec(Codec):
         out.index_put_((positions,), values)
         return out.reshape(shape)
 
+    def norm(self, enc: Encoded, shape: Shape) -> float:
+        """‖decode‖₂ (fp64) over the kept entries."""
+        _, values = self._sparse(enc, numel_of(shape))
+        return float(values.double().square().sum().sqrt())
+
+    def magnitude_buffers(self, enc: Encoded) -> tuple[str, ...]:
+        return ("levels", "shift")  # a value is level[code] + shift: both scale with it
+
     def reduce(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
         if not encs:
             raise ValueError("reduce needs at least one payload")

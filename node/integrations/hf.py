@@ -15,7 +15,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from node.api import Session, join
-from node.engine import RoundReport
+from node.round_report import RoundReport
 
 
 class LowbandCallback(TrainerCallback):

@@ -10,9 +10,17 @@ sender's buffer values, and a committed round sets the reference buffers to thei
 (floating buffers, accumulated in fp64 in sender order) or their elementwise max (integer and bool buffers).
 They join the fingerprint and the state; docs/algorithms.md, §10.
 
+With a recipe's ``reduce`` not at its default (docs/algorithms.md §11), ``reduce`` bounds each sender's payload and
+combines them robustly (node/robust/), returning an accountability report with the aggregate; the history those
+bounds keep and each member's record (eviction) are part of the reference (``robust``), committed by ``step`` and
+carried in the state. With ``reduce`` at its default none of that runs: the codec's reduce, exactly as before.
+
+Frames are verified against their senders' keys when ``unpack`` is given a ``KeyRing`` (node/keyring.py).
+
 The state (``to_bytes``, ``load_bytes``) is a safetensors file with a JSON header (node/train/state_file.py;
 docs/state.md): ``param/<name>`` (θ_ref, fp32), ``buffer/<name>`` (own dtype), ``outer/<name>/<key>`` and
-``outer.extra/<key>`` (the outer optimizer's state, e.g. the randomized sign's generator).
+``outer.extra/<key>`` (the outer optimizer's state, e.g. the randomized sign's generator), ``robust/history`` (F64,
+with ``reduce`` on).
 """
 from __future__ import annotations
 
@@ -27,7 +35,11 @@ from node import wire
 from node.compress import make_codec
 from node.config import RunConfig, diff_configs
 from node.errors import ConfigError, PayloadError
+from node.keyring import KeyRing
 from node.outer import is_replica_consistent, make_outer
+from node.robust.pipeline import reduce_round
+from node.robust.report import RoundReport
+from node.robust.state import HISTORY_KEY, RobustState, RobustStateError
 from node.train import state_file, tensors as model_tensors
 from node.train.schedule import round_inner_lr
 from node.train.state_file import StateFile, StateFormatError
@@ -49,11 +61,15 @@ model_digest = model_tensors.model_digest  # re-exported: callers that hash a sp
 
 class Aggregate(list):
     """A round's outcome to apply: the fp32 aggregate per trainable tensor (this list, in model order) and
-    ``buffers``, the agreed value of each buffer (model order, own dtype; empty for a model without buffers)."""
+    ``buffers``, the agreed value of each buffer (model order, own dtype; empty for a model without buffers).
+    With ``reduce`` on, ``report`` (what the bounds did to each member's frame) and ``robust`` (the robust state after
+    the round, which ``Reference.step`` commits); both None otherwise."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor] = ()) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor] = (),
+                 report: RoundReport | None = None, robust: RobustState | None = None) -> None:
         super().__init__(tensors)
         self.buffers = list(buffers)
+        self.report, self.robust = report, robust
 
 
 class Reference:
@@ -87,6 +103,9 @@ class Reference:
         self.outer = make_outer(recipe.outer.name, list(zip(self.names, self.tensors)), recipe.outer.lr,
                                 dict(recipe.outer.params))
         self.committed_rounds = 0  # rounds applied so far; the next round to apply has this number
+        #: bounds' history and members' records (node/robust/state.py); None with ``reduce`` at its default
+        self.robust = RobustState.fresh(len(self.names)) if recipe.reduce.enabled else None
+        self.last_report: RoundReport | None = None  # the report of the last round ``step`` applied from frames
 
     @classmethod
     def for_model(cls, cfg: RunConfig, model: nn.Module, device: str | torch.device = "cpu") -> "Reference":
@@ -105,26 +124,34 @@ class Reference:
         r, total = self.cfg.recipe, self.cfg.total_inner_steps
         return round_inner_lr(r.inner.lr, r.inner.warmup_steps, total, r.inner.min_lr_ratio, r.H, round_)
 
-    def unpack(self, frames: dict[str, bytes], round_: int) -> tuple[list[wire.Envelope], dict[str, str]]:
-        """Validate every member's frame (sorted by sender); invalid ones are dropped with a reason.
+    def unpack(self, frames: dict[str, bytes], round_: int, keys: KeyRing | None = None
+               ) -> tuple[list[wire.Envelope], dict[str, str]]:
+        """Validate every member's frame (sorted by sender); invalid ones are dropped with a reason. ``keys``: verify
+        each frame's signature against the key registered for its sender first (``wire.unpack``); None: no
+        signature is checked.
 
-        Validation is deterministic, so every replica drops the same frames and stays identical.
+        Validation is deterministic, so every replica given the same keys drops the same frames and stays identical.
         """
         good, rejected = [], {}
         for sender, frame in sorted(frames.items()):
             try:
-                env = wire.unpack(frame, self.codec, self.spec, self.cfg.run_id, round_, extra_spec=self.buffer_spec)
-                if env.sender != sender:
-                    raise PayloadError(f"frame names sender {env.sender!r} but came from {sender!r}")
-                good.append(env)
+                good.append(wire.unpack(frame, self.codec, self.spec, self.cfg.run_id, round_,
+                                        extra_spec=self.buffer_spec, sender=sender, keys=keys))
             except PayloadError as exc:
                 rejected[sender] = str(exc)
         return good, rejected
 
     def reduce(self, envelopes: Sequence[wire.Envelope]) -> Aggregate:
-        """The codec's reduce of the envelopes (sorted by sender), per tensor, fp32; and the buffers' agreed values."""
+        """The codec's reduce of the envelopes (sorted by sender), per tensor, fp32; and the buffers' agreed values.
+        With ``reduce`` on: bounded and robust (node/robust/pipeline.py), with the round's report and the next robust
+        state; the buffers are those of the frames that entered the aggregate (none: the reference's own)."""
         assert envelopes, "reduce() needs at least one payload"
         assert [e.sender for e in envelopes] == sorted(e.sender for e in envelopes), "reduce order must be sorted"
+        if self.robust is not None:
+            outcome = reduce_round(self.codec, self.names, [tuple(t.shape) for t in self.tensors], envelopes,
+                                   self.robust, self.cfg.recipe.reduce, envelopes[0].round, self.device)
+            buffers = self.reduce_buffers(outcome.kept) if outcome.kept else [b.clone() for b in self.buffers]
+            return Aggregate(outcome.tensors, buffers, outcome.report, outcome.state)
         out = []
         for name, ref in zip(self.names, self.tensors):
             encs = [{k: v.to(self.device) for k, v in e.tensors[name].items()} for e in envelopes]
@@ -179,6 +206,10 @@ class Reference:
         buffers = getattr(aggregate, "buffers", None)
         if buffers:
             model_tensors.assign(self.buffers, buffers)
+        robust = getattr(aggregate, "robust", None)
+        if robust is not None and self.robust is not None:
+            self.robust = robust
+        self.last_report = getattr(aggregate, "report", None)
         self.committed_rounds = round_ + 1
 
     # -- aggregate results (coordinator-side reduce) ------------------------------------------------
@@ -200,7 +231,7 @@ class Reference:
         frame = wire.pack(self.cfg.run_id, round_, AGGREGATE_SENDER, codec, self.spec, encoded, self.buffer_spec,
                           dict(zip(self.buffer_names, buffers)))
         decoded = [codec.decode(encoded[n], tuple(a.shape)) for n, a in zip(self.names, aggregate)]
-        return frame, Aggregate(decoded, buffers)
+        return frame, Aggregate(decoded, buffers, getattr(aggregate, "report", None), getattr(aggregate, "robust", None))
 
     def unpack_aggregate(self, frame: bytes, round_: int, codec_name: str) -> Aggregate:
         """Validate an aggregate frame; raises PayloadError."""
@@ -228,6 +259,9 @@ class Reference:
                   "outer": {"name": self.cfg.recipe.outer.name, **outer_header}}
         tensors = {f"param/{n}": t.detach().clone() for n, t in zip(self.names, self.tensors)}
         tensors |= {f"buffer/{n}": b.detach().clone() for n, b in zip(self.buffer_names, self.buffers)}
+        if self.robust is not None:
+            header["robust"] = self.robust.header()
+            tensors |= self.robust.tensors()
         return header, tensors | outer_tensors
 
     def to_bytes(self) -> bytes:
@@ -272,12 +306,22 @@ class Reference:
             raise StateFormatError(f"fingerprint {fingerprint!r} is not 16 hex characters")
         expected = {f"param/{n}": (torch.float32, tuple(t.shape)) for n, t in zip(self.names, self.tensors)}
         expected |= {f"buffer/{s.name}": (s.dtype, s.shape) for s in self.buffer_spec}
+        if self.robust is not None:
+            expected[HISTORY_KEY] = (torch.float64, (len(self.names),))
+        elif "robust" in h:
+            raise StateFormatError("state holds a 'robust' section but this recipe's reduce is the default")
         stray = [k for k in sf.entries if k not in expected and not k.startswith(("outer/", "outer.extra/") + others)]
         if stray:
             raise StateFormatError(f"state holds tensors this model does not have: {sorted(stray)[:3]}")
         for key, (dtype, shape) in expected.items():
             sf.expect(key, dtype, shape)
         values = {k: state_file.check_finite(sf, k, sf.tensor(k)) for k in expected}
+        robust = None
+        if self.robust is not None:
+            try:
+                robust = RobustState.from_state(h.get("robust"), values[HISTORY_KEY], len(self.names))
+            except RobustStateError as exc:
+                raise StateFormatError(str(exc)) from None
         saved = ([t.clone() for t in self.tensors], [b.clone() for b in self.buffers], self.outer.state_dict(),
                  self.committed_rounds)
         try:
@@ -287,6 +331,8 @@ class Reference:
             self.committed_rounds = committed
             if self.fingerprint() != fingerprint:
                 raise StateFormatError("state fingerprint mismatch after loading (corrupted state)")
+            if robust is not None:
+                self.robust = robust
         except BaseException:
             model_tensors.assign(self.tensors, saved[0])
             model_tensors.assign(self.buffers, saved[1])

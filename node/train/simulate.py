@@ -2,18 +2,21 @@
 
 Workers run their inner loops one after another (a 2-core box gains nothing from threads), submit
 through an ``InProcessHub``, then each collects and applies the round. Bytes are exactly what a relay
-all-gather moves: each worker sends its frame once and receives every other member's frame.
+all-gather moves: each worker sends its frame once and receives every other member's frame. Every worker has a key
+of its own and signs its frames; every worker verifies every frame (``signed=False``: unsigned frames, nothing
+verified). With a recipe's ``reduce`` on, each round's record carries the accountability report (``robust``).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from node.config import RunConfig
+from node.identity import NodeKey
 from node.tasks import Task, load_task
-from node.train.worker import Worker
+from node.train.worker import Transform, Worker
 from node.transport.messages import RoundResult
 from node.transport.inprocess import InProcessHub
 
@@ -31,6 +34,7 @@ class RoundRecord:
     tokens_per_worker: int  # cumulative
     val_loss: float | None = None
     replicas_identical: bool | None = None
+    robust: dict[str, Any] | None = None  # the round's accountability report (RoundReport.to_json), reduce on
 
 
 @dataclass
@@ -70,14 +74,23 @@ def evaluate(workers: list[Worker], task: Task) -> tuple[float, bool]:
 
 
 def simulate(cfg: RunConfig, task: Task | None = None, device: str = "cpu", eval_every: int = 0,
-             on_round: Callable[[RoundRecord], None] | None = None) -> SimResult:
-    """Run ``cfg.rounds`` rounds with ``cfg.workers`` workers; evaluate every ``eval_every`` rounds and at the end."""
+             on_round: Callable[[RoundRecord], None] | None = None, *, signed: bool = True,
+             transforms: Mapping[str, Transform] | None = None,
+             on_workers: Callable[[list[Worker]], None] | None = None) -> SimResult:
+    """Run ``cfg.rounds`` rounds with ``cfg.workers`` workers (named ``w0`` … ``w{n-1}``, trained and prepared in that
+    order every round); evaluate every ``eval_every`` rounds and at the end. ``transforms``: worker name → what it does
+    to its pseudo-gradient before encoding (``Worker.prepare``; the Byzantine benchmark's attackers, which it puts
+    last so they see the others' updates of the round); ``on_workers``: called once with the workers, built."""
     start = time.perf_counter()
     task = task or build_task(cfg)
     n = cfg.workers
-    workers = [Worker(f"w{i}", cfg, task, shard=i, num_shards=n, device=device) for i in range(n)]
+    workers = [Worker(f"w{i}", cfg, task, shard=i, num_shards=n, device=device,
+                      key=NodeKey.generate() if signed else None) for i in range(n)]
+    if on_workers is not None:
+        on_workers(workers)
     hub = InProcessHub(min_members=1)
-    links = [hub.connect(w.name) for w in workers]
+    links = [hub.connect(w.name, w.key.public if w.key is not None else b"") for w in workers]
+    transforms = transforms or {}
     sent = received = tokens = 0
     history: list[RoundRecord] = []
     val = float("nan")
@@ -90,7 +103,7 @@ def simulate(cfg: RunConfig, task: Task | None = None, device: str = "cpu", eval
             lrs.append(stats.last_lr)
             if w.name in held:
                 w.apply(held.pop(w.name))
-            link.submit(r, w.prepare(r))
+            link.submit(r, w.prepare(r, transform=transforms.get(w.name)))
         round_sent = round_received = 0
         members = 0
         for w, link in zip(workers, links):
@@ -110,6 +123,8 @@ def simulate(cfg: RunConfig, task: Task | None = None, device: str = "cpu", eval
         received += round_received // n
         tokens += cfg.recipe.H * task.tokens_per_batch
         rec = RoundRecord(r, members, sum(losses) / n, lrs[0], sent, received, tokens)
+        report = workers[0].reference.last_report
+        rec.robust = report.to_json() if report is not None and report.round == r else None
         last = r == cfg.rounds - 1
         if last or (eval_every and (r + 1) % eval_every == 0):
             val, identical = evaluate(workers, task)

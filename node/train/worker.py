@@ -32,6 +32,11 @@ Buffers (docs/algorithms.md, §10) ride along: each frame carries the sender's b
 reference buffers to their agreed value (mean or max) and the model takes them like θ_ref — or, with overlap,
 shifts by (agreed − what it sent), as parameters do.
 
+Signed frames and bounds: a worker with a key (node/identity.py) signs its frames, and verifies the others' when the
+round's result carries the members' keys (``RoundResult.member_keys``). With a recipe's ``reduce`` on, the round's
+report says what the bounds did to each frame: a frame of ours the bounds rejected counts as not taken (all of u stays
+in the residual), a clipped one as taken at its clip factor (e ← u − f·decode(sent), per tensor).
+
 Poisoned local state: a worker whose Δ, fp32 masters, inner moments or buffers hold NaN/inf at prepare time (inner
 steps with a non-finite loss or gradient are skipped before that, node/train/inner.py) resets its local state from
 θ_ref (fresh inner moments) and sends Δ = 0 for that round — its frame stays valid, so it stays in the round, and
@@ -51,6 +56,8 @@ from node import wire
 from node.compress import make_feedback
 from node.config import RunConfig
 from node.errors import PayloadError
+from node.identity import NodeKey
+from node.keyring import KeyRing
 from node.tasks.base import Task, build_seeded
 from node.train import tensors as model_tensors
 from node.train.inner import InnerLoop, InnerStats
@@ -88,6 +95,11 @@ class ApplyReport:
     rejected: dict[str, str]  # sender → reason
 
 
+#: what a worker may do to its pseudo-gradient before error feedback and the codec (``prepare``): per tensor, model
+#: order, fp32 → same shapes. Honest workers pass none; the Byzantine benchmark's attackers do (node/bench/attacks.py)
+Transform = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
 class Worker:
     """One worker: a model, its inner loop, error feedback and its replica of the reference.
 
@@ -95,14 +107,15 @@ class Worker:
     codec that needs error feedback this recipe lacks (``Reference``)."""
 
     def __init__(self, name: str, cfg: RunConfig, task: Task, shard: int, num_shards: int,
-                 device: torch.device | str = "cpu", reference_device: torch.device | str = "cpu", *,
-                 model: torch.nn.Module | None = None, inner: InnerFactory | None = None,
-                 local: LocalGroup | None = None) -> None:
-        """``model``: train this model instead of building the task's (the Python API: the user's model, which must
+                 device: torch.device | str = "cpu", reference_device: torch.device | str = "cpu",
+                 key: NodeKey | None = None, *, model: torch.nn.Module | None = None,
+                 inner: InnerFactory | None = None, local: LocalGroup | None = None) -> None:
+        """``key``: signs every frame (None: unsigned frames, which only runs that verify nothing accept).
+        ``model``: train this model instead of building the task's (the Python API: the user's model, which must
         already hold the run's initial values; it stays on its device). ``inner``: what takes the inner steps, given
         (model, trainable (name, parameter) pairs, live buffers) — by default the task-driven ``InnerLoop``.
         ``local``: the node's local process group (a multi-process node: DDP, this rank's part of the shard)."""
-        self.name, self.cfg, self.task = name, cfg, task
+        self.name, self.cfg, self.task, self.key = name, cfg, task, key
         self.shard, self.num_shards = shard, num_shards
         recipe = cfg.recipe
         if model is None:
@@ -176,16 +189,16 @@ class Worker:
         self.inner.reset_optimizer()
         self.load_reference_into_model()
 
-    def prepare(self, round_: int, inner_lr: float | None = None) -> bytes:
-        """Encode this round's update (η_t defaults to the round's scheduled lr); returns the frame, which is always
-        valid: a poisoned local state is reset first (Δ = 0 this round), a non-finite residual dropped, every value
-        brought into the codec's range."""
-        if inner_lr is None:
-            inner_lr = self.inner.payload_lr()  # the user's optimizer's lr (API), or None: the run's schedule
-        eta = self.reference.inner_lr(round_) if inner_lr is None else inner_lr
-        scale = {"unit": 1.0, "inverse_inner_lr": 1.0 / eta, "inner_lr": eta}[self.cfg.recipe.payload_scale]
+    def prepare(self, round_: int, inner_lr: float | None = None, transform: Transform | None = None) -> bytes:
+        """Encode this round's update (η_t defaults to the round's scheduled lr); returns the frame, signed with the
+        worker's key, which is always valid: a poisoned local state is reset first (Δ = 0 this round), a non-finite
+        residual dropped, every value brought into the codec's range. ``transform``: applied to the scaled
+        pseudo-gradient x (per tensor) before error feedback; its output must be finite (the Byzantine benchmark)."""
+        scale = self.payload_scale(round_, inner_lr)
         deltas = self._pseudo_gradients()
         xs = [delta * scale if scale != 1.0 else delta for delta in deltas]
+        if transform is not None:
+            xs = [x.to(torch.float32) for x in transform(xs)]
         reset = self._poisoned(xs) or ""  # x, not Δ: a finite Δ divided by a small η_t can still overflow
         if reset:
             self.reset_local(reset)
@@ -208,9 +221,18 @@ class Worker:
             self._note_saturation(name, encoded[name])
         sent = [b.detach().to(self.reference.device).clone() for b in self.buffers]
         frame = wire.pack(self.cfg.run_id, round_, self.name, self.codec, self.spec, encoded,
-                          self.reference.buffer_spec, dict(zip(self.reference.buffer_names, sent)))
+                          self.reference.buffer_spec, dict(zip(self.reference.buffer_names, sent)), key=self.key)
         self.pending = Pending(round_, deltas, wanted, encoded, frame, sent, reset)
         return frame
+
+    def payload_scale(self, round_: int, inner_lr: float | None = None) -> float:
+        """What multiplies Δ before error feedback in round ``round_`` (``recipe.payload_scale``: 1, 1/η_t or η_t; η_t
+        the round's scheduled lr unless ``inner_lr`` is given, or the user's optimizer's lr for the Python API's inner
+        loop, ``InnerLoop.payload_lr``)."""
+        if inner_lr is None:
+            inner_lr = self.inner.payload_lr()
+        eta = self.reference.inner_lr(round_) if inner_lr is None else inner_lr
+        return {"unit": 1.0, "inverse_inner_lr": 1.0 / eta, "inner_lr": eta}[self.cfg.recipe.payload_scale]
 
     def _note_saturation(self, name: str, enc: dict[str, torch.Tensor]) -> None:
         """Say once per tensor when an f16 wire value hit ±65504 (the rest stays in error feedback)."""
@@ -232,7 +254,7 @@ class Worker:
                 log.error("[node=%s round=%d] rejected the aggregate: %s", self.name, result.round, exc)
                 return None, (), {"coordinator": str(exc)}
             return aggregate, tuple(result.aggregate_members), {}
-        envelopes, rejected = self.reference.unpack(result.payloads, result.round)
+        envelopes, rejected = self.reference.unpack(result.payloads, result.round, KeyRing.of(result.member_keys))
         if not envelopes:
             return None, (), rejected
         return self.reference.reduce(envelopes), tuple(e.sender for e in envelopes), rejected
@@ -251,11 +273,16 @@ class Worker:
                 log.warning("[node=%s round=%d] rejected payload from %s: %s", self.name, result.round, sender, reason)
         if aggregate is None:
             return ApplyReport(False, False, (), rejected)
-        contributed = self.name in members
+        report = aggregate.report
+        contributed = self.name in members and (report is None or self.name in report.factors)
+        factors = report.factors.get(self.name) if report is not None else None
         before = self._snapshot() if self.cfg.recipe.overlap else None
-        for name, u, enc in zip(self.names, pending.wanted, pending.encoded.values()):
+        for t, (name, u, enc) in enumerate(zip(self.names, pending.wanted, pending.encoded.values())):
             if contributed:
-                self.feedback.commit(name, u, self.codec.decode(enc, tuple(u.shape)))
+                shape = tuple(u.shape)
+                f = 1.0 if factors is None else factors[t]
+                self.feedback.commit(name, u, self.codec.decode(enc if f == 1.0 else self.codec.scaled(enc, shape, f),
+                                                                shape))
             else:
                 self.feedback.keep(name, u)
         residuals = [self.feedback.residuals.get(n, torch.zeros_like(r)) for n, r in zip(self.names, self.ref)]
@@ -338,7 +365,7 @@ class Worker:
     def payload_bytes(self) -> int:
         """Exact frame size of this worker's payload (the byte formula + envelope)."""
         return wire.expected_size(self.codec, self.spec, self.cfg.run_id, self.name,
-                                  extra_spec=self.reference.buffer_spec)
+                                  extra_spec=self.reference.buffer_spec, signed=self.key is not None)
 
     def adopt_global_state(self, blob: bytes) -> None:
         """Take the run's reference state (a joiner, or a replica whose fingerprint diverged). Raises ValueError

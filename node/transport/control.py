@@ -42,6 +42,8 @@ class Identity:
     model_digest: str
     capabilities: tuple[str, ...] = ()
     join_token: str = ""
+    #: the node's ed25519 public key (node/identity.py), which signs its frames; b"" for a node without one
+    public_key: bytes = b""
 
 
 @dataclass(frozen=True)

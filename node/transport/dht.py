@@ -1,61 +1,46 @@
 """Serverless transport: leaderless rounds over hivemind's DHT, frames pulled peer to peer over its libp2p streams.
 
-Keys (all values msgpack, every record expires):
+Keys (values msgpack; every record expires, is stored under its writer's key and signed, ``dht_signing``, and is
+read only if a member of the run wrote it, ``dht_trust``; membership records are in ``dht_members``):
 
-- ``{run}/peers``          subkey=name → (peer_id, live, from_round)   heartbeat, refreshed every ``heartbeat_s``,
-  ttl 3×; a peer is waited for in the rounds from ``from_round`` on (a joiner is not, while it fetches state)
-- ``{run}/round/{r}``       subkey=name → (peer_id, size, sha256, reference fingerprint)   "I submitted this frame
-  for round r, computed from this reference" (a retry of the round announces its new frame under the same subkey)
-- ``{run}/round/{r}/have``  subkey=name → ([sender, sha256] pairs this peer fetched and verified, the senders it
-  took into the round)
-- ``{run}/round/{r}/done``  subkey=name → (peer_id, fingerprint, published_at, committed, pairs)   the outcome
-  this peer applied
+- ``{run}/round/{r}``       by sender: (peer_id, size, sha256, reference fingerprint)   "I submitted this frame for
+  round r, computed from this reference" (a retry of the round announces its new frame under the same key)
+- ``{run}/round/{r}/have``  by member: ([sender, sha256] pairs this peer fetched and verified, the senders it took
+  into the round)
+- ``{run}/round/{r}/done``  by member: (peer_id, fingerprint, published_at, committed, pairs, confirmed)   the
+  outcome this peer applied, and the members whose have-lists gave it
 
 Frames are named by (sender, sha256), never by sender alone (``dht_frames``): a peer that retries a round submits
 a new frame while the others may already have committed its first one, and every peer serves every frame it holds.
 
-A round, as every peer runs it in ``collect`` (every rule below is a pure function in ``dht_agreement``, where
-each is explained; this module reads and writes the records, moves the frames and calls them):
+A round, as every peer runs it in ``collect`` (every rule is a pure function in ``dht_agreement`` or ``dht_quorum``,
+where each is explained; this module reads and writes the records, moves the frames and calls them):
 
 1. close (``close_group``, ``close_wait``, then ``same_reference``): wait until every live peer (and every joiner
-   this peer just gave the state of this round) announced, or the round's wait after the first announcement this
-   peer saw (bounded by ``timeout_s``); the group G = the announcements read then. The wait adapts as in the
-   coordinator (``node.membership.round_wait``: clamp(margin × quantile of this peer's recent first-to-last
-   announcement spreads)) when a ``DeadlinePolicy`` is given, else it is the fixed ``round_wait_s``.
-   Members whose announced reference differs from ours are left out; if another reference is held by more
-   members, ours is the diverged one and the result says ``state_needed`` (the daemon fetches the state).
-2. decided already (``choose_outcome``)? If a peer with our reference published a committed outcome, that *is*
-   the round: adopt it (step 5). This is how a peer that retries the round, arrives late, or only observes gets
-   the same result.
-3. fetch and agree (``take_late``, ``agree_step``, ``agreed_set``): pull every member's announced frame by its
-   sha256 (a stream must keep moving, ``fetch_timeout_s`` per step: a large frame on a slow link takes what it
-   takes, a stalled one fails); publish ``have``; wait (≤ ``agree_wait_s``) until every member of G published a
-   have-list over all of G (or an outcome, then step 5). A sender in another member's group but not in ours (it
-   announced after we closed, or its join record reached that member first) is taken in: its frame fetched, our
-   list published again. The set is (what I hold) ∩ (every have-list received) restricted to the members that
-   published one. A frame any member tried and failed to get is dropped by everyone who reads that member's list.
-4. publish the outcome (committed only with ≥ ``min_members`` frames, else a "not committed" record so no one
-   waits for us), then settle (``settle_step``): wait (≤ ``settle_s``) for the outcomes of the other members. The
-   earliest published committed outcome (ties: the publisher's name) is the round's, for everyone that reads it —
-   members whose have-list reads raced at a deadline find out here and all apply the same set.
-5. adopt (``adopt_sources``): commit exactly that outcome's frames, fetching any we lack from their senders or from
-   the peers that published the outcome; if none can serve one, ``state_needed``.
+   this peer just gave the state of this round) announced, or the round's wait after the first announcement (fixed,
+   or adaptive as in the coordinator, ``node.membership.round_wait``), bounded by ``timeout_s``; with fewer than
+   ``min_members`` announcements the round stays open (as a coordinator keeps it), and a peer that finds the run a
+   round ahead meanwhile leaves it to fetch the state. Members whose reference differs from ours are left out; if
+   another reference is held by more members, ours is the diverged one (``state_needed``).
+2. decided already (``supported_outcomes``, ``choose_outcome``)? A committed outcome from our reference that its
+   members' have-lists support *is* the round: adopt it (step 5) — a retry, a late peer or an observer gets the same.
+3. fetch and agree (``take_late``, ``agree_step``, ``agreed_set``): pull every member's frame by its sha256 (each
+   stream step within ``fetch_timeout_s``), publish ``have``, wait (≤ ``agree_wait_s``) for every member's list over
+   the whole group (or a supported outcome, then step 5), taking in senders another member's group holds. The set is
+   (what I hold) ∩ (every have-list received), from the senders that listed; it commits with at least
+   ``min_members`` frames and lists from more than half of the voters (the group's live members).
+4. publish the outcome (or a "not committed" record, so no one waits for us) and settle (``settle_step``, ≤
+   ``settle_s``): the earliest published supported outcome (ties: the publisher's name) is the round's.
+5. adopt (``adopt_sources``): commit exactly that outcome's frames, from their senders or any publisher of it.
 
-Limits, stated plainly:
-- Not Byzantine-fault tolerant: a peer can lie in its have-list or outcome; peers are trusted to run this code.
-  sha256 only catches corruption / mismatched serving.
-- Two members that publish different outcomes, each without seeing the other's within ``settle_s``, keep them;
-  that needs a have-list race at the agree deadline *and* a stall of one of them through the settle wait. The
-  minority then sees it in the next round's announcements (the reference fingerprints differ) and fetches the
-  state.
-- A latecomer that announced after every member closed is left out; one that some member took in is taken in
-  by all that read that member's list within the agree wait.
-- State for joiners is served by the peers themselves (``dht_state.StateShare``: chunked, multi-donor).
-- Leave is announced by a (peer, False) record; hivemind cannot shorten a record's expiration.
+Limits, stated plainly: one member can still send a harmful but well-formed frame (robust aggregation is not
+implemented), and can leave an outcome undecided by withholding its lists; it cannot make the others apply an
+outcome that a quorum's signed lists do not give, nor write in another's name. Two members that publish different
+supported outcomes without seeing each other's within ``settle_s`` keep them; the minority sees it in the next
+round's announcements (the reference fingerprints differ) and fetches the state.
 
-Waits: the round's close, agree and settle waits and the poll interval are decided on an injected clock
-(``node.clock``; production ``SYSTEM_CLOCK``). The heartbeat period is real time: it keeps a record alive whose
-expiry is DHT (wall) time. Faults for tests come through ``dht_faults.DhtFaults`` (``create(..., faults=...)``).
+Waits are decided on an injected clock (``node.clock``); the heartbeat period is real time (it keeps alive a record
+whose expiry is DHT time). Faults for tests come through ``dht_faults.DhtFaults`` (``create(..., faults=...)``).
 """
 from __future__ import annotations
 
@@ -69,16 +54,21 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from node.clock import SYSTEM_CLOCK, Clock
+from node.identity import NodeKey
 from node.membership import DeadlinePolicy, round_wait
 from node.transport.dht_agreement import (AgreeDecision, Announcement, CloseView, GroupDecision, GroupKind, HaveList,
                                           Outcome, Pair, ReferenceKind, Verdict, adopt_sources, agree_step,
                                           agreed_set, choose_outcome, close_group, close_wait, commit_reason,
-                                          late_senders, live_members, parse_haves, round_joiners, same_reference,
-                                          settle_step, take_late)
+                                          late_senders, parse_haves, round_joiners, same_reference, settle_step,
+                                          take_late)
 from node.transport.dht_faults import DhtFaults
 from node.transport.dht_frames import KEEP_OWN_ROUNDS, FramePool
-from node.transport.dht_records import BoundedDht
+from node.transport.dht_members import MAX_ROUND, DhtMembers
+from node.transport.dht_process import start_dht
+from node.transport.dht_quorum import supported_outcomes
+from node.transport.dht_signing import SignedRecordValidator
 from node.transport.dht_state import DEFAULT_CHUNK, StateShare
+from node.transport.dht_trust import RunTrust
 from node.transport.messages import RoundResult, RoundStatus, StateBlob
 
 log = logging.getLogger(__name__)
@@ -93,15 +83,20 @@ async def _cancel_pending() -> None:
         await asyncio.wait(tasks, timeout=1.0)
 
 
-class DhtTransport(BoundedDht):
+class DhtTransport(DhtMembers):
+    """``trust``: this peer's key, name and grant and the run's authority (default: an open run and a fresh key);
+    ``validator``: the one its DHT process runs (``create`` makes both); ``max_round``: the run's last round (a
+    record naming a later one is out of range)."""
+
     def __init__(self, run_id: str, name: str, dht: hivemind.DHT, round_wait_s: float = 5.0, *,
-                 first_round: int = 0, heartbeat_s: float = 1.0, rpc_timeout_s: float = 5.0,
-                 fetch_timeout_s: float = 10.0, agree_wait_s: float | None = None, poll_s: float = 0.05,
-                 owns_dht: bool = False, deadline: DeadlinePolicy | None = None,
+                 validator: SignedRecordValidator, trust: RunTrust, first_round: int = 0, heartbeat_s: float = 1.0,
+                 rpc_timeout_s: float = 5.0, fetch_timeout_s: float = 10.0, agree_wait_s: float | None = None,
+                 poll_s: float = 0.05, owns_dht: bool = False, deadline: DeadlinePolicy | None = None,
                  state_chunk_bytes: int = DEFAULT_CHUNK, cancel: threading.Event | None = None,
                  min_members: int = 1, settle_s: float = 2.0, clock: Clock = SYSTEM_CLOCK,
-                 faults: DhtFaults | None = None) -> None:
+                 faults: DhtFaults | None = None, max_round: int = MAX_ROUND) -> None:
         self.run_id, self.name, self.dht = run_id, name, dht
+        self.trust, self.validator, self.max_round = trust, validator, max_round
         self.clock = clock  # the round's waits and the poll interval
         self.faults = faults or DhtFaults()  # none unless a test schedules some
         self.round_wait_s, self.first_round = round_wait_s, first_round
@@ -115,6 +110,7 @@ class DhtTransport(BoundedDht):
         self.spreads: list[float] = []  # first-to-last announcement times of recent complete rounds
         self.from_round = first_round
         self.joined = False
+        self.shard, self.since, self._status = 0, 0, "joining"
         self.handler_name = f"lowband.{run_id}.frame"
         self.frames = FramePool(name, self.handler_name, fetch_timeout_s, self.faults)
         self._fingerprints: dict[int, str] = {}  # round → our reference fingerprint when we submitted
@@ -123,6 +119,8 @@ class DhtTransport(BoundedDht):
         self.agreed: dict[int, AgreeDecision] = {}
         self._lock = threading.Lock()  # serialises sends into the DHT's pipe
         self._background: set[Any] = set()  # stores sent without waiting (``_store_later``)
+        self._warned: dict[str, float] = {}
+        self._kinds: dict[bytes, str] = {}
         self._stop = threading.Event()
         self.cancel = cancel or threading.Event()  # the owner's stop (e.g. SIGTERM): abandon waits for a round
         self._hb: threading.Thread | None = None
@@ -148,50 +146,33 @@ class DhtTransport(BoundedDht):
                host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",), nat_port_map: bool = False,
                auto_nat: bool = False, use_relay: bool = False, client_mode: bool = False,
                identity_path: str | None = None, announce_maddrs: Sequence[str] = (), start_timeout_s: float = 30.0,
-               **kw: Any) -> "DhtTransport":
-        """Start a DHT (and its p2pd) owned by the transport: ``close``/``leave`` shut it down.
-        NAT traversal is off unless asked for, so nothing but ``host_maddrs`` is touched. ``announce_maddrs``:
-        what the others dial instead of the listen addresses (a forwarded port, a relay in front of this peer)."""
+               trust: RunTrust | None = None, **kw: Any) -> "DhtTransport":
+        """Start a DHT (and its p2pd) owned by the transport: ``close``/``leave`` shut it down, and both die with this
+        process (``dht_process``). NAT traversal is off unless asked for, so nothing but ``host_maddrs`` is touched.
+        ``announce_maddrs``: what the others dial instead of the listen addresses (a forwarded port, a relay)."""
+        trust = trust or RunTrust(run_id, NodeKey.generate(), name)
+        validator = SignedRecordValidator(trust.key, run_id)
         extra: dict[str, Any] = {"identity_path": identity_path} if identity_path else {}
         if announce_maddrs:
             extra["announce_maddrs"] = list(announce_maddrs)
-        dht = hivemind.DHT(initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), start=True,
-                           await_ready=False, nat_port_map=nat_port_map, auto_nat=auto_nat, use_relay=use_relay,
-                           client_mode=client_mode, **extra)
+        dht = start_dht(initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), nat_port_map=nat_port_map,
+                        auto_nat=auto_nat, use_relay=use_relay, client_mode=client_mode,
+                        record_validators=[validator], **extra)
         try:
             dht.wait_until_ready(timeout=start_timeout_s)
         except BaseException:
             dht.shutdown()
+            validator.close()
             raise
-        return cls(run_id, name, dht, owns_dht=True, **kw)
+        return cls(run_id, name, dht, owns_dht=True, trust=trust, validator=validator, **kw)
 
     def visible_maddrs(self) -> list[str]:
         return [str(m) for m in self._dht_future(self.dht.run_coroutine, hivemind.DHT._get_visible_maddrs)]
 
-    # -- membership ---------------------------------------------------------------------------------------
-    def live_peers(self, round_: int | None = None, records: dict[str, Any] | None = None) -> set[str]:
-        """Peers with a live heartbeat (that take part in ``round_``, if given). ``records``: the peers key, if the
-        caller read it already."""
-        return live_members(self._read(f"{self.run_id}/peers") if records is None else records, round_)
-
-    def _heartbeat(self) -> None:
-        self._hb_expiration = get_dht_time() + 3 * self.heartbeat_s
-        self._store(f"{self.run_id}/peers", self.name, (self.peer_id, True, self.from_round), self._hb_expiration)
-
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):  # real time: the record expires in DHT time
-            self._heartbeat()
-
-    def join(self, from_round: int | None = None) -> set[str]:
-        """Start heartbeats: from now on the peers wait for this peer's frame in rounds ≥ ``from_round``."""
-        if from_round is not None:
-            self.from_round = from_round
-        self.joined = True
-        self._heartbeat()
-        if self._hb is None:
-            self._hb = threading.Thread(target=self._heartbeat_loop, name=f"dht-hb-{self.name}", daemon=True)
-            self._hb.start()
-        return self.live_peers() | {self.name}
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Records ignored so far, "kind: reason" → count (the DHT process's counts as last fetched)."""
+        return self.trust.rejections.snapshot()
 
     # -- a round ------------------------------------------------------------------------------------------
     def submit(self, round_: int, payload: bytes, fingerprint: str = "") -> None:
@@ -206,12 +187,14 @@ class DhtTransport(BoundedDht):
                     table.pop(old, None)
             for old in [r for r in self.state.expected if r < round_]:
                 self.state.expected.pop(old, None)
-        value = Announcement(self.peer_id, len(payload), sha, fingerprint)
-        self._store(f"{self.run_id}/round/{round_}", self.name, tuple(value), get_dht_time() + self._record_ttl)
+        value = list(Announcement(self.peer_id, len(payload), sha, fingerprint))
+        self._store(f"{self.run_id}/round/{round_}", value, get_dht_time() + self._record_ttl)
 
     @property
     def _record_ttl(self) -> float:
-        return max(60.0, 4 * (self.round_wait_s + self.agree_wait_s))
+        """How long a round's records live: a few rounds' waits, at most a day (the validator refuses records that
+        claim to live longer than ``dht_signing.MAX_TTL_S``)."""
+        return min(24 * 3600.0, max(60.0, 4 * (self.round_wait_s + self.agree_wait_s)))
 
     def _given_up(self) -> bool:
         """Wait one poll interval; True when waiting longer is pointless (closed, cancelled, DHT process gone)."""
@@ -222,17 +205,24 @@ class DhtTransport(BoundedDht):
             return self.round_wait_s, f"fixed {self.round_wait_s:.1f} s"
         return round_wait(self.spreads, self.deadline)
 
-    def _close_group(self, round_: int, deadline: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Phase 1 (``dht_agreement.close_group``): the announcements once the round closed, and the round's outcome
-        records read in the same poll (None: that read failed)."""
+    def _close_group(self, round_: int, deadline: float
+                     ) -> tuple[dict[str, Any], dict[str, Any] | None, set[str] | None, int | None]:
+        """Phase 1 (``dht_agreement.close_group``): the announcements once the round closed, the round's outcome
+        records read in the same poll (None: that read failed), the live peers then (None: unknown), and the round
+        the run is in when it is ahead of ours (found while waiting for a quorum: then nothing else is returned)."""
         key = f"{self.run_id}/round/{round_}"
         base_wait, base_why = self.round_wait()
         longest = self.deadline.max_wait_s if self.deadline is not None else self.round_wait_s
         view = CloseView()
+        short = False
         while True:
-            # one poll: the four records read at once (on a slow link each lookup is several round trips)
-            want_records, seen, peer_records, done = self._read_many(
-                [self.state.want_key, key, f"{self.run_id}/peers", f"{key}/done"])
+            # one poll: the records read at once (on a slow link each lookup is several round trips)
+            keys = [self.state.want_key, key, self.peers_key, f"{key}/done"] + ([self.progress_key] if short else [])
+            want_records, seen, peer_records, done, *progress = self._read_many(keys)
+            if progress and progress[0] is not None:
+                ahead = self.run_round(progress[0], peer_records or view.heartbeats or {})
+                if ahead is not None and ahead > round_:  # a quorum waits in a later round: we fell behind
+                    return {}, None, None, ahead
             wants = self.state.wanted(want_records or {})
             self.state.offer_late(round_, wants)
             joiners = round_joiners(round_, self.state.expected.get(round_, set()), wants)
@@ -240,30 +230,58 @@ class DhtTransport(BoundedDht):
             now = self.clock.now()
             view = view.see(now, seen, peer_records)
             decision = close_group(now, view.first_seen, view.announced, view.live(round_), joiners, wait, deadline,
-                                   why)
+                                   why, self.min_members)
+            short = decision.kind is GroupKind.QUORUM_WAIT
             if decision.close:
                 self.closed[round_] = decision
                 if decision.kind is GroupKind.ALL_ANNOUNCED:
                     self.spreads = (self.spreads + [view.spread])[-50:]
                 else:
                     log.info("[node=%s round=%d] %s", self.name, round_, decision.reason)
-                return dict(view.announced), done
+                return dict(view.announced), done, view.live(round_), None
             if self._given_up():  # closed, cancelled or DHT gone: nothing more will arrive
-                return {}, None
+                return {}, None, None, None
+
+    def _drop_warning(self, round_: int, sender: str, why: str) -> None:
+        """A frame left out of a round: a warning per sender at most every ``WARN_EVERY_S`` (a diverged or broken
+        peer is left out of every round)."""
+        self._warn_every(f"dropped {sender}", "[node=%s round=%d] dropped %s: %s", self.name, round_, sender, why,
+                         logger=log)
 
     def _publish_done(self, round_: int, fingerprint: str, committed: bool, pairs: frozenset[Pair],
-                      published_at: float | None = None, wait: bool = True) -> None:
+                      confirmed: frozenset[str], published_at: float | None = None, wait: bool = True) -> None:
         """``wait=False``: send it and go on (an outcome repeated only as a source for peers that lack frames)."""
         outcome = Outcome(self.name, self.peer_id, fingerprint,
-                          get_dht_time() if published_at is None else published_at, committed, pairs)
+                          get_dht_time() if published_at is None else published_at, committed, pairs, confirmed)
         store = self._store if wait else self._store_later
-        store(f"{self.run_id}/round/{round_}/done", self.name, outcome.encode(), get_dht_time() + self._record_ttl)
+        store(f"{self.run_id}/round/{round_}/done", outcome.encode(), get_dht_time() + self._record_ttl)
 
     def _publish_have(self, round_: int, have: HaveList) -> None:
-        self._store(f"{self.run_id}/round/{round_}/have", self.name, have.encode(), get_dht_time() + self._record_ttl)
+        self._store(f"{self.run_id}/round/{round_}/have", have.encode(), get_dht_time() + self._record_ttl)
 
-    def _read_outcome(self, round_: int, mine: str) -> Outcome | None:
-        return choose_outcome(self._read(f"{self.run_id}/round/{round_}/done"), mine)
+    def _supported(self, round_: int, done: dict[str, Any], haves: dict[str, HaveList], mine: str,
+                   voters: int) -> Outcome | None:
+        """The round's outcome among ``done`` (``dht_quorum.supported_outcomes``, then ``choose_outcome``);
+        committed outcomes that their members' have-lists do not give are counted as rejected."""
+        parsed = {p: Outcome.parse(p, v) for p, v in done.items()}
+        outcomes = {p: o for p, o in parsed.items() if o is not None}
+        for p in sorted(set(parsed) - set(outcomes)):
+            self.trust.rejections.add("done", "malformed outcome", (round_, p, repr(done[p])[:200]))
+        good, bad = supported_outcomes(outcomes, haves, voters, self.min_members, get_dht_time(), self._record_ttl)
+        for p, decision in bad.items():
+            if decision.rejected:
+                self.trust.rejections.add("done", decision.reason if decision.kind.value == "out_of_window"
+                                          else f"not supported: {decision.kind.value}", (round_, p))
+        return choose_outcome({p: done[p] for p in good}, mine)
+
+    def _read_outcome(self, round_: int, group: dict[str, Announcement], mine: str, voters: int,
+                      own: HaveList | None = None) -> Outcome | None:
+        """The round's supported outcome, read now; ``own``: our have-list as we hold it (a read may lag it)."""
+        haves, done = self._read_many([f"{self.run_id}/round/{round_}/have", f"{self.run_id}/round/{round_}/done"])
+        lists = parse_haves(haves or {}, group)
+        if own is not None:
+            lists[self.name] = own
+        return self._supported(round_, done or {}, lists, mine, voters)
 
     def collect(self, round_: int, timeout_s: float, fingerprint: str | None = None) -> RoundResult:
         """The round's outcome. ``fingerprint``: an observer's reference (a member's comes from ``submit``)."""
@@ -273,24 +291,30 @@ class DhtTransport(BoundedDht):
         if fingerprint is not None and self.frames.latest_own(round_) is None:  # a member's is what it submitted
             self._fingerprints[round_] = fingerprint
         mine = self._fingerprints.get(round_, "")
-        closed, done = self._close_group(round_, deadline)
+        closed, done, live, ahead = self._close_group(round_, deadline)
+        sent = self.frames.served.get(round_, 0)
+        if ahead is not None:
+            return RoundResult(round_, RoundStatus.RESULT_GONE, reason=f"the run is at round {ahead} and this round "
+                               "has no quorum: fetching the state", bytes_sent=sent)
         parsed = {s: Announcement.parse(v) for s, v in closed.items()}
         announced = {s: a for s, a in parsed.items() if a is not None}
-        sent = self.frames.served.get(round_, 0)
         if not announced:
             return RoundResult(round_, RoundStatus.TIMED_OUT, reason="no peer announced a frame before the deadline",
                                bytes_sent=sent)
         reference = same_reference(mine, announced)
         for sender, why in reference.dropped:
-            log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, why)
+            self._drop_warning(round_, sender, why)
         if reference.kind is ReferenceKind.DIVERGED:
             return RoundResult(round_, RoundStatus.DIVERGED, reason=reference.reason, bytes_sent=sent)
         announced = dict(reference.members)
-        # done: read with the announcements (None: that read failed, read it now)
-        decided = self._read_outcome(round_, mine) if done is None else choose_outcome(done, mine)
+        # the voters: the group's members whose heartbeat is live (a crashed one's announcement outlives it), and us
+        voters = len({s for s in announced if live is None or s in live} | ({self.name} & set(announced)))
+        decided = None
+        if done is None or done:  # an outcome was published (or the read failed): is one supported?
+            decided = self._read_outcome(round_, announced, mine, voters)
         received = 0
         if decided is None:
-            decided, received = self._decide(round_, announced, mine, deadline)
+            decided, received = self._decide(round_, announced, mine, deadline, voters)
         if isinstance(decided, RoundResult):
             return decided
         if decided is None:
@@ -324,15 +348,15 @@ class DhtTransport(BoundedDht):
             if isinstance(got, bytes):
                 held.add((sender, announced[sender].sha256))
             else:
-                log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, got)
+                self._drop_warning(round_, sender, got)
         return received
 
-    def _decide(self, round_: int, announced: dict[str, Announcement], mine: str,
-                deadline: float) -> tuple[Outcome | RoundResult | None, int]:
+    def _decide(self, round_: int, announced: dict[str, Announcement], mine: str, deadline: float,
+                voters: int) -> tuple[Outcome | RoundResult | None, int]:
         """Phases 2–3 for a round nobody decided yet: fetch, publish the have-list, agree, publish the outcome.
         None: this node is not a member and no member published an outcome in time. Also: bytes received.
-        ``announced`` grows by the late senders another member took in (``_take_late``)."""
-        member = self.name in announced
+        ``announced`` grows by the late senders another member took in (``_take_late``), and the voters with it."""
+        member, first = self.name in announced, len(announced)
         held: set[Pair] = set()
         received = self._fetch_announced(round_, announced, deadline, held)
         if member:
@@ -349,7 +373,9 @@ class DhtTransport(BoundedDht):
                 self.state.offer_late(round_, self.state.wanted(want_records[0] or {}))
                 wants_read = self.clock.now()
             haves = parse_haves(have_records or {}, announced)
-            decided = choose_outcome(done_records or {}, mine)
+            if member:
+                haves[self.name] = HaveList(frozenset(held), frozenset(announced))  # ours as we hold it now
+            decided = self._supported(round_, done_records or {}, haves, mine, voters + len(announced) - first)
             if decided is not None:
                 return decided, received  # someone committed already: that is the round (we adopt it)
             if member:
@@ -365,16 +391,17 @@ class DhtTransport(BoundedDht):
                 break
         if not member:
             return None, received
-        agreed = agreed_set(held, haves, announced, self.min_members)
+        voters += len(announced) - first
+        agreed = agreed_set(held, haves, announced, self.min_members, voters)
         self.agreed[round_] = agreed
         for sender, why in agreed.dropped:
-            log.warning("[node=%s round=%d] dropped %s: %s", self.name, round_, sender, why)
-        if agreed.kind is not Verdict.COMMIT:
-            self._publish_done(round_, mine, False, frozenset())  # the others need not wait for our outcome
+            self._drop_warning(round_, sender, why)
+        if agreed.kind is not Verdict.COMMIT:  # the others need not wait for our outcome
+            self._publish_done(round_, mine, False, frozenset(), frozenset())
             return RoundResult(round_, RoundStatus.NO_QUORUM, reason=agreed.reason,
                                bytes_sent=self.frames.served.get(round_, 0), bytes_received=received), received
-        self._publish_done(round_, mine, True, agreed.pairs)
-        return self._settle(round_, mine, agreed.settle_with, deadline), received
+        self._publish_done(round_, mine, True, agreed.pairs, agreed.confirmed)
+        return self._settle(round_, announced, mine, agreed.settle_with, deadline, voters, haves[self.name]), received
 
     def _take_late(self, round_: int, late: set[str], announced: dict[str, Announcement], mine: str,
                    held: set[Pair], refused: set[str], deadline: float) -> int:
@@ -390,18 +417,21 @@ class DhtTransport(BoundedDht):
         announced.update(decision.taken)
         return self._fetch_announced(round_, dict(decision.taken), deadline, held)
 
-    def _settle(self, round_: int, mine: str, peers: frozenset[str], deadline: float) -> Outcome | None:
-        """Wait (≤ ``settle_s``) for the outcomes of the other members; the earliest published one is the round's."""
-        done_key = f"{self.run_id}/round/{round_}/done"
+    def _settle(self, round_: int, group: dict[str, Announcement], mine: str, peers: frozenset[str],
+                deadline: float, voters: int, own: HaveList) -> Outcome | None:
+        """Wait (≤ ``settle_s``) for the outcomes of the other members; the earliest supported one is the round's.
+        ``own``: our have-list (ours counts as we hold it, whatever a read returns)."""
+        keys = [f"{self.run_id}/round/{round_}/have", f"{self.run_id}/round/{round_}/done"]
         until = min(deadline, self.clock.now() + self.settle_s)
         while True:
-            records = self._read(done_key)
-            step = settle_step(self.clock.now(), until, records, peers, self.name)
+            haves, records = self._read_many(keys)
+            step = settle_step(self.clock.now(), until, records or {}, peers, self.name)
             if step.done or self._given_up():
                 log.debug("[node=%s round=%d] settle: %s", self.name, round_, step.reason)
                 break
-        # empty: the read failed (ours is in there), read again
-        return choose_outcome(records, mine) if records else self._read_outcome(round_, mine)
+        if not records or haves is None:  # the read failed (ours is in there): read again
+            return self._read_outcome(round_, group, mine, voters, own)
+        return self._supported(round_, records, {**parse_haves(haves, group), self.name: own}, mine, voters)
 
     def _adopt(self, round_: int, outcome: Outcome, announced: dict[str, Announcement], mine: str, deadline: float,
                received: int) -> RoundResult:
@@ -416,13 +446,15 @@ class DhtTransport(BoundedDht):
                                f"node could not get ({', '.join(lacking)}): fetching the state instead",
                                bytes_sent=sent, bytes_received=received)
         if outcome.publisher != self.name:  # the same outcome again: more sources for peers that missed frames
-            self._publish_done(round_, mine, True, outcome.pairs, outcome.published_at, wait=False)
+            self._publish_done(round_, mine, True, outcome.pairs, outcome.confirmed, outcome.published_at, wait=False)
             if self.name in announced and (self.name, announced[self.name].sha256) not in outcome.pairs:
                 log.info("[node=%s round=%d] %s decided the round without our latest frame", self.name, round_,
                          outcome.publisher)
         payloads = {s: f for s, f in sorted(fetched.items()) if isinstance(f, bytes)}  # all of them (none lacking)
+        keys = {s: self.trust.writers[s] for s in payloads if s in self.trust.writers}  # whose key signs whose frames
+        keys = keys if len(keys) == len(payloads) else {}  # all or none (docs/algorithms.md §11)
         return RoundResult(round_, RoundStatus.COMMITTED, payloads, reason=commit_reason(announced, payloads),
-                           bytes_sent=sent, bytes_received=received)
+                           bytes_sent=sent, bytes_received=received, member_keys=keys)
 
     # -- state and shutdown -------------------------------------------------------------------------------
     def fetch_state(self, timeout_s: float = 60.0) -> StateBlob | None:
@@ -445,10 +477,13 @@ class DhtTransport(BoundedDht):
         self._stop.set()
         if self._hb is not None:
             self._hb.join(timeout=self.rpc_timeout_s + self.heartbeat_s)
+        if self.dht.is_alive():  # the validator's counts live in the DHT process: take them while it runs
+            ignored = self.refresh_rejections()
+            if ignored:
+                log.info("[node=%s] records ignored in all: %s", self.name, "; ".join(f"{k} ({n})"
+                                                                               for k, n in ignored.items()))
         if announce_leave and hasattr(self, "peer_id") and self.dht.is_alive():
-            # hivemind keeps the record with the later expiration: outlive the last heartbeat
-            expiration = max(self._hb_expiration, get_dht_time()) + 1.0
-            self._store(f"{self.run_id}/peers", self.name, (self.peer_id, False), expiration)
+            self._announce_leave()
         if hasattr(self, "p2p"):
             steps = [self.p2p.remove_binary_stream_handler(self.handler_name)]
             if hasattr(self, "state"):
@@ -461,4 +496,5 @@ class DhtTransport(BoundedDht):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=self.rpc_timeout_s)
         if self.owns_dht:
-            self.dht.shutdown()  # bounded by the DHT's shutdown_timeout, then terminate()
+            self.dht.shutdown()  # bounded by the DHT's shutdown_timeout, then terminate() (its group: dht_process)
+        self.validator.close()

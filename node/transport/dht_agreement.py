@@ -8,10 +8,15 @@ records and a fake ``now`` (tests/unit/transport/test_dht_agreement.py).
 
 The records (msgpack values; a malformed one is ignored, never trusted):
 
-- announcement ``{run}/round/{r}`` subkey=sender: (peer_id, size, sha256, reference fingerprint)
-- heartbeat ``{run}/peers`` subkey=name: (peer_id, live, from_round); a leave is (peer_id, False)
-- have-list ``{run}/round/{r}/have`` subkey=member: ([sender, sha256] pairs held, senders of its group)
-- outcome ``{run}/round/{r}/done`` subkey=publisher: (peer_id, fingerprint, published_at, committed, pairs)
+- announcement ``{run}/round/{r}`` by sender: (peer_id, size, sha256, reference fingerprint)
+- heartbeat ``{run}/peers`` by name: (peer_id, status, from_round, shard, since, rejected); status "live", "joining"
+  (fetching the state: not waited for) or "left"
+- have-list ``{run}/round/{r}/have`` by member: ([sender, sha256] pairs held, senders of its group)
+- outcome ``{run}/round/{r}/done`` by publisher: (peer_id, fingerprint, published_at, committed, pairs, confirmed)
+
+Records reach these rules by the writer's name only after ``dht_trust`` checked that a member of the run wrote them
+(every record is stored under its writer's key and signed, ``dht_signing``); ``dht_quorum`` decides which outcomes
+and state offers are supported by the members.
 
 The rules, in the order a round runs them, and why each is what it is:
 
@@ -64,7 +69,16 @@ class Announcement(NamedTuple):
         if not (isinstance(value, (list, tuple)) and len(value) == 4 and isinstance(value[0], str)
                 and isinstance(value[1], int) and all(isinstance(x, str) for x in value[2:])):
             return None
+        if not (0 < value[1] <= MAX_FRAME and _is_sha(value[2]) and len(value[3]) <= 64 and len(value[0]) <= 128):
+            return None
         return cls(*value)
+
+
+MAX_FRAME = 4 << 30  # the largest frame an announcement may name (as dht_frames.MAX_FRAME)
+
+
+def _is_sha(text: Any) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def parse_pairs(value: Any) -> frozenset[Pair] | None:
@@ -115,29 +129,34 @@ class Outcome:
     published_at: float
     committed: bool
     pairs: frozenset[Pair]
+    confirmed: frozenset[str] = frozenset()  # the members whose have-lists gave ``pairs`` (dht_quorum checks it)
     sources: Mapping[str, str] = field(default_factory=dict)
 
-    def encode(self) -> tuple[Any, ...]:
-        return (self.peer_id, self.fingerprint, self.published_at, self.committed, encode_pairs(self.pairs))
+    def encode(self) -> list[Any]:
+        return [self.peer_id, self.fingerprint, self.published_at, self.committed, encode_pairs(self.pairs),
+                sorted(self.confirmed)]
 
     @classmethod
     def parse(cls, publisher: str, value: Any) -> "Outcome | None":
-        if not (isinstance(value, (list, tuple)) and len(value) == 5):
+        if not (isinstance(value, (list, tuple)) and len(value) == 6 and isinstance(value[5], (list, tuple))
+                and all(isinstance(n, str) for n in value[5])):
             return None
-        peer_id, fingerprint, published_at, committed, raw = value
+        peer_id, fingerprint, published_at, committed, raw, confirmed = value
         pairs = parse_pairs(raw)
         if not (isinstance(peer_id, str) and isinstance(fingerprint, str) and isinstance(published_at, (int, float))
                 and isinstance(committed, bool) and pairs is not None):
             return None
-        return cls(publisher, peer_id, fingerprint, float(published_at), committed, pairs, {publisher: peer_id})
+        return cls(publisher, peer_id, fingerprint, float(published_at), committed, pairs, frozenset(confirmed),
+                   {publisher: peer_id})
 
 
 def live_members(heartbeats: Mapping[str, Any], round_: int | None = None) -> set[str]:
     """Peers with a live heartbeat (that take part in ``round_``, if given: a joiner is not waited for before the
-    round it fetched the state of). A leave record, (peer_id, False), is not live."""
+    round it fetched the state of). A leave record (status "left") and a joiner still fetching the state
+    ("joining") are not live."""
     live = set()
     for name, v in heartbeats.items():
-        if isinstance(v, (list, tuple)) and len(v) == 3 and v[1] is True and isinstance(v[2], int):
+        if isinstance(v, (list, tuple)) and len(v) >= 3 and v[1] == "live" and isinstance(v[2], int):
             if round_ is None or v[2] <= round_:
                 live.add(name)
     return live
@@ -187,6 +206,7 @@ class GroupKind(str, enum.Enum):
     DEADLINE = "deadline"  # closed: the caller's bound ran out (the group may be empty)
     NO_ANNOUNCEMENT = "no_announcement"  # open: nobody announced yet
     LIVE_UNKNOWN = "live_unknown"  # open: no heartbeat read succeeded yet, so nobody knows who is live
+    QUORUM_WAIT = "quorum_wait"  # open: fewer than min_nodes announced (a round below quorum cannot commit)
     WAITING = "waiting"  # open: expected peers have not announced and the wait is not over
 
 
@@ -215,28 +235,35 @@ def close_wait(wait: float, why: str, longest: float, joiners: Iterable[str]) ->
 
 
 def close_group(now: float, first_seen: float | None, announced: Iterable[str], live: set[str] | None,
-                joiners: Iterable[str], wait: float, deadline: float, why: str = "") -> GroupDecision:
+                joiners: Iterable[str], wait: float, deadline: float, why: str = "",
+                min_members: int = 1) -> GroupDecision:
     """Whether to close the round now. ``live``: the peers whose heartbeat says they take part (None: unknown,
     every heartbeat read failed); ``wait``: seconds after ``first_seen`` (``why``: how it was chosen);
-    ``deadline``: the caller's bound, absolute."""
+    ``deadline``: the caller's bound, absolute. With fewer than ``min_members`` announcements the round stays
+    open until the deadline, as a coordinator keeps it: closing it could only fail, and a lone peer would retry as
+    fast as it trains, while a member that restarts or joins is exactly what it waits for."""
     got = tuple(sorted(set(announced)))
     known = live is not None
     expected = (live or set()) | set(joiners)
     missing = tuple(sorted(expected - set(got)))
+    short = len(got) < min_members
 
     def decide(close: bool, kind: GroupKind, reason: str) -> GroupDecision:
         return GroupDecision(close, kind, reason, missing, got)
 
-    if got and known and not missing:
+    if got and known and not missing and not short:
         return decide(True, GroupKind.ALL_ANNOUNCED, f"all {len(expected)} expected peers announced")
     without = ", ".join(missing) or ("nobody" if known else "peers unknown (no heartbeat read succeeded)")
-    if first_seen is not None and now >= first_seen + wait:
+    if first_seen is not None and now >= first_seen + wait and not short:
         return decide(True, GroupKind.WAIT_OVER,
                       f"closing without {without} after the round's wait ({why or f'{wait:.1f} s'})")
     if now >= deadline:
         return decide(True, GroupKind.DEADLINE, f"closing without {without} at the caller's deadline")
     if not got:
         return decide(False, GroupKind.NO_ANNOUNCEMENT, "no announcement yet")
+    if short:
+        return decide(False, GroupKind.QUORUM_WAIT, f"waiting for a quorum: {len(got)} announced, min_nodes is "
+                      f"{min_members}")
     if not known:
         return decide(False, GroupKind.LIVE_UNKNOWN,
                       f"no heartbeat read succeeded: not closing early on {len(got)} announcement(s)")
@@ -388,10 +415,14 @@ class AgreeDecision:
 
 
 def agreed_set(held: Iterable[Pair], haves: Mapping[str, HaveList], members: Iterable[str],
-               min_members: int) -> AgreeDecision:
-    """(what I hold) ∩ (every have-list of a member of the group), restricted to the senders that published one."""
+               min_members: int, voters: int = 0) -> AgreeDecision:
+    """(what I hold) ∩ (every have-list of a member of the group), restricted to the senders that published one.
+    ``voters``: the members whose lists a quorum is counted from (more than half must have listed; 0: no check)."""
     group = set(members)
     confirmed = frozenset(s for s in haves if s in group)
+    if len(confirmed) < voters // 2 + 1 and voters:
+        return AgreeDecision(Verdict.NO_QUORUM, f"only {len(confirmed)} of {voters} members listed what they hold "
+                             "in time: a quorum is more than half", frozenset(), confirmed, ())
     mine = set(held)
     final = {p for p in mine if p[0] in confirmed}
     for sender in confirmed:

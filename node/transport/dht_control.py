@@ -1,31 +1,36 @@
 """``ControlPlane`` with no server: peers agree on the run through a hivemind DHT and exchange frames with
 ``DhtTransport`` (leaderless rounds, frames pulled peer to peer).
 
-Run agreement. There is no coordinator to hand out the run, so every node brings the run file and publishes
-what must be identical across the run — the run config, the task fingerprint, the model digest and the DHT
-settings below — as JSON under ``{run_id}/config`` (subkey: the hash of that JSON, expiring after
-``CONFIG_TTL_S``). The run's config is the *earliest published* record there; a node whose own record differs
-from it is refused (exit 3) with the differing fields, and publishes nothing. A node that published in a race
-and finds an earlier different record refuses too; its later record never decides anything, so a
-misconfigured node cannot lock the real run out.
+Run agreement. There is no coordinator to hand out the run, so every node brings the run file, which its authority
+signed (``lowband run init``; ``dht_trust``): the run config, the task fingerprint, the model digest and the DHT
+settings below. A node checks its own run file and data against that signature before it publishes anything; if they
+differ it is refused (exit 3) with the differing fields, read from the signed record another node published under
+``{run_id}/config``. Records there without the authority's signature are ignored and counted: nobody can lock a run
+out by publishing first.
 
-Data shards: ``shard = sha256(name) mod num_shards`` with ``num_shards`` = the run file's
-``membership.max_nodes`` (part of the agreed record). Deterministic and needs no coordination; two names can
-land on the same shard (those nodes then read the same data order — harmless for the math, a little less data
-diversity).
+Joining. In a closed run a node needs the authority's grant for its key and name; a name held by another live key is
+refused (names are labels, keys are identities); a run with ``max_nodes`` live members is full. The node then claims
+a data shard that no live member holds (its key's preferred shard if free, else the lowest free one; of two nodes
+claiming one at once, the later to join moves — ``dht_members``) and holds it with "joining" heartbeats.
 
-Start and late joiners: nodes wait until ``membership.min_nodes`` peers are live before round 0, so the nodes
-present from the start all contribute to it. Every node records under ``{run_id}/progress`` the round it
-entered. A node that finds such a record joins mid-way: it does not heartbeat yet (nobody waits for it), asks
-for the state (``dht_state``: the peers snapshot it at their next round boundary and it downloads the chunks
-from all of them), checks the fingerprint, and only then heartbeats with ``from_round`` = the state's round,
-so the peers wait for its frame from that round on — its first contribution is the round after the one that
-was open when it arrived.
+Where to start, and ``min_nodes``. The round the run is in is what more than half of the other *live* members
+entered (``dht_quorum.run_progress``):
+
+- other members are live: the node joins at that round. A node restarted from its workdir whose checkpoint is at that
+  round resumes at once; any other fetches the state the members hold now (they offer it mid-round), not the state
+  after a round that — with ``min_nodes`` members short — cannot commit without it. (Asking for the latter is what
+  deadlocked a two-node run with ``min_nodes = 2`` after one node restarted.)
+- none is live (a new run, or every node restarted): each resumes from its own checkpoint (or round 0) and waits
+  until ``min_nodes`` peers are live before its first round, as a coordinator waits before round 0.
+
+A round with fewer than ``min_nodes`` announcements stays open (``dht_agreement.close_group``), as in coordinator
+mode, instead of failing and being retried as fast as the node trains. A node that is behind the run (a round
+without a quorum, while more than half of the others are in a later one) fetches the state.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import json
 import logging
 import signal
@@ -36,19 +41,23 @@ from typing import Any, Callable, Iterator
 from hivemind.utils import get_dht_time
 
 from node.clock import SYSTEM_CLOCK, Clock
-from node.membership import DeadlinePolicy
 from node.config import RunConfig, diff_configs
+from node.errors import ConfigError
+from node.identity import NodeKey, key_id
+from node.membership import DeadlinePolicy
 from node.transport.control import Identity, JoinInfo, JoinRefused, Stopped
 from node.transport.dht import DhtTransport
-from node.transport.messages import RoundResult, StateBlob, Submission
+from node.transport.dht_agreement import Announcement
+from node.transport.dht_members import CONFIG_TTL_S, pick_shard
+from node.transport.dht_trust import RunAuthority, RunTrust, run_record, unpack_record
+from node.transport.messages import RoundResult, RoundStatus, StateBlob, Submission
 
 log = logging.getLogger(__name__)
-CONFIG_TTL_S = 7 * 24 * 3600.0  # outlives any run: a late node must still find what the run agreed on
 
 
 @dataclass(frozen=True)
 class DhtSettings:
-    """How to reach the DHT, and the run-file knobs that serverless rounds use."""
+    """How to reach the DHT, who this node is, and the run-file knobs that serverless rounds use."""
 
     initial_peers: tuple[str, ...]
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
@@ -56,21 +65,23 @@ class DhtSettings:
     identity_path: str | None = None
     client_mode: bool = False  # hivemind client mode: for a peer behind NAT (reached through relays)
     announce_maddrs: tuple[str, ...] = ()  # what the other peers dial, if not the listen addresses
-    num_shards: int = 64
+    num_shards: int = 64  # also max_nodes: one shard per seat
     min_nodes: int = 1
     heartbeat_s: float = 1.0
     round_wait_s: float = 30.0  # how long a round stays open after its first frame for the stragglers
-    start_timeout_s: float = 3600.0  # the most a node waits for min_nodes peers before round 0
+    start_timeout_s: float = 3600.0  # the most a node waits for min_nodes peers before its first round
     deadline: DeadlinePolicy | None = None  # adaptive round wait (None: the fixed round_wait_s)
     state_chunk_bytes: int = 4 << 20  # joiners fetch the state in chunks of this size, spread over donors
+    authority: RunAuthority | None = None  # the run file's [authority] (required)
+    key: NodeKey | None = None  # this node's key (its workdir's node.key); None: a fresh one, held in memory
+    grant: bytes = b""  # the authority's grant for this node's key and name (closed runs)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
 def default_signals() -> Iterator[None]:
-    """Fork hivemind's DHT process with default SIGTERM/SIGINT handling. It inherits Python-level handlers:
-    with the daemon's "set the stop event" handler it would ignore both a process-group SIGTERM and the
-    ``terminate()`` that ``DHT.shutdown`` falls back to, and hang its parent's shutdown."""
+    """Fork hivemind's DHT process with default SIGTERM/SIGINT handling (``dht_process`` then installs its own):
+    with the daemon's "set the stop event" handler inherited, a signal could reach it before it does."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be changed from the main thread (and were not installed elsewhere)
         return
@@ -82,35 +93,36 @@ def default_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def shard_of(name: str, num_shards: int) -> int:
-    """A node's data shard from its name alone: stable across processes and machines (unlike ``hash``)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % num_shards
-
-
 class DhtControl:
     """``clock``: what the waits are decided on — the start wait for ``min_nodes`` peers here, and every wait of the
     transport's rounds and state fetches."""
 
     def __init__(self, run: RunConfig, settings: DhtSettings, name: str, stop: threading.Event,
                  clock: Clock = SYSTEM_CLOCK) -> None:
+        if settings.authority is None:
+            raise ConfigError("a serverless run needs its authority's signature (the run file's [authority], written "
+                              "by `lowband run init`)")
         self.where = "dht"
         self.run, self.settings, self.name, self.stop, self.clock = run, settings, name, stop, clock
         self.lost = threading.Event()  # a DHT peer has no lease to lose: never set
         self._round = 0
-        self._run_round = 0  # the highest round any node recorded entering
+        self._run_round = 0  # the highest round the run was seen in
+        self.trust = RunTrust(run.run_id, settings.key or NodeKey.generate(), name, settings.authority,
+                              settings.grant, max_nodes=settings.num_shards)
         with default_signals():
             self.transport = DhtTransport.create(
                 run.run_id, name, list(settings.initial_peers), host_maddrs=list(settings.host_maddrs),
                 nat_port_map=settings.nat, auto_nat=settings.nat, use_relay=settings.nat,
                 identity_path=settings.identity_path, client_mode=settings.client_mode,
-                announce_maddrs=settings.announce_maddrs,
+                announce_maddrs=settings.announce_maddrs, trust=self.trust, max_round=run.rounds,
                 round_wait_s=settings.round_wait_s, heartbeat_s=settings.heartbeat_s, deadline=settings.deadline,
                 state_chunk_bytes=settings.state_chunk_bytes, cancel=stop, min_members=settings.min_nodes,
                 clock=clock, **settings.extra)
         for maddr in self.transport.visible_maddrs():  # other nodes can bootstrap through any of these
             log.info("[node=%s] DHT address %s", name, maddr)
+        log.info("[node=%s] key id %s; run authority %s (%s run)", name, self.trust.key.key_id,
+                 settings.authority.key_id, "open" if settings.authority.open_run else "closed")
         self._key = f"{run.run_id}/config"
-        self._progress_key = f"{run.run_id}/progress"
 
     @property
     def current_round(self) -> int:
@@ -120,79 +132,139 @@ class DhtControl:
         return self.run  # the local run file is the only source; agreement is checked in join()
 
     # -- agreement ----------------------------------------------------------------------------------------
-    def _record(self, identity: Identity) -> dict[str, Any]:
-        """Everything that must be equal on every node of the run (diffed field by field on a mismatch)."""
-        return {**json.loads(identity.config_json), "task_fingerprint": identity.task_fingerprint,
-                "model_digest": identity.model_digest,
-                "dht": {"num_shards": self.settings.num_shards, "min_nodes": self.settings.min_nodes}}
+    def _record(self, identity: Identity) -> str:
+        """The run record this node's run file and data give (what the authority must have signed)."""
+        s = self.settings
+        assert s.authority is not None
+        return run_record(json.loads(identity.config_json), identity.task_fingerprint, identity.model_digest,
+                          num_shards=s.num_shards, min_nodes=s.min_nodes, open_run=s.authority.open_run)
 
-    def _earliest(self) -> tuple[str, dict[str, Any]] | None:
-        """(hash, record) of the earliest published config record, ties broken by hash."""
+    def _signed_records(self) -> list[dict[str, Any]]:
+        """The run records in the DHT that the run's authority signed (whoever stored them: the signature is what
+        counts); the others are counted as rejected."""
+        authority = self.settings.authority
+        assert authority is not None
         found = []
-        for digest, value in self.transport._read(self._key).items():  # same package: the bounded DHT read
+        for public, raw in self.transport._read_raw(self._key).items():
+            obj = unpack_record(raw) if isinstance(raw, bytes) else None
+            body = obj[3] if obj is not None and obj[0] == self.run.run_id else None
+            if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], str)
+                    and isinstance(body[1], bytes) and authority.signed(self.run.run_id, body[0], body[1])):
+                self.trust.rejections.add("config", "not signed by the run's authority", (public, raw))
+                continue
             try:
-                text, published_at = value
-                found.append((float(published_at), str(digest), json.loads(text)))
-            except (TypeError, ValueError) as exc:
-                log.warning("ignoring a malformed config record %s: %r", digest, exc)
-        if not found:
-            return None
-        _, digest, record = min(found, key=lambda f: (f[0], f[1]))
-        return digest, record
-
-    def _check(self, mine: dict[str, Any], digest: str) -> None:
-        earliest = self._earliest()
-        if earliest is not None and earliest[0] != digest:
-            diffs = diff_configs(mine, earliest[1])
-            raise JoinRefused("this node's run differs from the run published in the DHT "
-                              f"(this node vs the run): {'; '.join(diffs) or 'hash ' + earliest[0]}")
+                found.append(json.loads(body[0]))
+            except ValueError:
+                self.trust.rejections.add("config", "malformed run record", (public, raw))
+        return found
 
     def _agree(self, identity: Identity) -> None:
-        mine = self._record(identity)
-        text = json.dumps(mine, sort_keys=True, default=str)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        self._check(mine, digest)  # before publishing: a refused node leaves no record behind
-        stored = self.transport._store(self._key, digest, (text, get_dht_time()), get_dht_time() + CONFIG_TTL_S)
-        # a node with the same config may have published the same subkey a moment later (its record wins, and
-        # ours is refused as older): the run's record exists either way
-        if not stored and digest not in self.transport._read(self._key):
-            raise JoinRefused("could not publish the run config to the DHT")
-        self._check(mine, digest)  # a node with another config may have published at the same moment
+        authority = self.settings.authority
+        assert authority is not None
+        text = self._record(identity)
+        if not authority.signed(self.run.run_id, text):
+            signed = self._signed_records()
+            if signed:
+                diffs = diff_configs(json.loads(text), signed[0])
+                raise JoinRefused("this node's run differs from the run its authority signed (this node vs the run): "
+                                  f"{'; '.join(diffs) or 'same fields, another signature'}")
+            raise JoinRefused(f"this node's run file or data differ from what the run's authority (key id "
+                              f"{authority.key_id}) signed, and no node has published the signed run yet: use the "
+                              "authority's run file unchanged (`lowband run init` signs it)")
+        self._signed_records()  # counts the records without the authority's signature (they decide nothing)
+        # publish the signed record: a node with an edited run file learns from it which fields differ
+        self.transport._store(self._key, [text, authority.signature], get_dht_time() + CONFIG_TTL_S)
 
-    def _under_way(self) -> int | None:
-        rounds = [v for v in self.transport._read(self._progress_key).values() if isinstance(v, int)]
-        return max(rounds) if rounds else None
+    def _admit(self) -> None:
+        """Refuse a node without a grant, a name another live key holds, a full run."""
+        trust, me = self.trust, self.trust.key.public
+        if trust.closed and not trust.granted(me, self.name, trust.grant):
+            raise JoinRefused(f"this node's key (id {trust.key.key_id}) has no grant to join run {self.run.run_id!r} "
+                              f"as {self.name!r}: its authority grants it with `lowband run grant --run RUN.toml "
+                              f"--authority-key AUTHORITY.key --public {me.hex()} --name {self.name}` (put the "
+                              "printed grant in the node's workdir as grant.toml)")
+        self.transport.heartbeats()  # refreshes the roster of live members
+        holder = trust.holder(self.name)
+        if holder is not None and holder != me:
+            raise JoinRefused(f"the name {self.name!r} is held by a live member with another key (id "
+                              f"{key_id(holder)}); names are labels, keys are identities: start this node "
+                              "with another --name, or from the workdir that holds that key")
+        seated = [m for m in trust.ranked() if m.key != me]
+        if len(seated) >= self.settings.num_shards:
+            raise JoinRefused(f"the run is full: {len(seated)} live members, max_nodes {self.settings.num_shards}")
+
+    def _claim_seat(self, since: int) -> int:
+        """A data shard no live member holds, claimed with "joining" heartbeats; of two nodes that claimed the same
+        one at once, the later to join (ties: the larger key) moves. Raises JoinRefused when the run is full."""
+        t, me = self.transport, self.trust.key.public
+        shard: int | None = None
+        for _ in range(self.settings.num_shards + 1):
+            beats = t.heartbeats()
+            others = {m.name: m for m in self.trust.ranked() if m.key != me and m.name in beats}
+            taken = {beats[n].shard for n in others}
+            if shard is None or shard in taken:
+                better = {beats[n].shard for n, m in others.items() if (m.since, m.key) < (since, me)}
+                if shard is not None and shard not in better:
+                    return shard  # the others that share it joined after us: they move
+                shard = pick_shard(me, self.settings.num_shards, taken)
+                if shard is None:
+                    raise JoinRefused(f"the run is full: every one of its {self.settings.num_shards} shards is held")
+                t.claim(shard, since)
+                if self.clock.sleep(self.settings.heartbeat_s, self.stop):  # let claims made at once cross
+                    raise Stopped()
+                continue
+            if not self.trust.within_max(me):
+                raise JoinRefused(f"the run is full: max_nodes {self.settings.num_shards} reached while joining")
+            return shard
+        raise JoinRefused("could not find a free data shard (too many nodes joining at once): start again")
+
+    def _decided(self, round_: int) -> bool:
+        """Whether ``round_`` has an outcome its members' have-lists support (from any reference)."""
+        t = self.transport
+        seen, peers = t._read_many([f"{self.run.run_id}/round/{round_}", t.peers_key])
+        announced = {s: a for s, a in ((s, Announcement.parse(v)) for s, v in (seen or {}).items()) if a is not None}
+        live = t.live_peers(records=peers or {})
+        return t._read_outcome(round_, announced, "", len(set(announced) & live) or len(announced)) is not None
 
     # -- ControlPlane -------------------------------------------------------------------------------------
     def join(self, identity: Identity) -> JoinInfo:
         self._agree(identity)
-        shard = shard_of(self.name, self.settings.num_shards)
-        at = self._under_way()
+        self._admit()
+        at = self.transport.run_round()
+        if at is not None and self._decided(at):
+            at += 1  # the members committed the round they entered and are training the next one
+        shard = self._claim_seat(at or 0)
+        n = self.settings.num_shards
         if at is not None:
-            # mid-way: the state comes first (fetch_state), heartbeats only once we can train from it; we want the
-            # state after the round that is open now (the donors snapshot at their next boundary)
-            self._round = at + 1
-            return JoinInfo(shard, self.settings.num_shards, at + 1, at)
-        self.transport.join(0)  # heartbeats start: the peers now wait for our frame in every round
+            # others are live: join at the round they are in (see the module docstring); heartbeats say "live" from
+            # the first exchange, or once the state is fetched
+            self._round = self._run_round = at
+            return JoinInfo(shard, n, at, at)
+        self.transport.join(0)  # heartbeats say "live": the peers now wait for our frame in every round
         until = self.clock.now() + self.settings.start_timeout_s
-        while len(self.transport.live_peers() | {self.name}) < self.settings.min_nodes:
-            if self._under_way() is not None:
-                break  # the others started without waiting for more (we still joined before round 0 closed)
+        # a peer still "joining" counts: after every node restarted, one may have taken a dying peer's last heartbeat
+        # for a live run and be fetching the state, which it gets from us only once we start our round
+        while len(self._present() | {self.name}) < self.settings.min_nodes:
+            if self.transport.run_round() is not None:
+                break  # the others started without waiting for more (we still joined before their round closed)
             if self.clock.now() >= until:
                 raise JoinRefused(f"fewer than {self.settings.min_nodes} peers came within "
                                   f"{self.settings.start_timeout_s:.0f} s")
             if self.clock.sleep(0.2, self.stop):
                 raise Stopped()
-        return JoinInfo(shard, self.settings.num_shards, 0, 0)
+        return JoinInfo(shard, n, 0, 0)
+
+    def _present(self) -> set[str]:
+        """The peers live or joining (not those that left or whose heartbeat expired)."""
+        return {n for n, hb in self.transport.heartbeats().items() if hb.status != "left"}
 
     def exchange(self, submission: Submission, timeout_s: float) -> RoundResult:
         round_ = submission.round
         if not self.transport.joined:  # resumed from a checkpoint without fetching state: be waited for from now
             self.transport.join(round_)
-        # mark the run as under way before offering the frame, so a later node knows to fetch the state (the
-        # first round's mark is awaited; later ones go out beside the frame: the run is marked by then)
-        store = self.transport._store if round_ == 0 else self.transport._store_later
-        store(self._progress_key, self.name, round_, get_dht_time() + CONFIG_TTL_S)
+        # mark the round as entered before offering the frame, so a later node knows where the run is (the first
+        # round's mark is awaited; later ones go out beside the frame)
+        self.transport.record_progress(round_, wait=round_ == 0)
         self.transport.submit(round_, submission.frame, submission.fingerprint)
         result = self.transport.collect(round_, timeout_s)
         if self.stop.is_set():
@@ -200,7 +272,13 @@ class DhtControl:
         self._round = round_ + 1 if result.committed else round_
         # the round the others are in: a node that was frozen or cut off learns that it fell behind (the daemon
         # then fetches the state instead of replaying rounds whose frames may be gone)
-        self._run_round = max(self._run_round, self._under_way() or 0)
+        ahead = self.transport.run_round()
+        self._run_round = max(self._run_round, ahead or 0)
+        if not result.committed and ahead is not None and ahead > round_:
+            self._round = ahead  # the state to fetch: the one the members hold now
+            if not result.state_needed:
+                result = dataclasses.replace(result, status=RoundStatus.RESULT_GONE, reason=f"{result.reason}; the "
+                                             f"run is at round {ahead}: fetching the state")
         return result
 
     def observe(self, round_: int, timeout_s: float, fingerprint: str = "") -> RoundResult:
@@ -209,15 +287,15 @@ class DhtControl:
         result = self.transport.collect(round_, timeout_s, fingerprint=fingerprint)
         if self.stop.is_set():
             raise Stopped()
-        self._run_round = max(self._run_round, self._under_way() or 0)
+        self._run_round = max(self._run_round, self.transport.run_round() or 0)
         return result
 
     def round_started(self, round_: int) -> bool | None:
         return None  # members wait the longest wait for a joiner's first round instead (see dht.py, _close_group)
 
     def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
-        """Download the newest state of at least ``after_round + 1`` rounds from the peers, then start heartbeats
-        from that round. None when no peer offered one within ``timeout_s``."""
+        """Download the newest state of at least ``after_round + 1`` rounds (default: the round the run is in) from
+        the peers, then heartbeat "live" from that round. None when no peer offered one within ``timeout_s``."""
         need = self._round if after_round is None else after_round + 1  # never older than what we have seen
         got = self.transport.state.fetch(need, timeout_s, cancelled=self.stop)
         if self.stop.is_set():

@@ -1,12 +1,16 @@
 """Global state for serverless joiners: peers serve snapshots of their reference state, a joiner pulls it in
 chunks from several of them at once.
 
-Keys (msgpack values, expiring):
+Keys (msgpack values, expiring; signed member records, ``dht_trust``):
 
-- ``{run}/want``  subkey=joiner → target   a joiner is looking for state: ``-1`` (any) or the committed-round
-  count it is downloading. Refreshed while the joiner waits; withdrawn (``None``) when it is done, and it lapses
-  by itself if the joiner dies.
-- ``{run}/state`` subkey=donor → (peer_id, committed, size, sha256, fingerprint)   "I serve this snapshot".
+- ``{run}/want``  by joiner: target   a joiner is looking for state: ``-1`` (any) or the committed-round count it
+  is downloading. Refreshed while the joiner waits; withdrawn (``None``) when it is done, and it lapses by itself if
+  the joiner dies.
+- ``{run}/state`` by donor: (peer_id, committed, size, sha256, fingerprint)   "I serve this snapshot".
+
+A joiner takes an offer only when more than half of the other live members vouch for its round and fingerprint
+(``dht_quorum.offer_support``: they offer the same snapshot, or announced that round from that reference), and
+only within the run's rounds: one member cannot hand a joiner a state the run never had.
 
 Donors snapshot only on demand: after applying a round a peer checks ``{run}/want`` (one DHT read) and, if
 anyone wants state, serialises its reference (θ_ref + outer state, identical bytes on every replica of a
@@ -41,8 +45,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import msgpack
 from hivemind.utils import get_dht_time
 
+from node.transport.dht_agreement import Announcement
 from node.transport.dht_faults import Stream
 from node.transport.dht_frames import receive_moving, request_moving, send_moving
+from node.transport.dht_quorum import OfferKey, offer_support
 
 if TYPE_CHECKING:
     from node.transport.dht import DhtTransport
@@ -54,12 +60,8 @@ DEFAULT_CHUNK = 4 << 20
 GATHER_S = 5.0  # the most a joiner waits for more donors of the newest state (a donor offers at its round boundary)
 
 
-@dataclass(frozen=True)
-class Offer:
-    committed: int
-    size: int
-    sha256: str
-    fingerprint: str
+Offer = OfferKey  # (committed, size, sha256, fingerprint): what every donor of one snapshot announces
+MAX_STATE = 1 << 40  # the largest snapshot an offer may name (a joiner allocates chunk slots from it)
 
 
 @dataclass
@@ -83,13 +85,17 @@ class _Partial:
         return [i for i, p in enumerate(self.parts) if p is None]
 
 
-def _parse_offer(value: Any) -> tuple[str, Offer] | None:
+def _parse_offer(value: Any, max_round: int) -> tuple[str, Offer] | str:
+    """(peer_id, offer), or why the record is not one."""
     if not isinstance(value, (list, tuple)) or len(value) != 5:
-        return None
+        return "malformed offer"
     peer_id, committed, size, sha, fingerprint = value
-    if not (isinstance(peer_id, str) and isinstance(committed, int) and isinstance(size, int) and size > 0
-            and isinstance(sha, str) and isinstance(fingerprint, str) and committed >= 0):
-        return None
+    if not (isinstance(peer_id, str) and len(peer_id) <= 128 and isinstance(committed, int)
+            and isinstance(size, int) and isinstance(sha, str) and len(sha) == 64 and isinstance(fingerprint, str)
+            and len(fingerprint) <= 64):
+        return "malformed offer"
+    if not (0 <= committed <= max_round and 0 < size <= MAX_STATE):
+        return "round or size out of range"
     return peer_id, Offer(committed, size, sha, fingerprint)
 
 
@@ -136,7 +142,8 @@ class StateShare:
     def wanted(self, records: dict[str, Any] | None = None) -> dict[str, int]:
         """joiner → target of every live want record (one DHT read, unless the caller read ``want_key`` already)."""
         records = self.t._read(self.want_key) if records is None else records
-        return {name: v for name, v in records.items() if isinstance(v, int) and name != self.t.name}
+        return {name: v for name, v in records.items() if isinstance(v, int) and not isinstance(v, bool)
+                and -1 <= v <= self.t.max_round and name != self.t.name}
 
     def offer(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes],
               wants: dict[str, int] | None = None) -> bool:
@@ -156,8 +163,8 @@ class StateShare:
             blob = self._snapshots[committed]
         # the joiners will contribute from this round: wait for them like for any live member
         self.expected.setdefault(committed, set()).update(n for n, v in wants.items() if v in (-1, committed))
-        value = (self.t.peer_id, committed, len(blob), hashlib.sha256(blob).hexdigest(), fingerprint)
-        self.t._store(self.offer_key, self.t.name, value, get_dht_time() + self.ttl)
+        value = [self.t.peer_id, committed, len(blob), hashlib.sha256(blob).hexdigest(), fingerprint]
+        self.t._store(self.offer_key, value, get_dht_time() + self.ttl)
         log.info("[node=%s] offering the state after %d rounds (%d bytes) to %s", self.t.name, committed, len(blob),
                  ", ".join(sorted(wants)))
         return True
@@ -199,22 +206,38 @@ class StateShare:
         return answer_chunk(snapshots, request)
 
     # -- joiner side --------------------------------------------------------------------------------------
-    def offers(self, min_committed: int) -> dict[Offer, dict[str, str]]:
-        """Offer → {donor: peer_id} for every live announcement of at least ``min_committed`` rounds."""
+    def offers(self, min_committed: int) -> tuple[dict[Offer, dict[str, str]], set[str], dict[Offer, str]]:
+        """(offer → {donor: peer_id} for every supported offer of at least ``min_committed`` rounds, the other live
+        members, offer → why it is not taken (yet) for the rest)."""
+        records, peers = self.t._read_many([self.offer_key, self.t.peers_key])
+        live = self.t.live_peers(records=peers or {}) - {self.t.name}
+        mine: dict[str, Offer] = {}
         found: dict[Offer, dict[str, str]] = {}
-        for donor, value in self.t._read(self.offer_key).items():
-            parsed = _parse_offer(value)
-            if parsed is None:
-                log.warning("[node=%s] ignoring a malformed state announcement from %s", self.t.name, donor)
+        for donor, value in (records or {}).items():
+            parsed = _parse_offer(value, self.t.max_round)
+            if isinstance(parsed, str):
+                self.t.trust.rejections.add("state", parsed, (donor, repr(value)[:200]))
                 continue
             peer_id, offer = parsed
+            mine[donor] = offer
             if offer.committed >= min_committed and donor != self.t.name:
                 found.setdefault(offer, {})[donor] = peer_id
-        return found
+        unsupported: dict[Offer, str] = {}
+        announced: dict[int, dict[str, Announcement]] = {}
+        for offer in list(found):
+            if offer.committed not in announced:
+                seen = self.t._read(f"{self.t.run_id}/round/{offer.committed}")
+                parsed_seen = {m: Announcement.parse(v) for m, v in seen.items()}
+                announced[offer.committed] = {m: a for m, a in parsed_seen.items() if a is not None}
+            ok, why = offer_support(offer, mine, announced[offer.committed], len(live))
+            if not ok:
+                unsupported[offer] = why
+                del found[offer]
+        return found, live, unsupported
 
     def _want(self, stop: threading.Event) -> None:
         while True:
-            self.t._store(self.want_key, self.t.name, self._want_target, get_dht_time() + 3 * self.t.heartbeat_s)
+            self.t._store(self.want_key, self._want_target, get_dht_time() + 3 * self.t.heartbeat_s)
             if stop.wait(self.t.heartbeat_s):  # real time: it refreshes a record that expires in DHT time
                 return
 
@@ -237,17 +260,19 @@ class StateShare:
         try:
             first_seen: float | None = None
             while clock.now() < deadline and not (cancelled is not None and cancelled.is_set()):
-                offers = self.offers(min_committed)
+                offers, live, unsupported = self.offers(min_committed)
                 if not offers:
                     first_seen = None
                     clock.sleep(self.t.poll_s * 4, cancelled)  # polling the DHT for offers, bounded by the deadline
                     continue
                 first_seen = clock.now() if first_seen is None else first_seen  # (0.0 is a time)
                 offer, donors = max(offers.items(), key=lambda kv: (kv[0].committed, len(kv[1]), kv[0].sha256))
-                live = self.t.live_peers()
-                if not set(live - {self.t.name}) <= set(donors) and clock.now() < first_seen + gather:
+                if not live <= set(donors) and clock.now() < first_seen + gather:
                     clock.sleep(self.t.poll_s, cancelled)  # more donors of this version may still be announcing
                     continue
+                for other, why in unsupported.items():  # passed over for a supported one: count it
+                    if other.committed >= offer.committed:
+                        self.t.trust.rejections.add("state", "offer not vouched for by the members", other)
                 self._want_target = offer.committed  # donors keep this snapshot while we download it
                 if self._partial is None or self._partial.offer != offer:
                     n = -(-offer.size // self.chunk_bytes)
@@ -274,7 +299,7 @@ class StateShare:
             refresher.join(timeout=self.t.rpc_timeout_s + self.t.heartbeat_s)
             # withdraw the want at once (a record cannot be deleted: outlive the last refresh with a non-int), so
             # the donors stop snapshotting for us
-            self.t._store(self.want_key, self.t.name, None, get_dht_time() + 3 * self.t.heartbeat_s + 1.0)
+            self.t._store(self.want_key, None, get_dht_time() + 3 * self.t.heartbeat_s + 1.0)
 
     async def _chunk(self, peer_id: str, committed: int, offset: int, length: int) -> bytes:
         """One chunk; every step must move within ``fetch_timeout_s`` (a chunk may take longer on a slow link)."""

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 
 from node.clock import SYSTEM_CLOCK, Clock
-from node.identity import NodeKey
+from node.identity import PUBLIC_BYTES, NodeKey
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 # re-exported: callers import them from here too
@@ -393,8 +393,13 @@ class GrpcTransport:
             payloads[name] = data
             received += size
         sent = len(own) if own is not None and own_name in header.members else 0
+        keys = list(header.member_keys)
+        if keys and (len(keys) != len(header.members) or any(len(k) != PUBLIC_BYTES for k in keys)):
+            return RoundResult(round_, RoundStatus.MALFORMED, reason=f"the result's member keys are malformed "
+                               f"({len(keys)} for {len(header.members)} members, each must be {PUBLIC_BYTES} bytes)")
         return RoundResult(round_, _status(header), dict(sorted(payloads.items())), header.reason,
-                           bytes_sent=sent, bytes_received=received, reference_fingerprint=header.reference_fingerprint)
+                           bytes_sent=sent, bytes_received=received, reference_fingerprint=header.reference_fingerprint,
+                           member_keys=dict(zip(header.members, keys)))
 
     def exchange(self, round_: int, payload: bytes, timeout_s: float, loss: float = float("nan"),
                  own_name: str = "") -> RoundResult:

@@ -3,6 +3,8 @@
 Workers submit their frames for a round, then each collects; the first ``collect`` closes the round with the
 frames present (in one thread nobody else will arrive), provided at least ``min_members`` submitted. Bytes are
 counted as a relay/all-gather moves them: each worker sends its frame once and receives every other member's.
+Workers connected with a public key have it handed to every collector with the round's result
+(``RoundResult.member_keys``), so their frames are verified as a coordinator's relay would have them verified.
 
 This is not a control plane (a daemon needs one that waits for the others: node/transport/inprocess_plane.py).
 """
@@ -19,8 +21,12 @@ class InProcessHub:
         self._pending: dict[int, dict[str, bytes]] = {}
         self._closed: dict[int, dict[str, bytes] | None] = {}
         self._lock = threading.Lock()
+        self.keys: dict[str, bytes] = {}  # name → public key, of the workers connected with one
 
-    def connect(self, name: str) -> "RelayLink":
+    def connect(self, name: str, public_key: bytes = b"") -> "RelayLink":
+        """``public_key``: the worker's ed25519 key (node/identity.py); b"": it signs nothing."""
+        if public_key:
+            self.keys[name] = public_key
         return RelayLink(self, name)
 
     def _close(self, round_: int) -> dict[str, bytes] | None:
@@ -52,5 +58,6 @@ class RelayLink:
             return RoundResult(round_, RoundStatus.NO_QUORUM, reason=f"fewer than {self.hub.min_members} members "
                                "submitted", bytes_sent=sent)
         received = sum(len(p) for s, p in payloads.items() if s != self.name)
+        keys = {s: self.hub.keys[s] for s in payloads if s in self.hub.keys} if self.hub.keys else {}
         return RoundResult(round_, RoundStatus.COMMITTED, payloads, reason="all live members submitted",
-                           bytes_sent=sent, bytes_received=received)
+                           bytes_sent=sent, bytes_received=received, member_keys=keys)

@@ -7,28 +7,34 @@ It keeps the coordinator's rules where a daemon can tell the difference, using t
 round holds a quorum) or at ``first payload + round_wait_s`` with at least ``min_nodes`` payloads; frames are
 validated on arrival (an invalid one is refused, as the coordinator's INVALID_ARGUMENT); the run holds the
 reference, applies every committed round, publishes its fingerprint with each result and serves its state to
-joiners; a joiner contributes from the next round once the open round has a payload. What it leaves out: leases
-(a plane that closes without leaving is gone at once, as a dropped connection would be noticed) and bytes
-on a wire (sizes are counted as a relay moves them).
+joiners; a joiner contributes from the next round once the open round has a payload. Members that join with a public
+key (``Identity.public_key``) have their frames' signatures verified on arrival, and every result hands the round's
+senders' keys to the nodes (``RoundResult.member_keys``), as the coordinator does. With a recipe's ``reduce`` on, a
+member the round's report evicts is removed (its plane reports ``lost``) and refused when it joins again, the reason
+logged. What it leaves out: leases (a plane that closes without leaving is gone at once, as a dropped connection would
+be noticed) and bytes on a wire (sizes are counted as a relay moves them).
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from node import wire
 from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig
 from node.errors import PayloadError
+from node.keyring import KeyRing
 from node.membership import MembershipPolicy, decide_close
 from node.tasks.base import Task, build_seeded
 from node.train.reference import Reference
 from node.transport.control import Identity, JoinInfo, JoinRefused, Rejoin, Stopped
 from node.transport.messages import RoundResult, RoundStatus, StateBlob, Submission
 
+log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often a waiter re-checks a deadline on the run's clock
 
 
@@ -43,6 +49,7 @@ class _Member:
 class _Closed:
     frames: dict[str, bytes]  # sender → frame, sorted
     fingerprint: str  # the reference after the round
+    keys: dict[str, bytes] = field(default_factory=dict)  # sender → its public key, where it joined with one
 
 
 @dataclass
@@ -78,6 +85,8 @@ class InProcessRun:
         self.on_frame: Callable[[int, int], None] | None = None
         self.held_from: int | None = None  # rounds from this one on do not close (``hold``)
         self.start_with = min_nodes  # members that must have joined before round 0 can close (``start_when``)
+        self.keys: dict[str, bytes] = {}  # name → the public key it joined with (kept after it leaves)
+        self.evicted: dict[str, str] = {}  # name → why the run evicted it (reduce on)
 
     def plane(self, name: str, stop: threading.Event | None = None) -> "InProcessPlane":
         return InProcessPlane(self, name, stop or threading.Event())
@@ -118,6 +127,12 @@ class InProcessRun:
             self.cond.notify_all()
 
     # -- rules ----------------------------------------------------------------------------------------------
+    def keyring(self, senders: Iterable[str] | None = None) -> KeyRing | None:
+        """The keys of ``senders`` (default: every member that joined with one); None when nobody joined with one."""
+        if not self.keys:
+            return None
+        return KeyRing({s: self.keys[s] for s in (self.keys if senders is None else senders) if s in self.keys})
+
     def _started(self) -> bool:
         return self.open.round > 0 or len(self.members) >= self.start_with
 
@@ -136,10 +151,19 @@ class InProcessRun:
             return
         r = self.open.round
         frames = {s: self.open.frames[s].frame for s in decision.members}
-        envelopes, rejected = self.reference.unpack(frames, r)
+        keys = self.keyring(frames)
+        envelopes, rejected = self.reference.unpack(frames, r, keys)
         assert not rejected, f"frames were validated on arrival: {rejected}"
         self.reference.apply(envelopes, r)
-        self.results[r] = _Closed(dict(sorted(frames.items())), self.reference.fingerprint())
+        report = self.reference.last_report
+        for name, reason in sorted(report.evicted.items()) if report is not None else ():
+            log.warning("[round=%d] %s evicted: %s", r, name, reason)
+            self.evicted[name] = reason
+            m = self.members.pop(name, None)
+            if m is not None:
+                m.plane.lost.set()
+        self.results[r] = _Closed(dict(sorted(frames.items())), self.reference.fingerprint(),
+                                  dict(keys) if keys is not None else {})
         while len(self.results) > self.keep_results:
             self.results.popitem(last=False)
         self.open = _Open(r + 1)
@@ -153,7 +177,8 @@ class InProcessRun:
         sent = len(own) if own is not None and name in closed.frames else 0
         received = sum(len(f) for s, f in closed.frames.items() if s != name)
         return RoundResult(round_, RoundStatus.COMMITTED, dict(closed.frames), reason="committed",
-                           bytes_sent=sent, bytes_received=received, reference_fingerprint=closed.fingerprint)
+                           bytes_sent=sent, bytes_received=received, reference_fingerprint=closed.fingerprint,
+                           member_keys=dict(closed.keys))
 
     def _wait(self, round_: int, until: float, stop: threading.Event, check: Callable[[], None]) -> bool:
         """Wait (holding ``cond``) until ``round_`` closed; False at ``until`` (on the run's clock)."""
@@ -197,6 +222,10 @@ class InProcessPlane:
             held = r.members.get(self.name)
             if held is not None and held.plane is not self and not held.plane.left:
                 raise JoinRefused(f"a live member is already named {self.name!r}")
+            if self.name in r.evicted:
+                raise JoinRefused(f"{self.name} was evicted from the run: {r.evicted[self.name]}")
+            if identity.public_key:
+                r.keys[self.name] = identity.public_key
             taken = {m.shard for n, m in r.members.items() if n != self.name}
             shard = next(s for s in range(r.policy.max_nodes) if s not in taken)
             first = r.open.round if not r.open.frames or not r._started() else r.open.round + 1
@@ -236,11 +265,10 @@ class InProcessPlane:
         if sub.round != r.open.round or r.members[self.name].first_round > sub.round:
             return False  # late (the round closed without it) or not ours to contribute to
         try:
-            env = wire.unpack(sub.frame, r.reference.codec, r.reference.spec, r.run.run_id, sub.round,
-                              limit=r.limit, extra_spec=r.reference.buffer_spec)
-            if env.sender != self.name:
-                raise PayloadError(f"frame names sender {env.sender!r} but {self.name!r} sent it")
-        except PayloadError:
+            wire.unpack(sub.frame, r.reference.codec, r.reference.spec, r.run.run_id, sub.round, limit=r.limit,
+                        extra_spec=r.reference.buffer_spec, sender=self.name, keys=r.keyring())
+        except PayloadError as exc:
+            log.warning("[round=%d] refused %s's frame: %s", sub.round, self.name, exc)
             return False  # refused, as the coordinator's INVALID_ARGUMENT: the round goes on without it
         if r.open.first_at is None:
             r.open.first_at = r.clock.now()

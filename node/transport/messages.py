@@ -61,6 +61,10 @@ class RoundResult:
     aggregate: bytes | None = None
     aggregate_codec: str = ""
     aggregate_members: tuple[str, ...] = ()
+    #: sender → the 32-byte ed25519 public key the run registered for it, for every sender in ``payloads``: the node
+    #: verifies each frame's signature against it (node/keyring.py). Empty where the plane knows no keys: nothing is
+    #: verified then (every replica of a round must get the same keys, or none)
+    member_keys: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def committed(self) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from node import wire
+from node.identity import NodeKey
 from node.runfile import build_run_file, load_run_file
 from node.tasks import load_task
 from node.train.reference import model_digest
@@ -46,10 +47,12 @@ class Group:
         self.planes: dict[str, ControlPlane] = {}
         self.joined: dict[str, JoinInfo] = {}
         self.workers: dict[str, Worker] = {}
+        self.keys: dict[str, NodeKey] = {}  # each member's identity: it joins with it and signs its frames
         self.stop = threading.Event()
         self._all: list[ControlPlane] = []
         self.server: Any = None
         self.run: Any = None
+        self._authority: Any = None
         try:
             if kind == "inprocess":
                 from node.transport.inprocess_plane import InProcessRun
@@ -64,14 +67,18 @@ class Group:
                 self.planes[name] = self.connect(name)
                 self.joined[name] = self.planes[name].join(self.identity(name))
                 info = self.joined[name]
-                self.workers[name] = Worker(name, self.cfg, self.task, shard=info.shard, num_shards=info.num_shards)
+                self.workers[name] = Worker(name, self.cfg, self.task, shard=info.shard, num_shards=info.num_shards,
+                                            key=self.key(name))
         except BaseException:
             self.close()
             raise
 
+    def key(self, name: str) -> NodeKey:
+        return self.keys.setdefault(name, NodeKey.generate())
+
     def identity(self, name: str) -> Identity:
         return Identity(name, json.dumps(self.cfg.to_dict()), self.cfg.config_hash(self.task.fingerprint),
-                        self.task.fingerprint, self.digest)
+                        self.task.fingerprint, self.digest, public_key=self.key(name).public)
 
     def connect(self, name: str) -> ControlPlane:
         """A new, not yet joined plane of this group's kind."""
@@ -81,16 +88,28 @@ class Group:
         elif self.kind == "grpc":
             from node.transport.grpc_control import GrpcControl
 
-            plane = GrpcControl(self.server.address, self.stop)
+            plane = GrpcControl(self.server.address, self.stop, key=self.key(name))
         else:
             from node.transport.dht_control import DhtControl, DhtSettings
 
             boot = () if not self._all else tuple(self._all[0].transport.visible_maddrs())  # type: ignore[attr-defined]
             settings = DhtSettings(initial_peers=boot, host_maddrs=DHT_NET, num_shards=8, min_nodes=1, heartbeat_s=0.5,
-                                   round_wait_s=self.round_wait_s)
+                                   round_wait_s=self.round_wait_s, authority=self.authority(), key=self.key(name))
             plane = DhtControl(self.cfg, settings, name, self.stop)
         self._all.append(plane)
         return plane
+
+    def authority(self) -> Any:
+        """The run's authority signature (serverless runs need one; an open run: any member may join)."""
+        if self._authority is None:
+            from node.identity import NodeKey
+            from node.transport.dht_authority import signed_record
+            from node.transport.dht_trust import RunAuthority
+
+            key = NodeKey.generate()
+            self._authority = RunAuthority(key.public, RunAuthority.sign(key, self.cfg.run_id, signed_record(
+                self.run_file, open_run=True)), open_run=True)
+        return self._authority
 
     def submission(self, name: str, round_: int) -> Submission:
         """``name``'s worker trains a round and offers it."""

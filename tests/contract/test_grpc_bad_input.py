@@ -126,7 +126,7 @@ def run(tmp_path: Path) -> Iterator[Run]:
                                   ("device=cpu",))
             resp = t.join()
             assert resp.first_round == 0
-            nodes[name] = Node(name, t, Worker(name, cfg, task, resp.shard, resp.num_shards))
+            nodes[name] = Node(name, t, Worker(name, cfg, task, resp.shard, resp.num_shards, key=t.key))
         yield Run(server, channel, stub, info, nodes)
     finally:
         for t in transports:
@@ -192,10 +192,11 @@ def test_malformed_payload_is_invalid_argument(run: Run) -> None:
     err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 0, garbage)]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "payload rejected: payload does not start with the lowband magic" in err.details()
-    # a frame that names another member as its sender
+    # another member's frame (signed by its key): the signature says whose it is
     err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 0, run.frame("b", 0))]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "payload names sender 'b' but node 'a' sent it" in err.details()
+    assert f"frame signed by 'b' (key id {run.nodes['b'].transport.key.key_id}) arrived as 'a''s (a swapped sender)" \
+        in err.details()
     run.honest_round()
 
 

@@ -140,3 +140,38 @@ def test_a_joiner_fetches_the_state_of_the_last_committed_round(fast: Group) -> 
     fresh = fast.workers["a"].__class__("j", fast.cfg, fast.task, shard=info.shard, num_shards=info.num_shards)
     fresh.adopt_global_state(state.blob)
     assert fresh.fingerprint() == fingerprint and fresh.reference.committed_rounds == 1
+
+
+#: planes that relay the keys members joined with (RoundResult.member_keys): every one
+KEYED_KINDS = KINDS
+
+
+@pytest.fixture(params=KEYED_KINDS)
+def keyed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Group]:
+    g = Group(request.param, NAMES, tmp_path, 1.5)
+    yield g
+    g.close()
+
+
+def test_results_carry_the_keys_members_joined_with_and_a_frame_signed_by_another_key_never_counts(
+        keyed: Group) -> None:
+    """The coordinator and the in-process run refuse the forged frame on arrival; serverless peers move it (the
+    transport moves bytes) and every worker refuses it against the key that writes c's records."""
+    from node import wire
+    from node.identity import NodeKey
+
+    subs = {n: keyed.submission(n, 0) for n in NAMES}
+    w = keyed.workers["c"]
+    env = wire.unpack(subs["c"].frame, w.codec, w.spec, keyed.cfg.run_id, 0)
+    forged = wire.pack(keyed.cfg.run_id, 0, "c", w.codec, w.spec, env.tensors, key=NodeKey.generate())
+    subs["c"] = Submission(0, forged, "c", subs["c"].loss, subs["c"].fingerprint)
+    results = exchange_all(keyed, subs)
+    for name in ("a", "b"):
+        res = results[name]
+        assert res.committed, (name, res.reason)
+        assert res.member_keys == {n: keyed.key(n).public for n in res.members}
+        report = keyed.workers[name].apply(res)
+        assert report.contributed and report.members == ("a", "b")
+        if "c" in res.members:  # serverless
+            assert "signature does not verify against the key registered for 'c'" in report.rejected["c"]
+    assert keyed.workers["a"].fingerprint() == keyed.workers["b"].fingerprint()

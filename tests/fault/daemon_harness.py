@@ -67,9 +67,13 @@ class LocalCluster:
         self.schedule = schedule or FaultSchedule()
         self.nodes: dict[str, Node] = {}
 
-    def start(self, name: str, clock: Clock = SYSTEM_CLOCK, **opts: Any) -> Node:
+    def start(self, name: str, clock: Clock = SYSTEM_CLOCK, wrap: Callable[[Any], Any] | None = None,
+              **opts: Any) -> Node:
+        """``wrap``: what the node's plane is wrapped in besides the fault seam (a hostile member's, say)."""
         stop = threading.Event()
         plane = FaultyPlane(self.run.plane(name, stop), name, self.schedule)
+        if wrap is not None:
+            plane = wrap(plane)
         options = NodeOptions(coordinator="", workdir=self.root / name, name=name, device="cpu",
                               round_timeout_s=BOUND_S, **opts)
         daemon = NodeDaemon(options, stop, plane=plane, clock=clock)

@@ -113,7 +113,7 @@ class Cluster:
     def spawn(self, name: str, args: list[str], workdir: Path | None = None, program: list[str] | None = None) -> Proc:
         """``python -m node.cli ARGS`` (or ``python PROGRAM ARGS``, e.g. a script) in a new session; stdout to
         NAME.stdout, stderr to NAME.log."""
-        n = sum(1 for p in self.procs if p.name == name)
+        n = sum(1 for p in self.procs if p.name.split(".")[0] == name)  # every restart gets a log of its own
         tag = name if n == 0 else f"{name}.{n}"
         out, err = self.root / f"{tag}.stdout", self.root / f"{tag}.log"
         with open(out, "wb") as fo, open(err, "wb") as fe:

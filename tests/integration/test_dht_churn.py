@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from dht_runs import signed_run
 from lowband_cluster import Cluster, Proc, applied_rounds, check_replicas, dht_node, dht_peer, node_maddr, read_log, \
-    terminate, wait_for, write_run_file
+    terminate, wait_for
 
 CHUNK = "65536"  # the tiny model's state is ~2 MB: 32 chunks to spread over the donors
 
@@ -44,8 +45,8 @@ def first_join(proc: Proc) -> tuple[dict, dict]:
 @pytest.mark.timeout(300)
 def test_serverless_joins_from_donors_and_survives_a_crash_and_the_bootstrap_peer_dying(
         cluster: Cluster, tmp_path: Path) -> None:
-    run = write_run_file(tmp_path / "run.toml", rounds=10_000, H=2, min_nodes=2, run_id="it-dht-churn",
-                         min_wait_s=1.0, max_wait_s=10.0, initial_wait_s=10.0)
+    run = signed_run(tmp_path / "run.toml", open_run=True, rounds=10_000, H=2, min_nodes=2, run_id="it-dht-churn",
+                     min_wait_s=1.0, max_wait_s=10.0, initial_wait_s=10.0)  # open: any node with the run file joins
     boot, maddr = dht_peer(cluster)
     d0, d1 = (dht_node(cluster, maddr, n, run) for n in ("d0", "d1"))
     wait_rounds(d0, 3)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dht_runs import signed_run
 from lowband_cluster import Proc, applied_rounds, check_replicas, rounds_table, wait_all_exit, wait_for, write_run_file
 from node.netem import netns
 from node.netem.link import Link
@@ -104,7 +105,7 @@ def test_dht_peers_in_namespaces_reach_each_other_only_through_their_announced_r
         return spawn_in(topo, host, args, tmp_path, procs)
 
     try:
-        run = write_run_file(tmp_path / "run.toml", rounds=3, min_nodes=2, run_id="it-dht-netns")
+        run = signed_run(tmp_path / "run.toml", open_run=True, rounds=3, min_nodes=2, run_id="it-dht-netns")
         boot_ip = topo.add_host("boot")
         boot = spawn("boot", ["dht", "--listen", f"/ip4/{boot_ip}/tcp/{port}"])
 

@@ -127,7 +127,8 @@ class Trial:
         t = self.transport(key, tls)
         t.identity = self.identity(name)
         resp = t.join()
-        m = self.members[name] = Member(name, t, Worker(name, self.cfg, self.task, resp.shard, resp.num_shards))
+        m = self.members[name] = Member(name, t, Worker(name, self.cfg, self.task, resp.shard, resp.num_shards,
+                                                        key=t.key))  # it signs its frames with the key it joined with
         return m
 
     def channel(self, tls: ClientTls | None = None) -> grpc.Channel:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from node.membership import (CloseDecision, CloseKind, DeadlinePolicy, Member, MembershipPolicy, admit, decide_close,
-                             expected_members, expired_members, free_shard, round_wait, run_started)
+from node.membership import (RESTART_GRACE_S, CloseDecision, CloseKind, DeadlinePolicy, Member, MembershipPolicy, admit,
+                             decide_close,
+                             expected_members, expired_members, free_shard, restored_heartbeat, round_wait,
+                             run_started)
 
 LEASE = MembershipPolicy(min_nodes=2, max_nodes=3, heartbeat_s=2.0, lease_s=10.0)
 
@@ -214,3 +216,13 @@ def test_a_round_below_quorum_closes_when_no_more_payloads_can_come() -> None:
     assert "2 < min_nodes 3" in closed.reason and "observe" in closed.reason
     early = decide_close(4.0, expected, submitted, 5.0, policy, observing={"b"})
     assert not early.close and early.kind is CloseKind.WAITING  # the deadline still applies
+
+
+def test_a_restarted_coordinator_gives_restored_members_at_least_the_grace_to_reconnect() -> None:
+    short = MembershipPolicy(min_nodes=1, max_nodes=3, heartbeat_s=0.5, lease_s=3.0)
+    long = MembershipPolicy(min_nodes=1, max_nodes=3, heartbeat_s=2.0, lease_s=30.0)
+    assert restored_heartbeat(100.0, short) == 100.0 + RESTART_GRACE_S - 3.0  # silence allowed: the grace
+    assert restored_heartbeat(100.0, long) == 100.0  # the lease is longer than the grace already
+    m = Member("n", "a", 0, 0, 0.0, restored_heartbeat(100.0, short))
+    assert expired_members(100.0 + RESTART_GRACE_S - 0.1, {"n": m}, short) == []
+    assert [nid for nid, _ in expired_members(100.0 + RESTART_GRACE_S + 0.1, {"n": m}, short)] == ["n"]

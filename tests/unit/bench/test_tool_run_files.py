@@ -64,3 +64,30 @@ def test_a_round_the_evaluator_skipped_is_shown_once_a_later_one_is_scored() -> 
 def test_round_lines(val: float, shown: str) -> None:
     line = round_line(row(4, val), 12)
     assert line.startswith("round   4/12: members=2 train_loss=3.0000") and shown in line
+
+
+def sim_json(path, recipe: str, loss: float, sent: int) -> None:
+    import json
+
+    path.write_text(json.dumps({
+        "recipe": recipe, "workers": 4, "H": 16, "rounds": 2, "tokens_per_worker": 2048, "final_val_loss": loss,
+        "bytes_sent_per_worker": sent, "bytes_received_per_worker": 3 * sent, "payload_bytes_per_round": sent // 2,
+        "params": 1000, "wall_s": 1.0, "history": [
+            {"round": 0, "bytes_sent_per_worker": sent // 2, "tokens_per_worker": 1024, "val_loss": None},
+            {"round": 1, "bytes_sent_per_worker": sent, "tokens_per_worker": 2048, "val_loss": loss}]}))
+
+
+def test_collect_tables_separate_simulate_runs_against_the_diloco_row(tmp_path) -> None:
+    from node.bench.quality import collect_results
+
+    sim_json(tmp_path / "diloco_lr0.7.json", "diloco", 1.5, 8000)
+    sim_json(tmp_path / "sign_lr8.json", "sign", 1.75, 250)
+    (tmp_path / "sign_lr2.json").write_text('{"skipped": "pruned"}')
+    rows = collect_results(sorted(tmp_path.glob("*.json")), tmp_path / "out")
+    assert [r["recipe"] for r in rows] == ["diloco_lr0.7", "sign_lr8"]
+    assert rows[1]["bits_per_param_per_round"] == 125 * 8 / 1000
+    assert rows[1]["curve"] == [{"round": 1, "bytes_sent_per_worker": 250, "tokens_per_worker": 2048,
+                                 "val_loss": 1.75}]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| sign_lr8 | 4 | 16 | 2 | 2048 | 1.7500 | +0.250 | 250 | 750 | 1.000 | 32 |" in table
+    assert (tmp_path / "out" / "loss_vs_bytes.png").stat().st_size > 0

@@ -96,9 +96,11 @@ class Harness:
         return out
 
     def frame(self, sender: str, round_: int, run: str | None = None) -> bytes:
+        """A random frame of ``sender``'s, signed with its key (the coordinator verifies it against the key it
+        joined with)."""
         ref = self.core.reference
         enc = {s.name: ref.codec.encode(torch.randn(s.shape, generator=self.gen)) for s in ref.spec}
-        return wire.pack(run or self.cfg.run.run_id, round_, sender, ref.codec, ref.spec, enc)
+        return wire.pack(run or self.cfg.run.run_id, round_, sender, ref.codec, ref.spec, enc, key=self.key(sender))
 
     def chunks(self, name: str, round_: int, data: bytes, offset: int = 0, total: int | None = None,
                piece: int = 1 << 20, loss: float = 2.0) -> list[Chunk]:
@@ -112,7 +114,7 @@ class Harness:
         return self.core.submit(iter(self.chunks(name, round_, data, **kw)))
 
     def worker(self, name: str, join: dict[str, Any]) -> Worker:
-        return Worker(name, self.cfg.run, self.core.task, join["shard"], join["num_shards"])
+        return Worker(name, self.cfg.run, self.core.task, join["shard"], join["num_shards"], key=self.key(name))
 
     def close(self) -> None:
         self.core.close()

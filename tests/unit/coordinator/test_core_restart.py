@@ -10,6 +10,7 @@ import pytest
 from core_harness import Clock, Harness
 from coordinator.errors import NotSubmitted, WrongRound
 from node.errors import ConfigError
+from node.membership import RESTART_GRACE_S
 from node.train.reference import Reference
 from node.transport.messages import RoundResult, RoundStatus
 
@@ -30,6 +31,22 @@ def test_fetch_state_is_the_reference_and_resumes_by_offset(h: Harness) -> None:
     assert tail[0]["offset"] == 100 and b"".join(p["data"] for p in tail) == blob[100:]
     with pytest.raises(WrongRound, match=f"offset {len(blob) + 1} is past the end of the {len(blob)}-byte state"):
         list(h.core.fetch_state(h.ids["a"], len(blob) + 1))
+
+
+def test_members_a_restart_restores_have_the_grace_to_reconnect_then_the_lease_rules(
+        make: Callable[..., Harness], clock: Clock) -> None:
+    """A channel backs off up to 5 s before it finds a restarted coordinator, then heartbeats: with a short lease the
+    restored members would be expelled before they could. They get ``RESTART_GRACE_S``, no more."""
+    h1 = make()
+    h1.join("a"), h1.join("b")
+    h1.close()
+    h2 = make()
+    clock.advance(RESTART_GRACE_S - 0.5)  # 14.5 s of silence: more than the 10 s lease, less than the grace
+    h2.core.tick()
+    assert len(h2.core.members) == 2
+    clock.advance(1.0)
+    h2.core.tick()
+    assert h2.core.members == {}
 
 
 def test_status_reports_members_rounds_and_submissions(h: Harness, clock: Clock) -> None:
@@ -63,7 +80,7 @@ def test_restart_resumes_rounds_fingerprint_and_members(make: Callable[..., Harn
     assert list(h2.core.spreads) == pytest.approx(spreads)  # the adaptive deadline keeps its history
     assert {nid: (m.name, m.shard) for nid, m in h2.core.members.items()} == \
         {ja["node_id"]: ("a", 0), jb["node_id"]: ("b", 1)}
-    assert all(m.last_heartbeat == clock.t and m.rounds_contributed == 1 for m in h2.core.members.values())
+    assert all(m.rounds_contributed == 1 for m in h2.core.members.values())
     h2.core.tick()
     assert len(h2.core.members) == 2
     # the last result is served from disk; the lost payload of round 1 must be resubmitted
@@ -71,7 +88,8 @@ def test_restart_resumes_rounds_fingerprint_and_members(make: Callable[..., Harn
     assert result.reason == "restored" and list(result.frames) == ["a", "b"] and to_send == ["b"]
     with pytest.raises(NotSubmitted, match="no payload from a for round 1 is held"):
         h2.core.collect(ids["a"], 1, 0.0, True)
-    h2.ids = ids
+    h2.ids, h2.keys = ids, h1.keys  # the same nodes, with the keys their frames are signed with
+    assert result.keys == {"a": h1.keys["a"].public, "b": h1.keys["b"].public}  # relayed with the restored result
     h2.submit("a", 1), h2.submit("b", 1)
     assert h2.core.reference.committed_rounds == 2
 

@@ -199,9 +199,11 @@ def test_chunks_that_do_not_continue_the_upload(h: Harness) -> None:
 @pytest.mark.parametrize("case, pattern", [
     ("garbage", r"payload rejected: payload does not start with the lowband magic b'LBW1'"),
     ("corrupt", r"payload rejected: payload digest mismatch \(truncated or corrupted in transit\)"),
-    ("wrong_round", r"payload rejected: payload is for round 1, expected round 0"),
-    ("wrong_run", r"payload rejected: payload is for run 'other-run', this run is 'core-test'"),
-    ("other_sender", r"payload names sender 'b' but node 'a' sent it"),
+    # signed frames (docs/algorithms.md §11): the signature says precisely what is wrong before anything is decoded
+    ("wrong_round", r"payload rejected: frame signed by 'a' for round 1 replayed in round 0"),
+    ("wrong_run", r"payload rejected: frame signed by 'a' for run 'other-run' replayed in run 'core-test'"),
+    ("other_sender", r"payload rejected: frame signed by 'b' \(key id [0-9a-f]{16}\) arrived as 'a''s \(a swapped "
+                     r"sender\)"),
 ])
 def test_bad_payloads_are_rejected_and_the_member_can_still_submit(h: Harness, case: str, pattern: str) -> None:
     h.join("a"), h.join("b")

@@ -3,6 +3,7 @@ driven by synthetic records and a fake clock (plain floats), without a DHT. Ever
 and the reason a peer would log."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 from typing import Any
 
@@ -15,9 +16,14 @@ from node.transport.dht_agreement import (AgreeKind, Announcement, CloseView, Gr
                                           take_late)
 
 
-def announcement(sender: str, fp: str = "ref", sha: str | None = None) -> list[Any]:
+def sha(sender: str) -> str:
+    """A sender's frame digest (the records carry real sha256 hex: a malformed one is refused)."""
+    return hashlib.sha256(sender.encode()).hexdigest()
+
+
+def announcement(sender: str, fp: str = "ref", digest: str | None = None) -> list[Any]:
     """As read back from the DHT (msgpack gives lists)."""
-    return [f"peer-{sender}", 1000, sha or f"sha-{sender}", fp]
+    return [f"peer-{sender}", 1000, digest or sha(sender), fp]
 
 
 def announced(*senders: str, fp: str = "ref") -> dict[str, Announcement]:
@@ -26,7 +32,7 @@ def announced(*senders: str, fp: str = "ref") -> dict[str, Announcement]:
 
 
 def pairs(*senders: str) -> frozenset[tuple[str, str]]:
-    return frozenset((s, f"sha-{s}") for s in senders)
+    return frozenset((s, sha(s)) for s in senders)
 
 
 def have(held: tuple[str, ...], group: tuple[str, ...]) -> HaveList:
@@ -39,7 +45,7 @@ def done(publisher: str, at: float, committed: bool = True, fp: str = "ref", hel
 
 # -- records ------------------------------------------------------------------------------------------------
 def test_records_round_trip_and_malformed_ones_are_ignored() -> None:
-    assert Announcement.parse(announcement("a")) == Announcement("peer-a", 1000, "sha-a", "ref")
+    assert Announcement.parse(announcement("a")) == Announcement("peer-a", 1000, sha("a"), "ref")
     for bad in (None, "x", ["p", 1, "s"], ["p", "1000", "s", "f"], ["p", 1, "s", None], [1, 1, "s", "f"]):
         assert Announcement.parse(bad) is None, bad
     h = have(("a", "b"), ("a", "b", "c"))
@@ -49,14 +55,16 @@ def test_records_round_trip_and_malformed_ones_are_ignored() -> None:
     o = Outcome("a", "peer-a", "ref", 12.5, True, pairs("a", "b"))
     back = Outcome.parse("a", o.encode())
     assert back is not None and (back.pairs, back.published_at, back.sources) == (o.pairs, 12.5, {"a": "peer-a"})
-    assert Outcome.parse("a", ["peer-a", "ref", "soon", True, []]) is None
+    assert Outcome.parse("a", ["peer-a", "ref", "soon", True, [], []]) is None
+    assert Outcome.parse("a", ["peer-a", "ref", 1.0, True, []]) is None  # no confirming members: an older format
     assert Outcome.parse("a", ["peer-a", "ref", 1.0, 1, []]) is None  # committed must be a bool
 
 
 def test_live_members_are_heartbeats_that_take_part_in_the_round() -> None:
-    beats = {"a": ["pa", True, 0], "left": ["pl", False], "joiner": ["pj", True, 5], "odd": ["po", True, "0"],
-             "dead": ["pd", False, 0]}
-    assert live_members(beats, 4) == {"a"}  # a leave is not live; a joiner counts from its round
+    beats = {"a": ["pa", "live", 0], "left": ["pl", "left", 0], "joiner": ["pj", "live", 5], "odd": ["po", "live", "0"],
+             "dead": ["pd", False, 0], "fetching": ["pf", "joining", 0]}
+    assert live_members(beats, 4) == {"a"}  # a leave is not live, nor one fetching the state; a joiner counts from
+    # its round
     assert live_members(beats, 5) == {"a", "joiner"}
     assert live_members(beats) == {"a", "joiner"}
 
@@ -68,7 +76,7 @@ def test_have_lists_of_senders_outside_the_group_are_not_read() -> None:
 
 # -- closing ------------------------------------------------------------------------------------------------
 def test_a_failed_read_keeps_the_last_view_and_never_shrinks_it() -> None:
-    beats = {"a": ["pa", True, 0], "b": ["pb", True, 0]}
+    beats = {"a": ["pa", "live", 0], "b": ["pb", "live", 0]}
     view = CloseView().see(10.0, {"a": announcement("a")}, beats)
     assert view.first_seen == 10.0 and set(view.announced) == {"a"} and view.live(0) == {"a", "b"}
     failed = view.see(11.0, None, None)  # both reads failed
@@ -290,9 +298,9 @@ def test_the_settle_wait_ends_when_every_member_we_agreed_with_published() -> No
 
 
 def test_adopted_frames_come_from_their_sender_first_then_from_every_publisher() -> None:
-    outcome = Outcome("p", "peer-p", "ref", 1.0, True, pairs("a", "b"), {"p": "peer-p", "q": "peer-q"})
+    outcome = Outcome("p", "peer-p", "ref", 1.0, True, pairs("a", "b"), sources={"p": "peer-p", "q": "peer-q"})
     group = {**announced("a"), "b": Announcement("peer-b", 10, "a-newer-frame", "ref")}  # b retried the round
-    assert adopt_sources(outcome, group) == {"a": (["peer-a", "peer-p", "peer-q"], None, "sha-a"),
-                                             "b": (["peer-p", "peer-q"], None, "sha-b")}
+    assert adopt_sources(outcome, group) == {"a": (["peer-a", "peer-p", "peer-q"], None, sha("a")),
+                                             "b": (["peer-p", "peer-q"], None, sha("b"))}
     assert commit_reason({"a", "b"}, {"a", "b"}) == "every announced member agreed"
     assert commit_reason({"a", "b", "c"}, {"b"}) == "committed without a, c"

@@ -127,15 +127,15 @@ def test_a_joiner_one_member_closed_without_is_taken_in_because_its_donor_waits_
     caplog.set_level(logging.INFO, logger="node.transport.dht")
     with peers("run-late-join", round_wait_s=300.0) as ts:
         w0, w1, w2 = ts
-        w2.join(from_round=1)  # w2's heartbeat, as w0 reads it: not part of round 0 (its join reached w0 late) ...
+        frames = {t.name: bytes([i + 1]) * 1000 for i, t in enumerate(ts)}
+        for t in (w0, w1):  # the members announce round 0 from reference "fp" (which vouches for w1's offer) ...
+            t.submit(0, frames[t.name], "fp")
+        w2.join(from_round=1)  # ... w2's heartbeat, as w0 reads it: not part of round 0 (its join reached w0 late)
         th, out = fetch_in_background(w2, need=0, timeout_s=60, gather_s=0.0)
         offer_until_wanted([w1], 0, os.urandom(1000), timeout_s=30)  # ... but w1 gave it the state of round 0
         th.join(90)
         assert out["got"] is not None and out["got"].per_donor == {"w1": 1000}
         assert w1.state.expected == {0: {"w2"}} and w0.state.expected == {}
-        frames = {t.name: bytes([i + 1]) * 1000 for i, t in enumerate(ts)}
-        for t in (w0, w1):
-            t.submit(0, frames[t.name])
         results: dict[str, Any] = {}
         early = [threading.Thread(target=lambda t=t: results.__setitem__(t.name, t.collect(0, 60.0))) for t in (w0, w1)]
         for th in early:
@@ -171,7 +171,7 @@ def test_a_well_formed_frame_with_invalid_content_is_rejected_by_every_worker(
                 name = next(iter(pending.encoded))
                 bad = {n: dict(enc) for n, enc in pending.encoded.items()}
                 bad[name]["scales"] = torch.full_like(bad[name]["scales"], float("nan"))
-                frame = wire.pack(w.cfg.run_id, 0, w.name, w.codec, w.spec, bad)
+                frame = wire.pack(w.cfg.run_id, 0, w.name, w.codec, w.spec, bad, key=w.key)  # signed: its own
             t.submit(0, frame)
         results = collect_all(ts, 0)
         for res in results.values():

@@ -147,7 +147,7 @@ class CollectRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., wait_ms: _Optional[int] = ..., submitted: _Optional[bool] = ...) -> None: ...
 
 class CollectHeader(_message.Message):
-    __slots__ = ("round", "committed", "members", "payload_sizes", "reference_fingerprint", "reason", "aggregate_size", "aggregate_codec")
+    __slots__ = ("round", "committed", "members", "payload_sizes", "reference_fingerprint", "reason", "aggregate_size", "aggregate_codec", "member_keys")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class CollectHeader(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_SIZE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_CODEC_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_KEYS_FIELD_NUMBER: _ClassVar[int]
     round: int
     committed: bool
     members: _containers.RepeatedScalarFieldContainer[str]
@@ -164,7 +165,8 @@ class CollectHeader(_message.Message):
     reason: str
     aggregate_size: int
     aggregate_codec: str
-    def __init__(self, round: _Optional[int] = ..., committed: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ..., payload_sizes: _Optional[_Iterable[int]] = ..., reference_fingerprint: _Optional[str] = ..., reason: _Optional[str] = ..., aggregate_size: _Optional[int] = ..., aggregate_codec: _Optional[str] = ...) -> None: ...
+    member_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, round: _Optional[int] = ..., committed: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ..., payload_sizes: _Optional[_Iterable[int]] = ..., reference_fingerprint: _Optional[str] = ..., reason: _Optional[str] = ..., aggregate_size: _Optional[int] = ..., aggregate_codec: _Optional[str] = ..., member_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PayloadPiece(_message.Message):
     __slots__ = ("member", "offset", "data")
@@ -215,7 +217,7 @@ class StatusRequest(_message.Message):
     def __init__(self, read_token: _Optional[str] = ...) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("node_id", "name", "last_heartbeat_age_s", "rounds_contributed", "first_round", "bytes_in", "bytes_out", "last_loss", "capabilities", "key_id")
+    __slots__ = ("node_id", "name", "last_heartbeat_age_s", "rounds_contributed", "first_round", "bytes_in", "bytes_out", "last_loss", "capabilities", "key_id", "frames_seen", "frames_clipped", "frames_rejected", "norm_ratio", "cosine")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +228,11 @@ class MemberStatus(_message.Message):
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_SEEN_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    NORM_RATIO_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     last_heartbeat_age_s: float
@@ -236,7 +243,22 @@ class MemberStatus(_message.Message):
     last_loss: float
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     key_id: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., rounds_contributed: _Optional[int] = ..., first_round: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., last_loss: _Optional[float] = ..., capabilities: _Optional[_Iterable[str]] = ..., key_id: _Optional[str] = ...) -> None: ...
+    frames_seen: int
+    frames_clipped: int
+    frames_rejected: int
+    norm_ratio: float
+    cosine: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., rounds_contributed: _Optional[int] = ..., first_round: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., last_loss: _Optional[float] = ..., capabilities: _Optional[_Iterable[str]] = ..., key_id: _Optional[str] = ..., frames_seen: _Optional[int] = ..., frames_clipped: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., norm_ratio: _Optional[float] = ..., cosine: _Optional[float] = ...) -> None: ...
+
+class EvictedMember(_message.Message):
+    __slots__ = ("name", "round", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    round: int
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("round", "members", "bytes_in", "bytes_out", "duration_s", "mean_loss", "reason", "val_loss", "reference_fingerprint")
@@ -261,7 +283,7 @@ class RoundStatus(_message.Message):
     def __init__(self, round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., duration_s: _Optional[float] = ..., mean_loss: _Optional[float] = ..., reason: _Optional[str] = ..., val_loss: _Optional[float] = ..., reference_fingerprint: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("run_id", "recipe", "current_round", "committed_rounds", "deadline_in_s", "members", "recent_rounds", "reference_fingerprint", "submitted", "persistence_error")
+    __slots__ = ("run_id", "recipe", "current_round", "committed_rounds", "deadline_in_s", "members", "recent_rounds", "reference_fingerprint", "submitted", "persistence_error", "evicted")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +294,7 @@ class StatusResponse(_message.Message):
     REFERENCE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     PERSISTENCE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     recipe: str
     current_round: int
@@ -282,4 +305,5 @@ class StatusResponse(_message.Message):
     reference_fingerprint: str
     submitted: _containers.RepeatedScalarFieldContainer[str]
     persistence_error: str
-    def __init__(self, run_id: _Optional[str] = ..., recipe: _Optional[str] = ..., current_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., reference_fingerprint: _Optional[str] = ..., submitted: _Optional[_Iterable[str]] = ..., persistence_error: _Optional[str] = ...) -> None: ...
+    evicted: _containers.RepeatedCompositeFieldContainer[EvictedMember]
+    def __init__(self, run_id: _Optional[str] = ..., recipe: _Optional[str] = ..., current_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., reference_fingerprint: _Optional[str] = ..., submitted: _Optional[_Iterable[str]] = ..., persistence_error: _Optional[str] = ..., evicted: _Optional[_Iterable[_Union[EvictedMember, _Mapping]]] = ...) -> None: ...
