@@ -2,7 +2,8 @@
 
 - ``checkpoint.safetensors``: the state format of docs/state.md with ``kind = "checkpoint"`` (node/train/checkpoint.py),
   written then renamed, on a thread of its own so a large model's snapshot does not stall training.
-- ``rounds.jsonl``: one line per applied round or adopted state — the exactly-once audit trail (node/roundlog.py).
+- ``rounds.jsonl``: one line per applied round, adopted state or resumed checkpoint — the exactly-once audit trail
+  (node/roundlog.py).
 
 The node's key (``node.key``, node/identity.py) lives here too; the control plane that signs with it loads it.
 """
@@ -62,6 +63,8 @@ class Workdir:
         if (self.path / checkpoint.OLD_FILE).exists():
             log.warning("[node=%s] %s is a PyTorch pickle from an older lowband: it is never loaded (delete it); "
                         "checkpoints are %s now", self.name, self.path / checkpoint.OLD_FILE, checkpoint.FILE)
+        if self._write is not None:
+            self._write.result()  # a rejoin restores what the last write holds, not the file before it
         path = self.checkpoint_file
         if not path.exists():
             return False
