@@ -11,7 +11,7 @@ others, which only train.
 
 Files in the workdir (node/workdir.py): ``node.key`` (the node's ed25519 identity, node/identity.py: it signs its calls
 and every frame), ``checkpoint.safetensors`` (write-then-rename every ``checkpoint_every`` applied rounds and on exit;
-docs/state.md) and ``rounds.jsonl`` (one line per applied round or adopted state: the exactly-once
+docs/state.md) and ``rounds.jsonl`` (one line per applied round, adopted state or resumed checkpoint: the exactly-once
 audit trail; with a recipe's ``reduce`` on, each round's accountability report under ``"robust"``).
 """
 from __future__ import annotations

@@ -17,7 +17,8 @@ serverless run, its DHT records; the worker verifies the other members' frames w
 
 Each round's record is produced in one place, ``_record``: the ``RoundReport`` returned to the driver, the
 ``rounds.jsonl`` line and the log line all come from it (node/round_report.py), and ``listeners`` (e.g. metrics) are
-called there.
+called there. A node restored from its checkpoint logs ``{"event": "resumed", "committed_rounds": c}``: rounds from c
+on that the log already holds (applied before a kill, after the checkpoint was written) are applied again after it.
 """
 from __future__ import annotations
 
@@ -335,6 +336,8 @@ class RoundEngine:
         if self.files.restore(worker, self.config_hash):
             self.resumed = True
             c = worker.reference.committed_rounds
+            # rounds from c on that the log holds (written before a kill, the checkpoint not yet) are applied again
+            self.files.log_round({"event": "resumed", "committed_rounds": c, "fingerprint": worker.fingerprint()})
             # where peers serve the state (serverless): from the start, so that after every node restarted, one
             # whose checkpoint is a round behind can fetch it from the others instead of waiting for them forever
             self._plane.offer_state(c, worker.fingerprint(), worker.reference.to_bytes)

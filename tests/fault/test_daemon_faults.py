@@ -88,6 +88,11 @@ def test_a_node_that_crashes_restarts_from_its_workdir_and_catches_up(tmp_path: 
         assert all(o == {"code": 0} for o in cl.wait_all().values())
         check_consistent(cl)
         assert cl.applied("b")[5]["contributed"]  # back in the run
+        log = cl.log("b")
+        resumed = [i for i, e in enumerate(log) if e.get("event") == "resumed"]
+        # the restart says where its checkpoint left the node (after rounds 0 and 1), right after the rounds before it
+        assert len(resumed) == 1 and log[resumed[0]]["committed_rounds"] == 2, log
+        assert [e["round"] for e in log[:resumed[0]]] == [0, 1]
 
 
 def test_a_node_late_two_rounds_in_a_row_sits_one_out_to_get_back_in_step(tmp_path: Path) -> None:
