@@ -176,8 +176,9 @@ class Session:
         state) written into the model's parameters and buffers in place, the checkpoint written. Returns that round's
         report (``RoundReport``), or None between rounds (and for the first round of an overlapped run, applied at the
         next boundary). ``loss``: the step's training loss, for the report (a tensor costs a device sync; None: not
-        recorded). After ``done`` it does nothing and returns None. Raises ``JoinRefused`` when a rejoin is refused,
-        RuntimeError once the session is closed."""
+        recorded). After ``done`` it does nothing and returns None. Raises ``JoinRefused`` when the node had to join
+        again (a lost lease, a coordinator restart) and the run refused it (e.g. it evicted this node: ``done`` is then
+        True and ``close()`` leaves as usual), RuntimeError once the session is closed."""
         if self._closed:
             raise RuntimeError("this lowband session is closed")
         if self._done:
@@ -194,6 +195,9 @@ class Session:
             report = self._lead(stats) if self._engine is not None else self._follow()
         except Stopped:
             self._done, report = True, None
+        except JoinRefused:  # joining again was refused (e.g. the run evicted this node): the state is whole, so
+            self._in_step, self._done = False, True  # close() leaves as the daemon does (exit checkpoint, Leave)
+            raise
         self._in_step = False
         self.last_report = report or self.last_report
         return report

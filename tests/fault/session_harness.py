@@ -61,9 +61,10 @@ class SessionCluster(LocalCluster):
     """``start_user(name)`` runs a user's loop for ``name`` (workdir ``root/name``)."""
 
     def start_user(self, name: str, on_joined: Callable[[UserNode], None] | None = None, grads_check: bool = True,
-                   nan_at: int | None = None, **join_kwargs: Any) -> UserNode:
+                   nan_at: int | None = None, wrap: Callable[[Any], Any] | None = None, **join_kwargs: Any) -> UserNode:
         """``nan_at``: the loss of this node's inner step ``nan_at`` (0-based, counted in this loop) is NaN;
-        ``grads_check``: the loop asks ``session.grads_finite`` before each optimizer step."""
+        ``grads_check``: the loop asks ``session.grads_finite`` before each optimizer step; ``wrap``: what the node's
+        plane is wrapped in besides the fault seam (a hostile member's, say)."""
         stop = threading.Event()
         # not the run's seed: join writes the run's weights. build_seeded: one build at a time in the process (a build
         # seeds torch's global generator, which another thread's join is drawing the run's initial weights from)
@@ -71,6 +72,8 @@ class SessionCluster(LocalCluster):
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
         plane = FaultyPlane(self.run.plane(name, stop), name, self.schedule)
+        if wrap is not None:
+            plane = wrap(plane)
         node = UserNode(name, threading.Thread(name=f"user-{name}", daemon=True), stop, model, optimizer, scheduler)
 
         def body() -> None:
@@ -103,6 +106,8 @@ class SessionCluster(LocalCluster):
                 node.outcome["done"] = True
             except NodeCrashed as exc:
                 node.outcome["crashed"] = str(exc)
+            except lowband.JoinRefused as exc:  # the run refused it when it joined (again)
+                node.outcome["refused"] = str(exc)
             except BaseException as exc:  # a test must see it, not a silent thread death
                 log.exception("%s failed", name)
                 node.outcome["error"] = repr(exc)
