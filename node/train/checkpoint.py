@@ -45,7 +45,8 @@ def snapshot(worker: "Worker", **identity: Any) -> tuple[dict[str, Any], dict[st
         tensors["rng/task"] = torch.frombuffer(bytearray(task_rng), dtype=torch.uint8).clone()
     header |= identity | {
         "kind": "checkpoint",
-        "inner": {"optimizer": inner_header.pop("optimizer", worker.cfg.recipe.inner.optimizer), "step": inner.step, "drawn": inner.drawn,
+        "inner": {"optimizer": inner_header.pop("optimizer", worker.cfg.recipe.inner.optimizer), "step": inner.step,
+                  "drawn": inner.drawn,
                   "shard": worker.shard, "num_shards": worker.num_shards, "skipped": inner.skipped, **inner_header},
         "feedback": {"decay": worker.cfg.recipe.feedback_decay, "names": sorted(worker.feedback.residuals)},
         "resets": worker.resets,
