@@ -6,7 +6,8 @@ the idempotent commit, results — in ``coordinator/rounds.py`` (``Rounds``, its
 
 Identity: a member is a node key (node/identity.py). Join checks the join token, every field's bounds, the key's
 signature over (run id, name, key, timestamp) within ``skew_s`` of this machine's clock, then the run's config.
-The same name with the same key replaces the live session at once; the same name with another key is refused.
+The same name with the same key replaces the live session at once; the same name with another key is refused — for
+the whole run, live or not: a name is bound to the first key that joined under it (coordinator/names.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 from coordinator.bounds import check_join, check_node_id, check_token, printable
-from coordinator.errors import Conflict, Full, Invalid, Refused, Unauthorized, UnknownNode, WrongRound
+from coordinator.errors import Conflict, Evicted, Full, Invalid, Refused, ResumeMismatch, Unauthorized, UnknownNode
+from coordinator.names import Names
 from coordinator.rounds import STATE_CHUNK, Chunk, Committed, Rounds  # noqa: F401  (re-exported)
 from coordinator.store import Store
 from node import membership as policy
@@ -30,8 +32,16 @@ from node.runfile import RunFile
 from node.transport.grpc_auth import join_message
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 2
+#: 3: config hash over RFC 8785 canonical JSON; status codes one meaning each (INVALID_ARGUMENT for malformed
+#: input, ABORTED for "submit again", OUT_OF_RANGE only for byte offsets); GetRun checks the version too
+PROTOCOL_VERSION = 3
 MAX_DIFFS = 20  # differing config fields named in a refusal
+
+
+def check_protocol(version: int) -> None:
+    """Raises Refused unless ``version`` is the one this coordinator speaks (0, unset, is refused too)."""
+    if version != PROTOCOL_VERSION:
+        raise Refused(f"protocol version {version} is not supported; this coordinator speaks {PROTOCOL_VERSION}")
 
 
 class CoordinatorCore(Rounds):
@@ -47,12 +57,20 @@ class CoordinatorCore(Rounds):
         for m in self.members.values():  # a restart must not make everyone look idle
             m.active_round = m.contributed_round = self.open_round - 1
         self.members_dirty = False
+        self.names = Names(store.load_names())  # name → the first key that joined under it; evicted keys
+        for m in self.members.values():  # members of a state dir from before names were bound hold theirs
+            if m.name not in self.names.bound:
+                self.names.bind(m.name, m.public_key, wall())
+        if self.names.dirty:
+            self._save_members()
         self.join_signatures: OrderedDict[bytes, float] = OrderedDict()  # replay window of Join signatures
         self.prefetched: OrderedDict[bytes, float] = OrderedDict()  # key → when it downloaded the state before Join
-        self.evicted_keys: dict[bytes, str] = {}  # keys of evicted members → why (names: the reference's records)
 
     # -- run and membership --------------------------------------------------------------------------
     def run_info(self, protocol_version: int, read_token: str = "") -> dict[str, Any]:
+        """GetRun. Raises Refused for another protocol version (checked first: a client of another version learns
+        that before anything else), Unauthorized for a missing or wrong read token."""
+        check_protocol(protocol_version)
         self.check_read(read_token)
         return {"run_id": self.cfg.run.run_id, "config_json": json.dumps(self.cfg.run.to_dict()),
                 "config_hash": self.config_hash, "task_fingerprint": self.task.fingerprint,
@@ -70,39 +88,24 @@ class CoordinatorCore(Rounds):
     def join(self, name: str, protocol_version: int, config_json: str, config_hash: str, task_fingerprint: str,
              digest: str, capabilities: Iterable[str], join_token: str, public_key: bytes = b"",
              signature: bytes = b"", timestamp_ms: int = 0) -> dict[str, Any]:
-        """Admit a node. Raises Refused (protocol, config, task, model), Unauthorized (token, signature, timestamp,
-        replay), Invalid (a field out of bounds), Conflict (name taken by another key) or Full."""
+        """Admit a node. Raises Refused (protocol; config, config hash, task or model: every difference named at
+        once), Unauthorized (token, signature, timestamp, replay), Invalid (a field out of bounds, config_json not a JSON
+        object), Evicted, Conflict (name taken by another key) or Full."""
         mp = self.cfg.membership
-        if protocol_version != PROTOCOL_VERSION:
-            raise Refused(f"protocol version {protocol_version} is not supported; this coordinator speaks {PROTOCOL_VERSION}")
+        check_protocol(protocol_version)
         self._authorize(join_token)
         caps = check_join(name, config_json, config_hash, task_fingerprint, digest, capabilities, public_key,
                           signature)
         self._check_join_signature(name, public_key, signature, timestamp_ms)
         evicted = self._was_evicted(name, public_key)
         if evicted:
-            raise Refused(f"{name} (key {key_id(public_key)}) was evicted from this run: {evicted}")
-        try:
-            theirs = json.loads(config_json) if config_json else None
-        except json.JSONDecodeError as exc:
-            raise Refused(f"config_json is not valid JSON: {exc}") from None
-        if theirs is not None:
-            if not isinstance(theirs, dict):
-                raise Invalid("config_json: must be a JSON object (the node's RunConfig)")
-            diffs = diff_configs(theirs, self.cfg.run.to_dict())
-            if diffs:
-                more = f"; and {len(diffs) - MAX_DIFFS} more" if len(diffs) > MAX_DIFFS else ""
-                raise Refused("config differs from the run's (node vs run): " + "; ".join(
-                    printable(d, 160) for d in diffs[:MAX_DIFFS]) + more)
-        if task_fingerprint != self.task.fingerprint:
-            raise Refused(f"task fingerprint differs: node {task_fingerprint[:16]} vs run {self.task.fingerprint[:16]} "
-                          "(different data, e.g. another Python version's standard library, or task parameters)")
-        if digest != self.model_digest:
-            raise Refused(f"model tensors differ: node digest {digest} vs run {self.model_digest}")
-        if config_hash != self.config_hash:
-            raise Refused(f"config hash differs: node {config_hash} vs run {self.config_hash}")
+            raise Evicted(f"{name} (key {key_id(public_key)}) was evicted from this run: {evicted}")
+        differences = self._differences(config_json, config_hash, task_fingerprint, digest)
+        if differences:
+            raise Refused("this node differs from the run (node vs run): " + "; ".join(differences))
         with self.lock:
             now = self.clock()
+            self.names.check(name, public_key)  # first: waiting for a live holder's lease would not help
             admission = policy.admit(self.members, name, mp, public_key, now, self.open_round)
             if not admission.act:
                 raise (Full if admission.kind is AdmitKind.FULL else Conflict)(admission.reason)
@@ -125,6 +128,7 @@ class CoordinatorCore(Rounds):
             self.members[node_id] = Member(node_id, name, first, shard, time.time(), now, tuple(caps),
                                            public_key=public_key, contributed_at=now, active_round=first - 1,
                                            holds_state=fetched is not None and now - fetched < 3600)
+            self.names.bind(name, public_key, self.wall())
             self._save_members()
             log.info("[round=%d] join %s key %s (shard %d, first round %d)%s", self.open_round, name,
                      key_id(public_key), shard, first, "" if admission.kind is AdmitKind.ADMITTED
@@ -134,6 +138,29 @@ class CoordinatorCore(Rounds):
                     "first_round": first, "committed_rounds": self.reference.committed_rounds,
                     "config_json": json.dumps(self.cfg.run.to_dict()), "shard": shard, "num_shards": mp.max_nodes,
                     "replaced": admission.kind is AdmitKind.REPLACED}
+
+    def _differences(self, config_json: str, config_hash: str, task_fingerprint: str, digest: str) -> list[str]:
+        """Every way a joining node differs from the run, each named (a node fixes all of them in one go), or [].
+        Raises Invalid when ``config_json`` is not a JSON object (malformed, not a difference)."""
+        out = []
+        try:
+            theirs = json.loads(config_json) if config_json else None
+        except json.JSONDecodeError as exc:
+            raise Invalid(f"config_json: not valid JSON: {exc}") from None
+        if theirs is not None:
+            if not isinstance(theirs, dict):
+                raise Invalid("config_json: must be a JSON object (the node's RunConfig)")
+            diffs = diff_configs(theirs, self.cfg.run.to_dict())
+            more = [f"and {len(diffs) - MAX_DIFFS} more config fields"] if len(diffs) > MAX_DIFFS else []
+            out += [f"config {printable(d, 160)}" for d in diffs[:MAX_DIFFS]] + more
+        if config_hash != self.config_hash:
+            out.append(f"config hash {config_hash} vs {self.config_hash}")
+        if task_fingerprint != self.task.fingerprint:
+            out.append(f"task fingerprint {task_fingerprint[:16]} vs {self.task.fingerprint[:16]} (different data, e.g. "
+                       "another Python version's standard library, or task parameters)")
+        if digest != self.model_digest:
+            out.append(f"model digest {digest} vs {self.model_digest} (the model's tensor names or shapes)")
+        return out
 
     def _check_join_signature(self, name: str, public_key: bytes, signature: bytes, timestamp_ms: int) -> None:
         off = timestamp_ms / 1000.0 - self.wall()
@@ -155,20 +182,23 @@ class CoordinatorCore(Rounds):
 
     def _was_evicted(self, name: str, public_key: bytes) -> str:
         """Why ``name`` or ``public_key`` was evicted ([recipe.reduce] evict_after), or "". Names are in the run's
-        robust state (they survive a restart); keys only in memory."""
+        robust state, keys in the coordinator's name table (both survive a restart)."""
         with self.lock:
             robust = self.reference.robust
             record = robust.evicted(name) if robust is not None else None
             if record is not None:
                 return f"at round {record.evicted_at}: {record.reason}"
-            return self.evicted_keys.get(public_key, "")
+            return self.names.evicted_keys.get(public_key, "")
 
     def _evict(self, name: str, why: str) -> None:
         """Drop every session of member ``name`` and refuse its key from now on; caller holds the lock."""
         for node_id in [nid for nid, m in self.members.items() if m.name == name]:
             if self.members[node_id].public_key:
-                self.evicted_keys[self.members[node_id].public_key] = why
+                self.names.evict(self.members[node_id].public_key, why)
             self._drop(node_id, why, level=logging.WARNING)
+
+    def _bound_keys(self, names: Iterable[str]) -> dict[str, bytes]:
+        return self.names.keys_of(names)
 
     def _authorize(self, join_token: str) -> None:
         check_token("join_token", join_token)
@@ -199,7 +229,8 @@ class CoordinatorCore(Rounds):
 
     def _save_members(self) -> None:
         try:
-            self.store.save_members(self.members)
+            self.store.save_members(self.members, self.names.pending())
+            self.names.saved()
             self.members_dirty = False
         except (OSError, self.db_errors) as exc:
             self.members_dirty = True
@@ -248,7 +279,7 @@ class CoordinatorCore(Rounds):
         try:
             committed, blob, fingerprint = self.state_blob()
             if offset > len(blob):
-                raise WrongRound(f"offset {offset} is past the end of the {len(blob)}-byte state")
+                raise ResumeMismatch(f"offset {offset} is past the end of the {len(blob)}-byte state")
             with self.lock:
                 if node_id in self.members:
                     self.members[node_id].bytes_out += len(blob) - offset
@@ -273,8 +304,9 @@ class CoordinatorCore(Rounds):
         with self.lock:
             now = self.clock()
             robust = self.reference.robust
-            return {"records": dict(robust.members) if robust is not None else {},"run_id": self.cfg.run.run_id, "recipe": self.cfg.run.recipe.name, "current_round": self.open_round,
-                    "committed_rounds": self.reference.committed_rounds,
+            return {"records": dict(robust.members) if robust is not None else {}, "run_id": self.cfg.run.run_id,
+                    "recipe": self.cfg.run.recipe.name, "current_round": self.open_round,
+                    "committed_rounds": self.reference.committed_rounds, "total_rounds": self.cfg.run.rounds,
                     "deadline_in_s": (self.deadline - now) if self.deadline is not None else -1.0,
                     "members": [m for m in self.members.values()], "recent": list(self.recent),
                     "reference_fingerprint": self.reference.fingerprint(),

@@ -1,4 +1,11 @@
-"""Domain errors of the coordinator; the servicer maps each to one gRPC status code."""
+"""Domain errors of the coordinator; the servicer maps each to one gRPC status code.
+
+One code means one thing across the whole service (the table of every RPC's codes is in
+proto/lowband/v1/coordinator.proto): INVALID_ARGUMENT is malformed input, FAILED_PRECONDITION a request that is well
+formed but does not fit the run's state (incompatible node, round not open, result not held), OUT_OF_RANGE a byte
+offset outside what the coordinator holds, and so on. A client decides by the code alone; metadata only adds a value
+(the offset to resume from).
+"""
 from __future__ import annotations
 
 
@@ -13,8 +20,13 @@ class CoordinatorError(Exception):
 
 
 class Refused(CoordinatorError):
-    """Join refused: incompatible protocol, config, task or model."""
+    """Incompatible caller: its protocol version, config, config hash, task or model differ from the run's."""
     code = "FAILED_PRECONDITION"
+
+
+class Evicted(CoordinatorError):
+    """Join by a name or key the run evicted ([recipe.reduce] evict_after): it may not join again."""
+    code = "PERMISSION_DENIED"
 
 
 class Unauthorized(CoordinatorError):
@@ -28,19 +40,28 @@ class UnknownNode(CoordinatorError):
 
 
 class Conflict(CoordinatorError):
+    """A name bound to another key (Join: the first key that joined under it, coordinator/names.py); another payload
+    already accepted for this round (Submit)."""
     code = "ALREADY_EXISTS"
 
 
 class Full(CoordinatorError):
+    """The run has max_nodes live members (no ``lowband-retry`` metadata: retrying at once will not help)."""
     code = "RESOURCE_EXHAUSTED"
 
 
 class TooLarge(CoordinatorError):
-    code = "RESOURCE_EXHAUSTED"
+    """A payload or chunk larger than any honest frame for this model: malformed input, like ``BadPayload``."""
+    code = "INVALID_ARGUMENT"
 
 
 class BadPayload(CoordinatorError):
+    """An upload that is not a valid frame for this run (stream shape, sizes, envelope, signature)."""
     code = "INVALID_ARGUMENT"
+
+
+class BadSignature(BadPayload):
+    """A frame whose signature is missing or does not verify against the key its sender joined with."""
 
 
 class WrongRound(CoordinatorError):
@@ -48,8 +69,13 @@ class WrongRound(CoordinatorError):
     code = "FAILED_PRECONDITION"
 
 
+class Late(WrongRound):
+    """A payload for a round that already closed (the metrics count these apart: ``lowband_frames_late_total``)."""
+
+
 class ResumeMismatch(CoordinatorError):
-    """Upload resumed at the wrong offset; metadata ``lowband-resume-offset`` holds the right one."""
+    """A byte offset outside what the coordinator holds: an upload resumed at the wrong offset (metadata
+    ``lowband-resume-offset`` holds the right one), or a state download from past the end of the state."""
     code = "OUT_OF_RANGE"
 
 
@@ -59,17 +85,21 @@ class Truncated(CoordinatorError):
 
 
 class NotSubmitted(CoordinatorError):
-    """Collect by a member that owes this round a payload the coordinator does not hold (e.g. after a restart)."""
-    code = "FAILED_PRECONDITION"
+    """Collect by a member that owes this round a payload the coordinator does not hold (e.g. after a restart):
+    ABORTED, the member redoes the sequence (submit again, then collect)."""
+    code = "ABORTED"
 
 
 class StillOpen(CoordinatorError):
+    """Collect: the round did not close within wait_ms; ask again."""
     code = "DEADLINE_EXCEEDED"
 
 
 class ResultGone(CoordinatorError):
-    """The round's result is no longer held: fetch state instead."""
-    code = "OUT_OF_RANGE"
+    """Collect of a round whose result the coordinator cannot give (no longer held, or not open yet): the caller is
+    out of step with the run and fetches the state instead. The same code as ``WrongRound``: a round-state
+    precondition."""
+    code = "FAILED_PRECONDITION"
 
 
 class Invalid(CoordinatorError):

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from coordinator.commit import Persistence, compute_step
-from coordinator.errors import (BadPayload, Cancelled, Conflict, NotSubmitted, ResultGone, StillOpen, Truncated,
-                                Unavailable, WrongRound)
+from coordinator.errors import (BadPayload, BadSignature, Cancelled, Conflict, Late, NotSubmitted, ResultGone,
+                                StillOpen, Truncated, Unavailable, WrongRound)
 from coordinator.evaluator import Evaluator
 from coordinator.store import Store
 from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_chunk
 from node import membership as policy
 from node import wire
-from node.errors import ConfigError, PayloadError
+from node.errors import ConfigError, PayloadError, SignatureError
 from node.keyring import KeyRing
 from node.membership import CloseKind, Member
 from node.roundlog import RoundRow
@@ -88,7 +88,7 @@ class Rounds:
         self._scratch = Reference.for_model(run, model)  # where a commit computes the next state (see _commit)
         self.config_hash = run.config_hash(self.task.fingerprint)
         self.model_digest = self.reference.digest()
-        problem = store.check_identity(run.run_id, self.config_hash)
+        problem = store.check_identity(run.run_id, self.config_hash, run.legacy_config_hash(self.task.fingerprint))
         if problem:
             raise ConfigError(problem)
         committed, blob = store.latest()
@@ -169,7 +169,7 @@ class Rounds:
     def _check_round(self, m: Member, round_: int) -> None:
         if round_ < self.open_round:
             self._note_late(m, round_)
-            raise WrongRound(f"round {round_} is closed (the open round is {self.open_round}); keep the update in "
+            raise Late(f"round {round_} is closed (the open round is {self.open_round}); keep the update in "
                              "error feedback and collect the round's result")
         if round_ > self.open_round:
             raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")
@@ -199,6 +199,8 @@ class Rounds:
         try:
             wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
                         limit=self.limit, extra_spec=self.reference.buffer_spec, sender=m.name, keys=KeyRing.of(keys))
+        except SignatureError as exc:  # counted apart (coordinator/metrics.py); the same status and text
+            raise BadSignature(f"payload rejected: {exc}") from None
         except PayloadError as exc:
             raise BadPayload(f"payload rejected: {exc}") from None
         with self.lock:
@@ -293,7 +295,7 @@ class Rounds:
         after = {nid: dataclasses.replace(m, rounds_contributed=m.rounds_contributed + (nid in decision.members))
                  for nid, m in self.members.items()}
         try:
-            self.store.commit_round(row, step.blob, frames, after, step.aggregate)
+            self.store.commit_round(row, step.blob, frames, after, step.aggregate, keys)
         except (OSError, sqlite3.Error) as exc:
             self.commit_pending = True
             self.persistence.failed(now, f"round {r}", exc)
@@ -327,6 +329,9 @@ class Rounds:
         self._last_reason = ""
         log.info("[round=%d] committed: members=%d in=%dB loss=%.4f fp=%s (%s)", r, len(frames), bytes_in,
                  row.mean_loss, step.fingerprint, decision.reason)
+        if r + 1 == self.cfg.run.rounds:
+            log.info("run %s complete: all %d rounds committed (fingerprint %s); the state stays served for joins, "
+                     "status and `lowband export --state-dir`", self.cfg.run.run_id, r + 1, step.fingerprint)
         if self.evaluator is not None and (r + 1) % self.cfg.eval_every == 0:
             self.evaluator.submit(r, self.reference.tensors, self.reference.buffers)
         if report is not None:
@@ -345,6 +350,10 @@ class Rounds:
 
     def _evict(self, name: str, why: str) -> None:
         """Drop member ``name`` from the run (core.py: it is then refused at Join)."""
+        raise NotImplementedError
+
+    def _bound_keys(self, names: Iterable[str]) -> dict[str, bytes]:
+        """The key each of ``names`` is bound to, where one is (core.py)."""
         raise NotImplementedError
 
     def _record_val_loss(self, round_: int, val: float) -> None:
@@ -376,7 +385,8 @@ class Rounds:
         with self.lock:
             m = self._member(node_id)
             if round_ > self.open_round:
-                raise WrongRound(f"round {round_} is not open yet (the open round is {self.open_round})")
+                raise ResultGone(f"round {round_} is not open yet (the open round is {self.open_round}); fetch the "
+                                 "state")
             if round_ == self.open_round:
                 self._serving()
             if (not submitted and round_ == self.open_round and node_id not in self.submitted
@@ -418,7 +428,11 @@ class Rounds:
                 if frames is None or round_ != self.reference.committed_rounds - 1:
                     raise ResultGone(f"the result of round {round_} is no longer held (the run is at round "
                                      f"{self.open_round}); fetch the state instead")
-                keys = {m.name: m.public_key for m in self.members.values() if m.name in frames and m.public_key}
+                # the keys that signed the frames, stored with them: a sender may have left, or (after an operator
+                # freed its name) another key may hold the name now
+                keys = self.store.result_keys(round_)
+                if keys is None:  # a result stored before its keys were: the names' keys (bound for good, names.py)
+                    keys = self._bound_keys(frames)
                 result = Committed(round_, dict(sorted(frames.items())), self.reference.fingerprint(), "restored",
                                    self.store.aggregate(round_), keys)
             if result.aggregate is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from typing import Any, Callable, Iterator
 
 import grpc
@@ -44,6 +45,16 @@ def _fail(name: str, context: grpc.ServicerContext, exc: BaseException) -> None:
                                             "logged it")
 
 
+def refusal_reason(exc: CoordinatorError) -> str:
+    """A domain error's kind as a metric label: its class name in snake case (``WrongRound`` → ``wrong_round``)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def _refused(servicer: "CoordinatorServicer", name: str, exc: BaseException) -> None:
+    if servicer.on_refusal is not None and isinstance(exc, CoordinatorError):
+        servicer.on_refusal(name, refusal_reason(exc))
+
+
 def translated(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map domain errors to statuses; anything else is a bug: INTERNAL, logged, and the server keeps serving."""
     @functools.wraps(fn)
@@ -51,6 +62,7 @@ def translated(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 — the one place where every failure becomes a status
+            _refused(self, fn.__name__, exc)
             _fail(fn.__name__, context, exc)
     return wrapper
 
@@ -61,15 +73,18 @@ def translated_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
         try:
             yield from fn(self, request, context)
         except Exception as exc:  # noqa: BLE001
+            _refused(self, fn.__name__, exc)
             _fail(fn.__name__, context, exc)
     return wrapper
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    """``mtls``: client certificates are required, and a Join's key must be the one its certificate names."""
+    """``mtls``: client certificates are required, and a Join's key must be the one its certificate names.
+    ``on_refusal(method, reason)``: told of every call refused with a domain error (the metrics count them)."""
 
-    def __init__(self, core: CoordinatorCore, mtls: bool = False) -> None:
-        self.core, self.mtls = core, mtls
+    def __init__(self, core: CoordinatorCore, mtls: bool = False,
+                 on_refusal: Callable[[str, str], None] | None = None) -> None:
+        self.core, self.mtls, self.on_refusal = core, mtls, on_refusal
 
     @translated
     def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.GetRunResponse:
@@ -143,26 +158,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @translated
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
         self.core.check_read(request.read_token)
-        s = self.core.status()
-        now = s["now"]
-        # no credential material: no session ids, no tokens; a member is its name and its key's public id
-        records = s["records"]  # accountability by name, with [recipe.reduce] on (node/robust/state.py)
-        members = [pb.MemberStatus(name=m.name, key_id=key_id(m.public_key), last_heartbeat_age_s=now - m.last_heartbeat,
-                                   rounds_contributed=m.rounds_contributed, first_round=m.first_round,
-                                   bytes_in=m.bytes_in, bytes_out=m.bytes_out,
-                                   last_loss=m.last_loss if not math.isnan(m.last_loss) else float("nan"),
-                                   capabilities=list(m.capabilities), **_accountability(records.get(m.name)))
-                   for m in s["members"]]
-        evicted = [pb.EvictedMember(name=n, round=r.evicted_at, reason=r.reason)
-                   for n, r in sorted(records.items()) if r.evicted]
-        rounds = [pb.RoundStatus(round=r.round, members=r.members, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
-                                 duration_s=r.duration_s, mean_loss=r.mean_loss, reason=r.reason,
-                                 val_loss=r.val_loss, reference_fingerprint=r.fingerprint) for r in s["recent"]]
-        return pb.StatusResponse(run_id=s["run_id"], recipe=s["recipe"], current_round=s["current_round"],
-                                 committed_rounds=s["committed_rounds"], deadline_in_s=s["deadline_in_s"],
-                                 members=members, recent_rounds=rounds,
-                                 reference_fingerprint=s["reference_fingerprint"], submitted=s["submitted"],
-                                 persistence_error=s["persistence_error"], evicted=evicted)
+        return status_response(self.core)
 
 
 def _accountability(record: Any) -> dict[str, Any]:
@@ -174,3 +170,27 @@ def _accountability(record: Any) -> dict[str, Any]:
             "norm_ratio": record.norm_ratio if record.norm_ratio is not None else float("nan"),
             "cosine": record.cosine if record.cosine is not None else float("nan")}
 
+
+def status_response(core: CoordinatorCore) -> pb.StatusResponse:
+    """The run's ``Status`` view (also the dashboard's). No credential material: no session ids, no tokens; a member
+    is its name and its key's public id."""
+    s = core.status()
+    now = s["now"]
+    records = s["records"]  # accountability by name, with [recipe.reduce] on (node/robust/state.py)
+    members = [pb.MemberStatus(name=m.name, key_id=key_id(m.public_key), last_heartbeat_age_s=now - m.last_heartbeat,
+                               rounds_contributed=m.rounds_contributed, first_round=m.first_round,
+                               bytes_in=m.bytes_in, bytes_out=m.bytes_out,
+                               last_loss=m.last_loss if not math.isnan(m.last_loss) else float("nan"),
+                               capabilities=list(m.capabilities), **_accountability(records.get(m.name)))
+               for m in s["members"]]
+    evicted = [pb.EvictedMember(name=n, round=r.evicted_at, reason=r.reason)
+               for n, r in sorted(records.items()) if r.evicted]
+    rounds = [pb.RoundStatus(round=r.round, members=r.members, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
+                             duration_s=r.duration_s, mean_loss=r.mean_loss, reason=r.reason,
+                             val_loss=r.val_loss, reference_fingerprint=r.fingerprint) for r in s["recent"]]
+    return pb.StatusResponse(run_id=s["run_id"], recipe=s["recipe"], current_round=s["current_round"],
+                             committed_rounds=s["committed_rounds"], deadline_in_s=s["deadline_in_s"],
+                             members=members, recent_rounds=rounds,
+                             reference_fingerprint=s["reference_fingerprint"], submitted=s["submitted"],
+                             persistence_error=s["persistence_error"], evicted=evicted,
+                             total_rounds=s["total_rounds"])

@@ -3,9 +3,11 @@ safe (TLS off loopback), and the join token. Each failure is a ``StartupError`` 
 
 - **Lock.** ``state_dir/lock`` is held (flock) for the process's life: a second coordinator on the same state dir is
   refused, naming the first one's pid — two writers of one run would be a split brain.
-- **Port memory.** ``state_dir/listen.json`` records the port bound last; ``--listen HOST:0`` binds that port again,
-  so nodes of a restarted coordinator find it where it was. gRPC's SO_REUSEPORT is off: a busy port is refused.
-- **Exposure.** Listening on anything but loopback needs TLS (``--tls-cert``/``--tls-key``) unless ``--insecure``.
+- **Port memory.** ``state_dir/listen.json`` records the ports bound last (gRPC, dashboard, metrics); port 0 binds
+  the remembered one again, so nodes (and bookmarks, and Prometheus) find a restarted coordinator where it was.
+  gRPC's SO_REUSEPORT is off: a busy port is refused.
+- **Exposure.** Listening on anything but loopback needs TLS (``--tls-cert``/``--tls-key``) unless ``--insecure``;
+  so do the dashboard and the metrics (served over HTTPS with the same certificate).
 - **Join token.** A run that listens off loopback needs one: the run file's, or one generated once, kept in
   ``state_dir/join_token`` (mode 0600) and printed.
 """
@@ -67,19 +69,38 @@ class StateDirLock:
             os.close(self._fd)
 
 
-def remembered_port(state_dir: Path) -> int | None:
+def remembered_port(state_dir: Path, key: str = "port") -> int | None:
+    """The port recorded under ``key`` (``port``: gRPC; ``http_port``, ``metrics_port``), or None."""
     try:
-        port = int(json.loads((state_dir / PORT_FILE).read_text())["port"])
+        port = int(json.loads((state_dir / PORT_FILE).read_text())[key])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return port if 0 < port < 65536 else None
 
 
-def remember_port(state_dir: Path, port: int) -> None:
+def remember_port(state_dir: Path, port: int, key: str = "port") -> None:
+    """Record ``port`` under ``key``, keeping the other ports recorded."""
+    path = state_dir / PORT_FILE
     try:
-        write_atomic(state_dir / PORT_FILE, json.dumps({"port": port}))
+        ports = json.loads(path.read_text())
+        if not isinstance(ports, dict):
+            ports = {}
+    except (OSError, ValueError):
+        ports = {}
+    ports[key] = port
+    try:
+        write_atomic(path, json.dumps(ports))
     except OSError as exc:
         log.warning("cannot record the port in %s: %s (a restart with port 0 may pick another)", state_dir, exc)
+
+
+def pick_port(state_dir: Path, port: int, key: str, what: str) -> tuple[int, str]:
+    """``port``, or for 0 the one remembered under ``key`` (then also why, for a refusal's message)."""
+    if port:
+        return port, ""
+    again = remembered_port(state_dir, key) or 0
+    return again, (f" ({what}'s port before, remembered in {state_dir / PORT_FILE}; give another port to move it)"
+                   if again else "")
 
 
 def check_port_free(host: str, port: int, why: str) -> None:
@@ -130,6 +151,15 @@ def check_exposure(host: str, tls: ServerTls | None, insecure: bool) -> None:
         raise StartupError(f"refusing to listen on {host or '*'} without TLS: join tokens, node frames and the run's "
                            "state would cross the network in clear. Give --tls-cert and --tls-key (`lowband certs` "
                            "makes a test CA), or --insecure to do it anyway (only inside a VPN or a private network)")
+
+
+def check_http_exposure(host: str, tls: ServerTls | None, insecure: bool, what: str) -> None:
+    """The dashboard and metrics follow the gRPC port's rule: off loopback, TLS (the same certificate) or
+    ``--insecure``."""
+    if tls is None and not insecure and not is_loopback(host):
+        raise StartupError(f"refusing to serve {what} on {host or '*'} without TLS: the read token and the run's "
+                           "progress would cross the network in clear. Give --tls-cert and --tls-key (it is then "
+                           "served over HTTPS with that certificate), serve it on 127.0.0.1, or --insecure")
 
 
 def ensure_join_token(cfg: RunFile, state_dir: Path, loopback: bool) -> tuple[RunFile, str]:

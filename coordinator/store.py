@@ -16,7 +16,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import msgpack
 
@@ -25,6 +25,7 @@ from node.fsutil import write_atomic
 from node.roundlog import COORDINATOR_LOG, RoundRow
 
 log = logging.getLogger(__name__)
+NameRow = tuple[str, bytes, float, float, str]  # a row of the names table (coordinator/names.py)
 
 
 class Disk:
@@ -82,6 +83,8 @@ class Store:
             CREATE TABLE IF NOT EXISTS members (node_id TEXT PRIMARY KEY, name TEXT, first_round INTEGER,
                 shard INTEGER, joined_at REAL, capabilities TEXT, rounds_contributed INTEGER,
                 bytes_in INTEGER, bytes_out INTEGER, public_key BLOB DEFAULT NULL);
+            CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, public_key BLOB NOT NULL, bound_at REAL,
+                last_join REAL, evicted TEXT NOT NULL DEFAULT '');
         """)
         if "close" not in {r[1] for r in self.db.execute("PRAGMA table_info(rounds)")}:  # a state dir from before
             self.db.execute("ALTER TABLE rounds ADD COLUMN close TEXT DEFAULT ''")
@@ -89,12 +92,17 @@ class Store:
             self.db.execute("ALTER TABLE members ADD COLUMN public_key BLOB DEFAULT NULL")
 
     # -- identity ------------------------------------------------------------------------------------
-    def check_identity(self, run_id: str, config_hash: str) -> str | None:
-        """Record the run on first use; on later starts return a message if the run file changed."""
+    def check_identity(self, run_id: str, config_hash: str, legacy_hash: str = "") -> str | None:
+        """Record the run on first use; on later starts return a message if the run file changed. ``legacy_hash``: the
+        same run's hash as protocol 2 computed it; a state dir recorded with it is this run, and is re-recorded."""
         rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
         if not rows:
             self.disk.transaction(self.db, lambda: self.db.executemany(
                 "INSERT INTO meta VALUES (?, ?)", [("run_id", run_id), ("config_hash", config_hash)]))
+            return None
+        if legacy_hash and rows.get("run_id") == run_id and rows.get("config_hash") == legacy_hash:
+            self.disk.transaction(self.db, lambda: self.db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'config_hash'", (config_hash,)))
             return None
         if rows.get("run_id") != run_id or rows.get("config_hash") != config_hash:
             return (f"state dir {self.dir} holds run {rows.get('run_id')!r} with config hash {rows.get('config_hash')}; "
@@ -109,12 +117,14 @@ class Store:
         return self.dir / f"result-{round_:08d}.msgpack"
 
     def commit_round(self, row: RoundRow, state_blob: bytes, frames: dict[str, bytes],
-                     members: dict[str, Member], aggregate: bytes | None = None) -> None:
-        """Persist a round; raises OSError/sqlite3.Error when it did not become durable (nothing to undo then)."""
+                     members: dict[str, Member], aggregate: bytes | None = None,
+                     keys: dict[str, bytes] | None = None) -> None:
+        """Persist a round; raises OSError/sqlite3.Error when it did not become durable (nothing to undo then).
+        ``keys``: the public keys its frames were verified with, by sender (a restored result hands them out)."""
         committed = row.round + 1
         self.disk.write_atomic(self._state_path(committed), state_blob)
         self.disk.write_atomic(self._result_path(row.round), msgpack.packb(
-            {"round": row.round, "frames": frames, "aggregate": aggregate}, use_bin_type=True))
+            {"round": row.round, "frames": frames, "aggregate": aggregate, "keys": keys or {}}, use_bin_type=True))
 
         def record() -> None:
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -169,6 +179,13 @@ class Store:
             return None
         return msgpack.unpackb(path.read_bytes(), raw=False).get("aggregate")
 
+    def result_keys(self, round_: int) -> dict[str, bytes] | None:
+        """The keys a round's frames were verified with, by sender; None when not held (a result file from before
+        they were stored)."""
+        path = self._result_path(round_)
+        keys = msgpack.unpackb(path.read_bytes(), raw=False).get("keys") if path.exists() else None
+        return {str(n): bytes(k) for n, k in keys.items()} if isinstance(keys, dict) else None
+
     def recent_rounds(self, limit: int = 20) -> list[RoundRow]:
         rows = self.db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,)).fetchall()
         return [RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], _real(r[8]), _real(r[9]),
@@ -181,9 +198,29 @@ class Store:
             (m.node_id, m.name, m.first_round, m.shard, m.joined_at, json.dumps(list(m.capabilities)),
              m.rounds_contributed, m.bytes_in, m.bytes_out, m.public_key) for m in members.values()])
 
-    def save_members(self, members: dict[str, Member]) -> None:
-        """Raises OSError/sqlite3.Error when the members could not be written (the caller retries later)."""
-        self.disk.transaction(self.db, lambda: self._save_members(members))
+    def save_members(self, members: dict[str, Member], names: Iterable[NameRow] = ()) -> None:
+        """Raises OSError/sqlite3.Error when the members could not be written (the caller retries later). ``names``:
+        name bindings to write with them (coordinator/names.py), in the same transaction."""
+        rows = list(names)
+
+        def write() -> None:
+            self._save_members(members)
+            self.db.executemany("INSERT OR REPLACE INTO names VALUES (?,?,?,?,?)", rows)
+
+        self.disk.transaction(self.db, write)
+
+    def load_names(self) -> list[NameRow]:
+        """Every name bound to a key: (name, key, bound_at, last_join, why its key was evicted or "")."""
+        return [(r[0], bytes(r[1]), r[2], r[3], r[4]) for r in self.db.execute("SELECT * FROM names ORDER BY name")]
+
+    def forget_names(self, names: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Unbind ``names`` (an operator's decision, before the coordinator starts): (those freed, those kept because
+        their key was evicted — the row is what refuses that key). Names not bound are in neither."""
+        rows = {n: self.db.execute("SELECT evicted FROM names WHERE name = ?", (n,)).fetchone() for n in names}
+        freed = [n for n, r in rows.items() if r is not None and not r[0]]
+        self.disk.transaction(self.db, lambda: self.db.executemany("DELETE FROM names WHERE name = ?",
+                                                                   [(n,) for n in freed]))
+        return freed, [n for n, r in rows.items() if r is not None and r[0]]
 
     def load_members(self, now: float | None = None) -> dict[str, Member]:
         """Members as of the last save; their leases restart now (a restart must not expel everyone). Members saved

@@ -1,4 +1,12 @@
-"""The ``lowband`` command line. Logging is configured here and only here."""
+"""lowband trains one PyTorch model on machines spread over slow, lossy internet links. Each node trains on its own
+for H steps, then exchanges a compressed update (1-bit signs or DCT-top-k: 30-140x smaller than dense fp32) with the
+others, through a coordinator (`lowband coordinator` + `lowband node`) or with no server at all over a DHT
+(`lowband dht` + `lowband node --dht`). Try it on this machine: `lowband demo`.
+
+Watch a run: `lowband status`, the coordinator's dashboard (--http-port) and Prometheus metrics (--metrics-port);
+docs/operations.md. Every command has --help.
+"""
+# The ``lowband`` command line. Logging is configured here and only here.
 from __future__ import annotations
 
 import argparse
@@ -9,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from node.bench.byzantine import add_parser as add_byzantine_parser
+from node.cli_bench import add_bench_parser
+from node.cli_checks import (EXIT_CODES, UNREACHABLE_EXIT, CoordinatorUnreachable, Parser, coordinator_address,
+                             port_number, positive_int, wait_for_coordinator)
 from node.cli_trust import (add_certs_parser, add_client_tls_args, add_coordinator_args, client_tls, cmd_coordinator,
                             node_exit_code, node_security, read_token)
 from node.config import TaskConfig, parse_value
@@ -46,6 +56,8 @@ RECIPE_HELP = "a name from node/recipes.py (an unknown name lists them)"
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if not verbose:  # gRPC core's own INFO lines (one per failed TLS handshake) only with -v; before grpc loads
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
 
@@ -62,14 +74,14 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _add_run_args(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE",
-                   help="algorithm preset (default: sign): " + RECIPE_HELP)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=rounds)
-    p.add_argument("--H", type=int, default=None, help="inner steps per round (default: the recipe's)")
+                   help="algorithm preset: " + RECIPE_HELP)
+    p.add_argument("--workers", type=positive_int, default=4, help="workers trained in this process")
+    p.add_argument("--rounds", type=positive_int, default=rounds, help="rounds to run")
+    p.add_argument("--H", type=positive_int, default=None, help="inner steps per round (default: the recipe's)")
     p.add_argument("--task", default="gpt", help="'gpt' or package.module:function")
     p.add_argument("--size", default="tiny", help="gpt size: tiny, small, medium, gpt2")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per inner step")
+    p.add_argument("--seed", type=int, default=0, help="initial parameters and data order")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe/run field, e.g. --set codec.k=16 --set inner.lr=1e-3 (repeatable)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
@@ -114,24 +126,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from node.bench.quality import collect_results, run_quality_bench
-
-    if args.collect:
-        collect_results([Path(f) for f in args.collect], Path(args.out), "lowband " + " ".join(sys.argv[1:]))
-        return 0
-    run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device),
-                      command="lowband " + " ".join(sys.argv[1:]), variants=args.variant)
-    return 0
-
-
-def cmd_bench_codecs(args: argparse.Namespace) -> int:
-    from node.bench.codecs import run_codec_bench
-
-    run_codec_bench(size=args.size, repeats=args.repeats, out=Path(args.out) if args.out else None)
-    return 0
-
-
 def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
@@ -142,12 +136,19 @@ def cmd_node(args: argparse.Namespace) -> int:
         exec_torchrun(args.nproc, sys.argv[1:])
     if bool(args.dht) == bool(args.coordinator):
         raise ConfigError("give either --coordinator HOST:PORT or --dht --initial-peers MADDR[,MADDR...]")
-    if args.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    if args.coordinator:
+        args.coordinator = coordinator_address(args.coordinator)
     join_token = args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", "")
     tls = node_security(args)
+    leader = os.environ.get("LOCAL_RANK", "0") == "0"  # under torchrun only local rank 0 talks to the run
+    metrics = _node_metrics(args) if leader else None  # the node's rounds are rank 0's
     try:
-        leader = os.environ.get("LOCAL_RANK", "0") == "0"  # under torchrun only local rank 0 talks to the run
+        if args.coordinator:
+            wait_for_coordinator(args.coordinator, tls, args.connect_timeout, ca_path=args.tls_ca or "")
+    except CoordinatorUnreachable as exc:
+        print(f"lowband node: giving up: {exc}", file=sys.stderr)
+        return UNREACHABLE_EXIT
+    try:
         if args.coordinator and leader and not (Path(args.workdir) / "checkpoint.safetensors").exists():
             # a fresh node: download the run's state while torch imports and the model builds (seconds on a slow
             # CPU), signed by the node's key (created here on first start)
@@ -156,10 +157,10 @@ def cmd_node(args: argparse.Namespace) -> int:
 
             prefetch = StatePrefetch(args.coordinator, join_token, key=NodeKey.load_or_create(args.workdir), tls=tls)
             try:
-                return _run_node(args, join_token, prefetch, tls)
+                return _run_node(args, join_token, prefetch, tls, metrics)
             finally:
                 prefetch.cancel()
-        return _run_node(args, join_token, None, tls)
+        return _run_node(args, join_token, None, tls, metrics)
     except Exception as exc:
         code = node_exit_code(exc)
         if code is None:
@@ -167,7 +168,25 @@ def cmd_node(args: argparse.Namespace) -> int:
         return code
 
 
-def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch | None, tls: Any) -> int:
+def _node_metrics(args: argparse.Namespace) -> Any:
+    """``--metrics-port``: the node's Prometheus exporter (node/metrics.py), serving from now on; None when off."""
+    if args.metrics_port is None:
+        return None
+    from node.metrics import NodeMetrics
+
+    metrics = NodeMetrics(args.name or "")
+    try:
+        port = metrics.serve(args.metrics_host, args.metrics_port)
+    except OSError as exc:
+        raise ConfigError(f"--metrics-port: cannot serve on {args.metrics_host}:{args.metrics_port}: "
+                          f"{exc.strerror or exc}") from None
+    host = args.metrics_host if ":" not in args.metrics_host else f"[{args.metrics_host}]"
+    print(f"lowband node metrics on http://{host}:{port}/metrics", file=sys.stderr, flush=True)
+    return metrics
+
+
+def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch | None, tls: Any,
+              metrics: Any = None) -> int:
     from node.daemon import NodeOptions, run_node
 
     expected, dht = None, None
@@ -182,7 +201,7 @@ def _run_node(args: argparse.Namespace, join_token: str, prefetch: StatePrefetch
         dht = dht_settings(args, run_file if args.run else None)
     return run_node(NodeOptions(args.coordinator or "", Path(args.workdir), args.name or "", args.device, expected,
                                 join_token, args.max_rounds, dht=dht, checkpoint_every=args.checkpoint_every,
-                                prefetch=prefetch, tls=tls))
+                                prefetch=prefetch, tls=tls, on_record=metrics.observe if metrics else None))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -238,71 +257,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         return cmd_status_dht(args)
     if not args.coordinator:
         raise ConfigError("give --coordinator HOST:PORT, or --dht --initial-peers MADDR --run RUN.toml")
+    args.coordinator = coordinator_address(args.coordinator)
     from node.status import print_status
 
     return print_status(args.coordinator, as_json=args.json, read_token=read_token(args),
-                        tls=client_tls(args, args.coordinator))
+                        tls=client_tls(args, args.coordinator), ca_path=args.tls_ca or "")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from node.demo import run_demo
+    from node.demo import check_demo, run_demo
+
+    check_demo(args.recipe, args.nodes, args.rounds, args.H)  # a ConfigError before any process starts
 
     return run_demo(recipe=args.recipe, nodes=args.nodes, rounds=args.rounds, H=args.H, workdir=args.workdir)
 
 
-def cmd_bench_coordinator(args: argparse.Namespace) -> int:
-    from node.bench.coordinator import run_coordinator_bench
-
-    run_coordinator_bench(args.nodes, args.rounds, args.recipe, args.size, Path(args.out) if args.out else None,
-                          tls=args.tls)
-    return 0
-
-
-def cmd_bench_join(args: argparse.Namespace) -> int:
-    from node.bench.join import run_join_bench
-
-    run_join_bench(size=args.size, recipe=args.recipe, H=args.H, batch=args.batch_size, dht=args.dht,
-                   donors=args.donors)
-    return 0
-
-
-def cmd_bench_exchange(args: argparse.Namespace) -> int:
-    from node.bench.exchange import run_exchange_bench
-
-    run_exchange_bench(args.peers, args.recipes, args.size, args.rounds, args.modes,
-                       Path(args.out) if args.out else None)
-    return 0
-
-
-def cmd_bench_network(args: argparse.Namespace) -> int:
-    from node.bench.network import run_network_bench
-
-    overlaps = {"both": [False, True], "on": [True], "off": [False]}[args.overlap]
-    run_network_bench(args.recipes, args.profiles, overlaps, nodes=args.nodes, size=args.size, H=args.H,
-                      batch=args.batch_size, rounds=args.rounds, warm=args.warm, join=not args.no_join,
-                      out=Path(args.out) if args.out else None, netns={"auto": None, "on": True, "off": False}[args.netns],
-                      cpu_per_node=args.cpu_per_node, checkpoint_every=args.checkpoint_every, result=args.result)
-    return 0
-
-
-def cmd_bench_soak(args: argparse.Namespace) -> int:
-    from node.bench.soak import SoakConfig, run_soak
-
-    report = run_soak(SoakConfig(args.mode, args.nodes, args.rounds, args.events, args.coordinator_restarts,
-                                 args.profile, args.seed, args.recipe, args.size, args.H,
-                                 netns={"auto": None, "on": True, "off": False}[args.netns]),
-                      out=Path(args.out) if args.out else None)
-    print(json.dumps({k: v for k, v in report.to_dict().items() if k != "schedule"}, indent=2))
-    return 0 if not report.problems else 1
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowband", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("-q", "--quiet", action="store_true")
+    parser = Parser(prog="lowband", description=__doc__, epilog=EXIT_CODES)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     parser.add_argument("--task-path", action="append", default=[], metavar="DIR",
                         help="a directory to import --task modules from (before PYTHONPATH; repeatable, docs/tasks.md)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sim = sub.add_parser("simulate", help="N workers in one process through the in-process transport")
     _add_run_args(sim, rounds=12)
@@ -311,39 +287,61 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     demo = sub.add_parser("demo", help="a coordinator and 3 nodes as separate processes on 127.0.0.1")
-    demo.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
-    demo.add_argument("--nodes", type=int, default=3)
-    demo.add_argument("--rounds", type=int, default=12)
-    demo.add_argument("--H", type=int, default=16)
+    demo.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE",
+                      help="algorithm preset: " + RECIPE_HELP)
+    demo.add_argument("--nodes", type=positive_int, default=3, help="nodes to start")
+    demo.add_argument("--rounds", type=positive_int, default=12, help="rounds in the run")
+    demo.add_argument("--H", type=positive_int, default=16, help="inner steps per round")
     demo.add_argument("--workdir", default=None, help="keep logs, state and plot here (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)
 
     co = sub.add_parser("coordinator", help="serve a run over gRPC")
-    co.add_argument("--listen", default="0.0.0.0:7070", help="HOST:PORT; port 0 picks a free one (printed)")
+    co.add_argument("--listen", default="0.0.0.0:7070", help="HOST:PORT for gRPC; port 0 picks a free one (printed, "
+                    "and remembered in the state dir: the same command binds it again after a restart)")
     co.add_argument("--state-dir", required=True, help="persistent state (survives kill -9)")
     co.add_argument("--run", required=True, help="the run file (TOML), see deploy/runs/")
+    co.add_argument("--http-port", type=port_number, default=None, metavar="PORT",
+                    help="serve the live dashboard on this port (0: a free one, printed); off when not given")
+    co.add_argument("--http-host", default=None, metavar="HOST",
+                    help="the dashboard's address (default: the --listen host); off loopback it needs TLS")
+    co.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
+                    help="serve Prometheus metrics at /metrics on this port (0: a free one, printed); off when not "
+                         "given (the dashboard's port serves /metrics too)")
+    co.add_argument("--metrics-host", default=None, metavar="HOST", help="the metrics' address (default: the "
+                    "--listen host); off loopback it needs TLS")
     add_coordinator_args(co)
     co.set_defaults(func=cmd_coordinator)
 
     add_certs_parser(sub)
     nd = sub.add_parser("node", help="a worker that joins a coordinator's run, or a serverless run over a DHT")
-    nd.add_argument("--coordinator", default=None, help="HOST:PORT")
+    nd.add_argument("--coordinator", default=None, help="HOST:PORT of the coordinator (what it printed at start)")
     nd.add_argument("--dht", action="store_true", help="serverless: agree on the run and exchange through a DHT")
     nd.add_argument("--initial-peers", default=None, help="with --dht: bootstrap multiaddr(s), comma-separated")
     _add_dht_args(nd, "/ip4/0.0.0.0/tcp/0")
     nd.add_argument("--workdir", required=True, help="checkpoint and round log (resume on restart)")
     nd.add_argument("--name", default=None, help="unique node name (default: hostname-pid)")
-    nd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    nd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where to train (auto: cuda when available)")
     nd.add_argument("--run", default=None, help="refuse to join unless the run is exactly this run file "
                     "(required with --dht)")
     nd.add_argument("--join-token", default=None, help="the run's join token (or $LOWBAND_JOIN_TOKEN)")
-    nd.add_argument("--max-rounds", type=int, default=None, help="leave after applying this many rounds")
-    nd.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+    nd.add_argument("--max-rounds", type=positive_int, default=None, help="leave after applying this many rounds")
+    nd.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N",
                     help="write the checkpoint every N applied rounds (and on exit); a node restarted from an "
                          "older checkpoint fetches the run's state. Each write costs a full state snapshot")
     nd.add_argument("--nproc", type=int, default=1, metavar="N", help="N local processes train one replica (DDP)")
     nd.add_argument("--state-chunk-bytes", type=int, default=4 << 20,
                     help="with --dht: a joiner fetches the state in chunks of this size, spread over the donors")
+    nd.add_argument("--connect-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="give up (exit 5) when the coordinator has not answered this long at start, with a "
+                         "countdown on stderr meanwhile; 0: never give up. Once joined, a node rides out coordinator "
+                         "restarts however long they take")
+    nd.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
+                    help="serve Prometheus metrics at /metrics on this port (0: a free one, printed); off when not "
+                         "given")
+    nd.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                    help="the metrics' address (this node's own losses and bytes, no credential; 0.0.0.0 exposes "
+                         "them to the network)")
     add_client_tls_args(nd)
     nd.set_defaults(func=cmd_node)
 
@@ -360,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="members, round, deadline, bytes and loss of a running coordinator, or of a "
                         "serverless run (--dht)")
-    st.add_argument("--coordinator", default=None)
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--coordinator", default=None, help="HOST:PORT of the coordinator")
+    st.add_argument("--json", action="store_true", help="print the status view as JSON (numbers as numbers, "
+                    "NaN as null)")
     st.add_argument("--read-token", default=None, help="the run's read or join token (or $LOWBAND_READ_TOKEN, "
                     "$LOWBAND_JOIN_TOKEN)")
     add_client_tls_args(st)
@@ -369,88 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     add_run_parser(sub)
-
-    bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
-    bsub = bench.add_subparsers(dest="bench", required=True)
-    q = bsub.add_parser("quality", help="all recipes at equal tokens per worker: loss vs bytes")
-    q.add_argument("--profile", default="quick", choices=["quick", "standard", "full"])
-    q.add_argument("--collect", nargs="+", metavar="JSON", help="table and plot from `simulate --json` files instead")
-    q.add_argument("--out", default="out/bench-quality")
-    q.add_argument("--recipes", nargs="*", default=None, help="subset of recipes (default: all)")
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--variant", action="append", default=[], metavar="RECIPE:KEY=VAL[,KEY=VAL]",
-                   help="an extra row: a recipe with overrides, e.g. sign:outer.lr=8 (repeatable)")
-    q.set_defaults(func=cmd_bench_quality)
-    add_byzantine_parser(bsub)
-    c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")
-    c.add_argument("--size", default="medium", help="gpt size whose tensors are encoded (medium ≈ 25M params)")
-    c.add_argument("--repeats", type=int, default=3)
-    c.add_argument("--out", default=None, help="write results.json here")
-    c.set_defaults(func=cmd_bench_codecs)
-    bc = bsub.add_parser("coordinator", help="round latency and overhead of the gRPC coordinator on loopback")
-    bc.add_argument("--nodes", type=int, nargs="+", default=[3, 16])
-    bc.add_argument("--rounds", type=int, default=10)
-    bc.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
-    bc.add_argument("--size", default="tiny")
-    bc.add_argument("--out", default=None)
-    bc.add_argument("--tls", action="store_true", help="the coordinator serves TLS (a throwaway CA), as off loopback")
-    bc.set_defaults(func=cmd_bench_coordinator)
-    bj = bsub.add_parser("join", help="time from `lowband node` start to its first committed contribution")
-    bj.add_argument("--size", default="tiny")
-    bj.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
-    bj.add_argument("--H", type=int, default=4)
-    bj.add_argument("--batch-size", type=int, default=8)
-    bj.add_argument("--dht", action="store_true", help="serverless: the joiner fetches the state from peers")
-    bj.add_argument("--donors", type=int, default=2, help="with --dht: training peers serving the state")
-    bj.set_defaults(func=cmd_bench_join)
-    be = bsub.add_parser("exchange", help="one round's exchange time, DHT vs coordinator mode, for N peers")
-    be.add_argument("--peers", type=int, nargs="+", default=[3, 8, 16])
-    be.add_argument("--recipes", nargs="+", default=["sign", "dct-consistent"], choices=RECIPE_NAMES, metavar="RECIPE",
-                    help=RECIPE_HELP)
-    be.add_argument("--modes", nargs="+", default=["dht", "coordinator"], choices=["dht", "coordinator"])
-    be.add_argument("--size", default="medium")
-    be.add_argument("--rounds", type=int, default=3)
-    be.add_argument("--out", default=None, help="write exchange.json here")
-    be.set_defaults(func=cmd_bench_exchange)
-    bn = bsub.add_parser("network", help="nodes behind emulated links: utilization, bytes on the wire, join time")
-    bn.add_argument("--recipes", nargs="+", default=["diloco", "sign", "dct-consistent"], choices=RECIPE_NAMES,
-                    metavar="RECIPE", help=RECIPE_HELP)
-    bn.add_argument("--profiles", nargs="+", default=["home", "cross-region"],
-                    help="link profiles (node/netem/profiles.py): loopback datacenter cross-region home bad")
-    bn.add_argument("--overlap", default="both", choices=["both", "on", "off"])
-    bn.add_argument("--nodes", type=int, default=4)
-    bn.add_argument("--size", default="medium")
-    bn.add_argument("--H", type=int, default=8)
-    bn.add_argument("--batch-size", type=int, default=1)
-    bn.add_argument("--rounds", type=int, default=6, help="measured rounds (after --warm)")
-    bn.add_argument("--warm", type=int, default=2)
-    bn.add_argument("--no-join", action="store_true", help="skip the join measurement")
-    bn.add_argument("--netns", default="auto", choices=["auto", "on", "off"],
-                    help="one network namespace per process with tc-shaped veths (auto: where root allows)")
-    bn.add_argument("--cpu-per-node", type=float, default=None, metavar="CORES",
-                    help="give each node a fixed CPU budget (a cgroup quota, root only), as if it had its own "
-                         "machine of that speed: without it, nodes sharing this box's cores speed each other up "
-                         "while they wait")
-    bn.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="the nodes' --checkpoint-every")
-    bn.add_argument("--result", default="relay", choices=["relay", "aggregate"],
-                    help="the run's [rounds] result: relay every member's frame, or send one reduced dense frame")
-    bn.add_argument("--out", default=None, help="write network.json here")
-    bn.set_defaults(func=cmd_bench_network)
-    bs = bsub.add_parser("soak", help="a long run under seeded churn, then its invariants (exit 1 on a violation)")
-    bs.add_argument("--mode", default="coordinator", choices=["coordinator", "dht"])
-    bs.add_argument("--nodes", type=int, default=6)
-    bs.add_argument("--rounds", type=int, default=100)
-    bs.add_argument("--events", type=int, default=20, help="node churn events (kills, pauses, joins, a partition)")
-    bs.add_argument("--coordinator-restarts", type=int, default=2)
-    bs.add_argument("--profile", default="home")
-    bs.add_argument("--seed", type=int, default=1)
-    bs.add_argument("--recipe", default="sign", choices=RECIPE_NAMES, metavar="RECIPE", help=RECIPE_HELP)
-    bs.add_argument("--size", default="tiny")
-    bs.add_argument("--H", type=int, default=4)
-    bs.add_argument("--netns", default="auto", choices=["auto", "on", "off"],
-                    help="DHT mode: a network namespace and tc-shaped link per peer (auto: where root allows)")
-    bs.add_argument("--out", default=None, help="write the report (JSON) here")
-    bs.set_defaults(func=cmd_bench_soak)
+    add_bench_parser(sub, RECIPE_NAMES)
     return parser
 
 
@@ -476,11 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"lowband: configuration error: {exc}", file=sys.stderr)
+        print(f"lowband {args.command}: configuration error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
+    except BrokenPipeError:  # the reader went away (`lowband status | head`): no traceback, nothing more to write
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,15 +18,19 @@ def add_coordinator_args(co: argparse.ArgumentParser) -> None:
                     "a private network: everything, join token included, crosses it in clear)")
     co.add_argument("--join-token", default=None, help="the run's join token instead of the run file's (or "
                     "$LOWBAND_JOIN_TOKEN); off loopback one is generated into the state dir when neither is set")
-    co.add_argument("--max-rpcs-per-node", type=int, default=4, help="concurrent calls of one member (default 4)")
+    co.add_argument("--max-rpcs-per-node", type=int, default=4, help="concurrent calls of one member")
     co.add_argument("--max-rpcs-per-address", type=int, default=64, help="concurrent calls from one IP address "
-                    "(default 64; raise it for many nodes behind one NAT)")
+                    "(raise it for many nodes behind one NAT)")
     co.add_argument("--max-rpcs-before-join", type=int, default=16, help="concurrent calls of nodes that have not "
-                    "joined, in all (default 16)")
+                    "joined, in all")
     co.add_argument("--max-downloads-before-join", type=int, default=8, help="concurrent state downloads of nodes "
-                    "that have not joined yet, in all (default 8)")
+                    "that have not joined yet, in all")
     co.add_argument("--idle-stream-s", type=float, default=30.0, help="cancel an upload or download that moves "
-                    "nothing this long (default 30 s)")
+                    "nothing this many seconds")
+    co.add_argument("--forget-name", action="append", default=[], metavar="NAME",
+                    help="free NAME before serving (repeatable): a name is bound to the first key that joined under "
+                         "it, for the whole run; free it for a node that lost its key file (an evicted key stays "
+                         "refused, and so does an evicted name)")
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -42,10 +46,22 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                               prejoin_downloads=args.max_downloads_before_join)
         return serve(args.listen, args.state_dir, args.run, limits=limits, insecure=args.insecure,
                      tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca),
-                     join_token=args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""))
+                     join_token=args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""),
+                     http=_http_address(args.listen, args.http_host, args.http_port),
+                     metrics=_http_address(args.listen, args.metrics_host, args.metrics_port),
+                     forget_names=args.forget_name)
     except StartupError as exc:
         print(f"lowband coordinator: cannot start: {exc}", file=sys.stderr)
         return 2
+
+
+def _http_address(listen: str, host: str | None, port: int | None) -> str | None:
+    """``--http-port``/``--metrics-port`` with their host (default: the gRPC --listen host) as HOST:PORT."""
+    if port is None:
+        return None
+    from node.transport.grpc_auth import split_address
+
+    return f"{host if host is not None else split_address(listen)[0]}:{port}"
 
 
 def add_certs_parser(sub: Any) -> None:
@@ -55,7 +71,7 @@ def add_certs_parser(sub: Any) -> None:
                     "(repeatable): makes DIR/server.pem + DIR/server.key")
     ce.add_argument("--node", action="append", default=[], metavar="WORKDIR", help="a node's workdir (repeatable): "
                     "makes WORKDIR/tls.pem + WORKDIR/tls.key naming the key in WORKDIR/node.key (created if missing)")
-    ce.add_argument("--days", type=int, default=365, help="validity of the server and node certificates")
+    ce.add_argument("--days", type=int, default=365, help="validity of the server and node certificates, in days")
     ce.set_defaults(func=cmd_certs)
 
 

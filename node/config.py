@@ -2,7 +2,8 @@
 
 Precedence (resolved here, nowhere else): recipe defaults < run file < ``--set key=value`` flags.
 The config hash covers everything that changes the math or the bytes, so two nodes with different
-hashes are never mixed in one run.
+hashes are never mixed in one run. It is defined on RFC 8785 canonical JSON (``canonical_config``), so another
+language reproduces it from the JSON alone; the rule and a fixed vector are in docs/wire.md ("The config hash").
 """
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+import rfc8785
+
 from node.errors import ConfigError
+
+#: fields of the configuration that the hash leaves out: they do not change the math or the bytes
+HASH_EXCLUDED = ("workers", "rounds", "run_id")
 
 PAYLOAD_SCALES = ("unit", "inverse_inner_lr", "inner_lr")
 INNER_OPTIMIZERS = ("adamw", "sgd", "muon", "grad")
@@ -232,12 +238,37 @@ class RunConfig:
         return d
 
     def config_hash(self, task_fingerprint: str = "") -> str:
-        """Identifies the math and the bytes: everything but the worker count, round count and run id."""
+        """Identifies the math and the bytes: everything but the worker count, round count and run id
+        (``config_hash_of``)."""
+        return config_hash_of(self.to_dict(), task_fingerprint)
+
+    def legacy_config_hash(self, task_fingerprint: str = "") -> str:
+        """The hash of protocol 2 (Python's ``json.dumps(sort_keys=True)``, float formatting included): only to
+        recognise a coordinator state dir or a checkpoint written before the hash was defined on canonical JSON."""
         d = self.to_dict()
-        for volatile in ("workers", "rounds", "run_id"):
+        for volatile in HASH_EXCLUDED:
             d.pop(volatile)
         d["task_fingerprint"] = task_fingerprint
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def canonical_config(config: Mapping[str, Any], task_fingerprint: str = "") -> bytes:
+    """The bytes the config hash covers: ``config`` (``RunConfig.to_dict()``, or the JSON a coordinator hands out,
+    parsed) without ``workers``, ``rounds`` and ``run_id``, with ``task_fingerprint`` added, serialized as RFC 8785
+    canonical JSON (keys sorted by UTF-16 code units, no whitespace, numbers in ECMAScript's shortest form: 1.0 is
+    ``1``, 4e-4 is ``0.0004``; strings UTF-8 with minimal escapes). Raises ConfigError for a value JSON cannot carry
+    exactly (an integer beyond ±(2^53 − 1), NaN, ±inf, a type JSON lacks)."""
+    d = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
+    d["task_fingerprint"] = task_fingerprint
+    try:
+        return rfc8785.dumps(d)
+    except rfc8785.CanonicalizationError as exc:
+        raise ConfigError(f"the run configuration cannot be hashed: {exc}") from None
+
+
+def config_hash_of(config: Mapping[str, Any], task_fingerprint: str = "") -> str:
+    """16 hex characters: the first 64 bits of sha256(``canonical_config(config, task_fingerprint)``)."""
+    return hashlib.sha256(canonical_config(config, task_fingerprint)).hexdigest()[:16]
 
 
 def parse_value(text: str) -> Any:

@@ -141,8 +141,15 @@ def run_node(opts: NodeOptions) -> int:
     import signal
 
     stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not stop.is_set():  # one line, at once: finishing the round's inner steps can take a while
+            log.warning("%s: finishing this round's inner steps, then checkpoint, leave and exit 0",
+                        signal.Signals(signum).name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     group = LocalGroup.from_env(device_of(opts.device), opts.round_timeout_s)
     if group is None:
         return NodeDaemon(opts, stop).run()

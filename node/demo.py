@@ -50,6 +50,24 @@ def demo_run_file(recipe: str, rounds: int, H: int, nodes: int) -> str:
                                          "eval_every": 1})
 
 
+def check_demo(recipe: str, nodes: int, rounds: int, H: int) -> None:
+    """Refuse (ConfigError, one line) what the demo's coordinator would refuse, before any process starts."""
+    from node.errors import ConfigError
+
+    for name, value in (("--nodes", nodes), ("--rounds", rounds), ("--H", H)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    demo_run_file(recipe, rounds, H, nodes)  # parsed back: a recipe the coordinator cannot serve is refused here
+
+
+def eta(started: float, done: int, total: int, now: float) -> str:
+    """The time left at the pace so far, e.g. ``1m05s`` (``?`` before the first round)."""
+    if done <= 0 or done >= total:
+        return "?" if done <= 0 else "0s"
+    left = int((now - started) / done * (total - done))
+    return f"{left // 60}m{left % 60:02d}s" if left >= 60 else f"{left}s"
+
+
 def rounds_to_show(rows: Sequence[RoundRow], shown: int, ended: bool) -> list[RoundRow]:
     """The committed rounds from round ``shown`` on whose line is final, in order. A round's line waits for its
     validation loss until it is known, or known never to come: a later round has one (the coordinator's evaluator
@@ -65,10 +83,10 @@ def rounds_to_show(rows: Sequence[RoundRow], shown: int, ended: bool) -> list[Ro
     return out
 
 
-def round_line(row: RoundRow, rounds: int) -> str:
+def round_line(row: RoundRow, rounds: int, left: str = "") -> str:
     val = "" if math.isnan(row.val_loss) else f" val_loss={row.val_loss:.4f}"
     return (f"round {row.round:>3}/{rounds}: members={len(row.members)} train_loss={row.mean_loss:.4f}{val} "
-            f"bytes_in={row.bytes_in:,} ({row.duration_s:.2f} s to close)")
+            f"bytes_in={row.bytes_in:,} ({row.duration_s:.2f} s to close)" + (f" eta {left}" if left else ""))
 
 
 def _node_totals(workdir: Path) -> tuple[int, int]:
@@ -99,8 +117,8 @@ def run_demo(recipe: str = "sign", nodes: int = 3, rounds: int = 12, H: int = 16
     def show(ended: bool) -> None:
         nonlocal shown
         for row in rounds_to_show(coordinator_rounds(root / "state"), shown, ended):
-            print(round_line(row, rounds), flush=True)
             shown = row.round + 1
+            print(round_line(row, rounds, eta(started, shown, rounds, time.monotonic())), flush=True)
 
     # The children run in their own process groups, so a SIGTERM to the demo would not reach them: turn it
     # into KeyboardInterrupt so that the ``finally`` below stops every one of them.

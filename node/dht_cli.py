@@ -141,13 +141,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status_dht(args: argparse.Namespace) -> int:
     from node.dht_peer import nat_enabled
     from node.runfile import load_run_file
-    from node.transport.dht_status import print_dht_status
+    from node.status import dht_view, print_view
+    from node.transport.dht_status import read_status
 
     if args.coordinator or not args.initial_peers or not args.run:
         raise ConfigError("--dht needs --initial-peers MADDR[,MADDR...] and --run RUN.toml (no --coordinator)")
     listen = _split(args.listen)
-    return print_dht_status(_split(args.initial_peers), load_run_file(args.run), as_json=args.json,
-                            host_maddrs=listen, nat=nat_enabled(listen, args.no_nat))
+    run_file = load_run_file(args.run)
+    # the coordinator's Status view (node/status.py): the same fields and table, plus what only a DHT has
+    return print_view(dht_view(read_status(_split(args.initial_peers), run_file, listen, nat_enabled(listen, args.no_nat)),
+                               run_file.run.recipe.name, run_file.run.rounds), args.json)
 
 
 def add_status_dht_args(st: argparse.ArgumentParser) -> None:
@@ -181,5 +184,5 @@ def add_run_parser(sub: Any) -> None:
                     "printed")
     rg.set_defaults(func=cmd_run)
     rk = rsub.add_parser("key", help="print a node's public key (creating its node.key if missing)")
-    rk.add_argument("--workdir", required=True)
+    rk.add_argument("--workdir", required=True, help="the node's workdir (its node.key)")
     rk.set_defaults(func=cmd_run)

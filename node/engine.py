@@ -31,7 +31,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
@@ -70,6 +70,7 @@ class NodeOptions:
     checkpoint_every: int = 1  # applied rounds between checkpoint writes (one is also written on exit)
     prefetch: StatePrefetch | None = None  # the run's state, downloading since the process started (cmd_node)
     tls: ClientTls | None = None  # the coordinator channel's TLS (None: plaintext; cmd_node allows it on loopback)
+    on_record: Callable[[dict[str, Any]], None] | None = None  # told every rounds.jsonl entry (node/metrics.py)
 
 
 def device_of(name: str) -> str:
@@ -108,7 +109,7 @@ class RoundEngine:
         self.opts, self.stop, self.source, self.clock = opts, stop, source, clock
         self._given_plane = plane
         self.name = opts.name or f"{socket.gethostname()}-{os.getpid()}"
-        self.files = Workdir(Path(opts.workdir), self.name)
+        self.files = Workdir(Path(opts.workdir), self.name, opts.on_record)
         self.key = NodeKey.load_or_create(self.files.path)  # a restart with the same workdir is the same node
         self.plane: ControlPlane | None = None  # built in join(): starting a DHT can fail, and must be closed
         self.worker: Worker | None = None
@@ -324,7 +325,8 @@ class RoundEngine:
         if not report.committed:
             log.warning("[node=%s round=%d] not committed: %s", self.name, report.round, result.reason)
         else:
-            self.files.log_round(committed_line(self.name, report, result, reset, stats))
+            self.files.log_round(committed_line(self.name, report, result, reset, stats,
+                                                self._worker.reference.dense_bytes()))
         for listener in self.listeners:
             listener(report)
 

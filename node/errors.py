@@ -10,5 +10,11 @@ class PayloadError(ValueError):
     """
 
 
+class SignatureError(PayloadError):
+    """A frame's signature is missing or does not verify against its sender's key (a replay, a swapped sender, a
+    wrong key or an edited body: the message says which). A PayloadError, so every caller that refuses invalid
+    frames refuses these too; told apart where a refusal is counted by kind (the coordinator's metrics)."""
+
+
 class ConfigError(ValueError):
     """A run configuration is invalid or incompatible; the message names the field."""

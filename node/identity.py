@@ -127,7 +127,7 @@ class NodeKey:
                 os.fsync(f.fileno())
             try:
                 os.link(tmp, path)  # fails if another process created it meanwhile: theirs is the node's key
-                log.info("created node key %s (key id %s)", path, key.key_id)
+                log.info("created key %s (ed25519, key id %s)", path, key.key_id)
             except FileExistsError:
                 pass
         except OSError as exc:

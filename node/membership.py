@@ -239,7 +239,8 @@ def run_started(open_round: int, joined: int, policy: MembershipPolicy) -> Decis
     """The run starts once min_nodes members have joined: until then round 0 stays open for everyone, so the
     first node up does not commit rounds alone while the others are still starting."""
     if open_round == 0 and joined < policy.min_nodes:
-        return Decision(False, f"waiting for {policy.min_nodes} members to start the run ({joined} joined)")
+        return Decision(False, f"waiting for {policy.min_nodes} member{'s' if policy.min_nodes != 1 else ''} to start "
+                               f"the run ({joined} joined)")
     return Decision(True, "started")
 
 

@@ -68,9 +68,10 @@ def robust_entry(node: str, report: RobustReport | None, round_: int) -> dict[st
     return report.to_json()
 
 
-def committed_line(node: str, report: RoundReport, result: RoundResult, reset: str,
-                   stats: InnerStats) -> dict[str, Any]:
-    """The ``rounds.jsonl`` line of a round this node trained and applied (and its log lines)."""
+def committed_line(node: str, report: RoundReport, result: RoundResult, reset: str, stats: InnerStats,
+                   dense_bytes: int) -> dict[str, Any]:
+    """The ``rounds.jsonl`` line of a round this node trained and applied (and its log lines). ``dense_bytes``: one
+    frame of the model as dense fp32 (the compression baseline node/metrics.py divides by)."""
     r = report.round
     health: dict[str, object] = {"skipped_steps": stats.skipped} if stats.skipped else {}
     if reset:
@@ -85,7 +86,7 @@ def committed_line(node: str, report: RoundReport, result: RoundResult, reset: s
             "fingerprint": report.fingerprint, "coordinator_fingerprint": result.reference_fingerprint,
             "loss": report.loss, "bytes_out": report.bytes_out, "bytes_in": report.bytes_in,
             "train_s": round(report.train_s, 3), "wait_s": round(report.wait_s, 3), "rejected": report.rejected,
-            **health, **({"robust": report.robust} if report.robust is not None else {})}
+            "steps": stats.steps, "dense_bytes": dense_bytes, **health, **({"robust": report.robust} if report.robust is not None else {})}
 
 
 def observed_line(node: str, c: int, result: RoundResult, fingerprint: str, overlapped: bool,

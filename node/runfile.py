@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,11 +77,30 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _section(doc: dict[str, Any], name: str, cls: type) -> Any:
-    try:
-        return cls(**doc.get(name, {}))
-    except TypeError as exc:
-        raise ConfigError(f"run file [{name}]: {exc}") from None
+def _section(doc: dict[str, Any], name: str, cls: type, source: str = "run file", extra: tuple[str, ...] = ()) -> Any:
+    """The dataclass ``cls`` from the table ``[name]``; an unknown key or a value of the wrong type is a ConfigError
+    naming the key and listing the valid ones (``extra``: keys the caller took out of the table already)."""
+    values = doc.get(name, {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    valid = sorted([*(f.name for f in dataclasses.fields(cls)), *extra])
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"{source}: unknown [{name}] key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
+    for f in dataclasses.fields(cls):
+        if f.name in values and not _fits(values[f.name], f.default):
+            raise ConfigError(f"{source}: [{name}] {f.name} must be {type(f.default).__name__}, got "
+                              f"{values[f.name]!r}")
+    return cls(**values)
+
+
+def _fits(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def _int(source: str, key: str, value: Any) -> int:
@@ -97,11 +117,16 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     unknown = set(doc) - {"run", "task", "recipe", "membership", "rounds", "authority"}
     if unknown:
-        raise ConfigError(f"{source}: unknown sections {sorted(unknown)}")
+        raise ConfigError(f"{source}: unknown section{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(f'[{u}]' for u in sorted(unknown))}; valid sections: [run], [task], [recipe], "
+                          "[membership], [rounds], [authority]"
+                          + ("; bounds and robust reduce go under the recipe: [recipe.reduce]" if "reduce" in unknown
+                             else ""))
     run = dict(doc.get("run", {}))
     known_run = {"id", "task", "recipe", "rounds", "seed"}
     if set(run) - known_run:
-        raise ConfigError(f"{source}: unknown [run] keys {sorted(set(run) - known_run)}; known: {sorted(known_run)}")
+        raise ConfigError(f"{source}: unknown [run] key(s) {', '.join(map(repr, sorted(set(run) - known_run)))}; "
+                          f"valid keys: {', '.join(sorted(known_run))}")
     rounds_doc = dict(doc.get("rounds", {}))
     eval_every = _int(source, "rounds.eval_every", rounds_doc.pop("eval_every", 1))
     keep = _int(source, "rounds.keep_results", rounds_doc.pop("keep_results", 8))
@@ -112,8 +137,9 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
                           workers=1, rounds=_int(source, "run.rounds", run.get("rounds", 100)),
                           seed=_int(source, "run.seed", run.get("seed", 0)),
                           run_id=str(run.get("id", "lowband")))
-    return RunFile(run=cfg, membership=_section(doc, "membership", MembershipPolicy),
-                   deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy),
+    return RunFile(run=cfg, membership=_section(doc, "membership", MembershipPolicy, source),
+                   deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy, source,
+                                     ("eval_every", "keep_results", "result", "aggregate_codec")),
                    eval_every=eval_every, keep_results=keep, result=result_mode, aggregate_codec=aggregate_codec,
                    authority=dict(doc.get("authority", {})))
 

@@ -1,5 +1,8 @@
 """The payload envelope: the only place where codec buffers become bytes and bytes become tensors.
 
+The format, byte by byte and for every codec, for implementations in other languages: docs/wire.md (test vectors in
+tests/vectors/). What follows is the summary this module implements.
+
 Frame, unsigned: ``b"LBW1"`` + msgpack body + 8-byte BLAKE2b digest of the body.
 Frame, signed (a node with a key, node/identity.py): ``b"LBSF"`` + msgpack body + 64-byte ed25519 signature +
 8-byte BLAKE2b digest of (body + signature). The signature covers
@@ -36,7 +39,7 @@ import msgpack
 import torch
 
 from node.compress.base import Codec, Encoded, Shape
-from node.errors import PayloadError
+from node.errors import PayloadError, SignatureError
 from node.identity import SIGNATURE_BYTES, NodeKey, verify
 from node.keyring import KeyRing, frame_message
 
@@ -155,9 +158,9 @@ def max_frame_size(codec: Codec, spec: ModelSpec, extra_spec: ExtraSpecs = ()) -
     return len(MAGIC) + payload + header + SIGNATURE_BYTES + DIGEST_BYTES
 
 
-def _need(cond: bool, message: str) -> None:
+def _need(cond: bool, message: str, error: type[PayloadError] = PayloadError) -> None:
     if not cond:
-        raise PayloadError(message)
+        raise error(message)
 
 
 def split(data: bytes, limit: int) -> tuple[bytes, bytes | None]:
@@ -179,19 +182,49 @@ def split(data: bytes, limit: int) -> tuple[bytes, bytes | None]:
     return signed[:-SIGNATURE_BYTES], signed[-SIGNATURE_BYTES:]
 
 
-def _msgpack(body: bytes, limit: int) -> Any:
+@dataclass(frozen=True)
+class _Shape:
+    """How many arrays and maps, and how long an array, an envelope of this model can hold: a body is decoded only
+    within these, so a frame of up to the size limit cannot make a receiver build ~70 Python objects per byte (a
+    body of empty arrays or maps) before its fields are checked — or, to explain a failed signature, before the
+    signature is known to be good."""
+
+    max_array: int
+    max_containers: int
+
+    @classmethod
+    def of(cls, tensors: int, extra: int) -> "_Shape":
+        # the envelope: its map, params, tensors + T [name, shape] + T shapes, buffers + T lists, extra + E entries +
+        # E shapes: 4 + 3T + 2E containers (and nesting within params); arrays of T, E, a layout or a shape's dims
+        return cls(max(64, tensors, extra), 32 + 4 * (tensors + extra))
+
+
+_ANY = _Shape(1 << 20, 1 << 30)
+
+
+def _msgpack(body: bytes, limit: int, shape: _Shape = _ANY) -> Any:
+    containers = 0
+
+    def count(x: Any) -> Any:
+        nonlocal containers
+        containers += 1
+        if containers > shape.max_containers:
+            raise ValueError(f"more than {shape.max_containers} arrays and maps")
+        return x
+
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
-                               max_bin_len=limit, max_str_len=64 * 1024, max_array_len=1 << 20,
-                               max_map_len=4096, max_ext_len=0)
+                               max_bin_len=limit, max_str_len=64 * 1024, max_array_len=shape.max_array,
+                               max_map_len=min(4096, shape.max_array), max_ext_len=0, list_hook=count,
+                               object_hook=count)
     except Exception as exc:  # msgpack raises many types; all mean "not an envelope"
         raise PayloadError(f"payload body is not valid msgpack: {type(exc).__name__}: {exc}") from None
 
 
-def _claims(body: bytes, limit: int) -> tuple[str, int, str] | None:
+def _claims(body: bytes, limit: int, shape: _Shape = _ANY) -> tuple[str, int, str] | None:
     """(run, round, sender) as the body states them, or None when it does not (only to explain a failed signature)."""
     try:
-        obj = _msgpack(body, limit)
+        obj = _msgpack(body, limit, shape)
     except PayloadError:
         return None
     if not isinstance(obj, dict):
@@ -203,41 +236,42 @@ def _claims(body: bytes, limit: int) -> tuple[str, int, str] | None:
 
 
 def verify_signature(body: bytes, signature: bytes | None, keys: KeyRing, run: str, round_: int | None,
-                     sender: str | None, limit: int) -> None:
+                     sender: str | None, limit: int, shape: _Shape = _ANY) -> None:
     """Check a frame's signature against the key ``keys`` holds for ``sender`` (the name the transport delivered
     it under; None: the name the body states), over (``run``, ``round_``, sender, sha256(body)) — before the body is
-    decoded, except to explain a failure. Raises PayloadError saying why: not signed, no key for the sender, signed
-    for another run or round (a replay), signed by another member (a swapped sender), or not by this key at all
-    (wrong key, or the body changed after signing)."""
-    claims = _claims(body, limit) if sender is None or round_ is None else None
+    decoded, except to explain a failure. Raises SignatureError (a PayloadError) saying why: not signed, no key for
+    the sender, signed for another run or round (a replay), signed by another member (a swapped sender), or not by
+    this key at all (wrong key, or the body changed after signing)."""
+    claims = _claims(body, limit, shape) if sender is None or round_ is None else None
     who = sender if sender is not None else (claims[2] if claims else None)
-    _need(who is not None, "payload names no sender: its signature cannot be checked")
+    _need(who is not None, "payload names no sender: its signature cannot be checked", SignatureError)
     _need(signature is not None, f"frame from {who!r} is not signed, and this run verifies every frame against its "
-                                 "sender's key")
+                                 "sender's key", SignatureError)
     assert signature is not None and who is not None
     public = keys.get(who)
-    _need(public is not None, f"no key is registered for sender {who!r}: its frames cannot be verified")
+    _need(public is not None, f"no key is registered for sender {who!r}: its frames cannot be verified",
+          SignatureError)
     assert public is not None
     sha = hashlib.sha256(body).digest()
     if round_ is not None and verify(public, signature, frame_message(run, round_, who, sha)):
         return
-    claims = claims or _claims(body, limit)
+    claims = claims or _claims(body, limit, shape)
     if claims is not None and verify(public, signature, frame_message(*claims, sha)):
         c_run, c_round, c_sender = claims
-        _need(c_run == run, f"frame signed by {who!r} for run {c_run!r} replayed in run {run!r}")
+        _need(c_run == run, f"frame signed by {who!r} for run {c_run!r} replayed in run {run!r}", SignatureError)
         _need(round_ is None or c_round == round_,
-              f"frame signed by {who!r} for round {c_round} replayed in round {round_}")
-        _need(c_sender == who, f"frame signed by {who!r} names sender {c_sender!r}")
+              f"frame signed by {who!r} for round {c_round} replayed in round {round_}", SignatureError)
+        _need(c_sender == who, f"frame signed by {who!r} names sender {c_sender!r}", SignatureError)
         return
     if claims is not None and claims[2] != who and claims[2] in keys \
             and verify(keys[claims[2]], signature, frame_message(*claims, sha)):
-        raise PayloadError(f"frame signed by {keys.describe(claims[2])} arrived as {who!r}'s (a swapped sender)")
-    raise PayloadError(f"signature does not verify against the key registered for {keys.describe(who)} (another "
-                       "key signed it, or the frame changed after signing)")
+        raise SignatureError(f"frame signed by {keys.describe(claims[2])} arrived as {who!r}'s (a swapped sender)")
+    raise SignatureError(f"signature does not verify against the key registered for {keys.describe(who)} (another "
+                         "key signed it, or the frame changed after signing)")
 
 
-def _decode_body(body: bytes, limit: int, with_extra: bool = False) -> dict[str, Any]:
-    obj = _msgpack(body, limit)
+def _decode_body(body: bytes, limit: int, with_extra: bool = False, shape: _Shape = _ANY) -> dict[str, Any]:
+    obj = _msgpack(body, limit, shape)
     _need(isinstance(obj, dict), f"envelope must be a map, got {type(obj).__name__}")
     fields = _FIELDS | {"extra"} if with_extra else _FIELDS
     _need(set(obj) == fields, f"envelope fields are {sorted(map(str, obj))}, expected {sorted(fields)}")
@@ -266,9 +300,10 @@ def unpack(data: bytes, codec: Codec, spec: ModelSpec, run: str, round_: int | N
     PayloadError naming the field."""
     limit = max_frame_size(codec, spec, extra_spec) if limit is None else limit
     body, signature = split(data, limit)
+    shape = _Shape.of(len(spec), len(extra_spec))
     if keys is not None:
-        verify_signature(body, signature, keys, run, round_, sender, limit)
-    obj = _decode_body(body, limit, bool(extra_spec))
+        verify_signature(body, signature, keys, run, round_, sender, limit, shape)
+    obj = _decode_body(body, limit, bool(extra_spec), shape)
     _need(_is_int(obj["v"]) and obj["v"] == FORMAT_VERSION,
           f"envelope format version {obj['v']!r} is not supported (expected {FORMAT_VERSION})")
     _need(isinstance(obj["run"], str), "field 'run' must be a string")

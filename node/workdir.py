@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from node.fsutil import write_atomic
 from node.roundlog import append_line
@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 
 
 class Workdir:
-    """``path``: the node's directory (created); ``name``: the node's name, for log lines and checkpoint headers."""
+    """``path``: the node's directory (created); ``name``: the node's name, for log lines and checkpoint headers;
+    ``on_record``: told every entry appended to ``rounds.jsonl`` (the one place a round's record is produced: the
+    node's metrics, node/metrics.py)."""
 
-    def __init__(self, path: Path, name: str) -> None:
-        self.path, self.name = Path(path), name
+    def __init__(self, path: Path, name: str, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.name, self.on_record = Path(path), name, on_record
         self.path.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._write: Future[None] | None = None
@@ -37,8 +39,11 @@ class Workdir:
         return self.path / checkpoint.FILE
 
     def log_round(self, entry: dict[str, Any]) -> None:
-        """Append one line (with the wall time) to ``rounds.jsonl``."""
-        append_line(self.path / "rounds.jsonl", {**entry, "time": time.time()})
+        """Append one line (with the wall time) to ``rounds.jsonl``, then tell ``on_record``."""
+        entry = {**entry, "time": time.time()}
+        append_line(self.path / "rounds.jsonl", entry)
+        if self.on_record is not None:
+            self.on_record(entry)
 
     def checkpoint(self, worker: Worker, config_hash: str, wait: bool = False) -> None:
         """Snapshot ``worker`` now (tensor copies, so training can go on) and write it on the checkpoint thread:
@@ -70,7 +75,9 @@ class Workdir:
             return False
         try:
             sf = state_file.parse(path.read_bytes(), worker.reference.max_header() * 3)
-            if sf.header.get("config_hash") != config_hash:
+            # a checkpoint written before protocol 3 names the same run by its older hash
+            legacy = worker.cfg.legacy_config_hash(worker.task.fingerprint)
+            if sf.header.get("config_hash") not in (config_hash, legacy):
                 log.info("checkpoint is from another run (config hash %s ≠ %s): not used", sf.header.get("config_hash"),
                          config_hash)
                 return False

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from node.cli_checks import positive_int
 from node.fsutil import write_atomic
+from node.progress import progress_iter
 
 if TYPE_CHECKING:
     from node.train.worker import Worker
@@ -199,9 +201,7 @@ def run_byzantine_bench(out: Path, recipes: Sequence[str] = RECIPES, attacks: Se
     rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
     done = {r["case"] for r in rows}
     grid = cases(recipes, attacks, attackers, robust, plain_attackers)
-    for case in grid:
-        if case.key in done:
-            continue
+    for case in progress_iter([c for c in grid if c.key not in done], "bench byzantine", unit="cases"):
         log.info("bench byzantine: %s ...", case.key)
         row = run_case(case, workers=workers, rounds=rounds, H=H, inner_lr=inner_lr, size=size,
                        batch_size=batch_size, eval_batches=eval_batches, evals=evals)
@@ -221,19 +221,22 @@ def run_byzantine_bench(out: Path, recipes: Sequence[str] = RECIPES, attacks: Se
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="out/bench-byzantine")
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES))
-    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
-    p.add_argument("--attackers", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--plain-attackers", nargs="+", type=int, default=None,
+    p.add_argument("--out", default="out/bench-byzantine",
+                   help="results.json (a rerun skips the cases there), results.md and byzantine.png go here")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), help="recipes to attack")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS,
+                   help="attacks by the hostile members (node/bench/attacks.py)")
+    p.add_argument("--attackers", nargs="+", type=positive_int, default=[1, 2], help="hostile member counts")
+    p.add_argument("--plain-attackers", nargs="+", type=positive_int, default=None,
                    help="attacker counts also run without robust settings (default: every count)")
-    p.add_argument("--robust", choices=("both", "on", "off"), default="both")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--H", type=int, default=16)
-    p.add_argument("--inner-lr", type=float, default=2e-3)
-    p.add_argument("--size", default="tiny")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--robust", choices=("both", "on", "off"), default="both",
+                   help="run the attacks with the recommended [recipe.reduce] settings, without, or both")
+    p.add_argument("--workers", type=positive_int, default=8, help="members of each run, hostile ones included")
+    p.add_argument("--rounds", type=positive_int, default=40, help="rounds per run")
+    p.add_argument("--H", type=positive_int, default=16, help="inner steps per round")
+    p.add_argument("--inner-lr", type=float, default=2e-3, help="inner optimizer learning rate")
+    p.add_argument("--size", default="tiny", help="gpt size: tiny, small, medium, gpt2")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per inner step")
 
 
 def add_parser(bench: Any) -> None:

@@ -20,6 +20,7 @@ from node import wire
 from node.compress import make_codec
 from node.fsutil import write_atomic
 from node.tasks.gpt import GPT_SIZES, GPT
+from node.progress import progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def run_codec_bench(size: str = "medium", repeats: int = 3, out: Path | None = N
     spec = wire.model_spec(named)
     params = sum(t.numel() for _, t in named)
     rows = []
-    for name, cparams in CONFIGS:
+    for name, cparams in progress_iter(CONFIGS, "bench codecs", unit="codecs"):
         codec = make_codec(name, cparams)
         best_enc = best_dec = float("inf")
         frame = b""

@@ -28,6 +28,7 @@ from node.runfile import parse_run_file
 from node.tasks import load_task
 from node.train.reference import model_digest
 from node.transport.grpc_client import GrpcTransport, Identity
+from node.progress import progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def run_coordinator_bench(nodes_list: list[int], rounds: int, recipe: str = "sig
     cfg = parse_run_file(text).run
     task = load_task(cfg.task.name, **cfg.task.params)
     results = []
-    for n in nodes_list:
+    for n in progress_iter(nodes_list, "bench coordinator", unit="settings"):
         root = Path(tempfile.mkdtemp(prefix="lowband-bench-coord-"))
         (root / "run.toml").write_text(text)
         tls_args, client_tls = [], None

@@ -31,6 +31,7 @@ from node.bench.coordinator import run_coordinator_bench
 from node.bench.fake_nodes import encoded_updates, protocol_run_file
 from node.runfile import parse_run_file
 from node.tasks import load_task
+from node.progress import progress_iter
 
 log = logging.getLogger(__name__)
 NET: dict[str, Any] = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "nat_port_map": False, "auto_nat": False,
@@ -96,20 +97,19 @@ def dht_exchange(n: int, rounds: int, recipe: str, size: str) -> dict[str, Any]:
 def run_exchange_bench(peers_list: list[int], recipes: list[str], size: str, rounds: int, modes: list[str],
                        out: Path | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for recipe in recipes:
-        for n in peers_list:
-            if "dht" in modes:
-                rows.append(dht_exchange(n, rounds, recipe, size))
-            if "coordinator" in modes:
-                row = run_coordinator_bench([n], rounds, recipe=recipe, size=size)[0]
-                rows.append({"mode": "coordinator", "peers": n, "recipe": recipe, "size": size,
-                             "params": row["params"], "frame_bytes": row["frame_bytes"],
-                             "bytes_per_round": row["bytes_per_round"], "round_median_s": row["latency_median_s"],
-                             "round_max_s": row["latency_p90_s"], "rounds": rounds,
-                             "coordinator_overhead_s": row["overhead_s"]})
-            if out is not None:  # keep what is measured so far: a long sweep may be stopped
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "exchange.json").write_text(json.dumps(rows, indent=2))
+    for recipe, n in progress_iter([(r, n) for r in recipes for n in peers_list], "bench exchange", unit="settings"):
+        if "dht" in modes:
+            rows.append(dht_exchange(n, rounds, recipe, size))
+        if "coordinator" in modes:
+            row = run_coordinator_bench([n], rounds, recipe=recipe, size=size)[0]
+            rows.append({"mode": "coordinator", "peers": n, "recipe": recipe, "size": size,
+                         "params": row["params"], "frame_bytes": row["frame_bytes"],
+                         "bytes_per_round": row["bytes_per_round"], "round_median_s": row["latency_median_s"],
+                         "round_max_s": row["latency_p90_s"], "rounds": rounds,
+                         "coordinator_overhead_s": row["overhead_s"]})
+        if out is not None:  # keep what is measured so far: a long sweep may be stopped
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "exchange.json").write_text(json.dumps(rows, indent=2))
     lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores; gpt {size}", "",
              "| recipe | peers | mode | frame bytes | bytes moved/round | median round s | max s |",
              "|---|---|---|---|---|---|---|"]

@@ -42,6 +42,7 @@ from node.netem import netns as nsmod
 from node.netem.cpu import CpuBudget
 from node.netem.link import Link
 from node.netem.profiles import describe, get_profile
+from node.progress import progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +211,15 @@ def run_network_bench(recipes: list[str], profiles: list[str], overlaps: list[bo
         log.warning("network namespaces %s: every process on loopback, links emulated by the relay alone",
                     f"unavailable ({why})" if not ok else "not requested")
     base = Path(tempfile.mkdtemp(prefix="lowband-bench-network-"))
-    for profile in profiles:
-        for recipe in recipes:
-            for overlap in overlaps:
-                rows.append(run_one(recipe, overlap, profile, nodes=nodes, size=size, H=H, batch=batch,
-                                    rounds=rounds, warm=warm, join=join, use_netns=use_netns,
-                                    cpu_per_node=cpu_per_node, checkpoint_every=checkpoint_every, result=result,
-                                    root=base / f"{recipe}-{profile}-{'overlap' if overlap else 'sync'}"))
-                if out is not None:
-                    out.mkdir(parents=True, exist_ok=True)
-                    (out / "network.json").write_text(json.dumps(rows, indent=2))
+    for profile, recipe, overlap in progress_iter([(p, r, o) for p in profiles for r in recipes for o in overlaps],
+                                                  "bench network", unit="settings"):
+        rows.append(run_one(recipe, overlap, profile, nodes=nodes, size=size, H=H, batch=batch,
+                            rounds=rounds, warm=warm, join=join, use_netns=use_netns,
+                            cpu_per_node=cpu_per_node, checkpoint_every=checkpoint_every, result=result,
+                            root=base / f"{recipe}-{profile}-{'overlap' if overlap else 'sync'}"))
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "network.json").write_text(json.dumps(rows, indent=2))
     lines = ["| profile | recipe | overlap | frame B | up B/round (× formula) | round s | train s | "
              "utilization median (min) | join s (goal) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -21,6 +21,7 @@ from node.config import TaskConfig
 from node.fsutil import write_atomic
 from node.recipes import get_recipe, make_run_config
 from node.train.simulate import SimResult, simulate
+from node.progress import progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,14 @@ def run_quality_bench(profile: str, out: Path, recipes: list[str] | None = None,
     rows = [r for r in rows if r.get("profile") == profile]
     started = time.perf_counter()
     runs = [(r, {}) for r in (ALL_RECIPES if recipes is None else recipes)] + [parse_variant(v) for v in variants or []]
+    todo = []
     for recipe, extra in runs:
         label = f"{recipe}[{','.join(f'{k}={v}' for k, v in extra.items())}]" if extra else recipe
         if any(r["recipe"] == label for r in rows):
             log.info("bench quality: %s already in %s, kept", label, path)
-            continue
+        else:
+            todo.append((recipe, extra, label))
+    for recipe, extra, label in progress_iter(todo, "bench quality"):  # the ETA counts the runs left
         log.info("bench quality: %s %s ...", recipe, extra or "")
         res = _run_recipe(recipe, prof, device, extra)
         row = _row(res)

@@ -18,6 +18,8 @@ empty tensor has empty buffers and decodes to an empty tensor.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -170,14 +172,19 @@ class DctTopKCodec(Codec):
         """Selector-mean after clipping every sent value to ± ``ratio`` × c_b, where c_b is the median over the
         payloads of block b's largest magnitude (for even n the mean of the two middle ones): a sender that puts its
         weight on a few coefficients — which selector-mean would keep at full value wherever nobody else picked
-        them — is cut to what a typical sender's largest coefficient is. fp32, ``shape``; lowband's variant of
-        DeMo's selector-mean (arXiv 2411.19870), docs/algorithms.md §11. Raises ValueError for no payloads."""
+        them — is cut to what a typical sender's largest coefficient is. Each coefficient's sum is then divided by
+        max(picks, ⌈n/2⌉) instead of its picks: a coefficient fewer than half of the senders chose counts as if
+        the others had sent zero there, so one sender alone moves any coefficient by at most 1/⌈n/2⌉ of its
+        clipped value (with the plain divisor, a lone picker's value went in whole: one member of 8 could move the
+        aggregate by more than its norm, unflagged). fp32, ``shape``; lowband's variant of DeMo's selector-mean
+        (arXiv 2411.19870), docs/algorithms.md §11. Raises ValueError for no payloads."""
         if not encs:
             raise ValueError("reduce needs at least one payload")
         if numel_of(shape) == 0:
             return self.decode(encs[0], shape)
         total, picks, plan = self._accumulate(encs, shape, clip_ratio=ratio)
-        return dct.inverse(total / picks.clamp_min(1.0), plan)
+        quorum = float(max(1, math.ceil(len(encs) / 2)))
+        return dct.inverse(total / picks.clamp_min(quorum), plan)
 
     def norm(self, enc: Encoded, shape: Shape) -> float:
         """‖decode‖₂ (fp64) as the norm of the sent coefficients: the transform is orthonormal (Parseval)."""

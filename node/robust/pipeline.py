@@ -2,15 +2,17 @@
 next robust state. ``Reference.reduce`` calls it; everything in it is a deterministic function of the round's frames
 (sorted by sender) and of the replicated ``RobustState``, so every replica gets the same bits and decisions.
 
-    frames of evicted members                 → dropped ("evicted at round r: …")
+    frames of evicted members                 → dropped ("evicted at round r: …"); their record notes the round
     n_it = quantize(codec.norm(payload_it))   per sender i and tensor t, in the codec's own representation
     bounds.decide(n, history)                 → clip factors, rejections, reference norms, next history
     payload_it ← codec.scaled(payload_it, f_it)
     A_t = combine(codec, kept payloads of t)  reduce.robust (combine.py); zeros when nothing is kept
     report: norm ratio, cosine to A, clipped, rejected per member;  ledger: record_frame per member (eviction)
+    ledger pruned                             RobustState.pruned: bounded, alike on every replica
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -43,17 +45,21 @@ def reduce_round(codec: Codec, names: Sequence[str], shapes: Sequence[Shape], en
                  state: RobustState, cfg: ReduceConfig, round_: int, device: torch.device) -> RobustOutcome:
     """See the module doc. ``envelopes``: the round's validated frames, sorted by sender (at least one)."""
     members: dict[str, MemberReport] = {}
+    records = dict(state.members)
     considered = []
     for env in envelopes:
         gone = state.evicted(env.sender)
         if gone is not None:
             members[env.sender] = MemberReport(env.sender, math.nan, math.nan, None,
                                                rejected=f"evicted at round {gone.evicted_at}: {gone.reason}")
+            # an evicted member still sending stays among the evicted records pruning keeps
+            records[env.sender] = dataclasses.replace(gone, last_round=round_)
         else:
             considered.append(env)
     if not considered:
         zeros = [torch.zeros(s, dtype=torch.float32, device=device) for s in shapes]
-        return RobustOutcome(zeros, [], RoundReport(round_, 0.0, members), state)
+        return RobustOutcome(zeros, [], RoundReport(round_, 0.0, members),
+                             RobustState(state.history, records).pruned(round_))
     encs = [[{k: v.to(device) for k, v in env.tensors[n].items()} for n in names] for env in considered]
     norms = [[bounds.quantize(codec.norm(enc, s)) for enc, s in zip(row, shapes)] for row in encs]
     decision = bounds.decide(names, norms, state.history, cfg)
@@ -69,7 +75,6 @@ def reduce_round(codec: Codec, names: Sequence[str], shapes: Sequence[Shape], en
     for t, (shape, a) in enumerate(zip(shapes, aggregate)):
         for i, d in enumerate(codec.dots([row[t] for row in encs], shape, a)):
             dots[i] += d
-    records = dict(state.members)
     evicted = {}
     for i, env in enumerate(considered):
         norm = math.sqrt(sum(n * n for n in norms[i]))
@@ -90,4 +95,5 @@ def reduce_round(codec: Codec, names: Sequence[str], shapes: Sequence[Shape], en
             evicted[env.sender] = after.reason
     report = RoundReport(round_, ref_norm, members, tuple(considered[i].sender for i in kept),
                          {considered[i].sender: decision.factors[i] for i in kept}, evicted)
-    return RobustOutcome(aggregate, [considered[i] for i in kept], report, RobustState(decision.history, records))
+    return RobustOutcome(aggregate, [considered[i] for i in kept], report,
+                         RobustState(decision.history, records).pruned(round_))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Any, Sequence
 
 import torch
@@ -39,6 +40,7 @@ from node.keyring import KeyRing
 from node.outer import is_replica_consistent, make_outer
 from node.robust.pipeline import reduce_round
 from node.robust.report import RoundReport
+from node.robust.state import HEADER_BYTES as ROBUST_HEADER_BYTES
 from node.robust.state import HISTORY_KEY, RobustState, RobustStateError
 from node.train import state_file, tensors as model_tensors
 from node.train.schedule import round_inner_lr
@@ -115,6 +117,10 @@ class Reference:
     def digest(self) -> str:
         """The model digest a node presents at Join (trainable tensors, then buffers)."""
         return model_tensors.model_digest(self.spec, self.buffer_spec)
+
+    def dense_bytes(self) -> int:
+        """One member's Δ as dense fp32: the baseline a codec's bytes compare to (metrics)."""
+        return 4 * sum(math.prod(t.shape) for t in self.spec)
 
     @property
     def replica_consistent(self) -> bool:
@@ -276,9 +282,11 @@ class Reference:
         self.load_state(state_file.parse(blob, self.max_header()), kind="reference")
 
     def max_header(self) -> int:
-        """Bound on a state file's JSON header for this model (names and entries, generously)."""
+        """Bound on a state file's JSON header for this model (names and entries, generously), and the robust
+        records the writer keeps at most (node/robust/state.py)."""
         names = sum(len(n.encode()) for n in self.names + self.buffer_names)
-        return (1 << 20) + 64 * names + 2048 * (len(self.names) + len(self.buffer_names))
+        robust = ROBUST_HEADER_BYTES if self.robust is not None else 0
+        return (1 << 20) + 64 * names + 2048 * (len(self.names) + len(self.buffer_names)) + robust
 
     def load_state(self, sf: StateFile, kind: str = "reference", others: tuple[str, ...] = ()) -> None:
         """Load the reference section of a parsed state file (``kind`` ``reference``, or ``checkpoint``, whose
@@ -319,7 +327,7 @@ class Reference:
         robust = None
         if self.robust is not None:
             try:
-                robust = RobustState.from_state(h.get("robust"), values[HISTORY_KEY], len(self.names))
+                robust = RobustState.from_state(h.get("robust"), values[HISTORY_KEY], len(self.names), committed)
             except RobustStateError as exc:
                 raise StateFormatError(str(exc)) from None
         saved = ([t.clone() for t in self.tensors], [b.clone() for b in self.buffers], self.outer.state_dict(),

@@ -21,6 +21,7 @@ import grpc
 
 from node.clock import SYSTEM_CLOCK, Clock
 from node.identity import PUBLIC_BYTES, NodeKey
+from node.progress import Progress
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 # re-exported: callers import them from here too
@@ -29,16 +30,17 @@ from node.transport.grpc_auth import ClientTls, SigningInterceptor, join_message
 from node.transport.messages import RoundResult, RoundStatus, StateBlob
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # coordinator/core.py's; what changed with each: proto/lowband/v1/coordinator.proto
 CHUNK = 1 << 20
 RESULT_DOWNLOAD_MAX_S = 3600.0  # a round's result that takes longer than this to download is given up on
 MIN_UPLOAD_BPS = 2e6  # the slowest uplink an upload's deadline allows for (the `bad` link profile's rate)
+PROGRESS_FROM = 4 << 20  # a state download this large or larger shows its progress
 MAX_FAULTS = 6  # INTERNAL/UNKNOWN answers in a row before the node gives up on the coordinator
 FAULTS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED}
 REFUSALS = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS,
-            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
 
 
 class NeedResubmit(Exception):
@@ -121,6 +123,21 @@ class StallWatch:
         self._thread.join(timeout=5)
 
 
+def tls_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
+    """What to check when a connection is closed during its handshake ("Socket closed"): the usual cause is a TLS
+    mismatch (a plaintext node and a coordinator that serves TLS, or no client certificate for mutual TLS), which
+    gRPC reports only as an unreachable coordinator."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or "Socket closed" not in (exc.details() or ""):
+        return ""
+    if tls is None:
+        return (" (if the coordinator serves TLS it closes plaintext connections: pass --tls-ca CA.pem, and "
+                "--tls-cert/--tls-key if it requires client certificates)")
+    if tls.cert is None:
+        return (" (if the coordinator requires client certificates (--tls-client-ca) it closes connections without "
+                "one: pass --tls-cert/--tls-key, made by `lowband certs --node WORKDIR`)")
+    return ""
+
+
 class GrpcTransport:
     """The coordinator's RPCs with retries; ``GrpcControl`` adapts it to the ``ControlPlane`` seam.
 
@@ -137,6 +154,7 @@ class GrpcTransport:
         self.rpc_timeout_s = rpc_timeout_s
         self.key = key or NodeKey.generate()
         self.token = token
+        self.tls = tls
         self.clock = clock
         # gRPC's own reconnect backoff grows to 120 s by default: after a long coordinator outage a node would
         # sit idle that long after the coordinator is back. Cap it at our retry backoff's maximum.
@@ -186,7 +204,8 @@ class GrpcTransport:
                 if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault(what, exc)
-                log.warning("%s: coordinator unreachable (%s: %s); retrying", what, exc.code().name, exc.details())
+                log.warning("%s: coordinator unreachable (%s: %s); retrying%s", what, exc.code().name, exc.details(),
+                            tls_hint(exc, self.tls))
                 backoff.sleep(self.stop)
 
     # -- run and membership --------------------------------------------------------------------------
@@ -258,6 +277,7 @@ class GrpcTransport:
         if self.node_id:
             try:
                 self.stub.Leave(pb.LeaveRequest(node_id=self.node_id, reason=reason), timeout=5)
+                log.info("left the run at %s (%s)", self.address, reason)
             except grpc.RpcError as exc:
                 log.info("leave: %s", exc.code().name)
 
@@ -339,9 +359,9 @@ class GrpcTransport:
                 code = exc.code()
                 if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
                     raise Rejoin(exc.details()) from None
-                if _metadata(exc, "lowband-not-submitted") is not None:
+                if code == grpc.StatusCode.ABORTED:  # no payload of ours is held (metadata lowband-not-submitted)
                     raise NeedResubmit(exc.details()) from None
-                if code == grpc.StatusCode.OUT_OF_RANGE:
+                if code == grpc.StatusCode.FAILED_PRECONDITION:  # the result is not held (or not yet open)
                     return RoundResult(round_, RoundStatus.RESULT_GONE, reason=exc.details())
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     backoff.reset()
@@ -423,6 +443,7 @@ class GrpcTransport:
         before round ``min_committed`` (e.g. 1: the seeded initial state every node builds for itself)."""
         buf, backoff = bytearray(), self._backoff()
         committed, total, fingerprint = -1, -1, ""
+        progress: Progress | None = None  # shown for a state of PROGRESS_FROM bytes or more
         while True:
             if self.stop.is_set():
                 raise Stopped()
@@ -440,15 +461,25 @@ class GrpcTransport:
                     if chunk.offset != len(buf):
                         break
                     buf += chunk.data
+                    if progress is None and total >= PROGRESS_FROM:
+                        progress = Progress(f"state download from {self.address}", total)
+                    if progress is not None:
+                        progress.update(len(buf))
                 self._ok()
                 if total >= 0 and len(buf) == total:
+                    if progress is not None:
+                        progress.close()
                     return StateBlob(committed, bytes(buf), fingerprint)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND or (exc.code() == grpc.StatusCode.UNAUTHENTICATED
                                                                and self.node_id):
                     raise Rejoin(exc.details()) from None
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # past the end of a newer, shorter state: start over
+                    buf, committed = bytearray(), -1
+                    continue
                 if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault("FetchState", exc)
-                log.warning("fetch state: %s; resuming at byte %d", exc.code().name, len(buf))
+                log.warning("fetch state from %s: %s (%s); %s", self.address, exc.code().name,
+                            (exc.details() or "")[:160], f"resuming at byte {len(buf)}" if buf else "retrying")
                 backoff.sleep(self.stop)

@@ -5,12 +5,14 @@ import json
 import threading
 from typing import Callable
 
+import grpc
+
 from node.config import RunConfig, run_config_from_dict
 from node.identity import NodeKey
-from node.transport.control import Identity, JoinInfo
+from node.transport.control import Identity, JoinInfo, JoinRefused
 from node.transport.grpc_auth import ClientTls
 from node.transport.messages import RoundResult, StateBlob, Submission
-from node.transport.grpc_client import GrpcTransport
+from node.transport.grpc_client import REFUSALS, GrpcTransport
 
 
 class GrpcControl:
@@ -29,7 +31,17 @@ class GrpcControl:
         return self.transport.current_round
 
     def get_run_config(self) -> RunConfig:
-        return run_config_from_dict(json.loads(self.transport.get_run().config_json))
+        """The run the coordinator serves; a refusal (a missing or wrong join token) raises ``JoinRefused``, which
+        ``lowband node`` reports in one line (exit 3) instead of a traceback."""
+        try:
+            run = self.transport.get_run()
+        except grpc.RpcError as exc:
+            if exc.code() not in REFUSALS:
+                raise
+            hint = (" (this node's join token is missing or wrong: pass --join-token TOKEN or set $LOWBAND_JOIN_TOKEN)"
+                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED else "")
+            raise JoinRefused(f"{exc.code().name}: {exc.details()}{hint}") from None
+        return run_config_from_dict(json.loads(run.config_json))
 
     def join(self, identity: Identity) -> JoinInfo:
         self.transport.identity = identity

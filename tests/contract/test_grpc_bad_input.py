@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.core import PROTOCOL_VERSION
 from coordinator.server import SERVICE_NAME, CoordinatorServer
 from node.config import run_config_from_dict
 from node.proto.lowband.v1 import coordinator_pb2 as pb
@@ -115,7 +116,7 @@ def run(tmp_path: Path) -> Iterator[Run]:
     transports: list[GrpcTransport] = []
     try:
         stub = pb_grpc.CoordinatorStub(channel)
-        info = stub.GetRun(pb.GetRunRequest(protocol_version=1), timeout=RPC_S)
+        info = stub.GetRun(pb.GetRunRequest(protocol_version=PROTOCOL_VERSION), timeout=RPC_S)
         cfg = run_config_from_dict(json.loads(info.config_json))
         task = load_task(cfg.task.name, **cfg.task.params)
         nodes = {}
@@ -163,9 +164,13 @@ def test_health_check_reports_serving(run: Run) -> None:
 
 
 def test_get_run_describes_the_run(run: Run) -> None:
-    assert run.info.run_id == "contract" and run.info.protocol_version == 2
+    assert run.info.run_id == "contract" and run.info.protocol_version == PROTOCOL_VERSION
     assert json.loads(run.info.config_json)["recipe"]["H"] == 1
     assert run.info.config_hash == run.server.core.config_hash
+    # a client of another protocol learns it from GetRun too, before anything else
+    err = rpc_error(run.stub.GetRun, pb.GetRunRequest(protocol_version=PROTOCOL_VERSION - 1))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"protocol version {PROTOCOL_VERSION - 1} is not supported" in err.details()
 
 
 def test_honest_rounds_commit_and_status_reports_members_and_rounds(run: Run) -> None:
@@ -200,11 +205,11 @@ def test_malformed_payload_is_invalid_argument(run: Run) -> None:
     run.honest_round()
 
 
-def test_oversized_payload_is_resource_exhausted(run: Run) -> None:
+def test_oversized_payload_is_invalid_argument(run: Run) -> None:
     a = run.nodes["a"].transport
     limit = run.server.core.limit
     err = rpc_error(a.stub.Submit, iter([chunk(a.node_id, 0, b"x" * 16, total=limit + 1)]))
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # no honest frame is that large: malformed, not a quota
     assert f"payload of {limit + 1} bytes exceeds this run's limit of {limit} bytes" in err.details()
     run.honest_round()
 
@@ -313,7 +318,8 @@ def test_an_upload_cut_by_its_own_deadline_goes_on_where_it_left_off(run: Run,
 def signed_join(run: Run, name: str, key: NodeKey, **kw: Any) -> pb.JoinRequest:
     """A Join as a node with ``key`` makes it, signed now; ``kw`` overrides fields."""
     ts = int(time.time() * 1000)
-    fields: dict[str, Any] = dict(node_name=name, protocol_version=2, config_json=run.info.config_json,
+    fields: dict[str, Any] = dict(node_name=name, protocol_version=PROTOCOL_VERSION,
+                                  config_json=run.info.config_json,
                                   config_hash=run.info.config_hash, task_fingerprint=run.info.task_fingerprint,
                                   model_digest=run.info.model_digest, public_key=key.public, timestamp_ms=ts,
                                   signature=key.sign(join_message(run.info.run_id, name, key.public, ts)))
@@ -326,10 +332,11 @@ def test_refused_join_is_failed_precondition_naming_the_field(run: Run) -> None:
     theirs["recipe"]["H"] = 4
     err = rpc_error(run.stub.Join, signed_join(run, "mallory", NodeKey.generate(), config_json=json.dumps(theirs)))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "config differs from the run's (node vs run): recipe.H: 4 vs 1" in err.details()
-    # a live member's name with another key is ALREADY_EXISTS; a wrong protocol FAILED_PRECONDITION
+    assert "this node differs from the run (node vs run): config recipe.H: 4 vs 1" in err.details()
+    # a name bound to another key (the first that joined under it) is ALREADY_EXISTS; a wrong protocol
+    # FAILED_PRECONDITION
     err = rpc_error(run.stub.Join, signed_join(run, "a", NodeKey.generate()))
-    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "already named 'a' with another key" in err.details()
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "the name 'a' is bound to key" in err.details()
     err = rpc_error(run.stub.Join, signed_join(run, "a", NodeKey.generate(), protocol_version=9))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "protocol version 9 is not supported" in err.details()
     s = run.stub.Status(pb.StatusRequest(), timeout=RPC_S)
@@ -344,7 +351,7 @@ def test_collect_on_an_open_round_and_without_payload(run: Run) -> None:
     err = rpc_error(a.stub.Collect, pb.CollectRequest(node_id=a.node_id, round=0, wait_ms=0, submitted=True))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "round 0 is still open" in err.details()
     err = rpc_error(b.stub.Collect, pb.CollectRequest(node_id=b.node_id, round=0, wait_ms=0, submitted=True))
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.code() == grpc.StatusCode.ABORTED  # submit again, then collect
     assert "no payload from b for round 0 is held" in err.details()
     assert trailing(err)["lowband-not-submitted"] == "1"
     run.honest_round({"a": frame})

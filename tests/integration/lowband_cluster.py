@@ -124,9 +124,9 @@ class Cluster:
         return proc
 
     def coordinator(self, run_file: Path, state_dir: Path, listen: str = "127.0.0.1:0",
-                    timeout_s: float = 60.0) -> Proc:
+                    timeout_s: float = 60.0, extra: tuple[str, ...] = ()) -> Proc:
         proc = self.spawn("coordinator", ["coordinator", "--listen", listen, "--state-dir", str(state_dir),
-                                           "--run", str(run_file)])
+                                           "--run", str(run_file), *extra])
 
         def address() -> str | None:
             if not proc.alive():
@@ -188,6 +188,18 @@ class Cluster:
             parts.append(f"----- {p.name} (pid {p.pid}, exit {p.popen.returncode}) {p.stderr} -----")
             parts.extend(text)
         return "\n".join(parts)
+
+
+def printed(proc: Proc, prefix: str, timeout_s: float = 60.0) -> str:
+    """The last word of the first line ``proc`` printed on stdout that starts with ``prefix`` (e.g. a URL)."""
+    def find() -> str | None:
+        for line in proc.stdout.read_text(errors="replace").splitlines():
+            if line.startswith(prefix):
+                return line.rsplit(" ", 1)[-1].strip()
+        if not proc.alive():
+            raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_text()[-3000:]}")
+        return None
+    return wait_for(f"{proc.name} to print {prefix!r}", find, timeout_s)
 
 
 def status(address: str) -> Any:

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.core import PROTOCOL_VERSION
 from coordinator.guard import ServerLimits
 from coordinator.server import SERVICE_NAME, CoordinatorServer
 from coordinator.startup import ServerTls
@@ -103,7 +104,7 @@ class Trial:
         self.token = (membership or {}).get("join_token", "")
         self.members: dict[str, Member] = {}
         self._closables: list[Any] = []
-        info = pb.GetRunResponse(**self.core.run_info(2, self.token))  # not over the network: mTLS needs a cert
+        info = pb.GetRunResponse(**self.core.run_info(PROTOCOL_VERSION, self.token))  # not over the network: mTLS needs a cert
         self.info = info
         self.cfg = run_config_from_dict(json.loads(info.config_json))
         self.task = load_task(self.cfg.task.name, **self.cfg.task.params)

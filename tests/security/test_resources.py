@@ -11,6 +11,7 @@ from typing import Any, Callable
 import grpc
 import pytest
 
+from coordinator.core import PROTOCOL_VERSION
 from coordinator.guard import ServerLimits
 from coordinator.store import Disk
 from node.clock import ManualClock
@@ -92,7 +93,7 @@ def test_calls_beyond_the_bound_per_address_are_refused_at_once(trial: Callable[
                                                                      submit=(0, 10)), timeout=120) for _ in range(3)]
     try:
         assert t.server.watchdog.wait_for(lambda n: n == 3, WAIT_S)
-        err = rpc_error(stub.GetRun, pb.GetRunRequest(protocol_version=2))
+        err = rpc_error(stub.GetRun, pb.GetRunRequest(protocol_version=PROTOCOL_VERSION))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert err.details() == "too many calls in progress from 127.0.0.1 (limit 3)"
         assert dict(err.trailing_metadata())["lowband-retry"] == "1"  # a passing bound: nodes retry it
@@ -101,7 +102,7 @@ def test_calls_beyond_the_bound_per_address_are_refused_at_once(trial: Callable[
         for c in calls:
             c.cancel()
     assert t.server.watchdog.wait_for(lambda n: n == 0, WAIT_S)
-    assert stub.GetRun(pb.GetRunRequest(protocol_version=2), timeout=RPC_S).run_id == "security"
+    assert stub.GetRun(pb.GetRunRequest(protocol_version=PROTOCOL_VERSION), timeout=RPC_S).run_id == "security"
 
 
 def test_an_upload_that_sends_nothing_is_cancelled_by_the_server(trial: Callable[..., Trial]) -> None:
@@ -130,7 +131,8 @@ def _join(t: Trial, **fields: Any) -> pb.JoinRequest:
     import time
 
     ts = int(time.time() * 1000)
-    base: dict[str, Any] = dict(node_name=name, protocol_version=2, config_json=i.config_json, config_hash=i.config_hash,
+    base: dict[str, Any] = dict(node_name=name, protocol_version=PROTOCOL_VERSION, config_json=i.config_json,
+                                config_hash=i.config_hash,
                                 task_fingerprint=i.task_fingerprint, model_digest=i.model_digest, public_key=key.public,
                                 timestamp_ms=ts, signature=key.sign(join_message("security", name, key.public, ts)))
     base.update(fields)

@@ -10,6 +10,7 @@ from typing import Callable
 import grpc
 import pytest
 
+from coordinator.core import PROTOCOL_VERSION
 from node.identity import NodeKey
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.transport.control import JoinRefused
@@ -68,7 +69,7 @@ def test_join_is_signed_by_the_node_key_and_cannot_be_replayed(trial: Callable[.
     ts = int(time.time() * 1000)
 
     def join(name: str, signature: bytes, ts: int = ts) -> pb.JoinRequest:
-        return pb.JoinRequest(node_name=name, protocol_version=2, config_json=i.config_json,
+        return pb.JoinRequest(node_name=name, protocol_version=PROTOCOL_VERSION, config_json=i.config_json,
                               config_hash=i.config_hash, task_fingerprint=i.task_fingerprint, model_digest=i.model_digest,
                               public_key=key.public, signature=signature, timestamp_ms=ts)
 
@@ -88,7 +89,7 @@ def test_the_same_node_restarted_takes_its_place_back_and_another_key_cannot(tri
     a, _ = t.join("a"), t.join("b")
     assert t.honest_round() == 0
     old = a.transport
-    with pytest.raises(JoinRefused, match="ALREADY_EXISTS: a live member is already named 'a' with another key"):
+    with pytest.raises(JoinRefused, match="ALREADY_EXISTS: the name 'a' is bound to key "):
         t.join("a", NodeKey.generate())
     again = t.join("a", old.key)  # kill -9 and restart with the same workdir: the same key
     assert again.transport.join_response.replaced and again.transport.node_id != old.node_id
@@ -103,16 +104,30 @@ def test_status_and_get_run_need_a_token_when_the_run_has_one_and_show_no_creden
     t = trial(membership={"join_token": "join-s3cret", "read_token": "read-s3cret"})
     t.join("a"), t.join("b")
     stub = t.stub()
-    for call, request in ((stub.Status, pb.StatusRequest()), (stub.GetRun, pb.GetRunRequest(protocol_version=2)),
+    for call, request in ((stub.Status, pb.StatusRequest()),
+                          (stub.GetRun, pb.GetRunRequest(protocol_version=PROTOCOL_VERSION)),
                           (stub.Status, pb.StatusRequest(read_token="wrong"))):
         err = rpc_error(call, request)
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "needs its read token" in err.details()
     for token in ("read-s3cret", "join-s3cret"):
         s = stub.Status(pb.StatusRequest(read_token=token), timeout=RPC_S)
         assert sorted(m.name for m in s.members) == ["a", "b"]
-        assert stub.GetRun(pb.GetRunRequest(protocol_version=2, read_token=token), timeout=RPC_S).run_id
+        assert stub.GetRun(pb.GetRunRequest(protocol_version=PROTOCOL_VERSION, read_token=token), timeout=RPC_S).run_id
     wire = s.SerializeToString()
     for secret in ("join-s3cret", "read-s3cret", *(m.transport.node_id for m in t.members.values()),
                    *(m.transport.node_id[:8] for m in t.members.values())):
         assert secret.encode() not in wire
     assert {m.key_id for m in s.members} == {m.transport.key.key_id for m in t.members.values()}
+
+
+def test_a_node_without_the_join_token_is_refused_in_one_line_naming_the_flag(trial: Callable[..., Trial]) -> None:
+    import threading
+
+    from node.transport.grpc_control import GrpcControl
+
+    t = trial(membership={"join_token": "join-s3cret"})
+    plane = GrpcControl(t.address, threading.Event(), key=NodeKey.generate())  # no token: GetRun is refused
+    with pytest.raises(JoinRefused, match=r"UNAUTHENTICATED: .*pass --join-token TOKEN or set \$LOWBAND_JOIN_TOKEN"):
+        plane.get_run_config()
+    assert GrpcControl(t.address, threading.Event(), key=NodeKey.generate(),
+                       token="join-s3cret").get_run_config().run_id == "security"

@@ -3,6 +3,7 @@ by another coordinator, an unusable state dir, a busy port, listening off loopba
 makes what a TLS deployment needs. Real processes; every wait bounded."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.errors import StartupError
+from coordinator.server import CoordinatorServer
 from node.identity import KEY_FILE
 from security_harness import run_text
 
@@ -72,6 +75,21 @@ def test_a_second_coordinator_process_on_a_state_dir_in_use_is_refused(tmp_path:
     finally:
         os.killpg(first.pid, signal.SIGTERM)
         assert first.wait(timeout=60) == 0
+
+
+def test_a_web_port_that_cannot_be_bound_closes_the_ones_bound_before_it(tmp_path: Path, run_file: Path) -> None:
+    state = tmp_path / "state"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(StartupError, match=rf"cannot serve the metrics on 127\.0\.0\.1:{port}"):
+            CoordinatorServer("127.0.0.1:0", state, run_file, http="127.0.0.1:0", metrics=f"127.0.0.1:{port}")
+    http_port = json.loads((state / "listen.json").read_text())["http_port"]  # bound before the metrics' failed
+    with socket.socket() as again:  # closed: free to bind at once (no SO_REUSEADDR on our side)
+        again.bind(("127.0.0.1", http_port))
+    server = CoordinatorServer("127.0.0.1:0", state, run_file, http="127.0.0.1:0")  # and the state dir is free
+    server.stop(grace=0)
 
 
 def test_lowband_certs_makes_a_ca_a_server_certificate_and_node_certificates(tmp_path: Path) -> None:

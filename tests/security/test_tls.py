@@ -10,6 +10,7 @@ from typing import Callable
 import grpc
 import pytest
 
+from coordinator.core import PROTOCOL_VERSION
 from coordinator.errors import StartupError
 from coordinator.server import CoordinatorServer
 from node.errors import ConfigError
@@ -30,7 +31,7 @@ def test_a_node_with_the_right_ca_joins_and_rounds_commit_over_tls(pki: Pki, tri
 def test_a_wrong_ca_and_a_plaintext_client_are_refused(pki: Pki, trial: Callable[..., Trial]) -> None:
     t = trial(tls=pki.server_tls(), client_tls=pki.client_tls())
     wrong = t.stub(pki.client_tls(ca=pki.wrong_ca))
-    err = rpc_error(wrong.GetRun, pb.GetRunRequest(protocol_version=2))
+    err = rpc_error(wrong.GetRun, pb.GetRunRequest(protocol_version=PROTOCOL_VERSION))
     assert err.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails: the server's certificate is not trusted
     plain = t.stub()  # the default of this trial is TLS: make a plaintext one by hand
     import grpc as _grpc
@@ -39,11 +40,11 @@ def test_a_wrong_ca_and_a_plaintext_client_are_refused(pki: Pki, trial: Callable
     try:
         from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 
-        err = rpc_error(pb_grpc.CoordinatorStub(ch).GetRun, pb.GetRunRequest(protocol_version=2))
+        err = rpc_error(pb_grpc.CoordinatorStub(ch).GetRun, pb.GetRunRequest(protocol_version=PROTOCOL_VERSION))
         assert err.code() == grpc.StatusCode.UNAVAILABLE  # a TLS port does not speak plaintext HTTP/2
     finally:
         ch.close()
-    assert plain.GetRun(pb.GetRunRequest(protocol_version=2), timeout=RPC_S).run_id == "security"  # right CA: fine
+    assert plain.GetRun(pb.GetRunRequest(protocol_version=PROTOCOL_VERSION), timeout=RPC_S).run_id == "security"  # right CA: fine
 
 
 def test_mutual_tls_binds_a_member_to_the_key_its_certificate_names(pki: Pki, trial: Callable[..., Trial],
@@ -55,7 +56,7 @@ def test_mutual_tls_binds_a_member_to_the_key_its_certificate_names(pki: Pki, tr
         t.join(n, keys[n], pki.client_tls(certs[n]))
     assert t.honest_round() == 0
     # no client certificate at all: the handshake is refused
-    err = rpc_error(t.stub(pki.client_tls()).GetRun, pb.GetRunRequest(protocol_version=2))
+    err = rpc_error(t.stub(pki.client_tls()).GetRun, pb.GetRunRequest(protocol_version=PROTOCOL_VERSION))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     # mallory's valid certificate names mallory's key: a Join signed with another key is refused
     with pytest.raises(JoinRefused, match="certificate names .*, the Join .*lowband certs"):

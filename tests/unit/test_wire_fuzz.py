@@ -232,8 +232,8 @@ def test_dct_topk_buffer_contents_fuzz(cid: str, data: st.DataObject) -> None:
                                                     label=f"{t.name}.indices")
         n = layout["values"].nbytes
         # formats whose magnitude is bounded by the format (f16 ≤ 65504) or by the honest f32 scales kept here
-        # (int8 q ≤ 127, sign ±1): any bytes must validate to finite decodes or be rejected. bf16/f32 values
-        # near 3.4e38 pass validation and overflow (see the xfail below), so only their indices are fuzzed.
+        # (int8 q ≤ 127, sign ±1): any bytes must validate to finite decodes or be rejected. bf16/f32 values are
+        # bounded by the MAX_MAGNITUDE check (its own tests), so only their indices are fuzzed here.
         if codec.values in ("f16", "int8", "sign"):
             bufs[keys.index("values")] = data.draw(st.binary(min_size=n, max_size=n), label=f"{t.name}.values")
     result = _unpack_or_error(_reframe(body), codec)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from node import wire
-from node.errors import PayloadError
+from node.errors import PayloadError, SignatureError
 from node.identity import NodeKey
 from node.keyring import FRAME_DOMAIN, KeyRing, frame_message
 from wire_harness import RUN, ROUND, SIGN, SPEC, _encode_all
@@ -108,6 +108,20 @@ def test_the_sender_the_body_names_must_be_the_one_it_came_from() -> None:
 def test_without_an_expected_round_the_signature_is_checked_over_the_body_s_claims() -> None:
     assert _unpack(_signed(round_=3), round_=None).round == 3
     assert "does not verify" in _reason(_signed(key=NodeKey.generate()), round_=None)
+
+
+def test_signature_failures_are_told_apart_from_other_invalid_frames() -> None:
+    """A SignatureError (a PayloadError: refused alike) for what the signature says; anything else stays a plain
+    PayloadError (the coordinator counts the two apart)."""
+    unsigned = wire.pack(RUN, ROUND, "w1", SIGN, SPEC, _encode_all(SIGN, SPEC))
+    for frame, kw in ((_signed(key=NodeKey.generate()), {}), (_signed(round_=ROUND - 1), {}), (unsigned, {}),
+                      (_signed("w1"), {"sender": "w2"})):
+        with pytest.raises(SignatureError):
+            _unpack(frame, **kw)  # type: ignore[arg-type]
+    for frame, kw in ((_signed()[:-1] + b"\0", {}), (_signed("w1"), {"sender": "w2", "keys": None})):
+        with pytest.raises(PayloadError) as info:
+            _unpack(frame, **kw)  # type: ignore[arg-type]
+        assert not isinstance(info.value, SignatureError), info.value
 
 
 def test_a_key_ring_refuses_malformed_keys() -> None:

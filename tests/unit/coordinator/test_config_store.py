@@ -101,8 +101,10 @@ def test_missing_run_file_names_the_path(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text, pattern", [
     ("[run\nid = 1", r"^r\.toml: not valid TOML: "),
-    ("[runs]\nid = 'x'", r"^r\.toml: unknown sections \['runs'\]"),
-    ("[run]\nid = 'x'\nepochs = 3", r"^r\.toml: unknown \[run\] keys \['epochs'\]; known: \['id', 'recipe', 'rounds', 'seed', 'task'\]"),
+    ("[runs]\nid = 'x'", r"^r\.toml: unknown section \[runs\]; valid sections: \[run\], \[task\], \[recipe\], \[membership\], "
+                        r"\[rounds\], \[authority\]$"),
+    ("[reduce]\nbound = 'clip'", r"^r\.toml: unknown section \[reduce\]; .*go under the recipe: \[recipe\.reduce\]$"),
+    ("[run]\nid = 'x'\nepochs = 3", r"^r\.toml: unknown \[run\] key\(s\) 'epochs'; valid keys: id, recipe, rounds, seed, task$"),
     ("[run]\nrounds = 'many'", r"^r\.toml: run\.rounds must be an integer, got 'many'"),
     ("[rounds]\neval_every = 'often'", r"^r\.toml: rounds\.eval_every must be an integer, got 'often'"),
     ("[rounds]\neval_every = -1", r"rounds\.eval_every must be ≥ 0"),
@@ -110,12 +112,16 @@ def test_missing_run_file_names_the_path(tmp_path: Path) -> None:
     ("[membership]\nmin_nodes = 0", r"membership\.min_nodes must be ≥ 1, got 0"),
     ("[membership]\nmin_nodes = 4\nmax_nodes = 3", r"membership\.max_nodes \(3\) must be ≥ min_nodes \(4\)"),
     ("[membership]\nheartbeat_s = 10.0\nlease_s = 10.0", r"membership: need 0 < heartbeat_s \(10\.0\) < lease_s \(10\.0\)"),
-    ("[membership]\nquorum = 3", r"run file \[membership\]: .*unexpected keyword argument 'quorum'"),
+    ("[membership]\nquorum = 3", r"^r\.toml: unknown \[membership\] key 'quorum'; valid keys: heartbeat_s, idle_rounds, idle_s, "
+                                 r"join_token, lease_s, max_nodes, min_nodes, read_token$"),
+    ("[membership]\nlease_s = 'long'", r"^r\.toml: \[membership\] lease_s must be float, got 'long'$"),
     ("[rounds]\nquantile = 1.5", r"rounds\.quantile must be in \(0, 1\], got 1\.5"),
     ("[rounds]\nmargin = 0.5", r"rounds\.margin must be ≥ 1, got 0\.5"),
     ("[rounds]\nmin_wait_s = 10.0\nmax_wait_s = 5.0", r"rounds: need 0 < min_wait_s \(10\.0\) ≤ max_wait_s \(5\.0\)"),
     ("[rounds]\nhistory = 0", r"rounds\.history must be ≥ 1, got 0"),
-    ("[rounds]\npatience = 3", r"run file \[rounds\]: .*unexpected keyword argument 'patience'"),
+    ("[rounds]\npatience = 3", r"^r\.toml: unknown \[rounds\] key 'patience'; valid keys: aggregate_codec, eval_every, history, "
+                               r"initial_wait_s, keep_results, margin, max_wait_s, min_wait_s, newcomer_fraction, quantile, "
+                               r"result$"),
     ("[run]\nrecipe = 'nope'", r"unknown recipe 'nope'"),
     ("[recipe]\nH = 0", r"H must be an integer ≥ 1, got 0"),
     ("[recipe]\n'inner.nonsense' = 1", r"unknown setting 'inner\.nonsense'"),
@@ -173,6 +179,16 @@ def test_identity_recorded_then_mismatch_message(store: Store, tmp_path: Path) -
     assert "Use another --state-dir" in msg
     msg = store.check_identity("run-2", "hash-a")
     assert msg is not None and "run 'run-2'" in msg
+
+
+def test_a_state_dir_recorded_with_the_protocol_2_hash_is_the_same_run(store: Store) -> None:
+    """The config hash moved to canonical JSON in protocol 3: a state dir that recorded the same run's older hash
+    is taken, and re-recorded with the new one; another run's older hash is still refused."""
+    assert store.check_identity("run-1", "old-hash") is None
+    assert store.check_identity("run-1", "new-hash", legacy_hash="other-old") is not None
+    assert store.check_identity("run-1", "new-hash", legacy_hash="old-hash") is None
+    assert store.info() == {"run_id": "run-1", "config_hash": "new-hash"}
+    assert store.check_identity("run-1", "new-hash") is None
 
 
 def test_new_store_has_no_rounds(store: Store) -> None:

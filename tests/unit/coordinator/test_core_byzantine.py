@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core_harness import Clock, Harness
-from coordinator.errors import Refused
+from coordinator.errors import Evicted
 from node import wire
 from node.recipes import get_recipe
 from node.roundlog import coordinator_rounds
@@ -72,9 +72,9 @@ def test_a_member_sending_huge_frames_is_dropped_evicted_and_refused(hostile: Ha
                                                  "of 8)"}
     assert "m" not in {m.name for m in h.core.members.values()}
     assert any("leave m" in r.message and "evicted at round 1" in r.message for r in caplog.records)
-    with pytest.raises(Refused, match=r"m \(key [0-9a-f]{16}\) was evicted from this run: at round 1: 2 of its last"):
+    with pytest.raises(Evicted, match=r"m \(key [0-9a-f]{16}\) was evicted from this run: at round 1: 2 of its last"):
         h.join("m")
-    with pytest.raises(Refused, match="was evicted from this run"):  # the same key under another name
+    with pytest.raises(Evicted, match="was evicted from this run"):  # the same key under another name
         h.join("m2", key=h.key("m"))
     status = h.core.status()
     record = status["records"]["m"]

@@ -9,8 +9,9 @@ from typing import Any, Callable
 import pytest
 
 from core_harness import T0, Clock, Harness
-from node.identity import NodeKey
-from coordinator.errors import Conflict, Full, Refused, StillOpen, Truncated, Unauthorized, UnknownNode, WrongRound
+from node.identity import NodeKey, key_id
+from coordinator.errors import (Conflict, Full, Invalid, Refused, StillOpen, Truncated, Unauthorized, UnknownNode,
+                                WrongRound)
 from node.config import run_config_from_dict
 
 
@@ -37,12 +38,12 @@ def test_join_assigns_ids_shards_and_first_round(h: Harness) -> None:
 
 def test_join_same_name_with_another_key_is_a_conflict(h: Harness) -> None:
     h.join("a")
-    with pytest.raises(Conflict, match="a live member is already named 'a' with another key") as info:
+    with pytest.raises(Conflict, match=f"the name 'a' is bound to key {key_id(h.key('a').public)}") as info:
         h.join("a", key=NodeKey.generate())
     assert info.value.code == "ALREADY_EXISTS"
     # a name that happens to contain "full" is still a conflict, not a full run
     h.join("carefully")
-    with pytest.raises(Conflict, match="already named 'carefully'"):
+    with pytest.raises(Conflict, match="the name 'carefully' is bound to key"):
         h.join("carefully", key=NodeKey.generate())
 
 
@@ -76,26 +77,49 @@ def test_join_with_different_config_is_refused_naming_the_field(h: Harness) -> N
     theirs["recipe"]["H"] = 2
     with pytest.raises(Refused) as info:
         h.join("a", config_json=json.dumps(theirs))
-    assert "config differs from the run's (node vs run)" in str(info.value)
-    assert "recipe.H: 2 vs 1" in str(info.value)
+    assert "this node differs from the run (node vs run)" in str(info.value)
+    assert "config recipe.H: 2 vs 1" in str(info.value)
     theirs["recipe"]["inner"]["lr"] = 1.0
-    with pytest.raises(Refused, match=r"recipe\.H: 2 vs 1; recipe\.inner\.lr: 1\.0 vs 0\.0005"):
+    with pytest.raises(Refused, match=r"recipe\.H: 2 vs 1; config recipe\.inner\.lr: 1\.0 vs 0\.0005"):
         h.join("a", config_json=json.dumps(theirs))
     assert h.core.members == {}
 
 
-@pytest.mark.parametrize("kw, error, pattern", [
-    ({"protocol_version": 1}, Refused, "protocol version 1 is not supported; this coordinator speaks 2"),
-    ({"task_fingerprint": "0" * 64}, Refused, "task fingerprint differs: node 0000000000000000 vs run "),
-    ({"digest": "deadbeefdeadbeef"}, Refused, "model tensors differ: node digest deadbeefdeadbeef vs run "),
-    ({"config_json": "", "config_hash": "feedfeedfeedfeed"}, Refused, "config hash differs: node feedfeedfeedfeed"),
-    ({"config_json": "{not json"}, Refused, "config_json is not valid JSON"),
+@pytest.mark.parametrize("kw, error, pattern, code", [
+    ({"protocol_version": 1}, Refused, "protocol version 1 is not supported; this coordinator speaks 3",
+     "FAILED_PRECONDITION"),
+    ({"task_fingerprint": "0" * 64}, Refused, "task fingerprint 0000000000000000 vs ", "FAILED_PRECONDITION"),
+    ({"digest": "deadbeefdeadbeef"}, Refused, "model digest deadbeefdeadbeef vs ", "FAILED_PRECONDITION"),
+    ({"config_json": "", "config_hash": "feedfeedfeedfeed"}, Refused, "config hash feedfeedfeedfeed vs ",
+     "FAILED_PRECONDITION"),
+    ({"config_json": "{not json"}, Invalid, "config_json: not valid JSON", "INVALID_ARGUMENT"),
+    ({"config_json": "[1, 2]"}, Invalid, "config_json: must be a JSON object", "INVALID_ARGUMENT"),
 ])
-def test_join_refusals(h: Harness, kw: dict[str, Any], error: type, pattern: str) -> None:
+def test_join_refusals(h: Harness, kw: dict[str, Any], error: type, pattern: str, code: str) -> None:
     with pytest.raises(error, match=re.escape(pattern)) as info:
         h.join(kw.pop("name", "a"), **kw)
-    assert info.value.code == "FAILED_PRECONDITION"
+    assert info.value.code == code
     assert h.core.members == {}
+
+
+def test_join_names_every_difference_at_once(h: Harness) -> None:
+    theirs = json.loads(h.info["config_json"])
+    theirs["recipe"]["H"] = 2
+    with pytest.raises(Refused) as info:
+        h.join("a", config_json=json.dumps(theirs), config_hash="feedfeedfeedfeed", task_fingerprint="0" * 64,
+               digest="deadbeefdeadbeef")
+    message = str(info.value)
+    for part in ("config recipe.H: 2 vs 1", "config hash feedfeedfeedfeed vs", "task fingerprint 0000000000000000 vs",
+                 "model digest deadbeefdeadbeef vs"):
+        assert part in message
+    assert h.core.members == {}
+
+
+def test_get_run_checks_the_protocol_version(h: Harness) -> None:
+    for version in (0, 2, 4):
+        with pytest.raises(Refused, match=f"protocol version {version} is not supported") as info:
+            h.core.run_info(version, h.cfg.membership.join_token)
+        assert info.value.code == "FAILED_PRECONDITION"
 
 
 def test_a_member_idle_for_idle_rounds_is_evicted_and_a_full_run_makes_room(make: Callable[..., Harness],

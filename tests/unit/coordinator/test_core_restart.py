@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 
 from core_harness import Clock, Harness
-from coordinator.errors import NotSubmitted, WrongRound
+from coordinator.errors import NotSubmitted, ResumeMismatch
 from node.errors import ConfigError
 from node.membership import RESTART_GRACE_S
 from node.train.reference import Reference
@@ -29,8 +29,10 @@ def test_fetch_state_is_the_reference_and_resumes_by_offset(h: Harness) -> None:
     assert fresh.fingerprint() == h.core.reference.fingerprint() and fresh.committed_rounds == 1
     tail = list(h.core.fetch_state(h.ids["a"], 100))
     assert tail[0]["offset"] == 100 and b"".join(p["data"] for p in tail) == blob[100:]
-    with pytest.raises(WrongRound, match=f"offset {len(blob) + 1} is past the end of the {len(blob)}-byte state"):
+    with pytest.raises(ResumeMismatch, match=f"offset {len(blob) + 1} is past the end of the {len(blob)}-byte state") \
+            as info:
         list(h.core.fetch_state(h.ids["a"], len(blob) + 1))
+    assert info.value.code == "OUT_OF_RANGE"  # the one meaning of OUT_OF_RANGE: a byte offset outside what is held
 
 
 def test_members_a_restart_restores_have_the_grace_to_reconnect_then_the_lease_rules(
@@ -92,6 +94,25 @@ def test_restart_resumes_rounds_fingerprint_and_members(make: Callable[..., Harn
     assert result.keys == {"a": h1.keys["a"].public, "b": h1.keys["b"].public}  # relayed with the restored result
     h2.submit("a", 1), h2.submit("b", 1)
     assert h2.core.reference.committed_rounds == 2
+
+
+def test_a_restored_result_carries_the_keys_that_signed_its_frames(make: Callable[..., Harness],
+                                                                   clock: Clock) -> None:
+    """The round's keys are stored with its frames: after a restart the result names the signer of a frame whose
+    sender left since (the members' keys would lack it, and nodes then get no keys at all: all or none)."""
+    h1 = make()
+    for name in ("a", "b", "c"):
+        h1.join(name)
+    for name in ("a", "b", "c"):
+        h1.submit(name, 0)
+    assert h1.core.reference.committed_rounds == 1
+    h1.core.leave(h1.ids["c"], "done")
+    ids, keys = dict(h1.ids), h1.keys
+    h1.close()
+    h2 = make()
+    result, _ = h2.core.collect(ids["a"], 0, 0.0, True)
+    assert result.reason == "restored" and list(result.frames) == ["a", "b", "c"]
+    assert result.keys == {n: keys[n].public for n in ("a", "b", "c")}
 
 
 @pytest.mark.parametrize("overrides, what", [

@@ -9,8 +9,8 @@ import torch
 
 from core_harness import Clock, Harness
 from coordinator.core import Chunk
-from coordinator.errors import (BadPayload, Conflict, NotSubmitted, ResumeMismatch, StillOpen, TooLarge, Truncated,
-                                UnknownNode, WrongRound)
+from coordinator.errors import (BadPayload, BadSignature, Conflict, NotSubmitted, ResultGone, ResumeMismatch, StillOpen,
+                                TooLarge, Truncated, UnknownNode, WrongRound)
 from coordinator.uploads import RESUME_KEY
 from node.transport.messages import RoundResult, RoundStatus
 
@@ -75,13 +75,14 @@ def test_collect_by_member_without_payload_is_not_submitted(h: Harness) -> None:
     with pytest.raises(NotSubmitted, match="no payload from b for round 0 is held") as info:
         h.core.collect(h.ids["b"], 0, 0.0, True)
     assert info.value.metadata == {"lowband-not-submitted": "1"}
-    assert info.value.code == "FAILED_PRECONDITION"
+    assert info.value.code == "ABORTED"
 
 
 def test_collect_round_not_open_yet(h: Harness) -> None:
     h.join("a")
-    with pytest.raises(WrongRound, match=re.escape("round 1 is not open yet (the open round is 0)")):
+    with pytest.raises(ResultGone, match=re.escape("round 1 is not open yet (the open round is 0)")) as info:
         h.core.collect(h.ids["a"], 1, 0.0, False)
+    assert info.value.code == "FAILED_PRECONDITION"  # as for a result no longer held: fetch the state
 
 
 def test_submit_for_closed_or_future_round_is_wrong_round(h: Harness) -> None:
@@ -127,7 +128,7 @@ def test_oversized_and_empty_uploads(h: Harness) -> None:
     limit = h.core.limit
     with pytest.raises(TooLarge, match=f"payload of {limit + 1} bytes exceeds this run's limit of {limit} bytes") as info:
         h.core.submit(iter([Chunk(h.ids["a"], 0, 0, limit + 1, b"x")]))
-    assert info.value.code == "RESOURCE_EXHAUSTED"
+    assert info.value.code == "INVALID_ARGUMENT"  # larger than any honest frame: malformed, not a passing quota
     with pytest.raises(BadPayload, match="total_size is 0: an upload must carry a payload"):
         h.core.submit(iter([Chunk(h.ids["a"], 0, 0, 0, b"")]))
     with pytest.raises(BadPayload, match="empty upload stream: send at least one chunk"):
@@ -216,6 +217,7 @@ def test_bad_payloads_are_rejected_and_the_member_can_still_submit(h: Harness, c
     with pytest.raises(BadPayload, match=pattern) as info:
         h.submit("a", 0, bad)
     assert info.value.code == "INVALID_ARGUMENT"
+    assert isinstance(info.value, BadSignature) == (case in ("wrong_round", "wrong_run", "other_sender"))  # metrics
     assert h.core.submitted == {} and h.core.uploads == {} and h.core.deadline is None
     with pytest.raises(NotSubmitted):
         h.core.collect(h.ids["a"], 0, 0.0, True)

@@ -64,10 +64,11 @@ def test_clipped_selector_mean_cuts_a_lone_large_value_to_the_typical_peak() -> 
 
     # coefficient space: A picks c0 = 4, c1 = 2; B picks c0 = 6, c2 = 1; C picks c0 = 5, c3 = 100 (the attacker)
     encs = [enc([4, 2, 0, 0]), enc([6, 0, 1, 0]), enc([5, 0, 0, 100])]
-    # block peaks 4, 6, 100 → median 6 → every value clipped to ±2·6 = 12: C's 100 becomes 12
+    # block peaks 4, 6, 100 → median 6 → every value clipped to ±2·6 = 12: C's 100 becomes 12; each sum is then
+    # divided by max(picks, ⌈3/2⌉ = 2): a coefficient one sender chose counts half
     got = dct.forward(combine(codec, encs, (4,), ReduceConfig(bound="clip", bound_ratio=2.0,
                                                               robust="clipped_selector_mean")).reshape(1, 4), plan)
-    assert got.reshape(-1).tolist() == pytest.approx([5.0, 2.0, 1.0, 12.0], abs=1e-4)  # c0: (4+6+5)/3, lone picks kept
+    assert got.reshape(-1).tolist() == pytest.approx([5.0, 1.0, 0.5, 6.0], abs=1e-4)  # c0: (4+6+5)/3
     plain = dct.forward(codec.reduce(encs, (4,)).reshape(1, 4), plan)  # selector-mean keeps the 100
     assert plain.reshape(-1).tolist() == pytest.approx([5.0, 2.0, 1.0, 100.0], abs=1e-4)
 

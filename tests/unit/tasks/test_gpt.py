@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from node.errors import ConfigError
 from node.tasks import GPT_SIZES, GPTTask, Task, load_task
 from node.tasks import corpus as C
 from node.tasks.corpus import Corpus, shard_bounds
@@ -179,7 +180,7 @@ def test_load_task_builtin(corpus: Corpus, tmp_path: Path, monkeypatch: pytest.M
     ("node.tasks:", "expected one of"),
 ])
 def test_load_task_errors_are_precise(spec: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):  # `lowband` prints it in one line (exit 2), no traceback
         load_task(spec)
 
 

@@ -283,7 +283,7 @@ class RoundStatus(_message.Message):
     def __init__(self, round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., duration_s: _Optional[float] = ..., mean_loss: _Optional[float] = ..., reason: _Optional[str] = ..., val_loss: _Optional[float] = ..., reference_fingerprint: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("run_id", "recipe", "current_round", "committed_rounds", "deadline_in_s", "members", "recent_rounds", "reference_fingerprint", "submitted", "persistence_error", "evicted")
+    __slots__ = ("run_id", "recipe", "current_round", "committed_rounds", "deadline_in_s", "members", "recent_rounds", "reference_fingerprint", "submitted", "persistence_error", "evicted", "total_rounds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +295,7 @@ class StatusResponse(_message.Message):
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     PERSISTENCE_ERROR_FIELD_NUMBER: _ClassVar[int]
     EVICTED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     recipe: str
     current_round: int
@@ -306,4 +307,5 @@ class StatusResponse(_message.Message):
     submitted: _containers.RepeatedScalarFieldContainer[str]
     persistence_error: str
     evicted: _containers.RepeatedCompositeFieldContainer[EvictedMember]
-    def __init__(self, run_id: _Optional[str] = ..., recipe: _Optional[str] = ..., current_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., reference_fingerprint: _Optional[str] = ..., submitted: _Optional[_Iterable[str]] = ..., persistence_error: _Optional[str] = ..., evicted: _Optional[_Iterable[_Union[EvictedMember, _Mapping]]] = ...) -> None: ...
+    total_rounds: int
+    def __init__(self, run_id: _Optional[str] = ..., recipe: _Optional[str] = ..., current_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., deadline_in_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., reference_fingerprint: _Optional[str] = ..., submitted: _Optional[_Iterable[str]] = ..., persistence_error: _Optional[str] = ..., evicted: _Optional[_Iterable[_Union[EvictedMember, _Mapping]]] = ..., total_rounds: _Optional[int] = ...) -> None: ...

@@ -80,59 +80,70 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetRun(self, request, context):
-        """The run's configuration, so that a node needs only the coordinator's address. Needs the read or join
-        token when the run has one.
+        """The run's configuration, so that a node needs only the coordinator's address. Needs the read or join token when
+        the run has one. Codes: OK; FAILED_PRECONDITION (protocol_version is not 3); UNAUTHENTICATED (token);
+        INVALID_ARGUMENT (read_token longer than 256 characters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Join(self, request, context):
-        """Enter the run. Refused with FAILED_PRECONDITION naming every field that differs, UNAUTHENTICATED for a
-        wrong token or signature, ALREADY_EXISTS for a live member's name held by another key.
+        """Enter the run. Codes: OK; FAILED_PRECONDITION (another protocol version; or one message naming every difference
+        at once: each differing config field, the config hash, the task fingerprint, the model digest); UNAUTHENTICATED
+        (join token, signature, timestamp, replay, mTLS certificate); INVALID_ARGUMENT (a field out of bounds,
+        config_json not a JSON object); PERMISSION_DENIED (evicted); ALREADY_EXISTS (name held by another key);
+        RESOURCE_EXHAUSTED without lowband-retry (the run is full).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Renew the lease; also tells the node the current round.
+        """Renew the lease; also tells the node the current round. Codes: OK; NOT_FOUND; UNAUTHENTICATED; INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Leave(self, request, context):
-        """Leave at once (a dead node's lease expires instead).
+        """Leave at once (a dead node's lease expires instead). Codes: OK; NOT_FOUND; UNAUTHENTICATED; INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Submit(self, request_iterator, context):
-        """Upload this node's payload for a round as a stream of chunks; resumable by offset.
+        """Upload this node's frame for a round as a stream of chunks; resumable by offset. Codes: OK; NOT_FOUND;
+        UNAUTHENTICATED; INVALID_ARGUMENT (not a valid frame, sizes); FAILED_PRECONDITION (round not open to this member);
+        ALREADY_EXISTS (another payload accepted); OUT_OF_RANGE and DATA_LOSS (resume at lowband-resume-offset);
+        UNAVAILABLE (cannot persist rounds now).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Collect(self, request, context):
-        """Wait for a round to close, then stream its result (a header, then the payload chunks).
+        """Wait for a round to close, then stream its result (a header, then the payload pieces). Codes: OK; NOT_FOUND;
+        UNAUTHENTICATED; INVALID_ARGUMENT; DEADLINE_EXCEEDED (still open: ask again); ABORTED (submit again);
+        FAILED_PRECONDITION (result not held: fetch the state); UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchState(self, request, context):
-        """The current global state (reference parameters + outer optimizer state), chunked and resumable.
+        """The current global state (docs/state.md: a safetensors file with a JSON header), chunked and resumable. Codes:
+        OK; NOT_FOUND; UNAUTHENTICATED (signature; join token before Join); INVALID_ARGUMENT; OUT_OF_RANGE (offset past
+        the end).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Members, round, deadline, bytes and loss, for operators (no credential material). Needs the read or join
-        token when the run has one.
+        """Members, round, deadline, bytes and loss, for operators (no credential material). Needs the read or join token
+        when the run has one. Codes: OK; UNAUTHENTICATED; INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
