@@ -118,3 +118,26 @@ def test_the_package_exports_the_api() -> None:
 
     assert set(lowband.__all__) <= set(dir(lowband)) | {"LowbandCallback"}
     assert lowband.join is node.api.join and lowband.Session is node.api.Session
+
+
+def test_a_serverless_join_takes_the_runs_authority_and_the_grants_name(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``dht=``: the run file must carry its [authority]; a closed run's grant in the workdir names the node (another
+    name is refused) — what ``lowband node --dht`` checks, before any DHT peer starts."""
+    from node.cli import main
+    from node.runfile import build_run_file
+
+    model = model_of()
+    template = tmp_path / "template.toml"
+    template.write_text(build_run_file(run_id="template", recipe="sign", rounds=2, task_params=dict(TASK.params)))
+    dht = ["/ip4/127.0.0.1/tcp/1"]
+    with pytest.raises(lowband.ConfigError, match=r"no \[authority\] section"):
+        lowband.join(model, torch.optim.AdamW(model.parameters()), workdir=tmp_path / "n", run=template, dht=dht)
+    run = tmp_path / "run.toml"
+    assert main(["run", "init", "--from", str(template), "--out", str(run), "--id", "api-dht"]) == 0
+    assert main(["run", "grant", "--run", str(run), "--authority-key", str(tmp_path / "run.authority.key"),
+                 "--workdir", str(tmp_path / "n"), "--name", "gpu0"]) == 0
+    capsys.readouterr()
+    with pytest.raises(lowband.ConfigError, match=r"the name 'gpu1', but .* grants the name 'gpu0'"):
+        lowband.join(model, torch.optim.AdamW(model.parameters()), workdir=tmp_path / "n", run=run, dht=dht,
+                     name="gpu1")
