@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
 import sqlite3
 import threading
@@ -137,7 +136,7 @@ class CoordinatorServer:
         core = self.core
         assert core is not None
         run = core.cfg.run
-        dense = 4 * sum(math.prod(t.shape) for t in core.reference.spec)  # one member's Δ as dense fp32
+        dense = core.reference.dense_bytes()  # one member's Δ as dense fp32
         history = RoundHistory(self.state_dir)
         registry = coordinator_registry(CoordinatorCollector(history, core.status, self.refusals, dense, run.rounds))
         # held at once: a port that cannot be bound below still has the ones bound before it closed by _release

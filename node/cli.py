@@ -131,13 +131,17 @@ def _split(text: str | None) -> list[str]:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # N processes: this command again under torchrun
+        from node.train.local_group import exec_torchrun
+        exec_torchrun(args.nproc, sys.argv[1:])
     if bool(args.dht) == bool(args.coordinator):
         raise ConfigError("give either --coordinator HOST:PORT or --dht --initial-peers MADDR[,MADDR...]")
     if args.coordinator:
         args.coordinator = coordinator_address(args.coordinator)
     join_token = args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", "")
     tls = node_security(args)
-    metrics = _node_metrics(args)
+    leader = os.environ.get("LOCAL_RANK", "0") == "0"  # under torchrun only local rank 0 talks to the run
+    metrics = _node_metrics(args) if leader else None  # the node's rounds are rank 0's
     try:
         if args.coordinator:
             wait_for_coordinator(args.coordinator, tls, args.connect_timeout, ca_path=args.tls_ca or "")
@@ -145,7 +149,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(f"lowband node: giving up: {exc}", file=sys.stderr)
         return UNREACHABLE_EXIT
     try:
-        if args.coordinator and not (Path(args.workdir) / "checkpoint.safetensors").exists():  # checkpoint.FILE
+        if args.coordinator and leader and not (Path(args.workdir) / "checkpoint.safetensors").exists():
             # a fresh node: download the run's state while torch imports and the model builds (seconds on a slow
             # CPU), signed by the node's key (created here on first start)
             from node.identity import NodeKey
@@ -325,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N",
                     help="write the checkpoint every N applied rounds (and on exit); a node restarted from an "
                          "older checkpoint fetches the run's state. Each write costs a full state snapshot")
+    nd.add_argument("--nproc", type=int, default=1, metavar="N", help="N local processes train one replica (DDP)")
     nd.add_argument("--state-chunk-bytes", type=int, default=4 << 20,
                     help="with --dht: a joiner fetches the state in chunks of this size, spread over the donors")
     nd.add_argument("--connect-timeout", type=float, default=300.0, metavar="SECONDS",

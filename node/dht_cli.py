@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from node.errors import ConfigError
 from node.fsutil import write_atomic
@@ -38,7 +38,6 @@ def dht_settings(args: argparse.Namespace, run_file: Any) -> Any:
     """``lowband node --dht``'s ``DhtSettings``: how to reach the DHT, the run file's knobs, and the node's identity
     (``dht_identity``; ``args.name`` becomes its grant's name when none was given)."""
     from node.dht_peer import nat_enabled
-    from node.transport.dht_control import DhtSettings
     from node.transport.dht_state import MAX_CHUNK
 
     if run_file is None:
@@ -48,31 +47,52 @@ def dht_settings(args: argparse.Namespace, run_file: Any) -> Any:
         raise ConfigError("--dht needs --initial-peers MADDR[,MADDR...] (e.g. from `lowband dht`)")
     if not 0 < args.state_chunk_bytes <= MAX_CHUNK:
         raise ConfigError(f"--state-chunk-bytes must be in 1..{MAX_CHUNK}, got {args.state_chunk_bytes}")
+    settings, args.name = serverless_settings(
+        run_file, args.run, args.workdir, args.name, peers, listen, nat_enabled(listen, args.no_nat),
+        identity=args.identity, client_mode=args.client_mode, announce=announce_maddrs(args.announce),
+        state_chunk_bytes=args.state_chunk_bytes)
+    return settings
+
+
+def serverless_settings(run_file: Any, source: str, workdir: str | Path, name: str | None, peers: Sequence[str],
+                        listen: Sequence[str], nat: bool, *, identity: str | None = None, client_mode: bool = False,
+                        announce: Sequence[str] = (), state_chunk_bytes: int = 4 << 20) -> tuple[Any, str | None]:
+    """A serverless node's (``DhtSettings``, name): how to reach the DHT (``peers``, ``listen``, ``nat``, ...), the run
+    file's membership and deadline knobs, and the node's identity (``node_identity``) — for ``lowband node --dht``
+    and the Python API's ``lowband.join(dht=...)``. ``source``: where the run file came from, for messages."""
+    from node.transport.dht_control import DhtSettings
+
     mp = run_file.membership
-    authority, key, grant, args.name = dht_identity(args, run_file)
-    return DhtSettings(tuple(peers), tuple(listen), nat_enabled(listen, args.no_nat), args.identity,
-                       client_mode=args.client_mode, announce_maddrs=announce_maddrs(args.announce),
-                       num_shards=mp.max_nodes, min_nodes=mp.min_nodes, heartbeat_s=mp.heartbeat_s,
-                       round_wait_s=run_file.deadline.max_wait_s, deadline=run_file.deadline,
-                       state_chunk_bytes=args.state_chunk_bytes, authority=authority, key=key, grant=grant)
+    authority, key, grant, name = node_identity(run_file, source, workdir, name)
+    return DhtSettings(tuple(peers), tuple(listen), nat, identity, client_mode=client_mode,
+                       announce_maddrs=tuple(announce), num_shards=mp.max_nodes, min_nodes=mp.min_nodes,
+                       heartbeat_s=mp.heartbeat_s, round_wait_s=run_file.deadline.max_wait_s,
+                       deadline=run_file.deadline, state_chunk_bytes=state_chunk_bytes, authority=authority, key=key,
+                       grant=grant), name
 
 
 def dht_identity(args: argparse.Namespace, run_file: Any) -> tuple[Any, Any, bytes, str | None]:
+    """``node_identity`` of ``lowband node --dht``'s ``--run``, ``--workdir`` and ``--name``."""
+    return node_identity(run_file, args.run, args.workdir, args.name)
+
+
+def node_identity(run_file: Any, source: str, workdir: str | Path,
+                  name: str | None) -> tuple[Any, Any, bytes, str | None]:
     """A serverless node's (run authority, key, grant, name): the run file's [authority], the workdir's node.key and
     grant.toml; the name defaults to the grant's."""
     from node.identity import NodeKey
     from node.transport.dht_authority import GRANT_FILE, check_grant, load_grant
     from node.transport.dht_trust import RunAuthority
 
-    authority = RunAuthority.from_section(run_file.authority, args.run)
-    key = NodeKey.load_or_create(args.workdir)
-    path = Path(args.workdir) / GRANT_FILE
+    authority = RunAuthority.from_section(run_file.authority, source)
+    key = NodeKey.load_or_create(workdir)
+    path = Path(workdir) / GRANT_FILE
     grant = load_grant(path)
     if grant is None:
-        return authority, key, b"", args.name
+        return authority, key, b"", name
     check_grant(grant, authority, run_file.run.run_id, key, path)
-    if args.name and args.name != grant.name:
-        raise ConfigError(f"--name {args.name!r}, but {path} grants the name {grant.name!r}")
+    if name and name != grant.name:
+        raise ConfigError(f"the name {name!r}, but {path} grants the name {grant.name!r}")
     return authority, key, grant.signature, grant.name
 
 

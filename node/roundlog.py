@@ -1,7 +1,8 @@
 """Round logs, the audit trails that tools and people read (never the processes' private stores):
 
 - a node's ``rounds.jsonl`` in its workdir, written by the daemon: one JSON object per applied round
-  (``"round"``) or adopted state (``"event": "state"``);
+  (``"round"``), adopted state (``"event": "state"``) or checkpoint resumed from (``"event": "resumed"``, with the
+  ``committed_rounds`` it holds: rounds from there on that the log already lists are applied again after it);
 - a coordinator's ``rounds.jsonl`` in its state dir: one ``RoundRow`` per committed round, written after the
   round is durable in the coordinator's store, and ``{"round": r, "val_loss": v}`` lines once the evaluator
   scored round r's reference.

@@ -20,16 +20,29 @@ def applied(entries: Sequence[Entry]) -> list[Entry]:
 
 def round_sequence_problems(entries: Sequence[Entry], who: str) -> list[str]:
     """A node applies rounds in order, each exactly once; adopting a state (``"event": "state"``, the state after
-    ``committed_rounds`` rounds) may move the next expected round forward, never back."""
+    ``committed_rounds`` rounds) may move the next expected round forward, never back.
+
+    Resuming from a checkpoint (``"event": "resumed"``, a checkpoint holding ``committed_rounds`` rounds) may move it
+    back, never forward: a round logged before a kill -9 whose checkpoint was not written yet is applied again after
+    the restart, from the state before it — not a double apply. Rounds before the checkpoint's stay applied once."""
     problems: list[str] = []
     expected: int | None = None
     seen: set[int] = set()
     for e in entries:
-        if e.get("event") == "state":
+        event = e.get("event")
+        if event == "state":
             c = e["committed_rounds"]
             if expected is not None and c < expected:
                 problems.append(f"{who}: adopted the state after {c} rounds after applying round {expected - 1}")
             expected = c
+            continue
+        if event == "resumed":
+            c = e["committed_rounds"]
+            if expected is not None and c > expected:
+                problems.append(f"{who}: resumed from a checkpoint after {c} rounds, but its log has only "
+                                f"{expected} rounds applied")
+            expected = c
+            seen = {r for r in seen if r < c}
             continue
         r = e["round"]
         if r in seen:

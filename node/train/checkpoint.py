@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from node.train import state_file
-from node.train.inner import make_inner_optimizer
 from node.train.state_file import StateFile, StateFormatError
 
 if TYPE_CHECKING:
@@ -35,11 +34,8 @@ def snapshot(worker: "Worker", **identity: Any) -> tuple[dict[str, Any], dict[st
     JSON-able fields that say whose checkpoint it is (the daemon's ``node`` and ``config_hash``)."""
     header, tensors = worker.reference.state()
     inner = worker.inner
-    inner_header: dict[str, Any] = {"groups": [], "extra": []}
-    if inner.optimizer is not None:
-        names = {id(m): n for n, m in zip(worker.names, worker.masters)}
-        inner_header, inner_tensors = state_file.optimizer_state(inner.optimizer, names, "inner")
-        tensors |= inner_tensors
+    inner_header, inner_tensors = inner.save_optimizer()
+    tensors |= inner_tensors
     tensors |= {f"feedback/{n}": e.detach().clone() for n, e in worker.feedback.residuals.items()}
     tensors["rng/torch"] = torch.get_rng_state()
     if worker.device.type == "cuda":
@@ -49,7 +45,8 @@ def snapshot(worker: "Worker", **identity: Any) -> tuple[dict[str, Any], dict[st
         tensors["rng/task"] = torch.frombuffer(bytearray(task_rng), dtype=torch.uint8).clone()
     header |= identity | {
         "kind": "checkpoint",
-        "inner": {"optimizer": worker.cfg.recipe.inner.optimizer, "step": inner.step, "drawn": inner.drawn,
+        "inner": {"optimizer": inner_header.pop("optimizer", worker.cfg.recipe.inner.optimizer), "step": inner.step,
+                  "drawn": inner.drawn,
                   "shard": worker.shard, "num_shards": worker.num_shards, "skipped": inner.skipped, **inner_header},
         "feedback": {"decay": worker.cfg.recipe.feedback_decay, "names": sorted(worker.feedback.residuals)},
         "resets": worker.resets,
@@ -104,14 +101,9 @@ def restore(worker: "Worker", sf: StateFile) -> None:
     if stray:
         raise StateFormatError(f"checkpoint holds unknown RNG states {stray}")
     inner = worker.inner
-    optimizer = make_inner_optimizer(worker.cfg.recipe.inner, worker.masters, worker.names)  # loaded aside
-    if optimizer is not None:
-        names = {id(m): n for n, m in zip(worker.names, worker.masters)}
-        state_file.load_optimizer_state(optimizer, names, "inner", sf)
-    elif state_file.keys_under(sf, "inner"):
-        raise StateFormatError("checkpoint holds inner optimizer state but this recipe takes no inner step")
+    put_optimizer = inner.load_optimizer(sf, inner_h)  # checked and loaded aside
     worker.reference.load_state(sf, kind="checkpoint", others=LOCAL)  # the last check; all or nothing itself
-    inner.optimizer = optimizer
+    put_optimizer()
     inner.step, inner.skipped = step, skipped
     if (inner_h.get("shard"), inner_h.get("num_shards")) == (worker.shard, worker.num_shards):
         inner.seek(drawn)

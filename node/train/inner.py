@@ -17,6 +17,14 @@ cause. In ``grad`` mode a skipped step leaves no gradient: the round's payload i
 
 Data position: ``drawn`` counts the batches taken from the task's stream; ``seek`` reopens the stream there
 (``Task.batches_from``), so a worker restored from a checkpoint continues with the batch it would have used.
+
+The surface the worker, the checkpoint and a multi-process node use (``step``, ``drawn``, ``skipped``, ``masters``,
+``optimizer``, ``optimizer_epoch``, ``seek``, ``reset_optimizer``, ``sync_model``, ``state_is_finite``,
+``follow_run``, ``payload_lr``, ``save_optimizer``/``load_optimizer``, ``extra_state``/``load_extra_state``) is shared
+with ``ExternalInner`` (node/train/external.py), the inner loop of a node whose user's own loop takes the steps.
+
+A multi-process node (node/train/local_group.py) sets ``wrap`` (the forward and backward then run through the DDP
+module it returns, built at the first step) and ``agree`` (one skip decision for every local rank).
 """
 from __future__ import annotations
 
@@ -24,14 +32,16 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from node.config import InnerConfig
 from node.tasks.base import Batch, Task
+from node.train import state_file
 from node.train.schedule import inner_lr, warmup_steps
+from node.train.state_file import StateFile, StateFormatError
 from node.train.tensors import first_nonfinite
 
 log = logging.getLogger(__name__)
@@ -97,6 +107,11 @@ class InnerLoop:
         self.step = 0  # global inner step count, drives the schedule
         self.drawn = 0  # batches taken from the stream: the data position
         self.skipped = 0  # non-finite steps skipped, over the worker's life
+        self.optimizer_epoch = 0  # bumped whenever the optimizer state is replaced (reset, checkpoint restore)
+        self.replicas = 1  # local processes training this replica together (tokens per step)
+        self.wrap: Callable[[nn.Module], nn.Module] | None = None  # DDP, for a multi-process node
+        self.agree: Callable[[str | None], str | None] | None = None  # one skip decision across local processes
+        self._forward: nn.Module | None = None
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
@@ -110,6 +125,46 @@ class InnerLoop:
     def reset_optimizer(self) -> None:
         """Fresh optimizer state (moments), e.g. after they were poisoned."""
         self.optimizer = make_inner_optimizer(self.cfg, self.masters, self.names)
+        self.optimizer_epoch += 1
+
+    def follow_run(self, step: int) -> None:
+        """The run's state was adopted at global inner step ``step``: the schedule follows the run."""
+        self.step = step
+
+    def payload_lr(self) -> float | None:
+        """η_t for the round's payload scale; None: the run's schedule at the round (``Reference.inner_lr``)."""
+        return None
+
+    def param_names(self) -> dict[int, str]:
+        """id(tensor) → name of every tensor the optimizer steps."""
+        return {id(m): n for n, m in zip(self.names, self.masters)}
+
+    def save_optimizer(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(checkpoint header part, tensors) of the optimizer state (docs/state.md, ``inner``)."""
+        if self.optimizer is None:
+            return {"groups": [], "extra": []}, {}
+        return state_file.optimizer_state(self.optimizer, self.param_names(), "inner")
+
+    def load_optimizer(self, sf: StateFile, header: dict[str, Any]) -> Callable[[], None]:
+        """Check a checkpoint's optimizer state against this loop and load it into a new optimizer, aside; returns
+        what puts it in place. Raises StateFormatError (nothing changed)."""
+        optimizer = make_inner_optimizer(self.cfg, self.masters, self.names)
+        if optimizer is not None:
+            state_file.load_optimizer_state(optimizer, self.param_names(), "inner", sf)
+        elif state_file.keys_under(sf, "inner"):
+            raise StateFormatError("checkpoint holds inner optimizer state but this recipe takes no inner step")
+
+        def commit() -> None:
+            self.optimizer = optimizer
+            self.optimizer_epoch += 1
+        return commit
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-able local state beyond the optimizer's tensors (none here; the user's scheduler in ExternalInner)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Inverse of ``extra_state``."""
 
     def sync_model(self) -> None:
         """Copy the masters into a mixed-precision model's parameters (rounding to its dtype)."""
@@ -150,6 +205,9 @@ class InnerLoop:
     def run(self, H: int) -> InnerStats:
         start = time.perf_counter()
         self.model.train()
+        if self._forward is None:
+            self._forward = self.model if self.wrap is None else self.wrap(self.model)
+        forward = self._forward
         losses, skipped, cause = [], 0, ""
         lr = self.lr_at(self.step)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -160,11 +218,13 @@ class InnerLoop:
             batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             snapshot = [b.detach().clone() for b in self.buffers]
             with autocast:
-                loss = self.task.loss(self.model, batch)
+                loss = self.task.loss(forward, batch)
             self.model.zero_grad(set_to_none=True)
             loss.backward()
             grads = self._grads()
             problem, norm = self._nonfinite(loss, grads)
+            if self.agree is not None:
+                problem = self.agree(problem)
             if problem is not None:
                 self._skip(snapshot)
                 if not skipped:
@@ -184,14 +244,20 @@ class InnerLoop:
             losses.append(loss.detach())
             self.step += 1
         mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
-        return InnerStats(H, H * self.task.tokens_per_batch, mean_loss, lr, time.perf_counter() - start, skipped,
+        return InnerStats(H, H * self.task.tokens_per_batch * self.replicas, mean_loss, lr, time.perf_counter() - start, skipped,
                           cause)
 
     def state_is_finite(self) -> str | None:
         """None, or which master or optimizer moment holds a non-finite value."""
-        named = list(zip(self.names, self.masters))
-        if self.optimizer is not None:
-            names = {id(m): n for n, m in zip(self.names, self.masters)}
-            for p, state in self.optimizer.state.items():
-                named += [(f"{names.get(id(p), '?')}.{k}", v) for k, v in state.items() if isinstance(v, torch.Tensor)]
-        return first_nonfinite(named)
+        return nonfinite_state(self.names, self.masters, self.optimizer)
+
+
+def nonfinite_state(names: Sequence[str], masters: Sequence[torch.Tensor],
+                    optimizer: torch.optim.Optimizer | None) -> str | None:
+    """None, or which of ``masters`` or which tensor of the optimizer's state holds a non-finite value."""
+    named: list[tuple[str, torch.Tensor | None]] = list(zip(names, masters))
+    if optimizer is not None:
+        by_id = {id(m): n for n, m in zip(names, masters)}
+        for p, state in optimizer.state.items():
+            named += [(f"{by_id.get(id(p), '?')}.{k}", v) for k, v in state.items() if isinstance(v, torch.Tensor)]
+    return first_nonfinite(named)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Any, Sequence
 
 import torch
@@ -116,6 +117,10 @@ class Reference:
     def digest(self) -> str:
         """The model digest a node presents at Join (trainable tensors, then buffers)."""
         return model_tensors.model_digest(self.spec, self.buffer_spec)
+
+    def dense_bytes(self) -> int:
+        """One member's Δ as dense fp32: the baseline a codec's bytes compare to (metrics)."""
+        return 4 * sum(math.prod(t.shape) for t in self.spec)
 
     @property
     def replica_consistent(self) -> bool:

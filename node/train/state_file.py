@@ -228,6 +228,14 @@ def load_optimizer_state(opt: torch.optim.Optimizer, names: Mapping[int, str], p
     parameter of ``opt`` and hold fp32 of its shape (or a scalar, e.g. AdamW's step), finite, at most
     ``MAX_STATE_KEYS`` per parameter; extras must match the live optimizer's in dtype and shape. Raises
     StateFormatError; ``opt`` is unchanged then."""
+    opt.load_state_dict(read_optimizer_state(opt, names, prefix, sf))
+
+
+def read_optimizer_state(opt: torch.optim.Optimizer, names: Mapping[int, str], prefix: str, sf: StateFile,
+                         own_dtype: bool = False) -> dict[str, Any]:
+    """The checks of ``load_optimizer_state``; returns the ``state_dict`` to load (``opt`` is not touched; its live
+    param groups in it). ``own_dtype``: state may also be in its parameter's dtype (a user's optimizer over a bf16
+    model keeps bf16 moments)."""
     order = _ordered_params(opt)
     index = {names[id(p)]: (i, p) for i, p in enumerate(order)}
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -237,7 +245,8 @@ def load_optimizer_state(opt: torch.optim.Optimizer, names: Mapping[int, str], p
             _fail(f"state tensor {key!r} is not optimizer state of a parameter of this model")
         i, p = index[name]
         e = sf.entries[key]
-        if e.dtype != torch.float32 or e.shape not in (tuple(p.shape), ()):
+        dtypes = (torch.float32, p.dtype) if own_dtype else (torch.float32,)
+        if e.dtype not in dtypes or e.shape not in (tuple(p.shape), ()):
             _fail(f"state tensor {key!r} is {e.dtype} {list(e.shape)}; optimizer state is float32 of the "
                   f"parameter's shape {list(p.shape)} or a scalar")
         slot = state.setdefault(i, {})
@@ -253,4 +262,4 @@ def load_optimizer_state(opt: torch.optim.Optimizer, names: Mapping[int, str], p
     for k, t in template.items():
         sf.expect(f"{prefix}.extra/{k}", t.dtype, tuple(t.shape))
         loaded[k] = check_finite(sf, f"{prefix}.extra/{k}", sf.tensor(f"{prefix}.extra/{k}"))
-    opt.load_state_dict(loaded)
+    return loaded

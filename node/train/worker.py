@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -64,7 +64,14 @@ from node.train.inner import InnerLoop, InnerStats
 from node.train.reference import Aggregate, Reference
 from node.transport.messages import RoundResult
 
+if TYPE_CHECKING:
+    from node.train.external import ExternalInner
+    from node.train.local_group import LocalGroup
+
 log = logging.getLogger(__name__)
+#: builds a worker's inner loop from (model, trainable (name, parameter) pairs, live buffers)
+InnerFactory = Callable[[torch.nn.Module, Sequence[tuple[str, torch.nn.Parameter]], list[torch.Tensor]],
+                        "InnerLoop | ExternalInner"]
 
 
 @dataclass
@@ -96,18 +103,27 @@ Transform = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 class Worker:
     """One worker: a model, its inner loop, error feedback and its replica of the reference.
 
-    ``key``: signs every frame (None: unsigned frames, which only runs that verify nothing accept).
     Raises ConfigError at construction for a model lowband cannot train (a parameter or buffer dtype, named) or a
     codec that needs error feedback this recipe lacks (``Reference``)."""
 
     def __init__(self, name: str, cfg: RunConfig, task: Task, shard: int, num_shards: int,
                  device: torch.device | str = "cpu", reference_device: torch.device | str = "cpu",
-                 key: NodeKey | None = None) -> None:
+                 key: NodeKey | None = None, *, model: torch.nn.Module | None = None,
+                 inner: InnerFactory | None = None, local: LocalGroup | None = None) -> None:
+        """``key``: signs every frame (None: unsigned frames, which only runs that verify nothing accept).
+        ``model``: train this model instead of building the task's (the Python API: the user's model, which must
+        already hold the run's initial values; it stays on its device). ``inner``: what takes the inner steps, given
+        (model, trainable (name, parameter) pairs, live buffers) — by default the task-driven ``InnerLoop``.
+        ``local``: the node's local process group (a multi-process node: DDP, this rank's part of the shard)."""
         self.name, self.cfg, self.task, self.key = name, cfg, task, key
         self.shard, self.num_shards = shard, num_shards
-        self.device = torch.device(device)
         recipe = cfg.recipe
-        self.model = build_seeded(task, cfg.seed).to(self.device)  # same seed: identical start everywhere
+        if model is None:
+            self.device = torch.device(device)
+            self.model = build_seeded(task, cfg.seed).to(self.device)  # same seed: identical start everywhere
+        else:
+            self.model = model
+            self.device = next((p.device for p in model.parameters()), torch.device(device))
         named = model_tensors.trainable(self.model)
         self.params = [p for _, p in named]
         named_buffers = model_tensors.buffers(self.model)
@@ -115,9 +131,16 @@ class Worker:
         self.reference = Reference(cfg, named, reference_device, named_buffers)
         self.names, self.spec, self.codec = self.reference.names, self.reference.spec, self.reference.codec
         self.feedback = make_feedback(recipe.feedback_decay)
-        self.inner = InnerLoop(recipe.inner, task, self.model, named,
-                               lambda start: task.batches_from(shard, num_shards, cfg.seed, start),
-                               cfg.total_inner_steps, self.device, self.buffers)
+        if inner is not None:
+            self.inner: InnerLoop | ExternalInner = inner(self.model, named, self.buffers)
+        else:
+            data_shard, data_shards = (shard, num_shards) if local is None else local.data_shard(shard, num_shards)
+            loop = InnerLoop(recipe.inner, task, self.model, named,
+                             lambda start: task.batches_from(data_shard, data_shards, cfg.seed, start),
+                             cfg.total_inner_steps, self.device, self.buffers)
+            if local is not None:
+                loop.wrap, loop.agree, loop.replicas = local.wrap, local.agree, local.world
+            self.inner = loop
         self.masters = self.inner.masters  # fp32: the parameters themselves for an fp32 model
         self.pending: Pending | None = None
         self.resets = 0  # times the local state was reset from θ_ref (poisoned)
@@ -204,7 +227,10 @@ class Worker:
 
     def payload_scale(self, round_: int, inner_lr: float | None = None) -> float:
         """What multiplies Δ before error feedback in round ``round_`` (``recipe.payload_scale``: 1, 1/η_t or η_t; η_t
-        the round's scheduled lr unless ``inner_lr`` is given)."""
+        the round's scheduled lr unless ``inner_lr`` is given, or the user's optimizer's lr for the Python API's inner
+        loop, ``InnerLoop.payload_lr``)."""
+        if inner_lr is None:
+            inner_lr = self.inner.payload_lr()
         eta = self.reference.inner_lr(round_) if inner_lr is None else inner_lr
         return {"unit": 1.0, "inverse_inner_lr": 1.0 / eta, "inner_lr": eta}[self.cfg.recipe.payload_scale]
 
@@ -345,5 +371,5 @@ class Worker:
         """Take the run's reference state (a joiner, or a replica whose fingerprint diverged). Raises ValueError
         (``StateFormatError``) for a blob that is not a state of this run and model; nothing changes then."""
         self.reference.load_bytes(blob)
-        self.inner.step = self.reference.committed_rounds * self.cfg.recipe.H  # the schedule follows the run
+        self.inner.follow_run(self.reference.committed_rounds * self.cfg.recipe.H)  # the schedule follows the run
         self.load_reference_into_model()

@@ -44,12 +44,21 @@ def compile_stubs(proto_root: Path, out: Path) -> tuple[ModuleType, ModuleType]:
     rc = protoc.main(["protoc", f"-I{proto_root}", f"--python_out={out}", f"--grpc_python_out={out}", str(proto)])
     if rc != 0:
         raise RuntimeError(f"protoc failed ({rc}) on {proto}")
-    sys.path.insert(0, str(out))
+    # The stubs' package is the .proto's, lowband.v1. Installed lowband has a Python package named lowband too (the
+    # Python API, ``import lowband``), which would shadow these; so the stubs are imported under a package object of
+    # their own, which holds only ``out``: nothing of lowband's Python is imported, and lowband's package (if something
+    # else in this process imported it) is put back afterwards.
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] == "lowband"}
+    package = ModuleType("lowband")
+    package.__path__ = [str(out / "lowband")]
+    sys.modules["lowband"] = package
     try:
         return (importlib.import_module("lowband.v1.coordinator_pb2"),
                 importlib.import_module("lowband.v1.coordinator_pb2_grpc"))
     finally:
-        sys.path.remove(str(out))
+        for name in [name for name in sys.modules if name.split(".")[0] == "lowband"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
 
 
 # -- the spec's encodings --------------------------------------------------------------------------------------------

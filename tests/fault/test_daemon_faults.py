@@ -32,6 +32,17 @@ def check_consistent(cl: LocalCluster, names: tuple[str, ...] = NAMES) -> None:
     assert all(len(fps) == 1 for fps in by_round.values()), by_round
 
 
+def check_faults_fired(cl: LocalCluster, schedule: FaultSchedule, overlap: bool) -> None:
+    """Every fault of ``schedule`` fired, except at a round its node offered no frame for: a node whose frame missed
+    two rounds in a row sits the next round out (it observes it: ``RoundEngine._finish``; never with overlap). Whether
+    one does depends on which frames reach a round that lost every frame first, once it is offered again (seed 7: c
+    misses round 2 by a DELAY; round 3, all frames lost, closes with the first two frames offered again)."""
+    assert schedule.fired
+    for hit in schedule.pending:
+        entry = cl.applied(hit.node).get(hit.round)
+        assert not overlap and entry is not None and entry.get("observed") and not entry["contributed"], (hit, entry)
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_random_faults_never_split_the_replicas(tmp_path: Path, overlap: bool) -> None:
     schedule = FaultSchedule(seed=7).random(NAMES, range(1, 7), rate=0.35)
@@ -39,7 +50,7 @@ def test_random_faults_never_split_the_replicas(tmp_path: Path, overlap: bool) -
         cl.start_together(NAMES)
         outcomes = cl.wait_all()
         assert all(o == {"code": 0} for o in outcomes.values()), outcomes
-        assert schedule.fired and not schedule.pending
+        check_faults_fired(cl, schedule, overlap)
         check_consistent(cl)
         lost = {(h.node, h.round) for h in schedule.fired if h.fault in (Fault.DROP, Fault.DELAY)}
         for hit in schedule.fired:  # a frame lost, late or corrupted on the way is not in its round ...
@@ -80,6 +91,11 @@ def test_a_node_that_crashes_restarts_from_its_workdir_and_catches_up(tmp_path: 
         assert all(o == {"code": 0} for o in cl.wait_all().values())
         check_consistent(cl)
         assert cl.applied("b")[5]["contributed"]  # back in the run
+        log = cl.log("b")
+        resumed = [i for i, e in enumerate(log) if e.get("event") == "resumed"]
+        # the restart says where its checkpoint left the node (after rounds 0 and 1), right after the rounds before it
+        assert len(resumed) == 1 and log[resumed[0]]["committed_rounds"] == 2, log
+        assert [e["round"] for e in log[:resumed[0]]] == [0, 1]
 
 
 def test_a_node_late_two_rounds_in_a_row_sits_one_out_to_get_back_in_step(tmp_path: Path) -> None:

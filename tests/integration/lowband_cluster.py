@@ -110,13 +110,14 @@ class Cluster:
         self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                         **{OWNER_ENV: self.owner})
 
-    def spawn(self, name: str, args: list[str], workdir: Path | None = None) -> Proc:
-        """``python -m node.cli ARGS`` in a new session; stdout to NAME.stdout, stderr to NAME.log."""
+    def spawn(self, name: str, args: list[str], workdir: Path | None = None, program: list[str] | None = None) -> Proc:
+        """``python -m node.cli ARGS`` (or ``python PROGRAM ARGS``, e.g. a script) in a new session; stdout to
+        NAME.stdout, stderr to NAME.log."""
         n = sum(1 for p in self.procs if p.name.split(".")[0] == name)  # every restart gets a log of its own
         tag = name if n == 0 else f"{name}.{n}"
         out, err = self.root / f"{tag}.stdout", self.root / f"{tag}.log"
         with open(out, "wb") as fo, open(err, "wb") as fe:
-            popen = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=fo, stderr=fe,
+            popen = subprocess.Popen([sys.executable, *(program or ["-m", "node.cli"]), *args], stdout=fo, stderr=fe,
                                      stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
         proc = Proc(tag, popen, out, err, workdir)
         self.procs.append(proc)

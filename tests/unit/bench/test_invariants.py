@@ -40,6 +40,41 @@ def test_a_skipped_round_a_repeated_round_and_a_state_going_back_are_named() -> 
         "a: adopted the state after 1 rounds after applying round 1"]
 
 
+def resumed(committed: int) -> dict[str, Any]:
+    return {"event": "resumed", "committed_rounds": committed, "fingerprint": f"fp{committed - 1}"}
+
+
+def test_a_round_logged_before_a_kill_and_applied_again_after_resuming_is_no_double_apply() -> None:
+    # round 2 logged, then kill -9 before its checkpoint was written: the restart resumes after 2 rounds, applies 2 again
+    log = [entry(0, AB, "a"), entry(1, AB, "a"), entry(2, AB, "a"), resumed(2), entry(2, AB, "a"), entry(3, AB, "a")]
+    assert round_sequence_problems(log, "a") == []
+    # an older checkpoint (checkpoint_every > 1): every round after it is applied again, once
+    log = [entry(0, AB, "a"), entry(1, AB, "a"), entry(2, AB, "a"), resumed(1), entry(1, AB, "a"), entry(2, AB, "a")]
+    assert round_sequence_problems(log, "a") == []
+    # a resume where nothing was lost, then a state adoption forward
+    assert round_sequence_problems([entry(0, AB, "a"), resumed(1), state(4), entry(4, AB, "a")], "a") == []
+    assert replica_problems({"a": [entry(0, AB, "a"), entry(1, AB, "a"), resumed(1), entry(1, AB, "a")],
+                             "b": [entry(0, AB, "b"), entry(1, AB, "b")]}, [row(0, AB), row(1, AB)]) == []
+
+
+def test_a_resume_allows_no_double_apply_after_it_nor_a_skip_nor_a_checkpoint_ahead_of_the_log() -> None:
+    # the step back is allowed only at the resume: a round re-applied twice after it is still a double apply
+    assert round_sequence_problems([entry(0, AB, "a"), entry(1, AB, "a"), resumed(1), entry(1, AB, "a"),
+                                    entry(1, AB, "a")], "a") == ["a: applied round 1 twice"]
+    # rounds before the checkpoint's are not applied again
+    assert round_sequence_problems([entry(0, AB, "a"), entry(1, AB, "a"), resumed(1), entry(0, AB, "a")], "a") == [
+        "a: applied round 0 twice"]
+    # without a resume, a step back is a double apply
+    assert round_sequence_problems([entry(0, AB, "a"), entry(1, AB, "a"), entry(1, AB, "a")], "a") == [
+        "a: applied round 1 twice"]
+    # after the resume, rounds go on in order from the checkpoint
+    assert round_sequence_problems([entry(0, AB, "a"), entry(1, AB, "a"), resumed(1), entry(2, AB, "a")], "a") == [
+        "a: applied round 2, expected round 1"]
+    # a checkpoint holding a round the log never recorded
+    assert round_sequence_problems([entry(0, AB, "a"), resumed(3)], "a") == [
+        "a: resumed from a checkpoint after 3 rounds, but its log has only 1 rounds applied"]
+
+
 def test_committed_rounds_with_a_gap_are_named() -> None:
     assert committed_problems([row(0, AB), row(1, AB)]) == []
     assert committed_problems([row(0, AB), row(2, AB), row(4, AB)]) == [

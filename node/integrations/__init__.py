@@ -1,0 +1,1 @@
+"""Integrations of the Python API (node/api.py) with other training libraries."""
