@@ -93,7 +93,7 @@ class CoordinatorServicer:
         at once: each differing config field, the config hash, the task fingerprint, the model digest); UNAUTHENTICATED
         (join token, signature, timestamp, replay, mTLS certificate); INVALID_ARGUMENT (a field out of bounds,
         config_json not a JSON object); PERMISSION_DENIED (evicted); ALREADY_EXISTS (name held by another key);
-        RESOURCE_EXHAUSTED without lowband-retry (the run is full).
+        RESOURCE_EXHAUSTED without lowband-retry (the run is full, or its table of names bound to keys).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
