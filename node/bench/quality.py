@@ -104,17 +104,20 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    # the default cycle repeats after 10 colours: two curves of one colour in a sweep would be read as one recipe
+    colors = plt.get_cmap("tab20").colors if len(rows) > 10 else plt.get_cmap("tab10").colors
+    for i, r in enumerate(rows):
         xs = [c["bytes_sent_per_worker"] for c in r["curve"]]
         ys = [c["val_loss"] for c in r["curve"]]
-        ax.plot(xs, ys, marker="o", markersize=3, label=f"{r['recipe']} (H={r['H']})")
+        ax.plot(xs, ys, marker="os^v"[i // len(colors) % 4], markersize=3, color=colors[i % len(colors)],
+                label=f"{r['recipe']} (H={r['H']})")
     ax.set_xscale("log")
     ax.set_xlabel("bytes sent per worker (log)")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title("lowband: validation loss vs bytes sent, equal tokens per worker")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
