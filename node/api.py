@@ -312,8 +312,12 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
     workdir = Path(workdir)
     tls = None
     if coordinator is not None and plane is None:
+        from node.cli_checks import coordinator_address
         from node.transport.grpc_auth import ClientTls, check_plaintext
 
+        # as `lowband node --coordinator`: a scheme, no port or a bad port is said at once (else "http://h:7070"
+        # reads as a host off loopback and is refused for plaintext, and a bare host is retried forever)
+        coordinator = coordinator_address(coordinator, "coordinator")
         tls = ClientTls.from_files(tls_ca, tls_cert, tls_key) if (tls_ca or tls_cert) else None
         check_plaintext(coordinator, tls, insecure)
     dht_settings = None

@@ -102,6 +102,9 @@ def test_a_scheduler_whose_state_is_not_json_is_refused(tmp_path: Path) -> None:
     ({"coordinator": "127.0.0.1:1", "dht": ["/ip4/127.0.0.1/tcp/1"]}, "give either"),
     ({"dht": ["/ip4/127.0.0.1/tcp/1"]}, "dht needs run=RUN.toml"),
     ({"coordinator": "203.0.113.7:7070"}, "refusing to talk to 203.0.113.7:7070 without TLS"),
+    ({"coordinator": "http://127.0.0.1:7070"}, "coordinator 'http://127.0.0.1:7070': give HOST:PORT without a scheme"),
+    ({"coordinator": "127.0.0.1"}, "coordinator '127.0.0.1': no port; give HOST:PORT"),
+    ({"coordinator": "127.0.0.1:abc"}, "the port must be a number 1..65535, got 'abc'"),
     ({"coordinator": "127.0.0.1:1", "name": "no spaces"}, "name: node name 'no spaces' is not"),
     ({"coordinator": "127.0.0.1:1", "checkpoint_every": 0}, "checkpoint_every must be at least 1"),
 ])
