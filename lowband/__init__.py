@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from node import api as _api
-from node.api import ConfigError, JoinRefused, ModelMismatch, RoundReport, Session, join
+from node.api import ConfigError, CoordinatorUnreachable, JoinRefused, ModelMismatch, RoundReport, Session, join
 
-__all__ = ["ConfigError", "JoinRefused", "LowbandCallback", "ModelMismatch", "RoundReport", "Session", "join"]
+__all__ = ["ConfigError", "CoordinatorUnreachable", "JoinRefused", "LowbandCallback", "ModelMismatch", "RoundReport",
+           "Session", "join"]
 
 
 def __getattr__(name: str) -> Any:

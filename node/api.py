@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from node.cli_checks import CoordinatorUnreachable
 from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig
 from node.engine import NodeOptions, RoundEngine
@@ -43,7 +44,7 @@ from node.train.tensors import digest_of
 from node.train.worker import Worker
 from node.transport.control import ControlPlane, JoinInfo, JoinRefused, Stopped
 
-__all__ = ["ConfigError", "JoinRefused", "ModelMismatch", "RoundReport", "Session", "join"]
+__all__ = ["ConfigError", "CoordinatorUnreachable", "JoinRefused", "ModelMismatch", "RoundReport", "Session", "join"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -268,7 +269,7 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
          tls_cert: str | None = None, tls_key: str | None = None, insecure: bool = False,
          dht_listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",), max_rounds: int | None = None,
          checkpoint_every: int = 1, round_timeout_s: float = 3600.0, stop: threading.Event | None = None,
-         plane: ControlPlane | None = None, clock: Clock = SYSTEM_CLOCK) -> Session:
+         plane: ControlPlane | None = None, clock: Clock = SYSTEM_CLOCK, connect_timeout_s: float = 300.0) -> Session:
     """Join a run with your model and optimizer; returns the ``Session`` your loop calls ``step()`` on.
 
     - ``model``: your ``nn.Module`` (or its DDP wrapper), already on its device. It must be the run's model: the
@@ -295,13 +296,17 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
       ``step()`` returns with ``done`` True, and ``close()`` leaves as a node that stops.
     - ``plane``: an already built control plane (tests and embedding: an ``InProcessRun.plane``, which takes its own
       stop event: pass the same one as ``stop``); ``clock``: what waits are decided on.
+    - ``connect_timeout_s``: how long to retry a coordinator that does not answer at all before raising
+      ``CoordinatorUnreachable`` (as ``lowband node --connect-timeout``; ≤ 0: retry forever). A line on stderr
+      between tries says why and when it gives up.
 
     Under ``torchrun`` (more than one local process, ``torch.distributed`` initialised by you or from the
     environment) call it on every local rank with the same arguments: rank 0 joins the run, the others follow it.
 
     Blocks while joining (and downloading the run's state). Raises ``ModelMismatch``, ``JoinRefused`` (the run
-    refused this node: the reason names the differing fields), ``ConfigError`` (arguments, the run file, a recipe this
-    API cannot drive, an optimizer over tensors not in the model, a scheduler whose state is not JSON-able)."""
+    refused this node: the reason names the differing fields), ``CoordinatorUnreachable`` (no answer within
+    ``connect_timeout_s``), ``ConfigError`` (arguments, the run file, a recipe this API cannot drive, an optimizer
+    over tensors not in the model, a scheduler whose state is not JSON-able, a TLS problem no retry fixes)."""
     if (coordinator is None) == (dht is None) and plane is None:
         raise ConfigError("give either coordinator='HOST:PORT' or dht=[MADDR, ...]")
     if checkpoint_every < 1:
@@ -320,6 +325,10 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
         coordinator = coordinator_address(coordinator, "coordinator")
         tls = ClientTls.from_files(tls_ca, tls_cert, tls_key) if (tls_ca or tls_cert) else None
         check_plaintext(coordinator, tls, insecure)
+        if connect_timeout_s > 0:
+            from node.cli_checks import wait_for_coordinator
+
+            wait_for_coordinator(coordinator, tls, connect_timeout_s, ca_path=tls_ca or "")
     dht_settings = None
     if dht is not None and run_file is not None:
         from node.dht_cli import serverless_settings

@@ -161,7 +161,7 @@ def wait_for_coordinator(address: str, tls: Any, give_up_s: float, *, rpc_timeou
     from node.proto.lowband.v1 import coordinator_pb2 as pb
     from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
     from node.transport.grpc_auth import open_channel
-    from node.transport.grpc_client import tls_hint
+    from node.transport.grpc_client import PROTOCOL_VERSION, tls_hint
 
     stream = out or sys.stderr
     started = time.monotonic()
@@ -169,7 +169,8 @@ def wait_for_coordinator(address: str, tls: Any, give_up_s: float, *, rpc_timeou
     while True:
         raw, channel = open_channel(address, tls, ())
         try:
-            pb_grpc.CoordinatorStub(channel).GetRun(pb.GetRunRequest(protocol_version=2), timeout=rpc_timeout_s)
+            pb_grpc.CoordinatorStub(channel).GetRun(pb.GetRunRequest(protocol_version=PROTOCOL_VERSION),
+                                                    timeout=rpc_timeout_s)
             return
         except grpc.RpcError as exc:
             if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -144,3 +144,17 @@ def test_a_serverless_join_takes_the_runs_authority_and_the_grants_name(tmp_path
     with pytest.raises(lowband.ConfigError, match=r"the name 'gpu1', but .* grants the name 'gpu0'"):
         lowband.join(model, torch.optim.AdamW(model.parameters()), workdir=tmp_path / "n", run=run, dht=dht,
                      name="gpu1")
+
+
+def test_a_coordinator_that_never_answers_is_given_up_on_after_connect_timeout_s(tmp_path: Path) -> None:
+    import socket
+
+    # a port bound (so nothing else takes it) but not listening: every connection is refused
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+        model = model_of()
+        with pytest.raises(lowband.CoordinatorUnreachable, match=address):
+            lowband.join(model, torch.optim.AdamW(model.parameters()), workdir=tmp_path / "n", name="n",
+                         coordinator=address, connect_timeout_s=0.5)
+    assert not (tmp_path / "n" / "rounds.jsonl").exists()  # nothing joined, nothing logged
