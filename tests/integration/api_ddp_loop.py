@@ -55,15 +55,19 @@ def main() -> int:
                 with open(Path(args.workdir) / f"rank{rank}.jsonl", "a") as out:
                     out.write(json.dumps({"rank": rank, "round": report.round, "fingerprint": report.fingerprint,
                                           "members": list(report.members), "local": local}) + "\n")
+    # Both ranks finish with the run before either tears its side down, and the DDP wrapper (its reducer holds the
+    # process group) goes while both still hold the group: a follower freeing it after the leader had left hung
+    # in gloo's teardown.
+    dist.barrier()
+    del ddp
     dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
     code = main()
-    # Under a heavily loaded machine a follower rank was seen to hang in interpreter finalization after main()
-    # returned (no Python frame left: c10d/gloo teardown), once in ~20 runs. What this script checks is done and
-    # written by then, so leave without running C++ finalizers (a known gap, docs/api.md "Multi-GPU nodes").
+    # Leave without running C++ finalizers: what this script checks is written by then (docs/api.md, "Multi-GPU
+    # nodes": a follower once hung in c10d/gloo teardown).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
