@@ -325,10 +325,6 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
         coordinator = coordinator_address(coordinator, "coordinator")
         tls = ClientTls.from_files(tls_ca, tls_cert, tls_key) if (tls_ca or tls_cert) else None
         check_plaintext(coordinator, tls, insecure)
-        if connect_timeout_s > 0:
-            from node.cli_checks import wait_for_coordinator
-
-            wait_for_coordinator(coordinator, tls, connect_timeout_s, ca_path=tls_ca or "")
     dht_settings = None
     if dht is not None and run_file is not None:
         from node.dht_cli import serverless_settings
@@ -346,6 +342,11 @@ def join(model: nn.Module, optimizer: torch.optim.Optimizer, *, workdir: str | P
     problem = check_node_name(name)
     if problem:
         raise ConfigError(f"name: {problem}")
+    if coordinator is not None and plane is None and connect_timeout_s > 0:
+        from node.cli_checks import wait_for_coordinator
+
+        # after every local check: a wrong argument is said at once, not after the coordinator answers
+        wait_for_coordinator(coordinator, tls, connect_timeout_s, ca_path=tls_ca or "")
     model = _unwrap(model)
     device = next((p.device.type for p in model.parameters()), "cpu")
     opts = NodeOptions(coordinator or "", workdir, name, device, run_file.run if run_file else None, token,
