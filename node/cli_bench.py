@@ -29,7 +29,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         collect_results([Path(f) for f in args.collect], Path(args.out), "lowband " + " ".join(sys.argv[1:]))
         return 0
     run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device),
-                      command="lowband " + " ".join(sys.argv[1:]), variants=args.variant)
+                      command="lowband " + " ".join(sys.argv[1:]), variants=args.variant, jobs=args.jobs)
     return 0
 
 
@@ -103,6 +103,9 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
     q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     q.add_argument("--variant", action="append", default=[], metavar="RECIPE:KEY=VAL[,KEY=VAL]",
                    help="an extra row: a recipe with overrides, e.g. sign:outer.lr=8 (repeatable)")
+    q.add_argument("--jobs", type=positive_int, default=1,
+                   help="runs at once, each a process with one torch thread (2 on a 2-core box: the standard profile "
+                        "in about half the time); the results do not depend on it")
     q.set_defaults(func=cmd_bench_quality)
     add_byzantine_parser(bsub)
     c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")

@@ -42,7 +42,8 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(size="tiny", batch_size=8, workers=4, steps_per_worker=768, H=32, inner_lr=2e-3, evals=8),
-    # >= 100 outer rounds per recipe at H = 16 (192 rounds), about 45 minutes per recipe on 2 CPU cores
+    # >= 100 outer rounds per recipe at H = 16 (192 rounds); 4-9 min per H = 16 recipe and 17-19 min for ddp and demo
+    # with one torch thread: all nine recipes in under an hour on 2 cores with --jobs 2 (BENCHMARKS.md)
     "standard": Profile(size="tiny", batch_size=8, workers=4, steps_per_worker=3072, H=16, inner_lr=2e-3, evals=16),
     "full": Profile(size="small", batch_size=16, workers=4, steps_per_worker=4096, H=64, inner_lr=1e-3, evals=16),
 }
@@ -67,6 +68,22 @@ def _run_recipe(recipe: str, prof: Profile, device: str, extra: dict[str, Any] |
 
 def _row(res: SimResult) -> dict[str, Any]:
     return row_from_result(res.to_dict())
+
+
+def _measure(recipe: str, prof: Profile, device: str, extra: dict[str, Any], label: str, profile: str,
+             threads: int | None) -> dict[str, Any]:
+    """One run → its table row. ``threads``: torch threads for this run (a parallel job gets one core's worth: two
+    runs with 2 threads each on 2 cores are slower together than one after the other)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    res = _run_recipe(recipe, prof, device, extra)
+    row = _row(res)
+    row["recipe"], row["profile"] = label, profile
+    log.info("bench quality: %s final val %.4f, %d bytes sent/worker, %.1f s", label, res.final_val_loss,
+             res.bytes_sent_per_worker, res.wall_s)
+    return row
 
 
 def row_from_result(d: dict[str, Any]) -> dict[str, Any]:
@@ -139,9 +156,16 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return recipe, overrides
 
 
-def run_quality_bench(profile: str, out: Path, recipes: list[str] | None = None, device: str = "cpu",
-                      command: str = "", variants: list[str] | None = None) -> list[dict[str, Any]]:
-    prof = PROFILES[profile]
+def run_quality_bench(profile: str | Profile, out: Path, recipes: list[str] | None = None, device: str = "cpu",
+                      command: str = "", variants: list[str] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
+    """Run the profile's recipes (and ``variants``) and write results.json, results.md and the plot to ``out``.
+
+    ``profile``: a name in PROFILES or a Profile ("custom" in the rows). ``jobs`` > 1 runs that many recipes at
+    once, each in its own process with one torch thread (on 2 CPU cores, ``jobs = 2`` finishes the standard
+    profile in about half the time of one run after another). Every run is deterministic (seed 0): the rows equal
+    those of one run after another with one torch thread. Raises KeyError for an unknown profile and ConfigError
+    for an unknown recipe (before any run starts)."""
+    prof, profile = (profile, "custom") if isinstance(profile, Profile) else (PROFILES[profile], profile)
     out.mkdir(parents=True, exist_ok=True)
     command = command or f"lowband bench quality --profile {profile} --out {out}"
     path = out / "results.json"
@@ -152,21 +176,36 @@ def run_quality_bench(profile: str, out: Path, recipes: list[str] | None = None,
     runs = [(r, {}) for r in (ALL_RECIPES if recipes is None else recipes)] + [parse_variant(v) for v in variants or []]
     todo = []
     for recipe, extra in runs:
+        get_recipe(recipe)  # an unknown name fails now, not after an hour of other runs
         label = f"{recipe}[{','.join(f'{k}={v}' for k, v in extra.items())}]" if extra else recipe
         if any(r["recipe"] == label for r in rows):
             log.info("bench quality: %s already in %s, kept", label, path)
         else:
             todo.append((recipe, extra, label))
-    for recipe, extra, label in progress_iter(todo, "bench quality"):  # the ETA counts the runs left
-        log.info("bench quality: %s %s ...", recipe, extra or "")
-        res = _run_recipe(recipe, prof, device, extra)
-        row = _row(res)
-        row["recipe"], row["profile"] = label, profile
+    order = [label for _, _, label in todo]
+
+    def keep(row: dict[str, Any]) -> None:
         rows.append(row)
-        log.info("bench quality: %s final val %.4f, %d bytes sent/worker, %.1f s", recipe, res.final_val_loss,
-                 res.bytes_sent_per_worker, res.wall_s)
         # partial results survive an interrupted benchmark
         write_atomic(out / "results.json", json.dumps(rows, indent=2))
+
+    if jobs <= 1:
+        for recipe, extra, label in progress_iter(todo, "bench quality"):  # the ETA counts the runs left
+            log.info("bench quality: %s %s ...", recipe, extra or "")
+            keep(_measure(recipe, prof, device, extra, label, profile, None))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # the longest runs first (H = 1 recipes exchange every step), so the last job does not run alone
+        todo.sort(key=lambda t: has_local_steps(t[0], t[1]))
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_measure, recipe, prof, device, extra, label, profile, 1)
+                       for recipe, extra, label in todo]
+            for future in progress_iter(as_completed(futures), "bench quality", total=len(futures)):
+                keep(future.result())
+    rows.sort(key=lambda r: order.index(r["recipe"]) if r["recipe"] in order else -1)  # kept rows first
+    write_atomic(out / "results.json", json.dumps(rows, indent=2))
     write_atomic(out / "results.md", _markdown(rows, prof, command))
     _plot(rows, out / "loss_vs_bytes.png")
     log.info("bench quality: done in %.1f s → %s", time.perf_counter() - started, out)
