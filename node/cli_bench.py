@@ -36,7 +36,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
     from node.bench.codecs import run_codec_bench
 
-    run_codec_bench(size=args.size, repeats=args.repeats, out=Path(args.out) if args.out else None)
+    run_codec_bench(size=args.size, repeats=args.repeats, out=Path(args.out) if args.out else None,
+                    numel=args.numel, codecs=args.codecs)
     return 0
 
 
@@ -107,7 +108,11 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
     add_byzantine_parser(bsub)
     c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")
     c.add_argument("--size", default="medium", help="gpt size whose tensors are encoded (medium ≈ 25M params)")
-    c.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions per codec")
+    c.add_argument("--numel", type=positive_int, default=None,
+                   help="encode one flat tensor of this many elements instead of the model's tensors")
+    c.add_argument("--codecs", nargs="+", default=None, choices=["identity", "bf16", "sign", "dct_topk"],
+                   metavar="NAME", help="only these codecs: identity, bf16, sign, dct_topk (default: all)")
+    c.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions per codec (median reported)")
     c.add_argument("--out", default=None, help="write results.json here (default: print only)")
     c.set_defaults(func=cmd_bench_codecs)
     bc = bsub.add_parser("coordinator", help="round latency and overhead of the gRPC coordinator on loopback")

@@ -19,6 +19,7 @@ import torch
 from node.compress.base import WIRE_DTYPES, WIRE_LIMIT, BufferSpec, Codec, Encoded, Shape, numel_of, saturate
 from node.compress.bitpack import pack_bools, unpack_bools
 from node.compress.ordered_sum import chunk_abs_sums
+from node.compress.signbits import pack_signs, signed_values
 from node.errors import ConfigError, PayloadError
 
 
@@ -72,35 +73,26 @@ class SignCodec(Codec):
             wide = chunk_abs_sums(flat, self.block, torch.float64).to(flat.device)
             means = wide / counts.double().clamp_min(1)
         scales = saturate(means, WIRE_DTYPES[self.scale_dtype])  # (chunks,)
-        return {"bits": pack_bools(flat >= 0), "scales": scales}
+        return {"bits": pack_signs(flat), "scales": scales}
 
     def wire_limit(self) -> float:
         return WIRE_LIMIT[WIRE_DTYPES[self.scale_dtype]]
 
-    def _signed(self, bits: torch.Tensor, per_chunk: torch.Tensor, n: int) -> torch.Tensor:
-        """(N,) bool and (chunks,) fp32 → (N,) fp32: each chunk's value, negated where the bit is 0. One pass, no
-        (N,) index or repeated copy; bit-identical to ``(2·bit − 1) · value`` (a product with ±1 is exact)."""
-        if n == 0 or self.block == 0:
-            return torch.where(bits, per_chunk, -per_chunk)  # per_chunk (1,) broadcasts
-        out = torch.empty(n, dtype=torch.float32, device=bits.device)  # (N,)
-        full = n // self.block
-        body = full * self.block
-        if full:
-            values = per_chunk[:full, None]  # (full, 1)
-            torch.where(bits[:body].view(full, self.block), values, -values, out=out[:body].view(full, self.block))
-        if body < n:
-            torch.where(bits[body:], per_chunk[full], -per_chunk[full], out=out[body:])
-        return out
-
     def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
-        n = numel_of(shape)
-        bits = unpack_bools(enc["bits"], n)  # (N,) bool
-        return self._signed(bits, enc["scales"].to(torch.float32), n).reshape(shape)
+        """Buffers → fp32 of ``shape``: ``(2·bit − 1) · scale`` of the element's chunk."""
+        return signed_values(enc["bits"], enc["scales"].to(torch.float32), numel_of(shape), self.block).reshape(shape)
 
     def reduce(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
-        if self.reduce_mode == "mean":
-            return super().reduce(encs, shape)
-        return self.vote(encs, shape)
+        """``mean``: ``(1/n) Σ_i decode_i``, added in the given order (bit-identical to ``Codec.reduce``, without its
+        copy of the first decode); ``vote``: see ``vote``. fp32 of ``shape``; ValueError when ``encs`` is empty."""
+        if self.reduce_mode == "vote":
+            return self.vote(encs, shape)
+        if not encs:
+            raise ValueError("reduce needs at least one payload")
+        total = self.decode(encs[0], shape)  # a fresh tensor, ours to add into
+        for enc in encs[1:]:
+            total.add_(self.decode(enc, shape))
+        return total.div_(len(encs))
 
     def vote(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
         """Majority vote: ``sign(Σ_i ±1_i) · (1/n) Σ_i s_i`` per element (scales averaged per chunk), ties → 0;
@@ -115,7 +107,7 @@ class SignCodec(Codec):
         votes = ones.mul_(2).sub_(len(encs))  # (N,) in [-n, n]: the sum of the ±1s, exactly
         mean_scale = sum(e["scales"].to(torch.float32) for e in encs) / len(encs)  # (chunks,)
         # sign(votes) · s: +s, −s, or (a tie) 0·s = +0 since s ≥ 0
-        signed = self._signed(votes > 0, mean_scale, n)  # (N,) ±s
+        signed = signed_values(pack_bools(votes > 0), mean_scale, n, self.block)  # (N,) ±s
         return signed.masked_fill_(votes == 0, 0.0).reshape(shape)
 
     def norm(self, enc: Encoded, shape: Shape) -> float:

@@ -16,6 +16,7 @@ from node.compress.base import WIRE_DTYPES, saturate
 from node.compress.bitpack import pack_bools, pack_bools_tensor, unpack_bools, unpack_bools_tensor
 from node.compress.ordered_sum import chunk_abs_sums, chunk_abs_sums_tensor
 from node.compress.sign import SignCodec
+from node.compress.signbits import pack_signs, signed_values, signed_values_tensor
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -171,3 +172,23 @@ def test_numpy_and_tensor_bit_packing_give_the_same_bytes(n: int) -> None:
     assert _bits_of(packed) == _bits_of(pack_bools_tensor(bits))
     assert torch.equal(unpack_bools(packed, n), unpack_bools_tensor(packed, n))
     assert torch.equal(unpack_bools(packed, n), bits)
+
+
+@pytest.mark.parametrize("block", [0, 1, 3, 8, 100])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+def test_numpy_and_tensor_sign_expansion_give_the_same_floats(n: int, block: int) -> None:
+    g = torch.Generator().manual_seed(n + block)
+    packed = pack_bools(torch.rand(n, generator=g) < 0.5)
+    chunks = 0 if n == 0 else (1 if block == 0 else math.ceil(n / block))
+    scales = torch.rand(chunks, generator=g)
+    if chunks:
+        scales[0] = 0.0  # −1 · 0 = −0 on both paths
+    got = signed_values(packed, scales, n, block)
+    assert got.shape == (n,) and got.dtype == torch.float32
+    assert _bits_of(got) == _bits_of(signed_values_tensor(packed, scales, n, block))
+    assert _bits_of(got) == _bits_of(reference_decode({"bits": packed, "scales": scales}, n, block))
+
+
+def test_packed_signs_match_on_both_paths() -> None:
+    x = torch.tensor([1.0, -1.0, 0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45])
+    assert pack_signs(x).tolist() == pack_bools(x >= 0).tolist() == [0b10101101, 0b0]
