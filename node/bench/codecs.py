@@ -3,7 +3,9 @@
 The tensors are the built-in GPT's parameters at the chosen size (``medium`` ≈ 25M parameters), or one flat tensor
 of ``numel`` elements, filled with Gaussian noise (top-k and sign costs do not depend on the values' meaning). Bits
 per parameter count the whole frame, envelope included. Times are the median over the repetitions (the minimum is in
-results.json too): on a shared machine the median is the steadier figure.
+results.json too): on a shared machine the median is the steadier figure. Each is given as wall time and as this
+process's CPU time (``time.process_time``): with one torch thread, the CPU time is what the work costs, whatever the
+other tenants of a busy machine take from the wall clock.
 """
 from __future__ import annotations
 
@@ -61,33 +63,40 @@ def run_codec_bench(size: str = "medium", repeats: int = 3, out: Path | None = N
         codec = make_codec(name, cparams)
         enc_s: list[float] = []
         dec_s: list[float] = []
+        enc_cpu: list[float] = []
+        dec_cpu: list[float] = []
         frame = b""
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             encoded = {n: codec.encode(t) for n, t in named}
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             for n, t in named:
                 codec.decode(encoded[n], tuple(t.shape))
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             enc_s.append(t1 - t0)
             dec_s.append(t2 - t1)
+            enc_cpu.append(c1 - c0)
+            dec_cpu.append(c2 - c1)
             frame = wire.pack("bench", 0, "w0", codec, spec, encoded)
         enc, dec = statistics.median(enc_s), statistics.median(dec_s)
         formula = sum(codec.nbytes(t.shape) for t in spec)
         row = {"codec": codec.describe(), "params": params, "frame_bytes": len(frame), "formula_bytes": formula,
                "bits_per_param": len(frame) * 8 / params, "envelope_overhead": len(frame) / formula,
                "encode_s": enc, "decode_s": dec, "encode_min_s": min(enc_s), "decode_min_s": min(dec_s),
+               "encode_cpu_s": statistics.median(enc_cpu), "decode_cpu_s": statistics.median(dec_cpu),
                "encode_Mparam_per_s": params / enc / 1e6, "decode_Mparam_per_s": params / dec / 1e6}
         rows.append(row)
         log.info("%s: %.3f bits/param, encode %.3f s, decode %.3f s", row["codec"], row["bits_per_param"], enc, dec)
     lines = [f"{subject}, {params:,} parameters; device {device}; {platform.machine()}, "
              f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
              f"median of {repeats}", "",
-             "| codec | frame bytes | formula bytes | frame/formula | bits/param | encode s | decode s |",
-             "|---|---|---|---|---|---|---|"]
+             "| codec | frame bytes | formula bytes | frame/formula | bits/param | encode s | decode s | encode CPU s "
+             "| decode CPU s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['codec']} | {r['frame_bytes']:,} | {r['formula_bytes']:,} | {r['envelope_overhead']:.4f} | "
-                     f"{r['bits_per_param']:.3f} | {r['encode_s']:.3f} | {r['decode_s']:.3f} |")
+                     f"{r['bits_per_param']:.3f} | {r['encode_s']:.3f} | {r['decode_s']:.3f} | "
+                     f"{r['encode_cpu_s']:.3f} | {r['decode_cpu_s']:.3f} |")
     print("\n".join(lines))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
