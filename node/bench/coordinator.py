@@ -129,7 +129,9 @@ def _measure(root: Path, cfg: RunConfig, task: Task, n: int, rounds: int, tls: b
         latencies, bytes_moved = [], []
         frames: dict[str, bytes] = {}
         for r in range(rounds + 1):  # round 0 warms up
-            frames = {name: wire.pack(cfg.run_id, r, name, codec, spec, updates[name]) for name in names}
+            # signed by each client's node key: a coordinator verifies every frame against its sender's key
+            frames = {name: wire.pack(cfg.run_id, r, name, codec, spec, updates[name], key=t.key)
+                      for t, name in zip(clients, names)}
             barrier = threading.Barrier(n + 1)
             done: list[float] = []
             moved: list[int] = []
@@ -149,8 +151,8 @@ def _measure(root: Path, cfg: RunConfig, task: Task, n: int, rounds: int, tls: b
             for th in threads:
                 th.join()
             if len(done) < n:
-                raise RuntimeError(f"round {r}: {n - len(done)} of {n} clients did not commit (see "
-                                   f"{root / 'coordinator.log'})")
+                raise RuntimeError(f"round {r}: {n - len(done)} of {n} clients did not commit (their errors above; "
+                                   "--keep keeps the coordinator's log)")
             if r > 0:
                 latencies.append(max(done) - start)
                 bytes_moved.append(sum(moved))
