@@ -19,7 +19,7 @@ import torch
 from node.compress.base import WIRE_DTYPES, WIRE_LIMIT, BufferSpec, Codec, Encoded, Shape, numel_of, saturate
 from node.compress.bitpack import pack_bools, unpack_bools
 from node.compress.ordered_sum import chunk_abs_sums
-from node.compress.signbits import pack_signs, signed_values
+from node.compress.signbits import add_signed_values_, pack_signs, signed_values
 from node.errors import ConfigError, PayloadError
 
 
@@ -89,10 +89,10 @@ class SignCodec(Codec):
             return self.vote(encs, shape)
         if not encs:
             raise ValueError("reduce needs at least one payload")
-        total = self.decode(encs[0], shape)  # a fresh tensor, ours to add into
+        total = self.decode(encs[0], shape).reshape(-1)  # (N,) a fresh tensor, ours to add into
         for enc in encs[1:]:
-            total.add_(self.decode(enc, shape))
-        return total.div_(len(encs))
+            add_signed_values_(total, enc["bits"], enc["scales"].to(torch.float32), self.block)
+        return total.div_(len(encs)).reshape(shape)
 
     def vote(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
         """Majority vote: ``sign(Σ_i ±1_i) · (1/n) Σ_i s_i`` per element (scales averaged per chunk), ties → 0;

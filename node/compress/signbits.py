@@ -19,6 +19,8 @@ from node.compress.bitpack import pack_bools, unpack_bools
 #: (256, 8) fp32: row b holds (2·bit_i − 1) for the bits i = 0..7 of byte b, LSB first
 _PLUS_MINUS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.float32) * 2 - 1
 _PLUS_MINUS.setflags(write=False)
+#: packed bytes expanded per step of ``add_signed_values_``: 8,192 bytes → 65,536 floats (256 KiB, cache-sized)
+_TILE_BYTES = 1 << 13
 
 
 def pack_signs(flat: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,27 @@ def signed_values(packed: torch.Tensor, per_chunk: torch.Tensor, n: int, block: 
     if body < n:
         out[body:] *= scales[full]
     return torch.from_numpy(out)
+
+
+def add_signed_values_(total: torch.Tensor, packed: torch.Tensor, per_chunk: torch.Tensor, block: int) -> torch.Tensor:
+    """``total += signed_values(packed, per_chunk, N, block)`` in place, N = ``total.numel()``; returns ``total``.
+
+    The same fp32 additions as adding a decoded tensor, element by element (so bit-identical to it), but on CPU with
+    one scale per tensor (``block`` 0) without the (N,) decoded temporary: bytes are expanded a cache-sized tile at
+    a time and added at once. ``total``: (N,) contiguous fp32 on ``packed``'s device."""
+    n = total.numel()
+    if packed.device.type != "cpu" or block != 0 or n == 0:
+        return total.add_(signed_values(packed, per_chunk, n, block))
+    raw = packed.reshape(-1).numpy()[:math.ceil(n / 8)]  # (B,) uint8
+    table = _PLUS_MINUS * per_chunk.detach().to(torch.float32).numpy()[0]  # (256, 8): ±s per byte pattern
+    acc = total.detach().numpy()  # (N,), shares memory with total
+    buf = np.empty((min(_TILE_BYTES, raw.size), 8), dtype=np.float32)  # (tile, 8)
+    for start in range(0, raw.size, _TILE_BYTES):
+        seg = buf[:min(_TILE_BYTES, raw.size - start)]
+        np.take(table, raw[start:start + seg.shape[0]], axis=0, out=seg)
+        lo, hi = 8 * start, min(n, 8 * (start + seg.shape[0]))
+        acc[lo:hi] += seg.reshape(-1)[:hi - lo]
+    return total
 
 
 def _signed_values_tensor(bits: torch.Tensor, per_chunk: torch.Tensor, n: int, block: int) -> torch.Tensor:
