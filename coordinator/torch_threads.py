@@ -30,5 +30,5 @@ def apply_torch_threads(threads: int) -> dict[str, int]:
 
 
 def torch_threads() -> dict[str, int]:
-    """``{"intra": …, "interop": …}``: the thread counts of torch's two pools in this process, as torch reports them."""
+    """``{"intra": …, "interop": …}``: the sizes of torch's two thread pools in this process, as torch reports them."""
     return {"intra": torch.get_num_threads(), "interop": torch.get_num_interop_threads()}

@@ -61,8 +61,8 @@ class SignCodec(Codec):
 
     def encode(self, x: torch.Tensor) -> Encoded:
         """fp32 tensor (any shape, any device) → ``bits`` (ceil(N/8),) uint8 and ``scales`` (chunks,) of
-        ``scale_dtype``: per chunk the mean magnitude, its sum taken left to right in fp32 (node/compress/ordered_sum.py:
-        the order fixes the scale's last bits), in fp64 where the fp32 sum overflows."""
+        ``scale_dtype``: per chunk the mean magnitude, its sum taken left to right in fp32
+        (node/compress/ordered_sum.py: the order fixes the scale's last bits), in fp64 where the fp32 sum overflows."""
         flat = x.detach().reshape(-1).to(torch.float32)  # (N,)
         n = flat.numel()
         counts = self._counts(n).to(flat.device)  # (chunks,)

@@ -17,15 +17,16 @@ import torch
 from node.compress.bitpack import pack_bools, unpack_bools
 
 #: (256, 8) fp32: row b holds (2·bit_i − 1) for the bits i = 0..7 of byte b, LSB first
-_PLUS_MINUS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.float32) * 2 - 1
+_PLUS_MINUS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
+                            bitorder="little").astype(np.float32) * 2 - 1
 _PLUS_MINUS.setflags(write=False)
 #: packed bytes expanded per step of ``add_signed_values_``: 8,192 bytes → 65,536 floats (256 KiB, cache-sized)
 _TILE_BYTES = 1 << 13
 
 
 def pack_signs(flat: torch.Tensor) -> torch.Tensor:
-    """(N,) fp32 → (ceil(N/8),) uint8 on the same device: bit ``j`` = ``[flat_j ≥ 0]`` (−0 → 1, NaN → 0), padding
-    bits 0."""
+    """(N,) fp32 → (ceil(N/8),) uint8 on the same device: bit ``j`` = ``[flat_j ≥ 0]`` (−0 → 1, NaN → 0),
+    padding bits 0."""
     if flat.device.type != "cpu":
         return pack_bools(flat >= 0)
     values = flat.detach().reshape(-1).to(torch.float32).numpy()  # (N,)
