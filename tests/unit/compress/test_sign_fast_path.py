@@ -1,8 +1,9 @@
-"""The sign codec's fast paths (node/compress/ordered_sum.py, numpy bit packing, one-pass decode) give exactly the
-bytes and floats of a straightforward implementation written here: a per-element chunk index with ``index_add_`` for
-the sums (what frames were first defined with), bits packed one by one, decode as ``(2·bit − 1) · scale[chunk]``.
-Shapes and chunk lengths are drawn by hypothesis: empty tensors, block 0 and 1, lengths not divisible by 8 nor by
-the block, magnitudes that overflow an fp32 sum (the fp64 path); explicit cases cross the scans' tile boundaries."""
+"""The sign codec's fast paths (node/compress/ordered_sum.py's ordered sums, node/compress/signbits.py's numpy
+packing, table decode and tiled reduce) give exactly the bytes and floats of a straightforward implementation written
+here: a per-element chunk index with ``index_add_`` for the sums (what frames were first defined with), bits packed
+with explicit weights, decode as ``(2·bit − 1) · scale[chunk]``, reduce as a sum of decodes. Shapes and chunk lengths
+are drawn by hypothesis: empty tensors, block 0 and 1, lengths not divisible by 8 nor by the block, magnitudes that
+overflow an fp32 sum (the fp64 path); explicit cases cross the reduce's 65,536-element tiles."""
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ from node.compress.signbits import pack_signs, signed_values, signed_values_tens
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-#: longer than the scans' 65,536-element tiles, and not a multiple of 8 or of any block below
+#: longer than the reduce's 65,536-element tiles, and not a multiple of 8 or of any block below
 LONG = 2 * 65_536 + 13
 
 
@@ -128,6 +129,14 @@ def test_encode_decode_reduce_equal_the_reference(case: tuple[torch.Tensor, int,
 @pytest.mark.parametrize("decades", [(-3, 1), (37, 38)], ids=["normal", "overflowing"])
 def test_long_tensors_across_tiles_equal_the_reference(block: int, decades: tuple[int, int]) -> None:
     _check_codec(_values(LONG, block, *decades), block, "f32", payloads=2)
+
+
+def test_non_finite_inputs_give_the_references_bytes() -> None:
+    x = torch.tensor([1.0, float("nan"), -2.0, float("inf"), -float("inf"), 0.5, -0.0, 3.0, 4.0])
+    for block in (0, 2, 4):
+        enc = SignCodec(block=block).encode(x)
+        ref = reference_encode(x, block, "f32")
+        assert (_bits_of(enc["bits"]), _bits_of(enc["scales"])) == (ref["bits"], ref["scales"])
 
 
 def test_an_fp32_sum_that_overflows_takes_the_fp64_path() -> None:
