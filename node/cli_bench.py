@@ -37,7 +37,7 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     from node.bench.codecs import run_codec_bench
 
     run_codec_bench(size=args.size, repeats=args.repeats, out=Path(args.out) if args.out else None,
-                    numel=args.numel, codecs=args.codecs)
+                    numel=args.numel, codecs=args.codecs, reduce_members=args.reduce_members or 0)
     return 0
 
 
@@ -118,6 +118,8 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
     c.add_argument("--codecs", nargs="+", default=None, choices=["identity", "bf16", "sign", "dct_topk"],
                    metavar="NAME", help="only these codecs: identity, bf16, sign, dct_topk (default: all)")
     c.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions per codec (median reported)")
+    c.add_argument("--reduce-members", type=positive_int, default=None, metavar="M",
+                   help="also time the codec's reduce of M payloads per tensor (a coordinator's round)")
     c.add_argument("--out", default=None, help="write results.json here (default: print only)")
     c.set_defaults(func=cmd_bench_codecs)
     bc = bsub.add_parser("coordinator", help="round latency and overhead of the gRPC coordinator on loopback")

@@ -40,11 +40,13 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
 
 
 def run_codec_bench(size: str = "medium", repeats: int = 3, out: Path | None = None, device: str = "cpu",
-                    numel: int | None = None, codecs: list[str] | None = None) -> list[dict[str, Any]]:
+                    numel: int | None = None, codecs: list[str] | None = None,
+                    reduce_members: int = 0) -> list[dict[str, Any]]:
     """Encode + decode every tensor of the ``size`` GPT (or of one flat ``numel``-element tensor) with each codec of
-    CONFIGS (those named in ``codecs``, if given), ``repeats`` times; prints a table, writes results.json to ``out``.
-    Times in seconds (median over repetitions; ``*_min_s`` the fastest). Raises ValueError when ``codecs`` names
-    none of CONFIGS."""
+    CONFIGS (those named in ``codecs``, if given), ``repeats`` times; with ``reduce_members`` > 0 also the codec's
+    reduce of that many payloads per tensor (what a coordinator does per round). Prints a table, writes results.json
+    to ``out``. Times in seconds (median over repetitions; ``*_min_s`` the fastest). Raises ValueError when
+    ``codecs`` names none of CONFIGS."""
     gen = torch.Generator().manual_seed(0)
     if numel is None:
         model = GPT(GPT_SIZES[size])
@@ -65,6 +67,8 @@ def run_codec_bench(size: str = "medium", repeats: int = 3, out: Path | None = N
         dec_s: list[float] = []
         enc_cpu: list[float] = []
         dec_cpu: list[float] = []
+        red_s: list[float] = []
+        red_cpu: list[float] = []
         frame = b""
         for _ in range(repeats):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -77,6 +81,11 @@ def run_codec_bench(size: str = "medium", repeats: int = 3, out: Path | None = N
             dec_s.append(t2 - t1)
             enc_cpu.append(c1 - c0)
             dec_cpu.append(c2 - c1)
+            if reduce_members:
+                for n, t in named:
+                    codec.reduce([encoded[n]] * reduce_members, tuple(t.shape))
+                red_s.append(time.perf_counter() - t2)
+                red_cpu.append(time.process_time() - c2)
             frame = wire.pack("bench", 0, "w0", codec, spec, encoded)
         enc, dec = statistics.median(enc_s), statistics.median(dec_s)
         formula = sum(codec.nbytes(t.shape) for t in spec)
@@ -84,6 +93,9 @@ def run_codec_bench(size: str = "medium", repeats: int = 3, out: Path | None = N
                "bits_per_param": len(frame) * 8 / params, "envelope_overhead": len(frame) / formula,
                "encode_s": enc, "decode_s": dec, "encode_min_s": min(enc_s), "decode_min_s": min(dec_s),
                "encode_cpu_s": statistics.median(enc_cpu), "decode_cpu_s": statistics.median(dec_cpu),
+               "reduce_members": reduce_members,
+               "reduce_s": statistics.median(red_s) if red_s else None,
+               "reduce_cpu_s": statistics.median(red_cpu) if red_cpu else None,
                "encode_Mparam_per_s": params / enc / 1e6, "decode_Mparam_per_s": params / dec / 1e6}
         rows.append(row)
         log.info("%s: %.3f bits/param, encode %.3f s, decode %.3f s", row["codec"], row["bits_per_param"], enc, dec)
@@ -97,6 +109,9 @@ def run_codec_bench(size: str = "medium", repeats: int = 3, out: Path | None = N
         lines.append(f"| {r['codec']} | {r['frame_bytes']:,} | {r['formula_bytes']:,} | {r['envelope_overhead']:.4f} | "
                      f"{r['bits_per_param']:.3f} | {r['encode_s']:.3f} | {r['decode_s']:.3f} | "
                      f"{r['encode_cpu_s']:.3f} | {r['decode_cpu_s']:.3f} |")
+    if reduce_members:
+        lines += ["", f"| codec | reduce of {reduce_members} payloads s | reduce CPU s |", "|---|---|---|"]
+        lines += [f"| {r['codec']} | {r['reduce_s']:.3f} | {r['reduce_cpu_s']:.3f} |" for r in rows]
     print("\n".join(lines))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -51,5 +51,8 @@ def test_coordinator_torch_threads_flag_defaults_to_one() -> None:
 
 
 def test_bench_codecs_flags_parse() -> None:
-    args = build_parser().parse_args(["bench", "codecs", "--numel", "10000000", "--codecs", "sign", "--repeats", "5"])
-    assert (args.numel, args.codecs, args.repeats) == (10_000_000, ["sign"], 5)
+    args = build_parser().parse_args(["bench", "codecs", "--numel", "10000000", "--codecs", "sign", "--repeats", "5",
+                                      "--reduce-members", "8"])
+    assert (args.numel, args.codecs, args.repeats, args.reduce_members) == (10_000_000, ["sign"], 5, 8)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "codecs", "--codecs", "topk"])
