@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from coordinator.torch_threads import torch_threads
 from node.metrics import robust_tally
 from node.roundlog import COORDINATOR_LOG
 
@@ -262,6 +263,11 @@ class CoordinatorCollector(Collector):
         yield _gauge("lowband_round_payloads", "Payloads received for the open round.", len(s["submitted"]))
         yield _gauge("lowband_persistence_ok", "1 while the state dir can be written (rounds are served).",
                      0 if s["persistence_error"] else 1)
+        threads = GaugeMetricFamily("lowband_coordinator_torch_threads", "Threads of the coordinator's torch work, "
+                                    "per pool (--torch-threads).", labels=["pool"])
+        for pool, count in torch_threads().items():
+            threads.add_metric([pool], count)
+        yield threads
         members = s["members"]
         yield _gauge("lowband_members", "Live members of the run.", len(members))
         now = s["now"]

@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "given (the dashboard's port serves /metrics too)")
     co.add_argument("--metrics-host", default=None, metavar="HOST", help="the metrics' address (default: the "
                     "--listen host); off loopback it needs TLS")
+    co.add_argument("--torch-threads", type=positive_int, default=1, metavar="N",
+                    help="threads of the coordinator's torch work (reduce, outer step, evaluation), intra- and "
+                         "inter-op each; default 1: more oversubscribes cores shared with gRPC and nodes (raise it on "
+                         "a dedicated many-core host)")
     add_coordinator_args(co)
     co.set_defaults(func=cmd_coordinator)
 

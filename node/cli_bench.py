@@ -36,15 +36,21 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
     from node.bench.codecs import run_codec_bench
 
-    run_codec_bench(size=args.size, repeats=args.repeats, out=Path(args.out) if args.out else None)
+    run_codec_bench(size=args.size, repeats=args.repeats, out=Path(args.out) if args.out else None,
+                    numel=args.numel, codecs=args.codecs, reduce_members=args.reduce_members or 0)
     return 0
 
 
 def cmd_bench_coordinator(args: argparse.Namespace) -> int:
     from node.bench.coordinator import run_coordinator_bench
 
-    run_coordinator_bench(args.nodes, args.rounds, args.recipe, args.size, Path(args.out) if args.out else None,
-                          tls=args.tls)
+    try:
+        run_coordinator_bench(args.nodes, args.rounds, args.recipe, args.size, Path(args.out) if args.out else None,
+                              tls=args.tls, result=args.result, aggregate_codec=args.aggregate_codec,
+                              torch_threads=args.torch_threads, max_nodes=args.max_nodes, keep=args.keep)
+    except ValueError as exc:
+        print(f"lowband bench coordinator: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -110,7 +116,13 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
     add_byzantine_parser(bsub)
     c = bsub.add_parser("codecs", help="encode+decode throughput and bits/param of every codec")
     c.add_argument("--size", default="medium", help="gpt size whose tensors are encoded (medium ≈ 25M params)")
-    c.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions per codec")
+    c.add_argument("--numel", type=positive_int, default=None,
+                   help="encode one flat tensor of this many elements instead of the model's tensors")
+    c.add_argument("--codecs", nargs="+", default=None, choices=["identity", "bf16", "sign", "dct_topk"],
+                   metavar="NAME", help="only these codecs: identity, bf16, sign, dct_topk (default: all)")
+    c.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions per codec (median reported)")
+    c.add_argument("--reduce-members", type=positive_int, default=None, metavar="M",
+                   help="also time the codec's reduce of M payloads per tensor (a coordinator's round)")
     c.add_argument("--out", default=None, help="write results.json here (default: print only)")
     c.set_defaults(func=cmd_bench_codecs)
     bc = bsub.add_parser("coordinator", help="round latency and overhead of the gRPC coordinator on loopback")
@@ -120,6 +132,16 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
     bc.add_argument("--size", default="tiny", help="gpt size: tiny, small, medium, gpt2")
     bc.add_argument("--out", default=None, help="write the results (JSON) here (default: print only)")
     bc.add_argument("--tls", action="store_true", help="the coordinator serves TLS (a throwaway CA), as off loopback")
+    bc.add_argument("--result", default="relay", choices=["relay", "aggregate"],
+                    help="the run's result mode: relay every payload, or aggregate at the coordinator")
+    bc.add_argument("--aggregate-codec", default="identity", choices=["identity", "bf16", "fp16"],
+                    help="with --result aggregate: the dense frame's codec")
+    bc.add_argument("--torch-threads", type=positive_int, default=1, metavar="N",
+                    help="the coordinator's --torch-threads")
+    bc.add_argument("--max-nodes", type=positive_int, default=None, metavar="N",
+                    help="the run's membership.max_nodes (default: the largest --nodes)")
+    bc.add_argument("--keep", action="store_true",
+                    help="keep the temporary state directories (default: removed at the end, also on error)")
     bc.set_defaults(func=cmd_bench_coordinator)
     bj = bsub.add_parser("join", help="time from `lowband node` start to its first committed contribution")
     bj.add_argument("--size", default="tiny", help="gpt size: tiny, small, medium, gpt2")

@@ -35,6 +35,9 @@ def add_coordinator_args(co: argparse.ArgumentParser) -> None:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     """``lowband coordinator``: serve until SIGTERM; a start-up error is one line on stderr and exit 2."""
+    from coordinator.torch_threads import apply_torch_threads
+
+    apply_torch_threads(args.torch_threads)  # first: before any torch work sizes the pools
     from coordinator.errors import StartupError
     from coordinator.guard import ServerLimits
     from coordinator.server import serve

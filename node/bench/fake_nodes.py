@@ -15,13 +15,17 @@ from node.runfile import build_run_file
 from node.tasks.base import Task
 
 
-def protocol_run_file(recipe: str, size: str, run_id: str = "bench-coordinator") -> str:
+def protocol_run_file(recipe: str, size: str, run_id: str = "bench-coordinator", max_nodes: int = 64,
+                      result: str = "relay", aggregate_codec: str = "identity") -> str:
     """A run that waits long for every member (rounds close when all submitted), never evaluates (the measured
-    latency is the protocol's) and has more rounds than any bench plays."""
+    latency is the protocol's) and has more rounds than any bench plays. ``max_nodes``: the members it admits (the
+    coordinator sizes its RPC workers by it); ``result``/``aggregate_codec``: ``[rounds]``'s result mode."""
+    result_keys = {} if result == "relay" else {"result": result, "aggregate_codec": aggregate_codec}
     return build_run_file(run_id=run_id, recipe=recipe, rounds=100_000, task_params={"size": size, "batch_size": 8},
                           recipe_overrides={"H": 16},
-                          membership={"min_nodes": 1, "max_nodes": 64, "heartbeat_s": 2.0, "lease_s": 60.0},
-                          rounds_policy={"initial_wait_s": 120.0, "max_wait_s": 120.0, "eval_every": 0})
+                          membership={"min_nodes": 1, "max_nodes": max_nodes, "heartbeat_s": 2.0, "lease_s": 60.0},
+                          rounds_policy={"initial_wait_s": 120.0, "max_wait_s": 120.0, "eval_every": 0,
+                                         **result_keys})
 
 
 class EncodedUpdates(NamedTuple):

@@ -18,6 +18,8 @@ import torch
 
 from node.compress.base import WIRE_DTYPES, WIRE_LIMIT, BufferSpec, Codec, Encoded, Shape, numel_of, saturate
 from node.compress.bitpack import pack_bools, unpack_bools
+from node.compress.ordered_sum import chunk_abs_sums
+from node.compress.signbits import add_signed_values_, pack_signs, signed_values
 from node.errors import ConfigError, PayloadError
 
 
@@ -46,52 +48,51 @@ class SignCodec(Codec):
         return {"bits": BufferSpec(torch.uint8, math.ceil(n / 8)),
                 "scales": BufferSpec(WIRE_DTYPES[self.scale_dtype], self._chunks(n))}
 
-    def _chunk_ids(self, n: int, device: torch.device) -> torch.Tensor:
-        """(n,) index of the chunk each element belongs to."""
+    def _counts(self, n: int) -> torch.Tensor:
+        """(chunks,) fp32: elements per chunk, each count rounded to fp32 as the int64 → fp32 cast rounds it."""
+        chunks = self._chunks(n)
         if self.block == 0:
-            return torch.zeros(n, dtype=torch.int64, device=device)
-        return torch.arange(n, device=device) // self.block
+            counts = torch.full((chunks,), n, dtype=torch.int64)
+        else:
+            counts = torch.full((chunks,), self.block, dtype=torch.int64)
+            if chunks:
+                counts[-1] = n - self.block * (chunks - 1)
+        return counts.to(torch.float32)
 
     def encode(self, x: torch.Tensor) -> Encoded:
+        """fp32 tensor (any shape, any device) → ``bits`` (ceil(N/8),) uint8 and ``scales`` (chunks,) of
+        ``scale_dtype``: per chunk the mean magnitude, its sum taken left to right in fp32
+        (node/compress/ordered_sum.py: the order fixes the scale's last bits), in fp64 where the fp32 sum overflows."""
         flat = x.detach().reshape(-1).to(torch.float32)  # (N,)
         n = flat.numel()
-        chunks = self._chunks(n)
-        ids = self._chunk_ids(n, flat.device)
-        abs_sum = torch.zeros(chunks, dtype=torch.float32, device=flat.device)
-        abs_sum.index_add_(0, ids, flat.abs())
-        counts = torch.bincount(ids, minlength=chunks).to(torch.float32)
-        means = abs_sum / counts.clamp_min(1)  # (chunks,)
-        if chunks and not bool(torch.isfinite(means).all()):
+        counts = self._counts(n).to(flat.device)  # (chunks,)
+        means = chunk_abs_sums(flat, self.block, torch.float32).to(flat.device) / counts.clamp_min(1)  # (chunks,)
+        if n and not bool(torch.isfinite(means).all()):
             # the fp32 sum overflowed (inputs near fp32's limit): the same mean in fp64 (rare path, so the common one
             # stays bit-identical to a plain fp32 mean)
-            wide = torch.zeros(chunks, dtype=torch.float64, device=flat.device)
-            wide.index_add_(0, ids, flat.abs().double())
+            wide = chunk_abs_sums(flat, self.block, torch.float64).to(flat.device)
             means = wide / counts.double().clamp_min(1)
         scales = saturate(means, WIRE_DTYPES[self.scale_dtype])  # (chunks,)
-        return {"bits": pack_bools(flat >= 0), "scales": scales}
+        return {"bits": pack_signs(flat), "scales": scales}
 
     def wire_limit(self) -> float:
         return WIRE_LIMIT[WIRE_DTYPES[self.scale_dtype]]
 
-    def _signs(self, enc: Encoded, n: int) -> torch.Tensor:
-        """(N,) fp32 of ±1."""
-        return unpack_bools(enc["bits"], n).to(torch.float32) * 2 - 1
-
-    def _per_element(self, per_chunk: torch.Tensor, n: int) -> torch.Tensor:
-        """(chunks,) → (N,): each chunk's value repeated over its elements (no (N,) int64 index to build)."""
-        if self.block == 0:
-            return per_chunk.expand(n)
-        return per_chunk.repeat_interleave(self.block)[:n]
-
     def decode(self, enc: Encoded, shape: Shape) -> torch.Tensor:
-        n = numel_of(shape)
-        scales = self._per_element(enc["scales"].to(torch.float32), n)  # (N,)
-        return (self._signs(enc, n) * scales).reshape(shape)
+        """Buffers → fp32 of ``shape``: ``(2·bit − 1) · scale`` of the element's chunk."""
+        return signed_values(enc["bits"], enc["scales"].to(torch.float32), numel_of(shape), self.block).reshape(shape)
 
     def reduce(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
-        if self.reduce_mode == "mean":
-            return super().reduce(encs, shape)
-        return self.vote(encs, shape)
+        """``mean``: ``(1/n) Σ_i decode_i``, added in the given order (bit-identical to ``Codec.reduce``, without its
+        copy of the first decode); ``vote``: see ``vote``. fp32 of ``shape``; ValueError when ``encs`` is empty."""
+        if self.reduce_mode == "vote":
+            return self.vote(encs, shape)
+        if not encs:
+            raise ValueError("reduce needs at least one payload")
+        total = self.decode(encs[0], shape).reshape(-1)  # (N,) a fresh tensor, ours to add into
+        for enc in encs[1:]:
+            add_signed_values_(total, enc["bits"], enc["scales"].to(torch.float32), self.block)
+        return total.div_(len(encs)).reshape(shape)
 
     def vote(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
         """Majority vote: ``sign(Σ_i ±1_i) · (1/n) Σ_i s_i`` per element (scales averaged per chunk), ties → 0;
@@ -100,9 +101,14 @@ class SignCodec(Codec):
         if not encs:
             raise ValueError("reduce needs at least one payload")
         n = numel_of(shape)
-        votes = sum(self._signs(e, n) for e in encs)  # (N,) in [-n, n]
+        ones = torch.zeros(n, dtype=torch.int32, device=encs[0]["bits"].device)  # (N,) how many payloads say +1
+        for e in encs:
+            ones += unpack_bools(e["bits"], n)
+        votes = ones.mul_(2).sub_(len(encs))  # (N,) in [-n, n]: the sum of the ±1s, exactly
         mean_scale = sum(e["scales"].to(torch.float32) for e in encs) / len(encs)  # (chunks,)
-        return (torch.sign(votes) * self._per_element(mean_scale, n)).reshape(shape)
+        # sign(votes) · s: +s, −s, or (a tie) 0·s = +0 since s ≥ 0
+        signed = signed_values(pack_bools(votes > 0), mean_scale, n, self.block)  # (N,) ±s
+        return signed.masked_fill_(votes == 0, 0.0).reshape(shape)
 
     def norm(self, enc: Encoded, shape: Shape) -> float:
         """‖decode‖₂ = sqrt(Σ_chunks s_c² · len_c) (fp64), from the scales alone."""
