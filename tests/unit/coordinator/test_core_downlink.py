@@ -20,6 +20,8 @@ from coordinator.commit import compute_step
 from node import wire
 from node.compress import SignCodec
 from node.errors import ConfigError, PayloadError
+from node.recipes import get_recipe
+from node.robust.defaults import untrusted_overrides
 from node.runfile import parse_run_file
 from node.train import state_file
 from node.train.reference import AGGREGATE_SENDER, Reference
@@ -152,6 +154,35 @@ def test_sign_vote_works_in_compressed_mode(make: Callable[..., Harness]) -> Non
     workers = {"a": h.worker("a", ja), "b": h.worker("b", jb)}
     for r in range(2):
         _round(h, workers, r)
+
+
+def test_compressed_mode_with_the_robust_reduce_keeps_honest_replicas_identical(make: Callable[..., Harness]) -> None:
+    """With ``[recipe.reduce]`` on, the coordinator's bounded, robust aggregate is what gets re-encoded: a member
+    sending huge, well-formed frames is rejected at the coordinator, and the honest members applying the compressed
+    frame stay on the coordinator's fingerprint."""
+    reduce = untrusted_overrides(get_recipe("sign-nesterov"))
+    h = make({**COMPRESSED, "recipe": {"H": 1, **reduce}, "membership": {"min_nodes": 3, "max_nodes": 4}})
+    joins = {name: h.join(name) for name in ("a", "b", "c", "m")}
+    workers = {name: h.worker(name, joins[name]) for name in joins}
+    ref = h.core.reference
+    for r in range(2):
+        for name in ("a", "b", "c"):
+            workers[name].train()
+            h.submit(name, r, workers[name].prepare(r))
+        workers["m"].train()
+        env = wire.unpack(workers["m"].prepare(r), ref.codec, ref.spec, h.cfg.run.run_id, r)
+        loud = {n: {k: (v * 1e25 if k in ref.codec.magnitude_buffers(enc) else v) for k, v in enc.items()}
+                for n, enc in env.tensors.items()}
+        h.submit("m", r, wire.pack(h.cfg.run.run_id, r, "m", ref.codec, ref.spec, loud, key=h.key("m")))
+        result, _ = h.core.collect(h.ids["a"], r, 0.0, True)
+        assert h.core.reference.last_report is not None and "m" not in h.core.reference.last_report.factors
+        for name in ("a", "b", "c"):
+            report = workers[name].apply(RoundResult(r, RoundStatus.COMMITTED, aggregate=result.aggregate,
+                                                     aggregate_codec=h.cfg.result_codec,
+                                                     aggregate_members=tuple(result.frames)))
+            assert report.committed
+            assert workers[name].fingerprint() == h.core.reference.fingerprint() == result.fingerprint
+        assert max(float(e.abs().max()) for e in h.core.reference.downlink) < 1e6  # the loud frame did not get in
 
 
 # -- what a member refuses -------------------------------------------------------------------------------------------
