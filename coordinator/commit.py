@@ -40,6 +40,10 @@ def copy_state(src: Reference, dst: Reference) -> None:
             d.copy_(s)
     dst.outer.load_state_dict(copy.deepcopy(src.outer.state_dict()))
     dst.committed_rounds = src.committed_rounds
+    if dst.downlink is not None:  # the compressed downlink's residual (result = "compressed")
+        with torch.no_grad():
+            for d, s in zip(dst.downlink, src.downlink, strict=True):
+                d.copy_(s)
     dst.robust, dst.last_report = src.robust, src.last_report  # immutable values (node/robust/state.py): shared
 
 
@@ -48,14 +52,14 @@ def compute_step(live: Reference, scratch: Reference, frames: dict[str, bytes], 
     """Copy ``live``'s state into ``scratch`` and apply round ``round_`` (``frames``: sender → validated frame, signed
     by the keys in ``keys`` when given) there; ``live`` is not touched. Relay mode applies every frame; aggregate mode
     reduces, encodes the aggregate with ``cfg.aggregate_codec`` and applies what it decodes to (what the members will
-    apply)."""
+    apply); compressed mode does the same with the run's codec and the downlink residual (node/train/downlink.py),
+    which advances on the scratch copy only."""
     copy_state(live, scratch)
     envelopes, rejected = scratch.unpack(frames, round_, keys)
     assert not rejected, f"frames were validated on arrival: {rejected}"
     aggregate = None
-    if cfg.result == "aggregate":
-        aggregate, decoded = scratch.pack_aggregate(scratch.reduce(envelopes), round_, cfg.aggregate_codec)
-        scratch.step(decoded, round_)
+    if cfg.result != "relay":
+        aggregate = scratch.apply_aggregate(envelopes, round_, None if cfg.compressed_downlink else cfg.aggregate_codec)
     else:
         scratch.apply(envelopes, round_)
     return Step(scratch, scratch.to_bytes(), scratch.fingerprint(), aggregate)

@@ -46,7 +46,7 @@ class Committed:
     frames: dict[str, bytes]  # member name → frame, sorted
     fingerprint: str
     reason: str
-    aggregate: bytes | None = None  # result "aggregate": the one dense frame every member receives
+    aggregate: bytes | None = None  # result "aggregate" / "compressed": the one frame every member receives
     keys: dict[str, bytes] = dataclasses.field(default_factory=dict)  # member name → its public key (frames' signers)
 
 
@@ -84,8 +84,9 @@ class Rounds:
         run = cfg.run
         self.task = load_task(run.task.name, **run.task.params)
         model = build_seeded(self.task, run.seed)
-        self.reference = Reference.for_model(run, model)  # trainable parameters and buffers
-        self._scratch = Reference.for_model(run, model)  # where a commit computes the next state (see _commit)
+        downlink = cfg.compressed_downlink  # the compressed downlink's residual is part of the state
+        self.reference = Reference.for_model(run, model, downlink_feedback=downlink)  # parameters and buffers
+        self._scratch = Reference.for_model(run, model, downlink_feedback=downlink)  # where a commit computes (_commit)
         self.config_hash = run.config_hash(self.task.fingerprint)
         self.model_digest = self.reference.digest()
         problem = store.check_identity(run.run_id, self.config_hash, run.legacy_config_hash(self.task.fingerprint))

@@ -130,7 +130,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.CollectChunk(header=pb.CollectHeader(
                 round=result.round, committed=True, members=members, reference_fingerprint=result.fingerprint,
                 reason=result.reason, aggregate_size=len(result.aggregate),
-                aggregate_codec=self.core.cfg.aggregate_codec))
+                aggregate_codec=self.core.cfg.result_codec))
             for off in range(0, len(result.aggregate), PIECE):
                 yield pb.CollectChunk(piece=pb.PayloadPiece(member=0, offset=off,
                                                             data=result.aggregate[off:off + PIECE]))

@@ -115,7 +115,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     H = cfg.recipe.H
     log.info("simulate: recipe=%s workers=%d rounds=%d H=%d codec=%s outer=%s", cfg.recipe.name, cfg.workers,
              cfg.rounds, H, cfg.recipe.codec.name, cfg.recipe.outer.name)
-    result = simulate(cfg, device=_device(args.device), eval_every=args.eval_every)
+    result = simulate(cfg, device=_device(args.device), eval_every=args.eval_every, result=args.result,
+                      aggregate_codec=args.aggregate_codec)
     summary = {k: v for k, v in result.to_dict().items() if k != "history"}
     print(json.dumps(summary, indent=2))
     if args.json:
@@ -284,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(sim, rounds=12)
     sim.add_argument("--eval-every", type=int, default=0, help="evaluate every K rounds (0: only at the end)")
     sim.add_argument("--json", default=None, help="write the full result (with per-round history) here")
+    sim.add_argument("--result", default="relay", choices=["relay", "aggregate", "compressed"],
+                     help="as a run file's [rounds] result: relay every frame, one reduced dense frame, or one "
+                          "reduced frame in the run's codec with the coordinator's error feedback")
+    sim.add_argument("--aggregate-codec", default="identity", choices=["identity", "bf16", "fp16"],
+                     help="with --result aggregate: the dense codec of the reduced frame")
     sim.set_defaults(func=cmd_simulate)
 
     demo = sub.add_parser("demo", help="a coordinator and 3 nodes as separate processes on 127.0.0.1")

@@ -182,8 +182,9 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
                          "machine of that speed: without it, nodes sharing this box's cores speed each other up "
                          "while they wait")
     bn.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N", help="the nodes' --checkpoint-every")
-    bn.add_argument("--result", default="relay", choices=["relay", "aggregate"],
-                    help="the run's [rounds] result: relay every member's frame, or send one reduced dense frame")
+    bn.add_argument("--result", default="relay", choices=["relay", "aggregate", "compressed"],
+                    help="the run's [rounds] result: relay every member's frame, send one reduced dense frame, or "
+                         "one reduced frame in the run's codec (compressed downlink)")
     bn.add_argument("--out", default=None, help="write network.json here (default: print only)")
     bn.set_defaults(func=cmd_bench_network)
     bs = bsub.add_parser("soak", help="a long run under seeded churn, then its invariants (exit 1 on a violation)")

@@ -6,7 +6,7 @@
 [recipe]       # any recipe override, flat ("inner.lr" = 1e-3) or nested ([recipe.inner] lr = 1e-3)
 [membership]   # min_nodes, max_nodes, heartbeat_s, lease_s, join_token
 [rounds]       # initial_wait_s, min_wait_s, max_wait_s, quantile, margin, eval_every, keep_results,
-               # result ("relay" | "aggregate"), aggregate_codec ("identity" | "bf16" | "fp16")
+               # result ("relay" | "aggregate" | "compressed"), aggregate_codec ("identity" | "bf16" | "fp16")
 [authority]    # serverless runs: public_key, signature, open — written by `lowband run init`
                # (node/transport/dht_trust.py reads it; a coordinator ignores it)
 ```
@@ -24,6 +24,7 @@ from node.errors import ConfigError
 from node.membership import DeadlinePolicy, MembershipPolicy
 from node.outer import outer_is_replica_consistent
 from node.recipes import RECIPES, make_run_config
+from node.train.downlink import DENSE_AGGREGATE_CODECS
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,11 @@ class RunFile:
     eval_every: int = 1  # evaluate the reference every K committed rounds (0: never)
     keep_results: int = 8  # committed round results held for late collectors
     #: "relay": every member receives every other member's payload (codec-agnostic, exact);
-    #: "aggregate": the coordinator reduces and sends one dense frame (wins for many members)
+    #: "aggregate": the coordinator reduces and sends one dense frame (wins for many members);
+    #: "compressed": the coordinator reduces and sends one frame in the run's own codec, with error feedback of its own
+    #: (node/train/downlink.py): one payload down per member per round
     result: str = "relay"
-    aggregate_codec: str = "identity"  # identity (fp32), bf16 or fp16
+    aggregate_codec: str = "identity"  # identity (fp32), bf16 or fp16; result = "aggregate" only
     extra: dict[str, Any] = field(default_factory=dict)
     authority: dict[str, Any] = field(default_factory=dict)  # [authority] as written (serverless runs check it)
 
@@ -45,15 +48,30 @@ class RunFile:
             raise ConfigError(f"rounds.eval_every must be ≥ 0 (0: never), got {self.eval_every}")
         if self.keep_results < 1:
             raise ConfigError(f"rounds.keep_results must be ≥ 1, got {self.keep_results}")
-        if self.result not in ("relay", "aggregate"):
-            raise ConfigError(f"rounds.result must be 'relay' or 'aggregate', got {self.result!r}")
-        if self.aggregate_codec not in ("identity", "bf16", "fp16"):
+        if self.result not in ("relay", "aggregate", "compressed"):
+            raise ConfigError(f"rounds.result must be 'relay', 'aggregate' or 'compressed', got {self.result!r}")
+        if self.aggregate_codec not in DENSE_AGGREGATE_CODECS:
             raise ConfigError(f"rounds.aggregate_codec must be identity, bf16 or fp16, got {self.aggregate_codec!r}")
         recipe = self.run.recipe
+        if self.result == "compressed" and self.aggregate_codec != "identity":
+            raise ConfigError(f"rounds.aggregate_codec = {self.aggregate_codec!r} is for result = 'aggregate'; result = "
+                              f"'compressed' encodes the aggregate with the recipe's own codec ({recipe.codec.name}): "
+                              "remove aggregate_codec, or use result = 'aggregate'")
         if not outer_is_replica_consistent(recipe.outer.name):
             raise ConfigError(f"recipe {recipe.name!r}: its outer optimizer {recipe.outer.name!r} lets replicas drift "
                               f"by design, so there is no global state for a coordinator to serve to joiners; "
                               f"{_consistent_alternative(recipe)}")
+
+    @property
+    def compressed_downlink(self) -> bool:
+        """The coordinator re-encodes the aggregate with the run's codec and keeps a downlink residual."""
+        return self.result == "compressed"
+
+    @property
+    def result_codec(self) -> str:
+        """The codec name an aggregate frame is sent with (``CollectHeader.aggregate_codec``): the recipe's codec for a
+        compressed downlink, ``aggregate_codec`` otherwise (meaningless in relay mode)."""
+        return self.run.recipe.codec.name if self.compressed_downlink else self.aggregate_codec
 
 
 def _consistent_alternative(recipe: Recipe) -> str:

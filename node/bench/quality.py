@@ -56,14 +56,20 @@ def has_local_steps(recipe: str, overrides: dict[str, Any] | None = None) -> boo
     return inner != "grad"
 
 
+#: variant keys that are a coordinator's ``[rounds]`` settings, not recipe fields (``simulate``'s keywords)
+RESULT_KEYS = ("result", "aggregate_codec")
+
+
 def _run_recipe(recipe: str, prof: Profile, device: str, extra: dict[str, Any] | None = None) -> SimResult:
+    extra = dict(extra or {})
+    rounds_settings = {k: str(extra.pop(k)) for k in RESULT_KEYS if k in extra}
     H = prof.H if has_local_steps(recipe, extra) else 1
     rounds = prof.steps_per_worker // H
     overrides: dict[str, Any] = {"H": H, "inner.lr": prof.inner_lr, "inner.total_steps": rounds * H, **(extra or {})}
     task = TaskConfig("gpt", {"size": prof.size, "batch_size": prof.batch_size, **prof.task_params})
     cfg = make_run_config(recipe, overrides, task=task, workers=prof.workers, rounds=rounds, seed=0,
                           run_id=f"bench-{recipe}")
-    return simulate(cfg, device=device, eval_every=max(1, rounds // prof.evals))
+    return simulate(cfg, device=device, eval_every=max(1, rounds // prof.evals), **rounds_settings)
 
 
 def _row(res: SimResult) -> dict[str, Any]:
@@ -143,7 +149,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``sign:outer.lr=8,H=16`` → ("sign", {"outer.lr": 8, "H": 16}): a recipe with overrides, as an extra row."""
+    """``sign:outer.lr=8,H=16`` → ("sign", {"outer.lr": 8, "H": 16}): a recipe with overrides, as an extra row.
+    ``result=compressed`` (or ``aggregate``, with ``aggregate_codec=bf16``) runs it as a coordinator in that
+    ``[rounds] result`` mode would (node/train/simulate.py)."""
     from node.config import parse_value
 
     recipe, _, rest = text.partition(":")

@@ -20,7 +20,9 @@ Frames are verified against their senders' keys when ``unpack`` is given a ``Key
 The state (``to_bytes``, ``load_bytes``) is a safetensors file with a JSON header (node/train/state_file.py;
 docs/state.md): ``param/<name>`` (θ_ref, fp32), ``buffer/<name>`` (own dtype), ``outer/<name>/<key>`` and
 ``outer.extra/<key>`` (the outer optimizer's state, e.g. the randomized sign's generator), ``robust/history`` (F64,
-with ``reduce`` on).
+with ``reduce`` on), ``downlink/<name>`` (F32, the coordinator's downlink error-feedback residual with ``[rounds]
+result = "compressed"``, node/train/downlink.py; a reference without a downlink, such as a member's, checks and
+ignores it).
 """
 from __future__ import annotations
 
@@ -43,11 +45,13 @@ from node.robust.report import RoundReport
 from node.robust.state import HEADER_BYTES as ROBUST_HEADER_BYTES
 from node.robust.state import HISTORY_KEY, RobustState, RobustStateError
 from node.train import state_file, tensors as model_tensors
+from node.train.downlink import aggregate_codec, compress_with_feedback
 from node.train.schedule import round_inner_lr
 from node.train.state_file import StateFile, StateFormatError
 
 log = logging.getLogger(__name__)
 AGGREGATE_SENDER = "coordinator"
+DOWNLINK_PREFIX = "downlink/"  # state entries of the downlink residual, one per trainable tensor
 F16_LIMIT = 65504.0
 
 
@@ -80,10 +84,14 @@ class Reference:
     ``named``: the trainable parameters (``tensors.trainable(model)``); ``buffers``: the persistent buffers
     (``tensors.buffers(model)``); ``for_model`` takes both from a model. Raises ConfigError at start-up for a
     parameter dtype lowband cannot train, or a codec that saturates at fp16's ±65504 without error feedback to carry
-    the excess (docs/algorithms.md, §5)."""
+    the excess (docs/algorithms.md, §5).
+
+    ``downlink_feedback``: this reference sends a compressed downlink (the coordinator with ``[rounds] result =
+    "compressed"``) and keeps its error-feedback residual ``downlink`` (fp32, one tensor per trainable tensor, zeros at
+    the start; part of the state). None otherwise."""
 
     def __init__(self, cfg: RunConfig, named: Sequence[tuple[str, torch.Tensor]], device: str | torch.device = "cpu",
-                 buffers: Sequence[tuple[str, torch.Tensor]] = ()) -> None:
+                 buffers: Sequence[tuple[str, torch.Tensor]] = (), *, downlink_feedback: bool = False) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.names = [n for n, _ in named]
@@ -108,11 +116,15 @@ class Reference:
         #: bounds' history and members' records (node/robust/state.py); None with ``reduce`` at its default
         self.robust = RobustState.fresh(len(self.names)) if recipe.reduce.enabled else None
         self.last_report: RoundReport | None = None  # the report of the last round ``step`` applied from frames
+        #: e of the compressed downlink (node/train/downlink.py), fp32 per trainable tensor; None: no downlink to send
+        self.downlink = [torch.zeros_like(t) for t in self.tensors] if downlink_feedback else None
 
     @classmethod
-    def for_model(cls, cfg: RunConfig, model: nn.Module, device: str | torch.device = "cpu") -> "Reference":
+    def for_model(cls, cfg: RunConfig, model: nn.Module, device: str | torch.device = "cpu", *,
+                  downlink_feedback: bool = False) -> "Reference":
         """The reference of ``model``: its trainable parameters and persistent buffers."""
-        return cls(cfg, model_tensors.trainable(model), device, model_tensors.buffers(model))
+        return cls(cfg, model_tensors.trainable(model), device, model_tensors.buffers(model),
+                   downlink_feedback=downlink_feedback)
 
     def digest(self) -> str:
         """The model digest a node presents at Join (trainable tensors, then buffers)."""
@@ -239,9 +251,36 @@ class Reference:
         decoded = [codec.decode(encoded[n], tuple(a.shape)) for n, a in zip(self.names, aggregate)]
         return frame, Aggregate(decoded, buffers, getattr(aggregate, "report", None), getattr(aggregate, "robust", None))
 
+    def pack_compressed(self, aggregate: Sequence[torch.Tensor], round_: int) -> tuple[bytes, Aggregate]:
+        """Encode an aggregate for the wire with the run's own codec and the downlink's error feedback (DoubleSqueeze,
+        arXiv 1905.05957; node/train/downlink.py): Q = C(A + e), e ← (A + e) − D(Q). Returns the frame of Q (sender
+        ``coordinator``, unsigned like every aggregate frame) and what it decodes to, D(Q), which the sender and every
+        member apply. Advances ``self.downlink`` (this reference's copy: the coordinator runs it on its scratch state).
+        The buffers travel exact. Raises RuntimeError when this reference keeps no downlink residual."""
+        if self.downlink is None:
+            raise RuntimeError("this reference keeps no downlink residual (Reference(downlink_feedback=True))")
+        encoded, decoded = compress_with_feedback(self.codec, self.names, aggregate, self.downlink)
+        buffers = list(getattr(aggregate, "buffers", ())) or [b.clone() for b in self.buffers]
+        frame = wire.pack(self.cfg.run_id, round_, AGGREGATE_SENDER, self.codec, self.spec, encoded, self.buffer_spec,
+                          dict(zip(self.buffer_names, buffers)))
+        return frame, Aggregate(decoded, buffers, getattr(aggregate, "report", None), getattr(aggregate, "robust", None))
+
+    def apply_aggregate(self, envelopes: Sequence[wire.Envelope], round_: int, dense_codec: str | None) -> bytes:
+        """A round applied as an aggregate result: reduce the envelopes (sorted by sender), encode the aggregate with
+        ``dense_codec`` (``result = "aggregate"``) or, None, with the run's codec and the downlink's error feedback
+        (``result = "compressed"``), then take the outer step with what that frame decodes to, exactly as every member
+        applying the frame will. Returns the frame."""
+        reduced = self.reduce(envelopes)
+        frame, decoded = (self.pack_compressed(reduced, round_) if dense_codec is None
+                          else self.pack_aggregate(reduced, round_, dense_codec))
+        self.step(decoded, round_)
+        return frame
+
     def unpack_aggregate(self, frame: bytes, round_: int, codec_name: str) -> Aggregate:
-        """Validate an aggregate frame; raises PayloadError."""
-        codec = make_codec(codec_name)
+        """Validate an aggregate frame (``codec_name``: what the coordinator named its codec, the run's own for a
+        compressed downlink or a dense one, node/train/downlink.py) against this run's model and, for the run's codec,
+        its parameters and bounds (node/wire.py); raises PayloadError."""
+        codec = aggregate_codec(codec_name, self.codec)
         env = wire.unpack(frame, codec, self.spec, self.cfg.run_id, round_, extra_spec=self.buffer_spec)
         if env.sender != AGGREGATE_SENDER:
             raise PayloadError(f"aggregate frame names sender {env.sender!r}, expected {AGGREGATE_SENDER!r}")
@@ -268,6 +307,9 @@ class Reference:
         if self.robust is not None:
             header["robust"] = self.robust.header()
             tensors |= self.robust.tensors()
+        if self.downlink is not None:
+            header["downlink"] = {"feedback": "residual"}
+            tensors |= {f"{DOWNLINK_PREFIX}{n}": e.detach().clone() for n, e in zip(self.names, self.downlink)}
         return header, tensors | outer_tensors
 
     def to_bytes(self) -> bytes:
@@ -286,7 +328,8 @@ class Reference:
         records the writer keeps at most (node/robust/state.py)."""
         names = sum(len(n.encode()) for n in self.names + self.buffer_names)
         robust = ROBUST_HEADER_BYTES if self.robust is not None else 0
-        return (1 << 20) + 64 * names + 2048 * (len(self.names) + len(self.buffer_names)) + robust
+        downlink = 64 * names + 256 * len(self.names)  # a coordinator's state may carry the downlink residual
+        return (1 << 20) + 64 * names + 2048 * (len(self.names) + len(self.buffer_names)) + robust + downlink
 
     def load_state(self, sf: StateFile, kind: str = "reference", others: tuple[str, ...] = ()) -> None:
         """Load the reference section of a parsed state file (``kind`` ``reference``, or ``checkpoint``, whose
@@ -318,23 +361,37 @@ class Reference:
             expected[HISTORY_KEY] = (torch.float64, (len(self.names),))
         elif "robust" in h:
             raise StateFormatError("state holds a 'robust' section but this recipe's reduce is the default")
+        downlink = h.get("downlink")
+        if downlink is not None and downlink != {"feedback": "residual"}:
+            raise StateFormatError(f"state's 'downlink' section {downlink!r} is not {{'feedback': 'residual'}}")
+        residual_keys = [f"{DOWNLINK_PREFIX}{n}" for n in self.names] if downlink is not None else []
+        for key, t in zip(residual_keys, self.tensors):
+            expected[key] = (torch.float32, tuple(t.shape))
         stray = [k for k in sf.entries if k not in expected and not k.startswith(("outer/", "outer.extra/") + others)]
         if stray:
             raise StateFormatError(f"state holds tensors this model does not have: {sorted(stray)[:3]}")
         for key, (dtype, shape) in expected.items():
             sf.expect(key, dtype, shape)
-        values = {k: state_file.check_finite(sf, k, sf.tensor(k)) for k in expected}
+        # a reference without a downlink (a member, an export) checked the residual's entries and leaves them unread
+        wanted = [k for k in expected if self.downlink is not None or not k.startswith(DOWNLINK_PREFIX)]
+        values = {k: state_file.check_finite(sf, k, sf.tensor(k)) for k in wanted}
         robust = None
         if self.robust is not None:
             try:
                 robust = RobustState.from_state(h.get("robust"), values[HISTORY_KEY], len(self.names), committed)
             except RobustStateError as exc:
                 raise StateFormatError(str(exc)) from None
+        if self.downlink is not None and not residual_keys:
+            # a state from relay or aggregate mode, now sending a compressed downlink: nothing was held back yet
+            log.warning("the state holds no downlink residual (written with another [rounds] result): it starts at 0")
         saved = ([t.clone() for t in self.tensors], [b.clone() for b in self.buffers], self.outer.state_dict(),
-                 self.committed_rounds)
+                 self.committed_rounds, [e.clone() for e in self.downlink] if self.downlink is not None else None)
         try:
             model_tensors.assign(self.tensors, [values[f"param/{n}"] for n in self.names])
             model_tensors.assign(self.buffers, [values[f"buffer/{n}"] for n in self.buffer_names])
+            if self.downlink is not None:
+                model_tensors.assign(self.downlink, [values[k] for k in residual_keys] if residual_keys
+                                     else [torch.zeros_like(e) for e in self.downlink])
             state_file.load_optimizer_state(self.outer, self.names_by_id(), "outer", sf)
             self.committed_rounds = committed
             if self.fingerprint() != fingerprint:
@@ -346,4 +403,6 @@ class Reference:
             model_tensors.assign(self.buffers, saved[1])
             self.outer.load_state_dict(saved[2])
             self.committed_rounds = saved[3]
+            if saved[4] is not None:
+                model_tensors.assign(self.downlink, saved[4])
             raise

@@ -23,22 +23,24 @@ KINDS = ("inprocess", "grpc", "dht")
 DHT_NET = ("/ip4/127.0.0.1/tcp/0",)
 
 
-def run_file(kind: str, round_wait_s: float) -> str:
+def run_file(kind: str, round_wait_s: float, rounds_extra: dict[str, Any] | None = None) -> str:
+    """The contract's run file; ``rounds_extra``: more ``[rounds]`` keys (e.g. ``result``)."""
     return build_run_file(
         run_id=f"contract-{kind}", recipe="sign", rounds=100,
         task_params={"size": "tiny", "batch_size": 2, "block_size": 32, "eval_batches": 1},
         recipe_overrides={"H": 1}, membership={"min_nodes": 1, "max_nodes": 8, "heartbeat_s": 0.5, "lease_s": 5.0},
         rounds_policy={"initial_wait_s": round_wait_s, "min_wait_s": round_wait_s, "max_wait_s": round_wait_s,
-                       "eval_every": 0})
+                       "eval_every": 0, **(rounds_extra or {})})
 
 
 class Group:
     """``names`` joined to one run over ``kind``."""
 
-    def __init__(self, kind: str, names: tuple[str, ...], root: Path, round_wait_s: float) -> None:
+    def __init__(self, kind: str, names: tuple[str, ...], root: Path, round_wait_s: float,
+                 rounds_extra: dict[str, Any] | None = None) -> None:
         self.kind, self.root, self.round_wait_s = kind, root, round_wait_s
         run_path = root / "run.toml"
-        run_path.write_text(run_file(kind, round_wait_s))
+        run_path.write_text(run_file(kind, round_wait_s, rounds_extra))
         self.run_file = load_run_file(run_path)
         self.cfg = self.run_file.run
         self.task = load_task(self.cfg.task.name, **self.cfg.task.params)

@@ -117,3 +117,25 @@ def test_on_round_callback_sees_every_round() -> None:
     assert [rec.round for rec in seen] == list(range(ROUNDS))
     assert all(rec.val_loss is not None and rec.replicas_identical for rec in seen)
     assert seen == res.history
+
+
+@pytest.mark.parametrize("recipe", ["sign-nesterov", "sparseloco"])
+def test_simulate_runs_a_compressed_downlink(recipe: str) -> None:
+    """``result = "compressed"``: every worker receives one frame per round in the run's codec, the same size as what
+    it sent but for the signature (64 bytes) and the sender's name ("coordinator" vs "w0": 9 bytes), and the replicas
+    stay identical."""
+    res = simulate(run_config(recipe), result="compressed")
+    assert res.history[-1].replicas_identical and math.isfinite(res.final_val_loss)
+    assert res.bytes_received_per_worker == res.bytes_sent_per_worker - ROUNDS * (64 - 9)
+
+
+def test_simulate_dense_aggregate_is_relay_by_other_bytes() -> None:
+    """``result = "aggregate"`` with fp32 frames applies exactly the mean the members compute in relay mode: the same
+    run, bit for bit, with one dense frame down instead of the other member's payload."""
+    relay = result_for("sign-nesterov")
+    dense = simulate(run_config("sign-nesterov"), result="aggregate")
+    assert dense.final_val_loss == relay.final_val_loss and dense.history[-1].replicas_identical
+    assert dense.bytes_sent_per_worker == relay.bytes_sent_per_worker
+    assert dense.bytes_received_per_worker > 30 * relay.bytes_received_per_worker  # fp32 vs 1 bit per parameter
+    with pytest.raises(ValueError, match="result must be one of relay, aggregate, compressed, got 'dense'"):
+        simulate(run_config("sign-nesterov"), result="dense")
