@@ -240,8 +240,9 @@ class Reference:
         return frame, Aggregate(decoded, buffers, getattr(aggregate, "report", None), getattr(aggregate, "robust", None))
 
     def unpack_aggregate(self, frame: bytes, round_: int, codec_name: str) -> Aggregate:
-        """Validate an aggregate frame; raises PayloadError."""
-        codec = make_codec(codec_name)
+        """Validate an aggregate frame; raises PayloadError. ``codec_name``: a dense codec, or the run's own (a sharded
+        serverless round of a compressed run re-encodes its aggregate with it, parameters included)."""
+        codec = self.codec if codec_name == self.codec.name else make_codec(codec_name)
         env = wire.unpack(frame, codec, self.spec, self.cfg.run_id, round_, extra_spec=self.buffer_spec)
         if env.sender != AGGREGATE_SENDER:
             raise PayloadError(f"aggregate frame names sender {env.sender!r}, expected {AGGREGATE_SENDER!r}")

@@ -15,8 +15,8 @@ owns a part of the vector; Ryabinin et al., "Moshpit SGD", arXiv 2103.03239):
    that shard's tensors (shard 0 also carries the model's buffers), signed with its node key.
 4. ``ShardCodec.reduce``: the owner checks every agreed member's slice (signature, model, round) and reduces them
    with the run codec's ``reduce``, members sorted by name — per tensor exactly what ``Reference.reduce`` computes
-   for the whole frame. It encodes the partial aggregate with the *aggregate codec* (``aggregate_codec``) and signs
-   it with its own key.
+   for the whole frame. It encodes the partial aggregate with the *aggregate codec* (``aggregate_codec``) and
+   publishes its sha256 in a shard record signed with its own key (every honest computer makes the same bytes).
 5. ``ShardCodec.assemble``: every peer fetches each shard's aggregate, checks it, and assembles one aggregate frame
    for the worker (what a coordinator's aggregate mode sends): every replica applies the same decoded aggregate.
 
@@ -197,18 +197,18 @@ class ShardCodec:
     aggregate: Codec
 
     @classmethod
-    def from_frame(cls, frame: bytes, run_id: str, dense_choice: str = "identity") -> "ShardCodec":
-        """The codec and model a frame *we* packed names (our own, trusted: this is not for frames from outside).
-        Raises PayloadError when it is not a frame."""
+    def from_frame(cls, frame: bytes, dense_choice: str = "identity") -> "ShardCodec":
+        """The run, codec and model a frame *we* packed names (our own, trusted: this is not for frames from
+        outside). Raises PayloadError when it is not a frame."""
         body, _signature = wire.split(frame, len(frame))
         obj = wire._msgpack(body, len(frame))
-        if not isinstance(obj, dict) or not {"codec", "params", "tensors"} <= set(obj):
+        if not isinstance(obj, dict) or not {"run", "codec", "params", "tensors"} <= set(obj):
             raise PayloadError("not a lowband frame")
         codec = make_codec(obj["codec"], obj["params"])
         spec = tuple(wire.TensorSpec(name, tuple(shape)) for name, shape in obj["tensors"])
         extra = tuple(wire.ExtraSpec(name, tuple(shape), wire.DTYPE_CODES[code])
                       for name, code, shape, _raw in obj.get("extra", ()))
-        return cls(run_id, codec, spec, extra, aggregate_codec(codec, dense_choice))
+        return cls(obj["run"], codec, spec, extra, aggregate_codec(codec, dense_choice))
 
     def plan(self, members: int) -> ShardPlan:
         """The round's shard plan for ``members`` agreed members."""
@@ -248,10 +248,10 @@ class ShardCodec:
                            sender=sender, keys=keys)
 
     # -- shard aggregates -----------------------------------------------------------------------------------
-    def reduce(self, slices: Sequence[wire.Envelope], plan: ShardPlan, shard: int, owner: str,
-               key: NodeKey | None) -> bytes:
+    def reduce(self, slices: Sequence[wire.Envelope], plan: ShardPlan, shard: int) -> bytes:
         """The shard's aggregate frame: the run codec's reduce of ``slices`` (every agreed member's, sorted by
-        sender) per tensor, encoded with the aggregate codec, named and signed by its computer ``owner``."""
+        sender) per tensor, encoded with the aggregate codec; unsigned and named ``AGGREGATE_SENDER``, so every honest
+        computer of the shard produces the same bytes (its signed shard record names their sha256)."""
         if not slices or [s.sender for s in slices] != sorted(s.sender for s in slices):
             raise ValueError("a shard reduce needs the slices sorted by sender (at least one)")
         tensors, extra = self.sub_spec(plan, shard)
@@ -260,16 +260,15 @@ class ShardCodec:
             mean = self.codec.reduce([s.tensors[t.name] for s in slices], t.shape)  # fp32, t.shape
             encoded[t.name] = self.aggregate.encode(self.aggregate.fit(mean))
         values = reduce_extra(extra, slices) if extra else None
-        return wire.pack(self.run_id, slices[0].round, owner, self.aggregate, tensors, encoded, extra, values, key=key)
+        return wire.pack(self.run_id, slices[0].round, AGGREGATE_SENDER, self.aggregate, tensors, encoded, extra,
+                         values)
 
-    def open_aggregate(self, data: bytes, round_: int, publisher: str, plan: ShardPlan, shard: int,
-                       public: bytes | None) -> wire.Envelope:
-        """A shard aggregate from outside, checked (size, tensors, round, the publisher's signature). Raises
-        PayloadError."""
+    def open_aggregate(self, data: bytes, round_: int, plan: ShardPlan, shard: int) -> wire.Envelope:
+        """A shard aggregate from outside (its sha256 already checked against a member's signed shard record),
+        checked: size, the shard's tensors, the round, the codec. Raises PayloadError."""
         tensors, extra = self.sub_spec(plan, shard)
-        keys = KeyRing({publisher: public}) if public is not None else None
         return wire.unpack(data, self.aggregate, tensors, self.run_id, round_, self.max_aggregate(plan, shard),
-                           extra, sender=publisher, keys=keys)
+                           extra, sender=AGGREGATE_SENDER)
 
     def assemble(self, parts: Sequence[wire.Envelope], round_: int) -> bytes:
         """One aggregate frame (sender ``AGGREGATE_SENDER``, the aggregate codec) from every shard's aggregate, in

@@ -173,7 +173,7 @@ def key_kind(run_id: str, key: str) -> str:
     rest = key[len(run_id) + 1:] if key.startswith(run_id + "/") else key
     if rest.startswith("round/"):
         tail = rest.rsplit("/", 1)[-1]
-        return tail if tail in ("have", "done") else "announce"
+        return tail if tail in ("have", "done", "shard") else "announce"
     return rest or "other"
 
 
