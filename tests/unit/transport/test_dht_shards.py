@@ -169,3 +169,17 @@ def test_a_slice_signed_by_another_key_or_an_aggregate_of_another_round_or_shard
     with pytest.raises(PayloadError):  # changed in transit
         sc.open_aggregate(agg[:-1] + bytes([agg[-1] ^ 1]), 3, plan, 1)
     assert sc.open_aggregate(agg, 3, plan, 1).round == 3
+
+
+def test_the_run_files_dht_section_is_checked_and_signed_only_when_set() -> None:
+    from node.errors import ConfigError
+    from node.runfile import DhtPolicy, build_run_file, parse_run_file
+
+    plain = build_run_file(run_id="r", recipe="sign", rounds=3)
+    assert parse_run_file(plain).dht == DhtPolicy() and parse_run_file(plain).dht_record() == {}  # old signatures hold
+    tuned = parse_run_file(plain + "\n[dht]\nshard_above = 4\nowner_wait_s = 2.5\n")
+    assert tuned.dht == DhtPolicy(4, 2.5)
+    assert tuned.dht_record() == {"shard_above": 4, "owner_wait_s": 2.5, "aggregate_codec": "identity"}
+    for bad in ("shard_above = 0", "owner_wait_s = 0", "shard_above = 2.5", "parts = 3"):
+        with pytest.raises(ConfigError):
+            parse_run_file(plain + f"\n[dht]\n{bad}\n")
