@@ -159,9 +159,9 @@ class ShardedReduce:
             return f"invalid slice: {exc}"
 
     def _compute(self, round_: int, shard: int, plan: ShardPlan, pairs: dict[str, str],
-                 announced: dict[str, Announcement], timeout: float) -> bytes | str:
+                 announced: dict[str, Announcement], timeout: float) -> tuple[bytes | str, int]:
         """The aggregate of ``shard``, from every agreed member's slice (``pairs``: sender → frame sha256), or why
-        it could not be computed."""
+        it could not be computed; and the bytes of the slices received."""
         codec = self.codec
         assert codec is not None
         members = len(pairs)
@@ -181,12 +181,13 @@ class ShardedReduce:
         try:
             got = self.t._run(gather(), timeout=timeout)
         except Exception as exc:
-            return f"slices not fetched: {exc!r}"
+            return f"slices not fetched: {exc!r}", 0
+        received = sum(g.nbytes for s, g in zip(sorted(pairs), got) if isinstance(g, wire.Envelope) and s != self.t.name)
         bad = [f"{s}: {g}" for s, g in zip(sorted(pairs), got) if isinstance(g, str)]
         if bad:
-            return "; ".join(bad)
+            return "; ".join(bad), received
         slices = [g for g in got if isinstance(g, wire.Envelope)]
-        return codec.reduce(slices, plan, shard)
+        return codec.reduce(slices, plan, shard), received
 
     def _own_slice(self, round_: int, sha: str, plan: ShardPlan, members: int, shard: int) -> wire.Envelope | str:
         data = self._slice(round_, sha, members, shard)
@@ -228,7 +229,8 @@ class ShardedReduce:
                     continue
                 if s in tried and t.clock.now() < tried[s] + self.owner_wait_s:
                     continue
-                made = self._compute(round_, s, plan, pairs, announced, max(0.1, deadline - t.clock.now()))
+                made, got = self._compute(round_, s, plan, pairs, announced, max(0.1, deadline - t.clock.now()))
+                received += got
                 if isinstance(made, str):
                     tried[s] = t.clock.now()
                     log.warning("[node=%s round=%d] could not compute shard %d: %s", t.name, round_, s, made)
@@ -243,6 +245,8 @@ class ShardedReduce:
                 if rank > 0:
                     log.info("[node=%s round=%d] computed shard %d in place of %s", t.name, round_, s,
                              ", ".join(orders[s][:rank]))
+            log.debug("[node=%s round=%d] shards held %d of %d after %.2f s", t.name, round_, len(parts), plan.count,
+                      t.clock.now() - start)
             received += self._take_published(round_, t._read(key), plan, orders, set_digest, parts, failed, peer_ids,
                                               deadline)
             if len(parts) == plan.count:
