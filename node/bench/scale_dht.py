@@ -11,7 +11,8 @@ What is counted, exactly: the application bytes of the round's streams — whole
 — as each peer received them (``RoundResult.bytes_received``) and served them (``FramePool.served``, read once
 every peer finished the round). DHT records (announcements, have-lists, outcomes, shard records: a few hundred bytes
 each) and libp2p's own framing are not. CPU is user + system time of every process of the bench (hosts, DHT
-processes, p2pd) over the round; memory is the sum of their resident sets, sampled after every round.
+processes, p2pd) over the round; memory is the sum of their proportional resident sets (Pss), sampled after every
+round.
 
 ``lowband bench scale --dht`` calls ``run_dht_scale`` (node/cli_bench.py).
 """
@@ -43,8 +44,6 @@ def _host(conn: Any, names: list[str], run_text: str, boot: list[str], shard_abo
           log_path: str) -> None:
     """One host process: its peers, their precomputed updates, and the parent's commands over ``conn``."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    logging.basicConfig(filename=log_path, level=logging.INFO,
-                        format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s", force=True)
     import torch
 
     from node import wire
@@ -53,6 +52,10 @@ def _host(conn: Any, names: list[str], run_text: str, boot: list[str], shard_abo
     from node.tasks import load_task
     from node.transport.dht import DhtTransport
 
+    # after hivemind's import, which installs its own handler on the root logger
+    logging.basicConfig(filename=log_path, level=logging.INFO,
+                        format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("node.transport.dht_sharded").setLevel(logging.DEBUG)
     torch.set_num_threads(1)
     cfg = parse_run_file(run_text).run
     task = load_task(cfg.task.name, **cfg.task.params)
@@ -108,17 +111,18 @@ def _digest(data: bytes) -> str:
 
 
 def _tree_usage(root: int) -> tuple[float, int]:
-    """(CPU seconds, resident bytes) of ``root`` and every process under it, now."""
+    """(CPU seconds, proportional resident bytes) of ``root`` and every process under it, now: the DHT processes are
+    forks of their host, so plain RSS would count the pages they share once per process."""
     table = process_table()
     cpu, rss = 0.0, 0
-    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    tick = os.sysconf("SC_CLK_TCK")
     for pid in descendants(root, table) | {root}:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
-            with open(f"/proc/{pid}/statm") as f:
-                rss += int(f.read().split()[1]) * page
-        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/smaps_rollup") as f:  # Pss: a page shared by k processes counts 1/k
+                rss += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
+        except (OSError, ValueError, IndexError, StopIteration):
             continue
         cpu += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return cpu, rss

@@ -323,7 +323,7 @@ class DhtTransport(FrameGather):
             return RoundResult(round_, RoundStatus.UNDECIDED, reason="no member published the round's outcome in time",
                                bytes_sent=self.frames.served.get(round_, 0), bytes_received=received)
         if self.sharded.applies(len(decided.pairs)):
-            return self.sharded.adopt(round_, decided, announced, deadline, received)
+            return self.sharded.adopt(round_, decided, announced, mine, deadline, received)
         return self._adopt(round_, decided, announced, mine, deadline, received)
 
     def _decide(self, round_: int, announced: dict[str, Announcement], mine: str, deadline: float,

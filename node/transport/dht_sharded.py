@@ -196,11 +196,15 @@ class ShardedReduce:
         return self.codec.open_slice(data, round_, self.t.name, plan, shard, None)
 
     # -- the round ----------------------------------------------------------------------------------------
-    def adopt(self, round_: int, outcome: Outcome, announced: dict[str, Announcement], deadline: float,
+    def adopt(self, round_: int, outcome: Outcome, announced: dict[str, Announcement], mine: str, deadline: float,
               received: int) -> RoundResult:
         """The decided ``outcome`` reduced by shard: compute what this peer owns (or must take over), fetch every
-        other shard's aggregate, assemble. Every peer that commits applies the same aggregate."""
+        other shard's aggregate, assemble. Every peer that commits applies the same aggregate. ``mine``: our
+        reference fingerprint (the outcome is published again under our name, as ``_adopt`` does, so the members
+        settling on it stop waiting for us)."""
         t, codec = self.t, self.codec
+        if outcome.publisher != t.name:
+            t._publish_done(round_, mine, True, outcome.pairs, outcome.confirmed, outcome.published_at, wait=False)
 
         def sent() -> int:  # read when the result is made: serving goes on during the round
             return t.frames.served.get(round_, 0)
