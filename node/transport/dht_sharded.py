@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _OK, _MISSING, _BAD = b"\x00", b"\x01", b"\x02"
 REQUEST_BYTES = 48
+CACHE_FRAMES = 4  # slices held for serving: at most this many of our frames' worth of bytes
 
 
 class ShardedReduce:
@@ -112,8 +113,9 @@ class ShardedReduce:
             if shard >= plan.count:
                 return None
             made = codec.slice(own, plan, shard, self.t.trust.key)
-            with self._lock:
-                self._slices[(round_, sha, members, shard)] = made
+            with self._lock:  # bounded: a peer asking for many plans gets slices made again, not held
+                if sum(len(v) for v in self._slices.values()) + len(made) <= CACHE_FRAMES * own.nbytes:
+                    self._slices[(round_, sha, members, shard)] = made
         return made
 
     async def serve(self, _info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

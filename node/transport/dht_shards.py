@@ -32,6 +32,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import msgpack
 import torch
 
 from node import wire
@@ -44,6 +45,7 @@ from node.keyring import KeyRing
 from node.transport.dht_agreement import Pair, encode_pairs
 
 MAX_SHARDS = 4096  # the most reduce shards a round has (one per agreed member at most)
+MAX_FRAME = 4 << 30  # as dht_frames.MAX_FRAME; the exact bound of a shard aggregate is the model's (``max_aggregate``)
 AGGREGATE_SENDER = "coordinator"  # the sender an assembled aggregate frame names (as node/train/reference.py's)
 
 
@@ -137,7 +139,7 @@ class ShardEntry:
                 and all(_is_hex64(v) for v in value[3:])):
             return None
         shard, count, size = value[:3]
-        if not (1 <= count <= MAX_SHARDS and 0 <= shard < count and 0 < size <= wire_limit_any()):
+        if not (1 <= count <= MAX_SHARDS and 0 <= shard < count and 0 < size <= MAX_FRAME):
             return None
         return cls(shard, count, size, value[3], value[4])
 
@@ -150,10 +152,6 @@ def parse_entries(value: Any) -> list[ShardEntry] | None:
     if any(e is None for e in entries) or len({e.shard for e in entries if e is not None}) != len(entries):
         return None
     return [e for e in entries if e is not None]
-
-
-def wire_limit_any() -> int:
-    return 4 << 30  # as dht_frames.MAX_FRAME: the exact bound is the model's (``ShardCodec.max_aggregate``)
 
 
 def _is_hex64(text: Any) -> bool:
@@ -201,7 +199,10 @@ class ShardCodec:
         """The run, codec and model a frame *we* packed names (our own, trusted: this is not for frames from
         outside). Raises PayloadError when it is not a frame."""
         body, _signature = wire.split(frame, len(frame))
-        obj = wire._msgpack(body, len(frame))
+        try:
+            obj = msgpack.unpackb(body, raw=False)
+        except Exception as exc:  # msgpack raises many types
+            raise PayloadError(f"not a lowband frame: {exc}") from None
         if not isinstance(obj, dict) or not {"run", "codec", "params", "tensors"} <= set(obj):
             raise PayloadError("not a lowband frame")
         codec = make_codec(obj["codec"], obj["params"])
