@@ -297,7 +297,9 @@ class ShardedReduce:
             for publisher in orders[s]:
                 e = entries.get(publisher)
                 if e is not None and (publisher, e.sha256) not in failed and publisher in peer_ids:
-                    wanted[f"shard {s}"] = ([peer_ids[publisher]], e.size, e.sha256)
+                    # then any member: a peer serves every aggregate it fetched and verified (by sha256, dht_frames)
+                    others = [peer_ids[m] for m in orders[s] if m != publisher and m in peer_ids]
+                    wanted[f"shard {s}"] = ([peer_ids[publisher], *others], e.size, e.sha256)
                     chosen[f"shard {s}"] = (s, publisher)
                     break
         if not wanted:
