@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _OK, _MISSING, _BAD = b"\x00", b"\x01", b"\x02"
 REQUEST_BYTES = 48
+SHARD_POLL_S = 0.2  # how often a peer reads the shard records while it lacks shards
 CACHE_FRAMES = 4  # slices held for serving: at most this many of our frames' worth of bytes
 
 
@@ -257,7 +258,7 @@ class ShardedReduce:
                                               deadline)
             if len(parts) == plan.count:
                 break
-            if t.clock.now() >= deadline or t._given_up():
+            if t.clock.now() >= deadline or self._waited():
                 missing = sorted(set(range(plan.count)) - set(parts))
                 return RoundResult(round_, RoundStatus.FRAMES_UNAVAILABLE, reason=f"no verified aggregate of shard(s) "
                                    f"{missing} of {plan.count} within the round: fetching the state instead",
@@ -266,6 +267,13 @@ class ShardedReduce:
         return RoundResult(round_, RoundStatus.COMMITTED, reason=f"{len(members)} members reduced in {plan.count} "
                            "shards", bytes_sent=sent(), bytes_received=received, aggregate=frame,
                            aggregate_codec=codec.aggregate.name, aggregate_members=tuple(members))
+
+    def _waited(self) -> bool:
+        """Wait one shard poll; True when waiting longer is pointless (as ``DhtTransport._given_up``). Slower than
+        the agreement's poll: every member reads the shard record until it holds every shard, and with tens of
+        members those reads were most of a round's CPU."""
+        t = self.t
+        return t.clock.sleep(max(t.poll_s, SHARD_POLL_S), t._stop) or t.cancel.is_set() or not t.dht.is_alive()
 
     def _take_published(self, round_: int, records: dict[str, Any], plan: ShardPlan, orders: Sequence[list[str]],
                         set_digest: str, parts: dict[int, wire.Envelope], failed: set[tuple[str, str]],
