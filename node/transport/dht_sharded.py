@@ -155,8 +155,11 @@ class ShardedReduce:
             return f"no slice: {exc!r}"
         if status != _OK:
             return "the sender does not serve that slice"
+        public = self.t.trust.writers.get(sender)
+        if public is None:  # its announcement was read, so its key is known; if not, nothing it sends is trusted
+            return "no key known for the sender: its slice cannot be verified"
         try:
-            return codec.open_slice(data, round_, sender, plan, shard, self.t.trust.writers.get(sender))
+            return codec.open_slice(data, round_, sender, plan, shard, public)
         except PayloadError as exc:
             self.t.trust.rejections.add("slice", "invalid slice", (round_, sender, shard))
             return f"invalid slice: {exc}"
