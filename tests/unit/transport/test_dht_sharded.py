@@ -8,7 +8,11 @@ from typing import Any
 
 import pytest
 
+from hivemind.utils import get_dht_time
+
 from node.transport.dht_faults import DhtFaults, Stream
+from node.transport.dht_frames import digest
+from node.transport.dht_shards import ShardEntry, members_digest
 
 from dht_harness import NAMES, collect_all, peers, workers
 
@@ -76,3 +80,30 @@ def test_an_aggregate_served_other_than_published_is_rejected_and_computed_again
         _applied_identically(ws, results)
         assert "corrupt frame" in faults["w0"].fired
         assert 0 in ts[1].sharded.computed[0]  # w1 computed shard 0 again after refusing w0's copy
+
+
+@pytest.mark.timeout(180)
+def test_a_forged_shard_record_and_its_aggregate_are_refused_by_every_reader(setup: tuple[Any, Any]) -> None:
+    """w2 publishes, under its own signed shard record, an "aggregate" of shard 0 that is not one (and computes
+    nothing else); w0, shard 0's owner, computes nothing either. A reader that fetches w2's bytes (they match the
+    record's sha256) refuses them; every peer applies the aggregate w1 computes in the owners' place."""
+    ws = workers(setup)
+    faults = {"w0": DhtFaults().withhold_shards(), "w2": DhtFaults().withhold_shards()}
+    with peers("run-sharded-forged-record", faults=faults, **SHARDED) as ts:
+        frames = {}
+        for w, t in zip(ws, ts):
+            w.train()
+            frames[t.name] = w.prepare(0)
+        forged = b"\x00" * 64
+        sha = ts[2].frames.add(0, forged)  # served by w2's frame stream, as an aggregate would be
+        pairs = {(n, digest(f)) for n, f in frames.items()}
+        assert ts[2]._store(f"{ts[2].run_id}/round/0/shard",
+                            [ShardEntry(0, 3, len(forged), sha, members_digest(pairs)).encode()], get_dht_time() + 60)
+        for t in ts:
+            t.submit(0, frames[t.name])
+        results = collect_all(ts, 0, timeout_s=60.0)
+        _applied_identically(ws, results)
+        assert sorted(ts[1].sharded.computed[0]) == [0, 1, 2]
+        # w1 read the forged record before it took shard 0 over (rank 1: not before owner_wait_s), and refused it;
+        # the others may have found w1's copy first, which ranks before w2's
+        assert ts[1].rejected.get("shard: invalid shard aggregate", 0) >= 1, ts[1].rejected
