@@ -31,7 +31,9 @@ where each is explained; this module reads and writes the records, moves the fra
    ``min_members`` frames and lists from more than half of the voters (the group's live members).
 4. publish the outcome (or a "not committed" record, so no one waits for us) and settle (``settle_step``, ≤
    ``settle_s``): the earliest published supported outcome (ties: the publisher's name) is the round's.
-5. adopt (``adopt_sources``): commit exactly that outcome's frames, from their senders or any publisher of it.
+5. adopt (``adopt_sources``): commit exactly that outcome's frames, from their senders or any publisher of it
+   (``dht_gather``) — or, for an outcome of more than ``shard_above`` members, reduce it by shard (``dht_sharded``:
+   a member whose group is that large lists the announced frames in step 3 instead of fetching them).
 
 Limits, stated plainly: one member can still send a harmful but well-formed frame (robust aggregation is not
 implemented), and can leave an outcome undecided by withholding its lists; it cannot make the others apply an
