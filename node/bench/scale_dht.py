@@ -188,8 +188,9 @@ def dht_scale(n: int, size: str, rounds: int, logs: Path, *, recipe: str = "sign
                 "bytes_down_per_peer_round": statistics.median(down),
                 "bytes_down_max_peer_round": max(max(d) for d in downs),
                 "round_latency_s": {"median": statistics.median(latencies),
-                                    "p90": statistics.quantiles(latencies, n=10)[-1] if len(latencies) > 1
-                                    else latencies[0]},
+                                    "p90": statistics.quantiles(latencies, n=10, method="inclusive")[-1]
+                                    if len(latencies) > 1 else latencies[0]},
+                "round_latencies_s": latencies,
                 "cpu_s_per_round": statistics.median(cpus), "peak_rss_bytes": peak}
     finally:
         for proc, conn in hosts:
