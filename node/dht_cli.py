@@ -68,7 +68,10 @@ def serverless_settings(run_file: Any, source: str, workdir: str | Path, name: s
                        announce_maddrs=tuple(announce), num_shards=mp.max_nodes, min_nodes=mp.min_nodes,
                        heartbeat_s=mp.heartbeat_s, round_wait_s=run_file.deadline.max_wait_s,
                        deadline=run_file.deadline, state_chunk_bytes=state_chunk_bytes, authority=authority, key=key,
-                       grant=grant), name
+                       grant=grant, sharding=run_file.dht_record(),
+                       # a robust reduce needs every whole frame (norms, medians): such runs keep the all-gather
+                       shard_above=None if run_file.run.recipe.reduce.enabled else run_file.dht.shard_above,
+                       owner_wait_s=run_file.dht.owner_wait_s, aggregate_codec=run_file.aggregate_codec), name
 
 
 def dht_identity(args: argparse.Namespace, run_file: Any) -> tuple[Any, Any, bytes, str | None]:

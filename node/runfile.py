@@ -7,6 +7,7 @@
 [membership]   # min_nodes, max_nodes, heartbeat_s, lease_s, join_token
 [rounds]       # initial_wait_s, min_wait_s, max_wait_s, quantile, margin, eval_every, keep_results,
                # result ("relay" | "aggregate" | "compressed"), aggregate_codec ("identity" | "bf16" | "fp16")
+[dht]          # serverless runs: shard_above, owner_wait_s (rounds reduced by shard: node/transport/dht_sharded.py)
 [authority]    # serverless runs: public_key, signature, open — written by `lowband run init`
                # (node/transport/dht_trust.py reads it; a coordinator ignores it)
 ```
@@ -28,6 +29,23 @@ from node.train.downlink import DENSE_AGGREGATE_CODECS
 
 
 @dataclass(frozen=True)
+class DhtPolicy:
+    """``[dht]``: serverless rounds. A round with more than ``shard_above`` agreed members is reduced by shard (each
+    member reduces a slice of the tensors and serves it; docs/serverless.md, "Sharded rounds") instead of every peer
+    fetching every frame; ``owner_wait_s``: how long a shard's owner has before the next member computes it."""
+
+    shard_above: int = 8
+    owner_wait_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.shard_above < 1:
+            raise ConfigError(f"dht.shard_above must be ≥ 1 (rounds of more members are reduced by shard), got "
+                              f"{self.shard_above}")
+        if not 0 < self.owner_wait_s <= 3600:
+            raise ConfigError(f"dht.owner_wait_s must be in (0, 3600] seconds, got {self.owner_wait_s}")
+
+
+@dataclass(frozen=True)
 class RunFile:
     run: RunConfig
     membership: MembershipPolicy = MembershipPolicy()
@@ -42,6 +60,15 @@ class RunFile:
     aggregate_codec: str = "identity"  # identity (fp32), bf16 or fp16; result = "aggregate" only
     extra: dict[str, Any] = field(default_factory=dict)
     authority: dict[str, Any] = field(default_factory=dict)  # [authority] as written (serverless runs check it)
+    dht: DhtPolicy = DhtPolicy()
+
+    def dht_record(self) -> dict[str, Any]:
+        """What of ``[dht]`` and ``rounds.aggregate_codec`` the authority signs beside the run (every peer must reduce
+        a sharded round alike): nothing when all are at their defaults, so run files signed before they existed
+        keep their signatures."""
+        if self.dht == DhtPolicy() and self.aggregate_codec == "identity":
+            return {}
+        return {**dataclasses.asdict(self.dht), "aggregate_codec": self.aggregate_codec}
 
     def __post_init__(self) -> None:
         if self.eval_every < 0:
@@ -133,11 +160,11 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    unknown = set(doc) - {"run", "task", "recipe", "membership", "rounds", "authority"}
+    unknown = set(doc) - {"run", "task", "recipe", "membership", "rounds", "dht", "authority"}
     if unknown:
         raise ConfigError(f"{source}: unknown section{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(f'[{u}]' for u in sorted(unknown))}; valid sections: [run], [task], [recipe], "
-                          "[membership], [rounds], [authority]"
+                          "[membership], [rounds], [dht], [authority]"
                           + ("; bounds and robust reduce go under the recipe: [recipe.reduce]" if "reduce" in unknown
                              else ""))
     run = dict(doc.get("run", {}))
@@ -159,7 +186,7 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
                    deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy, source,
                                      ("eval_every", "keep_results", "result", "aggregate_codec")),
                    eval_every=eval_every, keep_results=keep, result=result_mode, aggregate_codec=aggregate_codec,
-                   authority=dict(doc.get("authority", {})))
+                   authority=dict(doc.get("authority", {})), dht=_section(doc, "dht", DhtPolicy, source))
 
 
 def load_run_file(path: str | Path) -> RunFile:

@@ -31,7 +31,9 @@ where each is explained; this module reads and writes the records, moves the fra
    ``min_members`` frames and lists from more than half of the voters (the group's live members).
 4. publish the outcome (or a "not committed" record, so no one waits for us) and settle (``settle_step``, ≤
    ``settle_s``): the earliest published supported outcome (ties: the publisher's name) is the round's.
-5. adopt (``adopt_sources``): commit exactly that outcome's frames, from their senders or any publisher of it.
+5. adopt (``adopt_sources``): commit exactly that outcome's frames, from their senders or any publisher of it
+   (``dht_gather``) — or, for an outcome of more than ``shard_above`` members, reduce it by shard (``dht_sharded``:
+   a member whose group is that large lists the announced frames in step 3 instead of fetching them).
 
 Limits, stated plainly: one member can still send a harmful but well-formed frame (robust aggregation is not
 implemented), and can leave an outcome undecided by withholding its lists; it cannot make the others apply an
@@ -57,13 +59,15 @@ from node.clock import SYSTEM_CLOCK, Clock
 from node.identity import NodeKey
 from node.membership import DeadlinePolicy, round_wait
 from node.transport.dht_agreement import (AgreeDecision, Announcement, CloseView, GroupDecision, GroupKind, HaveList,
-                                          Outcome, Pair, ReferenceKind, Verdict, adopt_sources, agree_step,
-                                          agreed_set, choose_outcome, close_group, close_wait, commit_reason,
+                                          Outcome, Pair, ReferenceKind, Verdict, agree_step,
+                                          agreed_set, choose_outcome, close_group, close_wait,
                                           late_senders, parse_haves, round_joiners, same_reference, settle_step,
                                           take_late)
 from node.transport.dht_faults import DhtFaults
 from node.transport.dht_frames import KEEP_OWN_ROUNDS, FramePool
-from node.transport.dht_members import MAX_ROUND, DhtMembers
+from node.transport.dht_gather import FrameGather
+from node.transport.dht_sharded import ShardedReduce
+from node.transport.dht_members import MAX_ROUND
 from node.transport.dht_process import start_dht
 from node.transport.dht_quorum import supported_outcomes
 from node.transport.dht_signing import SignedRecordValidator
@@ -83,7 +87,7 @@ async def _cancel_pending() -> None:
         await asyncio.wait(tasks, timeout=1.0)
 
 
-class DhtTransport(DhtMembers):
+class DhtTransport(FrameGather):
     """``trust``: this peer's key, name and grant and the run's authority (default: an open run and a fresh key);
     ``validator``: the one its DHT process runs (``create`` makes both); ``max_round``: the run's last round (a
     record naming a later one is out of range)."""
@@ -94,7 +98,8 @@ class DhtTransport(DhtMembers):
                  poll_s: float = 0.05, owns_dht: bool = False, deadline: DeadlinePolicy | None = None,
                  state_chunk_bytes: int = DEFAULT_CHUNK, cancel: threading.Event | None = None,
                  min_members: int = 1, settle_s: float = 2.0, clock: Clock = SYSTEM_CLOCK,
-                 faults: DhtFaults | None = None, max_round: int = MAX_ROUND) -> None:
+                 faults: DhtFaults | None = None, max_round: int = MAX_ROUND, shard_above: int | None = None,
+                 aggregate_codec: str = "identity", owner_wait_s: float | None = None) -> None:
         self.run_id, self.name, self.dht = run_id, name, dht
         self.trust, self.validator, self.max_round = trust, validator, max_round
         self.clock = clock  # the round's waits and the poll interval
@@ -113,6 +118,9 @@ class DhtTransport(DhtMembers):
         self.shard, self.since, self._status = 0, 0, "joining"
         self.handler_name = f"lowband.{run_id}.frame"
         self.frames = FramePool(name, self.handler_name, fetch_timeout_s, self.faults)
+        # rounds of more than ``shard_above`` members are reduced by shard (dht_sharded); a dead owner costs owner_wait_s
+        self.sharded = ShardedReduce(self, shard_above, aggregate_codec,
+                                     fetch_timeout_s if owner_wait_s is None else owner_wait_s)
         self._fingerprints: dict[int, str] = {}  # round → our reference fingerprint when we submitted
         # round → how it closed and what was agreed, for recent rounds (logs, benchmarks, tests read them)
         self.closed: dict[int, GroupDecision] = {}
@@ -137,6 +145,7 @@ class DhtTransport(DhtMembers):
             self._run(self.p2p.add_binary_stream_handler(self.handler_name, self.frames.serve))
             self.state = StateShare(self, state_chunk_bytes)
             self._run(self.p2p.add_binary_stream_handler(self.state.handler_name, self.state.serve))
+            self._run(self.p2p.add_binary_stream_handler(self.sharded.handler_name, self.sharded.serve))
         except BaseException:
             self.close(announce_leave=False)
             raise
@@ -180,6 +189,7 @@ class DhtTransport(DhtMembers):
         (peers whose reference differs are kept out of each other's rounds; "" = not checked). Submitting again for
         the same round (a retry) announces the new frame; the earlier ones stay served."""
         sha = self.frames.add_own(round_, payload)
+        self.sharded.note_own(round_, payload)
         with self._lock:
             self._fingerprints[round_] = fingerprint
             for old in [r for r in self._fingerprints if r <= round_ - KEEP_OWN_ROUNDS]:
@@ -241,12 +251,6 @@ class DhtTransport(DhtMembers):
                 return dict(view.announced), done, view.live(round_), None
             if self._given_up():  # closed, cancelled or DHT gone: nothing more will arrive
                 return {}, None, None, None
-
-    def _drop_warning(self, round_: int, sender: str, why: str) -> None:
-        """A frame left out of a round: a warning per sender at most every ``WARN_EVERY_S`` (a diverged or broken
-        peer is left out of every round)."""
-        self._warn_every(f"dropped {sender}", "[node=%s round=%d] dropped %s: %s", self.name, round_, sender, why,
-                         logger=log)
 
     def _publish_done(self, round_: int, fingerprint: str, committed: bool, pairs: frozenset[Pair],
                       confirmed: frozenset[str], published_at: float | None = None, wait: bool = True) -> None:
@@ -320,36 +324,9 @@ class DhtTransport(DhtMembers):
         if decided is None:
             return RoundResult(round_, RoundStatus.UNDECIDED, reason="no member published the round's outcome in time",
                                bytes_sent=self.frames.served.get(round_, 0), bytes_received=received)
+        if self.sharded.applies(len(decided.pairs)):
+            return self.sharded.adopt(round_, decided, announced, mine, deadline, received)
         return self._adopt(round_, decided, announced, mine, deadline, received)
-
-    def _fetch(self, round_: int, wanted: dict[str, tuple[list[str], int | None, str]],
-               deadline: float) -> tuple[dict[str, bytes | str], int]:
-        """Pull frames: results, bytes received. A stream must keep moving (``fetch_timeout_s`` per step) and
-        retries end after ``fetch_timeout_s``; a transfer that moves may run to the caller's deadline (a large frame
-        on a slow link)."""
-        before = {s for s, (_src, _size, sha) in wanted.items() if self.frames.get(round_, sha) is not None}
-        left = max(0.1, deadline - self.clock.now())
-        budget = min(self.fetch_timeout_s, left)
-        try:
-            got = self._run(self.frames.fetch_all(self.p2p, round_, wanted, budget, longest=left),
-                            timeout=left + self.rpc_timeout_s)
-        except Exception as exc:  # only if the loop itself is gone; each fetch is bounded on its own
-            got = {s: f"fetch failed: {exc!r}" for s in wanted}
-        received = sum(len(v) for s, v in got.items() if isinstance(v, bytes) and s not in before)
-        return got, received
-
-    def _fetch_announced(self, round_: int, announced: dict[str, Announcement], deadline: float,
-                         held: set[Pair]) -> int:
-        """Fetch the frames of ``announced`` into ``held`` (a frame that cannot be had is logged and left out);
-        bytes received."""
-        fetched, received = self._fetch(round_, {s: ([a.peer_id], a.size, a.sha256) for s, a in announced.items()},
-                                        deadline)
-        for sender, got in sorted(fetched.items()):
-            if isinstance(got, bytes):
-                held.add((sender, announced[sender].sha256))
-            else:
-                self._drop_warning(round_, sender, got)
-        return received
 
     def _decide(self, round_: int, announced: dict[str, Announcement], mine: str, deadline: float,
                 voters: int) -> tuple[Outcome | RoundResult | None, int]:
@@ -358,7 +335,7 @@ class DhtTransport(DhtMembers):
         ``announced`` grows by the late senders another member took in (``_take_late``), and the voters with it."""
         member, first = self.name in announced, len(announced)
         held: set[Pair] = set()
-        received = self._fetch_announced(round_, announced, deadline, held)
+        received = self._hold(round_, announced, deadline, held)
         if member:
             self._publish_have(round_, HaveList(frozenset(held), frozenset(announced)))
         have_key, done_key = f"{self.run_id}/round/{round_}/have", f"{self.run_id}/round/{round_}/done"
@@ -415,7 +392,15 @@ class DhtTransport(DhtMembers):
         log.info("[node=%s round=%d] taking in %s: another member's group holds them", self.name, round_,
                  ", ".join(sorted(decision.taken)))
         announced.update(decision.taken)
-        return self._fetch_announced(round_, dict(decision.taken), deadline, held)
+        return self._hold(round_, dict(decision.taken), deadline, held)
+
+    def _hold(self, round_: int, announced: dict[str, Announcement], deadline: float, held: set[Pair]) -> int:
+        """What this member lists as held: the frames it fetched, or — for a group reduced by shard — the frames it
+        saw announced (their slices are fetched once the round is decided, ``dht_sharded``). Bytes received."""
+        if self.sharded.applies(len(announced) + len({s for s, _ in held})):
+            held.update((s, a.sha256) for s, a in announced.items())
+            return 0
+        return self._fetch_announced(round_, announced, deadline, held)
 
     def _settle(self, round_: int, group: dict[str, Announcement], mine: str, peers: frozenset[str],
                 deadline: float, voters: int, own: HaveList) -> Outcome | None:
@@ -432,29 +417,6 @@ class DhtTransport(DhtMembers):
         if not records or haves is None:  # the read failed (ours is in there): read again
             return self._read_outcome(round_, group, mine, voters, own)
         return self._supported(round_, records, {**parse_haves(haves, group), self.name: own}, mine, voters)
-
-    def _adopt(self, round_: int, outcome: Outcome, announced: dict[str, Announcement], mine: str, deadline: float,
-               received: int) -> RoundResult:
-        """Commit exactly ``outcome``'s frames (``dht_agreement.adopt_sources``). A frame none can serve means
-        fetching the state."""
-        fetched, more = self._fetch(round_, adopt_sources(outcome, announced), deadline)
-        received += more
-        sent = self.frames.served.get(round_, 0)
-        lacking = sorted(s for s, got in fetched.items() if not isinstance(got, bytes))
-        if lacking:
-            return RoundResult(round_, RoundStatus.FRAMES_UNAVAILABLE, reason="the members agreed on frames this "
-                               f"node could not get ({', '.join(lacking)}): fetching the state instead",
-                               bytes_sent=sent, bytes_received=received)
-        if outcome.publisher != self.name:  # the same outcome again: more sources for peers that missed frames
-            self._publish_done(round_, mine, True, outcome.pairs, outcome.confirmed, outcome.published_at, wait=False)
-            if self.name in announced and (self.name, announced[self.name].sha256) not in outcome.pairs:
-                log.info("[node=%s round=%d] %s decided the round without our latest frame", self.name, round_,
-                         outcome.publisher)
-        payloads = {s: f for s, f in sorted(fetched.items()) if isinstance(f, bytes)}  # all of them (none lacking)
-        keys = {s: self.trust.writers[s] for s in payloads if s in self.trust.writers}  # whose key signs whose frames
-        keys = keys if len(keys) == len(payloads) else {}  # all or none (docs/algorithms.md §11)
-        return RoundResult(round_, RoundStatus.COMMITTED, payloads, reason=commit_reason(announced, payloads),
-                           bytes_sent=sent, bytes_received=received, member_keys=keys)
 
     # -- state and shutdown -------------------------------------------------------------------------------
     def fetch_state(self, timeout_s: float = 60.0) -> StateBlob | None:
@@ -488,6 +450,7 @@ class DhtTransport(DhtMembers):
             steps = [self.p2p.remove_binary_stream_handler(self.handler_name)]
             if hasattr(self, "state"):
                 steps.append(self.p2p.remove_binary_stream_handler(self.state.handler_name))
+                steps.append(self.p2p.remove_binary_stream_handler(self.sharded.handler_name))
             for step in (*steps, _cancel_pending(), self.p2p.shutdown()):
                 try:
                     self._run(step)

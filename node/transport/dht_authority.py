@@ -47,7 +47,7 @@ def signed_record(run_file: RunFile, open_run: bool) -> str:
     task_fingerprint, digest = run_identity(run_file)
     mp = run_file.membership
     return run_record(run_file.run.to_dict(), task_fingerprint, digest, num_shards=mp.max_nodes,
-                      min_nodes=mp.min_nodes, open_run=open_run)
+                      min_nodes=mp.min_nodes, open_run=open_run, sharding=run_file.dht_record())
 
 
 def sign_run_text(text: str, authority: NodeKey, *, open_run: bool = False, run_id: str | None = None,

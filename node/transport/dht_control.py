@@ -75,6 +75,11 @@ class DhtSettings:
     authority: RunAuthority | None = None  # the run file's [authority] (required)
     key: NodeKey | None = None  # this node's key (its workdir's node.key); None: a fresh one, held in memory
     grant: bytes = b""  # the authority's grant for this node's key and name (closed runs)
+    # sharded rounds (run file [dht], rounds.aggregate_codec; node/transport/dht_sharded.py); None: never
+    shard_above: int | None = 8
+    owner_wait_s: float = 10.0
+    aggregate_codec: str = "identity"
+    sharding: dict[str, Any] = field(default_factory=dict)  # RunFile.dht_record(): signed with the run
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,7 +122,8 @@ class DhtControl:
                 announce_maddrs=settings.announce_maddrs, trust=self.trust, max_round=run.rounds,
                 round_wait_s=settings.round_wait_s, heartbeat_s=settings.heartbeat_s, deadline=settings.deadline,
                 state_chunk_bytes=settings.state_chunk_bytes, cancel=stop, min_members=settings.min_nodes,
-                clock=clock, **settings.extra)
+                clock=clock, shard_above=settings.shard_above, owner_wait_s=settings.owner_wait_s,
+                aggregate_codec=settings.aggregate_codec, **settings.extra)
         for maddr in self.transport.visible_maddrs():  # other nodes can bootstrap through any of these
             log.info("[node=%s] DHT address %s", name, maddr)
         log.info("[node=%s] key id %s; run authority %s (%s run)", name, self.trust.key.key_id,
@@ -137,7 +143,8 @@ class DhtControl:
         s = self.settings
         assert s.authority is not None
         return run_record(json.loads(identity.config_json), identity.task_fingerprint, identity.model_digest,
-                          num_shards=s.num_shards, min_nodes=s.min_nodes, open_run=s.authority.open_run)
+                          num_shards=s.num_shards, min_nodes=s.min_nodes, open_run=s.authority.open_run,
+                          sharding=s.sharding)
 
     def _signed_records(self) -> list[dict[str, Any]]:
         """The run records in the DHT that the run's authority signed (whoever stored them: the signature is what

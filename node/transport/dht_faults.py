@@ -26,6 +26,7 @@ class Stream(str, enum.Enum):
 
     FRAME = "frame"  # frames of recent rounds (dht_frames)
     STATE = "state"  # chunks of a state snapshot (dht_state)
+    SLICE = "slice"  # slices of this peer's frames, for the owners of a sharded round's shards (dht_sharded)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class DhtFaults:
         self._lock = threading.Lock()
         self._reads: dict[str, int] = {}  # key → reads of it that still fail
         self._serving: dict[Stream, _Serving] = {}
+        self._withhold_shards = False  # computes no shard aggregate: an owner dead or frozen after the agreement
         self.fired: list[str] = []  # what was injected, in order ("read <key>", "stall frame", ...)
 
     # -- scheduling (tests) ---------------------------------------------------------------------------------
@@ -76,6 +78,13 @@ class DhtFaults:
             self._serving.setdefault(stream, _Serving()).refuse = True
         return self
 
+    def withhold_shards(self) -> "DhtFaults":
+        """In sharded rounds this peer computes and publishes no shard aggregate (as an owner that died or froze once
+        the round was agreed); it still serves its slices and reads the others' aggregates."""
+        with self._lock:
+            self._withhold_shards = True
+        return self
+
     # -- consulted by the DHT code --------------------------------------------------------------------------
     def _fire(self, what: str) -> None:
         self.fired.append(what)
@@ -89,6 +98,14 @@ class DhtFaults:
                 return False
             self._reads[key] = left - 1
             self._fire(f"read {key}")
+        return True
+
+    def withholds_shards(self) -> bool:
+        with self._lock:
+            if not self._withhold_shards:
+                return False
+            if "withhold shards" not in self.fired:
+                self._fire("withhold shards")
         return True
 
     def refuses(self, stream: Stream) -> bool:

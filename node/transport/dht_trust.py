@@ -42,10 +42,11 @@ _SEEN = 4096
 
 # -- the authority ------------------------------------------------------------------------------------------
 def run_record(config: Mapping[str, Any], task_fingerprint: str, model_digest: str, *, num_shards: int,
-               min_nodes: int, open_run: bool) -> str:
-    """The canonical JSON the authority signs: everything that must be equal on every node of the run."""
+               min_nodes: int, open_run: bool, sharding: Mapping[str, Any] | None = None) -> str:
+    """The canonical JSON the authority signs: everything that must be equal on every node of the run.
+    ``sharding``: ``RunFile.dht_record()`` (empty at its defaults, so older signatures still verify)."""
     record = {**config, "task_fingerprint": task_fingerprint, "model_digest": model_digest,
-              "dht": {"num_shards": num_shards, "min_nodes": min_nodes, "open": open_run}}
+              "dht": {"num_shards": num_shards, "min_nodes": min_nodes, "open": open_run, **(sharding or {})}}
     return json.dumps(record, sort_keys=True, default=str)
 
 
@@ -173,7 +174,7 @@ def key_kind(run_id: str, key: str) -> str:
     rest = key[len(run_id) + 1:] if key.startswith(run_id + "/") else key
     if rest.startswith("round/"):
         tail = rest.rsplit("/", 1)[-1]
-        return tail if tail in ("have", "done") else "announce"
+        return tail if tail in ("have", "done", "shard") else "announce"
     return rest or "other"
 
 

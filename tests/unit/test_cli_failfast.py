@@ -160,7 +160,7 @@ def _run_file(tmp_path: Path, **sections: dict) -> Path:
     ({"membership": {"min_nodes": "two"}}, "[membership] min_nodes must be int, got 'two'"),
     ({"task": {"sise": "tiny"}}, "unknown [task] key 'sise'; valid keys: batch_size, block_size, eval_batches"),
     ({"task": {"size": "huge"}}, "size must be one of ['gpt2', 'medium', 'small', 'tiny'], got 'huge'; valid keys:"),
-    ({"extra": {"x": 1}}, "unknown section [extra]; valid sections: [run], [task], [recipe], [membership], [rounds], [authority]"),
+    ({"extra": {"x": 1}}, "unknown section [extra]; valid sections: [run], [task], [recipe], [membership], [rounds], [dht], [authority]"),
 ])
 def test_every_run_file_error_is_one_line_naming_the_key_and_exit_2(tmp_path: Path, sections: dict, says: str) -> None:
     out = lowband("coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),

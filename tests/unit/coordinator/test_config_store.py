@@ -102,7 +102,7 @@ def test_missing_run_file_names_the_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, pattern", [
     ("[run\nid = 1", r"^r\.toml: not valid TOML: "),
     ("[runs]\nid = 'x'", r"^r\.toml: unknown section \[runs\]; valid sections: \[run\], \[task\], \[recipe\], \[membership\], "
-                        r"\[rounds\], \[authority\]$"),
+                        r"\[rounds\], \[dht\], \[authority\]$"),
     ("[reduce]\nbound = 'clip'", r"^r\.toml: unknown section \[reduce\]; .*go under the recipe: \[recipe\.reduce\]$"),
     ("[run]\nid = 'x'\nepochs = 3", r"^r\.toml: unknown \[run\] key\(s\) 'epochs'; valid keys: id, recipe, rounds, seed, task$"),
     ("[run]\nrounds = 'many'", r"^r\.toml: run\.rounds must be an integer, got 'many'"),
