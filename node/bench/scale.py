@@ -49,7 +49,8 @@ class ScaleSettings:
     measured per setting (after one warm-up round), ``load_procs`` load-generator processes, ``recipe`` (its codec
     makes the frames), ``relay_max_nodes`` (relay above it is reported, not run: its traffic grows as N²),
     ``round_timeout_s`` (the bound of every wait in a round), ``heartbeat_s`` of the simulated nodes,
-    ``keep_results`` (the run's ``[rounds] keep_results``), ``aggregate_codec`` (aggregate mode's wire precision)."""
+    ``keep_results`` (the run's ``[rounds] keep_results``), ``aggregate_codec`` (aggregate mode's wire precision),
+    ``distinct_updates`` (random updates each load-generator process encodes; its nodes take turns with them)."""
 
     size: str = "10m"
     rounds: int = 3
@@ -62,6 +63,7 @@ class ScaleSettings:
     keep_results: int = 8
     aggregate_codec: str = "identity"
     distinct_updates: int = 2
+    tmp_dir: str | None = None  # where the per-setting state dirs are made (None: the system's temp dir)
 
 
 def task_params(size: str) -> dict[str, Any]:
@@ -187,7 +189,7 @@ def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> 
         return ScaleRow("coordinator", mode, n, s.size, params, payload_bytes=payload,
                         error=f"relay above --relay-max-nodes {s.relay_max_nodes}: each round would move N(N−1) "
                               f"frames = {n * (n - 1) * payload / 1e9:.1f} GB through the coordinator")
-    root = Path(tempfile.mkdtemp(prefix="lowband-bench-scale-"))
+    root = Path(tempfile.mkdtemp(prefix="lowband-bench-scale-", dir=s.tmp_dir))
     proc: subprocess.Popen | None = None
     try:
         (root / "run.toml").write_text(run_text)
