@@ -31,7 +31,7 @@ from typing import Any
 
 from node.bench.loadgen import LoadGenerator, NodeRound, NodeSpec, split_names
 from node.bench.procs import child_env, read_coordinator_address, spawn_lowband, stop_group
-from node.bench.scale_report import (ScaleRow, cpu_seconds, per_node_round, percentile, round_latency,
+from node.bench.scale_report import (ScaleRow, cpu_seconds, percentile, round_latency,
                                      status_bytes, status_count, transfer_seconds, write_results)
 from node.errors import ConfigError
 from node.progress import progress_iter
@@ -157,24 +157,29 @@ def _probe_throughput(address: str, identity: dict[str, str]) -> float:
 def summarise(mode: str, n: int, s: ScaleSettings, params: int, payload: int, rounds: list[list[NodeRound]],
               cpu: list[float], procstat: dict[str, int], loopback_Bps: float) -> ScaleRow:
     """A row from the measured rounds: every node's ``NodeRound`` per round and the coordinator's CPU seconds per
-    round. Raises RuntimeError when a round did not commit for every node."""
-    for r, played in enumerate(rounds, start=1):
-        failed = [p for p in played if not p.committed]
-        if failed or len(played) != n:
-            why = failed[0].reason if failed else f"{len(played)} of {n} nodes answered"
-            raise RuntimeError(f"measured round {r}: {len(failed)} of {n} nodes without a committed result ({why})")
+    round. Latency and bytes count the nodes whose round committed; the others are counted (and the first's reason
+    kept) in ``failed_node_rounds`` and ``failure``. Raises RuntimeError when a round committed for no node."""
+    failed = [p for played in rounds for p in played if not p.committed]
+    failed += [NodeRound("?", 0.0, 0.0, 0, 0, False, f"{n - len(played)} nodes did not answer")
+               for played in rounds if len(played) < n for _ in range(n - len(played))]
+    rounds = [[p for p in played if p.committed] for played in rounds]
+    if not all(rounds):
+        raise RuntimeError(f"a measured round committed for no node ({failed[0].reason})")
     latencies = [round_latency([p.start for p in played], [p.end for p in played]) for played in rounds]
+    served = sum(len(played) for played in rounds)  # (node, round) pairs that committed
     up = sum(p.bytes_up for played in rounds for p in played)
     down = sum(p.bytes_down for played in rounds for p in played)
     median = statistics.median(latencies)
     transfer = transfer_seconds((up + down) / len(rounds), loopback_Bps)
+    failure = f"{failed[0].name}: {failed[0].reason}" if failed else ""
     return ScaleRow(plane="coordinator", mode=mode, n=n, size=s.size, params=params, rounds=len(rounds),
-                    payload_bytes=payload, bytes_up_per_node_round=per_node_round(up, n, len(rounds)),
-                    bytes_down_per_node_round=per_node_round(down, n, len(rounds)), round_latency_s_median=median,
+                    payload_bytes=payload, bytes_up_per_node_round=up / served,
+                    bytes_down_per_node_round=down / served, round_latency_s_median=median,
                     round_latency_s_p90=percentile(latencies, 0.9), cpu_s_per_round=sum(cpu) / len(cpu),
                     peak_rss_bytes=procstat["hwm"], start_rss_bytes=procstat["start_rss"],
                     joined_rss_bytes=procstat["joined_rss"], threads_peak=procstat["threads"],
-                    loopback_Bps=loopback_Bps, transfer_s=transfer, overhead_s=median - transfer)
+                    loopback_Bps=loopback_Bps, transfer_s=transfer, overhead_s=median - transfer,
+                    failed_node_rounds=len(failed), failure=failure)
 
 
 def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> ScaleRow:
@@ -214,8 +219,9 @@ def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> 
                     cpu.append(read_proc(proc.pid)["cpu_s"] - before)
                     measured.append(played)
                     lat = round_latency([p.start for p in played], [p.end for p in played])
-                    log.info("%s N=%d round %d/%d: %.3f s, %d/%d committed", mode, n, r, s.rounds, lat,
-                             sum(p.committed for p in played), n)
+                    log.info("%s N=%d round %d/%d: %.3f s, %d/%d committed%s", mode, n, r, s.rounds, lat,
+                             sum(p.committed for p in played), n,
+                             "".join(f"; {p.name}: {p.reason}" for p in played if not p.committed)[:500])
             after = read_proc(proc.pid)
             stat["hwm"], stat["threads"] = int(after["hwm"]), int(after["threads"])  # before the probe's download
         loopback = _probe_throughput(address, identity)

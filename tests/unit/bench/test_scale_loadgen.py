@@ -35,7 +35,7 @@ def _sizes(mode: str) -> tuple[int, int]:
 def test_every_node_sends_its_frame_and_receives_the_result_every_round(mode: str, tmp_path: Path) -> None:
     frame, aggregate = _sizes(mode)
     row = measure_setting(mode, 3, ScaleSettings(**SETTINGS, tmp_dir=str(tmp_path)))
-    assert row.error == ""  # every node's every round committed (summarise refuses a row otherwise)
+    assert row.error == "" and row.failed_node_rounds == 0, row.failure  # every node's every round committed
     assert (row.n, row.rounds, row.payload_bytes) == (3, 2, frame)
     assert row.bytes_up_per_node_round == frame
     # relay: the two other members' frames (a node's own is not sent back); aggregate: one dense frame
