@@ -5,10 +5,10 @@ Each setting starts a fresh ``lowband coordinator`` (one torch thread: ``--torch
 option, ``OMP_NUM_THREADS=1`` always) on a throwaway state dir, with a run file whose ``[rounds] result`` is the mode
 and whose rounds close when every member submitted. Round 0 warms up; the next ``rounds`` are measured. The
 coordinator's CPU seconds (``/proc/PID/stat``) are summed over the measured rounds' windows; its RSS is read at start,
-after every node joined and at the end (``VmHWM``: the peak since start). Afterwards one more client joins and
-downloads the state (``FetchState``) to measure loopback gRPC throughput in this session; transfer time = the
-round's bytes through the coordinator / that throughput, overhead = median latency − transfer time (as
-``lowband bench coordinator`` does).
+after every node joined and at the end (``VmHWM``: the peak since start). Afterwards four more clients join and
+download the state at once (``FetchState``) to measure loopback gRPC throughput in this session; transfer time = the
+round's bytes through the coordinator / that throughput, overhead = median latency − transfer time (as ``lowband
+bench coordinator`` does, with one stream: one stream alone moves less than a round's many).
 
 Sizes: the gpt task's (tiny, small, medium, gpt2) and presets (``SIZE_PRESETS``), e.g. ``10m``: medium with 3 layers,
 9,720,320 parameters. ``--dht`` hands over to node/bench/scale_dht.py (the serverless side), which returns rows of
@@ -41,6 +41,7 @@ MODES = ("relay", "aggregate", "compressed")
 #: ``--size`` names beyond the gpt task's own: name → (gpt size, GPTConfig overrides)
 SIZE_PRESETS: dict[str, tuple[str, dict[str, int]]] = {"10m": ("medium", {"n_layer": 3})}  # 9,720,320 parameters
 RUN_ID = "bench-scale"
+PROBE_STREAMS = 4  # concurrent state downloads that measure loopback throughput
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,10 @@ def scale_run_file(mode: str, nodes: int, s: ScaleSettings) -> str:
                                      "eval_every": 0, "result": mode, "keep_results": s.keep_results}
     if mode == "aggregate":
         rounds_policy["aggregate_codec"] = s.aggregate_codec
-    # one seat more than the simulated nodes: the throughput probe joins after the rounds
+    # seats for the throughput probes too: they join after the rounds
     return build_run_file(run_id=RUN_ID, recipe=s.recipe, rounds=100_000, task_params=task_params(s.size),
                           recipe_overrides={"H": 16},
-                          membership={"min_nodes": 1, "max_nodes": nodes + 1, "heartbeat_s": s.heartbeat_s,
+                          membership={"min_nodes": 1, "max_nodes": nodes + PROBE_STREAMS, "heartbeat_s": s.heartbeat_s,
                                       "lease_s": max(60.0, 6 * s.heartbeat_s)},
                           rounds_policy=rounds_policy)
 
@@ -134,24 +135,37 @@ def _identity_fields(run_text: str) -> tuple[dict[str, str], int, int]:
     return fields, sum(p.numel() for _, p in named), wire.expected_size(codec, spec, cfg.run_id, "n000", signed=True)
 
 
-def _probe_throughput(address: str, identity: dict[str, str]) -> float:
-    """Loopback gRPC throughput (bytes/s): one extra member downloads the run's state."""
+def _probe_throughput(address: str, identity: dict[str, str], streams: int) -> float:
+    """Loopback gRPC throughput (bytes/s) of ``streams`` concurrent state downloads (``FetchState``), each by one
+    more member: a round's result leaves the coordinator on many streams at once, and one stream alone moves less
+    than many (on this box: ~150–200 MB/s alone, ~2× that over 64 streams)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from node.transport.grpc_client import GrpcTransport, Identity
 
-    t = GrpcTransport(address, rpc_timeout_s=60.0)
+    clients = []
     try:
-        t.identity = Identity("probe", identity["config_json"], identity["config_hash"], identity["task_fingerprint"],
-                              identity["model_digest"])
-        t.join()
+        for i in range(streams):
+            t = GrpcTransport(address, rpc_timeout_s=60.0)
+            clients.append(t)
+            t.identity = Identity(f"probe{i}", identity["config_json"], identity["config_hash"],
+                                  identity["task_fingerprint"], identity["model_digest"])
+            t.join()
+
+        def fetch(t: GrpcTransport) -> int:
+            blob = t.fetch_state(timeout_s=600.0)
+            if blob is None:
+                raise RuntimeError("the throughput probe got no state")
+            return len(blob.blob)
+
         start = time.perf_counter()
-        blob = t.fetch_state(timeout_s=600.0)
-        elapsed = time.perf_counter() - start
-        if blob is None:
-            raise RuntimeError("the throughput probe got no state")
-        return len(blob.blob) / elapsed
+        with ThreadPoolExecutor(streams) as pool:
+            total = sum(pool.map(fetch, clients))
+        return total / (time.perf_counter() - start)
     finally:
-        t.leave("probe done")
-        t.close()
+        for t in clients:
+            t.leave("probe done")
+            t.close()
 
 
 def summarise(mode: str, n: int, s: ScaleSettings, params: int, payload: int, rounds: list[list[NodeRound]],
@@ -224,7 +238,7 @@ def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> 
                              "".join(f"; {p.name}: {p.reason}" for p in played if not p.committed)[:500])
             after = read_proc(proc.pid)
             stat["hwm"], stat["threads"] = int(after["hwm"]), int(after["threads"])  # before the probe's download
-        loopback = _probe_throughput(address, identity)
+        loopback = _probe_throughput(address, identity, PROBE_STREAMS)
         return summarise(mode, n, s, params, payload, measured, cpu, stat, loopback)
     except (RuntimeError, TimeoutError, OSError) as exc:
         log.error("%s at N=%d failed: %s (coordinator log: %s)", mode, n, exc, root / "coordinator.log")

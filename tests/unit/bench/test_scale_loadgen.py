@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from node import wire
-from node.bench.scale import RUN_ID, ScaleSettings, measure_setting, scale_run_file
+from node.bench.scale import PROBE_STREAMS, RUN_ID, ScaleSettings, measure_setting, scale_run_file
 from node.compress import make_codec
 from node.runfile import parse_run_file
 from node.tasks import load_task
@@ -71,3 +71,18 @@ def test_the_dht_side_is_dispatched_and_its_rows_written(tmp_path: Path, monkeyp
     assert "| dht | dht | 16 |" in (tmp_path / "scale.md").read_text()
     monkeypatch.setitem(sys.modules, "node.bench.scale_dht", None)  # the module is not in the tree: import fails
     assert main(["bench", "scale", "--dht", "--out", str(tmp_path)]) == 2
+
+
+def test_the_run_file_seats_every_node_and_the_10m_preset_is_about_ten_million_parameters() -> None:
+    from node.bench.scale import task_params
+    from node.errors import ConfigError
+
+    run = parse_run_file(scale_run_file("aggregate", 256, ScaleSettings(size="10m", keep_results=2,
+                                                                        aggregate_codec="bf16")))
+    assert (run.result, run.aggregate_codec, run.keep_results) == ("aggregate", "bf16", 2)
+    assert run.membership.max_nodes == 256 + PROBE_STREAMS and run.eval_every == 0  # seats for the probes too
+    assert run.run.task.params == {"size": "medium", "n_layer": 3, "batch_size": 8}
+    model = load_task(run.run.task.name, **run.run.task.params).build_model(0)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 9_720_320
+    with pytest.raises(ConfigError, match="--size 'huge'"):
+        task_params("huge")
