@@ -53,7 +53,7 @@ class NodeSpec:
 @dataclass(frozen=True)
 class NodeRound:
     """One simulated node's round: monotonic start (before its Submit) and end (its result counted), bytes up (its
-    frame) and down (result payload bytes), whether the round committed, and why not."""
+    frame) and down (result payload bytes, cut attempts included), whether the round committed, and why not."""
 
     name: str
     start: float
@@ -62,12 +62,13 @@ class NodeRound:
     bytes_down: int
     committed: bool
     reason: str = ""
+    collect_retries: int = 0  # Collect calls cut and asked again
 
 
-def count_result(stream: Iterator[Any], own: str) -> tuple[bool, int, str]:
-    """Read a Collect stream (``CollectChunk`` messages) without keeping it: (committed, payload bytes received,
-    why it is malformed or "" when whole). Relay: every member but ``own`` must arrive complete, each in order;
-    aggregate: the one frame must."""
+def count_result(stream: Iterator[Any], own: str, counted: list[int]) -> tuple[bool, str]:
+    """Read a Collect stream (``CollectChunk`` messages) without keeping it: (committed, why it is malformed or ""
+    when whole); ``counted[0]`` grows by every payload byte as it arrives (so a stream cut midway still tells what
+    it moved). Relay: every member but ``own`` must arrive complete, each in order; aggregate: the one frame must."""
     header = None
     got: dict[int, int] = {}
     for chunk in stream:
@@ -75,20 +76,20 @@ def count_result(stream: Iterator[Any], own: str) -> tuple[bool, int, str]:
             header = chunk.header
             continue
         piece = chunk.piece
+        counted[0] += len(piece.data)
         if piece.offset != got.get(piece.member, 0):
-            return False, sum(got.values()), f"pieces of member {piece.member} out of order"
+            return False, f"pieces of member {piece.member} out of order"
         got[piece.member] = got.get(piece.member, 0) + len(piece.data)
-    received = sum(got.values())
     if header is None:
-        return False, received, "empty result stream"
+        return False, "empty result stream"
     if header.aggregate_size:
         if got.get(0, 0) != header.aggregate_size:
-            return False, received, f"aggregate incomplete ({got.get(0, 0)}/{header.aggregate_size})"
-        return header.committed, received, ""
+            return False, f"aggregate incomplete ({got.get(0, 0)}/{header.aggregate_size})"
+        return header.committed, ""
     for i, (name, size) in enumerate(zip(header.members, header.payload_sizes)):
         if name != own and got.get(i, 0) != size:
-            return False, received, f"payload of {name} incomplete ({got.get(i, 0)}/{size})"
-    return header.committed, received, ""
+            return False, f"payload of {name} incomplete ({got.get(i, 0)}/{size})"
+    return header.committed, ""
 
 
 class SimulatedNode:
@@ -104,9 +105,12 @@ class SimulatedNode:
         self.frame = b""
 
     def play(self, round_: int, timeout_s: float) -> NodeRound:
-        """Submit this round's frame with the real client, then count the result (see the module doc)."""
+        """Submit this round's frame with the real client, then count the result (see the module doc). A Collect
+        cut on the way (CANCELLED, UNAVAILABLE, ...: the coordinator's stream bounds, a busy server) is asked again
+        after a backoff, as the real client does, until ``timeout_s``; the bytes of a cut attempt count (they crossed
+        the wire) and so do the retries."""
         from node.proto.lowband.v1 import coordinator_pb2 as pb
-        from node.transport.grpc_client import _busy
+        from node.transport.grpc_client import RETRYABLE, Backoff, _busy
 
         t = self.transport
         start = time.monotonic()
@@ -115,24 +119,32 @@ class SimulatedNode:
         if outcome != "accepted":
             return NodeRound(self.name, start, time.monotonic(), len(self.frame), 0, False, f"submit: {outcome}")
         reason = f"round {round_} did not close within {timeout_s:.0f} s"
+        received, retries, backoff = 0, 0, Backoff()
         while time.monotonic() < end:
             wait_ms = int(max(0.1, min(20.0, end - time.monotonic())) * 1000)
+            counted = [0]
             try:
                 stream = t.stub.Collect(pb.CollectRequest(node_id=t.node_id, round=round_, wait_ms=wait_ms,
                                                           submitted=True),
                                         timeout=wait_ms / 1000 + COLLECT_SLACK_S + max(0.0, end - time.monotonic()))
-                committed, received, malformed = count_result(stream, self.name)
-                return NodeRound(self.name, start, time.monotonic(), len(self.frame), received, committed and not
-                                 malformed, malformed)
+                committed, malformed = count_result(stream, self.name, counted)
+                return NodeRound(self.name, start, time.monotonic(), len(self.frame), received + counted[0],
+                                 committed and not malformed, malformed, retries)
             except grpc.RpcError as exc:
+                received += counted[0]
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # the round is still open: ask again
-                if _busy(exc) or exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    time.sleep(0.2)  # a passing bound of the coordinator: ask again shortly (bounded by ``end``)
+                if exc.code() == grpc.StatusCode.ABORTED:  # our payload is not held (a coordinator restart)
+                    t.submit(round_, self.frame)
+                    continue
+                if exc.code() in RETRYABLE or _busy(exc):
+                    retries += 1
+                    reason = f"collect: {exc.code().name}: {exc.details()} ({retries} tries)"
+                    backoff.sleep(t.stop)
                     continue
                 reason = f"collect: {exc.code().name}: {exc.details()}"
                 break
-        return NodeRound(self.name, start, time.monotonic(), len(self.frame), 0, False, reason)
+        return NodeRound(self.name, start, time.monotonic(), len(self.frame), received, False, reason, retries)
 
 
 def _encoded_pool(spec: NodeSpec) -> tuple[Any, Any, Any, list[dict[str, Any]]]:

@@ -176,7 +176,7 @@ def summarise(mode: str, n: int, s: ScaleSettings, params: int, payload: int, ro
     failed = [p for played in rounds for p in played if not p.committed]
     failed += [NodeRound("?", 0.0, 0.0, 0, 0, False, f"{n - len(played)} nodes did not answer")
                for played in rounds if len(played) < n for _ in range(n - len(played))]
-    rounds = [[p for p in played if p.committed] for played in rounds]
+    all_rounds, rounds = rounds, [[p for p in played if p.committed] for played in rounds]
     if not all(rounds):
         raise RuntimeError(f"a measured round committed for no node ({failed[0].reason})")
     latencies = [round_latency([p.start for p in played], [p.end for p in played]) for played in rounds]
@@ -193,7 +193,8 @@ def summarise(mode: str, n: int, s: ScaleSettings, params: int, payload: int, ro
                     peak_rss_bytes=procstat["hwm"], start_rss_bytes=procstat["start_rss"],
                     joined_rss_bytes=procstat["joined_rss"], threads_peak=procstat["threads"],
                     loopback_Bps=loopback_Bps, transfer_s=transfer, overhead_s=median - transfer,
-                    failed_node_rounds=len(failed), failure=failure)
+                    failed_node_rounds=len(failed), failure=failure,
+                    collect_retries=sum(p.collect_retries for played in all_rounds for p in played))
 
 
 def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> ScaleRow:

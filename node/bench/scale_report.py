@@ -56,6 +56,7 @@ class ScaleRow:
     threads_peak: int = 0  # the serving process's threads at the end of the rounds (RSS diagnosis)
     failed_node_rounds: int = 0  # (node, round) pairs without a committed result; ``failure``: the first one's why
     failure: str = ""
+    collect_retries: int = 0  # Collect calls cut (e.g. by the coordinator's stream bounds) and asked again, in all
     loopback_Bps: float = math.nan
     transfer_s: float = math.nan
     overhead_s: float = math.nan
@@ -150,18 +151,20 @@ def table(rows: Sequence[ScaleRow]) -> str:
     """A markdown table of the rows (unmeasured ones say why)."""
     lines = ["| plane | mode | N | params | payload B | up B/node/round | down B/node/round | down/payload | "
              "median s | p90 s | transfer s | overhead s | CPU s/round | RSS start MiB | RSS joined MiB | RSS peak MiB | "
-             "threads | failed node-rounds |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "threads | failed node-rounds | collect retries |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r.measured:
             lines.append(f"| {r.plane} | {r.mode} | {r.n} | {r.params:,} | | | | | not measured: {r.error} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         lines.append(f"| {r.plane} | {r.mode} | {r.n} | {r.params:,} | {r.payload_bytes:,} | "
                      f"{r.bytes_up_per_node_round:,.0f} | {r.bytes_down_per_node_round:,.0f} | {r.down_per_payload:.2f} | "
                      f"{r.round_latency_s_median:.3f} | {r.round_latency_s_p90:.3f} | {r.transfer_s:.3f} | "
                      f"{r.overhead_s:.3f} | {r.cpu_s_per_round:.3f} | {r.start_rss_bytes / 2**20:.0f} | "
                      f"{r.joined_rss_bytes / 2**20:.0f} | "
-                     f"{r.peak_rss_bytes / 2**20:.0f} | {r.threads_peak} | {r.failed_node_rounds} |")
+                     f"{r.peak_rss_bytes / 2**20:.0f} | {r.threads_peak} | {r.failed_node_rounds} | "
+                     f"{r.collect_retries} |")
     return "\n".join(lines)
 
 
