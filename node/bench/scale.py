@@ -16,6 +16,7 @@ the same schema (node/bench/scale_report.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import Any
 
 from node.bench.loadgen import LoadGenerator, NodeRound, NodeSpec, split_names
 from node.bench.procs import child_env, read_coordinator_address, spawn_lowband, stop_group
-from node.bench.scale_report import (ScaleRow, cpu_seconds, percentile, round_latency,
+from node.bench.scale_report import (ScaleRow, cpu_seconds, percentile, round_latency, rss_by_mapping,
                                      status_bytes, status_count, transfer_seconds, write_results)
 from node.errors import ConfigError
 from node.progress import progress_iter
@@ -239,8 +240,10 @@ def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> 
                              "".join(f"; {p.name}: {p.reason}" for p in played if not p.committed)[:500])
             after = read_proc(proc.pid)
             stat["hwm"], stat["threads"] = int(after["hwm"]), int(after["threads"])  # before the probe's download
+            breakdown = rss_by_mapping(Path(f"/proc/{proc.pid}/smaps").read_text())
         loopback = _probe_throughput(address, identity, PROBE_STREAMS)
-        return summarise(mode, n, s, params, payload, measured, cpu, stat, loopback)
+        return dataclasses.replace(summarise(mode, n, s, params, payload, measured, cpu, stat, loopback),
+                                   rss_breakdown=breakdown)
     except (RuntimeError, TimeoutError, OSError) as exc:
         log.error("%s at N=%d failed: %s (coordinator log: %s)", mode, n, exc, root / "coordinator.log")
         return ScaleRow("coordinator", mode, n, s.size, params, payload_bytes=payload, error=str(exc))

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -57,6 +57,8 @@ class ScaleRow:
     failed_node_rounds: int = 0  # (node, round) pairs without a committed result; ``failure``: the first one's why
     failure: str = ""
     collect_retries: int = 0  # Collect calls cut (e.g. by the coordinator's stream bounds) and asked again, in all
+    #: the serving process's resident memory by kind of mapping at the end of the rounds (``rss_by_mapping``)
+    rss_breakdown: dict[str, int] = field(default_factory=dict)
     loopback_Bps: float = math.nan
     transfer_s: float = math.nan
     overhead_s: float = math.nan
@@ -135,6 +137,42 @@ def status_bytes(status_text: str, key: str) -> int:
         if name == key:
             return int(value.split()[0]) * 1024
     raise KeyError(key)
+
+
+STACK_KIB = 8192  # a thread's stack mapping (the default 8 MiB)
+ARENA_MAX_KIB = 65536  # glibc's per-thread malloc arenas are heaps of at most 64 MiB
+
+
+def rss_by_mapping(smaps_text: str) -> dict[str, int]:
+    """Resident bytes of ``/proc/PID/smaps`` by kind of mapping: ``heap`` (the brk heap: the main malloc arena),
+    ``thread_stacks`` (anonymous mappings of exactly 8 MiB), ``malloc_arenas`` (other anonymous mappings up to
+    64 MiB: glibc's per-thread arenas, and blocks mmapped alone), ``large_anonymous`` (anonymous mappings above
+    64 MiB: large blocks such as tensors and serialised states), ``files`` (mapped files: code, libraries)."""
+    out = {"heap": 0, "thread_stacks": 0, "malloc_arenas": 0, "large_anonymous": 0, "files": 0}
+    name, size_kib = "", 0
+    for line in smaps_text.splitlines():
+        head = line.split()
+        if not head:
+            continue
+        if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line: range perms offset dev inode [path]
+            name = head[5] if len(head) > 5 else ""
+        elif head[0] == "Size:":
+            size_kib = int(head[1])
+        elif head[0] == "Rss:":
+            rss = int(head[1]) * 1024
+            if name == "[heap]":
+                out["heap"] += rss
+            elif name.startswith("/"):
+                out["files"] += rss
+            elif name:
+                continue  # [stack], [vdso], ...: small
+            elif size_kib == STACK_KIB:
+                out["thread_stacks"] += rss
+            elif size_kib <= ARENA_MAX_KIB:
+                out["malloc_arenas"] += rss
+            else:
+                out["large_anonymous"] += rss
+    return out
 
 
 def status_count(status_text: str, key: str) -> int:

@@ -40,7 +40,8 @@ def test_every_node_sends_its_frame_and_receives_the_result_every_round(mode: st
     assert row.bytes_up_per_node_round == frame
     # relay: the two other members' frames (a node's own is not sent back); aggregate: one dense frame
     assert row.bytes_down_per_node_round == (2 * frame if mode == "relay" else aggregate)
-    assert row.cpu_s_per_round >= 0 and row.peak_rss_bytes >= row.start_rss_bytes > 0
+    assert row.cpu_s_per_round >= 0 and row.peak_rss_bytes >= row.start_rss_bytes > 0 and row.collect_retries == 0
+    assert 0 < sum(row.rss_breakdown.values()) <= row.peak_rss_bytes
     assert list(tmp_path.iterdir()) == []  # the state dir is gone
 
 

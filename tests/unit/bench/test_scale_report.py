@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from node.bench.scale_report import (ScaleRow, cpu_seconds, per_node_round, percentile, round_latency, status_bytes,
-                                     status_count, table, transfer_seconds, write_results)
+from node.bench.scale_report import (ScaleRow, cpu_seconds, per_node_round, percentile, round_latency, rss_by_mapping,
+                                     status_bytes, status_count, table, transfer_seconds, write_results)
 
 
 def test_percentile_interpolates_between_order_statistics() -> None:
@@ -73,3 +73,15 @@ def test_results_merge_by_setting_and_every_plot_is_written(tmp_path: Path) -> N
     md = (tmp_path / "scale.md").read_text()
     assert "not measured: this tree refuses it" in md and md == table(sorted(rows.values(), key=lambda r: (
         r.plane, r.mode, r.n))) + "\n"
+
+
+def test_resident_memory_is_split_by_kind_of_mapping() -> None:
+    smaps = "\n".join([
+        "55d0-55e0 rw-p 00000000 00:00 0    [heap]", "Size: 4096 kB", "Rss: 1000 kB",
+        "7f00-7f80 rw-p 00000000 00:00 0 ", "Size: 8192 kB", "Rss: 20 kB",  # a thread's stack
+        "7f80-7f90 rw-p 00000000 00:00 0 ", "Size: 65536 kB", "Rss: 30000 kB",  # a malloc arena
+        "7f90-7fa0 rw-p 00000000 00:00 0 ", "Size: 300000 kB", "Rss: 200000 kB",  # a large block
+        "7fa0-7fb0 r-xp 00000000 08:01 42   /usr/lib/libc.so.6", "Size: 2000 kB", "Rss: 1500 kB",
+        "7ffc-7ffd rw-p 00000000 00:00 0    [stack]", "Size: 132 kB", "Rss: 40 kB"])
+    assert rss_by_mapping(smaps) == {"heap": 1000 * 1024, "thread_stacks": 20 * 1024, "malloc_arenas": 30000 * 1024,
+                                     "large_anonymous": 200000 * 1024, "files": 1500 * 1024}
