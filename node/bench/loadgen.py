@@ -116,8 +116,10 @@ class SimulatedNode:
         start = time.monotonic()
         end = start + timeout_s
         outcome = t.submit(round_, self.frame)
-        if outcome != "accepted":
+        if outcome.startswith("rejected"):
             return NodeRound(self.name, start, time.monotonic(), len(self.frame), 0, False, f"submit: {outcome}")
+        # "late": as the real client does, collect anyway; a Submit cut after the coordinator took the frame (seen
+        # at N=256: CANCELLED, then the retry finds the round closed) still has the frame in the result
         reason = f"round {round_} did not close within {timeout_s:.0f} s"
         received, retries, backoff = 0, 0, Backoff()
         while time.monotonic() < end:
@@ -125,7 +127,7 @@ class SimulatedNode:
             counted = [0]
             try:
                 stream = t.stub.Collect(pb.CollectRequest(node_id=t.node_id, round=round_, wait_ms=wait_ms,
-                                                          submitted=True),
+                                                          submitted=outcome == "accepted"),
                                         timeout=wait_ms / 1000 + COLLECT_SLACK_S + max(0.0, end - time.monotonic()))
                 committed, malformed = count_result(stream, self.name, counted)
                 return NodeRound(self.name, start, time.monotonic(), len(self.frame), received + counted[0],
@@ -135,7 +137,7 @@ class SimulatedNode:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # the round is still open: ask again
                 if exc.code() == grpc.StatusCode.ABORTED:  # our payload is not held (a coordinator restart)
-                    t.submit(round_, self.frame)
+                    outcome = t.submit(round_, self.frame)
                     continue
                 if exc.code() in RETRYABLE or _busy(exc):
                     retries += 1
