@@ -66,8 +66,8 @@ class NodeRound:
 
 
 def count_result(stream: Iterator[Any], own: str, counted: list[int]) -> tuple[bool, str]:
-    """Read a Collect stream (``CollectChunk`` messages) without keeping it: (committed, why it is malformed or ""
-    when whole); ``counted[0]`` grows by every payload byte as it arrives (so a stream cut midway still tells what
+    """Read a Collect stream (``CollectChunk`` messages) without keeping it: (committed with ``own``'s frame, why not
+    or why it is malformed; "" when whole); ``counted[0]`` grows by every payload byte as it arrives (so a stream cut midway still tells what
     it moved). Relay: every member but ``own`` must arrive complete, each in order; aggregate: the one frame must."""
     header = None
     got: dict[int, int] = {}
@@ -82,6 +82,8 @@ def count_result(stream: Iterator[Any], own: str, counted: list[int]) -> tuple[b
         got[piece.member] = got.get(piece.member, 0) + len(piece.data)
     if header is None:
         return False, "empty result stream"
+    if header.committed and own not in header.members:
+        return False, "the round committed without this node's frame"
     if header.aggregate_size:
         if got.get(0, 0) != header.aggregate_size:
             return False, f"aggregate incomplete ({got.get(0, 0)}/{header.aggregate_size})"
