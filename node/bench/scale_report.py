@@ -114,11 +114,6 @@ def round_latency(starts: Iterable[float], ends: Iterable[float]) -> float:
     return max(ends) - min(starts)
 
 
-def per_node_round(total_bytes: int, nodes: int, rounds: int) -> float:
-    """Mean bytes per node per round."""
-    return total_bytes / (nodes * rounds)
-
-
 def transfer_seconds(bytes_through: float, loopback_Bps: float) -> float:
     """Time the round's bytes take at the measured loopback throughput (bytes per second)."""
     return bytes_through / loopback_Bps
