@@ -243,7 +243,11 @@ class LoadGenerator:
             child.close()
             self.procs.append(proc)
             self.conns.append(parent)
-        self._gather("ready", self.start_timeout_s)
+        try:
+            self._gather("ready", self.start_timeout_s)
+        except BaseException:
+            self.stop(grace_s=0.0)  # no process outlives a failed start (one still joining reads no command)
+            raise
         return self
 
     def _gather(self, expect: str, timeout_s: float) -> list[tuple[Any, ...]]:
@@ -274,13 +278,17 @@ class LoadGenerator:
         return [r for answer in done for r in answer[2]]
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Ask every process to stop (its nodes leave the run), wait ``grace_s`` for each, kill what is left."""
         for conn in self.conns:
             try:
                 conn.send(("stop",))
             except (BrokenPipeError, OSError):
                 pass
         for proc in self.procs:
-            proc.join(timeout=30)
+            proc.join(timeout=grace_s)
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=10)

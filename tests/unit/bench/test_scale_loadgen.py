@@ -87,3 +87,19 @@ def test_the_run_file_seats_every_node_and_the_10m_preset_is_about_ten_million_p
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 9_720_320
     with pytest.raises(ConfigError, match="--size 'huge'"):
         task_params("huge")
+
+
+def test_a_load_generator_that_cannot_start_is_stopped_within_its_bound() -> None:
+    import socket
+
+    from node.bench.loadgen import LoadGenerator, NodeSpec
+
+    with socket.socket() as closed:  # bound, never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        spec = NodeSpec(address, scale_run_file("relay", 1, ScaleSettings(**SETTINGS)), "{}", "h", "f", "d",
+                        names=("n000",), seed=0)
+        gen = LoadGenerator([spec], start_timeout_s=5.0, round_timeout_s=5.0)
+        with pytest.raises(TimeoutError, match="no 'ready' within 5 s"):
+            gen.__enter__()
+        assert not any(p.is_alive() for p in gen.procs)
