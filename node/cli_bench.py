@@ -81,6 +81,31 @@ def cmd_bench_network(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from node.bench.scale import ScaleSettings, run_scale_bench, write_report
+
+    out = Path(args.out)
+    settings = ScaleSettings(size=args.size, rounds=args.rounds, load_procs=args.load_procs, recipe=args.recipe,
+                             relay_max_nodes=args.relay_max_nodes, round_timeout_s=args.round_timeout,
+                             heartbeat_s=args.heartbeat, keep_results=args.keep_results,
+                             aggregate_codec=args.aggregate_codec)
+    command = "lowband " + " ".join(sys.argv[1:])
+    if args.dht:
+        try:
+            from node.bench.scale_dht import run_dht_scale
+        except ImportError as exc:
+            print(f"lowband bench scale --dht: the serverless side (node/bench/scale_dht.py) is not in this tree "
+                  f"({exc})", file=sys.stderr)
+            return 2
+        from node.bench.scale_report import ScaleRow
+
+        rows = [ScaleRow.from_mapping(d) for d in run_dht_scale(args.peers, args.size, args.rounds, out, args.keep)]
+        write_report(rows, out, settings, command)
+        return 0
+    rows = run_scale_bench(args.nodes, args.mode, settings, out, keep=args.keep, command=command)
+    return 0 if any(r.measured for r in rows) else 1
+
+
 def cmd_bench_soak(args: argparse.Namespace) -> int:
     from node.bench.soak import SoakConfig, run_soak
 
@@ -187,6 +212,7 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
                          "one reduced frame in the run's codec (compressed downlink)")
     bn.add_argument("--out", default=None, help="write network.json here (default: print only)")
     bn.set_defaults(func=cmd_bench_network)
+    add_scale_parser(bsub, recipe)
     bs = bsub.add_parser("soak", help="a long run under seeded churn, then its invariants (exit 1 on a violation)")
     bs.add_argument("--mode", default="coordinator", choices=["coordinator", "dht"], help="control plane")
     bs.add_argument("--nodes", type=positive_int, default=6, help="training nodes")
@@ -202,3 +228,31 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
                     help="DHT mode: a network namespace and tc-shaped link per peer (auto: where root allows)")
     bs.add_argument("--out", default=None, help="write the report (JSON) here (default: print only)")
     bs.set_defaults(func=cmd_bench_soak)
+
+
+def add_scale_parser(bsub: Any, recipe: Any) -> None:
+    """``lowband bench scale`` (node/bench/scale.py; ``--dht``: node/bench/scale_dht.py)."""
+    sc = bsub.add_parser("scale", help="one coordinator (or serverless peers) against N simulated nodes: latency, "
+                         "bytes per node, CPU and memory against N")
+    sc.add_argument("--nodes", type=positive_int, nargs="+", default=[16, 64, 256], help="simulated node counts")
+    sc.add_argument("--mode", nargs="+", default=["relay", "aggregate"], choices=["relay", "aggregate", "compressed"],
+                    help="the run's [rounds] result: relay, aggregate, compressed (re-encoded aggregate)")
+    sc.add_argument("--size", default="10m", help="gpt size: tiny, small, medium, gpt2, or 10m (medium with 3 "
+                    "layers: 9,720,320 parameters)")
+    sc.add_argument("--rounds", type=positive_int, default=3, help="measured rounds per setting (after one warm-up)")
+    sc.add_argument("--load-procs", type=positive_int, default=4, help="load-generator processes the nodes share")
+    recipe(sc)
+    sc.add_argument("--relay-max-nodes", type=positive_int, default=128, metavar="N",
+                    help="relay above N nodes is reported, not run (its traffic grows as N²)")
+    sc.add_argument("--round-timeout", type=float, default=600.0, metavar="SECONDS",
+                    help="bound of every wait of a round (and of start-up); a setting past it is reported failed")
+    sc.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS", help="the run's heartbeat_s")
+    sc.add_argument("--keep-results", type=positive_int, default=8, metavar="K",
+                    help="the run's [rounds] keep_results (results the coordinator holds for late collectors)")
+    sc.add_argument("--aggregate-codec", default="identity", choices=["identity", "bf16", "fp16"],
+                    help="aggregate mode's wire precision")
+    sc.add_argument("--dht", action="store_true", help="serverless peers instead (node/bench/scale_dht.py)")
+    sc.add_argument("--peers", type=positive_int, nargs="+", default=[8, 16, 32, 64], help="with --dht: peer counts")
+    sc.add_argument("--out", default="benchmarks/scale", help="scale.json, scale.md and the plots go here")
+    sc.add_argument("--keep", action="store_true", help="keep the temporary state dirs (default: removed)")
+    sc.set_defaults(func=cmd_bench_scale)
