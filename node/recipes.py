@@ -23,24 +23,27 @@ RECIPES: dict[str, Recipe] = {
                   inner=InnerConfig(lr=5e-4),
                   outer=OuterConfig("sign_momentum", lr=1.0, lr_follows_inner=True,
                                     params={"betas": [0.95, 0.98], "weight_decay": 0.1})),
-    # dsm's global step on 1-bit sign uploads with error feedback (docs/algorithms.md, §3 sign).
+    # dsm's global step on 1-bit sign uploads with error feedback (docs/algorithms.md, §3 sign). γ = 8: the standard
+    # quality profile's sweep winner (1, 4, 8, 16 tried; BENCHMARKS.md "Tuned defaults").
     "sign": Recipe("sign", H=12, codec=CodecConfig("sign", {"block": 0, "scale_dtype": "f32", "reduce": "mean"}),
                    feedback_decay=1.0, payload_scale="inverse_inner_lr", inner=InnerConfig(lr=5e-4),
-                   outer=OuterConfig("sign_momentum", lr=1.0, lr_follows_inner=True,
+                   outer=OuterConfig("sign_momentum", lr=8.0, lr_follows_inner=True,
                                      params={"betas": [0.95, 0.98], "weight_decay": 0.1})),
     # Decoupled DCT momentum, faithful (arXiv 2510.03371): per-worker momentum, replicas drift
     # (docs/algorithms.md, §3 dct).
     "dct": Recipe("dct", H=128, codec=_DCT, feedback_decay=0.95,
                   outer=OuterConfig("decoupled_nesterov", lr=0.7, params={"momentum": 0.95})),
-    # Replica-consistent variant: every worker applies only the agreed aggregate Q.
+    # Replica-consistent variant: every worker applies only the agreed aggregate Q. Outer lr 1.5: the standard profile's
+    # sweep winner (0.7, 1.0, 1.5, 2.0 tried).
     "dct-consistent": Recipe("dct-consistent", H=128, codec=_DCT, feedback_decay=0.95,
-                             outer=OuterConfig("nesterov", lr=0.7, params={"momentum": 0.0})),
-    # SparseLoCo (arXiv 2508.15706; docs/algorithms.md, §3 sparseloco): chunked top-k (64 of 4096 entries, 1.6 %)
-    # with 2-bit quantized values; the error-feedback residual with decay β stands in for the outer momentum, and the
-    # outer step is plain averaged SGD.
-    "sparseloco": Recipe("sparseloco", H=30, codec=CodecConfig("sparse_topk", {"k": 64, "chunk": 4096, "bits": 2,
+                             outer=OuterConfig("nesterov", lr=1.5, params={"momentum": 0.0})),
+    # SparseLoCo (arXiv 2508.15706; docs/algorithms.md, §3 sparseloco): chunked top-k (4 of 256 entries, 1.6 %, the
+    # paper's density) with 2-bit quantized values; the error-feedback residual with decay β stands in for the outer
+    # momentum, and the outer step is plain averaged SGD. Chunk 256 and outer lr 4: the standard profile's sweep winners
+    # (the paper's 64 of 4096 and lr 1, 2, 8 tried; BENCHMARKS.md "Tuned defaults").
+    "sparseloco": Recipe("sparseloco", H=30, codec=CodecConfig("sparse_topk", {"k": 4, "chunk": 256, "bits": 2,
                                                                              "range_sigmas": 6.0, "reduce": "mean"}),
-                         feedback_decay=0.95, outer=OuterConfig("nesterov", lr=1.0, params={"momentum": 0.0})),
+                         feedback_decay=0.95, outer=OuterConfig("nesterov", lr=4.0, params={"momentum": 0.0})),
     # lowband's own: the sign recipe's 1-bit payload with error feedback under DiLoCo's Nesterov outer step instead
     # of the sign-momentum global step (docs/algorithms.md, §3 sign-nesterov).
     "sign-nesterov": Recipe("sign-nesterov", H=16, codec=CodecConfig("sign", {"block": 0, "scale_dtype": "f32",

@@ -1,8 +1,8 @@
 """``lowband bench scale``: one real coordinator process against N simulated nodes (node/bench/loadgen.py) per result
 mode; per setting the round latency, each node's bytes up and down, the coordinator's CPU per round and its memory.
 
-Each setting starts a fresh ``lowband coordinator`` (one torch thread: ``--torch-threads 1`` where this tree has the
-option, ``OMP_NUM_THREADS=1`` always) on a throwaway state dir, with a run file whose ``[rounds] result`` is the mode
+Each setting starts a fresh ``lowband coordinator`` (one torch thread: ``--torch-threads 1`` and
+``OMP_NUM_THREADS=1``) on a throwaway state dir, with a run file whose ``[rounds] result`` is the mode
 and whose rounds close when every member submitted. Round 0 warms up; the next ``rounds`` are measured. The
 coordinator's CPU seconds (``/proc/PID/stat``) are summed over the measured rounds' windows; its RSS is read at start,
 after every node joined and at the end (``VmHWM``: the peak since start). Afterwards four more clients join and
@@ -95,18 +95,6 @@ def scale_run_file(mode: str, nodes: int, s: ScaleSettings) -> str:
                           membership={"min_nodes": 1, "max_nodes": nodes + PROBE_STREAMS, "heartbeat_s": s.heartbeat_s,
                                       "lease_s": max(60.0, 6 * s.heartbeat_s)},
                           rounds_policy=rounds_policy)
-
-
-def coordinator_has_option(option: str) -> bool:
-    """Whether ``lowband coordinator`` in this tree takes ``option`` (e.g. ``--torch-threads``)."""
-    from node.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
-        sub = getattr(action, "choices", {}).get("coordinator")
-        if sub is not None:
-            return option in sub._option_string_actions
-    return False
 
 
 def read_proc(pid: int) -> dict[str, float]:
@@ -214,7 +202,7 @@ def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> 
     proc: subprocess.Popen | None = None
     try:
         (root / "run.toml").write_text(run_text)
-        threads = ["--torch-threads", "1"] if coordinator_has_option("--torch-threads") else []
+        threads = ["--torch-threads", "1"]
         proc = spawn_lowband(["-q", "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(root / "state"),
                               "--run", str(root / "run.toml"), "--max-rpcs-per-address", str(8 * n + 64),
                               "--max-rpcs-before-join", "64", *threads],

@@ -55,7 +55,8 @@ def test_the_config_hash_ignores_formatting_but_not_values() -> None:
     d = make_run_config("sign").to_dict()
     base = config_hash_of(d)
     shuffled = json.loads(json.dumps(dict(reversed(list(d.items())))))
-    shuffled["recipe"]["outer"]["lr"] = 1  # the integer 1 and the float 1.0 are one JSON number
+    assert shuffled["recipe"]["outer"]["lr"] == 8.0
+    shuffled["recipe"]["outer"]["lr"] = 8  # the integer 8 and the float 8.0 are one JSON number
     assert config_hash_of(shuffled) == base
     d["recipe"]["inner"]["lr"] = 0.0005000000000000001  # the next double: another number, another hash
     assert config_hash_of(d) != base

@@ -205,7 +205,8 @@ def test_selector_mean_through_worker() -> None:
     """Oracle 9 at the round level: dct-consistent, k = 3 per block, two workers. A coefficient picked by
     one worker aggregates to its own value, one picked by both to their mean."""
     k_kept = 3
-    cl = Cluster(config("dct-consistent", {"codec.k": k_kept, "codec.values": "f32"}, workers=2, rounds=1))
+    cl = Cluster(config("dct-consistent", {"codec.k": k_kept, "codec.values": "f32", "outer.lr": 0.7}, workers=2,
+                        rounds=1))
     theta0 = refs(cl.workers[0])
     frames = cl.train_prepare(0)
     qs = [decode_frame(w, f, 0) for w, f in zip(cl.workers, frames)]
