@@ -1,18 +1,25 @@
-"""An idempotent commit: the round's outer step is computed on a scratch copy of the reference, the new state is
-persisted, and only then is it swapped in. A failed write leaves the live state exactly as it was, so retrying the
-commit computes the same step again from the same state — it is never applied twice.
+"""A round's outer step, split around the commit point, and the same step when a round is replayed.
+
+``prepare_round`` reads the live reference but changes nothing: it decodes the round's frames, reduces them and, in
+aggregate mode, encodes the aggregate every member will receive. The caller then makes the round durable (its
+write-ahead record and row, coordinator/store.py) and only then calls ``apply_prepared``, which takes the outer step
+in place — so a failed write leaves the live state exactly as it was, retrying computes the same step again from
+the same state, and the step is never applied twice. A restart replays a logged round with the same two calls on
+the same frames (coordinator/replay.py): the reduce and the outer step are deterministic, so the state is
+bit-identical to the one the round's row fingerprinted.
 
 ``Persistence`` remembers that the store is failing (the reason, for health checks, Status and the refusals of
 round calls) and paces the retries (``retry_s`` doubling up to ``max_retry_s`` seconds of the core's clock).
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
+from node.errors import PayloadError
 from node.keyring import KeyRing
 from node.runfile import RunFile
 from node.train.reference import Reference
@@ -20,45 +27,45 @@ from node.train.reference import Reference
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Step:
-    """A round's outcome computed off the live state: ``reference`` holds the new state."""
-
-    reference: Reference
-    blob: bytes
-    fingerprint: str
-    aggregate: bytes | None
-
-
-def copy_state(src: Reference, dst: Reference) -> None:
-    """``dst`` ← ``src`` in memory: parameters, buffers, the outer optimizer's state (deep-copied: nothing is shared)
-    and the committed-round count. Both were built for the same run and model (the same tensors in the same order)."""
-    with torch.no_grad():
-        for d, s in zip(dst.tensors, src.tensors, strict=True):
-            d.copy_(s)
-        for d, s in zip(dst.buffers, src.buffers, strict=True):
-            d.copy_(s)
-    dst.outer.load_state_dict(copy.deepcopy(src.outer.state_dict()))
-    dst.committed_rounds = src.committed_rounds
-    dst.robust, dst.last_report = src.robust, src.last_report  # immutable values (node/robust/state.py): shared
-
-
-def compute_step(live: Reference, scratch: Reference, frames: dict[str, bytes], round_: int, cfg: RunFile,
-                 keys: KeyRing | None = None) -> Step:
-    """Copy ``live``'s state into ``scratch`` and apply round ``round_`` (``frames``: sender → validated frame, signed
-    by the keys in ``keys`` when given) there; ``live`` is not touched. Relay mode applies every frame; aggregate mode
-    reduces, encodes the aggregate with ``cfg.aggregate_codec`` and applies what it decodes to (what the members will
-    apply)."""
-    copy_state(live, scratch)
-    envelopes, rejected = scratch.unpack(frames, round_, keys)
-    assert not rejected, f"frames were validated on arrival: {rejected}"
-    aggregate = None
+def applied_as(cfg: RunFile) -> dict[str, Any]:
+    """How this run applies a round, as its write-ahead record notes it (a replay applies it the same way)."""
     if cfg.result == "aggregate":
-        aggregate, decoded = scratch.pack_aggregate(scratch.reduce(envelopes), round_, cfg.aggregate_codec)
-        scratch.step(decoded, round_)
-    else:
-        scratch.apply(envelopes, round_)
-    return Step(scratch, scratch.to_bytes(), scratch.fingerprint(), aggregate)
+        return {"result": "aggregate", "codec": cfg.aggregate_codec}
+    return {"result": "relay"}
+
+
+@dataclass
+class Prepared:
+    """A round ready to apply: ``aggregate`` the fp32 tensors (model order) the outer step takes as .grad, with the
+    round's buffers, report and robust state; ``frame`` the aggregate frame members receive (aggregate mode)."""
+
+    round: int
+    aggregate: Sequence[torch.Tensor]
+    frame: bytes | None
+    applied: dict[str, Any]
+
+
+def prepare_round(reference: Reference, frames: dict[str, bytes], round_: int, applied: dict[str, Any],
+                  keys: KeyRing | None = None) -> Prepared:
+    """Decode and reduce round ``round_``'s frames (sender → frame, signed by ``keys`` when given) on ``reference``
+    without changing it. Relay mode: the codec's (or robust) reduce, which every member computes alike. Aggregate
+    mode: that reduce encoded with ``applied["codec"]``; the step applies what the frame decodes to (what the members
+    will apply). Raises PayloadError when a frame does not validate (frames are validated on arrival: at a commit
+    this is a bug; in a replay, a record that is not what was committed)."""
+    envelopes, rejected = reference.unpack(frames, round_, keys)
+    if rejected or not envelopes:
+        raise PayloadError(f"round {round_}: frames that do not validate: {rejected or 'none given'}")
+    reduced = reference.reduce(envelopes)
+    del envelopes  # the decoded frames: the reduce holds what the step needs
+    if applied.get("result") == "aggregate":
+        frame, decoded = reference.pack_aggregate(reduced, round_, str(applied.get("codec", "identity")))
+        return Prepared(round_, decoded, frame, applied)
+    return Prepared(round_, reduced, None, applied)
+
+
+def apply_prepared(reference: Reference, prepared: Prepared) -> None:
+    """The outer step of the prepared round, in place on ``reference`` (θ_ref, buffers, outer and robust state)."""
+    reference.step(prepared.aggregate, prepared.round)
 
 
 class Persistence:

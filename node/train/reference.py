@@ -54,7 +54,8 @@ F16_LIMIT = 65504.0
 def tensors_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # hashed through a view of the tensor's memory: no copy of a (possibly GB-sized) tensor
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:16]
 
 
@@ -257,14 +258,21 @@ class Reference:
     def names_by_id(self) -> dict[int, str]:
         return {id(t): n for n, t in zip(self.names, self.tensors)}
 
-    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """(JSON header, tensors) of the state: copies, so the caller may keep them while training goes on."""
-        outer_header, outer_tensors = state_file.optimizer_state(self.outer, self.names_by_id(), "outer")
+    def state(self, copy: bool = True, fingerprint: str | None = None
+              ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON header, tensors) of the state: copies, so the caller may keep them while training goes on.
+        ``copy=False``: the live tensors themselves (no memory), for a writer that finishes before the next step
+        changes them or copies each one first (coordinator/snapshot.py). ``fingerprint``: this state's, when the caller
+        knows it already (hashing a large state takes seconds)."""
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().clone() if copy else t.detach()
+
+        outer_header, outer_tensors = state_file.optimizer_state(self.outer, self.names_by_id(), "outer", copy)
         header = {"kind": "reference", "run": self.cfg.to_dict(), "committed_rounds": self.committed_rounds,
-                  "fingerprint": self.fingerprint(), "params": list(self.names), "buffers": list(self.buffer_names),
-                  "outer": {"name": self.cfg.recipe.outer.name, **outer_header}}
-        tensors = {f"param/{n}": t.detach().clone() for n, t in zip(self.names, self.tensors)}
-        tensors |= {f"buffer/{n}": b.detach().clone() for n, b in zip(self.buffer_names, self.buffers)}
+                  "fingerprint": fingerprint or self.fingerprint(), "params": list(self.names),
+                  "buffers": list(self.buffer_names), "outer": {"name": self.cfg.recipe.outer.name, **outer_header}}
+        tensors = {f"param/{n}": own(t) for n, t in zip(self.names, self.tensors)}
+        tensors |= {f"buffer/{n}": own(b) for n, b in zip(self.buffer_names, self.buffers)}
         if self.robust is not None:
             header["robust"] = self.robust.header()
             tensors |= self.robust.tensors()
