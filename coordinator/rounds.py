@@ -96,7 +96,7 @@ class Rounds:
         problem = store.check_identity(run.run_id, self.config_hash, run.legacy_config_hash(self.task.fingerprint))
         if problem:
             raise ConfigError(problem)
-        store.keep = max(store.keep, cfg.keep_results)  # round records kept for late collectors and joiners
+        store.keep = cfg.keep_results  # round records kept for late collectors (and joiners catching up)
         if store.last_round() is not None:
             restore(self.reference, store, applied_as(cfg))  # raises ReplayError: refuse to serve a wrong state
             log.info("resumed run %s after %d committed rounds (fingerprint %s)", run.run_id,

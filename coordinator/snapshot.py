@@ -87,9 +87,13 @@ class Snapshot:
         self.head, self.slots = layout(tensors, header)
         self.budget = max((s.nbytes for s in self.slots), default=0) if clone_budget is None else clone_budget
         self.cloned = 0  # bytes held in clones right now
+        self.frozen = (0, 0)  # tensors ``freeze`` (cloned, wrote): a commit came while the snapshot was written
         self.lock = threading.Lock()  # held while a slot is written or frozen: a tensor is never changed mid-write
         self.file: Any = None
         self.done = threading.Event()
+        self.freezing = threading.Event()  # set once a commit came to ``freeze`` (tests synchronise on it)
+        self.no_freeze_waiting = threading.Event()  # cleared while a commit waits for the lock: the writer yields
+        self.no_freeze_waiting.set()
         self.error: BaseException | None = None
 
     def _write_slot(self, slot: Slot) -> None:
@@ -105,19 +109,34 @@ class Snapshot:
         """Make the snapshot independent of the live tensors: clone each unwritten one within the budget, write
         the others now. Called before every in-place outer step while the snapshot runs; a no-op once it is
         frozen or done."""
+        self.freezing.set()
+        self.no_freeze_waiting.clear()  # the writer lets go after the tensor it is writing (a Lock is not fair)
+        try:
+            self._freeze()
+        finally:
+            self.no_freeze_waiting.set()
+
+    def _freeze(self) -> None:
         with self.lock:
             if self.done.is_set() or self.error is not None:
                 return
             if self.file is None:  # not started yet: open it here, the writer thread finds it open
                 self.file = self.disk.open_tmp(self.path)
                 self.disk.pwrite(self.file, self.head, 0)
+            cloned = written = 0
             for slot in reversed(self.slots):  # clones for the last ones (written last), the first ones now
                 if slot.source is not None and not slot.frozen and self.cloned + slot.nbytes <= self.budget:
                     slot.source, slot.frozen = slot.source.clone(), True
                     self.cloned += slot.nbytes
+                    cloned += 1
             for slot in self.slots:
                 if slot.source is not None and not slot.frozen:
                     self._write_slot(slot)
+                    written += 1
+            self.frozen = (self.frozen[0] + cloned, self.frozen[1] + written)
+            if cloned or written:
+                log.info("a round committed while the snapshot of %d rounds was written: %d tensor(s) cloned, %d "
+                         "written by the commit", self.committed, cloned, written)
 
     def write(self) -> None:
         """Write every slot, hash the data back, write the digest, fsync and rename. Raises what the disk raised
@@ -128,6 +147,7 @@ class Snapshot:
                     self.file = self.disk.open_tmp(self.path)
                     self.disk.pwrite(self.file, self.head, 0)
             for slot in self.slots:
+                self.no_freeze_waiting.wait()
                 with self.lock:
                     if slot.source is not None:
                         self._write_slot(slot)
@@ -189,6 +209,7 @@ class Snapshotter:
         self.current: Snapshot | None = None
         self.thread: threading.Thread | None = None
         self.failures = 0
+        self.clone_budget: int | None = None  # bytes ``freeze`` may clone (None: the largest tensor's size)
         self._fingerprints: dict[Path, tuple[int, str]] = {}
 
     @property
@@ -207,7 +228,8 @@ class Snapshotter:
             return None
         header, tensors = reference.state(copy=False, fingerprint=fingerprint)
         committed = reference.committed_rounds
-        snapshot = Snapshot(self.store.disk, self.store.snapshot_path(committed), committed, tensors, header)
+        snapshot = Snapshot(self.store.disk, self.store.snapshot_path(committed), committed, tensors, header,
+                            self.clone_budget)
         self.current = snapshot
         self.thread = threading.Thread(target=self._run, args=(snapshot,), name="lowband-snapshot", daemon=True)
         self.thread.start()
