@@ -5,9 +5,8 @@ A closing round is reduced without touching the live state (coordinator/commit.p
 write-ahead record, then its row: the commit point (coordinator/store.py) — and only then stepped in place. A store
 that fails leaves the live state untouched, the round open with its payloads, the coordinator NOT_SERVING and
 refusing round calls (UNAVAILABLE, with the reason) until a retry persists it — the step is applied exactly once.
-The state is snapshotted every ``rounds.snapshot_every`` rounds off the commit path (coordinator/snapshot.py); a
-restart replays the logged rounds after the newest snapshot (coordinator/replay.py); joiners download a snapshot
-file and catch up on the rounds after it.
+Snapshots: every ``rounds.snapshot_every`` rounds, off the commit path (coordinator/snapshot.py); a restart replays
+the rounds logged after the newest (coordinator/replay.py); joiners download one and catch up from the log.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ from coordinator.errors import (BadPayload, BadSignature, Cancelled, Conflict, L
                                 StillOpen, Truncated, Unavailable, WrongRound)
 from coordinator.evaluator import Evaluator
 from coordinator.replay import restore
-from coordinator.snapshot import Snapshot, Snapshotter
+from coordinator.snapshot import Snapshotter
 from coordinator.store import Store
 from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_chunk
 from node import membership as policy
@@ -124,6 +123,7 @@ class Rounds:
         self.spreads.extend(row.duration_s for row in self.recent if row.close == CloseKind.ALL_SUBMITTED.value)
         self.snapshots = Snapshotter(store, cfg.snapshot_every, self.lock)
         self.closed = False
+        self.commit_timing: dict[str, float] = {}  # seconds spent in each part of the last commit
         self._last_reason = ""
         self.persistence = Persistence()
         self.commit_pending = False  # a round is ready to commit but could not be persisted yet
@@ -295,7 +295,9 @@ class Rounds:
         frames = dict(sorted((names[nid], self.submitted[nid][0]) for nid in decision.members))
         keys = {names[nid]: self.submitter_keys[nid] for nid in decision.members if self.submitter_keys.get(nid)}
         applied = applied_as(self.cfg)
+        started, cpu0 = time.perf_counter(), time.thread_time()  # the commit's parts, for `lowband bench commit`
         prepared = prepare_round(self.reference, frames, r, applied, KeyRing.of(keys))
+        prepared_at = time.perf_counter()
         times = [self.submitted[nid][1] for nid in decision.members]
         losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
         bytes_in = sum(len(f) for f in frames.values())
@@ -314,14 +316,20 @@ class Rounds:
             self.commit_pending = True
             self.persistence.failed(now, f"round {r}", exc)
             return
+        durable_at = time.perf_counter()
         self.commit_pending = False
         self.persistence.succeeded()
         self.snapshots.freeze()  # a snapshot still being written keeps the state it was started at
+        frozen_at = time.perf_counter()
         aggregate_frame = prepared.frame
         apply_prepared(self.reference, prepared)  # in place: the round is applied, once
         del prepared
+        stepped_at = time.perf_counter()
         fingerprint = row.fingerprint = self.reference.fingerprint()
         self.store.set_fingerprint(row)
+        self.commit_timing = {"reduce_s": prepared_at - started, "durable_s": durable_at - prepared_at,
+                              "freeze_s": frozen_at - durable_at, "step_s": stepped_at - frozen_at,
+                              "fingerprint_s": time.perf_counter() - stepped_at, "cpu_s": time.thread_time() - cpu0}
         for nid in decision.members:
             if nid in self.members:
                 self.members[nid].rounds_contributed += 1
@@ -394,12 +402,10 @@ class Rounds:
         with self.lock:
             committed = self.reference.committed_rounds
         try:
-            return self.snapshots.for_joiner(committed, self.cfg.keep_results, self._snapshot_now, wait_s)
+            return self.snapshots.for_joiner(committed, self.cfg.keep_results, lambda: self.snapshots.start(
+                self.reference, self.reference.fingerprint()), wait_s)
         except (TimeoutError, OSError) as exc:
             raise Unavailable(f"the state is not ready for download: {exc}; try again later") from None
-
-    def _snapshot_now(self) -> Snapshot | None:
-        return self.snapshots.start(self.reference, self.reference.fingerprint())
 
     def state_blob(self) -> tuple[int, bytes, str]:
         """(committed rounds, the bytes of the snapshot joiners download, its fingerprint): for tests and tools; the
