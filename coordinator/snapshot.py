@@ -113,6 +113,12 @@ class Snapshot:
         self.no_freeze_waiting.clear()  # the writer lets go after the tensor it is writing (a Lock is not fair)
         try:
             self._freeze()
+        except Exception as exc:  # noqa: BLE001 — the commit goes on: this snapshot is abandoned, not the round
+            log.error("abandoning the snapshot of %d rounds: %s: %s", self.committed, type(exc).__name__, exc)
+            with self.lock:
+                self.error = exc
+                for slot in self.slots:
+                    slot.source = None  # the writer must not read a live tensor once the step changes it
         finally:
             self.no_freeze_waiting.set()
 
@@ -149,11 +155,15 @@ class Snapshot:
             for slot in self.slots:
                 self.no_freeze_waiting.wait()
                 with self.lock:
+                    if self.error is not None:
+                        raise self.error
                     if slot.source is not None:
                         self._write_slot(slot)
             digest = self._digest()
             at = self.head.index(PLACEHOLDER.encode())
             with self.lock:
+                if self.error is not None:
+                    raise self.error
                 self.disk.pwrite(self.file, digest.encode(), at)
                 self.disk.publish(self.file, self.path)  # fsync, rename, fsync the folder
                 self.file = None

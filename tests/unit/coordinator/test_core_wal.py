@@ -29,7 +29,7 @@ from node.transport.messages import RoundResult, RoundStatus
 
 
 class CrashDisk(Disk):
-    """Raises ENOSPC at the write named by ``fail`` ("wal", "row", "fingerprint", "snapshot-data",
+    """Raises ENOSPC at the write named by ``fail`` ("wal", "row", "fingerprint", "snapshot-data", "freeze-write",
     "snapshot-rename"), once armed; ``stall``: the snapshot writer waits in its ``stall``-th data write until a
     commit waits to freeze the snapshot (so the commit lands while the snapshot runs)."""
 
@@ -65,6 +65,8 @@ class CrashDisk(Disk):
             if name == "lowband-snapshot" and self.stall is not None and len(self.writes) == self.stall:
                 assert self.core.snapshots.current.freezing.wait(60), "the commit never reached freeze"
             self._boom("snapshot-data")
+            if name != "lowband-snapshot":
+                self._boom("freeze-write")  # a tensor the committing thread writes into a running snapshot
         super().pwrite(f, data, offset)
 
     def publish(self, f: Any, path: Path) -> None:
@@ -358,3 +360,66 @@ def test_the_streamed_layout_is_a_safetensors_file_for_every_dtype(tmp_path: Pat
         assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
     sf = state_file.parse(path.read_bytes())
     assert sf.header["kind"] == "test" and all(torch.equal(sf.tensor(k), v) for k, v in tensors.items())
+
+
+def test_export_replays_the_rounds_after_the_newest_snapshot(tmp_path: Path, clock: Clock) -> None:
+    from coordinator.replay import state_bytes
+
+    h1 = start(tmp_path, clock, every=2)
+    workers = members(h1)
+    for r in range(3):
+        round_(h1, workers, r)
+    h1.core.snapshots.wait()
+    fp = h1.core.reference.fingerprint()
+    crash(h1)
+    store = Store(h1.store.dir)
+    try:
+        assert store.latest_snapshot()[0] == 2
+        committed, blob = state_bytes(store)
+    finally:
+        store.close()
+    fresh = oracle_of(h1)
+    fresh.load_bytes(blob)
+    assert committed == 3 and fresh.fingerprint() == fp
+
+
+def test_a_snapshot_the_commit_cannot_finish_is_abandoned_and_the_round_still_commits(tmp_path: Path,
+                                                                                     clock: Clock) -> None:
+    """The disk fails while the committing thread writes a running snapshot's tensors (freeze): that snapshot is
+    abandoned (no file), the round is committed and stepped exactly once, and the next snapshot is complete."""
+    disk = CrashDisk()
+    disk.stall = 2
+    h = start(tmp_path, clock, disk, every=2)
+    h.core.snapshots.clone_budget = 0  # every tensor not written yet is written by the commit
+    try:
+        workers = members(h)
+        oracle = oracle_of(h)
+        for r in range(2):
+            frames = round_(h, workers, r)
+            oracle.apply(oracle.unpack(frames, r)[0], r)
+        snapshot = h.core.snapshots.current
+        disk.arm("freeze-write")
+        frames = {}
+        for name, w in workers.items():
+            w.train()
+            frames[name] = w.prepare(2)
+        h.submit("a", 2, frames["a"])
+        closer = threading.Thread(target=h.submit, args=("b", 2, frames["b"]))
+        closer.start()
+        closer.join(120)
+        oracle.apply(oracle.unpack(frames, 2)[0], 2)
+        h.core.snapshots.wait()
+        assert disk.failed == 1 and snapshot.error is not None and not snapshot.path.exists()
+        assert h.core.persistence.ok and h.core.reference.committed_rounds == 3
+        assert h.core.reference.fingerprint() == oracle.fingerprint() == h.store.fingerprints(2)[2]
+        assert not list(h.store.dir.glob("*.tmp"))
+        disk.arm("")
+        round_(h, workers, 3)  # a snapshot is due again (after round 2 or 3, as the abandoned one ended)
+        h.core.snapshots.wait()
+        held, path = h.store.latest_snapshot()
+        assert held in (3, 4) and path is not None
+        fresh = oracle_of(h)
+        fresh.load_bytes(path.read_bytes())
+        assert fresh.committed_rounds == held and fresh.fingerprint() == h.store.fingerprints(held - 1)[held - 1]
+    finally:
+        h.close()
