@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from node import wire
 from node.errors import PayloadError
 from node.keyring import KeyRing
 from node.runfile import RunFile
@@ -40,9 +41,10 @@ class Prepared:
     round's buffers, report and robust state; ``frame`` the aggregate frame members receive (aggregate mode)."""
 
     round: int
-    aggregate: Sequence[torch.Tensor]
+    aggregate: Sequence[torch.Tensor] | None  # None: reduced tensor by tensor as it is stepped (``envelopes``)
     frame: bytes | None
     applied: dict[str, Any]
+    envelopes: list[wire.Envelope] | None = None  # the decoded frames, when the step reduces as it goes
 
 
 def prepare_round(reference: Reference, frames: dict[str, bytes], round_: int, applied: dict[str, Any],
@@ -55,8 +57,10 @@ def prepare_round(reference: Reference, frames: dict[str, bytes], round_: int, a
     envelopes, rejected = reference.unpack(frames, round_, keys)
     if rejected or not envelopes:
         raise PayloadError(f"round {round_}: frames that do not validate: {rejected or 'none given'}")
+    if applied.get("result") != "aggregate" and reference.steps_tensor_by_tensor:
+        # reduced tensor by tensor inside the step: a whole model's fp32 aggregate never exists at once
+        return Prepared(round_, None, None, applied, envelopes)
     reduced = reference.reduce(envelopes)
-    del envelopes  # the decoded frames: the reduce holds what the step needs
     if applied.get("result") == "aggregate":
         frame, decoded = reference.pack_aggregate(reduced, round_, str(applied.get("codec", "identity")))
         return Prepared(round_, decoded, frame, applied)
@@ -64,7 +68,15 @@ def prepare_round(reference: Reference, frames: dict[str, bytes], round_: int, a
 
 
 def apply_prepared(reference: Reference, prepared: Prepared) -> None:
-    """The outer step of the prepared round, in place on ``reference`` (θ_ref, buffers, outer and robust state)."""
+    """The outer step of the prepared round, in place on ``reference`` (θ_ref, buffers, outer and robust state).
+    Where the outer optimizer steps each parameter alone, each tensor is reduced just before it is stepped
+    (``Reference.step_each``): the same arithmetic in the same order as reducing everything first, bit for bit."""
+    if prepared.envelopes is not None:
+        envelopes = prepared.envelopes
+        reference.step_each(lambda i: reference.reduce_one(envelopes, i), reference.reduce_buffers(envelopes),
+                            prepared.round)
+        return
+    assert prepared.aggregate is not None
     reference.step(prepared.aggregate, prepared.round)
 
 

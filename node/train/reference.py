@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -159,11 +159,14 @@ class Reference:
                                    self.robust, self.cfg.recipe.reduce, envelopes[0].round, self.device)
             buffers = self.reduce_buffers(outcome.kept) if outcome.kept else [b.clone() for b in self.buffers]
             return Aggregate(outcome.tensors, buffers, outcome.report, outcome.state)
-        out = []
-        for name, ref in zip(self.names, self.tensors):
-            encs = [{k: v.to(self.device) for k, v in e.tensors[name].items()} for e in envelopes]
-            out.append(self.codec.reduce(encs, tuple(ref.shape)))
-        return Aggregate(out, self.reduce_buffers(envelopes))
+        return Aggregate([self.reduce_one(envelopes, i) for i in range(len(self.tensors))],
+                         self.reduce_buffers(envelopes))
+
+    def reduce_one(self, envelopes: Sequence[wire.Envelope], i: int) -> torch.Tensor:
+        """The codec's reduce of trainable tensor ``i`` over the envelopes (sorted by sender): fp32, its shape."""
+        name = self.names[i]
+        encs = [{k: v.to(self.device) for k, v in e.tensors[name].items()} for e in envelopes]
+        return self.codec.reduce(encs, tuple(self.tensors[i].shape))
 
     def reduce_buffers(self, envelopes: Sequence[wire.Envelope]) -> list[torch.Tensor]:
         """Each buffer's agreed value: floating ones the mean over the envelopes (fp64 sum in the envelopes' order, one
@@ -192,9 +195,7 @@ class Reference:
         for ref, agg in zip(self.tensors, aggregate, strict=True):
             ref.grad = agg.to(self.device, torch.float32)
         recipe = self.cfg.recipe
-        lr = recipe.outer.lr * (self.inner_lr(round_) if recipe.outer.lr_follows_inner else 1.0)
-        for group in self.outer.param_groups:
-            group["lr"] = lr
+        self._set_outer_lr(round_)
         if recipe.outer.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.tensors, recipe.outer.clip_norm)
         set_context = getattr(self.outer, "set_round_context", None)
@@ -205,6 +206,38 @@ class Reference:
         self.outer.step()
         for ref in self.tensors:
             ref.grad = None
+        self._stepped(aggregate, round_)
+
+    @property
+    def steps_tensor_by_tensor(self) -> bool:
+        """Whether ``step_each`` may take this reference's outer step: an outer optimizer that steps each parameter
+        alone, no global clip norm, no robust reduce (its bounds look at every tensor), no per-worker context."""
+        return (bool(getattr(self.outer, "steps_each_parameter_alone", False)) and self.robust is None
+                and self.cfg.recipe.outer.clip_norm is None and getattr(self.outer, "set_round_context", None) is None)
+
+    def step_each(self, aggregate_of: Callable[[int], torch.Tensor], buffers: Sequence[torch.Tensor],
+                  round_: int) -> None:
+        """``step`` one parameter at a time: ``aggregate_of(i)`` gives trainable tensor i's aggregate (fp32, its
+        shape) just before it is stepped, so at most one aggregate tensor exists at a time — not a whole model's.
+        ``buffers``: the round's agreed buffers. Bit-identical to ``step`` where ``steps_tensor_by_tensor``
+        (asserted)."""
+        assert self.steps_tensor_by_tensor, "this outer step needs every parameter's aggregate at once"
+        self._set_outer_lr(round_)
+        for i, ref in enumerate(self.tensors):
+            ref.grad = aggregate_of(i).to(self.device, torch.float32)
+            self.outer.step()  # only this parameter has a .grad: only it is stepped
+            ref.grad = None
+        self._stepped(Aggregate([], buffers), round_)
+
+    def _set_outer_lr(self, round_: int) -> None:
+        recipe = self.cfg.recipe
+        lr = recipe.outer.lr * (self.inner_lr(round_) if recipe.outer.lr_follows_inner else 1.0)
+        for group in self.outer.param_groups:
+            group["lr"] = lr
+
+    def _stepped(self, aggregate: Sequence[torch.Tensor], round_: int) -> None:
+        """After the outer step of round ``round_``: the finiteness check, the agreed buffers, the robust state and
+        report the aggregate carries, the committed-round count."""
         bad = model_tensors.first_nonfinite(zip(self.names, self.tensors))
         if bad is not None:
             # validated frames are finite and bounded, so this needs ~10^7 rounds of saturated aggregates: the run's

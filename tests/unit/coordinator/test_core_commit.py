@@ -112,7 +112,8 @@ def test_the_audit_trail_drops_a_torn_last_line_before_appending(tmp_path: Path)
 @pytest.mark.parametrize("recipe", ["ddp", "diloco", "dsm", "sign", "dct-consistent", "demo"])
 def test_prepare_changes_nothing_and_the_in_place_step_equals_apply(recipe: str) -> None:
     """The commit reduces a round without touching the live reference, then steps in place (coordinator/commit.py):
-    two rounds prepared and applied land exactly where ``Reference.apply`` does, and preparing alone changes nothing."""
+    two rounds prepared and applied land exactly where ``Reference.apply`` does — also where the step reduces tensor
+    by tensor (``Reference.step_each``) — and preparing alone changes nothing."""
     import torch
 
     from coordinator.commit import apply_prepared, prepare_round
@@ -136,6 +137,9 @@ def test_prepare_changes_nothing_and_the_in_place_step_equals_apply(recipe: str)
         before = live.fingerprint()
         prepared = prepare_round(live, frames, r, {"result": "relay"})
         assert live.fingerprint() == before and live.committed_rounds == r  # untouched until the commit point
+        # an outer step of each parameter alone (no clip norm): reduced tensor by tensor inside the step
+        assert (prepared.envelopes is not None) == live.steps_tensor_by_tensor
+        assert live.steps_tensor_by_tensor == (recipe in ("diloco", "dsm", "sign", "dct-consistent", "demo"))
         apply_prepared(live, prepared)
         assert live.fingerprint() == oracle.fingerprint() and live.committed_rounds == r + 1
     assert live.to_bytes() == oracle.to_bytes()  # the outer optimizer's state too
