@@ -43,6 +43,7 @@ from node.train.reference import Reference
 
 log = logging.getLogger(__name__)
 STATE_CHUNK = 1 << 20
+RESULTS_IN_MEMORY = 2  # recent results held in memory; up to keep_results are served from the write-ahead log
 
 
 @dataclass
@@ -337,7 +338,7 @@ class Rounds:
             self.spreads.append(max(times) - min(times))
         self.commit_times.append(now)
         self.results[r] = Committed(r, frames, fingerprint, decision.reason, aggregate_frame, keys)
-        while len(self.results) > self.cfg.keep_results:
+        while len(self.results) > min(self.cfg.keep_results, RESULTS_IN_MEMORY):  # older: from their records
             self.results.popitem(last=False)
         self.recent.append(row)
         self.open_round = r + 1
@@ -471,8 +472,8 @@ class Rounds:
             return result, to_send
 
     def _restored_result(self, round_: int) -> Committed:
-        """A committed round's result from its write-ahead record (after a restart, or older than the results held
-        in memory: a joiner catching up from a snapshot). Raises ResultGone when it is no longer held."""
+        """A committed round's result from its write-ahead record (after a restart, or older than those in memory).
+        Raises ResultGone when it is no longer held."""
         rec = self.store.record(round_) if round_ < self.open_round else None
         fingerprint = self.store.fingerprints(round_).get(round_, "") if rec is not None else ""
         if rec is None or not fingerprint:
