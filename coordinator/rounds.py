@@ -324,7 +324,6 @@ class Rounds:
         frozen_at = time.perf_counter()
         aggregate_frame = prepared.frame
         apply_prepared(self.reference, prepared)  # in place: the round is applied, once
-        del prepared
         stepped_at = time.perf_counter()
         fingerprint = row.fingerprint = self.reference.fingerprint()
         self.store.set_fingerprint(row)
