@@ -282,9 +282,10 @@ class Snapshotter:
     def for_joiner(self, committed: int, max_behind: int, start: Callable[[], Snapshot | None],
                    wait_s: float) -> tuple[int, Path, str]:
         """(committed rounds, path, fingerprint) of the snapshot a joiner downloads: the newest complete one when it
-        is at most ``max_behind`` rounds behind ``committed`` (and not the seeded model's, unless nothing committed) (the joiner catches up on the rounds after it from the
-        results kept for collectors); otherwise one taken now (``start``: under the caller's lock) and waited for,
-        at most ``wait_s`` seconds. Raises TimeoutError when none is ready then, OSError for an unreadable one."""
+        is at most ``max_behind`` rounds behind ``committed`` and not the seeded model's once a round committed (the
+        joiner catches up on the rounds after it from the results kept for collectors); otherwise one taken now
+        (``start``: under the caller's lock) and waited for, at most ``wait_s`` seconds. Raises TimeoutError when none
+        is ready then, OSError for an unreadable one."""
         deadline = time.monotonic() + wait_s
         while True:
             held, path = self.store.latest_snapshot()

@@ -145,7 +145,8 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
                    deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy, source,
                                      ("eval_every", "keep_results", "snapshot_every", "result",
                                       "aggregate_codec")),
-                   eval_every=eval_every, keep_results=keep, snapshot_every=snapshot_every, result=result_mode, aggregate_codec=aggregate_codec,
+                   eval_every=eval_every, keep_results=keep, snapshot_every=snapshot_every, result=result_mode,
+                   aggregate_codec=aggregate_codec,
                    authority=dict(doc.get("authority", {})))
 
 

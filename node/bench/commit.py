@@ -129,8 +129,9 @@ def run_commit_bench(n_layer: int = 24, n_embd: int = 1024, n_head: int = 16, me
         del state_tensors
         result = {
             "bench": "commit", "params": params, "state_bytes": state_bytes, "members": members, "rounds": rounds,
-            "model": {"task": "gpt", "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}, "setup_s": round(setup_s, 1),
-            "rss_before_rounds_bytes": rss_before, "load_average": os.getloadavg(), "peak_rss_bytes": peak, "peak_reset": reset,
+            "model": {"task": "gpt", "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head},
+            "setup_s": round(setup_s, 1), "rss_before_rounds_bytes": rss_before, "load_average": os.getloadavg(),
+            "peak_rss_bytes": peak, "peak_reset": reset,
             "peak_over_state": round(peak / state_bytes, 3), "snapshot_wait_after_rounds_s": round(snapshot_wait_s, 2),
             "rows": rows, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch_threads": 1,
         }

@@ -324,7 +324,8 @@ def test_a_joiner_downloads_a_snapshot_and_catches_up_on_the_rounds_after_it(tmp
         joiner.adopt_global_state(b"".join(p["data"] for p in parts))
         assert joiner.fingerprint() == parts[0]["reference_fingerprint"]
         result, _ = h.core.collect(h.ids["a"], 2, 0.0, False)
-        assert joiner.apply_observed(RoundResult(2, RoundStatus.COMMITTED, dict(result.frames), member_keys=result.keys))
+        observed = RoundResult(2, RoundStatus.COMMITTED, dict(result.frames), member_keys=result.keys)
+        assert joiner.apply_observed(observed)
         assert joiner.fingerprint() == h.core.reference.fingerprint() == result.fingerprint
     finally:
         h.close()
