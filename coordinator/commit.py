@@ -1,18 +1,26 @@
-"""An idempotent commit: the round's outer step is computed on a scratch copy of the reference, the new state is
-persisted, and only then is it swapped in. A failed write leaves the live state exactly as it was, so retrying the
-commit computes the same step again from the same state — it is never applied twice.
+"""A round's outer step, split around the commit point, and the same step when a round is replayed.
+
+``prepare_round`` reads the live reference but changes nothing: it decodes the round's frames, reduces them and, in
+aggregate mode, encodes the aggregate every member will receive. The caller then makes the round durable (its
+write-ahead record and row, coordinator/store.py) and only then calls ``apply_prepared``, which takes the outer step
+in place — so a failed write leaves the live state exactly as it was, retrying computes the same step again from
+the same state, and the step is never applied twice. A restart replays a logged round with the same two calls on
+the same frames (coordinator/replay.py): the reduce and the outer step are deterministic, so the state is
+bit-identical to the one the round's row fingerprinted.
 
 ``Persistence`` remembers that the store is failing (the reason, for health checks, Status and the refusals of
 round calls) and paces the retries (``retry_s`` doubling up to ``max_retry_s`` seconds of the core's clock).
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
+from node import wire
+from node.errors import PayloadError
 from node.keyring import KeyRing
 from node.runfile import RunFile
 from node.train.reference import Reference
@@ -20,49 +28,72 @@ from node.train.reference import Reference
 log = logging.getLogger(__name__)
 
 
+def applied_as(cfg: RunFile) -> dict[str, Any]:
+    """How this run applies a round, as its write-ahead record notes it (a replay applies it the same way)."""
+    if cfg.result == "aggregate":
+        return {"result": "aggregate", "codec": cfg.aggregate_codec}
+    if cfg.result == "compressed":  # the run's codec with the downlink residual (node/train/downlink.py)
+        return {"result": "compressed"}
+    return {"result": "relay"}
+
+
 @dataclass
-class Step:
-    """A round's outcome computed off the live state: ``reference`` holds the new state."""
+class Prepared:
+    """A round ready to apply: ``aggregate`` the fp32 tensors (model order) the outer step takes as .grad, with the
+    round's buffers, report and robust state; ``frame`` the aggregate frame members receive (aggregate and compressed
+    modes); ``downlink`` the compressed downlink's next residual (compressed mode: it replaces the reference's at the
+    step, so preparing changes nothing)."""
 
-    reference: Reference
-    blob: bytes
-    fingerprint: str
-    aggregate: bytes | None
-
-
-def copy_state(src: Reference, dst: Reference) -> None:
-    """``dst`` ← ``src`` in memory: parameters, buffers, the outer optimizer's state (deep-copied: nothing is shared)
-    and the committed-round count. Both were built for the same run and model (the same tensors in the same order)."""
-    with torch.no_grad():
-        for d, s in zip(dst.tensors, src.tensors, strict=True):
-            d.copy_(s)
-        for d, s in zip(dst.buffers, src.buffers, strict=True):
-            d.copy_(s)
-    dst.outer.load_state_dict(copy.deepcopy(src.outer.state_dict()))
-    dst.committed_rounds = src.committed_rounds
-    if dst.downlink is not None:  # the compressed downlink's residual (result = "compressed")
-        with torch.no_grad():
-            for d, s in zip(dst.downlink, src.downlink, strict=True):
-                d.copy_(s)
-    dst.robust, dst.last_report = src.robust, src.last_report  # immutable values (node/robust/state.py): shared
+    round: int
+    aggregate: Sequence[torch.Tensor] | None  # None: reduced tensor by tensor as it is stepped (``envelopes``)
+    frame: bytes | None
+    applied: dict[str, Any]
+    envelopes: list[wire.Envelope] | None = None  # the decoded frames, when the step reduces as it goes
+    downlink: list[torch.Tensor] | None = None
 
 
-def compute_step(live: Reference, scratch: Reference, frames: dict[str, bytes], round_: int, cfg: RunFile,
-                 keys: KeyRing | None = None) -> Step:
-    """Copy ``live``'s state into ``scratch`` and apply round ``round_`` (``frames``: sender → validated frame, signed
-    by the keys in ``keys`` when given) there; ``live`` is not touched. Relay mode applies every frame; aggregate mode
-    reduces, encodes the aggregate with ``cfg.aggregate_codec`` and applies what it decodes to (what the members will
-    apply); compressed mode does the same with the run's codec and the downlink residual (node/train/downlink.py),
-    which advances on the scratch copy only."""
-    copy_state(live, scratch)
-    envelopes, rejected = scratch.unpack(frames, round_, keys)
-    assert not rejected, f"frames were validated on arrival: {rejected}"
-    aggregate = None
-    if cfg.result != "relay":
-        aggregate = scratch.apply_aggregate(envelopes, round_, None if cfg.compressed_downlink else cfg.aggregate_codec)
-    else:
-        scratch.apply(envelopes, round_)
-    return Step(scratch, scratch.to_bytes(), scratch.fingerprint(), aggregate)
+def prepare_round(reference: Reference, frames: dict[str, bytes], round_: int, applied: dict[str, Any],
+                  keys: KeyRing | None = None) -> Prepared:
+    """Decode and reduce round ``round_``'s frames (sender → frame, signed by ``keys`` when given) on ``reference``
+    without changing it. Relay mode: the codec's (or robust) reduce, which every member computes alike. Aggregate
+    mode: that reduce encoded with ``applied["codec"]``; the step applies what the frame decodes to (what the members
+    will apply). Compressed mode: that reduce encoded with the run's codec and a copy of the downlink residual
+    (node/train/downlink.py); the step applies what the frame decodes to and takes the new residual. Raises
+    PayloadError when a frame does not validate (frames are validated on arrival: at a commit this is a bug; in a
+    replay, a record that is not what was committed) or a compressed round meets a reference without a residual."""
+    envelopes, rejected = reference.unpack(frames, round_, keys)
+    if rejected or not envelopes:
+        raise PayloadError(f"round {round_}: frames that do not validate: {rejected or 'none given'}")
+    if applied.get("result") == "compressed":
+        if reference.downlink is None:
+            raise PayloadError(f"round {round_} was applied with a compressed downlink, and this reference keeps no "
+                               "downlink residual")
+        residual = [e.clone() for e in reference.downlink]  # the live residual stays as it is until the step
+        frame, decoded = reference.pack_compressed(reference.reduce(envelopes), round_, residual)
+        return Prepared(round_, decoded, frame, applied, downlink=residual)
+    if applied.get("result") != "aggregate" and reference.steps_tensor_by_tensor:
+        # reduced tensor by tensor inside the step: a whole model's fp32 aggregate never exists at once
+        return Prepared(round_, None, None, applied, envelopes)
+    reduced = reference.reduce(envelopes)
+    if applied.get("result") == "aggregate":
+        frame, decoded = reference.pack_aggregate(reduced, round_, str(applied.get("codec", "identity")))
+        return Prepared(round_, decoded, frame, applied)
+    return Prepared(round_, reduced, None, applied)
+
+
+def apply_prepared(reference: Reference, prepared: Prepared) -> None:
+    """The outer step of the prepared round, in place on ``reference`` (θ_ref, buffers, outer and robust state).
+    Where the outer optimizer steps each parameter alone, each tensor is reduced just before it is stepped
+    (``Reference.step_each``): the same arithmetic in the same order as reducing everything first, bit for bit."""
+    if prepared.envelopes is not None:
+        envelopes = prepared.envelopes
+        reference.step_each(lambda i: reference.reduce_one(envelopes, i), reference.reduce_buffers(envelopes),
+                            prepared.round)
+        return
+    assert prepared.aggregate is not None
+    reference.step(prepared.aggregate, prepared.round)
+    if prepared.downlink is not None:
+        reference.downlink = prepared.downlink  # replaced, not written into: a snapshot may still be reading the old
 
 
 class Persistence:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -277,15 +278,18 @@ class CoordinatorCore(Rounds):
         else:
             self._authorize(join_token)
         try:
-            committed, blob, fingerprint = self.state_blob()
-            if offset > len(blob):
-                raise ResumeMismatch(f"offset {offset} is past the end of the {len(blob)}-byte state")
-            with self.lock:
-                if node_id in self.members:
-                    self.members[node_id].bytes_out += len(blob) - offset
-            for start in range(offset, max(len(blob), offset + 1), STATE_CHUNK):
-                yield {"committed_rounds": committed, "total_size": len(blob), "offset": start,
-                       "data": blob[start:start + STATE_CHUNK], "reference_fingerprint": fingerprint}
+            committed, path, fingerprint = self.state_snapshot()
+            # the file is read chunk by chunk, never whole; an open file survives its pruning by a newer snapshot
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if offset > size:
+                    raise ResumeMismatch(f"offset {offset} is past the end of the {size}-byte state")
+                with self.lock:
+                    if node_id in self.members:
+                        self.members[node_id].bytes_out += size - offset
+                for start in range(offset, max(size, offset + 1), STATE_CHUNK):
+                    yield {"committed_rounds": committed, "total_size": size, "offset": start,
+                           "data": os.pread(f.fileno(), STATE_CHUNK, start), "reference_fingerprint": fingerprint}
             with self.lock:
                 if node_id in self.members:
                     self.members[node_id].holds_state = True

@@ -1,10 +1,12 @@
-"""The coordinator's rounds: uploads, the decision to close, the idempotent commit, and results for collectors.
+"""The coordinator's rounds: uploads, the decision to close, the commit, and results for collectors.
 
 ``Rounds`` is the base of ``CoordinatorCore`` (coordinator/core.py), which adds membership; both share one lock.
-The outer step of a closing round is computed on a scratch reference, persisted, and only then swapped in
-(coordinator/commit.py): a store that fails leaves the live state untouched, the round open with its payloads, the
-coordinator NOT_SERVING and refusing round calls (UNAVAILABLE, with the reason) until a retry persists it — the
-step is applied exactly once.
+A closing round is reduced without touching the live state (coordinator/commit.py), made durable — its
+write-ahead record, then its row: the commit point (coordinator/store.py) — and only then stepped in place. A store
+that fails leaves the live state untouched, the round open with its payloads, the coordinator NOT_SERVING and
+refusing round calls (UNAVAILABLE, with the reason) until a retry persists it — the step is applied exactly once.
+Snapshots: every ``rounds.snapshot_every`` rounds, off the commit path (coordinator/snapshot.py); a restart replays
+the rounds logged after the newest (coordinator/replay.py); joiners download one and catch up from the log.
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from coordinator.commit import Persistence, compute_step
+from coordinator.commit import Persistence, applied_as, apply_prepared, prepare_round
 from coordinator.errors import (BadPayload, BadSignature, Cancelled, Conflict, Late, NotSubmitted, ResultGone,
                                 StillOpen, Truncated, Unavailable, WrongRound)
 from coordinator.evaluator import Evaluator
+from coordinator.replay import restore
+from coordinator.snapshot import Snapshotter
 from coordinator.store import Store
 from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_chunk
 from node import membership as policy
@@ -38,6 +43,7 @@ from node.train.reference import Reference
 
 log = logging.getLogger(__name__)
 STATE_CHUNK = 1 << 20
+RESULTS_IN_MEMORY = 2  # recent results held in memory; up to keep_results are served from the write-ahead log
 
 
 @dataclass
@@ -84,19 +90,19 @@ class Rounds:
         run = cfg.run
         self.task = load_task(run.task.name, **run.task.params)
         model = build_seeded(self.task, run.seed)
-        downlink = cfg.compressed_downlink  # the compressed downlink's residual is part of the state
-        self.reference = Reference.for_model(run, model, downlink_feedback=downlink)  # parameters and buffers
-        self._scratch = Reference.for_model(run, model, downlink_feedback=downlink)  # where a commit computes (_commit)
+        self.reference = Reference.for_model(run, model, downlink_feedback=cfg.compressed_downlink)  # stepped in place
         self.config_hash = run.config_hash(self.task.fingerprint)
         self.model_digest = self.reference.digest()
         problem = store.check_identity(run.run_id, self.config_hash, run.legacy_config_hash(self.task.fingerprint))
         if problem:
             raise ConfigError(problem)
-        committed, blob = store.latest()
-        if blob is not None:
-            self.reference.load_bytes(blob)
-            log.info("resumed run %s after %d committed rounds (fingerprint %s)", run.run_id, committed,
-                     self.reference.fingerprint())
+        store.keep = cfg.keep_results  # round records kept for late collectors (and joiners catching up)
+        if store.last_round() is not None:
+            restore(self.reference, store, applied_as(cfg))  # raises ReplayError: refuse to serve a wrong state
+            log.info("resumed run %s after %d committed rounds (fingerprint %s)", run.run_id,
+                     self.reference.committed_rounds, self.reference.fingerprint())
+        if cfg.eval_every == 0:
+            del model  # the reference holds its own copy: the built model need not stay resident
         self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec, self.reference.buffer_spec)
         self.open_round = self.reference.committed_rounds
         self.uploads: dict[str, Upload] = {}
@@ -116,12 +122,17 @@ class Rounds:
         self.recent: deque[RoundRow] = deque(store.recent_rounds(20), maxlen=20)
         # Rounds every member made: their first-to-last submission spread seeds the adaptive deadline after a restart.
         self.spreads.extend(row.duration_s for row in self.recent if row.close == CloseKind.ALL_SUBMITTED.value)
-        self._state_cache: tuple[int, bytes] | None = (committed, blob) if blob is not None else None
+        self.snapshots = Snapshotter(store, cfg.snapshot_every, self.lock)
+        self.closed = False
+        self.commit_timing: dict[str, float] = {}  # seconds spent in each part of the last commit
         self._last_reason = ""
         self.persistence = Persistence()
         self.commit_pending = False  # a round is ready to commit but could not be persisted yet
         self.waiters: set[Waiter] = set()  # collectors waiting for the open round
         self.evaluator = Evaluator(self.task, model, self._record_val_loss) if cfg.eval_every else None
+        if self.snapshots.due(self.reference.committed_rounds) and self.reference.committed_rounds:
+            with self.lock:  # after a long replay: bound the next one
+                self.snapshots.start(self.reference, self.reference.fingerprint())
 
     # -- submissions ---------------------------------------------------------------------------------
     def _serving(self) -> None:
@@ -277,42 +288,56 @@ class Rounds:
             self._commit(decision)
 
     def _commit(self, decision: policy.CloseDecision) -> None:
-        """Compute the round's step off the live state, persist it, then swap it in (coordinator/commit.py). A
-        store failure leaves everything as it was: the round stays open with its payloads and is retried."""
+        """Reduce the round without touching the live state, make it durable (write-ahead record, then row: the
+        commit point), then step in place (coordinator/commit.py). A store failure leaves everything as it was: the
+        round stays open with its payloads and is retried."""
         r, now = self.open_round, self.clock()
         names = {nid: self.submitter_names[nid] for nid in decision.members}
         frames = dict(sorted((names[nid], self.submitted[nid][0]) for nid in decision.members))
         keys = {names[nid]: self.submitter_keys[nid] for nid in decision.members if self.submitter_keys.get(nid)}
-        step = compute_step(self.reference, self._scratch, frames, r, self.cfg, KeyRing.of(keys))
+        applied = applied_as(self.cfg)
+        started, cpu0 = time.perf_counter(), time.thread_time()  # the commit's parts, for `lowband bench commit`
+        prepared = prepare_round(self.reference, frames, r, applied, KeyRing.of(keys))
+        prepared_at = time.perf_counter()
         times = [self.submitted[nid][1] for nid in decision.members]
         losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
         bytes_in = sum(len(f) for f in frames.values())
         # what the round's result costs to hand out: every other member's frame to each member, or one aggregate
-        bytes_out = (len(frames) * len(step.aggregate) if step.aggregate is not None else (len(frames) - 1) * bytes_in)
-        report = step.reference.last_report
-        row = RoundRow(r, time.time(), list(frames), decision.reason, step.fingerprint, bytes_in, bytes_out,
+        bytes_out = (len(frames) * len(prepared.frame) if prepared.frame is not None else (len(frames) - 1) * bytes_in)
+        report = getattr(prepared.aggregate, "report", None)
+        # the fingerprint of the state after the round is known once the step is taken, after the commit point
+        row = RoundRow(r, time.time(), list(frames), decision.reason, "", bytes_in, bytes_out,
                        now - (self.first_submit_at or now), sum(losses) / len(losses) if losses else float("nan"),
                        float("nan"), decision.kind.value, report.to_json() if report is not None else None)
         after = {nid: dataclasses.replace(m, rounds_contributed=m.rounds_contributed + (nid in decision.members))
                  for nid, m in self.members.items()}
         try:
-            self.store.commit_round(row, step.blob, frames, after, step.aggregate, keys)
+            self.store.commit_round(row, frames, after, prepared.frame, keys, applied)
         except (OSError, sqlite3.Error) as exc:
             self.commit_pending = True
             self.persistence.failed(now, f"round {r}", exc)
             return
+        durable_at = time.perf_counter()
         self.commit_pending = False
         self.persistence.succeeded()
-        self.reference, self._scratch = step.reference, self.reference  # the swap: the round is applied, once
-        self._state_cache = (r + 1, step.blob)
+        self.snapshots.freeze()  # a snapshot still being written keeps the state it was started at
+        frozen_at = time.perf_counter()
+        aggregate_frame = prepared.frame
+        apply_prepared(self.reference, prepared)  # in place: the round is applied, once
+        stepped_at = time.perf_counter()
+        fingerprint = row.fingerprint = self.reference.fingerprint()
+        self.store.set_fingerprint(row)
+        self.commit_timing = {"reduce_s": prepared_at - started, "durable_s": durable_at - prepared_at,
+                              "freeze_s": frozen_at - durable_at, "step_s": stepped_at - frozen_at,
+                              "fingerprint_s": time.perf_counter() - stepped_at, "cpu_s": time.thread_time() - cpu0}
         for nid in decision.members:
             if nid in self.members:
                 self.members[nid].rounds_contributed += 1
         if set(decision.members) >= self._expected(r):
             self.spreads.append(max(times) - min(times))
         self.commit_times.append(now)
-        self.results[r] = Committed(r, frames, step.fingerprint, decision.reason, step.aggregate, keys)
-        while len(self.results) > self.cfg.keep_results:
+        self.results[r] = Committed(r, frames, fingerprint, decision.reason, aggregate_frame, keys)
+        while len(self.results) > min(self.cfg.keep_results, RESULTS_IN_MEMORY):  # older: from their records
             self.results.popitem(last=False)
         self.recent.append(row)
         self.open_round = r + 1
@@ -329,12 +354,14 @@ class Rounds:
         self.first_submit_at = self.deadline = None
         self._last_reason = ""
         log.info("[round=%d] committed: members=%d in=%dB loss=%.4f fp=%s (%s)", r, len(frames), bytes_in,
-                 row.mean_loss, step.fingerprint, decision.reason)
+                 row.mean_loss, fingerprint, decision.reason)
         if r + 1 == self.cfg.run.rounds:
             log.info("run %s complete: all %d rounds committed (fingerprint %s); the state stays served for joins, "
-                     "status and `lowband export --state-dir`", self.cfg.run.run_id, r + 1, step.fingerprint)
+                     "status and `lowband export --state-dir`", self.cfg.run.run_id, r + 1, fingerprint)
         if self.evaluator is not None and (r + 1) % self.cfg.eval_every == 0:
             self.evaluator.submit(r, self.reference.tensors, self.reference.buffers)
+        if self.snapshots.due(r + 1) or r + 1 == self.cfg.run.rounds:  # and the final state, for export
+            self.snapshots.start(self.reference, fingerprint)
         if report is not None:
             self._account(r, report)
         for waiter in self.waiters:
@@ -368,13 +395,23 @@ class Rounds:
                 log.warning("[round=%d] val_loss %.4f not persisted: %s", round_, val, exc)
         log.info("[round=%d] reference val_loss=%.4f", round_, val)
 
-    def state_blob(self) -> tuple[int, bytes, str]:
-        """(committed rounds, the live state's bytes — what the store persisted, fingerprint)."""
+    def state_snapshot(self, wait_s: float = 600.0) -> tuple[int, Path, str]:
+        """(committed rounds, snapshot file, fingerprint) a joiner downloads: the newest snapshot when the rounds
+        after it are still held for it to catch up on (``keep_results``), else one taken now (coordinator/snapshot.py).
+        Raises Unavailable when none is ready within ``wait_s`` or it cannot be read."""
         with self.lock:
             committed = self.reference.committed_rounds
-            if self._state_cache is None or self._state_cache[0] != committed:
-                self._state_cache = (committed, self.reference.to_bytes())
-            return committed, self._state_cache[1], self.reference.fingerprint()
+        try:
+            return self.snapshots.for_joiner(committed, self.cfg.keep_results, lambda: self.snapshots.start(
+                self.reference, self.reference.fingerprint()), wait_s)
+        except (TimeoutError, OSError) as exc:
+            raise Unavailable(f"the state is not ready for download: {exc}; try again later") from None
+
+    def state_blob(self) -> tuple[int, bytes, str]:
+        """(committed rounds, the bytes of the snapshot joiners download, its fingerprint): for tests and tools; the
+        coordinator itself streams the file (``fetch_state``)."""
+        committed, path, fingerprint = self.state_snapshot()
+        return committed, path.read_bytes(), fingerprint
 
     # -- results -------------------------------------------------------------------------------------
     def collect(self, node_id: str, round_: int, wait_s: float, submitted: bool,
@@ -425,17 +462,7 @@ class Rounds:
             m.active_round = max(m.active_round, round_)
             result = self.results.get(round_)
             if result is None:
-                frames = self.store.result(round_)
-                if frames is None or round_ != self.reference.committed_rounds - 1:
-                    raise ResultGone(f"the result of round {round_} is no longer held (the run is at round "
-                                     f"{self.open_round}); fetch the state instead")
-                # the keys that signed the frames, stored with them: a sender may have left, or (after an operator
-                # freed its name) another key may hold the name now
-                keys = self.store.result_keys(round_)
-                if keys is None:  # a result stored before its keys were: the names' keys (bound for good, names.py)
-                    keys = self._bound_keys(frames)
-                result = Committed(round_, dict(sorted(frames.items())), self.reference.fingerprint(), "restored",
-                                   self.store.aggregate(round_), keys)
+                result = self._restored_result(round_)
             if result.aggregate is not None:
                 m.bytes_out += len(result.aggregate)
                 return result, []
@@ -443,6 +470,31 @@ class Rounds:
             m.bytes_out += sum(len(result.frames[n]) for n in to_send)
             return result, to_send
 
+    def _restored_result(self, round_: int) -> Committed:
+        """A committed round's result from its write-ahead record (after a restart, or older than those in memory).
+        Raises ResultGone when it is no longer held."""
+        rec = self.store.record(round_) if round_ < self.open_round else None
+        fingerprint = self.store.fingerprints(round_).get(round_, "") if rec is not None else ""
+        if rec is None or not fingerprint:
+            raise ResultGone(f"the result of round {round_} is no longer held (the run is at round "
+                             f"{self.open_round}); fetch the state instead")
+        # the keys that signed the frames, stored with them: a sender may have left, or (after an operator freed its
+        # name) another key may hold the name now
+        keys = rec["keys"]
+        if keys is None:  # a result stored before its keys were: the names' keys (bound for good, names.py)
+            keys = self._bound_keys(rec["frames"])
+        return Committed(round_, dict(sorted(rec["frames"].items())), fingerprint, "restored", rec["aggregate"], keys)
+
     def close(self) -> None:
+        """Stop: a snapshot being written is finished, and the state of the last committed round snapshotted if it is
+        newer than the last snapshot (a restart then replays nothing)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.snapshots.wait()
+        with self.lock:
+            if self.persistence.ok and self.reference.committed_rounds > self.store.latest_snapshot()[0]:
+                self.snapshots.start(self.reference, self.reference.fingerprint())
+        self.snapshots.wait()
         if self.evaluator is not None:
             self.evaluator.stop()

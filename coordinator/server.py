@@ -30,7 +30,7 @@ from coordinator.guard import RpcGuard, ServerLimits
 from coordinator.metrics import CoordinatorCollector, Refusals, RoundHistory, coordinator_registry
 from coordinator.servicer import CoordinatorServicer, status_response
 from coordinator.startup import (ServerTls, StateDirLock, check_exposure, check_http_exposure, check_port_free,
-                                 ensure_join_token, pick_port, remember_port)
+                                 ensure_join_token, pick_port, remember_port, return_freed_memory_to_the_system)
 from coordinator.store import Disk, Store
 from coordinator.watchdog import Watchdog
 from coordinator.web import Dashboard, WebServer, bind_socket, url
@@ -65,6 +65,7 @@ class CoordinatorServer:
                 check_http_exposure(split_address(address)[0], tls, insecure, what)
         self.state_dir = Path(state_dir)
         self.lock = StateDirLock(self.state_dir)
+        return_freed_memory_to_the_system()  # the seeded model and each round's aggregate are freed, not kept
         self.limits = limits or ServerLimits()
         self._stop = threading.Event()
         self.store: Store | None = None

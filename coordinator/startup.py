@@ -13,6 +13,7 @@ safe (TLS off loopback), and the join token. Each failure is a ``StartupError`` 
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -179,3 +180,16 @@ def ensure_join_token(cfg: RunFile, state_dir: Path, loopback: bool) -> tuple[Ru
         raise StartupError(f"this run listens off loopback and its run file sets no [membership] join_token; "
                            f"generating one in {path} failed: {exc.strerror or exc}") from None
     return dataclasses.replace(cfg, membership=dataclasses.replace(cfg.membership, join_token=token)), token
+
+
+def return_freed_memory_to_the_system(threshold: int = 1 << 20) -> bool:
+    """Ask glibc to serve allocations of ``threshold`` bytes or more with their own mappings, returned to the system
+    when freed. By default glibc raises that threshold to the size of the largest block freed (up to 32 MiB), after
+    which a model's tensors come from the heap and the memory of one freed at start-up (the seeded model the
+    reference is cloned from) or after a round (the aggregate) stays resident. False where this is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
+    except (OSError, AttributeError):
+        return False

@@ -1,22 +1,34 @@
-"""Crash-safe persistence of the coordinator: SQLite for metadata, write-then-rename files for blobs.
+"""Crash-safe persistence of the coordinator: SQLite for metadata, a write-ahead log of rounds, snapshots.
 
-Order at each commit: state blob and round result files are written to temporary names, fsynced and
-renamed; then one SQLite transaction records the round — the commit point. On start the latest round in SQLite
-decides what is loaded, so a crash at any point leaves either the old or the new round, never a mix.
+Order at each commit: the round's write-ahead record — its accepted frames, the keys they were verified with, the
+aggregate if any, how it was applied and a checksum (``result-NNNNNNNN.msgpack``) — is written to a temporary name,
+fsynced and renamed; then one SQLite transaction records the round — the commit point. Only then does the
+coordinator apply the outer step to its live state, and record the state's fingerprint in the round's row (a
+second, small transaction; a crash before it leaves the row without one, which the replay fills in). The state
+itself is written every ``rounds.snapshot_every`` rounds, off the commit path (coordinator/snapshot.py:
+``snapshot-NNNNNNNN.safetensors``, NNNNNNNN its committed rounds). On start the latest round in SQLite decides
+what is loaded: the newest complete snapshot, then the logged rounds after it replayed (coordinator/replay.py).
+A crash at any point leaves either the old or the new round, never a mix: a record written for a round that has
+no row (the crash came before the commit point) is cut on start, never replayed.
+
+State dirs written before the write-ahead log (a ``state-NNNNNNNN.pt`` after every round, same format) still load:
+those files count as snapshots.
+
 ``commit_round`` raises (OSError, sqlite3.Error) only when the round did not become durable; a failure after the
-commit point (the audit line, removing old files) is logged and retried at the next write.
+commit point (the fingerprint, the audit line, removing old files) is logged and retried at the next write.
 
-Every write goes through a ``Disk`` (the seam where tests inject a full or read-only disk).
+Every write goes through a ``Disk`` (the seam where tests inject a full or read-only disk, or a crash).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import msgpack
 
@@ -53,6 +65,40 @@ class Disk:
     def unlink(self, path: Path) -> None:
         path.unlink(missing_ok=True)
 
+    # a file written piece by piece at offsets (a snapshot, coordinator/snapshot.py), then published atomically
+    def open_tmp(self, path: Path) -> IO[bytes]:
+        """``path``.tmp, created empty, for ``pwrite``; ``publish`` renames it to ``path``."""
+        return open(path.with_name(path.name + ".tmp"), "wb+")
+
+    def pwrite(self, f: IO[bytes], data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(f.fileno(), view, offset)
+            view, offset = view[n:], offset + n
+
+    def pread(self, f: IO[bytes], n: int, offset: int) -> bytes:
+        data = os.pread(f.fileno(), n, offset)
+        if len(data) != n:
+            raise OSError(f"short read of {f.name}: {len(data)} of {n} bytes at {offset}")
+        return data
+
+    def publish(self, f: IO[bytes], path: Path) -> None:
+        """fsync the temporary file, rename it to ``path``, fsync the folder."""
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def discard(self, f: IO[bytes], path: Path) -> None:
+        """Close and remove a temporary file that will not be published (a failed snapshot)."""
+        f.close()
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+
     def transaction(self, db: sqlite3.Connection, statements: Callable[[], None]) -> None:
         """Run ``statements`` in one SQLite transaction (all or nothing)."""
         with db:
@@ -65,13 +111,36 @@ def _real(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
+class WalError(ValueError):
+    """A write-ahead record of a committed round is missing or damaged: the state cannot be rebuilt from it."""
+
+
+def record_digest(round_: int, frames: dict[str, bytes], aggregate: bytes | None, keys: dict[str, bytes],
+                  applied: dict[str, Any]) -> str:
+    """sha256 over everything a write-ahead record holds, in a fixed order (names sorted, lengths framed)."""
+    h = hashlib.sha256(f"lowband-wal-1\0{round_}\0".encode())
+    for name in sorted(frames):
+        h.update(f"frame\0{name}\0{len(frames[name])}\0".encode())
+        h.update(frames[name])
+    for name in sorted(keys):
+        h.update(f"key\0{name}\0{len(keys[name])}\0".encode())
+        h.update(keys[name])
+    h.update(b"aggregate\0" + (b"-" if aggregate is None else f"{len(aggregate)}\0".encode() + aggregate))
+    h.update(json.dumps(applied, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+SNAPSHOT_GLOB, LEGACY_STATE_GLOB, RESULT_GLOB = "snapshot-*.safetensors", "state-*.pt", "result-*.msgpack"
+
+
 class Store:
     def __init__(self, state_dir: str | Path, keep: int = 3, disk: Disk | None = None) -> None:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.keep = keep
+        self.keep = keep  # round records kept at least (late collectors), beyond what a replay needs
         self.disk = disk or Disk()
         self.pending: list[str] = []  # audit lines of durable rounds not yet appended (the disk failed after commit)
+        self.pending_fingerprints: dict[int, str] = {}  # round → its fingerprint, not yet in its row (disk failed)
         self.db = sqlite3.connect(self.dir / "coordinator.sqlite", check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -110,21 +179,31 @@ class Store:
         return None
 
     # -- rounds --------------------------------------------------------------------------------------
-    def _state_path(self, committed: int) -> Path:
-        return self.dir / f"state-{committed:08d}.pt"
+    def snapshot_path(self, committed: int) -> Path:
+        return self.dir / f"snapshot-{committed:08d}.safetensors"
 
     def _result_path(self, round_: int) -> Path:
         return self.dir / f"result-{round_:08d}.msgpack"
 
-    def commit_round(self, row: RoundRow, state_blob: bytes, frames: dict[str, bytes],
-                     members: dict[str, Member], aggregate: bytes | None = None,
-                     keys: dict[str, bytes] | None = None) -> None:
-        """Persist a round; raises OSError/sqlite3.Error when it did not become durable (nothing to undo then).
-        ``keys``: the public keys its frames were verified with, by sender (a restored result hands them out)."""
-        committed = row.round + 1
-        self.disk.write_atomic(self._state_path(committed), state_blob)
+    @staticmethod
+    def _number(path: Path) -> int | None:
+        digits = path.name.split("-", 1)[1].split(".", 1)[0]
+        return int(digits) if digits.isdigit() else None
+
+    def commit_round(self, row: RoundRow, frames: dict[str, bytes], members: dict[str, Member],
+                     aggregate: bytes | None = None, keys: dict[str, bytes] | None = None,
+                     applied: dict[str, Any] | None = None) -> None:
+        """Make a round durable: its write-ahead record, then its row (the commit point). Raises
+        OSError/sqlite3.Error when it did not become durable (nothing to undo then). ``keys``: the public keys its
+        frames were verified with, by sender (a restored result hands them out; the replay verifies with them).
+        ``applied``: how the round was applied (``{"result": "relay"}`` or ``{"result": "aggregate", "codec": ...}``).
+        ``row.fingerprint`` may be "" (the state after the round is computed after the commit point):
+        ``set_fingerprint`` records it then."""
+        keys, applied = keys or {}, applied or {"result": "relay"}
+        digest = record_digest(row.round, frames, aggregate, keys, applied)
         self.disk.write_atomic(self._result_path(row.round), msgpack.packb(
-            {"round": row.round, "frames": frames, "aggregate": aggregate, "keys": keys or {}}, use_bin_type=True))
+            {"round": row.round, "frames": frames, "aggregate": aggregate, "keys": keys, "applied": applied,
+             "sha256": digest}, use_bin_type=True))
 
         def record() -> None:
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -133,58 +212,146 @@ class Store:
             self._save_members(members)
 
         self.disk.transaction(self.db, record)  # the commit point
+
+    def set_fingerprint(self, row: RoundRow) -> None:
+        """After the commit point: record the state's fingerprint after ``row.round`` and the audit line. Never
+        raises for the disk: what could not be written is retried at the next write (``flush``)."""
+        self.pending_fingerprints[row.round] = row.fingerprint
         # the audit trail tools read (node/roundlog.py); the round is durable whether or not these succeed now
         self.pending.append(row.to_json())
         self.flush()
 
+    def _write_fingerprints(self) -> None:
+        rows = [(fp, r) for r, fp in sorted(self.pending_fingerprints.items())]
+        if rows:
+            self.disk.transaction(self.db, lambda: self.db.executemany(
+                "UPDATE rounds SET fingerprint = ? WHERE round = ?", rows))
+            self.pending_fingerprints.clear()
+
     def flush(self) -> bool:
-        """Append the audit lines still pending and remove old files; False (logged) when the disk still fails."""
+        """Write the fingerprints and audit lines still pending and remove old files; False (logged) when the disk
+        still fails."""
         try:
+            self._write_fingerprints()
             while self.pending:
                 self.disk.append_line(self.dir / COORDINATOR_LOG, self.pending[0])
                 self.pending.pop(0)
-            for pattern in ("state-*.pt", "result-*.msgpack"):
-                for old in sorted(self.dir.glob(pattern))[:-self.keep]:
-                    self.disk.unlink(old)
-        except OSError as exc:
-            log.warning("state dir %s: %d audit line(s) not written yet (%s); retrying at the next write", self.dir,
-                        len(self.pending), exc)
+            self.prune()
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("state dir %s: %d fingerprint(s) and %d audit line(s) not written yet (%s); retrying at the "
+                        "next write", self.dir, len(self.pending_fingerprints), len(self.pending), exc)
             return False
         return True
+
+    def last_round(self) -> int | None:
+        """The last committed round; None for a new run."""
+        row = self.db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def fingerprints(self, first: int) -> dict[int, str]:
+        """Round → the fingerprint of the state after it ("" where it was not recorded), for rounds ≥ ``first``."""
+        out = {int(r): fp or "" for r, fp in self.db.execute(
+            "SELECT round, fingerprint FROM rounds WHERE round >= ? ORDER BY round", (first,))}
+        out.update({r: fp for r, fp in self.pending_fingerprints.items() if r >= first})
+        return out
+
+    def snapshots(self) -> list[tuple[int, Path]]:
+        """Complete snapshots (and state files of the format before the write-ahead log) of committed rounds, as
+        (committed rounds, path), oldest first; a snapshot of more rounds than SQLite committed (it cannot be
+        written before its round commits; a state file renamed just before a crash, in the old format) is left out."""
+        last = self.last_round()
+        limit = 0 if last is None else last + 1
+        found: dict[int, Path] = {}
+        for pattern in (LEGACY_STATE_GLOB, SNAPSHOT_GLOB):  # a snapshot wins over a legacy file of the same round
+            for path in self.dir.glob(pattern):
+                n = self._number(path)
+                if n is not None and 0 <= n <= limit:
+                    found[n] = path
+        return sorted(found.items())
+
+    def latest_snapshot(self) -> tuple[int, Path | None]:
+        """(committed rounds, path) of the newest complete snapshot; (0, None) when there is none (the state is then
+        the seeded model, and the replay starts at round 0)."""
+        snaps = self.snapshots()
+        return snaps[-1] if snaps else (0, None)
+
+    def cut_tail(self) -> list[int]:
+        """Remove write-ahead records of rounds that never committed (the crash came before their row) and the
+        temporary files of interrupted writes; returns the rounds cut. Run once at start, before replaying."""
+        last = self.last_round()
+        cut = []
+        for path in self.dir.glob(RESULT_GLOB):
+            n = self._number(path)
+            if n is not None and (last is None or n > last):
+                self.disk.unlink(path)
+                cut.append(n)
+        for path in [*self.dir.glob(SNAPSHOT_GLOB), *self.dir.glob(LEGACY_STATE_GLOB)]:
+            n = self._number(path)
+            if n is not None and n > (0 if last is None else last + 1):  # renamed before a crash, never committed
+                self.disk.unlink(path)
+        for path in self.dir.glob("*.tmp"):
+            self.disk.unlink(path)
+        return sorted(cut)
+
+    def prune(self) -> None:
+        """Remove snapshots older than the newest complete one, and write-ahead records that neither a replay from it
+        nor ``keep`` late collectors need. Raises OSError."""
+        committed, newest = self.latest_snapshot()
+        last = self.last_round()
+        if newest is None or last is None:
+            return
+        for path in [*self.dir.glob(SNAPSHOT_GLOB), *self.dir.glob(LEGACY_STATE_GLOB)]:
+            n = self._number(path)
+            if n is not None and n < committed:
+                self.disk.unlink(path)
+        first_kept = min(committed, last + 1 - self.keep)
+        for path in self.dir.glob(RESULT_GLOB):
+            n = self._number(path)
+            if n is not None and n < first_kept:
+                self.disk.unlink(path)
+
+    def record(self, round_: int) -> dict[str, Any] | None:
+        """A round's write-ahead record (frames, aggregate, keys, applied), checked against its checksum; None when
+        it is not held. Raises WalError for one that is damaged."""
+        path = self._result_path(round_)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            rec = msgpack.unpackb(blob, raw=False)
+            frames = {str(n): bytes(f) for n, f in rec["frames"].items()}
+            keys = {str(n): bytes(k) for n, k in (rec.get("keys") or {}).items()}
+            aggregate = None if rec.get("aggregate") is None else bytes(rec["aggregate"])
+            applied = rec.get("applied")
+        except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
+            raise WalError(f"{path.name} is damaged: {type(exc).__name__}: {exc}") from None
+        if "sha256" in rec:  # written with the write-ahead log; a result file from before has none
+            if rec.get("round") != round_ or rec["sha256"] != record_digest(round_, frames, aggregate, keys, applied):
+                raise WalError(f"{path.name} does not match its checksum (damaged on disk)")
+        return {"frames": frames, "aggregate": aggregate, "keys": keys if "keys" in rec else None,
+                "applied": applied}
+
+    def result(self, round_: int) -> dict[str, bytes] | None:
+        rec = self.record(round_)
+        return None if rec is None else rec["frames"]
+
+    def aggregate(self, round_: int) -> bytes | None:
+        """The aggregate frame of a round committed in aggregate mode (None in relay mode)."""
+        rec = self.record(round_)
+        return None if rec is None else rec["aggregate"]
+
+    def result_keys(self, round_: int) -> dict[str, bytes] | None:
+        """The keys a round's frames were verified with, by sender; None when not held (a result file from before
+        they were stored)."""
+        rec = self.record(round_)
+        return None if rec is None else rec["keys"]
 
     def set_val_loss(self, round_: int, val_loss: float) -> None:
         self.disk.transaction(self.db, lambda: self.db.execute("UPDATE rounds SET val_loss = ? WHERE round = ?",
                                                                (val_loss, round_)))
         self.pending.append(json.dumps({"round": round_, "val_loss": val_loss}))
         self.flush()
-
-    def latest(self) -> tuple[int, bytes | None]:
-        """(committed rounds, state blob) of the last committed round; (0, None) for a new run."""
-        row = self.db.execute("SELECT MAX(round) FROM rounds").fetchone()
-        if row[0] is None:
-            return 0, None
-        committed = int(row[0]) + 1
-        return committed, self._state_path(committed).read_bytes()
-
-    def result(self, round_: int) -> dict[str, bytes] | None:
-        path = self._result_path(round_)
-        if not path.exists():
-            return None
-        return msgpack.unpackb(path.read_bytes(), raw=False)["frames"]
-
-    def aggregate(self, round_: int) -> bytes | None:
-        """The aggregate frame of a round committed in aggregate mode (None in relay mode)."""
-        path = self._result_path(round_)
-        if not path.exists():
-            return None
-        return msgpack.unpackb(path.read_bytes(), raw=False).get("aggregate")
-
-    def result_keys(self, round_: int) -> dict[str, bytes] | None:
-        """The keys a round's frames were verified with, by sender; None when not held (a result file from before
-        they were stored)."""
-        path = self._result_path(round_)
-        keys = msgpack.unpackb(path.read_bytes(), raw=False).get("keys") if path.exists() else None
-        return {str(n): bytes(k) for n, k in keys.items()} if isinstance(keys, dict) else None
 
     def recent_rounds(self, limit: int = 20) -> list[RoundRow]:
         rows = self.db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,)).fetchall()

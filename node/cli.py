@@ -217,12 +217,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         except FileNotFoundError as exc:
             raise ConfigError(str(exc)) from None
     else:
-        from coordinator.store import Store  # the command line is where node and coordinator meet
+        from coordinator.replay import state_bytes  # the command line is where node and coordinator meet
+        from coordinator.store import Store
 
         state_dir = Path(args.state_dir)
         if not (state_dir / "coordinator.sqlite").is_file():
             raise ConfigError(f"{state_dir} is not a coordinator state dir (no coordinator.sqlite)")
-        committed, source = Store(state_dir).latest()
+        committed, source = state_bytes(Store(state_dir))
         if source is None:
             raise ConfigError(f"{state_dir} holds no committed round yet: there is nothing but the seeded model")
     try:

@@ -41,6 +41,14 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_commit(args: argparse.Namespace) -> int:
+    from node.bench.commit import run_commit_bench
+
+    run_commit_bench(args.n_layer, args.n_embd, args.n_head, args.members, args.rounds,
+                     Path(args.out) if args.out else None)
+    return 0
+
+
 def cmd_bench_coordinator(args: argparse.Namespace) -> int:
     from node.bench.coordinator import run_coordinator_bench
 
@@ -168,6 +176,14 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
     bc.add_argument("--keep", action="store_true",
                     help="keep the temporary state directories (default: removed at the end, also on error)")
     bc.set_defaults(func=cmd_bench_coordinator)
+    bm = bsub.add_parser("commit", help="the coordinator's commit path and peak RSS for a large model (in-process)")
+    bm.add_argument("--n-layer", type=positive_int, default=24, help="gpt layers (24 × width 1024 ≈ 300M parameters)")
+    bm.add_argument("--n-embd", type=positive_int, default=1024, help="gpt width")
+    bm.add_argument("--n-head", type=positive_int, default=16, help="gpt attention heads (divides the width)")
+    bm.add_argument("--members", type=positive_int, default=3, help="members submitting sign frames")
+    bm.add_argument("--rounds", type=positive_int, default=4, help="rounds committed (a snapshot every 2)")
+    bm.add_argument("--out", default=None, help="write the results (JSON) here (default: print only)")
+    bm.set_defaults(func=cmd_bench_commit)
     bj = bsub.add_parser("join", help="time from `lowband node` start to its first committed contribution")
     bj.add_argument("--size", default="tiny", help="gpt size: tiny, small, medium, gpt2")
     recipe(bj)

@@ -5,7 +5,7 @@
 [task]         # task parameters (size, batch_size, ...)
 [recipe]       # any recipe override, flat ("inner.lr" = 1e-3) or nested ([recipe.inner] lr = 1e-3)
 [membership]   # min_nodes, max_nodes, heartbeat_s, lease_s, join_token
-[rounds]       # initial_wait_s, min_wait_s, max_wait_s, quantile, margin, eval_every, keep_results,
+[rounds]       # initial_wait_s, min_wait_s, max_wait_s, quantile, margin, eval_every, keep_results, snapshot_every,
                # result ("relay" | "aggregate" | "compressed"), aggregate_codec ("identity" | "bf16" | "fp16")
 [dht]          # serverless runs: shard_above, owner_wait_s (rounds reduced by shard: node/transport/dht_sharded.py)
 [authority]    # serverless runs: public_key, signature, open — written by `lowband run init`
@@ -52,6 +52,7 @@ class RunFile:
     deadline: DeadlinePolicy = DeadlinePolicy()
     eval_every: int = 1  # evaluate the reference every K committed rounds (0: never)
     keep_results: int = 8  # committed round results held for late collectors
+    snapshot_every: int = 16  # the coordinator snapshots its state every K committed rounds (docs/state.md)
     #: "relay": every member receives every other member's payload (codec-agnostic, exact);
     #: "aggregate": the coordinator reduces and sends one dense frame (wins for many members);
     #: "compressed": the coordinator reduces and sends one frame in the run's own codec, with error feedback of its own
@@ -75,6 +76,8 @@ class RunFile:
             raise ConfigError(f"rounds.eval_every must be ≥ 0 (0: never), got {self.eval_every}")
         if self.keep_results < 1:
             raise ConfigError(f"rounds.keep_results must be ≥ 1, got {self.keep_results}")
+        if self.snapshot_every < 1:
+            raise ConfigError(f"rounds.snapshot_every must be ≥ 1, got {self.snapshot_every}")
         if self.result not in ("relay", "aggregate", "compressed"):
             raise ConfigError(f"rounds.result must be 'relay', 'aggregate' or 'compressed', got {self.result!r}")
         if self.aggregate_codec not in DENSE_AGGREGATE_CODECS:
@@ -175,6 +178,7 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
     rounds_doc = dict(doc.get("rounds", {}))
     eval_every = _int(source, "rounds.eval_every", rounds_doc.pop("eval_every", 1))
     keep = _int(source, "rounds.keep_results", rounds_doc.pop("keep_results", 8))
+    snapshot_every = _int(source, "rounds.snapshot_every", rounds_doc.pop("snapshot_every", 16))
     result_mode = str(rounds_doc.pop("result", "relay"))
     aggregate_codec = str(rounds_doc.pop("aggregate_codec", "identity"))
     task = TaskConfig(run.get("task", "gpt"), dict(doc.get("task", {"size": "tiny", "batch_size": 8})))
@@ -184,8 +188,10 @@ def parse_run_file(text: str, source: str = "run file") -> RunFile:
                           run_id=str(run.get("id", "lowband")))
     return RunFile(run=cfg, membership=_section(doc, "membership", MembershipPolicy, source),
                    deadline=_section({"rounds": rounds_doc}, "rounds", DeadlinePolicy, source,
-                                     ("eval_every", "keep_results", "result", "aggregate_codec")),
-                   eval_every=eval_every, keep_results=keep, result=result_mode, aggregate_codec=aggregate_codec,
+                                     ("eval_every", "keep_results", "snapshot_every", "result",
+                                      "aggregate_codec")),
+                   eval_every=eval_every, keep_results=keep, snapshot_every=snapshot_every, result=result_mode,
+                   aggregate_codec=aggregate_codec,
                    authority=dict(doc.get("authority", {})), dht=_section(doc, "dht", DhtPolicy, source))
 
 

@@ -13,6 +13,9 @@ import torch
 
 class NesterovSGD(torch.optim.Optimizer):
     replica_consistent = True
+    #: step() updates each parameter from its own .grad and state alone (in parameter order, skipping those without a
+    #: .grad): stepping one parameter at a time is the full step, bit for bit (coordinator/commit.py relies on it)
+    steps_each_parameter_alone = True
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.7, momentum: float = 0.9) -> None:
         if lr < 0 or not 0.0 <= momentum < 1.0:

@@ -21,6 +21,9 @@ import torch
 
 class SignMomentum(torch.optim.Optimizer):
     replica_consistent = True
+    #: step() updates each parameter from its own .grad and state alone (in parameter order, skipping those without a
+    #: .grad): stepping one parameter at a time is the full step, bit for bit (coordinator/commit.py relies on it)
+    steps_each_parameter_alone = True
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1.0, betas: tuple[float, float] = (0.95, 0.98),
                  weight_decay: float = 0.1, sign_mode: str = "exact", seed: int = 0) -> None:

@@ -13,6 +13,9 @@ import torch
 
 class SignSGD(torch.optim.Optimizer):
     replica_consistent = True
+    #: step() updates each parameter from its own .grad and state alone (in parameter order, skipping those without a
+    #: .grad): stepping one parameter at a time is the full step, bit for bit (coordinator/commit.py relies on it)
+    steps_each_parameter_alone = True
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1.0, weight_decay: float = 0.0) -> None:
         if lr < 0 or weight_decay < 0:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -58,7 +58,8 @@ F16_LIMIT = 65504.0
 def tensors_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # hashed through a view of the tensor's memory: no copy of a (possibly GB-sized) tensor
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:16]
 
 
@@ -170,11 +171,14 @@ class Reference:
                                    self.robust, self.cfg.recipe.reduce, envelopes[0].round, self.device)
             buffers = self.reduce_buffers(outcome.kept) if outcome.kept else [b.clone() for b in self.buffers]
             return Aggregate(outcome.tensors, buffers, outcome.report, outcome.state)
-        out = []
-        for name, ref in zip(self.names, self.tensors):
-            encs = [{k: v.to(self.device) for k, v in e.tensors[name].items()} for e in envelopes]
-            out.append(self.codec.reduce(encs, tuple(ref.shape)))
-        return Aggregate(out, self.reduce_buffers(envelopes))
+        return Aggregate([self.reduce_one(envelopes, i) for i in range(len(self.tensors))],
+                         self.reduce_buffers(envelopes))
+
+    def reduce_one(self, envelopes: Sequence[wire.Envelope], i: int) -> torch.Tensor:
+        """The codec's reduce of trainable tensor ``i`` over the envelopes (sorted by sender): fp32, its shape."""
+        name = self.names[i]
+        encs = [{k: v.to(self.device) for k, v in e.tensors[name].items()} for e in envelopes]
+        return self.codec.reduce(encs, tuple(self.tensors[i].shape))
 
     def reduce_buffers(self, envelopes: Sequence[wire.Envelope]) -> list[torch.Tensor]:
         """Each buffer's agreed value: floating ones the mean over the envelopes (fp64 sum in the envelopes' order, one
@@ -203,9 +207,7 @@ class Reference:
         for ref, agg in zip(self.tensors, aggregate, strict=True):
             ref.grad = agg.to(self.device, torch.float32)
         recipe = self.cfg.recipe
-        lr = recipe.outer.lr * (self.inner_lr(round_) if recipe.outer.lr_follows_inner else 1.0)
-        for group in self.outer.param_groups:
-            group["lr"] = lr
+        self._set_outer_lr(round_)
         if recipe.outer.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.tensors, recipe.outer.clip_norm)
         set_context = getattr(self.outer, "set_round_context", None)
@@ -216,6 +218,38 @@ class Reference:
         self.outer.step()
         for ref in self.tensors:
             ref.grad = None
+        self._stepped(aggregate, round_)
+
+    @property
+    def steps_tensor_by_tensor(self) -> bool:
+        """Whether ``step_each`` may take this reference's outer step: an outer optimizer that steps each parameter
+        alone, no global clip norm, no robust reduce (its bounds look at every tensor), no per-worker context."""
+        return (bool(getattr(self.outer, "steps_each_parameter_alone", False)) and self.robust is None
+                and self.cfg.recipe.outer.clip_norm is None and getattr(self.outer, "set_round_context", None) is None)
+
+    def step_each(self, aggregate_of: Callable[[int], torch.Tensor], buffers: Sequence[torch.Tensor],
+                  round_: int) -> None:
+        """``step`` one parameter at a time: ``aggregate_of(i)`` gives trainable tensor i's aggregate (fp32, its
+        shape) just before it is stepped, so at most one aggregate tensor exists at a time — not a whole model's.
+        ``buffers``: the round's agreed buffers. Bit-identical to ``step`` where ``steps_tensor_by_tensor``
+        (asserted)."""
+        assert self.steps_tensor_by_tensor, "this outer step needs every parameter's aggregate at once"
+        self._set_outer_lr(round_)
+        for i, ref in enumerate(self.tensors):
+            ref.grad = aggregate_of(i).to(self.device, torch.float32)
+            self.outer.step()  # only this parameter has a .grad: only it is stepped
+            ref.grad = None
+        self._stepped(Aggregate([], buffers), round_)
+
+    def _set_outer_lr(self, round_: int) -> None:
+        recipe = self.cfg.recipe
+        lr = recipe.outer.lr * (self.inner_lr(round_) if recipe.outer.lr_follows_inner else 1.0)
+        for group in self.outer.param_groups:
+            group["lr"] = lr
+
+    def _stepped(self, aggregate: Sequence[torch.Tensor], round_: int) -> None:
+        """After the outer step of round ``round_``: the finiteness check, the agreed buffers, the robust state and
+        report the aggregate carries, the committed-round count."""
         bad = model_tensors.first_nonfinite(zip(self.names, self.tensors))
         if bad is not None:
             # validated frames are finite and bounded, so this needs ~10^7 rounds of saturated aggregates: the run's
@@ -251,15 +285,18 @@ class Reference:
         decoded = [codec.decode(encoded[n], tuple(a.shape)) for n, a in zip(self.names, aggregate)]
         return frame, Aggregate(decoded, buffers, getattr(aggregate, "report", None), getattr(aggregate, "robust", None))
 
-    def pack_compressed(self, aggregate: Sequence[torch.Tensor], round_: int) -> tuple[bytes, Aggregate]:
+    def pack_compressed(self, aggregate: Sequence[torch.Tensor], round_: int,
+                        residual: list[torch.Tensor] | None = None) -> tuple[bytes, Aggregate]:
         """Encode an aggregate for the wire with the run's own codec and the downlink's error feedback (DoubleSqueeze,
         arXiv 1905.05957; node/train/downlink.py): Q = C(A + e), e ← (A + e) − D(Q). Returns the frame of Q (sender
         ``coordinator``, unsigned like every aggregate frame) and what it decodes to, D(Q), which the sender and every
-        member apply. Advances ``self.downlink`` (this reference's copy: the coordinator runs it on its scratch state).
-        The buffers travel exact. Raises RuntimeError when this reference keeps no downlink residual."""
+        member apply. Advances ``residual`` in place (the coordinator passes a copy of ``self.downlink`` and swaps it in
+        at the step: coordinator/commit.py), or ``self.downlink`` when None (the simulator). The buffers travel exact.
+        Raises RuntimeError when this reference keeps no downlink residual."""
         if self.downlink is None:
             raise RuntimeError("this reference keeps no downlink residual (Reference(downlink_feedback=True))")
-        encoded, decoded = compress_with_feedback(self.codec, self.names, aggregate, self.downlink)
+        encoded, decoded = compress_with_feedback(self.codec, self.names, aggregate,
+                                                  self.downlink if residual is None else residual)
         buffers = list(getattr(aggregate, "buffers", ())) or [b.clone() for b in self.buffers]
         frame = wire.pack(self.cfg.run_id, round_, AGGREGATE_SENDER, self.codec, self.spec, encoded, self.buffer_spec,
                           dict(zip(self.buffer_names, buffers)))
@@ -296,14 +333,21 @@ class Reference:
     def names_by_id(self) -> dict[int, str]:
         return {id(t): n for n, t in zip(self.names, self.tensors)}
 
-    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """(JSON header, tensors) of the state: copies, so the caller may keep them while training goes on."""
-        outer_header, outer_tensors = state_file.optimizer_state(self.outer, self.names_by_id(), "outer")
+    def state(self, copy: bool = True, fingerprint: str | None = None
+              ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON header, tensors) of the state: copies, so the caller may keep them while training goes on.
+        ``copy=False``: the live tensors themselves (no memory), for a writer that finishes before the next step
+        changes them or copies each one first (coordinator/snapshot.py). ``fingerprint``: this state's, when the caller
+        knows it already (hashing a large state takes seconds)."""
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().clone() if copy else t.detach()
+
+        outer_header, outer_tensors = state_file.optimizer_state(self.outer, self.names_by_id(), "outer", copy)
         header = {"kind": "reference", "run": self.cfg.to_dict(), "committed_rounds": self.committed_rounds,
-                  "fingerprint": self.fingerprint(), "params": list(self.names), "buffers": list(self.buffer_names),
-                  "outer": {"name": self.cfg.recipe.outer.name, **outer_header}}
-        tensors = {f"param/{n}": t.detach().clone() for n, t in zip(self.names, self.tensors)}
-        tensors |= {f"buffer/{n}": b.detach().clone() for n, b in zip(self.buffer_names, self.buffers)}
+                  "fingerprint": fingerprint or self.fingerprint(), "params": list(self.names),
+                  "buffers": list(self.buffer_names), "outer": {"name": self.cfg.recipe.outer.name, **outer_header}}
+        tensors = {f"param/{n}": own(t) for n, t in zip(self.names, self.tensors)}
+        tensors |= {f"buffer/{n}": own(b) for n, b in zip(self.buffer_names, self.buffers)}
         if self.robust is not None:
             header["robust"] = self.robust.header()
             tensors |= self.robust.tensors()

@@ -203,11 +203,12 @@ def _ordered_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in opt.param_groups for p in g["params"]]
 
 
-def optimizer_state(opt: torch.optim.Optimizer, names: Mapping[int, str], prefix: str
+def optimizer_state(opt: torch.optim.Optimizer, names: Mapping[int, str], prefix: str, copy: bool = True
                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``opt``'s state as (header part, tensors): ``{prefix}/{param name}/{key}`` per state tensor, and
     ``{prefix}.extra/{key}`` per extra top-level tensor of its ``state_dict`` (SignMomentum's generator). ``names``:
-    id(parameter) → name. Raises ValueError for state this format cannot hold (a non-tensor value)."""
+    id(parameter) → name. ``copy=False``: the optimizer's own state tensors, not copies. Raises ValueError for state
+    this format cannot hold (a non-tensor value)."""
     sd = opt.state_dict()
     order = _ordered_params(opt)
     tensors: dict[str, torch.Tensor] = {}
@@ -216,10 +217,10 @@ def optimizer_state(opt: torch.optim.Optimizer, names: Mapping[int, str], prefix
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{prefix} state {key!r} of {name!r} is a {type(value).__name__}, not a tensor")
-            tensors[f"{prefix}/{name}/{key}"] = value.detach().clone()
+            tensors[f"{prefix}/{name}/{key}"] = value.detach().clone() if copy else value.detach()
     extra = sorted(k for k in sd if k not in ("state", "param_groups") and isinstance(sd[k], torch.Tensor))
     for key in extra:
-        tensors[f"{prefix}.extra/{key}"] = sd[key].detach().clone()
+        tensors[f"{prefix}.extra/{key}"] = sd[key].detach().clone() if copy else sd[key].detach()
     return {"groups": _json_groups(opt), "extra": extra}, tensors
 
 

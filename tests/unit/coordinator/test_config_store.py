@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.store import Store
+from coordinator.store import Store, WalError
 from node.membership import DeadlinePolicy, Member, MembershipPolicy
 from node.roundlog import RoundRow
 from node.runfile import RunFile, load_run_file, parse_run_file
@@ -121,7 +121,7 @@ def test_missing_run_file_names_the_path(tmp_path: Path) -> None:
     ("[rounds]\nhistory = 0", r"rounds\.history must be ≥ 1, got 0"),
     ("[rounds]\npatience = 3", r"^r\.toml: unknown \[rounds\] key 'patience'; valid keys: aggregate_codec, eval_every, history, "
                                r"initial_wait_s, keep_results, margin, max_wait_s, min_wait_s, newcomer_fraction, quantile, "
-                               r"result$"),
+                               r"result, snapshot_every$"),
     ("[run]\nrecipe = 'nope'", r"unknown recipe 'nope'"),
     ("[recipe]\nH = 0", r"H must be an integer ≥ 1, got 0"),
     ("[recipe]\n'inner.nonsense' = 1", r"unknown setting 'inner\.nonsense'"),
@@ -192,19 +192,23 @@ def test_a_state_dir_recorded_with_the_protocol_2_hash_is_the_same_run(store: St
 
 
 def test_new_store_has_no_rounds(store: Store) -> None:
-    assert store.latest() == (0, None)
+    assert store.last_round() is None and store.latest_snapshot() == (0, None)
     assert store.result(0) is None
     assert store.recent_rounds() == []
 
 
-def test_commit_round_then_latest_and_result(store: Store) -> None:
+def test_commit_round_then_record_result_and_fingerprint(store: Store) -> None:
+    """The commit point records the round without its fingerprint (the state after it is stepped after the commit
+    point); ``set_fingerprint`` fills it in, with the audit line."""
     frames = {"a": b"\x00frame-a", "b": b"frame-b\xff"}
     members = {"n1": mem("n1", "a", 0)}
-    store.commit_round(row(0), b"state-after-round-0", frames, members)
-    assert store.latest() == (1, b"state-after-round-0")
-    assert store.result(0) == frames
-    store.commit_round(row(1), b"state-after-round-1", {"a": b"x"}, members)
-    assert store.latest() == (2, b"state-after-round-1")
+    store.commit_round(row(0, fingerprint=""), frames, members, keys={"a": b"k" * 32})
+    assert store.last_round() == 0 and store.fingerprints(0) == {0: ""}
+    assert store.result(0) == frames and store.result_keys(0) == {"a": b"k" * 32}
+    assert store.record(0)["applied"] == {"result": "relay"}
+    store.set_fingerprint(row(0))
+    store.commit_round(row(1), {"a": b"x"}, members, aggregate=b"agg", applied={"result": "aggregate", "codec": "bf16"})
+    assert store.last_round() == 1 and store.aggregate(1) == b"agg"
     assert store.result(1) == {"a": b"x"}
     recent = store.recent_rounds()
     assert [r.round for r in recent] == [0, 1]
@@ -215,17 +219,36 @@ def test_commit_round_then_latest_and_result(store: Store) -> None:
     assert [r.round for r in store.recent_rounds(limit=1)] == [1]
 
 
-def test_only_keep_newest_state_and_result_files(tmp_path: Path) -> None:
+def test_a_damaged_write_ahead_record_is_refused_by_its_checksum(store: Store) -> None:
+    store.commit_round(row(0), {"a": b"frame-a"}, {})
+    path = store.dir / "result-00000000.msgpack"
+    blob = bytearray(path.read_bytes())
+    blob[blob.index(b"frame-a")] ^= 1  # one flipped bit in a frame
+    path.write_bytes(bytes(blob))
+    with pytest.raises(WalError, match="does not match its checksum"):
+        store.record(0)
+    path.write_bytes(bytes(blob[:len(blob) // 2]))  # torn
+    with pytest.raises(WalError, match="is damaged"):
+        store.record(0)
+
+
+def test_records_are_kept_back_to_the_newest_snapshot_and_older_snapshots_pruned(tmp_path: Path) -> None:
     s = Store(tmp_path / "st", keep=2)
     try:
         for r in range(5):
-            s.commit_round(row(r), f"state{r + 1}".encode(), {"a": bytes([r])}, {})
-        states = sorted(p.name for p in s.dir.glob("state-*.pt"))
-        results = sorted(p.name for p in s.dir.glob("result-*.msgpack"))
-        assert states == ["state-00000004.pt", "state-00000005.pt"]
-        assert results == ["result-00000003.msgpack", "result-00000004.msgpack"]
-        assert s.latest() == (5, b"state5")
-        assert s.result(4) == {"a": b"\x04"} and s.result(0) is None
+            s.commit_round(row(r), {"a": bytes([r])}, {})
+            s.flush()
+        # no snapshot: every record is kept (the replay starts from the seeded model)
+        assert sorted(p.name for p in s.dir.glob("result-*.msgpack")) == [f"result-{r:08d}.msgpack" for r in range(5)]
+        write_atomic(s.snapshot_path(2), b"snapshot-2")
+        write_atomic(s.dir / "state-00000001.pt", b"old-format-1")
+        write_atomic(s.snapshot_path(4), b"snapshot-4")
+        s.flush()
+        assert sorted(p.name for p in s.dir.glob("snapshot-*")) == ["snapshot-00000004.safetensors"]
+        assert list(s.dir.glob("state-*.pt")) == []
+        # rounds 2 and 3 are kept for late collectors (keep=2), round 4 for the replay
+        assert sorted(p.name for p in s.dir.glob("result-*.msgpack")) == [f"result-{r:08d}.msgpack" for r in (3, 4)]
+        assert s.latest_snapshot() == (4, s.snapshot_path(4))
         assert len(s.recent_rounds()) == 5  # metadata of every round stays in SQLite
     finally:
         s.close()
@@ -251,23 +274,24 @@ def test_members_save_and_load_restart_leases(store: Store) -> None:
 
 
 def test_commit_round_saves_members_atomically(store: Store) -> None:
-    store.commit_round(row(0), b"s", {}, {"n9": mem("n9", "zed", 1)})
+    store.commit_round(row(0), {}, {"n9": mem("n9", "zed", 1)})
     assert [m.name for m in store.load_members(now=1.0).values()] == ["zed"]
 
 
-def test_leftover_tmp_files_from_a_crash_do_not_affect_latest(store: Store) -> None:
-    store.commit_round(row(0), b"good-state-1", {"a": b"f"}, {})
+def test_leftovers_of_a_crash_are_cut_at_start(store: Store) -> None:
+    store.commit_round(row(0), {"a": b"f"}, {})
     # A crash mid-write of round 1: temporary files exist, nothing was renamed or recorded.
-    (store.dir / "state-00000002.pt.tmp").write_bytes(b"half-written")
+    (store.dir / "snapshot-00000002.safetensors.tmp").write_bytes(b"half-written")
     (store.dir / "result-00000001.msgpack.tmp").write_bytes(b"\x93")
-    assert store.latest() == (1, b"good-state-1")
     assert store.result(1) is None
-    # A crash after the blob was renamed but before the SQLite transaction: still the old round.
-    write_atomic(store.dir / "state-00000002.pt", b"renamed-but-unrecorded")
-    assert store.latest() == (1, b"good-state-1")
-    # The next commit overwrites both and is what latest() returns; temp files never count as kept states.
-    store.commit_round(row(1), b"good-state-2", {"a": b"g"}, {})
-    assert store.latest() == (2, b"good-state-2")
+    # A crash after round 1's record was renamed but before the SQLite transaction: not a committed round.
+    write_atomic(store.dir / "result-00000001.msgpack", b"renamed-but-unrecorded")
+    write_atomic(store.dir / "state-00000002.pt", b"old-format-renamed-but-unrecorded")
+    assert store.latest_snapshot() == (0, None)
+    assert store.cut_tail() == [1]
+    assert sorted(p.name for p in store.dir.iterdir() if p.name.startswith(("result", "snapshot", "state"))) == [
+        "result-00000000.msgpack"]
+    store.commit_round(row(1), {"a": b"g"}, {})
     assert store.result(1) == {"a": b"g"}
 
 
@@ -283,14 +307,14 @@ def test_reopened_store_sees_committed_rounds(tmp_path: Path) -> None:
     d = tmp_path / "state"
     s = Store(d)
     assert s.check_identity("run", "h") is None
-    s.commit_round(row(0), b"s1", {"a": b"1"}, {"n1": mem("n1", "a", 0)})
-    s.commit_round(row(1, mean_loss=float("nan")), b"s2", {"a": b"2", "b": b"3"},
+    s.commit_round(row(0), {"a": b"1"}, {"n1": mem("n1", "a", 0)})
+    s.commit_round(row(1, mean_loss=float("nan")), {"a": b"2", "b": b"3"},
                    {"n1": mem("n1", "a", 0), "n2": mem("n2", "b", 1)})
     s.close()
     s2 = Store(d)
     try:
         assert s2.check_identity("run", "h") is None
-        assert s2.latest() == (2, b"s2")
+        assert s2.last_round() == 1
         assert s2.result(1) == {"a": b"2", "b": b"3"}
         recent = s2.recent_rounds()
         assert [r.round for r in recent] == [0, 1]

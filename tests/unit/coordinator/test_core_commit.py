@@ -110,12 +110,13 @@ def test_the_audit_trail_drops_a_torn_last_line_before_appending(tmp_path: Path)
 
 
 @pytest.mark.parametrize("recipe", ["ddp", "diloco", "dsm", "sign", "dct-consistent", "demo"])
-def test_a_step_computed_on_the_scratch_copy_equals_the_step_on_the_live_state(recipe: str) -> None:
-    """The commit computes each round on a copy of the live reference (coordinator/commit.py): the copy shares no
-    tensor with the live one, and two rounds stepped on copies land exactly where two rounds on the original do."""
+def test_prepare_changes_nothing_and_the_in_place_step_equals_apply(recipe: str) -> None:
+    """The commit reduces a round without touching the live reference, then steps in place (coordinator/commit.py):
+    two rounds prepared and applied land exactly where ``Reference.apply`` does — also where the step reduces tensor
+    by tensor (``Reference.step_each``) — and preparing alone changes nothing."""
     import torch
 
-    from coordinator.commit import copy_state
+    from coordinator.commit import apply_prepared, prepare_round
     from node.recipes import make_run_config
     from node.config import TaskConfig
     from node.tasks import load_task
@@ -127,15 +128,18 @@ def test_a_step_computed_on_the_scratch_copy_equals_the_step_on_the_live_state(r
                           workers=1, rounds=10)
     task = load_task(cfg.task.name, **cfg.task.params)
     model = build_seeded(task, cfg.seed)
-    oracle, live, scratch = (Reference.for_model(cfg, model) for _ in range(3))
+    oracle, live = (Reference.for_model(cfg, model) for _ in range(2))
     gen = torch.Generator().manual_seed(7)
     for r in range(2):
         enc = {s.name: oracle.codec.encode(torch.randn(s.shape, generator=gen) * 1e-2) for s in oracle.spec}
         frames = {"a": wire.pack(cfg.run_id, r, "a", oracle.codec, oracle.spec, enc)}
         oracle.apply(oracle.unpack(frames, r)[0], r)
-        copy_state(live, scratch)
-        assert all(s.data_ptr() != t.data_ptr() for s, t in zip(scratch.tensors, live.tensors))
-        scratch.apply(scratch.unpack(frames, r)[0], r)
-        assert live.committed_rounds == r  # the live state is untouched until the swap
-        live, scratch = scratch, live
+        before = live.fingerprint()
+        prepared = prepare_round(live, frames, r, {"result": "relay"})
+        assert live.fingerprint() == before and live.committed_rounds == r  # untouched until the commit point
+        # an outer step of each parameter alone (no clip norm): reduced tensor by tensor inside the step
+        assert (prepared.envelopes is not None) == live.steps_tensor_by_tensor
+        assert live.steps_tensor_by_tensor == (recipe in ("diloco", "dsm", "sign", "dct-consistent", "demo"))
+        apply_prepared(live, prepared)
         assert live.fingerprint() == oracle.fingerprint() and live.committed_rounds == r + 1
+    assert live.to_bytes() == oracle.to_bytes()  # the outer optimizer's state too

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from core_harness import Harness, run_text
-from coordinator.commit import compute_step
+from coordinator.commit import applied_as, apply_prepared, prepare_round
 from node import wire
 from node.compress import SignCodec
 from node.errors import ConfigError, PayloadError
@@ -41,7 +41,6 @@ def test_downlink_error_feedback_matches_a_hand_written_oracle_bit_for_bit() -> 
     gen = torch.Generator().manual_seed(7)
     named = [("w", torch.randn(4, 4, generator=gen)), ("b", torch.randn(8, generator=gen))]
     live = Reference(cfg.run, named, downlink_feedback=True)
-    scratch = Reference(cfg.run, named, downlink_feedback=True)
     codec = SignCodec()  # the recipe's: one f32 scale per tensor, mean reduce
     assert live.codec.params() == codec.params()
     theta = [t.clone() for _, t in named]
@@ -53,7 +52,11 @@ def test_downlink_error_feedback_matches_a_hand_written_oracle_bit_for_bit() -> 
         frames = {s: wire.pack(cfg.run.run_id, r, s, codec, live.spec,
                                {n: codec.encode(torch.where(b, magnitude[s], -magnitude[s]))
                                 for (n, _), b in zip(named, signs[s])}) for s in ("a", "b")}
-        step = compute_step(live, scratch, frames, r, cfg)
+        before = (live.fingerprint(), [e.clone() for e in live.downlink])
+        prepared = prepare_round(live, frames, r, applied_as(cfg))
+        # preparing changes nothing (a failed write before the commit point leaves the live state as it was)
+        assert live.fingerprint() == before[0] and all(torch.equal(e, o) for e, o in zip(live.downlink, before[1]))
+        apply_prepared(live, prepared)
         # the oracle
         sent_bits, sent_scales = [], []
         for i in range(len(theta)):
@@ -70,19 +73,18 @@ def test_downlink_error_feedback_matches_a_hand_written_oracle_bit_for_bit() -> 
             theta[i].add_(d.add(momentum[i], alpha=0.9), alpha=-0.7)
             sent_bits.append(positive)
             sent_scales.append(scale)
-        got = wire.unpack(step.aggregate, codec, live.spec, cfg.run.run_id, r)
+        got = wire.unpack(prepared.frame, codec, live.spec, cfg.run.run_id, r)
         assert got.sender == AGGREGATE_SENDER
         for i, (name, t) in enumerate(named):
             dec = codec.decode(got.tensors[name], tuple(t.shape))
             assert torch.equal(dec > 0, sent_bits[i]) and torch.equal(dec.abs().max(), sent_scales[i])
-            assert torch.equal(step.reference.downlink[i], residual[i]), (r, name)
-            assert torch.equal(step.reference.tensors[i], theta[i]), (r, name)
+            assert torch.equal(live.downlink[i], residual[i]), (r, name)
+            assert torch.equal(live.tensors[i], theta[i]), (r, name)
         assert any(bool(e.ne(0).any()) for e in residual)  # the residual carries something: the test is not vacuous
         restored = Reference(cfg.run, named, downlink_feedback=True)
-        restored.load_bytes(step.blob)  # what a restart resumes from: the residual rides in the state
+        restored.load_bytes(live.to_bytes())  # what a snapshot holds: the residual rides in the state
         assert all(torch.equal(e, o) for e, o in zip(restored.downlink, residual))
-        assert restored.fingerprint() == step.fingerprint
-        live, scratch = step.reference, live
+        assert restored.fingerprint() == live.fingerprint()
 
 
 # -- through the coordinator core ----------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ def test_the_coordinator_reference_and_its_evaluation_use_the_members_buffers(
     a = workers["a"]
     assert a.fingerprint() == workers["b"].fingerprint() == h.core.reference.fingerprint()
     assert all(x.equal(y) for x, y in zip(a.reference.buffers, h.core.reference.buffers))
-    # the persisted state carries them: a fresh replica loaded from the store matches
-    _, blob = h.store.latest()
+    # the state joiners download (a snapshot file) carries them: a fresh replica loaded from it matches
+    _, blob, _ = h.core.state_blob()
     fresh = Reference.for_model(h.cfg.run, h.core.task.build_model(h.cfg.run.seed))
     fresh.load_bytes(blob)
     assert fresh.fingerprint() == h.core.reference.fingerprint()

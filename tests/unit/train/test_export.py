@@ -74,9 +74,12 @@ def test_export_of_a_tied_model_writes_each_name(tmp_path: Path) -> None:
 def test_export_from_a_coordinator_state_dir(tmp_path: Path) -> None:
     cl = _trained(SHAPES)
     store = Store(tmp_path / "state")
-    row = RoundRow(1, time.time(), ["w0", "w1"], "test", cl.workers[0].fingerprint(), 0, 0, 0.0, 1.0, float("nan"),
-                   "all_submitted")
-    store.commit_round(row, cl.workers[0].reference.to_bytes(), {}, {})
+    committed = cl.workers[0].reference.committed_rounds
+    row = RoundRow(committed - 1, time.time(), ["w0", "w1"], "test", cl.workers[0].fingerprint(), 0, 0, 0.0, 1.0,
+                   float("nan"), "all_submitted")
+    store.commit_round(row, {}, {})
+    # the snapshot of the last round (coordinator/snapshot.py writes this format); replaying is tested with the core
+    store.snapshot_path(committed).write_bytes(cl.workers[0].reference.to_bytes())
     store.close()
     assert main(["export", "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "m.safetensors")]) == 0
     _check(tmp_path / "m.safetensors", cl)
