@@ -130,7 +130,8 @@ class ShardedReduce:
                 if 1 <= members <= MAX_SHARDS and shard < members:
                     got = None if self.t.faults.refuses(Stream.SLICE) else self._slice(round_, sha, members, shard)
                     data, status = (got, _OK) if got is not None else (b"", _MISSING)
-                    frames.served[round_] = frames.served.get(round_, 0) + len(data)
+                    if got is not None:  # a round we hold a frame of (a request names any round: no entry for it)
+                        frames.served[round_] = frames.served.get(round_, 0) + len(data)
             writer.write(status)
             await send_moving(self.t.faults.served(Stream.SLICE, data), writer, frames.fetch_timeout_s,
                               lambda i: self.t.faults.before_piece(Stream.SLICE, i))
@@ -258,7 +259,7 @@ class ShardedReduce:
             log.debug("[node=%s round=%d] shards held %d of %d after %.2f s", t.name, round_, len(parts), plan.count,
                       t.clock.now() - start)
             received += self._take_published(round_, t._read(key), plan, orders, set_digest, parts, failed, peer_ids,
-                                              deadline)
+                                              deadline, t.clock.now() - start)
             if len(parts) == plan.count:
                 break
             if t.clock.now() >= deadline or self._waited():
@@ -280,9 +281,12 @@ class ShardedReduce:
 
     def _take_published(self, round_: int, records: dict[str, Any], plan: ShardPlan, orders: Sequence[list[str]],
                         set_digest: str, parts: dict[int, wire.Envelope], failed: set[tuple[str, str]],
-                        peer_ids: dict[str, str], deadline: float) -> int:
+                        peer_ids: dict[str, str], deadline: float, elapsed: float) -> int:
         """Fetch and verify the published aggregates of the shards not held yet, each from its lowest-ranked
-        computer that has one; bytes received."""
+        computer that has one; bytes received. ``elapsed``: seconds since this peer's round was decided — a computer
+        at rank ``j`` of a shard's fallback order is taken only once ``j × owner_wait_s`` passed, as it may compute
+        only then: a member further down the order that publishes at once (a forged but well-formed aggregate) is
+        not taken before the owner and the members ranked before it had their time."""
         t, codec = self.t, self.codec
         assert codec is not None
         by_shard: dict[int, dict[str, ShardEntry]] = {}
@@ -305,7 +309,9 @@ class ShardedReduce:
                 continue
             if len({e.sha256 for e in entries.values()}) > 1:
                 t.trust.rejections.add("shard", "conflicting shard aggregates", (round_, s, tuple(sorted(entries))))
-            for publisher in orders[s]:
+            for rank, publisher in enumerate(orders[s]):
+                if elapsed < rank * self.owner_wait_s:
+                    break  # not its turn yet, nor any later computer's
                 e = entries.get(publisher)
                 if e is not None and (publisher, e.sha256) not in failed and publisher in peer_ids:
                     # then any member: a peer serves every aggregate it fetched and verified (by sha256, dht_frames)

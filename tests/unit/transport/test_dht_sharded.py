@@ -104,6 +104,6 @@ def test_a_forged_shard_record_and_its_aggregate_are_refused_by_every_reader(set
         results = collect_all(ts, 0, timeout_s=60.0)
         _applied_identically(ws, results)
         assert sorted(ts[1].sharded.computed[0]) == [0, 1, 2]
-        # w1 read the forged record before it took shard 0 over (rank 1: not before owner_wait_s), and refused it;
-        # the others may have found w1's copy first, which ranks before w2's
-        assert ts[1].rejected.get("shard: invalid shard aggregate", 0) >= 1, ts[1].rejected
+        # w2's record (rank 2 of shard 0) is not taken before 2 × owner_wait_s, by when w1 (rank 1) has computed
+        # shard 0 and published it: a reader may fetch w2's bytes only if w1's copy is late, and then refuses them
+        # (tests/security/test_adv_sharded.py: a *well-formed* forgery published at once is not taken either)
