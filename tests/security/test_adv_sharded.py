@@ -3,6 +3,7 @@ the run against the others. The real-p2pd tests use tests/dht_harness.py's three
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 from typing import Any
 
@@ -11,7 +12,7 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from node import wire
-from node.transport.dht_faults import DhtFaults
+from node.transport.dht_faults import DhtFaults, Stream
 from node.transport.dht_frames import FramePool, digest
 from node.transport.dht_sharded import ShardedReduce
 from node.transport.dht_shards import ShardCodec, ShardEntry, members_digest
@@ -103,3 +104,31 @@ def test_a_well_formed_forged_shard_aggregate_from_a_high_ranked_member_is_not_a
                 for k, v in want.tensors[spec.name].items():
                     assert bool((applied.tensors[spec.name][k] == v).all()), \
                         f"{name} applied a shard-0 aggregate other than the agreed members' ({spec.name}/{k})"
+
+
+@pytest.mark.usefixtures("no_orphaned_p2pd")
+@pytest.mark.timeout(240)
+def test_one_member_stalling_its_slices_does_not_hold_every_peer_for_a_fetch_timeout_per_shard(
+        setup: tuple[Any, Any]) -> None:
+    """w2 answers every slice request and then sends nothing (a stalled stream; it computes and publishes every
+    shard itself, honestly). ``adopt`` computes every shard a peer is eligible for one after the other *before* it
+    reads the published records, and each attempt waits ``fetch_timeout_s`` for w2's slice: w0 and w1 spend
+    ~3 × fetch_timeout_s (N × fetch_timeout_s with N shards, up to the round's deadline) although every aggregate
+    is published and fetchable after the first."""
+    ws = workers(setup)
+    faults = {"w2": DhtFaults().stall(Stream.SLICE, after_pieces=0)}
+    with peers("run-sharded-stalled-slice", faults=faults, shard_above=2, owner_wait_s=1.0,
+               fetch_timeout_s=4.0) as ts:
+        for w, t in zip(ws, ts):
+            w.train()
+            t.submit(0, w.prepare(0))
+        began = time.monotonic()
+        results = collect_all(ts, 0, timeout_s=40.0)
+        took = time.monotonic() - began
+        assert any(f.startswith("stall") for f in faults["w2"].fired), faults["w2"].fired
+        assert results["w2"].committed, results["w2"].reason
+        for name in ("w0", "w1"):
+            assert results[name].committed, (name, results[name].status, results[name].reason)
+        assert len({results[n].aggregate for n in ("w0", "w1", "w2")}) == 1
+        # the agreement (~round_wait_s), one slice timeout, fetching the published aggregates: not one timeout per shard
+        assert took < 4.0 + 5.0, f"the round took {took:.1f} s"
