@@ -245,7 +245,9 @@ class ShardedReduce:
                 if isinstance(made, str):
                     tried[s] = t.clock.now()
                     log.warning("[node=%s round=%d] could not compute shard %d: %s", t.name, round_, s, made)
-                    continue
+                    # read the published records before the next attempt: an attempt may have waited a whole fetch
+                    # timeout on one stalled sender, and every other shard's aggregate may be published meanwhile
+                    break
                 sha = t.frames.add(round_, made)
                 parts[s] = codec.open_aggregate(made, round_, plan, s)  # ours: the same bytes as any honest copy
                 mine.append(ShardEntry(s, len(members), len(made), sha, set_digest))
