@@ -70,7 +70,8 @@ def serverless_settings(run_file: Any, source: str, workdir: str | Path, name: s
                        deadline=run_file.deadline, state_chunk_bytes=state_chunk_bytes, authority=authority, key=key,
                        grant=grant, sharding=run_file.dht_record(),
                        # a robust reduce needs every whole frame (norms, medians): such runs keep the all-gather
-                       shard_above=None if run_file.run.recipe.reduce.enabled else run_file.dht.shard_above,
+                       shard_above=(None if run_file.run.recipe.reduce.enabled or not run_file.dht.shard_above
+                                    else run_file.dht.shard_above),
                        owner_wait_s=run_file.dht.owner_wait_s, aggregate_codec=run_file.aggregate_codec), name
 
 

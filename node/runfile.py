@@ -30,17 +30,19 @@ from node.train.downlink import DENSE_AGGREGATE_CODECS
 
 @dataclass(frozen=True)
 class DhtPolicy:
-    """``[dht]``: serverless rounds. A round with more than ``shard_above`` agreed members is reduced by shard (each
-    member reduces a slice of the tensors and serves it; docs/serverless.md, "Sharded rounds") instead of every peer
-    fetching every frame; ``owner_wait_s``: how long a shard's owner has before the next member computes it."""
+    """``[dht]``: serverless rounds. With ``shard_above`` ≥ 1, a round with more than ``shard_above`` agreed members is
+    reduced by shard (each member reduces a slice of the tensors and serves it; docs/serverless.md, "Sharded rounds")
+    instead of every peer fetching every frame; 0 (the default) never shards: a member that withholds its slices can
+    make its own shard aggregates the only ones computable (docs/serverless.md, "Trust"), so sharding is for runs whose
+    members are trusted. ``owner_wait_s``: how long a shard's owner has before the next member computes it."""
 
-    shard_above: int = 8
+    shard_above: int = 0
     owner_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.shard_above < 1:
-            raise ConfigError(f"dht.shard_above must be ≥ 1 (rounds of more members are reduced by shard), got "
-                              f"{self.shard_above}")
+        if self.shard_above < 0:
+            raise ConfigError(f"dht.shard_above must be ≥ 0 (0: never shard; else rounds of more members are reduced "
+                              f"by shard), got {self.shard_above}")
         if not 0 < self.owner_wait_s <= 3600:
             raise ConfigError(f"dht.owner_wait_s must be in (0, 3600] seconds, got {self.owner_wait_s}")
 

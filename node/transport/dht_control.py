@@ -76,7 +76,7 @@ class DhtSettings:
     key: NodeKey | None = None  # this node's key (its workdir's node.key); None: a fresh one, held in memory
     grant: bytes = b""  # the authority's grant for this node's key and name (closed runs)
     # sharded rounds (run file [dht], rounds.aggregate_codec; node/transport/dht_sharded.py); None: never
-    shard_above: int | None = 8
+    shard_above: int | None = None
     owner_wait_s: float = 10.0
     aggregate_codec: str = "identity"
     sharding: dict[str, Any] = field(default_factory=dict)  # RunFile.dht_record(): signed with the run

@@ -180,6 +180,7 @@ def test_the_run_files_dht_section_is_checked_and_signed_only_when_set() -> None
     tuned = parse_run_file(plain + "\n[dht]\nshard_above = 4\nowner_wait_s = 2.5\n")
     assert tuned.dht == DhtPolicy(4, 2.5)
     assert tuned.dht_record() == {"shard_above": 4, "owner_wait_s": 2.5, "aggregate_codec": "identity"}
-    for bad in ("shard_above = 0", "owner_wait_s = 0", "shard_above = 2.5", "parts = 3"):
+    assert parse_run_file(plain).dht.shard_above == 0  # sharding is opt-in (docs/serverless.md, "Sharded rounds")
+    for bad in ("shard_above = -1", "owner_wait_s = 0", "shard_above = 2.5", "parts = 3"):
         with pytest.raises(ConfigError):
             parse_run_file(plain + f"\n[dht]\n{bad}\n")
