@@ -114,9 +114,13 @@ def test_sign_error_feedback_conservation() -> None:
 
 # -- oracle 6: dct with everything sent is diloco with μ = β ---------------------------------------------
 
+#: the paper's η_out and β (arXiv 2510.03371), which these oracles are written for (the recipe's defaults differ)
+PAPER_DCT = {"outer.lr": 0.7, "feedback_decay": 0.95, "outer.momentum": 0.95}
+
+
 def test_dct_one_worker_all_coefficients_equals_diloco() -> None:
     rounds = 3
-    faithful = Cluster(config("dct", BLOCK_ALL, workers=1, rounds=rounds))
+    faithful = Cluster(config("dct", {**BLOCK_ALL, **PAPER_DCT}, workers=1, rounds=rounds))
     dil = Cluster(config("diloco", {"outer.momentum": 0.95}, workers=1, rounds=rounds))
     start = refs(faithful.workers[0])
     for r in range(rounds):
@@ -130,7 +134,7 @@ def test_dct_one_worker_all_coefficients_equals_diloco() -> None:
 
 def test_dct_several_workers_drift_is_local_delta() -> None:
     n = 3
-    cl = Cluster(config("dct", BLOCK_ALL, workers=n, rounds=1))
+    cl = Cluster(config("dct", {**BLOCK_ALL, **PAPER_DCT}, workers=n, rounds=1))
     theta0 = refs(cl.workers[0])
     cl.train_prepare(0)
     deltas = [[t - p for t, p in zip(theta0, local_params(w))] for w in cl.workers]

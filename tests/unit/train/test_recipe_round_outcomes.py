@@ -131,9 +131,9 @@ def test_frame_claiming_another_sender_is_rejected() -> None:
 @pytest.mark.parametrize("recipe,overrides,match", [
     ("ddp", {"H": 4}, "H must be 1"),
     ("demo", {"H": 2}, "H must be 1"),
-    ("dct", {"feedback_decay": 0.9}, "feedback_decay"),
+    ("dct", {"feedback_decay": 0.8}, "feedback_decay"),
     ("dct", {"feedback_decay": None}, "feedback_decay"),
-    ("dct", {"outer.momentum": 0.9}, "outer.momentum"),
+    ("dct", {"outer.momentum": 0.8}, "outer.momentum"),
     ("sign", {"codec.bogus": 1}, "bogus"),
     ("dct", {"codec.values": "f64"}, "values"),
     ("diloco", {"outer.nesterov": True}, "bad parameters"),
@@ -153,12 +153,12 @@ def test_unknown_recipe() -> None:
         make_run_config("dilco")
 
 
-@pytest.mark.parametrize("overrides", [{"feedback_decay": 0.9, "outer.momentum": 0.9},
-                                       {"outer.momentum": 0.9, "feedback_decay": 0.9}])
+@pytest.mark.parametrize("overrides", [{"feedback_decay": 0.8, "outer.momentum": 0.8},
+                                       {"outer.momentum": 0.8, "feedback_decay": 0.8}])
 def test_dct_feedback_and_momentum_changed_together_is_valid(overrides: dict) -> None:
     """Coupled settings are validated on the final combination, in either order."""
     cfg = make_run_config("dct", overrides)
-    assert cfg.recipe.feedback_decay == 0.9 and cfg.recipe.outer.params["momentum"] == 0.9
+    assert cfg.recipe.feedback_decay == 0.8 and cfg.recipe.outer.params["momentum"] == 0.8
 
 
 def test_config_type_error_becomes_config_error() -> None:
