@@ -19,9 +19,10 @@ RECIPES: dict[str, Recipe] = {
                      outer=OuterConfig("nesterov", lr=0.7, params={"momentum": 0.9})),
     # Distributed sign momentum as published (arXiv 2411.17866): dense exchange, Lion-style global step
     # (docs/algorithms.md, §3 dsm).
+    # γ = 4: the standard profile's sweep winner (1, 4 tried; BENCHMARKS.md "Tuned defaults").
     "dsm": Recipe("dsm", H=12, codec=CodecConfig("identity"), payload_scale="inverse_inner_lr",
                   inner=InnerConfig(lr=5e-4),
-                  outer=OuterConfig("sign_momentum", lr=1.0, lr_follows_inner=True,
+                  outer=OuterConfig("sign_momentum", lr=4.0, lr_follows_inner=True,
                                     params={"betas": [0.95, 0.98], "weight_decay": 0.1})),
     # dsm's global step on 1-bit sign uploads with error feedback (docs/algorithms.md, §3 sign). γ = 8: the standard
     # quality profile's sweep winner (1, 4, 8, 16 tried; BENCHMARKS.md "Tuned defaults").
