@@ -10,6 +10,7 @@ from typing import Any
 
 from node.bench.byzantine import add_parser as add_byzantine_parser
 from node.cli_checks import positive_int
+from node.errors import ConfigError
 
 RECIPE_HELP = "a name from node/recipes.py (an unknown name lists them)"
 
@@ -25,11 +26,16 @@ def _device(name: str) -> str:
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     from node.bench.quality import collect_results, run_quality_bench
 
-    if args.collect:
-        collect_results([Path(f) for f in args.collect], Path(args.out), "lowband " + " ".join(sys.argv[1:]))
-        return 0
-    run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device),
-                      command="lowband " + " ".join(sys.argv[1:]), variants=args.variant, jobs=args.jobs)
+    try:
+        if args.collect:
+            collect_results([Path(f) for f in args.collect], Path(args.out), "lowband " + " ".join(sys.argv[1:]),
+                            baseline=args.baseline)
+            return 0
+        run_quality_bench(args.profile, Path(args.out), recipes=args.recipes, device=_device(args.device),
+                          command="lowband " + " ".join(sys.argv[1:]), variants=args.variant, jobs=args.jobs)
+    except ConfigError as exc:
+        print(f"lowband bench quality: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -142,6 +148,8 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
     q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     q.add_argument("--variant", action="append", default=[], metavar="RECIPE:KEY=VAL[,KEY=VAL]",
                    help="an extra row: a recipe with overrides, e.g. sign:outer.lr=8 (repeatable)")
+    q.add_argument("--baseline", default="diloco", metavar="LABEL",
+                   help="with --collect: the row (a file's stem) Δ and byte ratios are taken against (default diloco)")
     q.add_argument("--jobs", type=positive_int, default=1,
                    help="runs at once, each a process with one torch thread (2 on a 2-core box: the standard profile "
                         "in about half the time); the results do not depend on it")

@@ -35,7 +35,7 @@ RECIPES: dict[str, Recipe] = {
     "dct": Recipe("dct", H=128, codec=_DCT, feedback_decay=0.9,
                   outer=OuterConfig("decoupled_nesterov", lr=0.1, params={"momentum": 0.9})),
     # Replica-consistent variant: every worker applies only the agreed aggregate Q. Outer lr 1.5: the standard profile's
-    # sweep winner (0.7, 1.0, 1.5, 2.0 tried).
+    # sweep winner (1.0, 1.5, 2.0 tried; 0.7 on the quick profile).
     "dct-consistent": Recipe("dct-consistent", H=128, codec=_DCT, feedback_decay=0.95,
                              outer=OuterConfig("nesterov", lr=1.5, params={"momentum": 0.0})),
     # SparseLoCo (arXiv 2508.15706; docs/algorithms.md, §3 sparseloco): chunked top-k (4 of 256 entries, 1.6 %, the

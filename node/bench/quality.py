@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.config import TaskConfig
+from node.config import RunConfig, TaskConfig
+from node.errors import ConfigError
 from node.fsutil import write_atomic
 from node.recipes import get_recipe, make_run_config
 from node.train.simulate import SimResult, simulate
@@ -60,16 +61,35 @@ def has_local_steps(recipe: str, overrides: dict[str, Any] | None = None) -> boo
 RESULT_KEYS = ("result", "aggregate_codec")
 
 
-def _run_recipe(recipe: str, prof: Profile, device: str, extra: dict[str, Any] | None = None) -> SimResult:
+def _run_config(recipe: str, prof: Profile, extra: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, str]]:
+    """The run's configuration and its ``[rounds]`` settings; raises ConfigError for a bad recipe or override."""
     extra = dict(extra or {})
     rounds_settings = {k: str(extra.pop(k)) for k in RESULT_KEYS if k in extra}
     H = prof.H if has_local_steps(recipe, extra) else 1
     rounds = prof.steps_per_worker // H
-    overrides: dict[str, Any] = {"H": H, "inner.lr": prof.inner_lr, "inner.total_steps": rounds * H, **(extra or {})}
+    overrides: dict[str, Any] = {"H": H, "inner.lr": prof.inner_lr, "inner.total_steps": rounds * H, **extra}
     task = TaskConfig("gpt", {"size": prof.size, "batch_size": prof.batch_size, **prof.task_params})
     cfg = make_run_config(recipe, overrides, task=task, workers=prof.workers, rounds=rounds, seed=0,
                           run_id=f"bench-{recipe}")
-    return simulate(cfg, device=device, eval_every=max(1, rounds // prof.evals), **rounds_settings)
+    return cfg, rounds_settings
+
+
+def _run_recipe(recipe: str, prof: Profile, device: str, extra: dict[str, Any] | None = None) -> SimResult:
+    cfg, rounds_settings = _run_config(recipe, prof, extra)
+    return simulate(cfg, device=device, eval_every=max(1, cfg.rounds // prof.evals), **rounds_settings)
+
+
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def _task_fingerprint(cfg: RunConfig) -> str:
+    """The task's fingerprint (part of the config hash); built once per task (building the corpus takes seconds)."""
+    from node.tasks import load_task
+
+    key = json.dumps([cfg.task.name, cfg.task.params], sort_keys=True)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = load_task(cfg.task.name, **cfg.task.params).fingerprint
+    return _FINGERPRINTS[key]
 
 
 def _row(res: SimResult) -> dict[str, Any]:
@@ -103,10 +123,12 @@ def row_from_result(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _markdown(rows: list[dict[str, Any]], prof: Profile | str, command: str) -> str:
-    base = next((r for r in rows if r["recipe"] == "diloco"), None)
-    base = base or next((r for r in rows if r["recipe"].startswith("diloco")), None)
-    lines = [f"Profile: {prof}", f"Command: `{command}`", f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+def _markdown(rows: list[dict[str, Any]], prof: Profile | str, command: str, baseline: str = "diloco") -> str:
+    """The table; Δ and the byte ratio are against the row labelled ``baseline`` ("n/a" without one: a row merely
+    named like it — e.g. DiLoCo at another H — would make every comparison wrong)."""
+    base = next((r for r in rows if r["recipe"] == baseline), None)
+    lines = [f"Profile: {prof}", f"Baseline: {base['recipe'] if base else 'none (no row labelled ' + repr(baseline) + ')'}",
+             f"Command: `{command}`", f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
              f"Python {platform.python_version()}", "",
              "| recipe | workers | H | rounds | tokens/worker | final val loss | Δ vs diloco (nats) | bytes sent/worker "
              "| bytes recv/worker | bits/param/round | × fewer bytes than diloco | wall s |",
@@ -159,7 +181,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     for pair in filter(None, rest.split(",")):
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"variant {text!r}: expected KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"--variant {text!r}: expected RECIPE:KEY=VALUE[,KEY=VALUE], got {pair!r}")
         overrides[key] = parse_value(value)
     return recipe, overrides
 
@@ -179,17 +201,26 @@ def run_quality_bench(profile: str | Profile, out: Path, recipes: list[str] | No
     path = out / "results.json"
     # a rerun with the same profile resumes: rows already measured are kept, not run again
     rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
-    rows = [r for r in rows if r.get("profile") == profile]
+    others = sorted({str(r.get("profile")) for r in rows} - {profile})
+    if others:
+        raise ConfigError(f"{path} holds results of profile {', '.join(others)}, not {profile}: use another --out "
+                          "(a rerun into the same directory resumes the same profile)")
     started = time.perf_counter()
     runs = [(r, {}) for r in (ALL_RECIPES if recipes is None else recipes)] + [parse_variant(v) for v in variants or []]
     todo = []
     for recipe, extra in runs:
-        get_recipe(recipe)  # an unknown name fails now, not after an hour of other runs
         label = f"{recipe}[{','.join(f'{k}={v}' for k, v in extra.items())}]" if extra else recipe
-        if any(r["recipe"] == label for r in rows):
+        cfg, _ = _run_config(recipe, prof, extra)  # a bad name or setting fails now, not after an hour of other runs
+        expected = cfg.config_hash(_task_fingerprint(cfg))
+        kept = next((r for r in rows if r["recipe"] == label), None)
+        if kept is not None and kept.get("config_hash") == expected:
             log.info("bench quality: %s already in %s, kept", label, path)
-        else:
-            todo.append((recipe, extra, label))
+            continue
+        if kept is not None:  # measured with other settings (a default changed since): measured again
+            log.warning("bench quality: %s in %s was measured with another configuration (hash %s, now %s): running "
+                        "it again", label, path, kept.get("config_hash"), expected)
+            rows.remove(kept)
+        todo.append((recipe, extra, label))
     order = [label for _, _, label in todo]
 
     def keep(row: dict[str, Any]) -> None:
@@ -197,6 +228,7 @@ def run_quality_bench(profile: str | Profile, out: Path, recipes: list[str] | No
         # partial results survive an interrupted benchmark
         write_atomic(out / "results.json", json.dumps(rows, indent=2))
 
+    failed: list[str] = []
     if jobs <= 1:
         for recipe, extra, label in progress_iter(todo, "bench quality"):  # the ETA counts the runs left
             log.info("bench quality: %s %s ...", recipe, extra or "")
@@ -208,34 +240,46 @@ def run_quality_bench(profile: str | Profile, out: Path, recipes: list[str] | No
         # the longest runs first (H = 1 recipes exchange every step), so the last job does not run alone
         todo.sort(key=lambda t: has_local_steps(t[0], t[1]))
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_measure, recipe, prof, device, extra, label, profile, 1)
-                       for recipe, extra, label in todo]
+            futures = {pool.submit(_measure, recipe, prof, device, extra, label, profile, 1): label
+                       for recipe, extra, label in todo}
             for future in progress_iter(as_completed(futures), "bench quality", total=len(futures)):
-                keep(future.result())
+                try:
+                    keep(future.result())
+                except Exception as exc:  # noqa: BLE001 — one failed run must not lose the others' rows
+                    log.error("bench quality: %s failed: %s: %s", futures[future], type(exc).__name__, exc)
+                    failed.append(futures[future])
     rows.sort(key=lambda r: order.index(r["recipe"]) if r["recipe"] in order else -1)  # kept rows first
     write_atomic(out / "results.json", json.dumps(rows, indent=2))
     write_atomic(out / "results.md", _markdown(rows, prof, command))
     _plot(rows, out / "loss_vs_bytes.png")
     log.info("bench quality: done in %.1f s → %s", time.perf_counter() - started, out)
     print(_markdown(rows, prof, command))
+    if failed:
+        raise RuntimeError(f"bench quality: {len(failed)} run(s) failed ({', '.join(failed)}); the others' rows are "
+                           f"in {out}: rerun the same command to measure only those")
     return rows
 
 
-def collect_results(files: list[Path], out: Path, command: str = "") -> list[dict[str, Any]]:
+def collect_results(files: list[Path], out: Path, command: str = "", baseline: str = "diloco") -> list[dict[str, Any]]:
     """Table and plot from results ``lowband simulate --json`` wrote (a sweep run as separate commands): each
-    file's stem labels its row. Files holding ``{"skipped": ...}`` are left out."""
+    file's stem labels its row; Δ and byte ratios are against the row labelled ``baseline`` (a file's stem). Files
+    holding ``{"skipped": ...}`` are left out. Raises ConfigError for a file that is not such a result."""
     rows = []
     for f in files:
         d = json.loads(f.read_text())
-        if "skipped" in d:
+        if isinstance(d, dict) and "skipped" in d:
             continue
+        if not isinstance(d, dict) or "history" not in d or "final_val_loss" not in d:
+            raise ConfigError(f"{f} is not a `lowband simulate --json` result (a bench's results.json is a list of "
+                              "rows: pass the simulate files themselves)")
         row = row_from_result(d)
         row["recipe"] = f.stem
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     command = command or f"lowband bench quality --collect {' '.join(map(str, files))} --out {out}"
+    table = _markdown(rows, "results of separate `lowband simulate --json` runs", command, baseline)
     write_atomic(out / "results.json", json.dumps(rows, indent=2))
-    write_atomic(out / "results.md", _markdown(rows, "results of separate `lowband simulate --json` runs", command))
+    write_atomic(out / "results.md", table)
     _plot(rows, out / "loss_vs_bytes.png")
-    print(_markdown(rows, "collected", command))
+    print(table)
     return rows
