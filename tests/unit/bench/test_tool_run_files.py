@@ -83,7 +83,7 @@ def test_collect_tables_separate_simulate_runs_against_the_diloco_row(tmp_path) 
     sim_json(tmp_path / "diloco_lr0.7.json", "diloco", 1.5, 8000)
     sim_json(tmp_path / "sign_lr8.json", "sign", 1.75, 250)
     (tmp_path / "sign_lr2.json").write_text('{"skipped": "pruned"}')
-    rows = collect_results(sorted(tmp_path.glob("*.json")), tmp_path / "out")
+    rows = collect_results(sorted(tmp_path.glob("*.json")), tmp_path / "out", baseline="diloco_lr0.7")
     assert [r["recipe"] for r in rows] == ["diloco_lr0.7", "sign_lr8"]
     assert rows[1]["bits_per_param_per_round"] == 125 * 8 / 1000
     assert rows[1]["curve"] == [{"round": 1, "bytes_sent_per_worker": 250, "tokens_per_worker": 2048,
