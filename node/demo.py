@@ -27,21 +27,12 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-#: Outer lr for a short demo run, by outer optimizer: the sign-momentum global lr γ = 1 of the spec moves each
-#: coordinate by only η_t per round, which needs hundreds of rounds; γ = 4 was best in the quick quality
-#: benchmark (BENCHMARKS.md). The recipes themselves keep the spec's defaults.
-SHORT_RUN_OUTER_LR: dict[str, float] = {"sign_momentum": 4.0}
-
-
 def demo_run_file(recipe: str, rounds: int, H: int, nodes: int) -> str:
     """The demo's run: the tiny model, every round evaluated, started once all but one node joined."""
-    from node.recipes import get_recipe
     from node.runfile import build_run_file
 
+    # the inner peak lr of the quality profiles, at which the recipes' outer defaults were tuned (BENCHMARKS.md)
     overrides: dict[str, float | int] = {"H": H, "inner.lr": 2e-3}
-    outer = get_recipe(recipe).outer.name
-    if outer in SHORT_RUN_OUTER_LR:
-        overrides["outer.lr"] = SHORT_RUN_OUTER_LR[outer]
     return build_run_file(run_id=f"demo-{recipe}", recipe=recipe, rounds=rounds,
                           task_params={"size": "tiny", "batch_size": 8}, recipe_overrides=overrides,
                           membership={"min_nodes": max(1, nodes - 1), "max_nodes": 16, "heartbeat_s": 1.0,
