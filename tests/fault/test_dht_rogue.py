@@ -78,7 +78,8 @@ class Rogue:
         inner = hivemind.utils.MSGPackSerializer.dumps(pack_record(RUN_ID, name, b"", body))
         value: Any = inner if unsigned else msgpack.unpackb(envelope(
             signer, RUN_ID, key_id(key), hivemind.utils.MSGPackSerializer.dumps(owner.public), inner, expiration))
-        self.dht.store(key, value, expiration, subkey=owner.public)
+        # bounded: a store in flight when the DHT shuts down never resolves (hivemind's None-timeout trap)
+        self.dht.store(key, value, expiration, subkey=owner.public, return_future=True).result(timeout=30)
         self.writes += 1
 
     def forge(self) -> None:
@@ -108,8 +109,11 @@ class Rogue:
                     return
                 raise
 
-    def close(self) -> None:
+    def close(self, forging: threading.Thread | None = None) -> None:
+        """Stop forging (waiting for the loop's store in flight, which is bounded) and shut the DHT down."""
         self.stop.set()
+        if forging is not None:
+            forging.join(60)
         self.dht.shutdown()
 
 
@@ -159,10 +163,10 @@ def test_a_rogue_peer_cannot_take_over_a_closed_run(tmp_path: Path, run_file: Ru
                                                     boot: list[str]) -> None:
     keys = {n: NodeKey.generate() for n in ("d0", "d1", "d2")}
     rogue = Rogue(boot, keys)
+    forging = threading.Thread(target=rogue.loop, name="rogue", daemon=True)
     try:
         rogue.forge()  # before any honest node: an "earlier" config, a run "under way" at round 10**9
         rogue.forge_many()
-        forging = threading.Thread(target=rogue.loop, name="rogue")
         forging.start()
         daemons = {n: daemon(tmp_path, run_file, authority, boot, n, keys[n]) for n in ("d0", "d1")}
         rogue.follow = lambda: max(committed(d) for d, _ in list(daemons.values()))
@@ -172,7 +176,7 @@ def test_a_rogue_peer_cannot_take_over_a_closed_run(tmp_path: Path, run_file: Ru
             th.join(BOUND_S)
             assert not th.is_alive() and out.get("code") == 0, (name, out)
     finally:
-        rogue.close()
+        rogue.close(forging if forging.is_alive() else None)
     assert rogue.writes > 50
 
     logs = {name: read_round_log(tmp_path / name) for name in daemons}
