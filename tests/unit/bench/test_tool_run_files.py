@@ -13,16 +13,17 @@ from node.bench.quality import ALL_RECIPES, has_local_steps
 from node.bench.soak import SoakConfig, soak_run_file
 from node.demo import demo_run_file, round_line, rounds_to_show
 from node.roundlog import RoundRow
+from node.recipes import get_recipe
 from node.runfile import parse_run_file
 
 
-def test_demo_tunes_the_outer_lr_of_sign_momentum_recipes_only() -> None:
+def test_demo_runs_every_recipe_at_its_own_outer_defaults_and_the_profiles_inner_lr() -> None:
     sign = parse_run_file(demo_run_file("sign", rounds=5, H=3, nodes=3))
     assert (sign.run.run_id, sign.run.rounds, sign.run.recipe.H) == ("demo-sign", 5, 3)
-    assert sign.run.recipe.outer.lr == 4.0 and sign.run.recipe.inner.lr == 2e-3
+    assert sign.run.recipe.inner.lr == 2e-3  # the inner lr the recipes' outer defaults were tuned at
     assert sign.membership.min_nodes == 2 and sign.eval_every == 1
-    assert parse_run_file(demo_run_file("dsm", 5, 3, 3)).run.recipe.outer.lr == 4.0
-    assert parse_run_file(demo_run_file("diloco", 5, 3, 3)).run.recipe.outer.lr == 0.7  # the recipe's own
+    for recipe in ("sign", "dsm", "diloco", "sparseloco"):  # no outer setting of the demo's own
+        assert parse_run_file(demo_run_file(recipe, 5, 3, 3)).run.recipe.outer == get_recipe(recipe).outer
 
 
 def test_bench_run_files_carry_their_settings() -> None:
