@@ -267,18 +267,19 @@ class CoordinatorCore(Rounds):
 
     # -- state ---------------------------------------------------------------------------------------
     def fetch_state(self, node_id: str, offset: int, join_token: str = "",
-                    public_key: bytes | None = None) -> Iterable[dict[str, Any]]:
+                    public_key: bytes | None = None, min_committed: int = 0) -> Iterable[dict[str, Any]]:
         """The state blob from ``offset``, to a member, or (empty ``node_id``) to a node that has not joined yet but
         holds the run's join token and signed the request with ``public_key``: it downloads while it starts up,
         which on a slow link is most of a join. A download that reaches the end marks the node as holding the
-        state (it may then earn a longer first-round wait, see ``newcomer_wait``)."""
+        state (it may then earn a longer first-round wait, see ``newcomer_wait``). ``min_committed``: the oldest state
+        the caller takes (capped at the committed rounds; see ``state_snapshot``)."""
         if node_id:
             with self.lock:
                 self._member(node_id).transfers += 1
         else:
             self._authorize(join_token)
         try:
-            committed, path, fingerprint = self.state_snapshot()
+            committed, path, fingerprint = self.state_snapshot(at_least=min_committed)
             # the file is read chunk by chunk, never whole; an open file survives its pruning by a newer snapshot
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size

@@ -395,15 +395,14 @@ class Rounds:
                 log.warning("[round=%d] val_loss %.4f not persisted: %s", round_, val, exc)
         log.info("[round=%d] reference val_loss=%.4f", round_, val)
 
-    def state_snapshot(self, wait_s: float = 600.0) -> tuple[int, Path, str]:
-        """(committed rounds, snapshot file, fingerprint) a joiner downloads: the newest snapshot when the rounds
-        after it are still held for it to catch up on (``keep_results``), else one taken now (coordinator/snapshot.py).
-        Raises Unavailable when none is ready within ``wait_s`` or it cannot be read."""
+    def state_snapshot(self, wait_s: float = 600.0, at_least: int = 0) -> tuple[int, Path, str]:
+        """(committed rounds, snapshot file, fingerprint) a joiner downloads (``Snapshotter.for_joiner``; ``at_least``
+        capped at the committed rounds). Raises Unavailable when none is ready within ``wait_s`` or it is unreadable."""
         with self.lock:
             committed = self.reference.committed_rounds
         try:
             return self.snapshots.for_joiner(committed, self.cfg.keep_results, lambda: self.snapshots.start(
-                self.reference, self.reference.fingerprint()), wait_s)
+                self.reference, self.reference.fingerprint()), wait_s, at_least=min(at_least, committed))
         except (TimeoutError, OSError) as exc:
             raise Unavailable(f"the state is not ready for download: {exc}; try again later") from None
 
@@ -416,8 +415,8 @@ class Rounds:
     # -- results -------------------------------------------------------------------------------------
     def collect(self, node_id: str, round_: int, wait_s: float, submitted: bool,
                 waiter: Waiter | None = None) -> tuple[Committed, list[str]]:
-        """Block until ``round_`` closes (≤ wait_s seconds); returns the result and the members to send (not the
-        caller). ``waiter.cancel()`` (the caller went away) ends the wait at once: raises Cancelled."""
+        """Block until ``round_`` closes (≤ wait_s seconds); returns the result and the members to send (the
+        caller's own only when not ``submitted``). ``waiter.cancel()`` (the caller went away) ends the wait at once: raises Cancelled."""
         wake = waiter or Waiter()
         end = self.clock() + max(0.0, wait_s)
         with self.lock:
@@ -466,7 +465,8 @@ class Rounds:
             if result.aggregate is not None:
                 m.bytes_out += len(result.aggregate)
                 return result, []
-            to_send = [name for name in result.frames if name != m.name]
+            # to a caller that did not submit, its own too: it may not hold the frame committed under its name
+            to_send = [name for name in result.frames if name != m.name or not submitted]
             m.bytes_out += sum(len(result.frames[n]) for n in to_send)
             return result, to_send
 

@@ -152,7 +152,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             check_node_id(request.node_id)
         key = dict(context.invocation_metadata() or ()).get(MD_KEY)  # verified by the guard before Join
         for part in self.core.fetch_state(request.node_id, request.offset, request.join_token,
-                                          key if isinstance(key, bytes) else None):
+                                          key if isinstance(key, bytes) else None, request.min_committed_rounds):
             yield pb.StateChunk(**part)
 
     @translated

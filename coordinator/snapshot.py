@@ -280,9 +280,10 @@ class Snapshotter:
         return self._fingerprints[path]
 
     def for_joiner(self, committed: int, max_behind: int, start: Callable[[], Snapshot | None],
-                   wait_s: float) -> tuple[int, Path, str]:
+                   wait_s: float, at_least: int = 0) -> tuple[int, Path, str]:
         """(committed rounds, path, fingerprint) of the snapshot a joiner downloads: the newest complete one when it
-        is at most ``max_behind`` rounds behind ``committed`` and not the seeded model's once a round committed (the
+        holds at least ``at_least`` rounds (≤ ``committed``: a member never goes back to an older state), is at most
+        ``max_behind`` rounds behind ``committed`` and not the seeded model's once a round committed (the
         joiner catches up on the rounds after it from the results kept for collectors); otherwise one taken now
         (``start``: under the caller's lock) and waited for, at most ``wait_s`` seconds. Raises TimeoutError when none
         is ready then, OSError for an unreadable one."""
@@ -290,7 +291,8 @@ class Snapshotter:
         while True:
             held, path = self.store.latest_snapshot()
             # a snapshot of 0 rounds is the seeded model every node builds itself: once a round committed, not served
-            if path is not None and committed - held <= max_behind and (held > 0 or committed == 0):
+            if (path is not None and committed - held <= max_behind and held >= at_least
+                    and (held > 0 or committed == 0)):
                 try:
                     _, fingerprint = self.fingerprint_of(path)
                 except FileNotFoundError:  # pruned meanwhile: a newer one exists

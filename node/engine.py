@@ -430,13 +430,17 @@ class RoundEngine:
         started = self.clock.now()
         prefetch, self.opts.prefetch = self.opts.prefetch, None
         state = prefetch.take(self.stop) if prefetch is not None and after_round is None else None
+        if state is not None and state.committed < worker.reference.committed_rounds:
+            state = None  # downloaded while starting up, older than the checkpoint this node resumed from
         if state is not None:
             assert prefetch is not None
             started, why = self.clock.now() - prefetch.download_s, f"{why}, downloaded while starting up"
         else:
             if prefetch is not None:
                 prefetch.cancel()
-            state = self._plane.fetch_state(after_round, self.opts.round_timeout_s)
+            # never back to an older state than ours (the coordinator's newest snapshot may be a few rounds old)
+            state = self._plane.fetch_state(after_round, self.opts.round_timeout_s,
+                                            at_least=worker.reference.committed_rounds)
         if state is None:
             raise RuntimeError(f"the global state is needed ({why}) but {self._plane.where} cannot serve it")
         committed, blob, fingerprint = state.committed, state.blob, state.fingerprint

@@ -87,8 +87,10 @@ class ControlPlane(Protocol):
         """Whether the members already sent their frames for ``round_`` (or it closed): with overlapped rounds they
         are then training the next one. None where the plane cannot tell; the daemon then does not wait for it."""
 
-    def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
-        """The run's global state — once ``after_round`` closed, if given — or None where none can be had."""
+    def fetch_state(self, after_round: int | None, timeout_s: float, at_least: int = 0) -> StateBlob | None:
+        """The run's global state — once ``after_round`` closed, if given — or None where none can be had.
+        ``at_least``: the committed rounds this node holds; a state of fewer is not taken where the run has one of
+        as many (a node never goes back to an older state and applies rounds again)."""
 
     def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
         """After applying a round: serve this replica's state to joiners where peers do that (serverless); a no-op

@@ -300,10 +300,10 @@ class DhtControl:
     def round_started(self, round_: int) -> bool | None:
         return None  # members wait the longest wait for a joiner's first round instead (see dht.py, _close_group)
 
-    def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
+    def fetch_state(self, after_round: int | None, timeout_s: float, at_least: int = 0) -> StateBlob | None:
         """Download the newest state of at least ``after_round + 1`` rounds (default: the round the run is in) from
         the peers, then heartbeat "live" from that round. None when no peer offered one within ``timeout_s``."""
-        need = self._round if after_round is None else after_round + 1  # never older than what we have seen
+        need = max(at_least, self._round if after_round is None else after_round + 1)  # never older than we hold
         got = self.transport.state.fetch(need, timeout_s, cancelled=self.stop)
         if self.stop.is_set():
             raise Stopped()

@@ -164,9 +164,9 @@ class FaultyPlane:
         self._alive()
         return self.inner.round_started(round_)
 
-    def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
+    def fetch_state(self, after_round: int | None, timeout_s: float, at_least: int = 0) -> StateBlob | None:
         self._alive()
-        return self.inner.fetch_state(after_round, timeout_s)
+        return self.inner.fetch_state(after_round, timeout_s, at_least)
 
     def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
         if not self.crashed:

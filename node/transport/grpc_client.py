@@ -171,7 +171,7 @@ class GrpcTransport:
         self._hb: threading.Thread | None = None
         self._hb_stop = threading.Event()
         self.join_response: pb.JoinResponse | None = None
-        self._own: tuple[int, bytes] | None = None  # the last frame we submitted: Collect does not send it back
+        self._own: tuple[int, bytes] | None = None  # the last frame the coordinator accepted: not sent back to us
         self._faults = 0  # INTERNAL/UNKNOWN answers in a row
 
     def _backoff(self) -> Backoff:
@@ -301,7 +301,7 @@ class GrpcTransport:
     def submit(self, round_: int, payload: bytes, loss: float = float("nan")) -> str:
         """Upload with resume. Returns "accepted", "late" (round closed) or "rejected: <why>"."""
         offset, backoff = 0, self._backoff()
-        self._own = (round_, payload)
+        self._own = None
         while True:
             if self.stop.is_set():
                 raise Stopped()
@@ -310,6 +310,7 @@ class GrpcTransport:
                 self.stub.Submit(self._chunks(round_, payload, offset, loss, sent),
                                  timeout=self._upload_timeout(len(payload) - offset))
                 self._ok()
+                self._own = (round_, payload)  # only a frame the coordinator took stands in for ours in its result
                 return "accepted"
             except grpc.RpcError as exc:
                 code = exc.code()
@@ -339,7 +340,9 @@ class GrpcTransport:
                 own_name: str = "") -> RoundResult:
         end = self.clock.now() + timeout_s
         backoff = self._backoff()
-        if own is None and self._own is not None and self._own[0] == round_ and self.identity is not None:
+        if not submitted:  # the coordinator sends our frame too: the one it committed may not be the one we hold
+            own = None
+        elif own is None and self._own is not None and self._own[0] == round_ and self.identity is not None:
             own, own_name = self._own[1], self.identity.name
         while self.clock.now() < end:
             if self.stop.is_set():
@@ -437,10 +440,13 @@ class GrpcTransport:
                 log.warning("round %d: %s", round_, exc)
                 outcome = self.submit(round_, payload, loss)
 
-    def fetch_state(self, timeout_s: float = 600.0, join_token: str = "", min_committed: int = 0) -> StateBlob | None:
+    def fetch_state(self, timeout_s: float = 600.0, join_token: str = "", min_committed: int = 0,
+                    at_least: int = 0) -> StateBlob | None:
         """(committed rounds, state blob, fingerprint); resumes from the last byte after a broken stream.
-        Before Join (no node id yet) the join token authorises the download, signed by this transport's key. None when the run's state is from
-        before round ``min_committed`` (e.g. 1: the seeded initial state every node builds for itself)."""
+        Before Join (no node id yet) the join token authorises the download, signed by this transport's key. None
+        when the run's state is from before round ``min_committed`` (e.g. 1: the seeded initial state every node
+        builds for itself). ``at_least``: the coordinator sends no state older than this while it has committed as
+        many rounds (FetchStateRequest.min_committed_rounds)."""
         buf, backoff = bytearray(), self._backoff()
         committed, total, fingerprint = -1, -1, ""
         progress: Progress | None = None  # shown for a state of PROGRESS_FROM bytes or more
@@ -448,7 +454,8 @@ class GrpcTransport:
             if self.stop.is_set():
                 raise Stopped()
             try:
-                request = pb.FetchStateRequest(node_id=self.node_id, offset=len(buf), join_token=join_token)
+                request = pb.FetchStateRequest(node_id=self.node_id, offset=len(buf), join_token=join_token,
+                                               min_committed_rounds=max(min_committed, at_least))
                 stream = self.stub.FetchState(request, timeout=timeout_s)
                 for chunk in stream:
                     if committed not in (-1, chunk.committed_rounds):

@@ -60,10 +60,11 @@ class GrpcControl:
         status = self.transport.status()
         return status.current_round > round_ or (status.current_round == round_ and len(status.submitted) > 0)
 
-    def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
+    def fetch_state(self, after_round: int | None, timeout_s: float, at_least: int = 0) -> StateBlob | None:
         if after_round is not None:  # observe the round close (we did not submit to it), then take its state
             self.transport.collect(after_round, timeout_s, submitted=False)
-        return self.transport.fetch_state()
+            at_least = max(at_least, after_round + 1)
+        return self.transport.fetch_state(at_least=at_least)
 
     def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
         pass  # the coordinator serves the state

@@ -295,8 +295,8 @@ class InProcessPlane:
         with r.cond:
             return r.open.round > round_ or (r.open.round == round_ and bool(r.open.frames))
 
-    def fetch_state(self, after_round: int | None, timeout_s: float) -> StateBlob | None:
-        r = self.r
+    def fetch_state(self, after_round: int | None, timeout_s: float, at_least: int = 0) -> StateBlob | None:
+        r = self.r  # the live state is always the newest: ``at_least`` holds
         with r.cond:
             if after_round is not None and not r._wait(after_round, r.clock.now() + timeout_s, self.stop,
                                                        lambda: None):

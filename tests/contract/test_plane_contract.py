@@ -96,6 +96,19 @@ def test_a_silent_member_is_left_out_and_its_late_frame_too(fast: Group) -> None
     assert len({w.fingerprint() for w in fast.workers.values()}) == 1
 
 
+def test_a_member_that_sends_another_frame_for_a_closed_round_gets_the_committed_one(fast: Group) -> None:
+    """A member that went back to an older state (or restarted) trains a round it already took part in again: its new
+    frame is late, and the result holds the frame committed under its name, not the one it holds now."""
+    subs = {n: fast.submission(n, 0) for n in NAMES}
+    results = exchange_all(fast, subs)
+    check_agreed(results, NAMES, {n: s.frame for n, s in subs.items()})
+    again = fast.submission("a", 0)
+    assert again.frame != subs["a"].frame
+    mine = fast.planes["a"].exchange(again, BOUND_S)
+    assert mine.committed and mine.members == NAMES, mine.reason
+    assert mine.payloads == results["b"].payloads and mine.payloads["a"] == subs["a"].frame
+
+
 def test_a_member_that_observes_a_round_gets_its_result_and_is_not_waited_for(patient: Group) -> None:
     subs = {n: patient.submission(n, 0) for n in NAMES[:2]}
     calls: dict[str, Callable[[], RoundResult]] = {

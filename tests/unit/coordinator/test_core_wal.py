@@ -331,6 +331,49 @@ def test_a_joiner_downloads_a_snapshot_and_catches_up_on_the_rounds_after_it(tmp
         h.close()
 
 
+def test_a_member_asking_for_its_own_round_never_gets_an_older_snapshot(tmp_path: Path, clock: Clock) -> None:
+    """A member that holds c committed rounds (it fell behind or its fingerprint differs) asks FetchState for at least
+    c: the coordinator snapshots the current state for it instead of sending the older snapshot a joiner would catch
+    up from — a node going back and applying rounds again is what the soak's invariants forbid. One snapshot serves
+    every such caller; a value above the committed rounds counts as those."""
+    h = start(tmp_path, clock, every=2)
+    try:
+        workers = members(h)
+        for r in range(3):
+            round_(h, workers, r)
+        h.core.snapshots.wait()
+        assert h.store.latest_snapshot()[0] == 2
+        assert {p["committed_rounds"] for p in h.core.fetch_state(h.ids["a"], 0)} == {2}  # a joiner catches up
+        parts = list(h.core.fetch_state(h.ids["a"], 0, min_committed=3))
+        assert {p["committed_rounds"] for p in parts} == {3}
+        assert parts[0]["reference_fingerprint"] == h.core.reference.fingerprint()
+        fresh = oracle_of(h)
+        fresh.load_bytes(b"".join(p["data"] for p in parts))
+        assert fresh.fingerprint() == h.core.reference.fingerprint()
+        snapshot = h.store.latest_snapshot()
+        assert snapshot[0] == 3
+        assert {p["committed_rounds"] for p in h.core.fetch_state(h.ids["b"], 0, min_committed=10**6)} == {3}
+        assert h.store.latest_snapshot() == snapshot  # the same file: no second snapshot for the same round
+    finally:
+        h.close()
+
+
+def test_a_collector_that_did_not_submit_gets_its_own_frame_too(tmp_path: Path, clock: Clock) -> None:
+    """The frame committed under a member's name is sent back to it when it collects without having submitted (it
+    may have gone back to an older state, or restarted, and trained that round again: its frame now is another); a
+    member that submitted gets every frame but its own."""
+    h = start(tmp_path, clock, every=100)
+    try:
+        workers = members(h)
+        frames = round_(h, workers, 0)
+        _, to_send = h.core.collect(h.ids["a"], 0, 0.0, True)
+        assert to_send == ["b"]
+        result, to_send = h.core.collect(h.ids["a"], 0, 0.0, False)
+        assert to_send == ["a", "b"] and result.frames["a"] == frames["a"]
+    finally:
+        h.close()
+
+
 def test_a_state_too_far_behind_for_joiners_is_snapshotted_on_demand(tmp_path: Path, clock: Clock) -> None:
     h = start(tmp_path, clock, every=100, extra={"keep_results": 1})
     try:

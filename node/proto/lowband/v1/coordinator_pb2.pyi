@@ -187,14 +187,16 @@ class CollectChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[CollectHeader, _Mapping]] = ..., piece: _Optional[_Union[PayloadPiece, _Mapping]] = ...) -> None: ...
 
 class FetchStateRequest(_message.Message):
-    __slots__ = ("node_id", "offset", "join_token")
+    __slots__ = ("node_id", "offset", "join_token", "min_committed_rounds")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MIN_COMMITTED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     offset: int
     join_token: str
-    def __init__(self, node_id: _Optional[str] = ..., offset: _Optional[int] = ..., join_token: _Optional[str] = ...) -> None: ...
+    min_committed_rounds: int
+    def __init__(self, node_id: _Optional[str] = ..., offset: _Optional[int] = ..., join_token: _Optional[str] = ..., min_committed_rounds: _Optional[int] = ...) -> None: ...
 
 class StateChunk(_message.Message):
     __slots__ = ("committed_rounds", "total_size", "offset", "data", "reference_fingerprint")
