@@ -43,6 +43,7 @@ from node.tasks.base import Task
 from node.train.inner import InnerStats
 from node.train.worker import Worker
 from node.transport.control import ControlPlane, Identity, JoinInfo, Rejoin
+from node.transport.limits import ResultLimits
 from node.transport.messages import RoundResult, RoundStatus, Submission
 from node.workdir import Workdir
 
@@ -172,6 +173,9 @@ class RoundEngine:
         if self.worker is None:
             self.cfg = cfg
             self.worker = self.source.build(cfg, task, info, self.key)
+        bound = getattr(self._plane, "bound_results", None)  # a plane that reads results from a server
+        if bound is not None:
+            bound(ResultLimits.for_model(self.worker.reference, info.num_shards))  # num_shards: max_nodes
         log.info("[node=%s] joined %s: shard %d/%d, first round %d, %d rounds committed", self.name,
                  self._plane.where, info.shard, info.num_shards, info.first_round, info.committed_rounds)
         return info

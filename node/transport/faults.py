@@ -27,7 +27,7 @@ import enum
 import random
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from node.config import RunConfig
 from node.transport.control import ControlPlane, Identity, JoinInfo, Rejoin
@@ -167,6 +167,11 @@ class FaultyPlane:
     def fetch_state(self, after_round: int | None, timeout_s: float, at_least: int = 0) -> StateBlob | None:
         self._alive()
         return self.inner.fetch_state(after_round, timeout_s, at_least)
+
+    def bound_results(self, limits: Any) -> None:
+        bound = getattr(self.inner, "bound_results", None)
+        if bound is not None:
+            bound(limits)
 
     def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
         if not self.crashed:

@@ -20,13 +20,15 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 
 from node.clock import SYSTEM_CLOCK, Clock
-from node.identity import PUBLIC_BYTES, NodeKey
+from node.identity import NodeKey
 from node.progress import Progress
 from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 # re-exported: callers import them from here too
 from node.transport.control import Identity, JoinRefused, Rejoin, Stopped  # noqa: F401
 from node.transport.grpc_auth import ClientTls, SigningInterceptor, join_message, open_channel
+from node.transport.grpc_result import assemble
+from node.transport.limits import UNKNOWN_MODEL
 from node.transport.messages import RoundResult, RoundStatus, StateBlob
 
 log = logging.getLogger(__name__)
@@ -82,8 +84,8 @@ def _busy(exc: grpc.RpcError) -> bool:
         _metadata(exc, "lowband-retry") is not None or "Concurrent RPC limit" in (exc.details() or ""))
 
 
-def _status(header: pb.CollectHeader) -> RoundStatus:
-    return RoundStatus.COMMITTED if header.committed else RoundStatus.NO_QUORUM
+class StateRefused(RuntimeError):
+    """The coordinator announced a state larger than any state of this node's model (``ResultLimits.state``)."""
 
 
 class StallWatch:
@@ -172,6 +174,7 @@ class GrpcTransport:
         self._hb_stop = threading.Event()
         self.join_response: pb.JoinResponse | None = None
         self._own: tuple[int, bytes] | None = None  # the last frame the coordinator accepted: not sent back to us
+        self.limits = UNKNOWN_MODEL  # what a result or state may take at most: the node sets its model's (engine)
         self._faults = 0  # INTERNAL/UNKNOWN answers in a row
 
     def _backoff(self) -> Backoff:
@@ -355,7 +358,7 @@ class GrpcTransport:
                                            timeout=wait_ms / 1000 + self.rpc_timeout_s + RESULT_DOWNLOAD_MAX_S)
                 with StallWatch(stream, wait_ms / 1000 + self.rpc_timeout_s, self.rpc_timeout_s,
                                 self.clock) as watch:
-                    result = self._assemble(stream, round_, own, own_name, watch)
+                    result = assemble(stream, round_, own, own_name, self.limits, watch.progressed)
                 self._ok()
                 return result
             except grpc.RpcError as exc:
@@ -376,53 +379,6 @@ class GrpcTransport:
                     continue
                 raise
         return RoundResult(round_, RoundStatus.TIMED_OUT, reason=f"round {round_} did not close within {timeout_s:.0f} s")
-
-    def _assemble(self, stream: Iterator[pb.CollectChunk], round_: int, own: bytes | None, own_name: str,
-                  watch: StallWatch) -> RoundResult:
-        header: pb.CollectHeader | None = None
-        parts: dict[int, bytearray] = {}
-        for chunk in stream:
-            watch.progressed()
-            if chunk.HasField("header"):
-                header = chunk.header
-            else:
-                piece = chunk.piece
-                buf = parts.setdefault(piece.member, bytearray())
-                if piece.offset != len(buf):
-                    return RoundResult(round_, RoundStatus.MALFORMED,
-                                       reason=f"result pieces of member {piece.member} out of order")
-                buf += piece.data
-        if header is None:
-            return RoundResult(round_, RoundStatus.MALFORMED, reason="empty result stream")
-        if header.aggregate_size:
-            data = bytes(parts.get(0, b""))
-            if len(data) != header.aggregate_size:
-                return RoundResult(round_, RoundStatus.MALFORMED,
-                                   reason=f"aggregate arrived incomplete ({len(data)}/{header.aggregate_size})")
-            sent = len(own) if own is not None and own_name in header.members else 0
-            return RoundResult(round_, _status(header), {}, header.reason, bytes_sent=sent, bytes_received=len(data),
-                               reference_fingerprint=header.reference_fingerprint, aggregate=data,
-                               aggregate_codec=header.aggregate_codec, aggregate_members=tuple(header.members))
-        payloads: dict[str, bytes] = {}
-        received = 0
-        for i, (name, size) in enumerate(zip(header.members, header.payload_sizes)):
-            if name == own_name and own is not None:
-                payloads[name] = own
-                continue
-            data = bytes(parts.get(i, b""))
-            if len(data) != size:
-                return RoundResult(round_, RoundStatus.MALFORMED,
-                                   reason=f"payload of {name} arrived incomplete ({len(data)}/{size})")
-            payloads[name] = data
-            received += size
-        sent = len(own) if own is not None and own_name in header.members else 0
-        keys = list(header.member_keys)
-        if keys and (len(keys) != len(header.members) or any(len(k) != PUBLIC_BYTES for k in keys)):
-            return RoundResult(round_, RoundStatus.MALFORMED, reason=f"the result's member keys are malformed "
-                               f"({len(keys)} for {len(header.members)} members, each must be {PUBLIC_BYTES} bytes)")
-        return RoundResult(round_, _status(header), dict(sorted(payloads.items())), header.reason,
-                           bytes_sent=sent, bytes_received=received, reference_fingerprint=header.reference_fingerprint,
-                           member_keys=dict(zip(header.members, keys)))
 
     def exchange(self, round_: int, payload: bytes, timeout_s: float, loss: float = float("nan"),
                  own_name: str = "") -> RoundResult:
@@ -465,7 +421,11 @@ class GrpcTransport:
                     if committed < min_committed:
                         stream.cancel()
                         return None
-                    if chunk.offset != len(buf):
+                    if total > self.limits.state:
+                        stream.cancel()
+                        raise StateRefused(f"the coordinator's state is {total} bytes, more than the "
+                                           f"{self.limits.state} any state of this model takes")
+                    if chunk.offset != len(buf) or len(buf) + len(chunk.data) > total:
                         break
                     buf += chunk.data
                     if progress is None and total >= PROGRESS_FROM:

@@ -13,6 +13,7 @@ from node.transport.control import Identity, JoinInfo, JoinRefused
 from node.transport.grpc_auth import ClientTls
 from node.transport.messages import RoundResult, StateBlob, Submission
 from node.transport.grpc_client import REFUSALS, GrpcTransport
+from node.transport.limits import ResultLimits
 
 
 class GrpcControl:
@@ -47,6 +48,10 @@ class GrpcControl:
         self.transport.identity = identity
         resp = self.transport.join()
         return JoinInfo(resp.shard, resp.num_shards, resp.first_round, resp.committed_rounds)
+
+    def bound_results(self, limits: ResultLimits) -> None:
+        """What this node reads at most of a result or a state (its model's bounds, node/transport/limits.py)."""
+        self.transport.limits = limits
 
     def exchange(self, submission: Submission, timeout_s: float) -> RoundResult:
         # the coordinator checks replicas itself: it publishes its reference fingerprint with every result
