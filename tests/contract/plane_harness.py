@@ -17,6 +17,7 @@ from node.tasks import load_task
 from node.train.reference import model_digest
 from node.train.worker import Worker
 from node.transport.control import ControlPlane, Identity, JoinInfo
+from node.transport.limits import ResultLimits
 from node.transport.messages import Submission
 
 KINDS = ("inprocess", "grpc", "dht")
@@ -71,6 +72,9 @@ class Group:
                 info = self.joined[name]
                 self.workers[name] = Worker(name, self.cfg, self.task, shard=info.shard, num_shards=info.num_shards,
                                             key=self.key(name))
+                bound = getattr(self.planes[name], "bound_results", None)  # as the daemon does (node/engine.py)
+                if bound is not None:
+                    bound(ResultLimits.for_model(self.workers[name].reference, info.num_shards))
         except BaseException:
             self.close()
             raise
