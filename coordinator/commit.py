@@ -96,6 +96,13 @@ def apply_prepared(reference: Reference, prepared: Prepared) -> None:
         reference.downlink = prepared.downlink  # replaced, not written into: a snapshot may still be reading the old
 
 
+def held_frames(frames: dict[str, bytes], aggregate: bytes | None) -> dict[str, bytes]:
+    """What a committed result keeps of its frames in memory: all of them in relay mode (collectors get them); with an
+    aggregate only the senders' names, each with b"" (collectors get the aggregate; the write-ahead record keeps the
+    frames, and a replay reads them there)."""
+    return frames if aggregate is None else dict.fromkeys(frames, b"")
+
+
 class Persistence:
     """Whether the coordinator can persist, and when to try again after it could not."""
 

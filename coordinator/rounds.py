@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from coordinator.commit import Persistence, applied_as, apply_prepared, prepare_round
+from coordinator.commit import Persistence, applied_as, apply_prepared, held_frames, prepare_round
 from coordinator.errors import (BadPayload, BadSignature, Cancelled, Conflict, Late, NotSubmitted, ResultGone,
                                 StillOpen, Truncated, Unavailable, WrongRound)
 from coordinator.evaluator import Evaluator
@@ -49,7 +49,7 @@ RESULTS_IN_MEMORY = 2  # recent results held in memory; up to keep_results are s
 @dataclass
 class Committed:
     round: int
-    frames: dict[str, bytes]  # member name → frame, sorted
+    frames: dict[str, bytes]  # member name → frame, sorted; with an aggregate, b"" (members get that, not frames)
     fingerprint: str
     reason: str
     aggregate: bytes | None = None  # result "aggregate" / "compressed": the one frame every member receives
@@ -336,7 +336,8 @@ class Rounds:
         if set(decision.members) >= self._expected(r):
             self.spreads.append(max(times) - min(times))
         self.commit_times.append(now)
-        self.results[r] = Committed(r, frames, fingerprint, decision.reason, aggregate_frame, keys)
+        self.results[r] = Committed(r, held_frames(frames, aggregate_frame), fingerprint, decision.reason,
+                                    aggregate_frame, keys)
         while len(self.results) > min(self.cfg.keep_results, RESULTS_IN_MEMORY):  # older: from their records
             self.results.popitem(last=False)
         self.recent.append(row)
@@ -407,16 +408,15 @@ class Rounds:
             raise Unavailable(f"the state is not ready for download: {exc}; try again later") from None
 
     def state_blob(self) -> tuple[int, bytes, str]:
-        """(committed rounds, the bytes of the snapshot joiners download, its fingerprint): for tests and tools; the
-        coordinator itself streams the file (``fetch_state``)."""
+        """(committed rounds, snapshot bytes, fingerprint) for tests and tools (``fetch_state`` streams the file)."""
         committed, path, fingerprint = self.state_snapshot()
         return committed, path.read_bytes(), fingerprint
 
     # -- results -------------------------------------------------------------------------------------
     def collect(self, node_id: str, round_: int, wait_s: float, submitted: bool,
                 waiter: Waiter | None = None) -> tuple[Committed, list[str]]:
-        """Block until ``round_`` closes (≤ wait_s seconds); returns the result and the members to send (the
-        caller's own only when not ``submitted``). ``waiter.cancel()`` (the caller went away) ends the wait at once: raises Cancelled."""
+        """Block until ``round_`` closes (≤ wait_s s); the result and the members to send (the caller's own only when not
+        ``submitted``). ``waiter.cancel()`` (the caller went away) ends the wait at once: raises Cancelled."""
         wake = waiter or Waiter()
         end = self.clock() + max(0.0, wait_s)
         with self.lock:
@@ -478,12 +478,12 @@ class Rounds:
         if rec is None or not fingerprint:
             raise ResultGone(f"the result of round {round_} is no longer held (the run is at round "
                              f"{self.open_round}); fetch the state instead")
-        # the keys that signed the frames, stored with them: a sender may have left, or (after an operator freed its
-        # name) another key may hold the name now
+        # the keys that signed the frames, stored with them: a sender may have left, or another key hold its name now
         keys = rec["keys"]
         if keys is None:  # a result stored before its keys were: the names' keys (bound for good, names.py)
             keys = self._bound_keys(rec["frames"])
-        return Committed(round_, dict(sorted(rec["frames"].items())), fingerprint, "restored", rec["aggregate"], keys)
+        frames = held_frames(dict(sorted(rec["frames"].items())), rec["aggregate"])
+        return Committed(round_, frames, fingerprint, "restored", rec["aggregate"], keys)
 
     def close(self) -> None:
         """Stop: a snapshot being written is finished, and the state of the last committed round snapshotted if it is

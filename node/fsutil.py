@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 
-def write_atomic(path: str | Path, data: bytes | bytearray | memoryview | str, durable: bool = True,
+def write_atomic(path: str | Path, data: bytes | bytearray | memoryview | str | Iterable[bytes], durable: bool = True,
                  unique_tmp: bool = False) -> None:
-    """Write to a temporary sibling, fsync (``durable``), then rename over ``path`` and fsync the folder.
+    """Write to a temporary sibling, fsync (``durable``), then rename over ``path`` and fsync the folder. ``data``:
+    the contents, or an iterable of pieces written one after another (a large file is then never whole in memory).
 
     The temporary file is ``NAME.tmp`` by default: a single writer that crashes mid-write leaves one such file,
     which its next write replaces (a checkpoint is large; crashes must not pile up copies of it). Paths that
@@ -16,7 +18,9 @@ def write_atomic(path: str | Path, data: bytes | bytearray | memoryview | str, d
     ``NAME.XXXX.tmp``, so two writers never write into one file. A write that fails removes its temporary file.
     """
     path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
+    pieces: Iterable[bytes | bytearray | memoryview] = (
+        (data.encode(),) if isinstance(data, str) else (data,) if isinstance(data, (bytes, bytearray, memoryview))
+        else data)
     if unique_tmp:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         tmp = Path(name)
@@ -26,7 +30,8 @@ def write_atomic(path: str | Path, data: bytes | bytearray | memoryview | str, d
         f = open(tmp, "wb")
     try:
         with f:
-            f.write(payload)
+            for piece in pieces:
+                f.write(piece)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import msgpack
 import pytest
 
-from coordinator.store import Store, WalError
+from coordinator.store import Store, WalError, record_pieces
 from node.membership import DeadlinePolicy, Member, MembershipPolicy
 from node.roundlog import RoundRow
 from node.runfile import RunFile, load_run_file, parse_run_file
@@ -217,6 +218,19 @@ def test_commit_round_then_record_result_and_fingerprint(store: Store) -> None:
     store.set_val_loss(0, 1.25)
     assert store.recent_rounds()[0].val_loss == 1.25
     assert [r.round for r in store.recent_rounds(limit=1)] == [1]
+
+
+def test_the_record_is_written_piece_by_piece_as_the_one_msgpack_document_readers_parse(store: Store) -> None:
+    """The write-ahead record is streamed frame by frame (no second copy of a round's frames in memory), and its bytes
+    are exactly ``msgpack.packb`` of the record: the format readers (and records written before) use."""
+    frames = {f"m{i:03d}": bytes([i]) * (1000 + 37 * i) for i in range(40)}
+    record = {"round": 3, "frames": frames, "aggregate": b"agg" * 50, "keys": {"m000": b"k" * 32},
+              "applied": {"result": "aggregate", "codec": "bf16"}, "sha256": "ab" * 32}
+    pieces = list(record_pieces(record))
+    assert len(pieces) > 2 * len(frames)
+    assert b"".join(pieces) == msgpack.packb(record, use_bin_type=True)
+    store.commit_round(row(3), frames, {}, aggregate=b"agg", applied={"result": "aggregate", "codec": "bf16"})
+    assert store.result(3) == frames and store.aggregate(3) == b"agg"
 
 
 def test_a_damaged_write_ahead_record_is_refused_by_its_checksum(store: Store) -> None:

@@ -97,6 +97,8 @@ def _round(h: Harness, workers: dict, r: int) -> tuple[bytes, bytes]:
         h.submit(name, r, frames[name])
     result, to_send = h.core.collect(h.ids["a"], r, 0.0, True)
     assert to_send == [] and result.aggregate is not None
+    # members get the aggregate: the result in memory keeps the senders' names, not their frames (the record does)
+    assert result.frames == dict.fromkeys(sorted(workers), b"") and h.store.result(r) == frames
     for w in workers.values():
         report = w.apply(RoundResult(r, RoundStatus.COMMITTED, aggregate=result.aggregate,
                                      aggregate_codec=h.cfg.result_codec, aggregate_members=tuple(result.frames)))
