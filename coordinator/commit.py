@@ -23,7 +23,8 @@ from node import wire
 from node.errors import PayloadError
 from node.keyring import KeyRing
 from node.runfile import RunFile
-from node.train.reference import Reference
+from coordinator.accumulate import RunningReduce
+from node.train.reference import Aggregate, Reference
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +61,38 @@ def prepare_round(reference: Reference, frames: dict[str, bytes], round_: int, a
     will apply). Compressed mode: that reduce encoded with the run's codec and a copy of the downlink residual
     (node/train/downlink.py); the step applies what the frame decodes to and takes the new residual. Raises
     PayloadError when a frame does not validate (frames are validated on arrival: at a commit this is a bug; in a
-    replay, a record that is not what was committed) or a compressed round meets a reference without a residual."""
+    replay, a record that is not what was committed) or a compressed round meets a reference without a residual.
+    ``applied["order"]``: the round was reduced frame by frame as they were accepted (accumulate.py): the frames are
+    added in that order again."""
     envelopes, rejected = reference.unpack(frames, round_, keys)
     if rejected or not envelopes:
         raise PayloadError(f"round {round_}: frames that do not validate: {rejected or 'none given'}")
+    order = applied.get("order")
+    if order is not None:  # reduced frame by frame in the order they were accepted (coordinator/accumulate.py)
+        by_sender = {e.sender: e for e in envelopes}
+        if not isinstance(order, list) or sorted(order) != sorted(by_sender):
+            raise PayloadError(f"round {round_}: the recorded order {order!r} does not list its frames' senders")
+        running = RunningReduce(reference)
+        for sender in order:
+            running.add(by_sender[sender])
+        return prepare_reduced(reference, running.aggregate(), round_, applied)
+    if applied.get("result") not in ("aggregate", "compressed") and reference.steps_tensor_by_tensor:
+        # reduced tensor by tensor inside the step: a whole model's fp32 aggregate never exists at once
+        return Prepared(round_, None, None, applied, envelopes)
+    return prepare_reduced(reference, reference.reduce(envelopes), round_, applied)
+
+
+def prepare_reduced(reference: Reference, reduced: Aggregate, round_: int, applied: dict[str, Any]) -> Prepared:
+    """``prepare_round`` from the round's reduce (``reduced``, computed at the close or frame by frame): the frame
+    members receive, encoded as ``applied`` says, and what the step takes. Changes nothing on ``reference``. Raises
+    PayloadError for a compressed round on a reference without a downlink residual."""
     if applied.get("result") == "compressed":
         if reference.downlink is None:
             raise PayloadError(f"round {round_} was applied with a compressed downlink, and this reference keeps no "
                                "downlink residual")
         residual = [e.clone() for e in reference.downlink]  # the live residual stays as it is until the step
-        frame, decoded = reference.pack_compressed(reference.reduce(envelopes), round_, residual)
+        frame, decoded = reference.pack_compressed(reduced, round_, residual)
         return Prepared(round_, decoded, frame, applied, downlink=residual)
-    if applied.get("result") != "aggregate" and reference.steps_tensor_by_tensor:
-        # reduced tensor by tensor inside the step: a whole model's fp32 aggregate never exists at once
-        return Prepared(round_, None, None, applied, envelopes)
-    reduced = reference.reduce(envelopes)
     if applied.get("result") == "aggregate":
         frame, decoded = reference.pack_aggregate(reduced, round_, str(applied.get("codec", "identity")))
         return Prepared(round_, decoded, frame, applied)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from coordinator.commit import Persistence, applied_as, apply_prepared, held_frames, prepare_round
+from coordinator.accumulate import RunningReduce
+from coordinator.commit import Persistence, applied_as, apply_prepared, held_frames, prepare_reduced, prepare_round
 from coordinator.errors import BadPayload, BadSignature, Conflict, Late, Truncated, Unavailable, WrongRound
 from coordinator.evaluator import Evaluator
 from coordinator.replay import restore
@@ -108,11 +109,16 @@ class Rounds(Results):
         self.commit_pending = False  # a round is ready to commit but could not be persisted yet
         self.waiters: set[Waiter] = set()  # collectors waiting for the open round
         self.evaluator = Evaluator(self.task, model, self._record_val_loss) if cfg.eval_every else None
+        self.running = self._new_running()
         if self.snapshots.due(self.reference.committed_rounds) and self.reference.committed_rounds:
             with self.lock:  # after a long replay: bound the next one
                 self.snapshots.start(self.reference, self.reference.fingerprint())
 
     # -- submissions ---------------------------------------------------------------------------------
+    def _new_running(self) -> RunningReduce | None:
+        """The open round's reduce, taken frame by frame as they are accepted where it can be (accumulate.py)."""
+        return RunningReduce(self.reference) if RunningReduce.applies(self.reference, applied_as(self.cfg)) else None
+
     def _serving(self) -> None:
         if not self.persistence.ok:
             raise Unavailable(f"not serving rounds: {self.persistence.error}; retrying — try again later")
@@ -187,8 +193,9 @@ class Rounds(Results):
             # before it is decoded; the others' name a frame relayed from another member
             keys = {n.name: n.public_key for n in self.members.values() if n.public_key} if m.public_key else None
         try:
-            wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
-                        limit=self.limit, extra_spec=self.reference.buffer_spec, sender=m.name, keys=KeyRing.of(keys))
+            env = wire.unpack(frame, self.reference.codec, self.reference.spec, self.cfg.run.run_id, up.round,
+                              limit=self.limit, extra_spec=self.reference.buffer_spec, sender=m.name,
+                              keys=KeyRing.of(keys))
         except SignatureError as exc:  # counted apart (coordinator/metrics.py); the same status and text
             raise BadSignature(f"payload rejected: {exc}") from None
         except PayloadError as exc:
@@ -196,6 +203,10 @@ class Rounds(Results):
         with self.lock:
             self._member(up.node_id)
             self._check_round(m, up.round)
+            if self.running is not None:
+                if m.name in self.running.order:  # another session under this name submitted already
+                    raise Conflict(f"a frame from {m.name} is in round {up.round} already")
+                self.running.add(env)  # under the lock: the round cannot close between this and ``submitted``
             now = self.clock()
             self.submitted[up.node_id] = (frame, now, up.loss)
             self.submitter_names[up.node_id] = m.name
@@ -275,7 +286,12 @@ class Rounds(Results):
         keys = {names[nid]: self.submitter_keys[nid] for nid in decision.members if self.submitter_keys.get(nid)}
         applied = applied_as(self.cfg)
         started, cpu0 = time.perf_counter(), time.thread_time()  # the commit's parts, for `lowband bench commit`
-        prepared = prepare_round(self.reference, frames, r, applied, KeyRing.of(keys))
+        running = self.running
+        if running is not None and sorted(running.order) == list(frames):  # reduced as the frames came
+            applied["order"] = list(running.order)
+            prepared = prepare_reduced(self.reference, running.aggregate(), r, applied)
+        else:
+            prepared = prepare_round(self.reference, frames, r, applied, KeyRing.of(keys))
         prepared_at = time.perf_counter()
         times = [self.submitted[nid][1] for nid in decision.members]
         losses = [self.submitted[nid][2] for nid in decision.members if not math.isnan(self.submitted[nid][2])]
@@ -321,6 +337,7 @@ class Rounds(Results):
         self.recent.append(row)
         self.open_round = r + 1
         self.submitted.clear()
+        self.running = self._new_running()
         self.submitter_names.clear()
         self.submitter_keys.clear()
         self.observers.clear()

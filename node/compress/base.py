@@ -150,6 +150,25 @@ class Codec(ABC):
             total.add_(self.decode(enc, shape))
         return total.div_(len(encs))
 
+    @property
+    def accumulates(self) -> bool:
+        """Whether ``reduce`` is the mean of the decodes added in the given order, so that it can be taken payload
+        by payload as they arrive (``accumulate`` each, then ``finish``) with the same bits. Codecs whose reduce is
+        another rule (a vote, a selector mean) say False and are reduced all at once."""
+        return type(self).reduce is Codec.reduce
+
+    def accumulate(self, total: torch.Tensor | None, enc: Encoded, shape: Shape) -> torch.Tensor:
+        """``reduce``'s running sum with one more payload: the first payload's decode (``total`` None), else
+        ``total`` + its decode, in place. fp32, flat or ``shape``; only where ``accumulates``."""
+        if total is None:
+            return self.decode(enc, shape).clone()
+        return total.add_(self.decode(enc, shape))
+
+    def finish(self, total: torch.Tensor, count: int, shape: Shape) -> torch.Tensor:
+        """The mean from ``count`` accumulated payloads: a new fp32 tensor of ``shape`` (``total`` is left as it is,
+        so a commit that fails can finish again); ``total / count`` is the same division as ``reduce``'s."""
+        return (total / count).reshape(shape)
+
     def norm(self, enc: Encoded, shape: Shape) -> float:
         """The L2 norm of what ``enc`` decodes to (fp64 arithmetic, returned as a Python float), computed in the
         codec's own representation where that is cheaper than decoding. Used to bound one sender's influence

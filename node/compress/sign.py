@@ -94,6 +94,16 @@ class SignCodec(Codec):
             add_signed_values_(total, enc["bits"], enc["scales"].to(torch.float32), self.block)
         return total.div_(len(encs)).reshape(shape)
 
+    @property
+    def accumulates(self) -> bool:
+        return self.reduce_mode == "mean"  # the vote needs every payload's bits at once
+
+    def accumulate(self, total: torch.Tensor | None, enc: Encoded, shape: Shape) -> torch.Tensor:
+        """As ``reduce`` ("mean") adds them: the first payload decoded, the next ones added in place; flat (N,) fp32."""
+        if total is None:
+            return self.decode(enc, shape).reshape(-1)
+        return add_signed_values_(total, enc["bits"], enc["scales"].to(torch.float32), self.block)
+
     def vote(self, encs: Sequence[Encoded], shape: Shape) -> torch.Tensor:
         """Majority vote: ``sign(Σ_i ±1_i) · (1/n) Σ_i s_i`` per element (scales averaged per chunk), ties → 0;
         fp32, ``shape``. signSGD with majority vote: Bernstein et al., arXiv 1810.05291. Raises ValueError when
