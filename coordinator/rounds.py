@@ -31,6 +31,7 @@ from coordinator.results import Committed, Results, Waiter  # noqa: F401  (re-ex
 from coordinator.snapshot import Snapshotter
 from coordinator.store import Store
 from coordinator.uploads import RESUME_KEY, Upload, append_chunk, check_first_chunk
+from coordinator.wal_stream import HeldFrame, StreamedRecord
 from node import membership as policy
 from node import wire
 from node.errors import ConfigError, PayloadError, SignatureError
@@ -85,7 +86,7 @@ class Rounds(Results):
         self.limit = wire.max_frame_size(self.reference.codec, self.reference.spec, self.reference.buffer_spec)
         self.open_round = self.reference.committed_rounds
         self.uploads: dict[str, Upload] = {}
-        self.submitted: dict[str, tuple[bytes, float, float]] = {}  # node id → (frame, at, loss)
+        self.submitted: dict[str, tuple[bytes | HeldFrame, float, float]] = {}  # node id → (frame, at, loss)
         self.submitter_names: dict[str, str] = {}  # node id → name, kept if the member leaves before commit
         self.submitter_keys: dict[str, bytes] = {}  # node id → the key its frame was verified with
         self.observers: set[str] = set()  # members that observe the open round without a payload: not waited for
@@ -110,6 +111,7 @@ class Rounds(Results):
         self.waiters: set[Waiter] = set()  # collectors waiting for the open round
         self.evaluator = Evaluator(self.task, model, self._record_val_loss) if cfg.eval_every else None
         self.running = self._new_running()
+        self.streamed: StreamedRecord | None = None  # the open round's record, written as its frames come
         if self.snapshots.due(self.reference.committed_rounds) and self.reference.committed_rounds:
             with self.lock:  # after a long replay: bound the next one
                 self.snapshots.start(self.reference, self.reference.fingerprint())
@@ -133,7 +135,10 @@ class Rounds(Results):
         if up is None:
             raise BadPayload("empty upload stream: send at least one chunk")
         if up.duplicate_of is not None:
-            if not up.duplicate_of.startswith(bytes(up.data)):
+            held = up.duplicate_of  # the frame accepted, or (kept on disk only) its size and digest
+            differs = (up.complete and not held.same_as(bytes(up.data)) if isinstance(held, HeldFrame)
+                       else not held.startswith(bytes(up.data)))
+            if differs:
                 raise Conflict(f"a different payload for round {up.round} was already accepted from this node")
             if not up.complete:  # repeats are not kept for resumption: send it whole
                 raise Truncated(f"repeated upload ended at byte {up.received} of {up.total}; resend from offset 0",
@@ -203,12 +208,19 @@ class Rounds(Results):
         with self.lock:
             self._member(up.node_id)
             self._check_round(m, up.round)
-            if self.running is not None:
+            held: bytes | HeldFrame = frame
+            if self.running is not None:  # reduced as it comes, kept on disk only (accumulate.py, wal_stream.py)
                 if m.name in self.running.order:  # another session under this name submitted already
                     raise Conflict(f"a frame from {m.name} is in round {up.round} already")
+                try:
+                    self.streamed = self.streamed or self.store.stream_record(up.round)
+                    self.streamed.add(m.name, frame)
+                except OSError as exc:
+                    raise Unavailable(f"cannot persist the frame: {type(exc).__name__}: {exc}; try again later")
                 self.running.add(env)  # under the lock: the round cannot close between this and ``submitted``
+                held = HeldFrame.of(frame)
             now = self.clock()
-            self.submitted[up.node_id] = (frame, now, up.loss)
+            self.submitted[up.node_id] = (held, now, up.loss)
             self.submitter_names[up.node_id] = m.name
             self.submitter_keys[up.node_id] = m.public_key
             m.bytes_in += len(frame)
@@ -306,7 +318,10 @@ class Rounds(Results):
         after = {nid: dataclasses.replace(m, rounds_contributed=m.rounds_contributed + (nid in decision.members))
                  for nid, m in self.members.items()}
         try:
-            self.store.commit_round(row, frames, after, prepared.frame, keys, applied)
+            if self.streamed is not None and "order" in applied:
+                self.store.commit_streamed(row, self.streamed, after, prepared.frame, keys, applied)
+            else:
+                self.store.commit_round(row, frames, after, prepared.frame, keys, applied)
         except (OSError, sqlite3.Error) as exc:
             self.commit_pending = True
             self.persistence.failed(now, f"round {r}", exc)
@@ -337,7 +352,7 @@ class Rounds(Results):
         self.recent.append(row)
         self.open_round = r + 1
         self.submitted.clear()
-        self.running = self._new_running()
+        self.running, self.streamed = self._new_running(), None
         self.submitter_names.clear()
         self.submitter_keys.clear()
         self.observers.clear()
@@ -418,5 +433,8 @@ class Rounds(Results):
             if self.persistence.ok and self.reference.committed_rounds > self.store.latest_snapshot()[0]:
                 self.snapshots.start(self.reference, self.reference.fingerprint())
         self.snapshots.wait()
+        with self.lock:
+            if self.streamed is not None:  # an open round's frames: members submit them again after a restart
+                self.streamed.discard()
         if self.evaluator is not None:
             self.evaluator.stop()

@@ -34,6 +34,7 @@ import msgpack
 
 from node.membership import Member
 from node.fsutil import write_atomic
+from coordinator.wal_stream import StreamedRecord, read_streamed
 from node.roundlog import COORDINATOR_LOG, RoundRow
 
 log = logging.getLogger(__name__)
@@ -223,13 +224,30 @@ class Store:
             {"round": row.round, "frames": frames, "aggregate": aggregate, "keys": keys, "applied": applied,
              "sha256": digest}))
 
-        def record() -> None:
+        self._insert_row(row, members)  # the commit point
+
+    def _insert_row(self, row: RoundRow, members: dict[str, Member]) -> None:
+        def insert() -> None:
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                             (row.round, row.committed_at, json.dumps(row.members), row.reason, row.fingerprint,
                              row.bytes_in, row.bytes_out, row.duration_s, row.mean_loss, row.val_loss, row.close))
             self._save_members(members)
 
-        self.disk.transaction(self.db, record)  # the commit point
+        self.disk.transaction(self.db, insert)
+
+    def stream_record(self, round_: int) -> StreamedRecord:
+        """A write-ahead record for ``round_`` written as its frames are accepted (coordinator/wal_stream.py); it is
+        committed by ``commit_streamed``. Raises OSError."""
+        return StreamedRecord(self.disk, self._result_path(round_), round_)
+
+    def commit_streamed(self, row: RoundRow, record: StreamedRecord, members: dict[str, Member],
+                        aggregate: bytes | None, keys: dict[str, bytes], applied: dict[str, Any]) -> None:
+        """``commit_round`` for a record written frame by frame: its trailer and publication, then the row (the
+        commit point). ``row.members``: the record's senders (any order; the record keeps the order they were
+        added in). Raises OSError or sqlite3.Error when it did not become durable; a retry goes on from where it
+        failed."""
+        record.commit(sorted(row.members), aggregate, keys, applied)
+        self._insert_row(row, members)  # the commit point
 
     def set_fingerprint(self, row: RoundRow) -> None:
         """After the commit point: record the state's fingerprint after ``row.round`` and the audit line. Never
@@ -336,6 +354,12 @@ class Store:
             blob = path.read_bytes()
         except FileNotFoundError:
             return None
+        try:
+            streamed = read_streamed(blob, round_)  # version 2: written frame by frame (wal_stream.py)
+        except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
+            raise WalError(f"{path.name} is damaged: {type(exc).__name__}: {exc}") from None
+        if streamed is not None:
+            return streamed
         try:
             rec = msgpack.unpackb(blob, raw=False)
             frames = {str(n): bytes(f) for n, f in rec["frames"].items()}

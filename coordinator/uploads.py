@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from coordinator.errors import BadPayload, ResumeMismatch, TooLarge
 
@@ -16,7 +17,7 @@ class Upload:
     total: int
     data: bytearray = field(default_factory=bytearray)
     loss: float = float("nan")
-    duplicate_of: bytes | None = None  # the payload already accepted, when this upload repeats it
+    duplicate_of: Any = None  # the payload already accepted (bytes, or a wal_stream.HeldFrame), when this repeats it
 
     @property
     def received(self) -> int:

@@ -4,7 +4,9 @@ oracle: the all-at-once reduce), recorded with its order, replayed in it after a
 round allows it. Harness: core_harness.py; fixtures ``clock``, ``make``: conftest.py."""
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ import torch
 from core_harness import Clock, Harness
 from coordinator.accumulate import RunningReduce
 from coordinator.commit import applied_as
+from coordinator.errors import Conflict
+from coordinator.store import Disk, Store, WalError
+from coordinator.wal_stream import HeldFrame
 from node import wire
 from node.config import TaskConfig
 from node.recipes import make_run_config
@@ -121,5 +126,94 @@ def test_the_order_frames_came_in_is_recorded_and_a_restart_replays_it(tmp_path:
     h2 = Harness(tmp_path / "state", clock, COMPRESSED)  # no snapshot but the seed's: all three rounds replayed
     try:
         assert h2.core.reference.committed_rounds == 3 and h2.core.reference.fingerprint() == fingerprint
+    finally:
+        h2.close()
+
+
+class FlakyDisk(Disk):
+    """Fails the next ``fail`` publications of a write-ahead record (the fsync/rename of ``result-*``) with ENOSPC."""
+
+    def __init__(self) -> None:
+        self.fail = 0
+
+    def publish(self, f: Any, path: Path) -> None:
+        if path.name.startswith("result-") and self.fail:
+            self.fail -= 1
+            raise OSError(errno.ENOSPC, "No space left on device (publishing the write-ahead record)")
+        super().publish(f, path)
+
+
+def _submit_all(h: Harness, workers: dict, r: int, order: tuple[str, ...]) -> dict[str, bytes]:
+    frames = {}
+    for n in order:
+        workers[n].train()
+        frames[n] = workers[n].prepare(r)
+        h.submit(n, r, frames[n])
+    return frames
+
+
+def test_accepted_frames_are_kept_on_disk_only_and_a_repeat_is_told_from_a_different_frame(
+        tmp_path: Path, clock: Clock) -> None:
+    """While the round is open the coordinator holds each accepted frame's size and digest, not its bytes: the frames
+    are in the round's record file as they come. A repeated upload of the same frame is accepted again, a different
+    one refused; the committed record holds exactly the frames, in the order they came."""
+    h = Harness(tmp_path / "state", clock, COMPRESSED)
+    try:
+        workers = {n: h.worker(n, h.join(n)) for n in ("a", "b", "c")}
+        frames = _submit_all(h, workers, 0, ("b", "c"))
+        held = [h.core.submitted[h.ids[n]][0] for n in ("b", "c")]
+        assert all(isinstance(x, HeldFrame) for x in held) and [len(x) for x in held] == [len(frames["b"]),
+                                                                                          len(frames["c"])]
+        assert h.submit("b", 0, frames["b"])["accepted"]  # a retry after a lost answer: the same bytes
+        with pytest.raises(Conflict, match="different payload"):
+            h.submit("c", 0, frames["b"][:-1] + bytes([frames["b"][-1] ^ 1]))
+        assert (tmp_path / "state" / "result-00000000.msgpack.tmp").exists()
+        frames.update(_submit_all(h, workers, 0, ("a",)))
+        rec = h.store.record(0)
+        assert list(rec["frames"]) == ["b", "c", "a"] and rec["frames"] == frames
+        assert rec["applied"]["order"] == ["b", "c", "a"]
+        assert not (tmp_path / "state" / "result-00000000.msgpack.tmp").exists()
+    finally:
+        h.close()
+
+
+def test_a_record_that_cannot_be_published_leaves_the_round_open_and_a_retry_commits_it(
+        tmp_path: Path, clock: Clock) -> None:
+    disk = FlakyDisk()
+    h = Harness(tmp_path / "state", clock, COMPRESSED, disk=disk)
+    try:
+        workers = {n: h.worker(n, h.join(n)) for n in ("a", "b", "c")}
+        disk.fail = 1
+        frames = _submit_all(h, workers, 0, ("c", "b", "a"))
+        assert h.core.open_round == 0 and not h.core.persistence.ok and h.store.last_round() is None
+        clock.advance(1.0)  # past the first retry's backoff: the coordinator's tick retries the commit
+        h.core.tick()
+        assert h.core.open_round == 1 and h.core.persistence.ok
+        rec = h.store.record(0)
+        assert list(rec["frames"]) == ["c", "b", "a"] and rec["frames"] == frames
+    finally:
+        h.close()
+
+
+def test_a_damaged_or_unfinished_streamed_record_is_refused_and_an_open_rounds_record_is_cut_at_restart(
+        tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path / "state", clock, COMPRESSED)
+    workers = {n: h.worker(n, h.join(n)) for n in ("a", "b", "c")}
+    _submit_all(h, workers, 0, ("a", "b", "c"))
+    _submit_all(h, workers, 1, ("a",))  # round 1 stays open: its record is a .tmp file
+    d = tmp_path / "state"
+    assert (d / "result-00000001.msgpack.tmp").exists()
+    h.core.snapshots.wait()
+    h.store.close()  # a crash
+    blob = (d / "result-00000000.msgpack").read_bytes()
+    for damaged in (blob[:-1], blob + b"\x00", blob[:200] + bytes([blob[200] ^ 1]) + blob[201:]):
+        (d / "result-00000000.msgpack").write_bytes(damaged)
+        with pytest.raises(WalError):
+            Store(d).record(0)
+    (d / "result-00000000.msgpack").write_bytes(blob)
+    h2 = Harness(d, clock, COMPRESSED)
+    try:
+        assert not (d / "result-00000001.msgpack.tmp").exists()  # the open round's frames: submitted again
+        assert h2.core.open_round == 1 and h2.core.reference.committed_rounds == 1
     finally:
         h2.close()
