@@ -1,0 +1,110 @@
+"""Adversarial review (adv-today) of a member's state download (node/transport/grpc_client.py ``fetch_state``) against
+a hostile coordinator: a bare gRPC servicer that answers FetchState only, and counts the calls.
+
+- ``test_a_coordinator_that_never_completes_the_state_is_given_up_on`` — the finding, fixed: a FetchState stream
+  that ended without error but without the whole state (nothing sent, a ``total_size`` larger than what it sends, a
+  state that "moves on" at every call, chunks out of order) or an OUT_OF_RANGE at every call made the member call
+  again at once, with no backoff and no end: one hostile (or broken) coordinator kept a member spinning at full CPU
+  and flooding it with calls forever. Now every attempt that ends without the state waits the retry backoff, and
+  ``MAX_FAULTS`` attempts in a row that bring none of it raise CoordinatorFault (the node exits naming it).
+- ``test_a_state_that_moves_on_once_still_downloads`` — what held: an honest coordinator whose snapshot moved on
+  between a broken stream and its resume still gives the member the newer state.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from typing import Any, Iterator
+
+import grpc
+import pytest
+
+from node.clock import ManualClock
+from node.proto.lowband.v1 import coordinator_pb2 as pb
+from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
+from node.transport.grpc_client import MAX_FAULTS, CoordinatorFault, GrpcTransport
+
+PIECE = 1 << 16
+GIVE_UP = 40  # calls after which the servicer stops the member itself (the unfixed client never stops on its own)
+
+
+class _Broken(pb_grpc.CoordinatorServicer):
+    """Answers FetchState in one of several broken ways (``mode``); stops the member after ``GIVE_UP`` calls."""
+
+    def __init__(self, mode: str, stop: threading.Event) -> None:
+        self.mode, self.stop, self.calls = mode, stop, 0
+        self.lock = threading.Lock()
+
+    def FetchState(self, request: Any, context: Any) -> Iterator[Any]:  # noqa: N802 (gRPC's name)
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if n >= GIVE_UP:
+            self.stop.set()
+        if self.mode == "out_of_range":
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, "past the end")
+        if self.mode == "empty":
+            return
+        if self.mode == "short":  # announces two pieces, sends only the first: the resume gets nothing
+            if request.offset == 0:
+                yield pb.StateChunk(committed_rounds=3, total_size=2 * PIECE, offset=0, data=b"\0" * PIECE,
+                                    reference_fingerprint="0" * 16)
+            return
+        if self.mode == "moves_on":  # another state at every call, never a byte of it
+            yield pb.StateChunk(committed_rounds=3 + n % 2, total_size=PIECE, offset=request.offset, data=b"",
+                                reference_fingerprint="0" * 16)
+            yield pb.StateChunk(committed_rounds=4 - n % 2, total_size=PIECE, offset=request.offset, data=b"",
+                                reference_fingerprint="0" * 16)
+            return
+        if self.mode == "out_of_order":
+            yield pb.StateChunk(committed_rounds=3, total_size=PIECE, offset=request.offset + 1, data=b"\0",
+                                reference_fingerprint="0" * 16)
+
+
+def _fetch(servicer: pb_grpc.CoordinatorServicer, stop: threading.Event) -> tuple[Any, ManualClock]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    clock = ManualClock()
+    transport = GrpcTransport(f"127.0.0.1:{port}", stop=stop, rpc_timeout_s=5.0, clock=clock)
+    try:
+        return transport.fetch_state(timeout_s=20.0), clock
+    finally:
+        transport.close()
+        server.stop(0)
+
+
+@pytest.mark.parametrize("mode", ["empty", "short", "moves_on", "out_of_order", "out_of_range"])
+def test_a_coordinator_that_never_completes_the_state_is_given_up_on(mode: str) -> None:
+    stop = threading.Event()
+    servicer = _Broken(mode, stop)
+    with pytest.raises(CoordinatorFault, match="FetchState"):
+        _fetch(servicer, stop)
+    assert servicer.calls <= MAX_FAULTS + 1  # the "short" one's first call brings a piece
+    assert not stop.is_set()
+
+
+class _MovesOnce(pb_grpc.CoordinatorServicer):
+    """An honest coordinator whose snapshot moved on: the first stream breaks after one piece of a state of 3 rounds;
+    the resume finds a state of 4 rounds, which it then serves whole."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def FetchState(self, request: Any, context: Any) -> Iterator[Any]:  # noqa: N802
+        self.calls += 1
+        committed = 3 if self.calls == 1 else 4
+        for off in range(request.offset, 3 * PIECE, PIECE):
+            yield pb.StateChunk(committed_rounds=committed, total_size=3 * PIECE, offset=off,
+                                data=bytes([committed]) * PIECE, reference_fingerprint=str(committed) * 16)
+            if self.calls == 1:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the link broke")
+
+
+def test_a_state_that_moves_on_once_still_downloads() -> None:
+    stop = threading.Event()
+    servicer = _MovesOnce()
+    blob, _ = _fetch(servicer, stop)
+    assert blob is not None and blob.committed == 4 and blob.blob == b"\4" * 3 * PIECE
+    assert servicer.calls == 3  # the broken one, the resume that found a newer state, the download from 0
