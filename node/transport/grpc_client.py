@@ -406,9 +406,11 @@ class GrpcTransport:
         buf, backoff = bytearray(), self._backoff()
         committed, total, fingerprint = -1, -1, ""
         progress: Progress | None = None  # shown for a state of PROGRESS_FROM bytes or more
+        barren = 0  # attempts in a row that ended without the state and brought none of it
         while True:
             if self.stop.is_set():
                 raise Stopped()
+            got = 0  # bytes this attempt added
             try:
                 request = pb.FetchStateRequest(node_id=self.node_id, offset=len(buf), join_token=join_token,
                                                min_committed_rounds=max(min_committed, at_least))
@@ -428,6 +430,7 @@ class GrpcTransport:
                     if chunk.offset != len(buf) or len(buf) + len(chunk.data) > total:
                         break
                     buf += chunk.data
+                    got += len(chunk.data)
                     if progress is None and total >= PROGRESS_FROM:
                         progress = Progress(f"state download from {self.address}", total)
                     if progress is not None:
@@ -437,16 +440,41 @@ class GrpcTransport:
                     if progress is not None:
                         progress.close()
                     return StateBlob(committed, bytes(buf), fingerprint)
+                stream.cancel()  # ended, or left, without the whole state: a new attempt below
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND or (exc.code() == grpc.StatusCode.UNAUTHENTICATED
                                                                and self.node_id):
                     raise Rejoin(exc.details()) from None
                 if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # past the end of a newer, shorter state: start over
                     buf, committed = bytearray(), -1
+                    barren = self._barren_state_attempt(barren, got, backoff, "OUT_OF_RANGE")
                     continue
                 if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault("FetchState", exc)
+                if got:
+                    barren = 0
                 log.warning("fetch state from %s: %s (%s); %s", self.address, exc.code().name,
                             (exc.details() or "")[:160], f"resuming at byte {len(buf)}" if buf else "retrying")
                 backoff.sleep(self.stop)
+                continue
+            # the stream ended without error but without the whole state: an honest coordinator does that only when
+            # its state moved on since the last attempt (we start over); never at once and never without end
+            barren = self._barren_state_attempt(barren, got, backoff, "a stream without the whole state")
+
+    def _barren_state_attempt(self, barren: int, got: int, backoff: Backoff, what: str) -> int:
+        """Account for a FetchState attempt that ended without the state, having brought ``got`` bytes of it: wait
+        the retry backoff (reset after bytes came: an honest restart stays quick). Returns the attempts in a row that
+        brought nothing; raises CoordinatorFault once there were ``MAX_FAULTS`` (a coordinator that never sends the
+        state would otherwise be called again forever)."""
+        if got:
+            barren = 0
+            backoff.reset()
+        else:
+            barren += 1
+            if barren >= MAX_FAULTS:
+                raise CoordinatorFault(f"the coordinator at {self.address} answered FetchState {barren} times in a "
+                                       f"row with {what} and none of its bytes: a fault on its side, which "
+                                       "retrying does not fix; see the coordinator's log")
+        backoff.sleep(self.stop)
+        return barren
