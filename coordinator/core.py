@@ -113,7 +113,12 @@ class CoordinatorCore(Rounds):
             # A node joining before anyone submitted starts with this round; later joiners with the next one.
             # Before the run has started (see _waiting_to_start) every joiner enters round 0. (Decided before a
             # replaced session leaves: a payload it sent keeps counting, and the node never sends a second one.)
-            first = (self.open_round if (not self.submitted and not self.uploads) or self._waiting_to_start()
+            # A departed member's payload keeps counting too: a joiner enters the open round only while the round has
+            # room for it, so a round never holds more than max_nodes payloads (each member reads at most that many).
+            contributors = {m.name for nid, m in self.members.items() if nid != admission.other}
+            room = len(contributors | set(self.submitter_names.values()) | {name}) <= mp.max_nodes
+            first = (self.open_round if room and ((not self.submitted and not self.uploads)
+                                                  or self._waiting_to_start())
                      else self.open_round + 1)
             shard = None
             if admission.other is not None:
