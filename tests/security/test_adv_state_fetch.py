@@ -1,5 +1,5 @@
-"""Adversarial review (adv-today) of a member's state download (node/transport/grpc_client.py ``fetch_state``) against
-a hostile coordinator: a bare gRPC servicer that answers FetchState only, and counts the calls.
+"""Adversarial review (adv-today) of a member's retry loops (node/transport/grpc_client.py ``fetch_state``, ``collect``)
+against a hostile coordinator: a bare gRPC servicer that answers FetchState or Collect only, and counts the calls.
 
 - ``test_a_coordinator_that_never_completes_the_state_is_given_up_on`` — the finding, fixed: a FetchState stream
   that ended without error but without the whole state (nothing sent, a ``total_size`` larger than what it sends, a
@@ -7,6 +7,9 @@ a hostile coordinator: a bare gRPC servicer that answers FetchState only, and co
   again at once, with no backoff and no end: one hostile (or broken) coordinator kept a member spinning at full CPU
   and flooding it with calls forever. Now every attempt that ends without the state waits the retry backoff, and
   ``MAX_FAULTS`` attempts in a row that bring none of it raise CoordinatorFault (the node exits naming it).
+- ``test_a_collect_answered_still_open_at_once_backs_off`` — the same in Collect, fixed: DEADLINE_EXCEEDED ("the
+  round is still open") was asked again at once; a coordinator that answers so without waiting kept the member
+  calling it in a loop until the round's timeout.
 - ``test_a_state_that_moves_on_once_still_downloads`` — what held: an honest coordinator whose snapshot moved on
   between a broken stream and its resume still gives the member the newer state.
 """
@@ -108,3 +111,39 @@ def test_a_state_that_moves_on_once_still_downloads() -> None:
     blob, _ = _fetch(servicer, stop)
     assert blob is not None and blob.committed == 4 and blob.blob == b"\4" * 3 * PIECE
     assert servicer.calls == 3  # the broken one, the resume that found a newer state, the download from 0
+
+
+class _NeverWaits(pb_grpc.CoordinatorServicer):
+    """Answers every Collect at once with DEADLINE_EXCEEDED — what an honest coordinator says only after it waited
+    the call's ``wait_ms`` for the round to close; stops the member after ``GIVE_UP`` calls."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop, self.calls = stop, 0
+
+    def Collect(self, request: Any, context: Any) -> Iterator[Any]:  # noqa: N802
+        self.calls += 1
+        if self.calls >= GIVE_UP:
+            self.stop.set()
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "round 0 is still open")
+        yield pb.CollectChunk()  # never reached: makes this a generator (a server stream)
+
+
+def test_a_collect_answered_still_open_at_once_backs_off() -> None:
+    """The finding, fixed: a Collect answered DEADLINE_EXCEEDED ("still open") was asked again at once, so a
+    coordinator that says so without waiting kept the member calling it in a loop until the round's timeout. Now an
+    answer that came before half the call's wait waits the retry backoff first."""
+    stop = threading.Event()
+    servicer = _NeverWaits(stop)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    # the system clock: a ManualClock moves on with the stall watch's own waits, which would end the loop by itself
+    transport = GrpcTransport(f"127.0.0.1:{port}", stop=stop, rpc_timeout_s=5.0)
+    try:
+        result = transport.collect(0, timeout_s=3.0, submitted=False)
+    finally:
+        transport.close()
+        server.stop(0)
+    assert result.status.name == "TIMED_OUT" and not stop.is_set(), f"{servicer.calls} calls"
+    assert servicer.calls <= 8  # backoff 0.2, 0.4, 0.8, 1.6 s... within 3 s
