@@ -351,6 +351,7 @@ class GrpcTransport:
             if self.stop.is_set():
                 raise Stopped()
             wait_ms = int(max(0.1, min(20.0, end - self.clock.now())) * 1000)
+            asked = self.clock.now()
             try:
                 # the deadline only bounds a download that keeps moving; the watch cuts one that stalls
                 stream = self.stub.Collect(pb.CollectRequest(node_id=self.node_id, round=round_, wait_ms=wait_ms,
@@ -369,9 +370,12 @@ class GrpcTransport:
                     raise NeedResubmit(exc.details()) from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:  # the result is not held (or not yet open)
                     return RoundResult(round_, RoundStatus.RESULT_GONE, reason=exc.details())
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    backoff.reset()
-                    continue  # the round is still open: ask again
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the round is still open: ask again
+                    if self.clock.now() - asked < wait_ms / 2000:
+                        backoff.sleep(self.stop)  # said without waiting: never a loop of calls at once
+                    else:
+                        backoff.reset()
+                    continue
                 if code in RETRYABLE or _busy(exc):
                     self._fault("Collect", exc)
                     log.warning("collect round %d: %s (%s); retrying", round_, code.name, exc.details())
