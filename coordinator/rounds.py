@@ -395,14 +395,19 @@ class Rounds:
                 log.warning("[round=%d] val_loss %.4f not persisted: %s", round_, val, exc)
         log.info("[round=%d] reference val_loss=%.4f", round_, val)
 
-    def state_snapshot(self, wait_s: float = 600.0, at_least: int = 0) -> tuple[int, Path, str]:
+    def state_snapshot(self, wait_s: float = 600.0, at_least: int = 0,
+                       waiter: Waiter | None = None) -> tuple[int, Path, str]:
         """(committed rounds, snapshot file, fingerprint) a joiner downloads (``Snapshotter.for_joiner``; ``at_least``
-        capped at the committed rounds). Raises Unavailable when none is ready within ``wait_s`` or it is unreadable."""
+        capped at the committed rounds). Raises Unavailable when none is ready within ``wait_s`` or it is unreadable,
+        Cancelled once ``waiter.cancel()`` was called (the caller went away)."""
         with self.lock:
             committed = self.reference.committed_rounds
         try:
             return self.snapshots.for_joiner(committed, self.cfg.keep_results, lambda: self.snapshots.start(
-                self.reference, self.reference.fingerprint()), wait_s, at_least=min(at_least, committed))
+                self.reference, self.reference.fingerprint()), wait_s, at_least=min(at_least, committed),
+                cancelled=None if waiter is None else lambda: waiter.cancelled)
+        except Cancelled:
+            raise
         except (TimeoutError, OSError) as exc:
             raise Unavailable(f"the state is not ready for download: {exc}; try again later") from None
 

@@ -83,4 +83,5 @@ def test_cancelled_state_waits_do_not_hold_the_servers_threads(tmp_path: Path) -
     finally:
         disk.armed.clear()
         disk.release.set()
+        trial.core.snapshots.wait(60)  # the snapshot ends before the store closes
         trial.close()
