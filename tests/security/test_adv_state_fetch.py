@@ -10,6 +10,8 @@ against a hostile coordinator: a bare gRPC servicer that answers FetchState or C
 - ``test_a_collect_answered_still_open_at_once_backs_off`` — the same in Collect, fixed: DEADLINE_EXCEEDED ("the
   round is still open") was asked again at once; a coordinator that answers so without waiting kept the member
   calling it in a loop until the round's timeout.
+- ``test_a_coordinator_that_forgets_every_payload_is_not_sent_it_in_a_loop`` — the same in Submit/Collect, fixed:
+  Collect's ABORTED ("resubmit") sent the whole payload again at once, until the round's timeout.
 - ``test_a_state_that_moves_on_once_still_downloads`` — what held: an honest coordinator whose snapshot moved on
   between a broken stream and its resume still gives the member the newer state.
 """
@@ -147,3 +149,44 @@ def test_a_collect_answered_still_open_at_once_backs_off() -> None:
         server.stop(0)
     assert result.status.name == "TIMED_OUT" and not stop.is_set(), f"{servicer.calls} calls"
     assert servicer.calls <= 8  # backoff 0.2, 0.4, 0.8, 1.6 s... within 3 s
+
+
+class _ForgetsEveryPayload(pb_grpc.CoordinatorServicer):
+    """Accepts every Submit, then answers Collect ABORTED ("no payload of yours is held": resubmit) at once — what an
+    honest coordinator says once after it restarted; stops the member after ``GIVE_UP`` submissions."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop, self.submits = stop, 0
+
+    def Submit(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        for _ in request_iterator:
+            pass
+        self.submits += 1
+        if self.submits >= GIVE_UP:
+            self.stop.set()
+        return pb.SubmitResponse(round=0, received_bytes=1, accepted=True)
+
+    def Collect(self, request: Any, context: Any) -> Iterator[Any]:  # noqa: N802
+        context.set_trailing_metadata((("lowband-not-submitted", "1"),))
+        context.abort(grpc.StatusCode.ABORTED, "no payload of yours for round 0 is held: submit it again")
+        yield pb.CollectChunk()  # never reached: makes this a generator (a server stream)
+
+
+def test_a_coordinator_that_forgets_every_payload_is_not_sent_it_in_a_loop() -> None:
+    """The finding, fixed: Collect's ABORTED ("resubmit") sent the payload again at once, with no end but the round's
+    timeout: a coordinator that says so every time had the member upload its frame in a loop. Now each resubmission
+    after the first waits the retry backoff."""
+    stop = threading.Event()
+    servicer = _ForgetsEveryPayload(stop)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    transport = GrpcTransport(f"127.0.0.1:{port}", stop=stop, rpc_timeout_s=5.0)
+    try:
+        result = transport.exchange(0, b"\0" * 1000, timeout_s=3.0)
+    finally:
+        transport.close()
+        server.stop(0)
+    assert result.status.name == "TIMED_OUT" and not stop.is_set(), f"{servicer.submits} submissions"
+    assert servicer.submits <= 8  # backoff 0.2, 0.4, 0.8, 1.6 s... within 3 s
