@@ -391,6 +391,7 @@ class GrpcTransport:
         outcome = self.submit(round_, payload, loss)
         if outcome.startswith("rejected"):
             log.error("round %d: payload %s", round_, outcome)
+        backoff, resubmitted = self._backoff(), False
         while True:
             try:
                 result = self.collect(round_, max(0.0, end - self.clock.now()), submitted=outcome == "accepted",
@@ -398,6 +399,9 @@ class GrpcTransport:
                 return dataclasses.replace(result, bytes_sent=len(payload))
             except NeedResubmit as exc:
                 log.warning("round %d: %s", round_, exc)
+                if resubmitted:  # once at once (the coordinator restarted); again only after the backoff
+                    backoff.sleep(self.stop)
+                resubmitted = True
                 outcome = self.submit(round_, payload, loss)
 
     def fetch_state(self, timeout_s: float = 600.0, join_token: str = "", min_committed: int = 0,
