@@ -10,7 +10,8 @@ core is driven directly (tests/unit/coordinator/core_harness.py): real frames, a
   commit (coordinator/snapshot.py ``freeze``), under the coordinator's lock. Before, a joiner could force one only
   when the newest snapshot was more than ``keep_results`` rounds old: at most one per ``keep_results`` rounds.
 - ``test_a_state_taken_on_demand_matches_its_fingerprint`` — what held: the snapshot a huge ``min_committed_rounds``
-  forces is of the committed rounds at that moment and loads to the fingerprint it is served with.
+  forces is of the committed rounds at that moment and loads to the fingerprint it is served with; so after a
+  restart (``test_after_a_restart_...``); before any round every value gets the seeded state.
 """
 from __future__ import annotations
 
@@ -91,5 +92,26 @@ def test_min_committed_rounds_before_any_round_serves_the_seeded_state(tmp_path:
     try:
         parts = list(h.core.fetch_state(h.ids["a"], 0, min_committed=asked))
         assert {p["committed_rounds"] for p in parts} == {0}
+    finally:
+        h.close()
+
+
+def test_after_a_restart_the_newest_state_is_served_and_matches_its_fingerprint(tmp_path: Path) -> None:
+    """What held: a coordinator restarted over its state dir (the rounds after its newest snapshot replayed from the
+    write-ahead log) serves a huge ``min_committed_rounds`` the state of every committed round, under its fingerprint."""
+    h, _, workers = _run(tmp_path)
+    for r in range(3):
+        _round(h, workers, r)
+    ids, keys = dict(h.ids), h.keys
+    h.close()
+    h = Harness(tmp_path / "state", Clock(), {"rounds": {"snapshot_every": 100, "keep_results": KEEP}})
+    h.ids, h.keys = ids, keys
+    try:
+        h.join("b")
+        parts = list(h.core.fetch_state(h.ids["b"], 0, min_committed=HUGE))
+        assert {p["committed_rounds"] for p in parts} == {3}
+        fresh = Reference.for_model(h.cfg.run, h.core.task.build_model(h.cfg.run.seed))
+        fresh.load_bytes(b"".join(p["data"] for p in parts))
+        assert fresh.fingerprint() == parts[0]["reference_fingerprint"] == h.core.reference.fingerprint()
     finally:
         h.close()
