@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 from coordinator.bounds import check_join, check_node_id, check_token, printable
 from coordinator.errors import Conflict, Evicted, Full, Invalid, Refused, ResumeMismatch, Unauthorized, UnknownNode
 from coordinator.names import Names
-from coordinator.rounds import STATE_CHUNK, Chunk, Committed, Rounds  # noqa: F401  (re-exported)
+from coordinator.rounds import STATE_CHUNK, Chunk, Committed, Rounds, Waiter  # noqa: F401  (re-exported)
 from coordinator.store import Store
 from node import membership as policy
 from node.config import diff_configs
@@ -113,7 +113,12 @@ class CoordinatorCore(Rounds):
             # A node joining before anyone submitted starts with this round; later joiners with the next one.
             # Before the run has started (see _waiting_to_start) every joiner enters round 0. (Decided before a
             # replaced session leaves: a payload it sent keeps counting, and the node never sends a second one.)
-            first = (self.open_round if (not self.submitted and not self.uploads) or self._waiting_to_start()
+            # A departed member's payload keeps counting too: a joiner enters the open round only while the round has
+            # room for it, so a round never holds more than max_nodes payloads (each member reads at most that many).
+            contributors = {m.name for nid, m in self.members.items() if nid != admission.other}
+            room = len(contributors | set(self.submitter_names.values()) | {name}) <= mp.max_nodes
+            first = (self.open_round if room and ((not self.submitted and not self.uploads)
+                                                  or self._waiting_to_start())
                      else self.open_round + 1)
             shard = None
             if admission.other is not None:
@@ -266,20 +271,21 @@ class CoordinatorCore(Rounds):
             self._maybe_close()
 
     # -- state ---------------------------------------------------------------------------------------
-    def fetch_state(self, node_id: str, offset: int, join_token: str = "",
-                    public_key: bytes | None = None, min_committed: int = 0) -> Iterable[dict[str, Any]]:
+    def fetch_state(self, node_id: str, offset: int, join_token: str = "", public_key: bytes | None = None,
+                    min_committed: int = 0, waiter: Waiter | None = None) -> Iterable[dict[str, Any]]:
         """The state blob from ``offset``, to a member, or (empty ``node_id``) to a node that has not joined yet but
         holds the run's join token and signed the request with ``public_key``: it downloads while it starts up,
         which on a slow link is most of a join. A download that reaches the end marks the node as holding the
         state (it may then earn a longer first-round wait, see ``newcomer_wait``). ``min_committed``: the oldest state
-        the caller takes (capped at the committed rounds; see ``state_snapshot``)."""
+        the caller takes (capped at the committed rounds; see ``state_snapshot``). ``waiter.cancel()`` (the caller
+        went away) ends a wait for a snapshot at once: raises Cancelled."""
         if node_id:
             with self.lock:
                 self._member(node_id).transfers += 1
         else:
             self._authorize(join_token)
         try:
-            committed, path, fingerprint = self.state_snapshot(at_least=min_committed)
+            committed, path, fingerprint = self.state_snapshot(at_least=min_committed, waiter=waiter)
             # the file is read chunk by chunk, never whole; an open file survives its pruning by a newer snapshot
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size

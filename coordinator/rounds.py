@@ -406,14 +406,14 @@ class Rounds(Results):
                 log.warning("[round=%d] val_loss %.4f not persisted: %s", round_, val, exc)
         log.info("[round=%d] reference val_loss=%.4f", round_, val)
 
-    def state_snapshot(self, wait_s: float = 600.0, at_least: int = 0) -> tuple[int, Path, str]:
-        """(committed rounds, snapshot file, fingerprint) a joiner downloads (``Snapshotter.for_joiner``; ``at_least``
-        capped at the committed rounds). Raises Unavailable when none is ready within ``wait_s`` or it is unreadable."""
+    def state_snapshot(self, wait_s: float = 600.0, at_least: int = 0,
+                       waiter: Waiter | None = None) -> tuple[int, Path, str]:  # committed rounds, file, fingerprint
+        """What a joiner downloads (``Snapshotter.for_joiner``). Raises Unavailable, or Cancelled once ``waiter`` is."""
         with self.lock:
             committed = self.reference.committed_rounds
         try:
             return self.snapshots.for_joiner(committed, self.cfg.keep_results, lambda: self.snapshots.start(
-                self.reference, self.reference.fingerprint()), wait_s, at_least=min(at_least, committed))
+                self.reference, self.reference.fingerprint()), wait_s, min(at_least, committed), waiter)
         except (TimeoutError, OSError) as exc:
             raise Unavailable(f"the state is not ready for download: {exc}; try again later") from None
 

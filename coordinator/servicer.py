@@ -151,8 +151,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if request.node_id:
             check_node_id(request.node_id)
         key = dict(context.invocation_metadata() or ()).get(MD_KEY)  # verified by the guard before Join
+        waiter = Waiter()
+        if not context.add_callback(waiter.cancel):  # a call cancelled while it waits for a snapshot frees its thread
+            return
         for part in self.core.fetch_state(request.node_id, request.offset, request.join_token,
-                                          key if isinstance(key, bytes) else None, request.min_committed_rounds):
+                                          key if isinstance(key, bytes) else None, request.min_committed_rounds,
+                                          waiter):
             yield pb.StateChunk(**part)
 
     @translated

@@ -28,12 +28,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from coordinator.errors import Cancelled
 from node import wire
 from node.train import state_file
 
 log = logging.getLogger(__name__)
 PLACEHOLDER = "~" * 64  # as long as a sha256 hex digest: replaced in place once the data is written
 READ_CHUNK = 8 << 20  # bytes read back per call while hashing
+CANCEL_POLL_S = 0.2  # how often a joiner's wait for a snapshot looks whether its call went away
 
 
 @dataclass
@@ -280,13 +282,14 @@ class Snapshotter:
         return self._fingerprints[path]
 
     def for_joiner(self, committed: int, max_behind: int, start: Callable[[], Snapshot | None],
-                   wait_s: float, at_least: int = 0) -> tuple[int, Path, str]:
+                   wait_s: float, at_least: int = 0, waiter: Any = None) -> tuple[int, Path, str]:
         """(committed rounds, path, fingerprint) of the snapshot a joiner downloads: the newest complete one when it
         holds at least ``at_least`` rounds (≤ ``committed``: a member never goes back to an older state), is at most
         ``max_behind`` rounds behind ``committed`` and not the seeded model's once a round committed (the
         joiner catches up on the rounds after it from the results kept for collectors); otherwise one taken now
         (``start``: under the caller's lock) and waited for, at most ``wait_s`` seconds. Raises TimeoutError when none
-        is ready then, OSError for an unreadable one."""
+        is ready then, OSError for an unreadable one, Cancelled once ``waiter.cancelled`` is true (coordinator/rounds.py
+        ``Waiter``: the caller went away, its thread is not held until the snapshot ends)."""
         deadline = time.monotonic() + wait_s
         while True:
             held, path = self.store.latest_snapshot()
@@ -300,9 +303,13 @@ class Snapshotter:
                 return held, path, fingerprint
             with self.lock:
                 snapshot = self.current if self.busy else start()
-            remaining = deadline - time.monotonic()
-            if snapshot is None or remaining <= 0 or not snapshot.done.wait(remaining):
+            if snapshot is None:
                 raise TimeoutError(f"no snapshot of the state is ready after {wait_s:.0f} s")
+            while not snapshot.done.wait(max(0.0, min(CANCEL_POLL_S, deadline - time.monotonic()))):
+                if waiter is not None and waiter.cancelled:
+                    raise Cancelled("the caller went away while the snapshot was written")
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"no snapshot of the state is ready after {wait_s:.0f} s")
             if snapshot.error is not None:
                 raise OSError(f"the snapshot for joiners failed: {snapshot.error}")
             committed = max(committed, snapshot.committed)

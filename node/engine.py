@@ -173,9 +173,12 @@ class RoundEngine:
         if self.worker is None:
             self.cfg = cfg
             self.worker = self.source.build(cfg, task, info, self.key)
+        limits = ResultLimits.for_model(self.worker.reference, info.num_shards)  # num_shards: max_nodes
         bound = getattr(self._plane, "bound_results", None)  # a plane that reads results from a server
         if bound is not None:
-            bound(ResultLimits.for_model(self.worker.reference, info.num_shards))  # num_shards: max_nodes
+            bound(limits)
+        if self.opts.prefetch is not None:  # a state download in flight since start-up: held to them from now on
+            self.opts.prefetch.bound(limits)
         log.info("[node=%s] joined %s: shard %d/%d, first round %d, %d rounds committed", self.name,
                  self._plane.where, info.shard, info.num_shards, info.first_round, info.committed_rounds)
         return info

@@ -351,6 +351,7 @@ class GrpcTransport:
             if self.stop.is_set():
                 raise Stopped()
             wait_ms = int(max(0.1, min(20.0, end - self.clock.now())) * 1000)
+            asked = self.clock.now()
             try:
                 # the deadline only bounds a download that keeps moving; the watch cuts one that stalls
                 stream = self.stub.Collect(pb.CollectRequest(node_id=self.node_id, round=round_, wait_ms=wait_ms,
@@ -369,9 +370,12 @@ class GrpcTransport:
                     raise NeedResubmit(exc.details()) from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:  # the result is not held (or not yet open)
                     return RoundResult(round_, RoundStatus.RESULT_GONE, reason=exc.details())
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    backoff.reset()
-                    continue  # the round is still open: ask again
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the round is still open: ask again
+                    if self.clock.now() - asked < wait_ms / 2000:
+                        backoff.sleep(self.stop)  # said without waiting: never a loop of calls at once
+                    else:
+                        backoff.reset()
+                    continue
                 if code in RETRYABLE or _busy(exc):
                     self._fault("Collect", exc)
                     log.warning("collect round %d: %s (%s); retrying", round_, code.name, exc.details())
@@ -387,6 +391,7 @@ class GrpcTransport:
         outcome = self.submit(round_, payload, loss)
         if outcome.startswith("rejected"):
             log.error("round %d: payload %s", round_, outcome)
+        backoff, resubmitted = self._backoff(), False
         while True:
             try:
                 result = self.collect(round_, max(0.0, end - self.clock.now()), submitted=outcome == "accepted",
@@ -394,6 +399,9 @@ class GrpcTransport:
                 return dataclasses.replace(result, bytes_sent=len(payload))
             except NeedResubmit as exc:
                 log.warning("round %d: %s", round_, exc)
+                if resubmitted:  # once at once (the coordinator restarted); again only after the backoff
+                    backoff.sleep(self.stop)
+                resubmitted = True
                 outcome = self.submit(round_, payload, loss)
 
     def fetch_state(self, timeout_s: float = 600.0, join_token: str = "", min_committed: int = 0,
@@ -406,9 +414,11 @@ class GrpcTransport:
         buf, backoff = bytearray(), self._backoff()
         committed, total, fingerprint = -1, -1, ""
         progress: Progress | None = None  # shown for a state of PROGRESS_FROM bytes or more
+        barren = 0  # attempts in a row that ended without the state and brought none of it
         while True:
             if self.stop.is_set():
                 raise Stopped()
+            got = 0  # bytes this attempt added
             try:
                 request = pb.FetchStateRequest(node_id=self.node_id, offset=len(buf), join_token=join_token,
                                                min_committed_rounds=max(min_committed, at_least))
@@ -428,6 +438,7 @@ class GrpcTransport:
                     if chunk.offset != len(buf) or len(buf) + len(chunk.data) > total:
                         break
                     buf += chunk.data
+                    got += len(chunk.data)
                     if progress is None and total >= PROGRESS_FROM:
                         progress = Progress(f"state download from {self.address}", total)
                     if progress is not None:
@@ -437,16 +448,41 @@ class GrpcTransport:
                     if progress is not None:
                         progress.close()
                     return StateBlob(committed, bytes(buf), fingerprint)
+                stream.cancel()  # ended, or left, without the whole state: a new attempt below
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND or (exc.code() == grpc.StatusCode.UNAUTHENTICATED
                                                                and self.node_id):
                     raise Rejoin(exc.details()) from None
                 if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # past the end of a newer, shorter state: start over
                     buf, committed = bytearray(), -1
+                    barren = self._barren_state_attempt(barren, got, backoff, "OUT_OF_RANGE")
                     continue
                 if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault("FetchState", exc)
+                if got:
+                    barren = 0
                 log.warning("fetch state from %s: %s (%s); %s", self.address, exc.code().name,
                             (exc.details() or "")[:160], f"resuming at byte {len(buf)}" if buf else "retrying")
                 backoff.sleep(self.stop)
+                continue
+            # the stream ended without error but without the whole state: an honest coordinator does that only when
+            # its state moved on since the last attempt (we start over); never at once and never without end
+            barren = self._barren_state_attempt(barren, got, backoff, "a stream without the whole state")
+
+    def _barren_state_attempt(self, barren: int, got: int, backoff: Backoff, what: str) -> int:
+        """Account for a FetchState attempt that ended without the state, having brought ``got`` bytes of it: wait
+        the retry backoff (reset after bytes came: an honest restart stays quick). Returns the attempts in a row that
+        brought nothing; raises CoordinatorFault once there were ``MAX_FAULTS`` (a coordinator that never sends the
+        state would otherwise be called again forever)."""
+        if got:
+            barren = 0
+            backoff.reset()
+        else:
+            barren += 1
+            if barren >= MAX_FAULTS:
+                raise CoordinatorFault(f"the coordinator at {self.address} answered FetchState {barren} times in a "
+                                       f"row with {what} and none of its bytes: a fault on its side, which "
+                                       "retrying does not fix; see the coordinator's log")
+        backoff.sleep(self.stop)
+        return barren

@@ -6,10 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from node import wire
-from node.compress import make_codec
-from node.train.downlink import DENSE_AGGREGATE_CODECS
-
 
 @dataclass(frozen=True)
 class ResultLimits:
@@ -26,6 +22,12 @@ class ResultLimits:
     def for_model(cls, reference: Any, max_members: int) -> "ResultLimits":
         """From a ``Reference`` (node/train/reference.py): its codec, model spec and buffers. The state bound allows
         θ_ref in fp32 plus three optimizer buffers of the same size and a generous header."""
+        # imported here: the state download a fresh node starts before it imports torch (state_prefetch.py) reads
+        # under UNKNOWN_MODEL, and must not import torch through this module
+        from node import wire
+        from node.compress import make_codec
+        from node.train.downlink import DENSE_AGGREGATE_CODECS
+
         frame = wire.max_frame_size(reference.codec, reference.spec, reference.buffer_spec)
         dense = max(wire.max_frame_size(make_codec(name), reference.spec, reference.buffer_spec)
                     for name in DENSE_AGGREGATE_CODECS)

@@ -14,11 +14,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from node.identity import NodeKey
 from node.transport.grpc_auth import ClientTls
 from node.transport.grpc_client import GrpcTransport
 from node.transport.messages import StateBlob
+
+if TYPE_CHECKING:  # limits.py imports torch, which this module must not import first
+    from node.transport.limits import ResultLimits
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,11 @@ class StatePrefetch:
                 return None
         result, self._result = self._result, None
         return result
+
+    def bound(self, limits: "ResultLimits") -> None:
+        """The node's own bounds (its model's, node/transport/limits.py), once it built its model: until then the
+        download is held only to generous constants (``UNKNOWN_MODEL``); from its next chunk on, to these."""
+        self._transport.limits = limits
 
     def cancel(self) -> None:
         self._stop.set()

@@ -147,3 +147,18 @@ def test_an_honest_state_under_the_bound_downloads(limits: ResultLimits) -> None
     servicer = _Hostile(pb.CollectHeader(), state_size=3 * PIECE)
     blob = _against(servicer, limits, lambda t: t.fetch_state(timeout_s=20.0))
     assert blob is not None and len(blob.blob) == 3 * PIECE and blob.committed == 3
+
+
+@pytest.mark.parametrize("outer", ["adamw", "nesterov", "sign_momentum"])
+def test_the_largest_honest_state_fits_the_state_bound(outer: str) -> None:
+    """adv-today: the state bound (4 × the model in fp32 + buffers, + 16 MiB) holds the coordinator's largest state:
+    AdamW's two buffers and the compressed downlink's residual beside θ_ref take exactly 4 ×. A model of 5 M
+    parameters (20 MiB in fp32, more than the 16 MiB of slack) with a buffer, after one outer step (the optimizer's
+    state exists only then)."""
+    import torch
+
+    cfg = make_run_config("sign", {"outer.name": outer, "outer.lr": 1e-3, "outer.params": {}})
+    named = [("w", torch.zeros(3 << 20)), ("v", torch.zeros(2 << 20))]
+    ref = Reference(cfg, named, buffers=[("bn.running_mean", torch.zeros(1 << 10))], downlink_feedback=True)
+    ref.step([torch.full_like(t, 0.01) for t in ref.tensors], 0)
+    assert len(ref.to_bytes()) <= ResultLimits.for_model(ref, 4).state
