@@ -223,6 +223,7 @@ class Snapshotter:
         self.failures = 0
         self.clone_budget: int | None = None  # bytes ``freeze`` may clone (None: the largest tensor's size)
         self._fingerprints: dict[Path, tuple[int, str]] = {}
+        self.forced_at: int | None = None  # rounds of the last snapshot taken for a member's ``at_least`` alone
 
     @property
     def busy(self) -> bool:
@@ -289,13 +290,19 @@ class Snapshotter:
         joiner catches up on the rounds after it from the results kept for collectors); otherwise one taken now
         (``start``: under the caller's lock) and waited for, at most ``wait_s`` seconds. Raises TimeoutError when none
         is ready then, OSError for an unreadable one, Cancelled once ``waiter.cancelled`` is true (coordinator/rounds.py
-        ``Waiter``: the caller went away, its thread is not held until the snapshot ends)."""
+        ``Waiter``: the caller went away, its thread is not held until the snapshot ends).
+
+        A snapshot taken only because of ``at_least`` (a newer one than a joiner would get) is taken at most once per
+        ``max_behind`` rounds, whoever asks: the same rate a joiner could always force. Past that, the newest snapshot
+        is served; the member then replays the rounds up to its own from their results (node/engine.py)."""
         deadline = time.monotonic() + wait_s
         while True:
             held, path = self.store.latest_snapshot()
+            servable = path is not None and committed - held <= max_behind and (held > 0 or committed == 0)
+            if servable and held < at_least and self.forced_at is not None and committed - self.forced_at < max_behind:
+                at_least = 0  # a snapshot was forced for a member less than max_behind rounds ago: no other yet
             # a snapshot of 0 rounds is the seeded model every node builds itself: once a round committed, not served
-            if (path is not None and committed - held <= max_behind and held >= at_least
-                    and (held > 0 or committed == 0)):
+            if servable and held >= at_least:
                 try:
                     _, fingerprint = self.fingerprint_of(path)
                 except FileNotFoundError:  # pruned meanwhile: a newer one exists
@@ -303,6 +310,8 @@ class Snapshotter:
                 return held, path, fingerprint
             with self.lock:
                 snapshot = self.current if self.busy else start()
+                if servable and snapshot is not None and snapshot.committed >= at_least > held:
+                    self.forced_at = snapshot.committed
             if snapshot is None:
                 raise TimeoutError(f"no snapshot of the state is ready after {wait_s:.0f} s")
             while not snapshot.done.wait(max(0.0, min(CANCEL_POLL_S, deadline - time.monotonic()))):

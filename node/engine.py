@@ -427,6 +427,24 @@ class RoundEngine:
                         self._plane.observe, c, self.opts.round_timeout_s, worker.fingerprint()))
         return None
 
+    def _replay_to(self, ours: int, committed: int, fingerprint: str) -> tuple[int, str]:
+        """The state adopted holds ``committed`` rounds, fewer than the ``ours`` this node held: apply the rounds in
+        between from their results (the node's trail already has them: they are not logged again), so that the node
+        never goes back. (committed rounds, fingerprint) reached; where a round cannot be applied from its result
+        alone, the node stays where it got to and catches up as usual."""
+        worker = self._worker
+        while committed < ours and not self.stop.is_set():
+            result = self._plane.observe(committed, self.opts.round_timeout_s, worker.fingerprint())
+            if result.state_needed or not worker.apply_observed(result):
+                log.warning("[node=%s] the state is %d rounds behind ours and round %d cannot be replayed (%s)",
+                            self.name, ours - committed, committed, result.reason or result.status.value)
+                break
+            committed, fingerprint = worker.reference.committed_rounds, worker.fingerprint()
+            if result.reference_fingerprint and fingerprint != result.reference_fingerprint and worker.replica_consistent:
+                raise RuntimeError(f"replaying round {committed - 1} onto the fetched state gave fingerprint "
+                                   f"{fingerprint} ≠ the run's {result.reference_fingerprint}")
+        return committed, fingerprint
+
     def _drop_prefetch(self) -> None:
         if self.opts.prefetch is not None:
             self.opts.prefetch.cancel()
@@ -434,6 +452,7 @@ class RoundEngine:
 
     def _adopt_state(self, why: str, after_round: int | None = None) -> None:
         worker = self._worker
+        ours = worker.reference.committed_rounds
         started = self.clock.now()
         prefetch, self.opts.prefetch = self.opts.prefetch, None
         state = prefetch.take(self.stop) if prefetch is not None and after_round is None else None
@@ -446,8 +465,7 @@ class RoundEngine:
             if prefetch is not None:
                 prefetch.cancel()
             # never back to an older state than ours (the coordinator's newest snapshot may be a few rounds old)
-            state = self._plane.fetch_state(after_round, self.opts.round_timeout_s,
-                                            at_least=worker.reference.committed_rounds)
+            state = self._plane.fetch_state(after_round, self.opts.round_timeout_s, at_least=ours)
         if state is None:
             raise RuntimeError(f"the global state is needed ({why}) but {self._plane.where} cannot serve it")
         committed, blob, fingerprint = state.committed, state.blob, state.fingerprint
@@ -455,6 +473,8 @@ class RoundEngine:
         worker.adopt_global_state(blob)
         if worker.fingerprint() != fingerprint:
             raise RuntimeError(f"fetched state fingerprint {worker.fingerprint()} ≠ published {fingerprint}")
+        if committed < ours:  # an older snapshot (the coordinator forces newer ones only so often): not back in time
+            committed, fingerprint = self._replay_to(ours, committed, fingerprint)
         log.info("[node=%s] adopted state after %d rounds (%d bytes, %.2f s, %s)", self.name, committed, len(blob),
                  self.clock.now() - started, why)
         self.files.log_round({"event": "state", "committed_rounds": committed, "fingerprint": fingerprint,

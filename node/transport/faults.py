@@ -19,6 +19,8 @@ give it):
   the exchange raises ``Rejoin``, as a coordinator's NOT_FOUND does, and the node joins again.
 - ``CRASH``: the node dies at this round before its frame leaves, as under ``kill -9``: ``NodeCrashed`` is raised
   and the plane is closed without leaving (a restarted daemon takes over from its workdir).
+- ``STALE_STATE``: the next state the node fetches after this round is the oldest state it offered (after its first
+  round), as a coordinator whose newest snapshot is older than the node's own round serves it.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class Fault(str, enum.Enum):
     CORRUPT_RESULT = "corrupt_result"
     FORGET = "forget"
     CRASH = "crash"
+    STALE_STATE = "stale_state"
 
 
 class NodeCrashed(BaseException):
@@ -109,6 +112,8 @@ class FaultyPlane:
         self.where = f"{inner.where} (faults injected)"
         self.lost = inner.lost
         self.crashed = False
+        self._oldest: StateBlob | None = None  # the first state offered (STALE_STATE serves it)
+        self._stale = False  # a STALE_STATE fired: the next fetch_state serves ``_oldest``
 
     @property
     def current_round(self) -> int:
@@ -134,6 +139,7 @@ class FaultyPlane:
             self.crashed = True
             self.inner.close()
             raise NodeCrashed(f"{self.name} crashed at round {sub.round} (injected)")
+        self._stale = self._stale or Fault.STALE_STATE in faults
         if Fault.FORGET in faults:
             raise Rejoin(f"the run forgot {self.name} at round {sub.round} (injected)")
         if Fault.CORRUPT in faults:
@@ -166,6 +172,9 @@ class FaultyPlane:
 
     def fetch_state(self, after_round: int | None, timeout_s: float, at_least: int = 0) -> StateBlob | None:
         self._alive()
+        if self._stale and self._oldest is not None:
+            self._stale = False
+            return self._oldest
         return self.inner.fetch_state(after_round, timeout_s, at_least)
 
     def bound_results(self, limits: Any) -> None:
@@ -174,6 +183,9 @@ class FaultyPlane:
             bound(limits)
 
     def offer_state(self, committed: int, fingerprint: str, make_blob: Callable[[], bytes]) -> None:
+        if self._oldest is None and committed > 0 and any(i.node == self.name and i.fault is Fault.STALE_STATE
+                                                         for i in self.schedule.pending):
+            self._oldest = StateBlob(committed, make_blob(), fingerprint)
         if not self.crashed:
             self.inner.offer_state(committed, fingerprint, make_blob)
 

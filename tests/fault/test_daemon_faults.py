@@ -79,6 +79,25 @@ def test_a_payload_corrupted_on_the_way_down_is_caught_by_the_fingerprint_and_th
         assert all(e["fingerprint"] == e["coordinator_fingerprint"] for r, e in cl.applied("b").items() if r != 2)
 
 
+def test_a_state_older_than_the_nodes_round_is_replayed_up_to_it_the_node_never_goes_back(tmp_path: Path) -> None:
+    """b's replica diverges at round 3 (a payload corrupted on the way down) and the state it then fetches is the one
+    after its first round, older than its own (a coordinator whose newest snapshot is a few rounds old serves that):
+    b applies rounds 1-3 again from their results without logging them, and its trail says it adopted the state after
+    4 rounds — never a state older than what it applied — and ends on the run's reference."""
+    schedule = (FaultSchedule(seed=1).fail_at("b", 3, Fault.CORRUPT_RESULT).fail_at("b", 3, Fault.STALE_STATE))
+    with LocalCluster(tmp_path, run_config("sign", rounds=6), schedule, min_nodes=2) as cl:
+        cl.start_together(NAMES)
+        assert all(o == {"code": 0} for o in cl.wait_all().values())
+        assert not schedule.pending
+        adopted = [e for e in cl.log("b") if e.get("event") == "state"]
+        assert [(e["why"], e["committed_rounds"]) for e in adopted] == [("fingerprint mismatch", 4)]
+        assert adopted[0]["fingerprint"] == cl.applied("a")[3]["fingerprint"]
+        assert cl.final_fingerprint("b") == cl.run.reference.fingerprint()
+        assert all(e["fingerprint"] == cl.applied("a")[r]["fingerprint"] for r, e in cl.applied("b").items() if r != 3)
+        rounds = [e["round"] for e in cl.log("b") if "round" in e]
+        assert rounds == sorted(set(rounds)) == list(range(6))  # each round once, in order: nothing applied twice
+
+
 def test_a_node_that_crashes_restarts_from_its_workdir_and_catches_up(tmp_path: Path) -> None:
     schedule = FaultSchedule().fail_at("b", 2, Fault.CRASH)
     with LocalCluster(tmp_path, run_config("sign", rounds=6), schedule, min_nodes=2) as cl:
