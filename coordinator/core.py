@@ -320,6 +320,6 @@ class CoordinatorCore(Rounds):
                     "committed_rounds": self.reference.committed_rounds, "total_rounds": self.cfg.run.rounds,
                     "deadline_in_s": (self.deadline - now) if self.deadline is not None else -1.0,
                     "members": [m for m in self.members.values()], "recent": list(self.recent),
-                    "reference_fingerprint": self.reference.fingerprint(),
+                    "reference_fingerprint": self.fingerprint(),
                     "submitted": sorted(self.members[n].name for n in self.submitted if n in self.members), "now": now,
                     "persistence_error": self.persistence.error}

@@ -110,11 +110,20 @@ class Rounds(Results):
         self.commit_pending = False  # a round is ready to commit but could not be persisted yet
         self.waiters: set[Waiter] = set()  # collectors waiting for the open round
         self.evaluator = Evaluator(self.task, model, self._record_val_loss) if cfg.eval_every else None
+        self._fingerprint: tuple[int, str] = (-1, "")  # (committed rounds, fingerprint) last hashed
         self.running = self._new_running()
         self.streamed: StreamedRecord | None = None  # the open round's record, written as its frames come
         if self.snapshots.due(self.reference.committed_rounds) and self.reference.committed_rounds:
             with self.lock:  # after a long replay: bound the next one
-                self.snapshots.start(self.reference, self.reference.fingerprint())
+                self.snapshots.start(self.reference, self.fingerprint())
+
+    def fingerprint(self) -> str:
+        """The reference's fingerprint, hashed once per committed round (Status asks for it on every call; hashing a
+        large state takes seconds, under the lock)."""
+        committed = self.reference.committed_rounds
+        if self._fingerprint[0] != committed:
+            self._fingerprint = (committed, self.reference.fingerprint())
+        return self._fingerprint[1]
 
     # -- submissions ---------------------------------------------------------------------------------
     def _new_running(self) -> RunningReduce | None:
@@ -335,6 +344,7 @@ class Rounds(Results):
         apply_prepared(self.reference, prepared)  # in place: the round is applied, once
         stepped_at = time.perf_counter()
         fingerprint = row.fingerprint = self.reference.fingerprint()
+        self._fingerprint = (self.reference.committed_rounds, fingerprint)
         self.store.set_fingerprint(row)
         self.commit_timing = {"reduce_s": prepared_at - started, "durable_s": durable_at - prepared_at,
                               "freeze_s": frozen_at - durable_at, "step_s": stepped_at - frozen_at,
@@ -413,7 +423,7 @@ class Rounds(Results):
             committed = self.reference.committed_rounds
         try:
             return self.snapshots.for_joiner(committed, self.cfg.keep_results, lambda: self.snapshots.start(
-                self.reference, self.reference.fingerprint()), wait_s, min(at_least, committed), waiter)
+                self.reference, self.fingerprint()), wait_s, min(at_least, committed), waiter)
         except (TimeoutError, OSError) as exc:
             raise Unavailable(f"the state is not ready for download: {exc}; try again later") from None
 
@@ -431,7 +441,7 @@ class Rounds(Results):
         self.snapshots.wait()
         with self.lock:
             if self.persistence.ok and self.reference.committed_rounds > self.store.latest_snapshot()[0]:
-                self.snapshots.start(self.reference, self.reference.fingerprint())
+                self.snapshots.start(self.reference, self.fingerprint())
         self.snapshots.wait()
         with self.lock:
             if self.streamed is not None:  # an open round's frames: members submit them again after a restart

@@ -217,3 +217,23 @@ def test_a_damaged_or_unfinished_streamed_record_is_refused_and_an_open_rounds_r
         assert h2.core.open_round == 1 and h2.core.reference.committed_rounds == 1
     finally:
         h2.close()
+
+
+def test_status_hashes_the_reference_once_per_committed_round(tmp_path: Path, clock: Clock) -> None:
+    """Status (the dashboard, `lowband status`) shows the reference's fingerprint; hashing a large state takes
+    seconds under the coordinator's lock, so it is hashed once per committed round, not once per call."""
+    h = Harness(tmp_path / "state", clock, COMPRESSED)
+    try:
+        workers = {n: h.worker(n, h.join(n)) for n in ("a", "b", "c")}
+        _submit_all(h, workers, 0, ("a", "b", "c"))
+        want = h.core.reference.fingerprint()
+        hashed = []
+        real = type(h.core.reference).fingerprint
+        h.core.reference.fingerprint = lambda: hashed.append(1) or real(h.core.reference)  # type: ignore[method-assign]
+        assert [h.core.status()["reference_fingerprint"] for _ in range(5)] == [want] * 5
+        assert hashed == []  # the commit hashed it already
+        _submit_all(h, workers, 1, ("a", "b", "c"))
+        assert len(hashed) == 1  # the commit of round 1
+        assert h.core.status()["reference_fingerprint"] == real(h.core.reference) and len(hashed) == 1
+    finally:
+        h.close()
