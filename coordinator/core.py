@@ -130,6 +130,12 @@ class CoordinatorCore(Rounds):
                 shard = policy.free_shard(self.members.values(), mp.max_nodes)
             assert shard is not None, "admit() bounds members by max_nodes"
             node_id = secrets.token_hex(16)
+            if admission.other is not None and admission.other in self.submitted:
+                # the replaced session's payload is the name's: the new session holds it (a repeat of it is taken as
+                # one, another frame refused) and the round does not wait for a second payload from this name
+                for held in (self.submitted, self.submitter_names, self.submitter_keys):
+                    if admission.other in held:
+                        held[node_id] = held.pop(admission.other)
             fetched = self.prefetched.pop(public_key, None)
             self.members[node_id] = Member(node_id, name, first, shard, time.time(), now, tuple(caps),
                                            public_key=public_key, contributed_at=now, active_round=first - 1,

@@ -217,10 +217,12 @@ class Rounds(Results):
         with self.lock:
             self._member(up.node_id)
             self._check_round(m, up.round)
+            if any(name == m.name for nid, name in self.submitter_names.items() if nid != up.node_id):
+                # an earlier session under this name (before a restart) submitted already: one frame per name
+                raise Conflict(f"a frame from {m.name} is in round {up.round} already (sent before this node "
+                               "restarted); collect the round's result")
             held: bytes | HeldFrame = frame
             if self.running is not None:  # reduced as it comes, kept on disk only (accumulate.py, wal_stream.py)
-                if m.name in self.running.order:  # another session under this name submitted already
-                    raise Conflict(f"a frame from {m.name} is in round {up.round} already")
                 try:
                     self.streamed = self.streamed or self.store.stream_record(up.round)
                     self.streamed.add(m.name, frame)

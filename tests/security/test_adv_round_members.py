@@ -17,8 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "coordinator"))
 
+from coordinator.errors import Late  # noqa: E402
 from core_harness import Clock, Harness  # noqa: E402
 from node.proto.lowband.v1 import coordinator_pb2 as pb  # noqa: E402
 from node.transport.grpc_result import assemble  # noqa: E402
@@ -61,7 +64,7 @@ def test_round_0_never_holds_more_payloads_than_max_nodes(tmp_path: Path) -> Non
 def test_a_node_that_restarts_while_the_run_waits_still_enters_round_0(tmp_path: Path) -> None:
     """What held (and must keep holding with the fix): while the run waits for ``min_nodes`` members, a member
     replaced by its own new session (same name and key) after it submitted enters round 0 again; its payload counts
-    once."""
+    once, for the new session: the round closes with b's payload, and the new session's own offer comes late."""
     h = Harness(tmp_path / "state", Clock(), {"membership": {"min_nodes": MAX_NODES, "max_nodes": MAX_NODES}})
     try:
         h.join("a")
@@ -70,7 +73,8 @@ def test_a_node_that_restarts_while_the_run_waits_still_enters_round_0(tmp_path:
         assert again["replaced"] and again["first_round"] == 0
         h.join("b")
         h.submit("b", 0)
-        h.submit("a", 0)  # the new session sends its payload (it does not know the old one's arrived)
+        with pytest.raises(Late):  # the new session sends its payload (it does not know the old one's arrived)
+            h.submit("a", 0)
         result, _ = h.core.collect(h.ids["b"], 0, 0.0, True)
         assert sorted(result.frames) == ["a", "b"]
     finally:

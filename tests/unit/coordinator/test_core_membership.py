@@ -436,3 +436,25 @@ def test_the_first_node_up_does_not_commit_round_0_alone(h: Harness, clock: Cloc
     assert h.join("b")["first_round"] == 0  # so a late starter still enters round 0
     h.submit("b", 0)
     assert h.core.open_round == 1 and h.store.recent_rounds()[-1].members == ["a", "b"]
+
+
+@pytest.mark.parametrize("result", ["relay", "compressed"])
+def test_a_restarted_member_cannot_add_a_second_frame_under_its_name(make: Callable[..., Harness], result: str) -> None:
+    """While the run waits for min_nodes, a node restarted after its frame was taken joins again under its name (a
+    new session, still in round 0) and offers the round again: one frame per name — the second is refused, the round
+    holds the first, and it counts once toward the quorum (min_nodes 3: a and b are two members, not three)."""
+    h = make({"run": {"recipe": "sign-nesterov"}, "rounds": {"result": result},
+              "membership": {"min_nodes": 3, "max_nodes": 4}})
+    h.join("a"), h.join("b")
+    first = h.frame("a", 0)
+    h.submit("a", 0, first)
+    assert h.join("a")["first_round"] == 0  # the restart: a new session under the same name, the run not started
+    with pytest.raises(Conflict, match="already"):
+        h.submit("a", 0)
+    assert h.submit("a", 0, first)["accepted"]  # the frame it sent before the restart: taken, as one
+    h.submit("b", 0)
+    assert h.core.open_round == 0 and sorted(h.core.status()["submitted"]) == ["a", "b"]  # two, below min_nodes
+    h.join("c")
+    h.submit("c", 0)
+    assert h.core.open_round == 1
+    assert h.store.record(0)["frames"]["a"] == first
