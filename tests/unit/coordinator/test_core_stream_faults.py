@@ -175,3 +175,120 @@ def test_a_disk_error_at_each_write_of_a_streamed_round_is_retried_and_commits_i
         assert h2.core.open_round == 2 and h2.core.reference.fingerprint() == fingerprint
     finally:
         h2.close()
+
+
+def test_a_retry_after_the_folders_fsync_failed_syncs_the_folder_again_before_the_commit_point(
+        tmp_path: Path, clock: Clock) -> None:
+    """The rename of the record happened but the folder's fsync failed: the rename is not durable yet. The row (the
+    commit point) must not be written before the folder is synced again — else a power cut after the row loses the
+    record of a committed round, and the restart cannot replay it. (A version-1 record's retry rewrites it whole.)"""
+    disk = StreamDisk()
+    h = Harness(tmp_path / "state", clock, COMPRESSED, disk=disk)
+    try:
+        workers = _members(h)
+        disk.arm("dir-fsync")
+        assert not _submit(h, _frames(workers, 0, ("c", "a", "b")), 0)
+        assert disk.failed == 1 and h.core.open_round == 0
+        clock.advance(1.0)
+        h.core.tick()
+        assert h.core.open_round == 1
+        after = disk.events[disk.events.index("failed dir-fsync") + 1:]
+        assert "sync_dir" in after[:after.index("transaction")], disk.events
+    finally:
+        h.close()
+
+
+def test_an_upload_in_flight_when_a_streamed_commit_failed_after_its_publication_is_refused_cleanly(
+        tmp_path: Path, clock: Clock) -> None:
+    """c's upload starts while the round is open; the round closes at its deadline with a and b, its record is
+    published but the row fails. c's last chunk then arrives: the answer is a coordinator error (the client backs
+    off), not a ValueError from writing into the published file; the retry commits a and b only."""
+    disk = StreamDisk()
+    h = Harness(tmp_path / "state", clock, COMPRESSED, disk=disk)
+    try:
+        workers = _members(h)
+        frames = _frames(workers, 0, ("a", "b", "c"))
+        assert not _submit(h, {n: frames[n] for n in ("a", "b")}, 0)
+        data = frames["c"]
+        half = len(data) // 2
+        pieces = h.chunks("c", 0, data, piece=half + 1)
+        assert len(pieces) == 2
+
+        def upload() -> Iterator[Chunk]:
+            yield pieces[0]
+            disk.arm("row")
+            clock.advance(float(h.core.deadline - clock.t) + 0.1)  # the round's deadline: it closes with a and b
+            for n in ("a", "b", "c"):
+                h.core.heartbeat(h.ids[n])
+            h.core.tick()
+            assert disk.failed == 1 and h.core.open_round == 0 and "published" in disk.events
+            yield pieces[1]
+
+        with pytest.raises(CoordinatorError):
+            h.core.submit(upload())
+        clock.advance(1.0)
+        h.core.tick()
+        assert h.core.open_round == 1 and h.core.persistence.ok
+        rec = h.store.record(0)
+        assert list(rec["frames"]) == ["a", "b"] and rec["applied"]["order"] == ["a", "b"]
+    finally:
+        h.close()
+
+
+def _forge(d: Path, round_: int, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite ``d``'s version-2 record of ``round_`` with its trailer changed by ``edit`` and a checksum that
+    matches (sha256 is no secret: anyone who can write the state dir can compute it)."""
+    path = d / f"result-{round_:08d}.msgpack"
+    blob = path.read_bytes()
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(blob))
+    unpacker.feed(blob)
+    start = 0
+    for obj in unpacker:
+        if isinstance(obj, dict) and "sha256" in obj:
+            break
+        start = unpacker.tell()
+    edit(obj)
+    prefix = hashlib.sha256(blob[:start]).digest()
+    obj["sha256"] = hashlib.sha256(prefix + msgpack.packb([obj["members"], obj.get("aggregate"), obj.get("keys"),
+                                                           obj.get("applied")], use_bin_type=True)).hexdigest()
+    path.write_bytes(blob[:start] + msgpack.packb(obj, use_bin_type=True))
+
+
+def _one_round(tmp_path: Path, clock: Clock) -> Path:
+    h = Harness(tmp_path / "state", clock, COMPRESSED)
+    workers = _members(h)
+    assert not _submit(h, _frames(workers, 0, ("c", "a", "b")), 0)
+    _crash(h)
+    return tmp_path / "state"
+
+
+HOSTILE: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
+    ("key-is-a-huge-int", lambda t: t.update(keys={"a": 2 ** 63})),
+    ("key-is-a-large-int", lambda t: t.update(keys={"a": 2 ** 62})),
+    ("keys-is-a-list", lambda t: t.update(keys=[1, 2])),
+    ("aggregate-is-a-huge-int", lambda t: t.update(aggregate=2 ** 63)),
+    ("aggregate-is-a-large-int", lambda t: t.update(aggregate=2 ** 62)),
+    ("applied-is-a-list", lambda t: t.update(applied=["compressed"])),
+    ("order-of-mixed-types", lambda t: t["applied"].update(order=[1, "a", "b"])),
+    ("order-of-lists", lambda t: t["applied"].update(order=[["a"], ["b"], ["c"]])),
+]
+
+
+@pytest.mark.parametrize("edit", [e for _, e in HOSTILE], ids=[n for n, _ in HOSTILE])
+def test_a_hostile_streamed_record_is_refused_at_restart_not_a_crash(tmp_path: Path, clock: Clock,
+                                                                     edit: Callable[[dict[str, Any]], None]) -> None:
+    """A committed round's record whose trailer was rewritten (with a checksum that matches) holds fields of the
+    wrong type or an integer where bytes belong: reading it raises WalError (never bytes(2**62): a 4 EiB
+    allocation), and the restart refuses to serve with ReplayError rather than crash with TypeError."""
+    d = _one_round(tmp_path, clock)
+    _forge(d, 0, edit)
+    store = Store(d)
+    try:
+        try:
+            store.record(0)
+        except WalError:
+            pass
+    finally:
+        store.close()
+    with pytest.raises(ReplayError):
+        Harness(d, clock, COMPRESSED)
