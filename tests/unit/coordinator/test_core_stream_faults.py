@@ -292,3 +292,19 @@ def test_a_hostile_streamed_record_is_refused_at_restart_not_a_crash(tmp_path: P
         store.close()
     with pytest.raises(ReplayError):
         Harness(d, clock, COMPRESSED)
+
+
+@pytest.mark.parametrize("field", ["frames", "keys", "aggregate"])
+def test_a_version_1_record_with_an_integer_where_bytes_belong_is_refused_without_allocating_it(
+        tmp_path: Path, field: str) -> None:
+    """The record format before the streamed one (a single map, coordinator/store.py): the same integer-for-bytes
+    damage, checked before the checksum is, raises WalError rather than allocate 2**62 bytes."""
+    store = Store(tmp_path / "state")
+    try:
+        rec = {"round": 0, "frames": {"a": b"x"}, "aggregate": b"y", "keys": {"a": b"k"}, "applied": {}, "sha256": ""}
+        rec[field] = 2 ** 62 if field == "aggregate" else {"a": 2 ** 62}
+        (tmp_path / "state" / "result-00000000.msgpack").write_bytes(msgpack.packb(rec, use_bin_type=True))
+        with pytest.raises(WalError):
+            store.record(0)
+    finally:
+        store.close()
