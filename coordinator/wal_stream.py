@@ -73,9 +73,13 @@ class StreamedRecord:
         self._hash.update(piece)
 
     def add(self, sender: str, frame: bytes) -> None:
-        """Append one accepted frame."""
+        """Append one accepted frame. Raises OSError once the record is sealed — its publication started (a commit
+        that failed after it is retried as it was: a frame arriving meanwhile is refused, as after the close) or the
+        coordinator stopped."""
         if sender in self.senders:
             raise ValueError(f"{sender}'s frame is in round {self.round}'s record already")
+        if self.published or self.f is None or self.f.closed:
+            raise OSError(f"round {self.round}'s record is sealed: its commit is under way")
         self._write(msgpack.packb([sender, frame], use_bin_type=True))
         self.senders.append(sender)
 
@@ -92,6 +96,7 @@ class StreamedRecord:
         tmp = self.path.with_name(self.path.name + ".tmp")
         if self.f is None or self.f.closed:
             if not tmp.exists() and self.path.exists():  # renamed by the failed publish: only the folder sync failed
+                self.disk.sync_dir(self.path.parent)  # the rename is durable only once the folder is synced
                 self.published = True
                 return
             self.f = open(tmp, "rb+")
@@ -140,9 +145,16 @@ def read_streamed(blob: bytes, round_: int) -> dict[str, Any] | None:
         break
     if unpacker.tell() != len(blob):
         raise ValueError("bytes follow its trailer")
-    members, aggregate = obj["members"], obj.get("aggregate")
-    keys = {str(n): bytes(k) for n, k in (obj.get("keys") or {}).items()}
-    applied = obj.get("applied")
+    # every field's type before any use: bytes(n) of an integer n would allocate n bytes
+    members, aggregate, keys, applied = obj["members"], obj.get("aggregate"), obj.get("keys") or {}, obj.get("applied")
+    if not isinstance(members, list) or not all(isinstance(n, str) for n in members):
+        raise ValueError("its trailer's members are not a list of names")
+    if aggregate is not None and not isinstance(aggregate, bytes):
+        raise ValueError(f"its trailer's aggregate is a {type(aggregate).__name__}, not bytes")
+    if not isinstance(keys, dict) or not all(isinstance(k, bytes) for k in keys.values()):
+        raise ValueError("its trailer's keys are not a map of names to bytes")
+    if not isinstance(applied, dict):
+        raise ValueError(f"its trailer's applied is a {type(applied).__name__}, not a map")
     want = _trailer_digest(hashlib.sha256(blob[:start]).digest(), members, aggregate, keys, applied)
     if obj.get("sha256") != want:
         raise ValueError("it does not match its checksum (damaged on disk)")
