@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -308,3 +309,100 @@ def test_a_version_1_record_with_an_integer_where_bytes_belong_is_refused_withou
             store.record(0)
     finally:
         store.close()
+
+
+class LostWritebackDisk(Disk):
+    """The first publication of a round's record fails its fsync with EIO, and — as Linux does after a writeback
+    error — the pages that were not written are lost to the file while a later fsync of it succeeds: here the
+    record's first frame comes back as zeros."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def publish(self, f: Any, path: Path) -> None:
+        if self.armed and path.name.startswith("result-"):
+            self.armed = False
+            head = len(msgpack.packb({"lowband-wal": 2, "round": 0}, use_bin_type=True))
+            os.pwrite(f.fileno(), bytes(64), head + 64)  # inside the first frame: the page writeback lost
+            raise OSError(errno.EIO, "Input/output error (fsync of the write-ahead record)")
+        super().publish(f, path)
+
+
+def test_a_record_whose_fsync_failed_is_not_published_by_a_retry_that_fsyncs_it_again(
+        tmp_path: Path, clock: Clock) -> None:
+    """After an fsync error the file's contents on disk are unknown (fsync reports the error once; the retry's
+    fsync succeeds over pages that were never written). A version-1 record's retry rewrites it whole from memory;
+    a streamed one holds its frames only in that file, so a retry that fsyncs it again publishes a record that
+    does not hold what was applied — the round is committed and applied, and a restart cannot replay it. The
+    round must not commit from that file (its frames are submitted again, or the file is rewritten)."""
+    disk = LostWritebackDisk()
+    h = Harness(tmp_path / "state", clock, COMPRESSED, disk=disk)
+    workers = _members(h)
+    disk.armed = True
+    frames = _frames(workers, 0, ("c", "a", "b"))
+    errors = _submit(h, frames, 0)
+    assert not errors and h.core.open_round == 0 and not h.core.persistence.ok
+    for _ in range(6):  # the coordinator retries; members resend what it asks for
+        clock.advance(2.0)
+        for n in ("a", "b", "c"):
+            h.core.heartbeat(h.ids[n])
+        h.core.tick()
+        for n in ("a", "b", "c"):
+            if h.core.open_round == 0 and h.ids[n] not in h.core.submitted:
+                _submit(h, {n: frames[n]}, 0)
+    assert h.core.open_round == 1
+    fingerprint = h.core.reference.fingerprint()
+    _crash(h)
+    h2 = Harness(tmp_path / "state", clock, COMPRESSED)  # raises ReplayError when the record is not what was applied
+    try:
+        assert h2.core.open_round == 1 and h2.core.reference.fingerprint() == fingerprint
+    finally:
+        h2.close()
+
+
+def test_a_clean_stop_with_an_open_streamed_round_leaves_nothing_that_breaks_the_next_start(
+        tmp_path: Path, clock: Clock) -> None:
+    """core.close() with frames of the open round in its record: the temporary record is removed, and the next
+    start serves the round again; the members' frames, submitted again, commit it."""
+    h = Harness(tmp_path / "state", clock, COMPRESSED)
+    workers = _members(h)
+    assert not _submit(h, _frames(workers, 0, ("c", "a", "b")), 0)
+    frames = _frames(workers, 1, ("a", "b"))
+    assert not _submit(h, frames, 1)
+    ids, keys = dict(h.ids), h.keys
+    h.close()
+    assert not list((tmp_path / "state").glob("*.tmp"))
+    h2 = Harness(tmp_path / "state", clock, COMPRESSED)
+    try:
+        h2.ids, h2.keys = ids, keys
+        assert h2.core.open_round == 1 and not h2.core.submitted
+        frames.update(_frames(workers, 1, ("c",)))
+        assert not _submit(h2, frames, 1)
+        assert h2.core.open_round == 2 and list(h2.store.record(1)["frames"]) == ["a", "b", "c"]
+    finally:
+        h2.close()
+
+
+def test_two_uploads_of_one_member_at_once_count_one_frame(tmp_path: Path, clock: Clock) -> None:
+    """A member's upload is overtaken by a second one (a retry that did not wait, or a hostile member sending two
+    different frames): whichever finishes first is the frame; the other is refused, and the record, the running
+    reduce and the round hold one frame of it."""
+    h = Harness(tmp_path / "state", clock, COMPRESSED)
+    try:
+        workers = _members(h)
+        frames = _frames(workers, 0, ("a", "b", "c"))
+        other = h.frame("a", 0)
+        first = h.chunks("a", 0, frames["a"], piece=len(frames["a"]) // 2 + 1)
+
+        def slow() -> Iterator[Chunk]:
+            yield first[0]
+            assert h.core.submit(iter(h.chunks("a", 0, other)))["accepted"]  # overtakes it, whole
+            yield first[1]
+
+        with pytest.raises(CoordinatorError):
+            h.core.submit(slow())
+        assert not _submit(h, {n: frames[n] for n in ("b", "c")}, 0)
+        rec = h.store.record(0)
+        assert list(rec["frames"]) == ["a", "b", "c"] and rec["frames"]["a"] == other
+    finally:
+        h.close()
