@@ -63,6 +63,9 @@ class StreamedRecord:
         self.size = 0  # bytes of header and frames written
         self.senders: list[str] = []
         self.published = False
+        # its publication failed before the rename: after an fsync error what the file holds on disk is unknown (the
+        # error is reported once; a second fsync succeeds over pages never written), and its frames are nowhere else
+        self.damaged = False
         self._hash = hashlib.sha256()
         self._write(msgpack.packb({MAGIC_KEY: VERSION, "round": round_}, use_bin_type=True))
 
@@ -78,7 +81,7 @@ class StreamedRecord:
         coordinator stopped."""
         if sender in self.senders:
             raise ValueError(f"{sender}'s frame is in round {self.round}'s record already")
-        if self.published or self.f is None or self.f.closed:
+        if self.published or self.damaged or self.f is None or self.f.closed:
             raise OSError(f"round {self.round}'s record is sealed: its commit is under way")
         self._write(msgpack.packb([sender, frame], use_bin_type=True))
         self.senders.append(sender)
@@ -103,9 +106,15 @@ class StreamedRecord:
         digest = _trailer_digest(self._hash.digest(), members, aggregate, keys, applied)
         trailer = msgpack.packb({"members": members, "aggregate": aggregate, "keys": keys, "applied": applied,
                                  "sha256": digest}, use_bin_type=True)
+        if self.damaged:
+            raise OSError(f"round {self.round}'s record cannot be trusted since its fsync failed")
         self.disk.pwrite(self.f, trailer, self.size)
         self.f.truncate(self.size + len(trailer))
-        self.disk.publish(self.f, self.path)
+        try:
+            self.disk.publish(self.f, self.path)
+        except OSError:
+            self.damaged = tmp.exists()  # not renamed: the fsync, or what came before the rename, failed
+            raise
         self.published = True
 
     def discard(self) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from core_harness import Clock, Harness
 from coordinator.core import Chunk
-from coordinator.errors import CoordinatorError, Unavailable
+from coordinator.errors import CoordinatorError, NotSubmitted, Unavailable
 from coordinator.replay import ReplayError
 from coordinator.store import Disk, Store, WalError
 
@@ -165,6 +165,11 @@ def test_a_disk_error_at_each_write_of_a_streamed_round_is_retried_and_commits_i
         for n in ("a", "b", "c"):
             h.core.heartbeat(h.ids[n])
         h.core.tick()
+        if fail == "fsync" and h.core.open_round == 1 and h.core.persistence.ok and not h.core.submitted:
+            # the record failed its fsync: its frames were dropped, and a member's Collect says so; all resend
+            with pytest.raises(NotSubmitted):
+                h.core.collect(h.ids["a"], 1, 0.0, True)
+            assert not _submit(h, frames, 1)
     assert h.core.open_round == 2 and h.core.persistence.ok and h.store.last_round() == 1
     rec = h.store.record(1)
     assert list(rec["frames"]) == order and rec["frames"] == frames and rec["applied"]["order"] == order
