@@ -240,7 +240,10 @@ class Rounds(Results):
         assert self.streamed is not None
         log.warning("[round=%d] the record of its %d frame(s) failed its fsync: they are dropped and sent again",
                     round_, len(self.submitted))
-        self.streamed.discard()
+        try:
+            self.streamed.discard()
+        except OSError as exc:  # its temporary file is removed at the next start (Store.cut_tail); a new one replaces it
+            log.warning("[round=%d] the failed record's temporary file stays: %s", round_, exc)
         self.running, self.streamed = self._new_running(), None
         self.submitted.clear()
         self.submitter_names.clear()
