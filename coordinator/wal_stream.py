@@ -90,11 +90,16 @@ class StreamedRecord:
                applied: dict[str, Any]) -> None:
         """Append the trailer and publish the record: durable once this returns. ``members``: the round's senders, in
         any order (every frame added counts; the trailer lists them in the order added). Retrying after an OSError
-        writes the same trailer at the same place; once published, a retry does nothing."""
+        from the trailer's write writes it again at the same place; after one from the folder's fsync (renamed) syncs
+        the folder again; after one from the publication before its rename (``damaged``) raises OSError: the file's
+        contents on disk are unknown, and the round's frames must be sent again. Once published, a retry does
+        nothing."""
         if self.published:
             return
         if sorted(members) != sorted(self.senders):
             raise ValueError(f"round {self.round}: members {members} are not the senders of its frames")
+        if self.damaged:
+            raise OSError(f"round {self.round}'s record cannot be trusted since its fsync failed")
         members = list(self.senders)
         tmp = self.path.with_name(self.path.name + ".tmp")
         if self.f is None or self.f.closed:
@@ -106,8 +111,6 @@ class StreamedRecord:
         digest = _trailer_digest(self._hash.digest(), members, aggregate, keys, applied)
         trailer = msgpack.packb({"members": members, "aggregate": aggregate, "keys": keys, "applied": applied,
                                  "sha256": digest}, use_bin_type=True)
-        if self.damaged:
-            raise OSError(f"round {self.round}'s record cannot be trusted since its fsync failed")
         self.disk.pwrite(self.f, trailer, self.size)
         self.f.truncate(self.size + len(trailer))
         try:
@@ -160,7 +163,7 @@ def read_streamed(blob: bytes, round_: int) -> dict[str, Any] | None:
         raise ValueError("its trailer's members are not a list of names")
     if aggregate is not None and not isinstance(aggregate, bytes):
         raise ValueError(f"its trailer's aggregate is a {type(aggregate).__name__}, not bytes")
-    if not isinstance(keys, dict) or not all(isinstance(k, bytes) for k in keys.values()):
+    if not isinstance(keys, dict) or not all(isinstance(n, str) and isinstance(k, bytes) for n, k in keys.items()):
         raise ValueError("its trailer's keys are not a map of names to bytes")
     if not isinstance(applied, dict):
         raise ValueError(f"its trailer's applied is a {type(applied).__name__}, not a map")
