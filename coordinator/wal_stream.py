@@ -18,6 +18,7 @@ A file without its trailer is a round that never committed: it stays a ``.tmp`` 
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -130,8 +131,9 @@ class StreamedRecord:
 def read_streamed(blob: bytes, round_: int) -> dict[str, Any] | None:
     """A version-2 record's ``{"frames", "aggregate", "keys", "applied"}`` (frames in the order accepted); None when
     ``blob`` is not one (a version-1 record). Raises ValueError when it is damaged or not round ``round_``'s."""
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(blob), 1))
-    unpacker.feed(blob)
+    # read from the blob in pieces, and hashed through a view: no second (or third) copy of a record of N frames
+    unpacker = msgpack.Unpacker(io.BytesIO(blob), raw=False, max_buffer_size=max(len(blob), 1),
+                                read_size=min(1 << 20, max(len(blob), 1)))
     try:
         head = next(unpacker)
     except (StopIteration, msgpack.UnpackException, ValueError):
@@ -167,7 +169,9 @@ def read_streamed(blob: bytes, round_: int) -> dict[str, Any] | None:
         raise ValueError("its trailer's keys are not a map of names to bytes")
     if not isinstance(applied, dict):
         raise ValueError(f"its trailer's applied is a {type(applied).__name__}, not a map")
-    want = _trailer_digest(hashlib.sha256(blob[:start]).digest(), members, aggregate, keys, applied)
+    with memoryview(blob) as view:
+        prefix = hashlib.sha256(view[:start]).digest()
+    want = _trailer_digest(prefix, members, aggregate, keys, applied)
     if obj.get("sha256") != want:
         raise ValueError("it does not match its checksum (damaged on disk)")
     if list(frames) != list(members):
