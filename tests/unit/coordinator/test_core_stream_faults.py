@@ -411,3 +411,24 @@ def test_two_uploads_of_one_member_at_once_count_one_frame(tmp_path: Path, clock
         assert list(rec["frames"]) == ["a", "b", "c"] and rec["frames"]["a"] == other
     finally:
         h.close()
+
+
+def test_after_a_restart_a_streamed_rounds_result_is_served_from_its_record(tmp_path: Path, clock: Clock) -> None:
+    """The aggregate a member collects after a restart (read back from the version-2 record) is the one the live
+    coordinator handed out, and the frames are not sent (members get the aggregate only)."""
+    h = Harness(tmp_path / "state", clock, COMPRESSED)
+    workers = _members(h)
+    assert not _submit(h, _frames(workers, 0, ("c", "a", "b")), 0)
+    live, to_send = h.core.collect(h.ids["a"], 0, 0.0, True)
+    assert live.aggregate is not None and to_send == []
+    ids, keys = dict(h.ids), h.keys
+    _crash(h)
+    h2 = Harness(tmp_path / "state", clock, COMPRESSED)
+    try:
+        h2.ids, h2.keys = ids, keys
+        h2.join("a")  # the member joins again after the restart
+        got, to_send = h2.core.collect(h2.ids["a"], 0, 0.0, True)
+        assert got.aggregate == live.aggregate and got.fingerprint == live.fingerprint and to_send == []
+        assert set(got.frames) == {"a", "b", "c"} and not any(got.frames.values())
+    finally:
+        h2.close()
