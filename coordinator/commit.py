@@ -70,7 +70,8 @@ def prepare_round(reference: Reference, frames: dict[str, bytes], round_: int, a
     order = applied.get("order")
     if order is not None:  # reduced frame by frame in the order they were accepted (coordinator/accumulate.py)
         by_sender = {e.sender: e for e in envelopes}
-        if not isinstance(order, list) or sorted(order) != sorted(by_sender):
+        if (not isinstance(order, list) or not all(isinstance(s, str) for s in order)
+                or sorted(order) != sorted(by_sender)):
             raise PayloadError(f"round {round_}: the recorded order {order!r} does not list its frames' senders")
         running = RunningReduce(reference)
         for sender in order:

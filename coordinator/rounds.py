@@ -244,6 +244,24 @@ class Rounds(Results):
             self._maybe_close()
             return {"round": up.round, "received_bytes": len(frame), "accepted": True}
 
+    def _forget_open_frames(self, round_: int) -> None:
+        """The open round's streamed record failed its fsync: the frames it holds on disk are unknown, and they are
+        nowhere else (wal_stream.py). The round forgets them — its members are told at Collect that no payload of
+        theirs is held (NotSubmitted) and send it again, as after a restart — rather than commit from that file."""
+        assert self.streamed is not None
+        log.warning("[round=%d] the record of its %d frame(s) failed its fsync: they are dropped and sent again",
+                    round_, len(self.submitted))
+        try:
+            self.streamed.discard()
+        except OSError as exc:  # its temporary file is removed at the next start (Store.cut_tail); a new one replaces it
+            log.warning("[round=%d] the failed record's temporary file stays: %s", round_, exc)
+        self.running, self.streamed = self._new_running(), None
+        self.submitted.clear()
+        self.submitter_names.clear()
+        self.submitter_keys.clear()
+        self.commit_pending = False  # nothing left to commit: serving again once the disk writes
+        self.first_submit_at = self.deadline = None
+
     def _set_deadline(self, now: float, round_: int, first_name: str) -> None:
         """The round's first payload arrived: its deadline is the adaptive wait, lengthened for newcomers that earned
         it (``policy.newcomer_wait``): their first round, they downloaded the state, and their key never had one.
@@ -336,6 +354,8 @@ class Rounds(Results):
         except (OSError, sqlite3.Error) as exc:
             self.commit_pending = True
             self.persistence.failed(now, f"round {r}", exc)
+            if self.streamed is not None and self.streamed.damaged:
+                self._forget_open_frames(r)
             return
         durable_at = time.perf_counter()
         self.commit_pending = False

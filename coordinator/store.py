@@ -90,7 +90,11 @@ class Disk:
         os.fsync(f.fileno())
         f.close()
         os.replace(path.with_name(path.name + ".tmp"), path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        self.sync_dir(path.parent)
+
+    def sync_dir(self, folder: Path) -> None:
+        """fsync ``folder``: a rename in it is durable once this returns."""
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -111,6 +115,13 @@ class Disk:
 def _real(value: float | None) -> float:
     """SQLite stores NaN as NULL: read it back as NaN ("not measured"), never as None or 0."""
     return float("nan") if value is None else float(value)
+
+
+def _held_bytes(value: Any, what: str) -> bytes:
+    """``value`` read from a record, which must be bytes: never ``bytes(n)`` of an integer n (n bytes allocated)."""
+    if not isinstance(value, bytes):
+        raise ValueError(f"{what} is a {type(value).__name__}, not bytes")
+    return value
 
 
 class WalError(ValueError):
@@ -362,10 +373,12 @@ class Store:
             return streamed
         try:
             rec = msgpack.unpackb(blob, raw=False)
-            frames = {str(n): bytes(f) for n, f in rec["frames"].items()}
-            keys = {str(n): bytes(k) for n, k in (rec.get("keys") or {}).items()}
-            aggregate = None if rec.get("aggregate") is None else bytes(rec["aggregate"])
+            frames = {str(n): _held_bytes(f, "a frame") for n, f in rec["frames"].items()}
+            keys = {str(n): _held_bytes(k, "a key") for n, k in (rec.get("keys") or {}).items()}
+            aggregate = None if rec.get("aggregate") is None else _held_bytes(rec["aggregate"], "the aggregate")
             applied = rec.get("applied")
+            if applied is not None and not isinstance(applied, dict):
+                raise ValueError(f"applied is a {type(applied).__name__}, not a map")
         except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
             raise WalError(f"{path.name} is damaged: {type(exc).__name__}: {exc}") from None
         if "sha256" in rec:  # written with the write-ahead log; a result file from before has none

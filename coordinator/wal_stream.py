@@ -18,6 +18,7 @@ A file without its trailer is a round that never committed: it stays a ``.tmp`` 
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -63,6 +64,9 @@ class StreamedRecord:
         self.size = 0  # bytes of header and frames written
         self.senders: list[str] = []
         self.published = False
+        # its publication failed before the rename: after an fsync error what the file holds on disk is unknown (the
+        # error is reported once; a second fsync succeeds over pages never written), and its frames are nowhere else
+        self.damaged = False
         self._hash = hashlib.sha256()
         self._write(msgpack.packb({MAGIC_KEY: VERSION, "round": round_}, use_bin_type=True))
 
@@ -73,9 +77,13 @@ class StreamedRecord:
         self._hash.update(piece)
 
     def add(self, sender: str, frame: bytes) -> None:
-        """Append one accepted frame."""
+        """Append one accepted frame. Raises OSError once the record is sealed — its publication started (a commit
+        that failed after it is retried as it was: a frame arriving meanwhile is refused, as after the close) or the
+        coordinator stopped."""
         if sender in self.senders:
             raise ValueError(f"{sender}'s frame is in round {self.round}'s record already")
+        if self.published or self.damaged or self.f is None or self.f.closed:
+            raise OSError(f"round {self.round}'s record is sealed: its commit is under way")
         self._write(msgpack.packb([sender, frame], use_bin_type=True))
         self.senders.append(sender)
 
@@ -83,15 +91,21 @@ class StreamedRecord:
                applied: dict[str, Any]) -> None:
         """Append the trailer and publish the record: durable once this returns. ``members``: the round's senders, in
         any order (every frame added counts; the trailer lists them in the order added). Retrying after an OSError
-        writes the same trailer at the same place; once published, a retry does nothing."""
+        from the trailer's write writes it again at the same place; after one from the folder's fsync (renamed) syncs
+        the folder again; after one from the publication before its rename (``damaged``) raises OSError: the file's
+        contents on disk are unknown, and the round's frames must be sent again. Once published, a retry does
+        nothing."""
         if self.published:
             return
         if sorted(members) != sorted(self.senders):
             raise ValueError(f"round {self.round}: members {members} are not the senders of its frames")
+        if self.damaged:
+            raise OSError(f"round {self.round}'s record cannot be trusted since its fsync failed")
         members = list(self.senders)
         tmp = self.path.with_name(self.path.name + ".tmp")
         if self.f is None or self.f.closed:
             if not tmp.exists() and self.path.exists():  # renamed by the failed publish: only the folder sync failed
+                self.disk.sync_dir(self.path.parent)  # the rename is durable only once the folder is synced
                 self.published = True
                 return
             self.f = open(tmp, "rb+")
@@ -100,7 +114,11 @@ class StreamedRecord:
                                  "sha256": digest}, use_bin_type=True)
         self.disk.pwrite(self.f, trailer, self.size)
         self.f.truncate(self.size + len(trailer))
-        self.disk.publish(self.f, self.path)
+        try:
+            self.disk.publish(self.f, self.path)
+        except OSError:
+            self.damaged = tmp.exists()  # not renamed: the fsync, or what came before the rename, failed
+            raise
         self.published = True
 
     def discard(self) -> None:
@@ -113,8 +131,9 @@ class StreamedRecord:
 def read_streamed(blob: bytes, round_: int) -> dict[str, Any] | None:
     """A version-2 record's ``{"frames", "aggregate", "keys", "applied"}`` (frames in the order accepted); None when
     ``blob`` is not one (a version-1 record). Raises ValueError when it is damaged or not round ``round_``'s."""
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(blob), 1))
-    unpacker.feed(blob)
+    # read from the blob in pieces, and hashed through a view: no second (or third) copy of a record of N frames
+    unpacker = msgpack.Unpacker(io.BytesIO(blob), raw=False, max_buffer_size=max(len(blob), 1),
+                                read_size=min(1 << 20, max(len(blob), 1)))
     try:
         head = next(unpacker)
     except (StopIteration, msgpack.UnpackException, ValueError):
@@ -140,10 +159,19 @@ def read_streamed(blob: bytes, round_: int) -> dict[str, Any] | None:
         break
     if unpacker.tell() != len(blob):
         raise ValueError("bytes follow its trailer")
-    members, aggregate = obj["members"], obj.get("aggregate")
-    keys = {str(n): bytes(k) for n, k in (obj.get("keys") or {}).items()}
-    applied = obj.get("applied")
-    want = _trailer_digest(hashlib.sha256(blob[:start]).digest(), members, aggregate, keys, applied)
+    # every field's type before any use: bytes(n) of an integer n would allocate n bytes
+    members, aggregate, keys, applied = obj["members"], obj.get("aggregate"), obj.get("keys") or {}, obj.get("applied")
+    if not isinstance(members, list) or not all(isinstance(n, str) for n in members):
+        raise ValueError("its trailer's members are not a list of names")
+    if aggregate is not None and not isinstance(aggregate, bytes):
+        raise ValueError(f"its trailer's aggregate is a {type(aggregate).__name__}, not bytes")
+    if not isinstance(keys, dict) or not all(isinstance(n, str) and isinstance(k, bytes) for n, k in keys.items()):
+        raise ValueError("its trailer's keys are not a map of names to bytes")
+    if not isinstance(applied, dict):
+        raise ValueError(f"its trailer's applied is a {type(applied).__name__}, not a map")
+    with memoryview(blob) as view:
+        prefix = hashlib.sha256(view[:start]).digest()
+    want = _trailer_digest(prefix, members, aggregate, keys, applied)
     if obj.get("sha256") != want:
         raise ValueError("it does not match its checksum (damaged on disk)")
     if list(frames) != list(members):

@@ -14,7 +14,7 @@ import torch
 from core_harness import Clock, Harness
 from coordinator.accumulate import RunningReduce
 from coordinator.commit import applied_as
-from coordinator.errors import Conflict
+from coordinator.errors import Conflict, NotSubmitted
 from coordinator.store import Disk, Store, WalError
 from coordinator.wal_stream import HeldFrame
 from node import wire
@@ -179,6 +179,9 @@ def test_accepted_frames_are_kept_on_disk_only_and_a_repeat_is_told_from_a_diffe
 
 def test_a_record_that_cannot_be_published_leaves_the_round_open_and_a_retry_commits_it(
         tmp_path: Path, clock: Clock) -> None:
+    """The publication failed before the rename (its fsync: what the file holds on disk is then unknown, and the
+    frames are nowhere else): the round stays open without them, members are told at Collect to send them again
+    (NotSubmitted), and the round commits from the frames sent again."""
     disk = FlakyDisk()
     h = Harness(tmp_path / "state", clock, COMPRESSED, disk=disk)
     try:
@@ -186,9 +189,15 @@ def test_a_record_that_cannot_be_published_leaves_the_round_open_and_a_retry_com
         disk.fail = 1
         frames = _submit_all(h, workers, 0, ("c", "b", "a"))
         assert h.core.open_round == 0 and not h.core.persistence.ok and h.store.last_round() is None
-        clock.advance(1.0)  # past the first retry's backoff: the coordinator's tick retries the commit
+        assert not h.core.submitted and not list((tmp_path / "state").glob("result-*"))
+        clock.advance(1.0)  # past the first retry's backoff: the coordinator's tick finds the disk writable
         h.core.tick()
-        assert h.core.open_round == 1 and h.core.persistence.ok
+        assert h.core.open_round == 0 and h.core.persistence.ok
+        with pytest.raises(NotSubmitted):
+            h.core.collect(h.ids["c"], 0, 0.0, True)
+        for n in ("c", "b", "a"):
+            h.submit(n, 0, frames[n])
+        assert h.core.open_round == 1
         rec = h.store.record(0)
         assert list(rec["frames"]) == ["c", "b", "a"] and rec["frames"] == frames
     finally:
