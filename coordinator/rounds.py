@@ -217,6 +217,8 @@ class Rounds(Results):
         with self.lock:
             self._member(up.node_id)
             self._check_round(m, up.round)
+            if up.node_id in self.submitted:  # a second upload of this session overtook this one: the first counts
+                raise Conflict(f"a payload for round {up.round} was already accepted from this node")
             if any(name == m.name for nid, name in self.submitter_names.items() if nid != up.node_id):
                 # an earlier session under this name (before a restart) submitted already: one frame per name
                 raise Conflict(f"a frame from {m.name} is in round {up.round} already (sent before this node "
