@@ -23,9 +23,10 @@ EXIT_CODES = """exit status:
   1    an unexpected error: a bug (please report the traceback)
   2    a usage or configuration error (a coordinator certificate that does not verify is one): one line says
        what to fix (supervisors should not restart)
-  3    a node's Join was refused (wrong join token, another run, a name taken by another key)
+  3    a node's Join was refused (wrong join token, another run, a name taken by another key);
+       status: the read token was refused
   4    the coordinator kept failing (INTERNAL errors on its side)
-  5    the coordinator stayed unreachable past --connect-timeout
+  5    the coordinator stayed unreachable past --connect-timeout (status: did not answer)
   130  interrupted"""
 UNREACHABLE_EXIT = 5
 

@@ -165,8 +165,10 @@ def print_view(view: dict[str, Any], as_json: bool) -> int:
 
 def print_status(address: str, as_json: bool = False, read_token: str = "", tls: ClientTls | None = None,
                  ca_path: str = "") -> int:
-    """Exit status: 0, or 1 (one line on stderr) when the coordinator did not answer or refused; ConfigError (the
-    command line's exit 2) for a TLS problem no retry fixes (a certificate that does not verify: ``tls_problem``)."""
+    """Exit status (docs/operations.md's table): 0; 5 when the coordinator did not answer (unreachable, or no answer
+    in time); 3 when it refused (a missing or wrong read token); 4 for any other error status; one line on stderr
+    each time. ConfigError (the command line's exit 2) for a TLS problem no retry fixes (a certificate that does not
+    verify: ``tls_problem``)."""
     from node.cli_checks import tls_problem
 
     try:
@@ -176,5 +178,7 @@ def print_status(address: str, as_json: bool = False, read_token: str = "", tls:
         if problem:
             raise ConfigError(problem) from None
         print(f"lowband status: {address}: {exc.code().name}: {exc.details()}{tls_hint(exc, tls)}", file=sys.stderr)
-        return 1
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return 5
+        return 3 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) else 4
     return print_view(status_json(s), as_json)

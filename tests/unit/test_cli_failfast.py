@@ -49,6 +49,14 @@ def test_a_malformed_coordinator_address_exits_2_at_once(tmp_path: Path, address
     assert out.returncode == 2 and says in one_line(out)
 
 
+def test_status_of_an_unreachable_coordinator_exits_5_with_one_line() -> None:
+    """Not 1 (a bug, the exit table says): the coordinator did not answer."""
+    with socket.socket() as held:  # bound, never listening: connections to it are refused
+        held.bind(("127.0.0.1", 0))
+        out = lowband("status", "--coordinator", f"127.0.0.1:{held.getsockname()[1]}")
+    assert out.returncode == 5 and "UNAVAILABLE" in one_line(out)
+
+
 def test_an_unreachable_coordinator_counts_down_then_gives_up_with_5(tmp_path: Path) -> None:
     with socket.socket() as held:  # bound, never listening: connections to it are refused, and no one can take it
         held.bind(("127.0.0.1", 0))
