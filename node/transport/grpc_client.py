@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 
 from node.clock import SYSTEM_CLOCK, Clock
+from node.logutil import RateLimited
 from node.identity import NodeKey
 from node.progress import Progress
 from node.proto.lowband.v1 import coordinator_pb2 as pb
@@ -32,6 +33,7 @@ from node.transport.limits import UNKNOWN_MODEL
 from node.transport.messages import RoundResult, RoundStatus, StateBlob
 
 log = logging.getLogger(__name__)
+retries = RateLimited(log)  # one line per kind of failed call per 10 s while the coordinator is away
 PROTOCOL_VERSION = 3  # coordinator/core.py's; what changed with each: proto/lowband/v1/coordinator.proto
 CHUNK = 1 << 20
 RESULT_DOWNLOAD_MAX_S = 3600.0  # a round's result that takes longer than this to download is given up on
@@ -207,8 +209,8 @@ class GrpcTransport:
                 if exc.code() not in RETRYABLE and not _busy(exc):
                     raise
                 self._fault(what, exc)
-                log.warning("%s: coordinator unreachable (%s: %s); retrying%s", what, exc.code().name, exc.details(),
-                            tls_hint(exc, self.tls))
+                retries.warning(f"{what}:{exc.code().name}", "%s: coordinator unreachable (%s: %s); retrying%s", what,
+                                exc.code().name, exc.details(), tls_hint(exc, self.tls))
                 backoff.sleep(self.stop)
 
     # -- run and membership --------------------------------------------------------------------------
@@ -336,7 +338,8 @@ class GrpcTransport:
                             grpc.StatusCode.ALREADY_EXISTS):
                     return f"rejected: {exc.details()}"
                 self._fault("Submit", exc)
-                log.warning("submit round %d: %s (%s); retrying", round_, code.name, exc.details())
+                retries.warning(f"submit:{code.name}", "submit round %d: %s (%s); retrying", round_, code.name,
+                                exc.details())
                 backoff.sleep(self.stop)
 
     def collect(self, round_: int, timeout_s: float, submitted: bool = True, own: bytes | None = None,
@@ -378,7 +381,8 @@ class GrpcTransport:
                     continue
                 if code in RETRYABLE or _busy(exc):
                     self._fault("Collect", exc)
-                    log.warning("collect round %d: %s (%s); retrying", round_, code.name, exc.details())
+                    retries.warning(f"collect:{code.name}", "collect round %d: %s (%s); retrying", round_, code.name,
+                                    exc.details())
                     backoff.sleep(self.stop)
                     continue
                 raise
