@@ -354,6 +354,14 @@ class RoundEngine:
                 log.info("[node=%s] resumed from checkpoint at round %d", self.name, first_round)
                 self._drop_prefetch()
                 return False
+            if c < first_round and getattr(self._plane, "serves_past_results", False):
+                # a checkpoint a few rounds behind: apply those rounds from their results rather than download the
+                # whole state (a result no longer held makes _catch_up fetch the state after all)
+                log.info("[node=%s] resumed from checkpoint after %d rounds: catching up on %d round(s) from their "
+                         "results", self.name, c, first_round - c)
+                self._drop_prefetch()
+                self._catch_up(until=first_round)
+                return True
         if first_round == 0:
             self._drop_prefetch()
             return False  # the run has not started: everyone starts from the same seeded init

@@ -87,6 +87,11 @@ class ControlPlane(Protocol):
         """Whether the members already sent their frames for ``round_`` (or it closed): with overlapped rounds they
         are then training the next one. None where the plane cannot tell; the daemon then does not wait for it."""
 
+    #: whether ``observe`` of a round closed a while ago answers from a held result at once (a coordinator keeps
+    #: ``keep_results`` of them): a node resuming from a checkpoint a few rounds behind then catches up from them
+    #: instead of downloading the whole state. Planes that do not say so are taken not to.
+    serves_past_results: bool
+
     def fetch_state(self, after_round: int | None, timeout_s: float, at_least: int = 0) -> StateBlob | None:
         """The run's global state — once ``after_round`` closed, if given — or None where none can be had.
         ``at_least``: the committed rounds this node holds; a state of fewer is not taken where the run has one of

@@ -177,6 +177,10 @@ class FaultyPlane:
             return self._oldest
         return self.inner.fetch_state(after_round, timeout_s, at_least)
 
+    @property
+    def serves_past_results(self) -> bool:
+        return bool(getattr(self.inner, "serves_past_results", False))
+
     def bound_results(self, limits: Any) -> None:
         bound = getattr(self.inner, "bound_results", None)
         if bound is not None:

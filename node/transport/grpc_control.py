@@ -21,6 +21,8 @@ class GrpcControl:
     settings (None: plaintext, which ``lowband node`` allows only to a loopback coordinator or with --insecure);
     ``token``: the run's join token, also shown to GetRun and Status."""
 
+    serves_past_results = True  # the coordinator keeps ``keep_results`` results (from memory or its log)
+
     def __init__(self, address: str, stop: threading.Event, *, key: NodeKey | None = None,
                  tls: ClientTls | None = None, token: str = "") -> None:
         self.where = address

@@ -198,6 +198,8 @@ class InProcessRun:
 class InProcessPlane:
     """One daemon's ``ControlPlane`` on an ``InProcessRun``."""
 
+    serves_past_results = True  # the run keeps ``keep_results`` results
+
     def __init__(self, run: InProcessRun, name: str, stop: threading.Event) -> None:
         self.r, self.name, self.stop = run, name, stop
         self.where = "in-process"

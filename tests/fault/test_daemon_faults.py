@@ -115,6 +115,9 @@ def test_a_node_that_crashes_restarts_from_its_workdir_and_catches_up(tmp_path: 
         # the restart says where its checkpoint left the node (after rounds 0 and 1), right after the rounds before it
         assert len(resumed) == 1 and log[resumed[0]]["committed_rounds"] == 2, log
         assert [e["round"] for e in log[:resumed[0]]] == [0, 1]
+        # two rounds behind: it applies them from their results, no state download
+        assert not [e for e in log if e.get("event") == "state"], log
+        assert cl.applied("b")[2]["observed"]
 
 
 def test_a_node_late_two_rounds_in_a_row_sits_one_out_to_get_back_in_step(tmp_path: Path) -> None:

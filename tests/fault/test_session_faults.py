@@ -55,8 +55,9 @@ def test_user_loops_and_daemons_train_one_run(tmp_path: Path) -> None:
 def test_a_crashed_user_node_resumes_with_its_optimizer_and_scheduler_state(tmp_path: Path) -> None:
     """b dies in round 2 as under kill -9 (its checkpoint holds rounds 0 and 1) while the run holds round 2 open. Its
     new optimizer and scheduler objects get the moments, the param groups' lr and the LambdaLR's position that were
-    written; it takes the run's state and round 2 (which the others sent) without contributing — neither moves its
-    schedule, as for the task-driven node — and trains rounds 3 and 4 from there."""
+    written; it takes round 2 (which the others sent) from its result without contributing — no state download: its
+    checkpoint is one round behind — which does not move its schedule, as for the task-driven node, and trains rounds 3
+    and 4 from there."""
     H = 2
     schedule = FaultSchedule().fail_at("b", 2, Fault.CRASH)
     with SessionCluster(tmp_path, run_config("sign", rounds=5, H=H), schedule, min_nodes=2) as cl:
@@ -73,14 +74,15 @@ def test_a_crashed_user_node_resumes_with_its_optimizer_and_scheduler_state(tmp_
 
         wait_for(lambda: cl.run.open.round == 2 and set(cl.run.open.frames) == {"a", "c"})
         restarted = cl.start_user("b")
-        wait_for(lambda: "b" in cl.run.open.observers)  # it took the state (round 2 still open) and waits for round 2
+        wait_for(lambda: "b" in cl.run.open.observers)  # it observes round 2 (still open) to catch up on it
         cl.run.release()
         assert all(o == {"done": True} for o in cl.wait_all().values())
         check_consistent(cl)
         joined = restarted.joined
         assert joined["resumed"] and joined["inner_step"] == 2 * H and joined["last_epoch"] == 2 * H
         assert joined["optimizer"]["lrs"] == saved_lrs
-        assert [e.get("why") for e in cl.log("b") if e.get("event") == "state"] == ["join"]
+        assert [e.get("why") for e in cl.log("b") if e.get("event") == "state"] == []  # caught up, no download
+        assert cl.applied("b")[2]["observed"] and not cl.applied("b")[2]["contributed"]
         state = joined["optimizer"]["state"]
         names = [n for n, _ in restarted.model.named_parameters()]
         assert {(names[i], k) for i, k in state} == {tuple(key[len("inner/"):].rsplit("/", 1)) for key in saved
