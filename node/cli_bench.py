@@ -51,7 +51,7 @@ def cmd_bench_commit(args: argparse.Namespace) -> int:
     from node.bench.commit import run_commit_bench
 
     run_commit_bench(args.n_layer, args.n_embd, args.n_head, args.members, args.rounds,
-                     Path(args.out) if args.out else None)
+                     Path(args.out) if args.out else None, args.result)
     return 0
 
 
@@ -190,6 +190,9 @@ def add_bench_parser(sub: Any, recipe_names: Any) -> None:
     bm.add_argument("--n-head", type=positive_int, default=16, help="gpt attention heads (divides the width)")
     bm.add_argument("--members", type=positive_int, default=3, help="members submitting sign frames")
     bm.add_argument("--rounds", type=positive_int, default=4, help="rounds committed (a snapshot every 2)")
+    bm.add_argument("--result", choices=("relay", "aggregate", "compressed"), default="relay",
+                    help="[rounds] result: with aggregate or compressed the round is reduced frame by frame as its "
+                         "frames are accepted (docs/state.md), off the commit path")
     bm.add_argument("--out", default=None, help="write the results (JSON) here (default: print only)")
     bm.set_defaults(func=cmd_bench_commit)
     bj = bsub.add_parser("join", help="time from `lowband node` start to its first committed contribution")

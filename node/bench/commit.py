@@ -51,9 +51,11 @@ def _reset_peak() -> bool:
 
 
 def run_commit_bench(n_layer: int = 24, n_embd: int = 1024, n_head: int = 16, members: int = 3, rounds: int = 4,
-                     out: Path | None = None) -> dict[str, Any]:
+                     out: Path | None = None, result: str = "relay") -> dict[str, Any]:
     """Build the run, commit ``rounds`` rounds of ``members`` sign frames, report the commit path's parts (seconds)
-    and the peak RSS relative to the state (bytes). Raises ConfigError for a bad model shape."""
+    and the peak RSS relative to the state (bytes). ``result``: the run's ``[rounds] result`` (with an aggregate the
+    frames are reduced as they are submitted: ``submit_s`` per row is that time, off the commit path). Raises
+    ConfigError for a bad model shape."""
     from coordinator.core import PROTOCOL_VERSION, Chunk, CoordinatorCore
     from coordinator.store import Store
     from node.transport.grpc_auth import join_message
@@ -70,7 +72,7 @@ def run_commit_bench(n_layer: int = 24, n_embd: int = 1024, n_head: int = 16, me
                               membership={"min_nodes": members, "max_nodes": members, "heartbeat_s": 60.0,
                                           "lease_s": 3600.0},
                               rounds_policy={"initial_wait_s": 3600.0, "max_wait_s": 3600.0, "eval_every": 0,
-                                             "snapshot_every": 2})
+                                             "snapshot_every": 2, "result": result})
         cfg = parse_run_file(text)
         clock = [1000.0]
         t0 = time.perf_counter()
@@ -105,14 +107,19 @@ def run_commit_bench(n_layer: int = 24, n_embd: int = 1024, n_head: int = 16, me
                                        wire.unpack(f, ref.codec, ref.spec, cfg.run.run_id, r - 1).tensors,
                                        key=keys[n]) for n, f in frames.items()}
             running = core.snapshots.current if core.snapshots.busy else None
+            submit_t0 = time.perf_counter()
             for n in names:
                 f = frames[n]
                 core.submit(Chunk(ids[n], r, at, len(f), f[at:at + CHUNK], 2.0) for at in range(0, len(f), CHUNK))
+            # the submissions' own time: the last one's call ran the commit, timed apart (its wall-clock parts)
+            commit_wall = sum(v for k, v in core.commit_timing.items() if k != "cpu_s")
+            submit_s = time.perf_counter() - submit_t0 - commit_wall
             assert core.reference.committed_rounds == r + 1, "the round did not commit"
             t = dict(core.commit_timing)
             t["commit_path_s"] = t["reduce_s"] + t["durable_s"] + t["freeze_s"] + t["step_s"]
             froze = list(running.frozen) if running is not None else None  # (tensors cloned, written) by the commit
             rows.append({"round": r, "snapshot_running": running is not None, "snapshot_froze": froze,
+                         "submit_s": round(submit_s, 3),
                          **{k: round(v, 3) for k, v in t.items()},
                          "frame_bytes": sum(len(f) for f in frames.values())})
             log.info("round %d: %s", r, rows[-1])
@@ -129,6 +136,7 @@ def run_commit_bench(n_layer: int = 24, n_embd: int = 1024, n_head: int = 16, me
         del state_tensors
         result = {
             "bench": "commit", "params": params, "state_bytes": state_bytes, "members": members, "rounds": rounds,
+            "result": result,
             "model": {"task": "gpt", "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head},
             "setup_s": round(setup_s, 1), "rss_before_rounds_bytes": rss_before, "load_average": os.getloadavg(),
             "peak_rss_bytes": peak, "peak_reset": reset,
