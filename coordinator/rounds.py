@@ -73,7 +73,8 @@ class Rounds(Results):
         self.reference = Reference.for_model(run, model, downlink_feedback=cfg.compressed_downlink)  # stepped in place
         self.config_hash = run.config_hash(self.task.fingerprint)
         self.model_digest = self.reference.digest()
-        problem = store.check_identity(run.run_id, self.config_hash, run.legacy_config_hash(self.task.fingerprint))
+        problem = store.check_identity(run.run_id, self.config_hash, run.legacy_config_hash(self.task.fingerprint),
+                                       run.to_dict())
         if problem:
             raise ConfigError(problem)
         store.keep = cfg.keep_results  # round records kept for late collectors (and joiners catching up)

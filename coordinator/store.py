@@ -33,6 +33,7 @@ from typing import IO, Any, Callable, Iterable, Iterator
 import msgpack
 
 from node.membership import Member
+from node.config import diff_configs
 from node.fsutil import write_atomic
 from coordinator.wal_stream import StreamedRecord, read_streamed
 from node.roundlog import COORDINATOR_LOG, RoundRow
@@ -191,21 +192,34 @@ class Store:
             self.db.execute("ALTER TABLE members ADD COLUMN public_key BLOB DEFAULT NULL")
 
     # -- identity ------------------------------------------------------------------------------------
-    def check_identity(self, run_id: str, config_hash: str, legacy_hash: str = "") -> str | None:
-        """Record the run on first use; on later starts return a message if the run file changed. ``legacy_hash``: the
-        same run's hash as protocol 2 computed it; a state dir recorded with it is this run, and is re-recorded."""
+    def check_identity(self, run_id: str, config_hash: str, legacy_hash: str = "",
+                       config: dict[str, Any] | None = None) -> str | None:
+        """Record the run on first use; on later starts return a message if the run file changed, naming the settings
+        that differ where the state dir recorded them (``config``: the run's config as a dict; dirs written before it
+        was recorded get the hashes only). ``legacy_hash``: the same run's hash as protocol 2 computed it; a state dir
+        recorded with it is this run, and is re-recorded."""
         rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        recorded = [("run_id", run_id), ("config_hash", config_hash)]
+        if config is not None:
+            recorded.append(("config_json", json.dumps(config, sort_keys=True)))
         if not rows:
-            self.disk.transaction(self.db, lambda: self.db.executemany(
-                "INSERT INTO meta VALUES (?, ?)", [("run_id", run_id), ("config_hash", config_hash)]))
+            self.disk.transaction(self.db, lambda: self.db.executemany("INSERT INTO meta VALUES (?, ?)", recorded))
             return None
         if legacy_hash and rows.get("run_id") == run_id and rows.get("config_hash") == legacy_hash:
             self.disk.transaction(self.db, lambda: self.db.execute(
                 "UPDATE meta SET value = ? WHERE key = 'config_hash'", (config_hash,)))
             return None
         if rows.get("run_id") != run_id or rows.get("config_hash") != config_hash:
+            differs = ""
+            if config is not None and "config_json" in rows:
+                changed = diff_configs(json.loads(rows["config_json"]), config)
+                differs = f" Differences (state dir vs run file): {'; '.join(changed)}." if changed else ""
             return (f"state dir {self.dir} holds run {rows.get('run_id')!r} with config hash {rows.get('config_hash')}; "
-                    f"this run file is run {run_id!r} with config hash {config_hash}. Use another --state-dir.")
+                    f"this run file is run {run_id!r} with config hash {config_hash}.{differs} Use another "
+                    "--state-dir.")
+        if config is not None and "config_json" not in rows:  # a dir from before the config was recorded: record it
+            self.disk.transaction(self.db, lambda: self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", recorded[-1]))
         return None
 
     # -- rounds --------------------------------------------------------------------------------------

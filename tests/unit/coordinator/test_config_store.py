@@ -182,6 +182,30 @@ def test_identity_recorded_then_mismatch_message(store: Store, tmp_path: Path) -
     assert msg is not None and "run 'run-2'" in msg
 
 
+def test_a_changed_run_file_is_refused_naming_the_settings_that_differ(store: Store) -> None:
+    """The state dir records the run's settings with its hash: a restart with another seed (or any setting) is
+    refused with a message that names it; a dir recorded before the settings were is refused by hash alone, and
+    records them at its next accepted start."""
+    config = {"run_id": "run-1", "seed": 0, "recipe": {"name": "sign", "H": 12}}
+    assert store.check_identity("run-1", "hash-a", config=config) is None
+    msg = store.check_identity("run-1", "hash-b", config={**config, "seed": 1, "recipe": {"name": "sign", "H": 4}})
+    assert msg is not None and "Differences (state dir vs run file): recipe.H: 12 vs 4; seed: 0 vs 1." in msg
+    assert "Use another --state-dir" in msg
+
+
+def test_a_state_dir_from_before_the_settings_were_recorded_records_them(tmp_path: Path) -> None:
+    old = Store(tmp_path / "old")
+    try:
+        assert old.check_identity("run-1", "hash-a") is None  # as before: hashes only
+        msg = old.check_identity("run-1", "hash-b", config={"seed": 1})
+        assert msg is not None and "Differences" not in msg
+        assert old.check_identity("run-1", "hash-a", config={"seed": 0}) is None
+        assert "Differences (state dir vs run file): seed: 0 vs 1." in old.check_identity("run-1", "hash-b",
+                                                                                            config={"seed": 1})
+    finally:
+        old.close()
+
+
 def test_a_state_dir_recorded_with_the_protocol_2_hash_is_the_same_run(store: Store) -> None:
     """The config hash moved to canonical JSON in protocol 3: a state dir that recorded the same run's older hash
     is taken, and re-recorded with the new one; another run's older hash is still refused."""
