@@ -38,11 +38,16 @@ class Waiter:
         self.event.set()
 
 
+RESTORED_HELD = 2  # results read back from their records that are kept in memory
+
+
 class Results:
-    """``collect`` and the results it serves; the attributes below are ``Rounds``'s."""
+    """``collect`` and the results it serves; the attributes below are ``Rounds``'s (``restored``: the results read
+    back from their records, most recent last)."""
 
     lock: threading.RLock
     results: "OrderedDict[int, Committed]"
+    restored: "OrderedDict[int, Committed]"
     open_round: int
     store: Any
 
@@ -105,8 +110,14 @@ class Results:
             return result, to_send
 
     def _restored_result(self, round_: int) -> Committed:
-        """A committed round's result from its write-ahead record (after a restart, or older than those in memory).
-        Raises ResultGone when it is no longer held."""
+        """A committed round's result from its write-ahead record (after a restart, or older than those in memory),
+        read once: the last ``RESTORED_HELD`` read are kept (a record of N frames is read and hashed whole, under the
+        lock; every member collecting the last round after a restart, or one asking again and again, must not make
+        that a read per call). Raises ResultGone when it is no longer held."""
+        cached = self.restored.get(round_)
+        if cached is not None:
+            self.restored.move_to_end(round_)
+            return cached
         rec = self.store.record(round_) if round_ < self.open_round else None
         fingerprint = self.store.fingerprints(round_).get(round_, "") if rec is not None else ""
         if rec is None or not fingerprint:
@@ -117,5 +128,9 @@ class Results:
         if keys is None:  # a result stored before its keys were: the names' keys (bound for good, names.py)
             keys = self._bound_keys(rec["frames"])
         frames = held_frames(dict(sorted(rec["frames"].items())), rec["aggregate"])
-        return Committed(round_, frames, fingerprint, "restored", rec["aggregate"], keys)
+        result = Committed(round_, frames, fingerprint, "restored", rec["aggregate"], keys)
+        self.restored[round_] = result
+        while len(self.restored) > RESTORED_HELD:
+            self.restored.popitem(last=False)
+        return result
 

@@ -100,6 +100,7 @@ class Rounds(Results):
         self.commit_times: deque[float] = deque(maxlen=cfg.deadline.history + 1)  # clock() of recent commits
         self.granted: OrderedDict[bytes, None] = OrderedDict()  # keys whose first round already waited longer
         self.results: OrderedDict[int, Committed] = OrderedDict()
+        self.restored: OrderedDict[int, Committed] = OrderedDict()  # results read back from records (results.py)
         self.recent: deque[RoundRow] = deque(store.recent_rounds(20), maxlen=20)
         # Rounds every member made: their first-to-last submission spread seeds the adaptive deadline after a restart.
         self.spreads.extend(row.duration_s for row in self.recent if row.close == CloseKind.ALL_SUBMITTED.value)

@@ -467,3 +467,22 @@ def test_a_snapshot_the_commit_cannot_finish_is_abandoned_and_the_round_still_co
         assert fresh.committed_rounds == held and fresh.fingerprint() == h.store.fingerprints(held - 1)[held - 1]
     finally:
         h.close()
+
+
+def test_a_result_read_back_from_its_record_is_read_once(tmp_path: Path, clock: Clock) -> None:
+    """After a restart every member collects the last round from its record: it is read (and hashed) once and then
+    served from memory — here its file is gone after the first read, and the next collects still get it."""
+    h = start(tmp_path, clock, every=100)
+    workers = members(h)
+    frames = round_(h, workers, 0)
+    crash(h)
+    h2 = restart(tmp_path, clock, h, every=100)
+    try:
+        first, _ = h2.core.collect(h2.ids["a"], 0, 0.0, False)
+        assert first.frames == frames
+        (tmp_path / "state" / "result-00000000.msgpack").unlink()
+        for name in ("a", "b"):
+            again, to_send = h2.core.collect(h2.ids[name], 0, 0.0, True)
+            assert again is first and to_send == [n for n in sorted(frames) if n != name]
+    finally:
+        h2.close()
