@@ -212,7 +212,12 @@ def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> 
         names = [f"n{i:03d}" for i in range(n)]
         specs = [NodeSpec(address, run_text, names=group, seed=i, distinct=s.distinct_updates, **identity)
                  for i, group in enumerate(split_names(names, s.load_procs))]
+        log.info("%s N=%d: starting %d simulated nodes in %d processes (each joins with its own key)", mode, n, n,
+                 len(specs))
+        joining = time.monotonic()
         with LoadGenerator(specs, s.start_timeout_s, s.round_timeout_s) as gen:
+            log.info("%s N=%d: every node joined in %.1f s; %d measured rounds after a warm-up round", mode, n,
+                     time.monotonic() - joining, s.rounds)
             stat["joined_rss"] = int(read_proc(proc.pid)["rss"])
             measured: list[list[NodeRound]] = []
             cpu: list[float] = []
@@ -229,6 +234,7 @@ def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> 
             after = read_proc(proc.pid)
             stat["hwm"], stat["threads"] = int(after["hwm"]), int(after["threads"])  # before the probe's download
             breakdown = rss_by_mapping(Path(f"/proc/{proc.pid}/smaps").read_text())
+        log.info("%s N=%d: measuring loopback throughput (%d concurrent state downloads)", mode, n, PROBE_STREAMS)
         loopback = _probe_throughput(address, identity, PROBE_STREAMS)
         return dataclasses.replace(summarise(mode, n, s, params, payload, measured, cpu, stat, loopback),
                                    rss_breakdown=breakdown)
