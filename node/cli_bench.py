@@ -280,6 +280,6 @@ def add_scale_parser(bsub: Any, recipe: Any) -> None:
                     help="aggregate mode's wire precision")
     sc.add_argument("--dht", action="store_true", help="serverless peers instead (node/bench/scale_dht.py)")
     sc.add_argument("--peers", type=positive_int, nargs="+", default=[8, 16, 32, 64], help="with --dht: peer counts")
-    sc.add_argument("--out", default="benchmarks/scale", help="scale.json, scale.md and the plots go here")
+    sc.add_argument("--out", default="out/bench-scale", help="scale.json, scale.md and the plots go here")
     sc.add_argument("--keep", action="store_true", help="keep the temporary state dirs (default: removed)")
     sc.set_defaults(func=cmd_bench_scale)
