@@ -224,9 +224,13 @@ class RoundEngine:
         if self._inflight is not None:
             self._inflight.future.cancel()
         self._inflight = None
-        self._worker.pending = None
+        if self._worker.cfg.recipe.overlap:
+            self._worker.pending = None  # the local model trained on past the frame's round: the frame is not kept
+        # (without overlap the frame is kept: the run may have taken it before it forgot us — the round is then ours,
+        # see _apply_observed — or the round may still be open, and it gets the same frame again)
         info = self.join()
-        self._sync_state(info.first_round)  # no _step_in: after a coordinator restart all rejoin
+        # no _step_in: after a coordinator restart all rejoin; no checkpoint restore: our state in memory is current
+        self._sync_state(info.first_round, restore=False)
 
     def leave(self) -> None:
         """An orderly exit: the exit checkpoint (when a round was applied) and Leave."""
@@ -338,11 +342,16 @@ class RoundEngine:
             listener(report)
 
     # -- state sync ----------------------------------------------------------------------------------
-    def _sync_state(self, first_round: int) -> bool:
+    def _sync_state(self, first_round: int, restore: bool = True) -> bool:
         """Bring θ_ref to the run's state before contributing to ``first_round``; True when that took the run's
-        state (this node enters a run under way)."""
+        state (this node enters a run under way). ``restore``: start from the workdir's checkpoint (a daemon
+        starting); False for a live node joining again, whose state in memory is newer than any checkpoint."""
         worker = self._worker
-        if self.files.restore(worker, self.config_hash):
+        if not restore and worker.reference.committed_rounds <= first_round:
+            if worker.reference.committed_rounds < first_round:
+                self._catch_up(until=first_round)
+            return False
+        if restore and self.files.restore(worker, self.config_hash):
             self.resumed = True
             c = worker.reference.committed_rounds
             # rounds from c on that the log holds (written before a kill, the checkpoint not yet) are applied again
@@ -393,13 +402,21 @@ class RoundEngine:
         if result.state_needed:
             self._adopt_state("catching up: round result gone")
             return True
-        if not worker.apply_observed(result, keep_local_progress=overlapped):
+        pending = worker.pending
+        if not overlapped and pending is not None and pending.round == c:
+            # we offered a frame for this round and lost the reply (a rejoin, a round sat out): the round is one we
+            # took part in or missed, as if the reply had come — error feedback commits what was sent or keeps it
+            applied = worker.apply(result)
+            ok, contributed = applied.committed, applied.contributed
+        else:
+            ok, contributed = worker.apply_observed(result, keep_local_progress=overlapped), False
+        if not ok:
             log.warning("[node=%s round=%d] could not apply the round while catching up (%s)", self.name, c,
                         result.reason or "not committed")
             return False
         fp = worker.fingerprint()
         self.files.log_round(observed_line(self.name, c, result, fp, overlapped,
-                                           robust_entry(self.name, worker.reference.last_report, c)))
+                                           robust_entry(self.name, worker.reference.last_report, c), contributed))
         if result.reference_fingerprint and fp != result.reference_fingerprint and worker.replica_consistent:
             self._adopt_state("fingerprint mismatch")
         return True

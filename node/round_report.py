@@ -90,10 +90,12 @@ def committed_line(node: str, report: RoundReport, result: RoundResult, reset: s
 
 
 def observed_line(node: str, c: int, result: RoundResult, fingerprint: str, overlapped: bool,
-                  robust: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``rounds.jsonl`` line of a round this node applied without contributing (and its log line)."""
-    log.info("[node=%s round=%d] applied without contributing (%s) fp=%s", node, c,
+                  robust: dict[str, Any] | None, contributed: bool = False) -> dict[str, Any]:
+    """The ``rounds.jsonl`` line of a round this node applied from its result alone, not from the reply to its own
+    exchange (and its log line). ``contributed``: its frame was in the round all the same (its reply was lost)."""
+    log.info("[node=%s round=%d] applied %s (%s) fp=%s", node, c,
+             "its own frame among the round's, the reply lost" if contributed else "without contributing",
              "observed while training the next round" if overlapped else "catching up", fingerprint)
-    return {"round": c, "members": list(result.members), "contributed": False, "fingerprint": fingerprint,
+    return {"round": c, "members": list(result.members), "contributed": contributed, "fingerprint": fingerprint,
             "coordinator_fingerprint": result.reference_fingerprint, "observed": True,
             **({"overlapped": True} if overlapped else {}), **({"robust": robust} if robust is not None else {})}

@@ -308,7 +308,8 @@ class Worker:
             return False
         if getattr(self.outer, "set_round_context", None) is not None:
             return False  # the faithful decoupled rule mixes in this worker's own Δ: there is none for this round
-        self.pending = None
+        if self.pending is not None and self.pending.round <= result.round:
+            self.pending = None  # a frame for this round (sat out) or an older one is not offered again
         before = self._snapshot() if keep_local_progress else None
         self.reference.step(aggregate, result.round)
         if before is None:

@@ -17,6 +17,9 @@ give it):
   reduces fewer frames than the others and its replica diverges (the fingerprint check must catch it).
 - ``FORGET``: the run no longer knows the node when it offers its frame (its lease expired while it was cut off):
   the exchange raises ``Rejoin``, as a coordinator's NOT_FOUND does, and the node joins again.
+- ``LOST_REPLY``: the frame reaches the round and the round commits with it, but the reply never reaches the node,
+  and by the time it asks again the run has forgotten it (a pause longer than its lease): the exchange raises
+  ``Rejoin`` after the round closed. The node must still count the round as one it took part in.
 - ``CRASH``: the node dies at this round before its frame leaves, as under ``kill -9``: ``NodeCrashed`` is raised
   and the plane is closed without leaving (a restarted daemon takes over from its workdir).
 - ``STALE_STATE``: the next state the node fetches after this round is the oldest state it offered (after its first
@@ -45,6 +48,7 @@ class Fault(str, enum.Enum):
     FORGET = "forget"
     CRASH = "crash"
     STALE_STATE = "stale_state"
+    LOST_REPLY = "lost_reply"
 
 
 class NodeCrashed(BaseException):
@@ -142,6 +146,9 @@ class FaultyPlane:
         self._stale = self._stale or Fault.STALE_STATE in faults
         if Fault.FORGET in faults:
             raise Rejoin(f"the run forgot {self.name} at round {sub.round} (injected)")
+        if Fault.LOST_REPLY in faults:
+            self.inner.exchange(sub, timeout_s)  # the round closes with our frame; its reply is lost
+            raise Rejoin(f"the run forgot {self.name} after round {sub.round} took its frame (injected)")
         if Fault.CORRUPT in faults:
             sub = dataclasses.replace(sub, frame=flip_byte(sub.frame, self.schedule.rng))
         if Fault.DROP in faults:

@@ -145,6 +145,26 @@ def test_a_node_the_run_forgot_joins_again_and_goes_on(tmp_path: Path, caplog: p
         assert cl.applied("c")[5]["contributed"]
 
 
+def test_a_node_whose_frame_made_the_round_but_whose_reply_was_lost_counts_the_round_as_its_own(
+        tmp_path: Path) -> None:
+    """b's round-2 frame is in the round, the reply is lost and the run forgets b meanwhile: b joins again, learns
+    the round's result and applies it as a round it took part in (its error feedback takes what was sent), never as
+    one it only observed — so the run goes exactly as the same run without the fault, round by round."""
+    fingerprints = {}
+    for label, schedule in (("clean", FaultSchedule()), ("lost", FaultSchedule().fail_at("b", 2, Fault.LOST_REPLY))):
+        with LocalCluster(tmp_path / label, run_config("sign", rounds=6), schedule, min_nodes=3) as cl:
+            cl.start_together(NAMES)
+            assert all(o == {"code": 0} for o in cl.wait_all().values())
+            assert not schedule.pending
+            check_consistent(cl)
+            b2 = cl.applied("b")[2]
+            assert b2["contributed"] and "b" in b2["members"], b2
+            rounds = [e["round"] for e in cl.log("b") if "round" in e]
+            assert rounds == list(range(6)), rounds  # each round once, in order
+            fingerprints[label] = [cl.applied("a")[r]["fingerprint"] for r in range(6)]
+    assert fingerprints["lost"] == fingerprints["clean"]
+
+
 def test_frames_a_restarted_run_lost_are_offered_again(tmp_path: Path) -> None:
     """The coordinator restarts while a round is open: it no longer holds the frames it had; the nodes waiting for
     the round submit theirs again, and the round commits once, with every member."""
