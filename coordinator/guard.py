@@ -32,6 +32,7 @@ from cryptography import x509
 
 from coordinator.bounds import NODE_ID_RE, RateLimited, ReplayCache, printable
 from coordinator.errors import Busy, Cancelled, CoordinatorError, Invalid, Unauthorized, UnknownNode
+from coordinator.upload_gate import UploadGate
 from coordinator.watchdog import Watch, Watchdog
 from node.certs import NODE_KEY_URI  # a node certificate's URI SAN: the node key it speaks for
 from node.identity import key_id, verify
@@ -58,10 +59,21 @@ class ServerLimits:
     collect_wait_s: float = 60.0
     min_stream_bps: float = 1e6
     skew_s: float = 60.0
+    upload_bytes: int = 32 << 20  # frames read and validated at once (coordinator/upload_gate.py); 0: no bound
+    min_upload_slots: int = 4
+    upload_wait_s: float = 30.0
 
     def workers(self, max_nodes: int) -> int:
         """Server threads (and gRPC's maximum_concurrent_rpcs): every bound can be full at once."""
         return max_nodes * self.per_member_rpcs + self.anonymous_rpcs + self.prejoin_downloads + HEALTH_RPCS
+
+    def upload_slots(self, frame_limit: int) -> int | None:
+        """How many uploads at once for frames of at most ``frame_limit`` bytes (None: no bound): ``upload_bytes``
+        of frames, at least ``min_upload_slots`` (a large model's frames would otherwise go one at a time, and on
+        slow links a round's uploads would queue behind each other)."""
+        if self.upload_bytes <= 0:
+            return None
+        return max(self.min_upload_slots, self.upload_bytes // max(1, frame_limit))
 
 
 def peer_host(peer: str) -> str:
@@ -146,6 +158,8 @@ class _Call:
         self.node_id = ""
         self.public_key: bytes | None = None  # the signer of a FetchState before Join
         self.submit_head: tuple[int, int] | None = None
+        self.upload_slot: UploadGate | None = None  # the gate whose slot this upload holds
+        self.ended = threading.Event()  # the call ended (a wait for an upload slot stops)
         self._released = False
         self._lock = threading.Lock()
 
@@ -154,8 +168,13 @@ class _Call:
             if self._released:
                 return
             self._released = True
+        self.ended.set()
         for counter, key in self.slots:
             counter.give(key)
+        if self.upload_slot is not None:
+            self.upload_slot.leave(self.node_id)
+        elif self.guard.uploads is not None:
+            self.guard.uploads.wake()  # it may be waiting for a slot
         if self.watch is not None:
             self.watch.done()
 
@@ -165,8 +184,9 @@ class RpcGuard(grpc.ServerInterceptor):
     are required and must name the member's key. ``wall``: unix time, for the timestamp window."""
 
     def __init__(self, member_key: Callable[[str], bytes | None], limits: ServerLimits, watchdog: Watchdog, *,
-                 mtls: bool = False, wall: Callable[[], float] = time.time) -> None:
+                 mtls: bool = False, wall: Callable[[], float] = time.time, uploads: UploadGate | None = None) -> None:
         self.member_key, self.limits, self.watchdog, self.mtls, self.wall = member_key, limits, watchdog, mtls, wall
+        self.uploads = uploads  # admission control of uploads (coordinator/upload_gate.py); None: every one at once
         self.by_peer, self.by_member, self.anonymous, self.health = _Counter(), _Counter(), _Counter(), _Counter()
         self.replays: OrderedDict[str, ReplayCache] = OrderedDict()
         self._replay_lock = threading.Lock()
@@ -213,9 +233,32 @@ class RpcGuard(grpc.ServerInterceptor):
 
     def _stream_unary(self, method: str, md: dict[str, Any], handler: Any) -> Callable[[Iterator[bytes], Any], Any]:
         def behavior(raws: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-            call = self._admit(method, md, context, None, None)
+            gate = self.uploads if method == SUBMIT else None
+            wait_s = gate.wait_s if gate is not None else 0.0
+            call = self._admit(method, md, context, None, None, self.limits.idle_stream_s + wait_s)
+            if gate is not None:
+                self._enter_upload(gate, call, context)
             return handler.stream_unary(self._chunks(call, raws, handler.request_deserializer), context)
         return behavior
+
+    def _enter_upload(self, gate: UploadGate, call: _Call, context: grpc.ServicerContext) -> None:
+        """Hold one of the gate's slots before the upload's first chunk is read, or refuse the call."""
+        if not gate.enter(call.node_id, call.ended):
+            self.warn.info("uploads-full", "an upload waited %.0f s for one of %d upload slots: refused, to be retried",
+                           gate.wait_s, gate.slots)
+            context.set_trailing_metadata(tuple(RETRY_MD.items()))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"every one of the coordinator's {gate.slots} upload slots stayed taken for "
+                          f"{gate.wait_s:.0f} s: try again shortly")
+        with call._lock:
+            released = call._released
+            if not released:
+                call.upload_slot = gate
+        if released:  # the call ended as it got the slot: give it back
+            gate.leave(call.node_id)
+            return
+        assert call.watch is not None
+        call.watch.restart(self.limits.idle_stream_s)  # the wait was not the sender's: its clocks start now
 
     def _chunks(self, call: _Call, raws: Iterator[bytes], deserialize: Callable[[bytes], Any]) -> Iterator[Any]:
         first = True

@@ -32,6 +32,7 @@ from coordinator.servicer import CoordinatorServicer, status_response
 from coordinator.startup import (ServerTls, StateDirLock, check_exposure, check_http_exposure, check_port_free,
                                  ensure_join_token, pick_port, remember_port, return_freed_memory_to_the_system)
 from coordinator.store import Disk, Store
+from coordinator.upload_gate import UploadGate
 from coordinator.watchdog import Watchdog
 from coordinator.web import Dashboard, WebServer, bind_socket, url
 from node.clock import SYSTEM_CLOCK, Clock
@@ -95,8 +96,10 @@ class CoordinatorServer:
             except (OSError, sqlite3.Error) as exc:
                 raise StartupError(f"cannot use state dir {self.state_dir}: {exc}") from None
             self.watchdog = Watchdog(watchdog_clock, start=start_watchdog)
+            slots = self.limits.upload_slots(self.core.limit)
+            self.uploads = UploadGate(slots, self.limits.upload_wait_s) if slots is not None else None
             self.guard = RpcGuard(self.core.member_key, self.limits, self.watchdog,
-                                  mtls=tls is not None and tls.client_ca is not None)
+                                  mtls=tls is not None and tls.client_ca is not None, uploads=self.uploads)
             workers = self.limits.workers(cfg.membership.max_nodes)
             self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[self.guard],
                                       maximum_concurrent_rpcs=workers,

@@ -30,6 +30,11 @@ class Watch:
         self.moved = 0
         self.fired = ""  # why it was cancelled ("" while it was not)
 
+    def restart(self, first_s: float) -> None:
+        """Start the clocks again now (a call that waited for a slot before it could move anything)."""
+        now = self.dog.clock.now()
+        self.started, self.first_due, self.idle_due, self.moved = now, now + first_s, None, 0
+
     def progress(self, nbytes: int = 0) -> None:
         """A message went through (``nbytes`` of payload)."""
         self.moved += nbytes

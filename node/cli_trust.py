@@ -27,6 +27,10 @@ def add_coordinator_args(co: argparse.ArgumentParser) -> None:
                     "that have not joined yet, in all")
     co.add_argument("--idle-stream-s", type=float, default=30.0, help="cancel an upload or download that moves "
                     "nothing this many seconds")
+    co.add_argument("--upload-memory-mib", type=float, default=32.0, help="frames read and validated at once, in "
+                    "MiB (at least 4 uploads; each costs about five times its frame while it arrives and is checked): "
+                    "uploads beyond it wait for a slot, so the coordinator's memory does not grow with the number of "
+                    "members; 0: no bound")
     co.add_argument("--forget-name", action="append", default=[], metavar="NAME",
                     help="free NAME before serving (repeatable): a name is bound to the first key that joined under "
                          "it, for the whole run; free it for a node that lost its key file (an evicted key stays "
@@ -46,7 +50,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     try:
         limits = ServerLimits(per_member_rpcs=args.max_rpcs_per_node, per_peer_rpcs=args.max_rpcs_per_address,
                               anonymous_rpcs=args.max_rpcs_before_join, idle_stream_s=args.idle_stream_s,
-                              prejoin_downloads=args.max_downloads_before_join)
+                              prejoin_downloads=args.max_downloads_before_join,
+                              upload_bytes=int(args.upload_memory_mib * (1 << 20)))
         return serve(args.listen, args.state_dir, args.run, limits=limits, insecure=args.insecure,
                      tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca),
                      join_token=args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""),

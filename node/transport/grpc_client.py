@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 retries = RateLimited(log)  # one line per kind of failed call per 10 s while the coordinator is away
 PROTOCOL_VERSION = 3  # coordinator/core.py's; what changed with each: proto/lowband/v1/coordinator.proto
 CHUNK = 1 << 20
+UPLOAD_SLOT_WAIT_S = 30.0  # the longest a coordinator lets an upload wait for a slot (coordinator/upload_gate.py)
 RESULT_DOWNLOAD_MAX_S = 3600.0  # a round's result that takes longer than this to download is given up on
 MIN_UPLOAD_BPS = 2e6  # the slowest uplink an upload's deadline allows for (the `bad` link profile's rate)
 PROGRESS_FROM = 4 << 20  # a state download this large or larger shows its progress
@@ -301,7 +302,7 @@ class GrpcTransport:
     def _upload_timeout(self, remaining: int) -> float:
         """An upload's deadline grows with what is left to send, at the slowest rate a link is expected to keep
         up (``MIN_UPLOAD_BPS``): a fixed deadline would cut every large payload on a slow uplink at the same byte."""
-        return self.rpc_timeout_s + remaining * 8 / MIN_UPLOAD_BPS
+        return self.rpc_timeout_s + UPLOAD_SLOT_WAIT_S + remaining * 8 / MIN_UPLOAD_BPS
 
     def submit(self, round_: int, payload: bytes, loss: float = float("nan")) -> str:
         """Upload with resume. Returns "accepted", "late" (round closed) or "rejected: <why>"."""

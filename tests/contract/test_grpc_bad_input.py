@@ -311,7 +311,8 @@ def test_an_upload_cut_by_its_own_deadline_goes_on_where_it_left_off(run: Run,
     finally:
         t.close()
     (start0, deadline0), (start1, _), *more = cut.attempts
-    assert start0 == 0 and deadline0 == pytest.approx(RPC_S + len(frame) * 8 / grpc_client.MIN_UPLOAD_BPS)
+    assert start0 == 0 and deadline0 == pytest.approx(RPC_S + grpc_client.UPLOAD_SLOT_WAIT_S
+                                                     + len(frame) * 8 / grpc_client.MIN_UPLOAD_BPS)
     # the retry began at the 4th chunk; the coordinator held 2, named that offset, and the upload went on from it
     assert (start1, [m[0] for m in more]) == (3 * 4096, [2 * 4096]), cut.attempts
     run.honest_round({"a": frame})

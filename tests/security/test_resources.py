@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import grpc
@@ -266,3 +267,61 @@ def test_a_node_retries_a_passing_bound_but_not_a_full_run(trial: Callable[..., 
             node.join()
     finally:
         node.close()
+
+
+def test_uploads_beyond_the_gate_wait_for_a_slot_and_a_slot_holder_that_sends_nothing_loses_it(
+        trial: Callable[..., Trial]) -> None:
+    """One upload slot (coordinator/upload_gate.py): a member that opens an upload and sends nothing holds it, an
+    honest upload waits for it — reading nothing meanwhile — and goes through once the server's deadline cancels the
+    idle one; a round then commits as usual."""
+    clock = ManualClock()
+    t = trial(watchdog_clock=clock, start_watchdog=False,
+              limits=ServerLimits(idle_stream_s=30.0, upload_bytes=1, min_upload_slots=1, upload_wait_s=WAIT_S))
+    gate = t.server.uploads
+    assert gate is not None and gate.slots == 1
+    a, b = t.join("a"), t.join("b")
+    r = t.core.open_round
+    idle = Idle()
+    held = t.stub().Submit.future(iter(idle), metadata=signed_metadata(
+        b.transport.key, b.transport.node_id, "Submit", submit=(r, 10)), timeout=120)
+    try:
+        assert gate.wait_until(lambda: gate.in_use == 1, WAIT_S)
+        with ThreadPoolExecutor(1) as pool:
+            honest = pool.submit(a.transport.submit, r, t.frame("a", r), 2.0)
+            assert gate.wait_until(lambda: gate.waiting == 1, WAIT_S)
+            assert not honest.done() and a.transport.node_id not in t.core.submitted
+            clock.advance(31.0)  # b's idle upload outlives its deadline: cancelled, its slot freed
+            assert [w.fired for w in t.server.watchdog.check() if "Submit" in w.what] == ["nothing moved in 31 s"]
+            assert held.exception(timeout=WAIT_S).code() == grpc.StatusCode.CANCELLED
+            assert honest.result(WAIT_S) == "accepted"
+        assert gate.waited == 1
+        assert t.members["b"].transport.submit(r, t.frame("b", r), loss=2.0) == "accepted"
+        for m in (a, b):
+            res = m.transport.collect(r, 30, submitted=True, own=t.frame(m.name, r), own_name=m.name)
+            assert res.committed and res.members == ("a", "b") and m.worker.apply(res).committed
+    finally:
+        idle.release()
+        held.cancel()
+
+
+def test_an_upload_that_waits_too_long_for_a_slot_is_refused_with_the_retry_hint(trial: Callable[..., Trial]) -> None:
+    t = trial(limits=ServerLimits(upload_bytes=1, min_upload_slots=1, upload_wait_s=0.3))
+    a, b = t.join("a"), t.join("b")
+    r = t.core.open_round
+    idle = Idle()
+    held = t.stub().Submit.future(iter(idle), metadata=signed_metadata(
+        b.transport.key, b.transport.node_id, "Submit", submit=(r, 10)), timeout=120)
+    try:
+        gate = t.server.uploads
+        assert gate is not None and gate.wait_until(lambda: gate.in_use == 1, WAIT_S)
+        frame = t.frame("a", r)
+        md = signed_metadata(a.transport.key, a.transport.node_id, "Submit", submit=(r, len(frame)))
+        chunk = pb.SubmitChunk(node_id=a.transport.node_id, round=r, offset=0, total_size=len(frame), data=frame)
+        err = rpc_error(t.stub().Submit, iter([chunk]), metadata=md)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.details() == "every one of the coordinator's 1 upload slots stayed taken for 0 s: try again shortly"
+        assert dict(err.trailing_metadata())["lowband-retry"] == "1"  # a passing bound: the node retries
+        assert gate.in_use == 1 and gate.waiting == 0
+    finally:
+        idle.release()
+        held.cancel()
