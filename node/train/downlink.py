@@ -21,6 +21,7 @@ replays a round from its frames computes the same Q and the same residual (docs/
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -44,15 +45,22 @@ def compress_with_feedback(codec: Codec, names: Sequence[str], aggregate: Sequen
     encoded: dict[str, Encoded] = {}
     decoded: list[torch.Tensor] = []
     for name, a, e in zip(names, aggregate, residual, strict=True):
-        target = a.to(e.device, torch.float32) + e  # A + e, (shape) fp32
-        enc = codec.encode(codec.fit(target))
-        dec = codec.decode(enc, tuple(target.shape))  # D(Q), (shape) fp32
-        e.copy_(target - dec)  # not in place: a dense codec's buffers and D(Q) may share target's storage
-        if not bool(torch.isfinite(e).all()):
+        # in place, one dense allocation per tensor (D(Q)): at 300M parameters every extra temporary is 1.2 GB of
+        # fresh pages, and first-touching them cost more than the arithmetic (BENCHMARKS.md, the commit path)
+        e.add_(a.to(e.device, torch.float32))  # e ← A + e, the target, (shape) fp32 (fp32 addition commutes exactly)
+        enc = codec.encode(codec.fit(e))
+        enc = {k: v.clone() if _shares_storage(v, e) else v for k, v in enc.items()}  # a dense codec's Q may be e
+        dec = codec.decode(enc, tuple(e.shape))  # D(Q), (shape) fp32
+        e.sub_(dec)  # e ← (A + e) − D(Q)
+        if not math.isfinite(float(e.sum(dtype=torch.float64))):  # one pass, no mask: a NaN or ±inf propagates
             raise FloatingPointError(f"downlink residual of {name!r} is not finite")
         encoded[name] = enc
         decoded.append(dec)
     return encoded, decoded
+
+
+def _shares_storage(t: torch.Tensor, other: torch.Tensor) -> bool:
+    return t.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
 
 
 def aggregate_codec(name: str, run_codec: Codec) -> Codec:
