@@ -160,6 +160,7 @@ class _Call:
         self.submit_head: tuple[int, int] | None = None
         self.upload_slot: UploadGate | None = None  # the gate whose slot this upload holds
         self.ended = threading.Event()  # the call ended (a wait for an upload slot stops)
+        self.wake = threading.Event()  # set when the upload gate grants this call a slot, or when the call ends
         self._released = False
         self._lock = threading.Lock()
 
@@ -169,12 +170,11 @@ class _Call:
                 return
             self._released = True
         self.ended.set()
+        self.wake.set()  # a wait for an upload slot ends now
         for counter, key in self.slots:
             counter.give(key)
         if self.upload_slot is not None:
             self.upload_slot.leave(self.node_id)
-        elif self.guard.uploads is not None:
-            self.guard.uploads.wake()  # it may be waiting for a slot
         if self.watch is not None:
             self.watch.done()
 
@@ -243,7 +243,7 @@ class RpcGuard(grpc.ServerInterceptor):
 
     def _enter_upload(self, gate: UploadGate, call: _Call, context: grpc.ServicerContext) -> None:
         """Hold one of the gate's slots before the upload's first chunk is read, or refuse the call."""
-        if not gate.enter(call.node_id, call.ended):
+        if not gate.enter(call.node_id, call.wake, call.ended.is_set):
             self.warn.info("uploads-full", "an upload waited %.0f s for one of %d upload slots: refused, to be retried",
                            gate.wait_s, gate.slots)
             context.set_trailing_metadata(tuple(RETRY_MD.items()))

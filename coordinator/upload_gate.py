@@ -21,71 +21,87 @@ from typing import Callable
 from node.clock import SYSTEM_CLOCK, Clock
 
 
+class _Ticket:
+    """One call waiting at the gate: ``wake`` is set when it is granted a slot (or by its call's end)."""
+
+    __slots__ = ("node_id", "wake", "granted")
+
+    def __init__(self, node_id: str, wake: threading.Event) -> None:
+        self.node_id, self.wake, self.granted = node_id, wake, False
+
+
 class UploadGate:
-    """``slots`` uploads at once (≥ 1); ``enter`` waits at most ``wait_s`` seconds of ``clock`` for one."""
+    """``slots`` uploads at once (≥ 1); ``enter`` waits at most ``wait_s`` seconds of ``clock`` for one. A slot that
+    comes free wakes only the call it goes to (a round of N uploads costs O(N) wake-ups, not O(N²))."""
 
     def __init__(self, slots: int, wait_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
         if slots < 1:
             raise ValueError(f"an upload gate needs at least one slot, got {slots}")
         self.slots, self.wait_s, self.clock = slots, wait_s, clock
         self._holders: set[str] = set()
-        self._queue: deque[tuple[object, str]] = deque()  # waiting tickets, first come first served
-        self._cond = threading.Condition()
+        self._queue: deque[_Ticket] = deque()  # waiting calls, first come first served
+        self._lock = threading.RLock()  # re-entrant: ``wait_until``'s predicate reads the properties
+        self._changed = threading.Condition(self._lock)  # tests wait on it (``wait_until``)
         self.waited = 0  # uploads that had to wait for a slot (metrics, tests)
         self.peak_waiting = 0
 
     @property
     def in_use(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._holders)
 
     @property
     def waiting(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._queue)
 
-    def enter(self, node_id: str, gone: threading.Event) -> bool:
+    def enter(self, node_id: str, wake: threading.Event, gone: Callable[[], bool]) -> bool:
         """Take a slot for ``node_id``'s upload: True once held (``leave`` must follow); False when none came free
-        within ``wait_s`` or ``gone`` was set (the call ended) — the caller refuses the upload."""
-        ticket = (object(), node_id)
+        within ``wait_s`` or ``gone()`` (the call ended; its end must set ``wake``) — the caller refuses the upload.
+        ``wake``: this call's own event (the gate sets it when it grants the slot)."""
+        ticket = _Ticket(node_id, wake)
         until = self.clock.now() + self.wait_s
-        with self._cond:
+        waited = False
+        with self._lock:
             self._queue.append(ticket)
-            self._cond.notify_all()
-            waited = False
-            try:
-                while not gone.is_set():
-                    if len(self._holders) < self.slots and self._next_in_line() is ticket:
-                        self._holders.add(node_id)
-                        self.waited += waited
-                        return True
-                    left = until - self.clock.now()
-                    if left <= 0:
-                        return False
-                    waited = True
-                    self.peak_waiting = max(self.peak_waiting, len(self._queue))
-                    self._cond.wait(min(left, 1.0))  # woken by leave/wake; the bound re-reads the clock
-                return False
-            finally:
-                self._queue.remove(ticket)
-                self._cond.notify_all()
+            self._grant()
+            if not ticket.granted:
+                self.peak_waiting = max(self.peak_waiting, len(self._queue))
+            self._changed.notify_all()
+        while True:
+            with self._lock:
+                if ticket.granted:
+                    self.waited += waited
+                    return True
+                if gone() or self.clock.now() >= until:
+                    self._queue.remove(ticket)
+                    self._changed.notify_all()
+                    return False
+                wake.clear()  # under the lock: a grant sets it under the lock too, so none is lost
+            if gone():  # the call ended between the check and the clear: its wake may be cleared
+                continue
+            waited = True
+            wake.wait(max(0.0, min(until - self.clock.now(), 1.0)))  # 1 s: the bound re-reads the clock
 
-    def _next_in_line(self) -> tuple[object, str] | None:
-        """The first waiting ticket whose member holds no slot (one that does waits for its own upload to end)."""
-        return next((t for t in self._queue if t[1] not in self._holders), None)
+    def _grant(self) -> None:
+        """Give free slots to the first waiting calls whose member holds none (holding the lock)."""
+        while len(self._holders) < self.slots:
+            ticket = next((t for t in self._queue if t.node_id not in self._holders), None)
+            if ticket is None:
+                return
+            self._queue.remove(ticket)
+            self._holders.add(ticket.node_id)
+            ticket.granted = True
+            ticket.wake.set()
 
     def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         """Block until ``predicate()`` (read under the gate's lock) holds or ``timeout_s`` passes (tests: "N calls
         wait now")."""
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout_s)
+        with self._changed:
+            return self._changed.wait_for(predicate, timeout_s)
 
     def leave(self, node_id: str) -> None:
-        with self._cond:
+        with self._lock:
             self._holders.discard(node_id)
-            self._cond.notify_all()
-
-    def wake(self) -> None:
-        """A waiting call ended (its ``gone`` event is set): let it see that now."""
-        with self._cond:
-            self._cond.notify_all()
+            self._grant()
+            self._changed.notify_all()

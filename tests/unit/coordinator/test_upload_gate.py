@@ -12,6 +12,22 @@ from coordinator.upload_gate import UploadGate
 WAIT_S = 20.0
 
 
+class Call:
+    """A call at the gate, as the guard makes one: its wake-up event, set by a grant or by the call's end."""
+
+    def __init__(self) -> None:
+        self.ended, self.wake = threading.Event(), threading.Event()
+
+    def end(self) -> None:
+        self.ended.set()
+        self.wake.set()
+
+
+def enter(gate: UploadGate, name: str, call: Call | None = None) -> bool:
+    call = call or Call()
+    return gate.enter(name, call.wake, call.ended.is_set)
+
+
 def waiting(gate: UploadGate, n: int) -> None:
     """Block until ``n`` calls wait at the gate."""
     assert gate.wait_until(lambda: gate.waiting == n, WAIT_S), (gate.waiting, n)
@@ -19,13 +35,12 @@ def waiting(gate: UploadGate, n: int) -> None:
 
 def test_at_most_slots_uploads_hold_the_gate_and_the_rest_go_in_arrival_order() -> None:
     gate = UploadGate(2, wait_s=WAIT_S)
-    never = threading.Event()
-    assert gate.enter("a", never) and gate.enter("b", never)
+    assert enter(gate, "a") and enter(gate, "b")
     order: list[str] = []
     with ThreadPoolExecutor(3) as pool:
         futures: list[Future[bool]] = []
         for i, name in enumerate(("c", "d", "e")):
-            futures.append(pool.submit(lambda n=name: gate.enter(n, never) and not order.append(n)))
+            futures.append(pool.submit(lambda n=name: enter(gate, n) and not order.append(n)))
             waiting(gate, i + 1)
         assert gate.in_use == 2 and not any(f.done() for f in futures)
         gate.leave("a")
@@ -40,12 +55,11 @@ def test_at_most_slots_uploads_hold_the_gate_and_the_rest_go_in_arrival_order() 
 
 def test_a_member_holds_one_slot_its_second_upload_waits_and_lets_others_past() -> None:
     gate = UploadGate(2, wait_s=WAIT_S)
-    never = threading.Event()
-    assert gate.enter("a", never)
+    assert enter(gate, "a")
     with ThreadPoolExecutor(1) as pool:
-        second = pool.submit(gate.enter, "a", never)
+        second = pool.submit(enter, gate, "a")
         waiting(gate, 1)
-        assert gate.enter("b", never)  # a free slot, and the head of the line is a's own second upload: b goes past
+        assert enter(gate, "b")  # a free slot, and the head of the line is a's own second upload: b goes past
         assert not second.done()
         gate.leave("b")
         assert not second.done()  # still a's first upload
@@ -55,17 +69,15 @@ def test_a_member_holds_one_slot_its_second_upload_waits_and_lets_others_past() 
 
 def test_a_wait_is_bounded_and_a_call_that_ended_stops_waiting() -> None:
     gate = UploadGate(1, wait_s=0.2)
-    never = threading.Event()
-    assert gate.enter("a", never)
-    assert not gate.enter("b", never)  # no slot came free within wait_s
+    assert enter(gate, "a")
+    assert not enter(gate, "b")  # no slot came free within wait_s
     long_gate = UploadGate(1, wait_s=WAIT_S)
-    assert long_gate.enter("a", never)
-    gone = threading.Event()
+    assert enter(long_gate, "a")
+    call = Call()
     with ThreadPoolExecutor(1) as pool:
-        f = pool.submit(long_gate.enter, "b", gone)
+        f = pool.submit(enter, long_gate, "b", call)
         waiting(long_gate, 1)
-        gone.set()
-        long_gate.wake()
+        call.end()
         assert f.result(WAIT_S) is False
     assert long_gate.waiting == 0 and long_gate.in_use == 1
 
