@@ -270,11 +270,12 @@ class RpcGuard(grpc.ServerInterceptor):
             except grpc.RpcError:  # the client went away, or the watchdog cancelled the call
                 why = call.watch.fired if call.watch is not None else ""
                 raise Cancelled(f"upload stream ended: {why or 'cancelled by the client'}") from None
-            call.watch.progress(len(raw))  # type: ignore[union-attr]
             try:
                 chunk = deserialize(raw)
             except Exception:  # noqa: BLE001 — protobuf raises DecodeError (or worse) on hostile bytes
                 raise Invalid("an upload chunk is not a valid SubmitChunk message") from None
+            # progress is the frame's bytes, not the wire's: padding (unknown fields) or empty chunks buy no time
+            call.watch.progress(len(chunk.data))  # type: ignore[union-attr]
             if chunk.node_id != call.node_id:
                 raise Unauthorized("every chunk of an upload must name the node id its call was signed for")
             if first and call.submit_head is not None and (chunk.round, chunk.total_size) != call.submit_head:
@@ -287,8 +288,9 @@ class RpcGuard(grpc.ServerInterceptor):
     def _admit(self, method: str, md: dict[str, Any], context: grpc.ServicerContext, raw: bytes | None,
                total_s: float | None, first_s: float | None = None) -> _Call:
         call = _Call(self)
-        if not context.add_callback(call.release):  # it ended already
+        if not context.add_callback(call.release):  # it ended already: take nothing (no callback would give it back)
             call.release()
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended before it was served")
         try:
             self._take(call, method, md, context, raw)
         except CoordinatorError as exc:
