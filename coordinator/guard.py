@@ -156,6 +156,7 @@ class _Call:
         self.slots: list[tuple[_Counter, str]] = []
         self.watch: Watch | None = None
         self.node_id = ""
+        self.member = ""  # a member's registered key (hex): the upload gate's unit — every session of the member
         self.public_key: bytes | None = None  # the signer of a FetchState before Join
         self.submit_head: tuple[int, int] | None = None
         self.upload_slot: UploadGate | None = None  # the gate whose slot this upload holds
@@ -172,7 +173,7 @@ class _Call:
         for counter, key in self.slots:
             counter.give(key)
         if self.upload_slot is not None:
-            self.upload_slot.leave(self.node_id)
+            self.upload_slot.leave(self.member)
         elif self.guard.uploads is not None:
             self.guard.uploads.wake()  # it may be waiting for a slot
         if self.watch is not None:
@@ -243,7 +244,7 @@ class RpcGuard(grpc.ServerInterceptor):
 
     def _enter_upload(self, gate: UploadGate, call: _Call, context: grpc.ServicerContext) -> None:
         """Hold one of the gate's slots before the upload's first chunk is read, or refuse the call."""
-        if not gate.enter(call.node_id, call.ended):
+        if not gate.enter(call.member, call.ended):
             self.warn.info("uploads-full", "an upload waited %.0f s for one of %d upload slots: refused, to be retried",
                            gate.wait_s, gate.slots)
             context.set_trailing_metadata(tuple(RETRY_MD.items()))
@@ -255,7 +256,7 @@ class RpcGuard(grpc.ServerInterceptor):
             if not released:
                 call.upload_slot = gate
         if released:  # the call ended as it got the slot: give it back
-            gate.leave(call.node_id)
+            gate.leave(call.member)
             return
         assert call.watch is not None
         call.watch.restart(self.limits.idle_stream_s)  # the wait was not the sender's: its clocks start now
@@ -325,7 +326,7 @@ class RpcGuard(grpc.ServerInterceptor):
                 raise Busy(f"node {key_id(public)} already has {lim.per_member_rpcs} calls in progress (the limit)",
                            RETRY_MD)
             call.slots.append((self.by_member, node_id))
-            call.node_id = node_id
+            call.node_id, call.member = node_id, public.hex()
             return
         if method == FETCH_STATE:  # a download before Join: long on a slow link, so a budget of its own
             call.public_key = self._verify(call, method, md, context, raw, "", member=False)
