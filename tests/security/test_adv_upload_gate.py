@@ -186,3 +186,38 @@ def test_a_call_cancelled_before_its_handler_ran_gives_back_the_bounds_it_takes(
     served.clear()
     handler.unary_unary(b"", _LiveContext("ipv4:198.51.100.7:5000"))  # another node, from another address
     assert served == [b""]
+
+
+def test_a_member_joining_again_cannot_hold_more_server_threads_than_its_bound(trial: Callable[..., Trial]) -> None:
+    """``per_member_rpcs`` (4) is counted per node id too: a member that joins again under its own name and key gets a
+    fresh node id — and a fresh 4 — while the calls of its replaced sessions go on. An upload that waits for a slot
+    or sends nothing holds a server thread (up to idle_stream_s + upload_wait_s), and the server has exactly
+    ``workers(max_nodes)`` threads, gRPC refusing calls beyond them: 11 sessions × 4 idle uploads take all 44, and
+    an honest member's Heartbeat is refused."""
+    clock = ManualClock()
+    limits = ServerLimits(upload_wait_s=600.0)  # nothing ends by itself while the test looks
+    t = trial(watchdog_clock=clock, start_watchdog=False, limits=limits, membership={"max_nodes": 4})
+    workers = limits.workers(4)
+    assert workers == 44 and limits.per_peer_rpcs >= workers
+    a, m = t.join("a"), t.join("m")
+    r = t.core.open_round
+    idle, held = Idle(), []
+    try:
+        session = m
+        for i in range(workers // limits.per_member_rpcs):
+            if i:
+                session = t.join("m", key=m.transport.key)  # the member itself, "restarted": a fresh node id
+            for _ in range(limits.per_member_rpcs):
+                held.append(t.stub().Submit.future(iter(idle), metadata=signed_metadata(
+                    m.transport.key, session.transport.node_id, "Submit", submit=(r, 10)), timeout=120))
+            assert t.server.watchdog.wait_for(lambda n: n == len(held), WAIT_S)
+        outcome = "ok"
+        try:
+            a.transport.stub.Heartbeat(pb.HeartbeatRequest(node_id=a.transport.node_id), timeout=RPC_S)
+        except grpc.RpcError as exc:
+            outcome = f"{exc.code().name}: {exc.details()}"
+        assert outcome == "ok", f"member m holds {len(held)} calls (bound {limits.per_member_rpcs}): {outcome}"
+    finally:
+        idle.release()
+        for c in held:
+            c.cancel()
