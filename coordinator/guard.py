@@ -322,10 +322,11 @@ class RpcGuard(grpc.ServerInterceptor):
         node_id = str(md.get(MD_NODE, ""))
         if method in MEMBER_METHODS or (method == FETCH_STATE and node_id):
             public = self._verify(call, method, md, context, raw, node_id, member=True)
-            if not self.by_member.take(node_id, lim.per_member_rpcs):
+            # counted per member key, not per session: a member joining again gets a fresh node id, not a fresh bound
+            if not self.by_member.take(public.hex(), lim.per_member_rpcs):
                 raise Busy(f"node {key_id(public)} already has {lim.per_member_rpcs} calls in progress (the limit)",
                            RETRY_MD)
-            call.slots.append((self.by_member, node_id))
+            call.slots.append((self.by_member, public.hex()))
             call.node_id, call.member = node_id, public.hex()
             return
         if method == FETCH_STATE:  # a download before Join: long on a slow link, so a budget of its own
