@@ -2,7 +2,7 @@
 server-side deadline. A gRPC server interceptor (``RpcGuard``) wraps every method's handler:
 
 1. **Bounds.** At most ``per_peer_rpcs`` calls at once from one IP address; at most ``per_member_rpcs`` per member
-   (node id), ``anonymous_rpcs`` in all for calls made before Join (GetRun, Join, Status) and ``prejoin_downloads``
+   (its key: every session of it), ``anonymous_rpcs`` in all for calls made before Join (GetRun, Join, Status) and ``prejoin_downloads``
    state downloads before Join; health checks have their own few. Beyond them: RESOURCE_EXHAUSTED naming the
    bound, at once, with trailing metadata ``lowband-retry`` (the client retries; "the run is full" has none).
 2. **Identity.** A member's call (Heartbeat, Leave, Submit, Collect, FetchState with a node id) must carry metadata
