@@ -2,9 +2,10 @@
 server-side deadline. A gRPC server interceptor (``RpcGuard``) wraps every method's handler:
 
 1. **Bounds.** At most ``per_peer_rpcs`` calls at once from one IP address; at most ``per_member_rpcs`` per member
-   (its key: every session of it), ``anonymous_rpcs`` in all for calls made before Join (GetRun, Join, Status) and ``prejoin_downloads``
-   state downloads before Join; health checks have their own few. Beyond them: RESOURCE_EXHAUSTED naming the
-   bound, at once, with trailing metadata ``lowband-retry`` (the client retries; "the run is full" has none).
+   (its key: every session of it), ``anonymous_rpcs`` in all for calls made before Join (GetRun, Join, Status) and
+   ``prejoin_downloads`` state downloads before Join; health checks have their own few. Beyond them:
+   RESOURCE_EXHAUSTED naming the bound, at once, with trailing metadata ``lowband-retry`` (the client retries; "the
+   run is full" has none).
 2. **Identity.** A member's call (Heartbeat, Leave, Submit, Collect, FetchState with a node id) must carry metadata
    signed by the member's registered key over the method, node id, timestamp, nonce and a digest of the exact request
    bytes (for Submit: the first chunk's round and total size, in metadata, checked before any chunk is read) —

@@ -8,9 +8,10 @@ accepted or refused, and a call that finds every slot taken waits — reading no
 sender after a stream window (64 KiB) — in arrival order.
 
 A slot's holder cannot keep it by going slow: the watchdog (coordinator/watchdog.py) cancels an upload below the
-minimum rate or idle too long, which frees its slot. A member (its key, over all its sessions) holds at most one slot (a second upload of its waits for
-the first), so one peer costs at most one slot. A wait longer than ``wait_s`` ends in RESOURCE_EXHAUSTED with the
-retry hint; so does a call cancelled while it waits (the client went away).
+minimum rate or idle too long, which frees its slot. A member (its key, over all its sessions) holds at most one
+slot (a second upload of its waits for the first), so one peer costs at most one slot. A wait longer than
+``wait_s`` ends in RESOURCE_EXHAUSTED with the retry hint; so does a call cancelled while it waits (the client went
+away).
 """
 from __future__ import annotations
 
