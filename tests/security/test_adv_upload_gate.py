@@ -6,7 +6,6 @@ error path. Each test here is one way an adversary breaks that; each asserts the
 from __future__ import annotations
 
 import queue
-import threading
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
