@@ -2,9 +2,10 @@
 server-side deadline. A gRPC server interceptor (``RpcGuard``) wraps every method's handler:
 
 1. **Bounds.** At most ``per_peer_rpcs`` calls at once from one IP address; at most ``per_member_rpcs`` per member
-   (node id), ``anonymous_rpcs`` in all for calls made before Join (GetRun, Join, Status) and ``prejoin_downloads``
-   state downloads before Join; health checks have their own few. Beyond them: RESOURCE_EXHAUSTED naming the
-   bound, at once, with trailing metadata ``lowband-retry`` (the client retries; "the run is full" has none).
+   (its key: every session of it), ``anonymous_rpcs`` in all for calls made before Join (GetRun, Join, Status) and
+   ``prejoin_downloads`` state downloads before Join; health checks have their own few. Beyond them:
+   RESOURCE_EXHAUSTED naming the bound, at once, with trailing metadata ``lowband-retry`` (the client retries; "the
+   run is full" has none).
 2. **Identity.** A member's call (Heartbeat, Leave, Submit, Collect, FetchState with a node id) must carry metadata
    signed by the member's registered key over the method, node id, timestamp, nonce and a digest of the exact request
    bytes (for Submit: the first chunk's round and total size, in metadata, checked before any chunk is read) —
@@ -156,6 +157,7 @@ class _Call:
         self.slots: list[tuple[_Counter, str]] = []
         self.watch: Watch | None = None
         self.node_id = ""
+        self.member = ""  # a member's registered key (hex): the upload gate's unit — every session of the member
         self.public_key: bytes | None = None  # the signer of a FetchState before Join
         self.submit_head: tuple[int, int] | None = None
         self.upload_slot: UploadGate | None = None  # the gate whose slot this upload holds
@@ -174,7 +176,7 @@ class _Call:
         for counter, key in self.slots:
             counter.give(key)
         if self.upload_slot is not None:
-            self.upload_slot.leave(self.node_id)
+            self.upload_slot.leave(self.member)
         if self.watch is not None:
             self.watch.done()
 
@@ -243,7 +245,7 @@ class RpcGuard(grpc.ServerInterceptor):
 
     def _enter_upload(self, gate: UploadGate, call: _Call, context: grpc.ServicerContext) -> None:
         """Hold one of the gate's slots before the upload's first chunk is read, or refuse the call."""
-        if not gate.enter(call.node_id, call.wake, call.ended.is_set):
+        if not gate.enter(call.member, call.wake, call.ended.is_set):
             self.warn.info("uploads-full", "an upload waited %.0f s for one of %d upload slots: refused, to be retried",
                            gate.wait_s, gate.slots)
             context.set_trailing_metadata(tuple(RETRY_MD.items()))
@@ -255,7 +257,7 @@ class RpcGuard(grpc.ServerInterceptor):
             if not released:
                 call.upload_slot = gate
         if released:  # the call ended as it got the slot: give it back
-            gate.leave(call.node_id)
+            gate.leave(call.member)
             return
         assert call.watch is not None
         call.watch.restart(self.limits.idle_stream_s)  # the wait was not the sender's: its clocks start now
@@ -270,11 +272,12 @@ class RpcGuard(grpc.ServerInterceptor):
             except grpc.RpcError:  # the client went away, or the watchdog cancelled the call
                 why = call.watch.fired if call.watch is not None else ""
                 raise Cancelled(f"upload stream ended: {why or 'cancelled by the client'}") from None
-            call.watch.progress(len(raw))  # type: ignore[union-attr]
             try:
                 chunk = deserialize(raw)
             except Exception:  # noqa: BLE001 — protobuf raises DecodeError (or worse) on hostile bytes
                 raise Invalid("an upload chunk is not a valid SubmitChunk message") from None
+            # progress is the frame's bytes, not the wire's: padding (unknown fields) or empty chunks buy no time
+            call.watch.progress(len(chunk.data))  # type: ignore[union-attr]
             if chunk.node_id != call.node_id:
                 raise Unauthorized("every chunk of an upload must name the node id its call was signed for")
             if first and call.submit_head is not None and (chunk.round, chunk.total_size) != call.submit_head:
@@ -287,8 +290,9 @@ class RpcGuard(grpc.ServerInterceptor):
     def _admit(self, method: str, md: dict[str, Any], context: grpc.ServicerContext, raw: bytes | None,
                total_s: float | None, first_s: float | None = None) -> _Call:
         call = _Call(self)
-        if not context.add_callback(call.release):  # it ended already
+        if not context.add_callback(call.release):  # it ended already: take nothing (no callback would give it back)
             call.release()
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended before it was served")
         try:
             self._take(call, method, md, context, raw)
         except CoordinatorError as exc:
@@ -319,11 +323,12 @@ class RpcGuard(grpc.ServerInterceptor):
         node_id = str(md.get(MD_NODE, ""))
         if method in MEMBER_METHODS or (method == FETCH_STATE and node_id):
             public = self._verify(call, method, md, context, raw, node_id, member=True)
-            if not self.by_member.take(node_id, lim.per_member_rpcs):
+            # counted per member key, not per session: a member joining again gets a fresh node id, not a fresh bound
+            if not self.by_member.take(public.hex(), lim.per_member_rpcs):
                 raise Busy(f"node {key_id(public)} already has {lim.per_member_rpcs} calls in progress (the limit)",
                            RETRY_MD)
-            call.slots.append((self.by_member, node_id))
-            call.node_id = node_id
+            call.slots.append((self.by_member, public.hex()))
+            call.node_id, call.member = node_id, public.hex()
             return
         if method == FETCH_STATE:  # a download before Join: long on a slow link, so a budget of its own
             call.public_key = self._verify(call, method, md, context, raw, "", member=False)

@@ -8,9 +8,10 @@ accepted or refused, and a call that finds every slot taken waits — reading no
 sender after a stream window (64 KiB) — in arrival order.
 
 A slot's holder cannot keep it by going slow: the watchdog (coordinator/watchdog.py) cancels an upload below the
-minimum rate or idle too long, which frees its slot. A member holds at most one slot (a second upload of its waits for
-the first), so one peer costs at most one slot. A wait longer than ``wait_s`` ends in RESOURCE_EXHAUSTED with the
-retry hint; so does a call cancelled while it waits (the client went away).
+minimum rate or idle too long, which frees its slot. A member (its key, over all its sessions) holds at most one
+slot (a second upload of its waits for the first), so one peer costs at most one slot. A wait longer than
+``wait_s`` ends in RESOURCE_EXHAUSTED with the retry hint; so does a call cancelled while it waits (the client went
+away).
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ from node.clock import SYSTEM_CLOCK, Clock
 class _Ticket:
     """One call waiting at the gate: ``wake`` is set when it is granted a slot (or by its call's end)."""
 
-    __slots__ = ("node_id", "wake", "granted")
+    __slots__ = ("member", "wake", "granted")
 
-    def __init__(self, node_id: str, wake: threading.Event) -> None:
-        self.node_id, self.wake, self.granted = node_id, wake, False
+    def __init__(self, member: str, wake: threading.Event) -> None:
+        self.member, self.wake, self.granted = member, wake, False
 
 
 class UploadGate:
@@ -55,11 +56,12 @@ class UploadGate:
         with self._lock:
             return len(self._queue)
 
-    def enter(self, node_id: str, wake: threading.Event, gone: Callable[[], bool]) -> bool:
-        """Take a slot for ``node_id``'s upload: True once held (``leave`` must follow); False when none came free
-        within ``wait_s`` or ``gone()`` (the call ended; its end must set ``wake``) — the caller refuses the upload.
-        ``wake``: this call's own event (the gate sets it when it grants the slot)."""
-        ticket = _Ticket(node_id, wake)
+    def enter(self, member: str, wake: threading.Event, gone: Callable[[], bool]) -> bool:
+        """Take a slot for an upload of ``member`` (its key: every session of it): True once held (``leave`` must
+        follow); False when none came free within ``wait_s`` or ``gone()`` (the call ended; its end must set
+        ``wake``) — the caller refuses the upload. ``wake``: this call's own event (the gate sets it when it grants
+        the slot)."""
+        ticket = _Ticket(member, wake)
         until = self.clock.now() + self.wait_s
         waited = False
         with self._lock:
@@ -86,11 +88,11 @@ class UploadGate:
     def _grant(self) -> None:
         """Give free slots to the first waiting calls whose member holds none (holding the lock)."""
         while len(self._holders) < self.slots:
-            ticket = next((t for t in self._queue if t.node_id not in self._holders), None)
+            ticket = next((t for t in self._queue if t.member not in self._holders), None)
             if ticket is None:
                 return
             self._queue.remove(ticket)
-            self._holders.add(ticket.node_id)
+            self._holders.add(ticket.member)
             ticket.granted = True
             ticket.wake.set()
 
@@ -100,8 +102,8 @@ class UploadGate:
         with self._changed:
             return self._changed.wait_for(predicate, timeout_s)
 
-    def leave(self, node_id: str) -> None:
+    def leave(self, member: str) -> None:
         with self._lock:
-            self._holders.discard(node_id)
+            self._holders.discard(member)
             self._grant()
             self._changed.notify_all()
