@@ -38,6 +38,7 @@ import torch
 from node.clock import SYSTEM_CLOCK, Clock
 from node.config import RunConfig, diff_configs
 from node.identity import NodeKey
+from node.replay_rounds import replay_to
 from node.round_report import RoundReport, committed_line, observed_line, robust_entry
 from node.tasks.base import Task
 from node.train.inner import InnerStats
@@ -224,10 +225,9 @@ class RoundEngine:
         if self._inflight is not None:
             self._inflight.future.cancel()
         self._inflight = None
-        if self._worker.cfg.recipe.overlap:
-            self._worker.pending = None  # the local model trained on past the frame's round: the frame is not kept
-        # (without overlap the frame is kept: the run may have taken it before it forgot us — the round is then ours,
-        # see _apply_observed — or the round may still be open, and it gets the same frame again)
+        # the frame in flight is kept: the run may have taken it before it forgot us — the round is then ours, applied
+        # as any round we took part in (with overlap: keeping the progress made since, _apply_observed) — or the
+        # round may still be open, and it gets the same frame again
         info = self.join()
         # no _step_in: after a coordinator restart all rejoin; no checkpoint restore: our state in memory is current
         self._sync_state(info.first_round, restore=False)
@@ -262,7 +262,10 @@ class RoundEngine:
             report = None
             if self._inflight is not None:
                 done, self._inflight = self._inflight, None
-                report = self._finish(done)
+                try:
+                    report = self._finish(done)
+                except Rejoin as exc:  # overlap: joined again, the round in flight settled, and this round's
+                    self._rejoin(exc)  # frame is offered now, as it would have been (not a round later)
             r = worker.reference.committed_rounds  # a failed round is offered again, as without overlap
             retry = worker.pending is not None and worker.pending.round == r
             frame = worker.pending.frame if retry else worker.prepare(r)  # a round that did not commit: the same
@@ -452,24 +455,6 @@ class RoundEngine:
                         self._plane.observe, c, self.opts.round_timeout_s, worker.fingerprint()))
         return None
 
-    def _replay_to(self, ours: int, committed: int, fingerprint: str) -> tuple[int, str]:
-        """The state adopted holds ``committed`` rounds, fewer than the ``ours`` this node held: apply the rounds in
-        between from their results (the node's trail already has them: they are not logged again), so that the node
-        never goes back. (committed rounds, fingerprint) reached; where a round cannot be applied from its result
-        alone, the node stays where it got to and catches up as usual."""
-        worker = self._worker
-        while committed < ours and not self.stop.is_set():
-            result = self._plane.observe(committed, self.opts.round_timeout_s, worker.fingerprint())
-            if result.state_needed or not worker.apply_observed(result):
-                log.warning("[node=%s] the state is %d rounds behind ours and round %d cannot be replayed (%s)",
-                            self.name, ours - committed, committed, result.reason or result.status.value)
-                break
-            committed, fingerprint = worker.reference.committed_rounds, worker.fingerprint()
-            if result.reference_fingerprint and fingerprint != result.reference_fingerprint and worker.replica_consistent:
-                raise RuntimeError(f"replaying round {committed - 1} onto the fetched state gave fingerprint "
-                                   f"{fingerprint} ≠ the run's {result.reference_fingerprint}")
-        return committed, fingerprint
-
     def _drop_prefetch(self) -> None:
         if self.opts.prefetch is not None:
             self.opts.prefetch.cancel()
@@ -499,7 +484,8 @@ class RoundEngine:
         if worker.fingerprint() != fingerprint:
             raise RuntimeError(f"fetched state fingerprint {worker.fingerprint()} ≠ published {fingerprint}")
         if committed < ours:  # an older snapshot (the coordinator forces newer ones only so often): not back in time
-            committed, fingerprint = self._replay_to(ours, committed, fingerprint)
+            committed, fingerprint = replay_to(self.name, self._plane, self._worker, self.stop,
+                                                 self.opts.round_timeout_s, ours, committed, fingerprint)
         log.info("[node=%s] adopted state after %d rounds (%d bytes, %.2f s, %s)", self.name, committed, len(blob),
                  self.clock.now() - started, why)
         self.files.log_round({"event": "state", "committed_rounds": committed, "fingerprint": fingerprint,

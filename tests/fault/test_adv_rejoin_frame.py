@@ -12,11 +12,11 @@ from test_daemon_faults import NAMES, check_consistent
 def test_with_overlapped_rounds_a_node_whose_reply_was_lost_still_counts_the_round_as_its_own(
         tmp_path: Path) -> None:
     """The same fault as test_daemon_faults' lost-reply test, with overlapped rounds (recipe.overlap): b's round-2
-    frame is in round 2 and the run commits it, the reply is lost and b joins again. ``_rejoin`` drops b's pending
-    frame when the recipe overlaps, so b applies round 2 as a round it only *observed*: its trail says it did not
-    contribute to a round whose members name it (the soak's "not logged as contributed, but among the members"), and
-    its error feedback never learns that the frame was sent — the residual already in it is sent a second time, and
-    the run no longer goes as the same run without the fault."""
+    frame is in round 2 and the run commits it, the reply is lost and b joins again. b must apply round 2 as a round
+    it took part in (its error feedback learns the frame was sent; its local progress since is kept) and offer its
+    round-3 frame at once, as without the fault — not log round 2 as only observed while its members name b (the
+    soak's "not logged as contributed, but among the members"), which sends the residual a second time — so the run
+    goes exactly as the same run without the fault."""
     fingerprints = {}
     for label, schedule in (("clean", FaultSchedule()), ("lost", FaultSchedule().fail_at("b", 2, Fault.LOST_REPLY))):
         with LocalCluster(tmp_path / label, run_config("sign", rounds=6, overlap=True), schedule,
