@@ -481,6 +481,7 @@ class RoundEngine:
         committed, blob, fingerprint = state.committed, state.blob, state.fingerprint
         download_s = self.clock.now() - started
         worker.adopt_global_state(blob)
+        worker.pending = None  # a frame made on the state we had is not offered on this one (or for its round)
         if worker.fingerprint() != fingerprint:
             raise RuntimeError(f"fetched state fingerprint {worker.fingerprint()} ≠ published {fingerprint}")
         if committed < ours:  # an older snapshot (the coordinator forces newer ones only so often): not back in time
