@@ -63,10 +63,21 @@ class ServerLimits:
     upload_bytes: int = 32 << 20  # frames read and validated at once (coordinator/upload_gate.py); 0: no bound
     min_upload_slots: int = 4
     upload_wait_s: float = 30.0
+    upload_read_ahead: int = 0  # bytes gRPC buffers per upload not read yet; 0: its BDP-probed windows (see below)
 
     def workers(self, max_nodes: int) -> int:
         """Server threads (and gRPC's maximum_concurrent_rpcs): every bound can be full at once."""
         return max_nodes * self.per_member_rpcs + self.anonymous_rpcs + self.prejoin_downloads + HEALTH_RPCS
+
+    def stream_options(self) -> list[tuple[str, int]]:
+        """gRPC server options for ``upload_read_ahead``. By default gRPC sizes every stream's receive window from
+        the link's measured bandwidth-delay product (BDP probing), which a high-latency link needs for full speed —
+        and an upload waiting for a slot is then sent that window's worth before it stops (measured on loopback: up
+        to 8 MiB per waiting stream, BENCHMARKS.md). A fixed read-ahead turns BDP probing off and bounds each waiting
+        stream to about that many bytes; a link whose bandwidth × RTT exceeds it then uploads below its rate."""
+        if self.upload_read_ahead <= 0:
+            return []
+        return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", self.upload_read_ahead)]
 
     def upload_slots(self, frame_limit: int) -> int | None:
         """How many uploads at once for frames of at most ``frame_limit`` bytes (None: no bound): ``upload_bytes``

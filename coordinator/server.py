@@ -105,7 +105,7 @@ class CoordinatorServer:
                                       maximum_concurrent_rpcs=workers,
                                       options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                                ("grpc.max_send_message_length", MAX_MESSAGE),
-                                               ("grpc.so_reuseport", 0)])
+                                               ("grpc.so_reuseport", 0), *self.limits.stream_options()])
             self.refusals = Refusals()
             pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.core, self.guard.mtls, self.refusals),
                                                       self.server)

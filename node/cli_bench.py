@@ -102,7 +102,8 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     settings = ScaleSettings(size=args.size, rounds=args.rounds, load_procs=args.load_procs, recipe=args.recipe,
                              relay_max_nodes=args.relay_max_nodes, round_timeout_s=args.round_timeout,
                              heartbeat_s=args.heartbeat, keep_results=args.keep_results,
-                             aggregate_codec=args.aggregate_codec)
+                             aggregate_codec=args.aggregate_codec,
+                             coordinator_args=tuple(a for arg in args.coordinator_arg for a in arg.split()))
     command = "lowband " + " ".join(sys.argv[1:])
     if args.dht:
         try:
@@ -278,6 +279,9 @@ def add_scale_parser(bsub: Any, recipe: Any) -> None:
                     help="the run's [rounds] keep_results (results the coordinator holds for late collectors)")
     sc.add_argument("--aggregate-codec", default="identity", choices=["identity", "bf16", "fp16"],
                     help="aggregate mode's wire precision")
+    sc.add_argument("--coordinator-arg", action="append", default=[], metavar="ARGS",
+                    help="more flags for the coordinator (repeatable; split on spaces), e.g. "
+                         "--coordinator-arg='--upload-read-ahead-kib 1024'")
     sc.add_argument("--dht", action="store_true", help="serverless peers instead (node/bench/scale_dht.py)")
     sc.add_argument("--peers", type=positive_int, nargs="+", default=[8, 16, 32, 64], help="with --dht: peer counts")
     sc.add_argument("--out", default="out/bench-scale", help="scale.json, scale.md and the plots go here")

@@ -31,6 +31,11 @@ def add_coordinator_args(co: argparse.ArgumentParser) -> None:
                     "MiB (at least 4 uploads; each costs about five times its frame while it arrives and is checked): "
                     "uploads beyond it wait for a slot, so the coordinator's memory does not grow with the number of "
                     "members; 0: no bound")
+    co.add_argument("--upload-read-ahead-kib", type=int, default=0, help="bytes gRPC may buffer of an upload that "
+                    "waits for a slot, in KiB; 0 (default): gRPC sizes its windows from each link's bandwidth-delay "
+                    "product, which high-latency links need for full speed (a waiting upload then costs up to that "
+                    "window); N: at most about N KiB per waiting upload, and links whose bandwidth × RTT exceeds it "
+                    "upload below their rate (docs/security.md)")
     co.add_argument("--forget-name", action="append", default=[], metavar="NAME",
                     help="free NAME before serving (repeatable): a name is bound to the first key that joined under "
                          "it, for the whole run; free it for a node that lost its key file (an evicted key stays "
@@ -51,7 +56,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         limits = ServerLimits(per_member_rpcs=args.max_rpcs_per_node, per_peer_rpcs=args.max_rpcs_per_address,
                               anonymous_rpcs=args.max_rpcs_before_join, idle_stream_s=args.idle_stream_s,
                               prejoin_downloads=args.max_downloads_before_join,
-                              upload_bytes=int(args.upload_memory_mib * (1 << 20)))
+                              upload_bytes=int(args.upload_memory_mib * (1 << 20)),
+                              upload_read_ahead=args.upload_read_ahead_kib << 10)
         return serve(args.listen, args.state_dir, args.run, limits=limits, insecure=args.insecure,
                      tls=ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca),
                      join_token=args.join_token or os.environ.get("LOWBAND_JOIN_TOKEN", ""),

@@ -66,6 +66,7 @@ class ScaleSettings:
     aggregate_codec: str = "identity"
     distinct_updates: int = 2
     tmp_dir: str | None = None  # where the per-setting state dirs are made (None: the system's temp dir)
+    coordinator_args: tuple[str, ...] = ()  # more `lowband coordinator` flags (e.g. --upload-read-ahead-kib 1024)
 
 
 def task_params(size: str) -> dict[str, Any]:
@@ -205,7 +206,7 @@ def measure_setting(mode: str, n: int, s: ScaleSettings, keep: bool = False) -> 
         threads = ["--torch-threads", "1"]
         proc = spawn_lowband(["-q", "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(root / "state"),
                               "--run", str(root / "run.toml"), "--max-rpcs-per-address", str(8 * n + 64),
-                              "--max-rpcs-before-join", "64", *threads],
+                              "--max-rpcs-before-join", "64", *threads, *s.coordinator_args],
                              root / "coordinator.log", stdout=subprocess.PIPE, env=child_env(OMP_NUM_THREADS="1"))
         address = read_coordinator_address(proc, s.start_timeout_s)
         stat = {"start_rss": int(read_proc(proc.pid)["rss"])}

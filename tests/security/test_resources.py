@@ -325,3 +325,14 @@ def test_an_upload_that_waits_too_long_for_a_slot_is_refused_with_the_retry_hint
     finally:
         idle.release()
         held.cancel()
+
+
+def test_a_fixed_upload_read_ahead_turns_bdp_probing_off_and_rounds_go_on(trial: Callable[..., Trial]) -> None:
+    """``--upload-read-ahead-kib``: gRPC's windows fixed instead of sized by BDP probing (ServerLimits.stream_options);
+    the default leaves gRPC's own. A coordinator started with it commits rounds as usual."""
+    assert ServerLimits().stream_options() == []
+    limits = ServerLimits(upload_read_ahead=256 << 10)
+    assert limits.stream_options() == [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 256 << 10)]
+    t = trial(limits=limits)
+    t.join("a"), t.join("b")
+    assert t.honest_round() == 0 and t.honest_round() == 1
