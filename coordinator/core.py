@@ -149,7 +149,8 @@ class CoordinatorCore(Rounds):
                     "heartbeat_interval_ms": int(mp.heartbeat_s * 1000), "current_round": self.open_round,
                     "first_round": first, "committed_rounds": self.reference.committed_rounds,
                     "config_json": json.dumps(self.cfg.run.to_dict()), "shard": shard, "num_shards": mp.max_nodes,
-                    "replaced": admission.kind is AdmitKind.REPLACED}
+                    "replaced": admission.kind is AdmitKind.REPLACED,
+                    "upload_go": True}  # the guard answers every Submit with "go" (coordinator/guard.py)
 
     def _differences(self, config_json: str, config_hash: str, task_fingerprint: str, digest: str) -> list[str]:
         """Every way a joining node differs from the run, each named (a node fixes all of them in one go), or [].

@@ -38,7 +38,7 @@ from coordinator.watchdog import Watch, Watchdog
 from node.certs import NODE_KEY_URI  # a node certificate's URI SAN: the node key it speaks for
 from node.identity import key_id, verify
 from node.transport.grpc_auth import (MD_KEY, MD_NODE, MD_NONCE, MD_SIG, MD_SUBMIT, MD_TS, NONCE_HEX, SERVICE,
-                                      request_digest, rpc_message, submit_digest)
+                                      UPLOAD_GO, request_digest, rpc_message, submit_digest)
 
 log = logging.getLogger(__name__)
 HEALTH_RPCS = 4
@@ -251,6 +251,8 @@ class RpcGuard(grpc.ServerInterceptor):
             call = self._admit(method, md, context, None, None, self.limits.idle_stream_s + wait_s)
             if gate is not None:
                 self._enter_upload(gate, call, context)
+            if method == SUBMIT:
+                context.send_initial_metadata((UPLOAD_GO,))  # the node sends its chunks now (JoinResponse.upload_go)
             return handler.stream_unary(self._chunks(call, raws, handler.request_deserializer), context)
         return behavior
 

@@ -35,6 +35,8 @@ SIGNED_METHODS = frozenset(SERVICE + m for m in ("Heartbeat", "Leave", "Submit",
 MD_NODE, MD_TS, MD_NONCE, MD_SIG, MD_KEY, MD_SUBMIT = ("lowband-node-id", "lowband-ts", "lowband-nonce",
                                                        "lowband-sig-bin", "lowband-key-bin", "lowband-submit")
 NONCE_HEX = 16
+#: initial metadata of a Submit: the upload holds a slot and may send its chunks (JoinResponse.upload_go)
+UPLOAD_GO = ("lowband-upload", "go")
 
 
 def join_message(run_id: str, name: str, public: bytes, timestamp_ms: int) -> bytes:

@@ -27,7 +27,8 @@ from node.proto.lowband.v1 import coordinator_pb2 as pb
 from node.proto.lowband.v1 import coordinator_pb2_grpc as pb_grpc
 # re-exported: callers import them from here too
 from node.transport.control import Identity, JoinRefused, Rejoin, Stopped  # noqa: F401
-from node.transport.grpc_auth import ClientTls, SigningInterceptor, join_message, open_channel
+from node.transport.grpc_auth import UPLOAD_GO, ClientTls, SigningInterceptor, join_message, open_channel
+from node.transport.grpc_watch import StallWatch, tls_hint  # noqa: F401 — tls_hint: importers use it from here
 from node.transport.grpc_result import assemble
 from node.transport.limits import UNKNOWN_MODEL
 from node.transport.messages import RoundResult, RoundStatus, StateBlob
@@ -89,58 +90,6 @@ def _busy(exc: grpc.RpcError) -> bool:
 
 class StateRefused(RuntimeError):
     """The coordinator announced a state larger than any state of this node's model (``ResultLimits.state``)."""
-
-
-class StallWatch:
-    """Cancels a streaming call once nothing arrived for ``idle_s`` (``first_s`` before the first message), however
-    long it runs while messages keep coming: a result that takes minutes on a slow downlink must not be cut by a
-    fixed deadline, and a stalled one must not hang. Use as a context manager around the iteration (a thread then
-    calls ``check`` until the block ends); time is ``clock``'s (seconds)."""
-
-    def __init__(self, call: Any, first_s: float, idle_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.call, self.idle_s, self.clock = call, idle_s, clock
-        self.due = clock.now() + first_s
-        self.stalled = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
-
-    def progressed(self) -> None:
-        self.due = self.clock.now() + self.idle_s
-
-    def check(self) -> bool:
-        """Cancel the call if its due time passed; returns whether it is (now) stalled."""
-        if not self.stalled and not self._done.is_set() and self.clock.now() >= self.due:
-            self.stalled = True
-            self.call.cancel()
-        return self.stalled
-
-    def _watch(self) -> None:
-        while not self.check() and not self.clock.sleep(max(0.05, min(1.0, self.due - self.clock.now())),
-                                                        self._done):
-            pass
-
-    def __enter__(self) -> "StallWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join(timeout=5)
-
-
-def tls_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
-    """What to check when a connection is closed during its handshake ("Socket closed"): the usual cause is a TLS
-    mismatch (a plaintext node and a coordinator that serves TLS, or no client certificate for mutual TLS), which
-    gRPC reports only as an unreachable coordinator."""
-    if exc.code() != grpc.StatusCode.UNAVAILABLE or "Socket closed" not in (exc.details() or ""):
-        return ""
-    if tls is None:
-        return (" (if the coordinator serves TLS it closes plaintext connections: pass --tls-ca CA.pem, and "
-                "--tls-cert/--tls-key if it requires client certificates)")
-    if tls.cert is None:
-        return (" (if the coordinator requires client certificates (--tls-client-ca) it closes connections without "
-                "one: pass --tls-cert/--tls-key, made by `lowband certs --node WORKDIR`)")
-    return ""
 
 
 class GrpcTransport:
@@ -292,8 +241,15 @@ class GrpcTransport:
         self._raw.close()
 
     # -- rounds --------------------------------------------------------------------------------------
-    def _chunks(self, round_: int, payload: bytes, offset: int, loss: float,
-                sent: list[int]) -> Iterator[pb.SubmitChunk]:
+    def _chunks(self, round_: int, payload: bytes, offset: int, loss: float, sent: list[int],
+                go: Callable[[], bool] | None = None) -> Iterator[pb.SubmitChunk]:
+        if go is not None:
+            # the head names the upload (the signature covers its round and size) and carries no bytes; the frame's
+            # chunks follow the coordinator's go — the call ended without one: its error is the call's
+            yield pb.SubmitChunk(node_id=self.node_id, round=round_, offset=offset, total_size=len(payload),
+                                 train_loss=loss)
+            if not go():
+                return
         for start in range(offset, len(payload), CHUNK):
             sent[0] = start  # gRPC pulls a chunk when it can send it: the bytes before it have left
             yield pb.SubmitChunk(node_id=self.node_id, round=round_, offset=start, total_size=len(payload),
@@ -304,6 +260,27 @@ class GrpcTransport:
         up (``MIN_UPLOAD_BPS``): a fixed deadline would cut every large payload on a slow uplink at the same byte."""
         return self.rpc_timeout_s + UPLOAD_SLOT_WAIT_S + remaining * 8 / MIN_UPLOAD_BPS
 
+    def _upload(self, round_: int, payload: bytes, offset: int, loss: float, sent: list[int]) -> None:
+        """One Submit call from ``offset``. With a coordinator that says when an upload may send (JoinResponse
+        .upload_go) the chunks wait for its "go": an upload waiting for one of its upload slots sends nothing, so the
+        coordinator holds no bytes of it meanwhile (coordinator/upload_gate.py). Raises grpc.RpcError."""
+        timeout = self._upload_timeout(len(payload) - offset)
+        if self.join_response is None or not self.join_response.upload_go:
+            self.stub.Submit(self._chunks(round_, payload, offset, loss, sent), timeout=timeout)
+            return
+        calls: list[Any] = []
+        made = threading.Event()
+
+        def go() -> bool:  # on gRPC's request thread, before the first chunk
+            made.wait()
+            metadata = calls[0].initial_metadata()  # blocks until the coordinator's headers, or the call's end
+            return UPLOAD_GO in tuple(metadata or ())
+
+        call = self.stub.Submit.future(self._chunks(round_, payload, offset, loss, sent, go), timeout=timeout)
+        calls.append(call)
+        made.set()
+        call.result()
+
     def submit(self, round_: int, payload: bytes, loss: float = float("nan")) -> str:
         """Upload with resume. Returns "accepted", "late" (round closed) or "rejected: <why>"."""
         offset, backoff = 0, self._backoff()
@@ -313,8 +290,7 @@ class GrpcTransport:
                 raise Stopped()
             sent = [offset]
             try:
-                self.stub.Submit(self._chunks(round_, payload, offset, loss, sent),
-                                 timeout=self._upload_timeout(len(payload) - offset))
+                self._upload(round_, payload, offset, loss, sent)
                 self._ok()
                 self._own = (round_, payload)  # only a frame the coordinator took stands in for ours in its result
                 return "accepted"

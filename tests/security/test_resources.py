@@ -336,3 +336,57 @@ def test_a_fixed_upload_read_ahead_turns_bdp_probing_off_and_rounds_go_on(trial:
     t = trial(limits=limits)
     t.join("a"), t.join("b")
     assert t.honest_round() == 0 and t.honest_round() == 1
+
+
+class PullRecorder(grpc.StreamUnaryClientInterceptor):
+    """The transport's ``interceptors`` seam: records, for each Submit, the chunks gRPC pulls from the node's request
+    iterator (what it is about to send): ``asked`` is set when gRPC asks for the chunk after the head, ``data`` when
+    a chunk carrying frame bytes is handed over."""
+
+    def __init__(self) -> None:
+        self.asked, self.data = threading.Event(), threading.Event()
+
+    def intercept_stream_unary(self, continuation: Any, details: grpc.ClientCallDetails, chunks: Any) -> Any:
+        def pulled() -> Any:
+            for i, chunk in enumerate(chunks):
+                yield chunk
+                if i == 0:
+                    self.asked.set()
+                if chunk.data:
+                    self.data.set()
+        return continuation(details, pulled())
+
+
+def test_an_upload_waiting_for_a_slot_sends_no_frame_bytes_until_the_coordinator_says_go(
+        trial: Callable[..., Trial]) -> None:
+    """JoinResponse.upload_go: the node sends its upload's head (round and size, no bytes) and then waits for the
+    coordinator's initial metadata lowband-upload = go, sent once the upload holds a slot — so an upload that waits
+    costs the coordinator no read-ahead of its frame. Here the only slot is held by an idle upload; the honest
+    upload's frame bytes leave only once that one is cancelled."""
+    clock = ManualClock()
+    t = trial(watchdog_clock=clock, start_watchdog=False,
+              limits=ServerLimits(idle_stream_s=30.0, upload_bytes=1, min_upload_slots=1, upload_wait_s=WAIT_S))
+    gate = t.server.uploads
+    a, b = t.join("a"), t.join("b")
+    assert a.transport.join_response is not None and a.transport.join_response.upload_go
+    recorder = PullRecorder()
+    honest = t.transport(key=a.transport.key, interceptors=[recorder])
+    honest.node_id, honest.identity, honest.join_response = (a.transport.node_id, a.transport.identity,
+                                                             a.transport.join_response)
+    r = t.core.open_round
+    idle = Idle()
+    held = t.stub().Submit.future(iter(idle), metadata=signed_metadata(
+        b.transport.key, b.transport.node_id, "Submit", submit=(r, 10)), timeout=120)
+    try:
+        assert gate is not None and gate.wait_until(lambda: gate.in_use == 1, WAIT_S)
+        with ThreadPoolExecutor(1) as pool:
+            upload = pool.submit(honest.submit, r, t.frame("a", r), 2.0)
+            assert gate.wait_until(lambda: gate.waiting == 1, WAIT_S)
+            assert recorder.asked.wait(WAIT_S)  # gRPC sent the head and asks for the frame's first chunk ...
+            assert not recorder.data.wait(0.5)  # ... which the node holds back while the upload waits
+            clock.advance(31.0)
+            t.server.watchdog.check()  # the idle holder loses the slot: go
+            assert upload.result(WAIT_S) == "accepted" and recorder.data.is_set()
+    finally:
+        idle.release()
+        held.cancel()

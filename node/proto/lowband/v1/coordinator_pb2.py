@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clowband/v1/coordinator.proto\x12\nlowband.v1\"=\n\rGetRunRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nread_token\x18\x02 \x01(\t\"\x94\x01\n\x0eGetRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\x12\x18\n\x10task_fingerprint\x18\x04 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x05 \x01(\t\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\"\xfb\x01\n\x0bJoinRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\x12\x18\n\x10task_fingerprint\x18\x05 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x12\n\njoin_token\x18\x08 \x01(\t\x12\x12\n\npublic_key\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x0b \x01(\x03\"\xe0\x01\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x15\n\rcurrent_round\x18\x04 \x01(\x04\x12\x13\n\x0b\x66irst_round\x18\x05 \x01(\x04\x12\x18\n\x10\x63ommitted_rounds\x18\x06 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x12\r\n\x05shard\x18\x08 \x01(\r\x12\x12\n\nnum_shards\x18\t \x01(\r\x12\x10\n\x08replaced\x18\n \x01(\x08\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"V\n\x11HeartbeatResponse\x12\x15\n\rcurrent_round\x18\x01 \x01(\x04\x12\x18\n\x10\x63ommitted_rounds\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"/\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"s\n\x0bSubmitChunk\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x06 \x01(\x02\"I\n\x0eSubmitResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\"T\n\x0e\x43ollectRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x11\n\tsubmitted\x18\x04 \x01(\x08\"\xce\x01\n\rCollectHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x15\n\rpayload_sizes\x18\x04 \x03(\x04\x12\x1d\n\x15reference_fingerprint\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0e\x61ggregate_size\x18\x07 \x01(\x04\x12\x17\n\x0f\x61ggregate_codec\x18\x08 \x01(\t\x12\x13\n\x0bmember_keys\x18\t \x03(\x0c\"<\n\x0cPayloadPiece\x12\x0e\n\x06member\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"n\n\x0c\x43ollectChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.lowband.v1.CollectHeaderH\x00\x12)\n\x05piece\x18\x02 \x01(\x0b\x32\x18.lowband.v1.PayloadPieceH\x00\x42\x06\n\x04part\"f\n\x11\x46\x65tchStateRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\njoin_token\x18\x03 \x01(\t\x12\x1c\n\x14min_committed_rounds\x18\x04 \x01(\x04\"w\n\nStateChunk\x12\x18\n\x10\x63ommitted_rounds\x18\x01 \x01(\x04\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x1d\n\x15reference_fingerprint\x18\x05 \x01(\t\"#\n\rStatusRequest\x12\x12\n\nread_token\x18\x01 \x01(\t\"\xc8\x02\n\x0cMemberStatus\x12\x13\n\x07node_id\x18\x01 \x01(\tB\x02\x18\x01\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1c\n\x14last_heartbeat_age_s\x18\x03 \x01(\x01\x12\x1a\n\x12rounds_contributed\x18\x04 \x01(\x04\x12\x13\n\x0b\x66irst_round\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x04\x12\x11\n\tbytes_out\x18\x07 \x01(\x04\x12\x11\n\tlast_loss\x18\x08 \x01(\x02\x12\x14\n\x0c\x63\x61pabilities\x18\t \x03(\t\x12\x0e\n\x06key_id\x18\n \x01(\t\x12\x13\n\x0b\x66rames_seen\x18\x0b \x01(\x04\x12\x16\n\x0e\x66rames_clipped\x18\x0c \x01(\x04\x12\x17\n\x0f\x66rames_rejected\x18\r \x01(\x04\x12\x12\n\nnorm_ratio\x18\x0e \x01(\x01\x12\x0e\n\x06\x63osine\x18\x0f \x01(\x01\"<\n\rEvictedMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xba\x01\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07members\x18\x02 \x03(\t\x12\x10\n\x08\x62ytes_in\x18\x03 \x01(\x04\x12\x11\n\tbytes_out\x18\x04 \x01(\x04\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12\x11\n\tmean_loss\x18\x06 \x01(\x02\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08val_loss\x18\x08 \x01(\x02\x12\x1d\n\x15reference_fingerprint\x18\t \x01(\t\"\xe2\x02\n\x0eStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06recipe\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x18\n\x10\x63ommitted_rounds\x18\x04 \x01(\x04\x12\x15\n\rdeadline_in_s\x18\x05 \x01(\x01\x12)\n\x07members\x18\x06 \x03(\x0b\x32\x18.lowband.v1.MemberStatus\x12.\n\rrecent_rounds\x18\x07 \x03(\x0b\x32\x17.lowband.v1.RoundStatus\x12\x1d\n\x15reference_fingerprint\x18\x08 \x01(\t\x12\x11\n\tsubmitted\x18\t \x03(\t\x12\x19\n\x11persistence_error\x18\n \x01(\t\x12*\n\x07\x65victed\x18\x0b \x03(\x0b\x32\x19.lowband.v1.EvictedMember\x12\x14\n\x0ctotal_rounds\x18\x0c \x01(\x04\x32\x9d\x04\n\x0b\x43oordinator\x12?\n\x06GetRun\x12\x19.lowband.v1.GetRunRequest\x1a\x1a.lowband.v1.GetRunResponse\x12\x39\n\x04Join\x12\x17.lowband.v1.JoinRequest\x1a\x18.lowband.v1.JoinResponse\x12H\n\tHeartbeat\x12\x1c.lowband.v1.HeartbeatRequest\x1a\x1d.lowband.v1.HeartbeatResponse\x12<\n\x05Leave\x12\x18.lowband.v1.LeaveRequest\x1a\x19.lowband.v1.LeaveResponse\x12?\n\x06Submit\x12\x17.lowband.v1.SubmitChunk\x1a\x1a.lowband.v1.SubmitResponse(\x01\x12\x41\n\x07\x43ollect\x12\x1a.lowband.v1.CollectRequest\x1a\x18.lowband.v1.CollectChunk0\x01\x12\x45\n\nFetchState\x12\x1d.lowband.v1.FetchStateRequest\x1a\x16.lowband.v1.StateChunk0\x01\x12?\n\x06Status\x12\x19.lowband.v1.StatusRequest\x1a\x1a.lowband.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clowband/v1/coordinator.proto\x12\nlowband.v1\"=\n\rGetRunRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nread_token\x18\x02 \x01(\t\"\x94\x01\n\x0eGetRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\x12\x18\n\x10task_fingerprint\x18\x04 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x05 \x01(\t\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\"\xfb\x01\n\x0bJoinRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\x12\x18\n\x10task_fingerprint\x18\x05 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x12\n\njoin_token\x18\x08 \x01(\t\x12\x12\n\npublic_key\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x0b \x01(\x03\"\xf3\x01\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x15\n\rcurrent_round\x18\x04 \x01(\x04\x12\x13\n\x0b\x66irst_round\x18\x05 \x01(\x04\x12\x18\n\x10\x63ommitted_rounds\x18\x06 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x12\r\n\x05shard\x18\x08 \x01(\r\x12\x12\n\nnum_shards\x18\t \x01(\r\x12\x10\n\x08replaced\x18\n \x01(\x08\x12\x11\n\tupload_go\x18\x0b \x01(\x08\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"V\n\x11HeartbeatResponse\x12\x15\n\rcurrent_round\x18\x01 \x01(\x04\x12\x18\n\x10\x63ommitted_rounds\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"/\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"s\n\x0bSubmitChunk\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x06 \x01(\x02\"I\n\x0eSubmitResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\"T\n\x0e\x43ollectRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x11\n\tsubmitted\x18\x04 \x01(\x08\"\xce\x01\n\rCollectHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x15\n\rpayload_sizes\x18\x04 \x03(\x04\x12\x1d\n\x15reference_fingerprint\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0e\x61ggregate_size\x18\x07 \x01(\x04\x12\x17\n\x0f\x61ggregate_codec\x18\x08 \x01(\t\x12\x13\n\x0bmember_keys\x18\t \x03(\x0c\"<\n\x0cPayloadPiece\x12\x0e\n\x06member\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"n\n\x0c\x43ollectChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.lowband.v1.CollectHeaderH\x00\x12)\n\x05piece\x18\x02 \x01(\x0b\x32\x18.lowband.v1.PayloadPieceH\x00\x42\x06\n\x04part\"f\n\x11\x46\x65tchStateRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\njoin_token\x18\x03 \x01(\t\x12\x1c\n\x14min_committed_rounds\x18\x04 \x01(\x04\"w\n\nStateChunk\x12\x18\n\x10\x63ommitted_rounds\x18\x01 \x01(\x04\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x1d\n\x15reference_fingerprint\x18\x05 \x01(\t\"#\n\rStatusRequest\x12\x12\n\nread_token\x18\x01 \x01(\t\"\xc8\x02\n\x0cMemberStatus\x12\x13\n\x07node_id\x18\x01 \x01(\tB\x02\x18\x01\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1c\n\x14last_heartbeat_age_s\x18\x03 \x01(\x01\x12\x1a\n\x12rounds_contributed\x18\x04 \x01(\x04\x12\x13\n\x0b\x66irst_round\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x04\x12\x11\n\tbytes_out\x18\x07 \x01(\x04\x12\x11\n\tlast_loss\x18\x08 \x01(\x02\x12\x14\n\x0c\x63\x61pabilities\x18\t \x03(\t\x12\x0e\n\x06key_id\x18\n \x01(\t\x12\x13\n\x0b\x66rames_seen\x18\x0b \x01(\x04\x12\x16\n\x0e\x66rames_clipped\x18\x0c \x01(\x04\x12\x17\n\x0f\x66rames_rejected\x18\r \x01(\x04\x12\x12\n\nnorm_ratio\x18\x0e \x01(\x01\x12\x0e\n\x06\x63osine\x18\x0f \x01(\x01\"<\n\rEvictedMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xba\x01\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07members\x18\x02 \x03(\t\x12\x10\n\x08\x62ytes_in\x18\x03 \x01(\x04\x12\x11\n\tbytes_out\x18\x04 \x01(\x04\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12\x11\n\tmean_loss\x18\x06 \x01(\x02\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08val_loss\x18\x08 \x01(\x02\x12\x1d\n\x15reference_fingerprint\x18\t \x01(\t\"\xe2\x02\n\x0eStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06recipe\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x18\n\x10\x63ommitted_rounds\x18\x04 \x01(\x04\x12\x15\n\rdeadline_in_s\x18\x05 \x01(\x01\x12)\n\x07members\x18\x06 \x03(\x0b\x32\x18.lowband.v1.MemberStatus\x12.\n\rrecent_rounds\x18\x07 \x03(\x0b\x32\x17.lowband.v1.RoundStatus\x12\x1d\n\x15reference_fingerprint\x18\x08 \x01(\t\x12\x11\n\tsubmitted\x18\t \x03(\t\x12\x19\n\x11persistence_error\x18\n \x01(\t\x12*\n\x07\x65victed\x18\x0b \x03(\x0b\x32\x19.lowband.v1.EvictedMember\x12\x14\n\x0ctotal_rounds\x18\x0c \x01(\x04\x32\x9d\x04\n\x0b\x43oordinator\x12?\n\x06GetRun\x12\x19.lowband.v1.GetRunRequest\x1a\x1a.lowband.v1.GetRunResponse\x12\x39\n\x04Join\x12\x17.lowband.v1.JoinRequest\x1a\x18.lowband.v1.JoinResponse\x12H\n\tHeartbeat\x12\x1c.lowband.v1.HeartbeatRequest\x1a\x1d.lowband.v1.HeartbeatResponse\x12<\n\x05Leave\x12\x18.lowband.v1.LeaveRequest\x1a\x19.lowband.v1.LeaveResponse\x12?\n\x06Submit\x12\x17.lowband.v1.SubmitChunk\x1a\x1a.lowband.v1.SubmitResponse(\x01\x12\x41\n\x07\x43ollect\x12\x1a.lowband.v1.CollectRequest\x1a\x18.lowband.v1.CollectChunk0\x01\x12\x45\n\nFetchState\x12\x1d.lowband.v1.FetchStateRequest\x1a\x16.lowband.v1.StateChunk0\x01\x12?\n\x06Status\x12\x19.lowband.v1.StatusRequest\x1a\x1a.lowband.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,41 +40,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=259
   _globals['_JOINREQUEST']._serialized_end=510
   _globals['_JOINRESPONSE']._serialized_start=513
-  _globals['_JOINRESPONSE']._serialized_end=737
-  _globals['_HEARTBEATREQUEST']._serialized_start=739
-  _globals['_HEARTBEATREQUEST']._serialized_end=774
-  _globals['_HEARTBEATRESPONSE']._serialized_start=776
-  _globals['_HEARTBEATRESPONSE']._serialized_end=862
-  _globals['_LEAVEREQUEST']._serialized_start=864
-  _globals['_LEAVEREQUEST']._serialized_end=911
-  _globals['_LEAVERESPONSE']._serialized_start=913
-  _globals['_LEAVERESPONSE']._serialized_end=928
-  _globals['_SUBMITCHUNK']._serialized_start=930
-  _globals['_SUBMITCHUNK']._serialized_end=1045
-  _globals['_SUBMITRESPONSE']._serialized_start=1047
-  _globals['_SUBMITRESPONSE']._serialized_end=1120
-  _globals['_COLLECTREQUEST']._serialized_start=1122
-  _globals['_COLLECTREQUEST']._serialized_end=1206
-  _globals['_COLLECTHEADER']._serialized_start=1209
-  _globals['_COLLECTHEADER']._serialized_end=1415
-  _globals['_PAYLOADPIECE']._serialized_start=1417
-  _globals['_PAYLOADPIECE']._serialized_end=1477
-  _globals['_COLLECTCHUNK']._serialized_start=1479
-  _globals['_COLLECTCHUNK']._serialized_end=1589
-  _globals['_FETCHSTATEREQUEST']._serialized_start=1591
-  _globals['_FETCHSTATEREQUEST']._serialized_end=1693
-  _globals['_STATECHUNK']._serialized_start=1695
-  _globals['_STATECHUNK']._serialized_end=1814
-  _globals['_STATUSREQUEST']._serialized_start=1816
-  _globals['_STATUSREQUEST']._serialized_end=1851
-  _globals['_MEMBERSTATUS']._serialized_start=1854
-  _globals['_MEMBERSTATUS']._serialized_end=2182
-  _globals['_EVICTEDMEMBER']._serialized_start=2184
-  _globals['_EVICTEDMEMBER']._serialized_end=2244
-  _globals['_ROUNDSTATUS']._serialized_start=2247
-  _globals['_ROUNDSTATUS']._serialized_end=2433
-  _globals['_STATUSRESPONSE']._serialized_start=2436
-  _globals['_STATUSRESPONSE']._serialized_end=2790
-  _globals['_COORDINATOR']._serialized_start=2793
-  _globals['_COORDINATOR']._serialized_end=3334
+  _globals['_JOINRESPONSE']._serialized_end=756
+  _globals['_HEARTBEATREQUEST']._serialized_start=758
+  _globals['_HEARTBEATREQUEST']._serialized_end=793
+  _globals['_HEARTBEATRESPONSE']._serialized_start=795
+  _globals['_HEARTBEATRESPONSE']._serialized_end=881
+  _globals['_LEAVEREQUEST']._serialized_start=883
+  _globals['_LEAVEREQUEST']._serialized_end=930
+  _globals['_LEAVERESPONSE']._serialized_start=932
+  _globals['_LEAVERESPONSE']._serialized_end=947
+  _globals['_SUBMITCHUNK']._serialized_start=949
+  _globals['_SUBMITCHUNK']._serialized_end=1064
+  _globals['_SUBMITRESPONSE']._serialized_start=1066
+  _globals['_SUBMITRESPONSE']._serialized_end=1139
+  _globals['_COLLECTREQUEST']._serialized_start=1141
+  _globals['_COLLECTREQUEST']._serialized_end=1225
+  _globals['_COLLECTHEADER']._serialized_start=1228
+  _globals['_COLLECTHEADER']._serialized_end=1434
+  _globals['_PAYLOADPIECE']._serialized_start=1436
+  _globals['_PAYLOADPIECE']._serialized_end=1496
+  _globals['_COLLECTCHUNK']._serialized_start=1498
+  _globals['_COLLECTCHUNK']._serialized_end=1608
+  _globals['_FETCHSTATEREQUEST']._serialized_start=1610
+  _globals['_FETCHSTATEREQUEST']._serialized_end=1712
+  _globals['_STATECHUNK']._serialized_start=1714
+  _globals['_STATECHUNK']._serialized_end=1833
+  _globals['_STATUSREQUEST']._serialized_start=1835
+  _globals['_STATUSREQUEST']._serialized_end=1870
+  _globals['_MEMBERSTATUS']._serialized_start=1873
+  _globals['_MEMBERSTATUS']._serialized_end=2201
+  _globals['_EVICTEDMEMBER']._serialized_start=2203
+  _globals['_EVICTEDMEMBER']._serialized_end=2263
+  _globals['_ROUNDSTATUS']._serialized_start=2266
+  _globals['_ROUNDSTATUS']._serialized_end=2452
+  _globals['_STATUSRESPONSE']._serialized_start=2455
+  _globals['_STATUSRESPONSE']._serialized_end=2809
+  _globals['_COORDINATOR']._serialized_start=2812
+  _globals['_COORDINATOR']._serialized_end=3353
 # @@protoc_insertion_point(module_scope)

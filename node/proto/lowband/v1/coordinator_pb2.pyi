@@ -57,7 +57,7 @@ class JoinRequest(_message.Message):
     def __init__(self, node_name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., config_json: _Optional[str] = ..., config_hash: _Optional[str] = ..., task_fingerprint: _Optional[str] = ..., model_digest: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., join_token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("node_id", "lease_ms", "heartbeat_interval_ms", "current_round", "first_round", "committed_rounds", "config_json", "shard", "num_shards", "replaced")
+    __slots__ = ("node_id", "lease_ms", "heartbeat_interval_ms", "current_round", "first_round", "committed_rounds", "config_json", "shard", "num_shards", "replaced", "upload_go")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class JoinResponse(_message.Message):
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_GO_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lease_ms: int
     heartbeat_interval_ms: int
@@ -78,7 +79,8 @@ class JoinResponse(_message.Message):
     shard: int
     num_shards: int
     replaced: bool
-    def __init__(self, node_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., current_round: _Optional[int] = ..., first_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., config_json: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., replaced: _Optional[bool] = ...) -> None: ...
+    upload_go: bool
+    def __init__(self, node_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., current_round: _Optional[int] = ..., first_round: _Optional[int] = ..., committed_rounds: _Optional[int] = ..., config_json: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., replaced: _Optional[bool] = ..., upload_go: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id",)

@@ -117,7 +117,9 @@ class CoordinatorServicer:
         """Upload this node's frame for a round as a stream of chunks; resumable by offset. Codes: OK; NOT_FOUND;
         UNAUTHENTICATED; INVALID_ARGUMENT (not a valid frame, sizes); FAILED_PRECONDITION (round not open to this member);
         ALREADY_EXISTS (another payload accepted); OUT_OF_RANGE and DATA_LOSS (resume at lowband-resume-offset);
-        UNAVAILABLE (cannot persist rounds now).
+        UNAVAILABLE (cannot persist rounds now); RESOURCE_EXHAUSTED with lowband-retry (no upload slot came free).
+        A coordinator whose JoinResponse sets upload_go sends initial metadata lowband-upload = "go" once the upload
+        holds one of its upload slots; the node sends its first chunk only then (a waiting upload sends nothing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
