@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from node import wire
+from node.train.buffer_reduce import add_buffer, finish_buffer
 from node.train.reference import Aggregate, Reference
 
 
@@ -49,16 +50,8 @@ class RunningReduce:
         for i, (name, shape) in enumerate(zip(self.names, self.shapes)):
             enc = {k: v.to(self.device) for k, v in env.tensors[name].items()}
             self._totals[i] = self.codec.accumulate(self._totals[i], enc, shape)  # (numel,) or shape, fp32
-        for j, spec in enumerate(self.buffer_spec):
-            value = env.extra[spec.name].to(self.device)
-            old = self._buffers[j]
-            if spec.dtype.is_floating_point:
-                base = torch.zeros(spec.shape, dtype=torch.float64, device=self.device) if old is None else old
-                self._buffers[j] = base.add_(value.to(torch.float64))
-            elif spec.dtype == torch.bool:
-                self._buffers[j] = value.clone() if old is None else old.logical_or_(value)
-            else:
-                self._buffers[j] = value.clone() if old is None else torch.maximum(old, value, out=old)
+        for j, spec in enumerate(self.buffer_spec):  # the buffers' rule, frame by frame (node/train/buffer_reduce.py)
+            self._buffers[j] = add_buffer(self._buffers[j], env.extra[spec.name].to(self.device), spec)
         self.order.append(env.sender)
 
     def aggregate(self) -> Aggregate:
@@ -75,5 +68,5 @@ class RunningReduce:
         buffers = []
         for spec, total in zip(self.buffer_spec, self._buffers):
             assert total is not None
-            buffers.append(total.div(n).to(spec.dtype) if spec.dtype.is_floating_point else total.clone())
+            buffers.append(finish_buffer(total, n, spec))
         return Aggregate(tensors, buffers)

@@ -45,6 +45,7 @@ from node.robust.report import RoundReport
 from node.robust.state import HEADER_BYTES as ROBUST_HEADER_BYTES
 from node.robust.state import HISTORY_KEY, RobustState, RobustStateError
 from node.train import state_file, tensors as model_tensors
+from node.train.buffer_reduce import reduce_buffer
 from node.train.downlink import aggregate_codec, compress_with_feedback
 from node.train.schedule import round_inner_lr
 from node.train.state_file import StateFile, StateFormatError
@@ -184,17 +185,8 @@ class Reference:
         """Each buffer's agreed value: floating ones the mean over the envelopes (fp64 sum in the envelopes' order, one
         division, cast back: bit-identical on every replica and never overflowing), integer and bool ones the
         elementwise max (for a counter such as ``num_batches_tracked``, the furthest member's count)."""
-        out = []
-        for spec in self.buffer_spec:
-            values = [e.extra[spec.name].to(self.device) for e in envelopes]
-            if spec.dtype.is_floating_point:
-                total = torch.zeros(spec.shape, dtype=torch.float64, device=self.device)
-                for v in values:
-                    total.add_(v.to(torch.float64))
-                out.append(total.div_(len(values)).to(spec.dtype))
-            else:
-                out.append(torch.stack(values).amax(dim=0) if spec.dtype != torch.bool else torch.stack(values).any(0))
-        return out
+        return [reduce_buffer([e.extra[spec.name].to(self.device) for e in envelopes], spec)
+                for spec in self.buffer_spec]  # node/train/buffer_reduce.py
 
     def apply(self, envelopes: Sequence[wire.Envelope], round_: int,
               local_context: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None) -> None:

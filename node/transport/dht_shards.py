@@ -42,6 +42,7 @@ from node.compress.dense import DenseCodec
 from node.errors import PayloadError
 from node.identity import NodeKey
 from node.keyring import KeyRing
+from node.train.buffer_reduce import reduce_buffer
 from node.transport.dht_agreement import Pair, encode_pairs
 
 MAX_SHARDS = 4096  # the most reduce shards a round has (one per agreed member at most)
@@ -168,19 +169,7 @@ def aggregate_codec(codec: Codec, dense_choice: str) -> Codec:
 def reduce_extra(specs: wire.ExtraSpecs, envelopes: Sequence[wire.Envelope]) -> dict[str, torch.Tensor]:
     """Each model buffer's agreed value over ``envelopes`` (sorted by sender), as ``Reference.reduce_buffers``:
     floating ones the fp64 sum in order, one division, cast back; integer ones the max; bool ones any."""
-    out = {}
-    for spec in specs:
-        values = [e.extra[spec.name] for e in envelopes]
-        if spec.dtype.is_floating_point:
-            total = torch.zeros(spec.shape, dtype=torch.float64)
-            for v in values:
-                total.add_(v.to(torch.float64))
-            out[spec.name] = total.div_(len(values)).to(spec.dtype)
-        elif spec.dtype == torch.bool:
-            out[spec.name] = torch.stack(values).any(0)
-        else:
-            out[spec.name] = torch.stack(values).amax(dim=0)
-    return out
+    return {spec.name: reduce_buffer([e.extra[spec.name] for e in envelopes], spec) for spec in specs}
 
 
 @dataclass(frozen=True)
