@@ -468,12 +468,15 @@ def settle_step(now: float, until: float, published: Iterable[str], peers: Itera
 def adopt_sources(outcome: Outcome,
                   announced: Mapping[str, Announcement]) -> dict[str, tuple[list[str], int | None, str]]:
     """sender → (peer ids to fetch its frame from, size (unknown: None), sha256) for every frame of ``outcome``: its
-    sender first when it announced exactly that frame, then every publisher of the outcome."""
+    sender first when it announced exactly that frame, then every publisher of the outcome, then every member whose
+    have-list gave the outcome (``confirmed``: each listed, so holds and serves, every frame of it) — a sender and the
+    outcome's only publisher that die together must not leave a frame that other members hold unreachable."""
     wanted: dict[str, tuple[list[str], int | None, str]] = {}
+    holders = [announced[m].peer_id for m in sorted(outcome.confirmed) if m in announced]
     for sender, sha in sorted(outcome.pairs):
         a = announced.get(sender)
         direct = [a.peer_id] if a is not None and a.sha256 == sha else []
-        wanted[sender] = (direct + list(outcome.sources.values()), None, sha)
+        wanted[sender] = (list(dict.fromkeys(direct + list(outcome.sources.values()) + holders)), None, sha)
     return wanted
 
 

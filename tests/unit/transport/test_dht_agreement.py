@@ -302,5 +302,11 @@ def test_adopted_frames_come_from_their_sender_first_then_from_every_publisher()
     group = {**announced("a"), "b": Announcement("peer-b", 10, "a-newer-frame", "ref")}  # b retried the round
     assert adopt_sources(outcome, group) == {"a": (["peer-a", "peer-p", "peer-q"], None, sha("a")),
                                              "b": (["peer-p", "peer-q"], None, sha("b"))}
+    # the members whose have-lists gave the outcome hold its frames too: after its publishers, once each
+    confirmed = Outcome("p", "peer-p", "ref", 1.0, True, pairs("a", "b"), confirmed=frozenset({"a", "b", "p"}),
+                        sources={"p": "peer-p"})
+    group = {**announced("a"), **announced("b"), "p": Announcement("peer-p", 10, sha("p"), "ref")}
+    assert adopt_sources(confirmed, group) == {"a": (["peer-a", "peer-p", "peer-b"], None, sha("a")),
+                                               "b": (["peer-b", "peer-p", "peer-a"], None, sha("b"))}
     assert commit_reason({"a", "b"}, {"a", "b"}) == "every announced member agreed"
     assert commit_reason({"a", "b", "c"}, {"b"}) == "committed without a, c"
