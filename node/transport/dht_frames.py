@@ -23,9 +23,11 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from hivemind.p2p import P2P, PeerID
 
+from node.logutil import RateLimited
 from node.transport.dht_faults import DhtFaults, Stream
 
 log = logging.getLogger(__name__)
+retries = RateLimited(log, every_s=5.0)  # a dead source fails at once, every time it is tried again
 _OK, _MISSING = b"\x00", b"\x01"
 KEEP_OWN_ROUNDS = 8  # our own frames, served this many rounds back (a paused or slow peer may still want them)
 KEEP_FETCHED_ROUNDS = 2  # frames fetched from others: the round being decided and the one before
@@ -85,11 +87,14 @@ def digest(frame: bytes) -> str:
 
 class FramePool:
     """Our frames and the ones we fetched, by round and sha256; serves them (``serve``) and pulls them (``fetch_all``).
-    ``faults``: what a test wants this peer's serving to do wrong (``dht_faults``; none by default)."""
+    ``faults``: what a test wants this peer's serving to do wrong (``dht_faults``; none by default); ``request``: how
+    a frame is asked of a peer (``request_moving``; a test's network seam)."""
 
-    def __init__(self, name: str, handler_name: str, fetch_timeout_s: float, faults: DhtFaults | None = None) -> None:
+    def __init__(self, name: str, handler_name: str, fetch_timeout_s: float, faults: DhtFaults | None = None,
+                 request: Callable[..., Awaitable[tuple[bytes, bytes]]] = request_moving) -> None:
         self.name, self.handler_name, self.fetch_timeout_s = name, handler_name, fetch_timeout_s
         self.faults = faults or DhtFaults()
+        self.request = request
         self._frames: dict[int, dict[str, bytes]] = {}  # round → sha256 → frame (ours and fetched)
         self._own: dict[int, dict[str, bytes]] = {}  # round → sha256 → frame, every frame we submitted
         self._latest: dict[int, str] = {}  # round → sha256 of our latest submission (the announced one)
@@ -153,7 +158,7 @@ class FramePool:
 
     # -- fetching ---------------------------------------------------------------------------------------
     async def _fetch(self, p2p: P2P, peer_id: str, round_: int, sha: str, size: int | None) -> bytes:
-        status, data = await request_moving(p2p, peer_id, self.handler_name,
+        status, data = await self.request(p2p, peer_id, self.handler_name,
                                             round_.to_bytes(8, "big") + bytes.fromhex(sha), self.fetch_timeout_s,
                                             MAX_FRAME if size is None else size)
         if status != _OK:
@@ -164,16 +169,18 @@ class FramePool:
                         sha: str, timeout: float, longest: float | None = None) -> bytes | str:
         """The frame ``sha`` from the first of ``sources`` (peer ids) that serves it, or the reason it could not
         be had. Each stream must keep moving (``fetch_timeout_s`` per step); a transfer that does may run until
-        ``longest`` (default ``timeout``). A broken stream is retried within ``timeout``: one cut stream must
-        not drop a peer, and a dead one must not hold the round."""
+        ``longest`` (default ``timeout``). A broken stream or a peer that cannot be reached moves on to the next
+        source, and the sources are tried again in turn within ``timeout``: one cut stream must not drop a peer, and
+        a dead one — the frame's sender, say — must not keep us from the others that hold the frame."""
         held = self.get(round_, sha)
         if held is not None:
             return held
         now = time.monotonic()
         until, last = now + timeout, now + max(timeout, longest or 0.0)
         why = "no source"
-        for peer_id in dict.fromkeys(sources):  # in order, without repeats
-            while True:
+        order, lacking = list(dict.fromkeys(sources)), set()  # in order, without repeats; those without the frame
+        while True:
+            for peer_id in [p for p in order if p not in lacking]:
                 try:
                     data = await asyncio.wait_for(self._fetch(p2p, peer_id, round_, sha, size),
                                                   max(0.05, last - time.monotonic()))
@@ -181,20 +188,21 @@ class FramePool:
                     return f"no frame within {timeout:.1f}s (a step stalled, or the round's time ran out)"
                 except LookupError as exc:  # a definite answer: this source does not hold it
                     why = f"fetch failed: {exc}"
-                    break
+                    lacking.add(peer_id)
+                    continue
                 except Exception as exc:
                     why = f"fetch failed: {exc!r}"
-                    if time.monotonic() + 0.2 >= until:
-                        return why
-                    log.info("[node=%s round=%d] fetching %s failed (%r); retrying", self.name, round_, sender, exc)
-                    await asyncio.sleep(0.1)
+                    retries.log(logging.INFO, f"{round_}:{sender}", "[node=%s round=%d] fetching %s from %s failed "
+                                "(%r); trying the next source", self.name, round_, sender, peer_id[-8:], exc)
                     continue
                 if (size is not None and len(data) != size) or digest(data) != sha:
                     return (f"frame does not match its announcement (size {len(data)} vs {size}, sha256 "
                             f"mismatch)")
                 self.add(round_, data)
                 return data
-        return why
+            if len(lacking) == len(order) or time.monotonic() + 0.2 >= until:
+                return why
+            await asyncio.sleep(0.1)
 
     async def fetch_all(self, p2p: P2P, round_: int,
                         wanted: dict[str, tuple[Sequence[str], int | None, str]],
