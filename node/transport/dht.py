@@ -22,15 +22,16 @@ where each is explained; this module reads and writes the records, moves the fra
    ``min_members`` announcements the round stays open (as a coordinator keeps it), and a peer that finds the run a
    round ahead meanwhile leaves it to fetch the state. Members whose reference differs from ours are left out; if
    another reference is held by more members, ours is the diverged one (``state_needed``).
-2. decided already (``supported_outcomes``, ``choose_outcome``)? A committed outcome from our reference that its
-   members' have-lists support *is* the round: adopt it (step 5) — a retry, a late peer or an observer gets the same.
+2. decided already (``round_outcome``)? A committed outcome from our reference that its members' have-lists
+   support *is* the round: adopt it (step 5) — a retry, a late peer or an observer gets the same.
 3. fetch and agree (``take_late``, ``agree_step``, ``agreed_set``): pull every member's frame by its sha256 (each
    stream step within ``fetch_timeout_s``), publish ``have``, wait (≤ ``agree_wait_s``) for every member's list over
    the whole group (or a supported outcome, then step 5), taking in senders another member's group holds. The set is
    (what I hold) ∩ (every have-list received), from the senders that listed; it commits with at least
    ``min_members`` frames and lists from more than half of the voters (the group's live members).
 4. publish the outcome (or a "not committed" record, so no one waits for us) and settle (``settle_step``, ≤
-   ``settle_s``): the earliest published supported outcome (ties: the publisher's name) is the round's.
+   ``settle_s``, for every member of the group): the earliest published supported outcome (ties: the publisher's
+   name) is the round's; an earlier one still pending for us leaves the round undecided (it is read again).
 5. adopt (``adopt_sources``): commit exactly that outcome's frames, from their senders or any publisher of it
    (``dht_gather``) — or, for an outcome of more than ``shard_above`` members, reduce it by shard (``dht_sharded``:
    a member whose group is that large lists the announced frames in step 3 instead of fetching them).
@@ -60,7 +61,7 @@ from node.identity import NodeKey
 from node.membership import DeadlinePolicy, round_wait
 from node.transport.dht_agreement import (AgreeDecision, Announcement, CloseView, GroupDecision, GroupKind, HaveList,
                                           Outcome, Pair, ReferenceKind, Verdict, agree_step,
-                                          agreed_set, choose_outcome, close_group, close_wait,
+                                          agreed_set, close_group, close_wait,
                                           late_senders, parse_haves, round_joiners, same_reference, settle_step,
                                           take_late)
 from node.transport.dht_faults import DhtFaults
@@ -69,7 +70,7 @@ from node.transport.dht_gather import FrameGather
 from node.transport.dht_sharded import ShardedReduce
 from node.transport.dht_members import MAX_ROUND
 from node.transport.dht_process import start_dht
-from node.transport.dht_quorum import supported_outcomes
+from node.transport.dht_quorum import round_outcome
 from node.transport.dht_signing import SignedRecordValidator
 from node.transport.dht_state import DEFAULT_CHUNK, StateShare
 from node.transport.dht_trust import RunTrust
@@ -265,18 +266,19 @@ class DhtTransport(FrameGather):
 
     def _supported(self, round_: int, done: dict[str, Any], haves: dict[str, HaveList], mine: str,
                    voters: int) -> Outcome | None:
-        """The round's outcome among ``done`` (``dht_quorum.supported_outcomes``, then ``choose_outcome``);
+        """The round's outcome among ``done`` (``dht_quorum.round_outcome``: supported, then the earliest);
         committed outcomes that their members' have-lists do not give are counted as rejected."""
         parsed = {p: Outcome.parse(p, v) for p, v in done.items()}
         outcomes = {p: o for p, o in parsed.items() if o is not None}
         for p in sorted(set(parsed) - set(outcomes)):
             self.trust.rejections.add("done", "malformed outcome", (round_, p, repr(done[p])[:200]))
-        good, bad = supported_outcomes(outcomes, haves, voters, self.min_members, get_dht_time(), self._record_ttl)
+        chosen, bad = round_outcome(done, outcomes, haves, voters, self.min_members, get_dht_time(),
+                                    self._record_ttl, mine)
         for p, decision in bad.items():
             if decision.rejected:
                 self.trust.rejections.add("done", decision.reason if decision.kind.value == "out_of_window"
                                           else f"not supported: {decision.kind.value}", (round_, p))
-        return choose_outcome({p: done[p] for p in good}, mine)
+        return chosen
 
     def _read_outcome(self, round_: int, group: dict[str, Announcement], mine: str, voters: int,
                       own: HaveList | None = None) -> Outcome | None:

@@ -40,8 +40,11 @@ The rules, in the order a round runs them, and why each is what it is:
 6. ``agreed_set``: the round's frames are (what I hold) ∩ (every have-list received), restricted to the members that
    published one: a frame any member tried and failed to get is dropped by everyone who reads that list. Fewer than
    ``min_members`` frames do not commit: a peer cut off from the others must not go on alone.
-7. ``settle_step``: after publishing, wait for the outcomes of the members we agreed with; members whose have-list
-   reads raced at the agree deadline find out here, and ``choose_outcome`` makes them apply the same set.
+7. ``settle_step``: after publishing, wait for the outcomes of every member of the group (not only those we agreed
+   with: one whose list we missed may have read ours and published a larger outcome first); members whose have-list
+   reads raced at the agree deadline find out here, and ``choose_outcome`` makes them apply the same set — an
+   earlier outcome still pending for us (its lists not visible yet) leaves the round undecided rather than let us
+   take a later one that the others do not.
 8. ``adopt_sources``: commit exactly the outcome's frames, fetched from their senders or from any publisher of the
    same outcome (each holds every frame in it).
 """
@@ -306,15 +309,24 @@ def same_reference(mine: str, announced: Mapping[str, Announcement]) -> Referenc
 
 
 # -- 3. a decided round -------------------------------------------------------------------------------------
-def choose_outcome(records: Mapping[str, Any], mine: str) -> Outcome | None:
+def choose_outcome(records: Mapping[str, Any], mine: str, pending: Mapping[str, Any] | None = None) -> Outcome | None:
     """The round's outcome among the ``done`` records: the earliest published committed one from our reference
-    (ties: the publisher's name), with every publisher of the same frames as a source. None: undecided."""
-    found = [Outcome.parse(p, v) for p, v in records.items()]
-    ours = [o for o in found if o is not None and o.committed and (not mine or o.fingerprint in (mine, ""))]
-    if not ours:
+    (ties: the publisher's name), with every publisher of the same frames as a source. None: undecided.
+    ``pending``: committed outcomes not supported *yet* (a confirming member's have-list is not visible to this
+    reader). One published earlier than the best supported one leaves the round undecided: another reader that
+    sees those lists takes it, so taking the later one here would apply another member set for the same round (a
+    replica split). Undecided, the round is read again (it is retried) until that outcome is supported or gone."""
+    def ours(values: Mapping[str, Any]) -> list[Outcome]:
+        found = [Outcome.parse(p, v) for p, v in values.items()]
+        return [o for o in found if o is not None and o.committed and (not mine or o.fingerprint in (mine, ""))]
+
+    good = ours(records)
+    if not good:
         return None
-    best = min(ours, key=lambda o: (o.published_at, o.publisher))
-    return dataclasses.replace(best, sources={o.publisher: o.peer_id for o in ours if o.pairs == best.pairs})
+    best = min(good, key=lambda o: (o.published_at, o.publisher))
+    if any((o.published_at, o.publisher) < (best.published_at, best.publisher) for o in ours(pending or {})):
+        return None
+    return dataclasses.replace(best, sources={o.publisher: o.peer_id for o in good if o.pairs == best.pairs})
 
 
 # -- 4. late senders ----------------------------------------------------------------------------------------
@@ -407,11 +419,14 @@ class AgreeDecision:
     pairs: frozenset[Pair]  # the round's frames (empty unless COMMIT)
     confirmed: frozenset[str]  # members that published a have-list in time
     dropped: tuple[tuple[str, str], ...] = ()  # (sender, why) of frames we hold that did not make it
+    group: frozenset[str] = frozenset()  # the round's members (every sender taken into it)
 
     @property
     def settle_with(self) -> frozenset[str]:
-        """The members whose outcomes the settle wait is for: every member we agreed with, every sender agreed."""
-        return self.confirmed | {s for s, _ in self.pairs}
+        """The members whose outcomes the settle wait is for: every member of the group — not only those we agreed
+        with. A member whose have-list we did not read in time may have read ours and published a larger outcome
+        earlier than ours; that one is the round's (``choose_outcome``), so we wait to see it."""
+        return self.confirmed | {s for s, _ in self.pairs} | self.group
 
 
 def agreed_set(held: Iterable[Pair], haves: Mapping[str, HaveList], members: Iterable[str],
@@ -422,7 +437,7 @@ def agreed_set(held: Iterable[Pair], haves: Mapping[str, HaveList], members: Ite
     confirmed = frozenset(s for s in haves if s in group)
     if len(confirmed) < voters // 2 + 1 and voters:
         return AgreeDecision(Verdict.NO_QUORUM, f"only {len(confirmed)} of {voters} members listed what they hold "
-                             "in time: a quorum is more than half", frozenset(), confirmed, ())
+                             "in time: a quorum is more than half", frozenset(), confirmed, (), frozenset(group))
     mine = set(held)
     final = {p for p in mine if p[0] in confirmed}
     for sender in confirmed:
@@ -432,12 +447,12 @@ def agreed_set(held: Iterable[Pair], haves: Mapping[str, HaveList], members: Ite
                     for s in sorted({s for s, _ in mine} - kept))
     if not final:
         return AgreeDecision(Verdict.NO_COMMON_FRAME, "no frame is held by every member", frozenset(), confirmed,
-                             dropped)
+                             dropped, frozenset(group))
     if len(final) < min_members:
         return AgreeDecision(Verdict.NO_QUORUM, f"only {len(final)} member(s) agreed, fewer than the run's min_nodes "
-                             f"{min_members}", frozenset(), confirmed, dropped)
+                             f"{min_members}", frozenset(), confirmed, dropped, frozenset(group))
     return AgreeDecision(Verdict.COMMIT, f"{len(final)} frame(s) held by all {len(confirmed)} listing member(s)",
-                         frozenset(final), confirmed, dropped)
+                         frozenset(final), confirmed, dropped, frozenset(group))
 
 
 # -- 7. settling --------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-from node.transport.dht_agreement import Announcement, HaveList, Outcome, Pair
+
+from node.transport.dht_agreement import Announcement, HaveList, Outcome, Pair, choose_outcome
 
 CLOCK_SKEW_S = 30.0  # how far apart two members' clocks may be
 
@@ -99,6 +100,18 @@ def supported_outcomes(outcomes: Mapping[str, Outcome], haves: Mapping[str, Have
         else:
             bad[publisher] = decision
     return good, bad
+
+
+def round_outcome(done: Mapping[str, Any], outcomes: Mapping[str, Outcome], haves: Mapping[str, HaveList], voters: int,
+                  min_members: int, now: float, max_age_s: float, mine: str
+                  ) -> tuple[Outcome | None, dict[str, SupportDecision]]:
+    """The round's outcome as a reader sees it (``DhtTransport._supported``): the earliest supported one
+    (``choose_outcome``) — none while an outcome published earlier is still pending (its members' have-lists not
+    visible to this reader yet: another reader may already have taken it). ``done``: the raw records, ``outcomes``:
+    those of them that parsed. Also why each other committed outcome does not count."""
+    good, bad = supported_outcomes(outcomes, haves, voters, min_members, now, max_age_s)
+    pending = {p: done[p] for p, d in bad.items() if d.kind is Support.PENDING}
+    return choose_outcome({p: done[p] for p in good}, mine, pending), bad
 
 
 @dataclass(frozen=True)

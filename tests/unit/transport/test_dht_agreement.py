@@ -267,7 +267,8 @@ def test_a_member_that_published_no_have_list_is_left_out_and_does_not_constrain
     haves = {"a": have(("a", "b", "c"), ("a", "b", "c")), "b": have(("a", "b", "c"), ("a", "b", "c"))}
     d = agreed_set(pairs("a", "b", "c"), haves, group, min_members=2)
     assert d.kind is Verdict.COMMIT and d.pairs == pairs("a", "b")
-    assert d.dropped == (("c", "published no have-list in time"),) and d.settle_with == {"a", "b"}
+    assert d.dropped == (("c", "published no have-list in time"),)
+    assert d.settle_with == {"a", "b", "c"}  # c may have read our lists and published a larger outcome: wait for it
 
 
 def test_no_frame_held_by_every_member_commits_nothing() -> None:
@@ -310,3 +311,24 @@ def test_adopted_frames_come_from_their_sender_first_then_from_every_publisher()
                                                "b": (["peer-b", "peer-p", "peer-a"], None, sha("b"))}
     assert commit_reason({"a", "b"}, {"a", "b"}) == "every announced member agreed"
     assert commit_reason({"a", "b", "c"}, {"b"}) == "committed without a, c"
+
+
+def test_a_member_whose_list_came_too_late_is_waited_for_in_the_settle_wait() -> None:
+    """A replica split (rejoin test, round 24: d1 applied [d1, d2], d0 [d0, d1, d2]): d1's agree wait ran out before
+    it read d0's have-list, so it committed its frames from d1 and d2's lists; d0, which read every list, committed
+    all three — and earlier. The settle wait was for the members d1 agreed with only, so d1 stopped as soon as d2
+    published and never saw d0's outcome, which d0 and d2 took as the round's (the earliest). d1 must wait for
+    every member of the group before it chooses."""
+    group = announced("d0", "d1", "d2")
+    full = have(("d0", "d1", "d2"), ("d0", "d1", "d2"))
+    d1 = agreed_set(pairs("d0", "d1", "d2"), {"d1": full, "d2": full}, group, min_members=2, voters=3)
+    assert d1.kind is Verdict.COMMIT and d1.pairs == pairs("d1", "d2")  # without d0: no list from it in time
+    d0 = agreed_set(pairs("d0", "d1", "d2"), {"d0": full, "d1": full, "d2": full}, group, min_members=2, voters=3)
+    assert d0.kind is Verdict.COMMIT and d0.pairs == pairs("d0", "d1", "d2")
+    waiting = settle_step(0.0, 2.0, {"d1", "d2"}, d1.settle_with, me="d1")
+    assert not waiting.done and waiting.reason == "waiting for the outcomes of d0"
+    records = {"d0": Outcome("d0", "peer-d0", "ref", 100.0, True, d0.pairs, d0.confirmed).encode(),
+               "d1": Outcome("d1", "peer-d1", "ref", 101.0, True, d1.pairs, d1.confirmed).encode()}
+    assert settle_step(0.5, 2.0, set(records) | {"d2"}, d1.settle_with, me="d1").done
+    best = choose_outcome(records, "ref")  # seen, the earliest is every reader's: d1 applies d0's outcome too
+    assert best is not None and best.pairs == pairs("d0", "d1", "d2")

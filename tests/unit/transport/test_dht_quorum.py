@@ -8,7 +8,7 @@ import hashlib
 
 from node.transport.dht_agreement import Announcement, HaveList, Outcome, agreed_set
 from node.transport.dht_quorum import (CLOCK_SKEW_S, OfferKey, Support, check_outcome, derive, offer_support, quorum,
-                                       run_progress, supported_outcomes)
+                                       round_outcome, run_progress, supported_outcomes)
 
 NOW, TTL = 1000.0, 60.0
 
@@ -96,3 +96,34 @@ def test_the_runs_round_is_what_more_than_half_of_the_other_live_members_entered
     assert run_progress({"a": 5, "rogue": 10 ** 9}, ["a", "rogue"]) == 5  # one member's word moves nobody
     assert run_progress({"a": 5, "b": 6, "rogue": 10 ** 9}, ["a", "b", "rogue"]) == 6
     assert run_progress({"a": 5, "gone": 9}, ["a"]) == 5  # a member no longer live does not count
+
+
+def test_an_earlier_outcome_not_yet_supported_for_one_reader_leaves_the_round_undecided_for_it() -> None:
+    """A replica split: d0 read every have-list and published [d0, d1, d2] first; d1, whose agree wait ran out
+    before it read d0's list, published [d1, d2] (a subset outcome derives from d1 and d2's lists: both valid). d0
+    and d2 see both supported and take the earliest, d0's. To d1, d0's outcome is only pending (d0's list is not
+    visible to it yet): taking its own, the only supported one it sees, applied another member set for the same
+    round. It must wait (the round stays undecided and is read again) until d0's outcome is supported."""
+    group = ("d0", "d1", "d2")
+    full = have(group, group)
+    first = outcome("d0", group, group, at=NOW - 2.0)
+    later = outcome("d1", ("d1", "d2"), ("d1", "d2"), at=NOW - 1.0)
+    assert later.pairs == agreed_set(pairs(*group), {"d1": full, "d2": full}, group, 2, voters=3).pairs
+    outcomes = {"d0": first, "d1": later}
+    done = {p: o.encode() for p, o in outcomes.items()}
+    everyone = {"d0": full, "d1": full, "d2": full}
+    seen, _ = round_outcome(done, outcomes, everyone, 3, 2, NOW, TTL, "ref")  # d0 and d2
+    assert seen is not None and seen.publisher == "d0" and seen.pairs == pairs(*group)
+    without_d0 = {"d1": full, "d2": full}  # d1, before d0's list reaches it
+    undecided, why = round_outcome(done, outcomes, without_d0, 3, 2, NOW, TTL, "ref")
+    assert undecided is None and why["d0"].kind is Support.PENDING
+    alone, _ = round_outcome({"d1": done["d1"]}, {"d1": later}, without_d0, 3, 2, NOW, TTL, "ref")
+    assert alone is not None and alone.publisher == "d1"  # no earlier outcome: its own is the round's
+    # a reader that does not see d1's list yet: d1's outcome is pending but later, so it holds nothing back
+    without_d1, why = round_outcome(done, outcomes, {"d0": full, "d2": full}, 3, 2, NOW, TTL, "ref")
+    assert why["d1"].kind is Support.PENDING and why["d0"].kind is Support.PENDING  # d0's names d1 too
+    assert without_d1 is None
+    early = outcome("d0", ("d0", "d2"), ("d0", "d2"), at=NOW - 2.0)
+    got, why = round_outcome({"d0": early.encode(), "d1": done["d1"]}, {"d0": early, "d1": later},
+                             {"d0": full, "d2": full}, 3, 2, NOW, TTL, "ref")
+    assert why["d1"].kind is Support.PENDING and got is not None and got.publisher == "d0"
