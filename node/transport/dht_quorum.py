@@ -23,7 +23,6 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-
 from node.transport.dht_agreement import Announcement, HaveList, Outcome, Pair, choose_outcome
 
 CLOCK_SKEW_S = 30.0  # how far apart two members' clocks may be
