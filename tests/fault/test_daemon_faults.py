@@ -101,12 +101,16 @@ def test_a_state_older_than_the_nodes_round_is_replayed_up_to_it_the_node_never_
 def test_a_node_that_crashes_restarts_from_its_workdir_and_catches_up(tmp_path: Path) -> None:
     schedule = FaultSchedule().fail_at("b", 2, Fault.CRASH)
     with LocalCluster(tmp_path, run_config("sign", rounds=6), schedule, min_nodes=2) as cl:
+        cl.run.hold(4)  # a and c go on without b up to round 4, and wait there: b comes back two rounds behind
         cl.start_together(NAMES)
         crashed = cl.nodes["b"].wait()
         assert "crashed" in crashed, crashed
         checkpointed = {e["round"] for e in cl.log("b") if "round" in e}
         assert checkpointed == {0, 1}  # it died in round 2, as under kill -9: no Leave, no exit checkpoint
+        wait_for(lambda: cl.run.reference.committed_rounds == 4)
         cl.start("b")  # the same workdir
+        wait_for(lambda: 3 in cl.applied("b"))
+        cl.run.release()
         assert all(o == {"code": 0} for o in cl.wait_all().values())
         check_consistent(cl)
         assert cl.applied("b")[5]["contributed"]  # back in the run
