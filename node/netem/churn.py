@@ -53,11 +53,19 @@ def random_schedule(seed: int, nodes: list[str], rounds: int, events: int, coord
     joined = 0
     span = rounds - 3 - start_round
     slots = sorted(rng.sample(range(start_round, rounds - 3), k=min(events, span)))
-    # one partition and a join or two, wherever they fall; the rest kills (each with its restart) and pauses
+    # one partition and a join or two; the rest kills (each with its restart) and pauses. A join falls in the first
+    # third of the span (its slot is moved there when drawn later): a joiner starts a process, finds the run and
+    # fetches its state — seconds, several fast rounds — and must have rounds left to take part in
     kinds = [rng.choice(["kill", "pause"]) for _ in slots]
     special = rng.sample(range(len(slots)), k=min(len(slots), 1 + max(1, len(slots) // 10)))
+    early = start_round + span // 3
     for i, idx in enumerate(special):
         kinds[idx] = "partition" if i == 0 else "join"
+    for i, kind in enumerate(kinds):
+        if kind == "join" and slots[i] > early:
+            slots[i] = rng.randrange(start_round, early + 1)
+    order = sorted(range(len(slots)), key=lambda i: slots[i])
+    slots, kinds = [slots[i] for i in order], [kinds[i] for i in order]
     for at, kind in zip(slots, kinds):
         busy = {n for n, back in out_until.items() if back > at}
         free = [n for n in nodes if n not in busy]
