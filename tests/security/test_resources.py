@@ -4,10 +4,11 @@ server's deadline, every field from the network is bounded, and a bug answers IN
 coordinator that keeps failing."""
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
@@ -269,6 +270,20 @@ def test_a_node_retries_a_passing_bound_but_not_a_full_run(trial: Callable[..., 
         node.close()
 
 
+@contextlib.contextmanager
+def an_idle_upload(t: Trial, member: Any, round_: int) -> Iterator[Any]:
+    """``member`` opens an upload for ``round_`` and sends nothing (it takes a slot if one is free); the call, open
+    until the block ends."""
+    idle = Idle()
+    held = t.stub().Submit.future(iter(idle), metadata=signed_metadata(
+        member.transport.key, member.transport.node_id, "Submit", submit=(round_, 10)), timeout=120)
+    try:
+        yield held
+    finally:
+        idle.release()
+        held.cancel()
+
+
 def test_uploads_beyond_the_gate_wait_for_a_slot_and_a_slot_holder_that_sends_nothing_loses_it(
         trial: Callable[..., Trial]) -> None:
     """One upload slot (coordinator/upload_gate.py): a member that opens an upload and sends nothing holds it, an
@@ -281,10 +296,7 @@ def test_uploads_beyond_the_gate_wait_for_a_slot_and_a_slot_holder_that_sends_no
     assert gate is not None and gate.slots == 1
     a, b = t.join("a"), t.join("b")
     r = t.core.open_round
-    idle = Idle()
-    held = t.stub().Submit.future(iter(idle), metadata=signed_metadata(
-        b.transport.key, b.transport.node_id, "Submit", submit=(r, 10)), timeout=120)
-    try:
+    with an_idle_upload(t, b, r) as held:
         assert gate.wait_until(lambda: gate.in_use == 1, WAIT_S)
         with ThreadPoolExecutor(1) as pool:
             honest = pool.submit(a.transport.submit, r, t.frame("a", r), 2.0)
@@ -299,19 +311,13 @@ def test_uploads_beyond_the_gate_wait_for_a_slot_and_a_slot_holder_that_sends_no
         for m in (a, b):
             res = m.transport.collect(r, 30, submitted=True, own=t.frame(m.name, r), own_name=m.name)
             assert res.committed and res.members == ("a", "b") and m.worker.apply(res).committed
-    finally:
-        idle.release()
-        held.cancel()
 
 
 def test_an_upload_that_waits_too_long_for_a_slot_is_refused_with_the_retry_hint(trial: Callable[..., Trial]) -> None:
     t = trial(limits=ServerLimits(upload_bytes=1, min_upload_slots=1, upload_wait_s=0.3))
     a, b = t.join("a"), t.join("b")
     r = t.core.open_round
-    idle = Idle()
-    held = t.stub().Submit.future(iter(idle), metadata=signed_metadata(
-        b.transport.key, b.transport.node_id, "Submit", submit=(r, 10)), timeout=120)
-    try:
+    with an_idle_upload(t, b, r):
         gate = t.server.uploads
         assert gate is not None and gate.wait_until(lambda: gate.in_use == 1, WAIT_S)
         frame = t.frame("a", r)
@@ -322,9 +328,6 @@ def test_an_upload_that_waits_too_long_for_a_slot_is_refused_with_the_retry_hint
         assert err.details() == "every one of the coordinator's 1 upload slots stayed taken for 0 s: try again shortly"
         assert dict(err.trailing_metadata())["lowband-retry"] == "1"  # a passing bound: the node retries
         assert gate.in_use == 1 and gate.waiting == 0
-    finally:
-        idle.release()
-        held.cancel()
 
 
 def test_a_fixed_upload_read_ahead_turns_bdp_probing_off_and_rounds_go_on(trial: Callable[..., Trial]) -> None:
@@ -374,10 +377,7 @@ def test_an_upload_waiting_for_a_slot_sends_no_frame_bytes_until_the_coordinator
     honest.node_id, honest.identity, honest.join_response = (a.transport.node_id, a.transport.identity,
                                                              a.transport.join_response)
     r = t.core.open_round
-    idle = Idle()
-    held = t.stub().Submit.future(iter(idle), metadata=signed_metadata(
-        b.transport.key, b.transport.node_id, "Submit", submit=(r, 10)), timeout=120)
-    try:
+    with an_idle_upload(t, b, r):
         assert gate is not None and gate.wait_until(lambda: gate.in_use == 1, WAIT_S)
         with ThreadPoolExecutor(1) as pool:
             upload = pool.submit(honest.submit, r, t.frame("a", r), 2.0)
@@ -387,6 +387,3 @@ def test_an_upload_waiting_for_a_slot_sends_no_frame_bytes_until_the_coordinator
             clock.advance(31.0)
             t.server.watchdog.check()  # the idle holder loses the slot: go
             assert upload.result(WAIT_S) == "accepted" and recorder.data.is_set()
-    finally:
-        idle.release()
-        held.cancel()
