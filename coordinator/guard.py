@@ -172,18 +172,21 @@ class _Call:
         self.public_key: bytes | None = None  # the signer of a FetchState before Join
         self.submit_head: tuple[int, int] | None = None
         self.upload_slot: UploadGate | None = None  # the gate whose slot this upload holds
-        self.ended = threading.Event()  # the call ended (a wait for an upload slot stops)
         self.wake = threading.Event()  # set when the upload gate grants this call a slot, or when the call ends
         self._released = False
         self._lock = threading.Lock()
+
+    @property
+    def released(self) -> bool:
+        """The call ended (its slots were given back)."""
+        return self._released
 
     def release(self) -> None:
         with self._lock:
             if self._released:
                 return
             self._released = True
-        self.ended.set()
-        self.wake.set()  # a wait for an upload slot ends now
+        self.wake.set()  # a wait for an upload slot ends now (it sees ``released``)
         for counter, key in self.slots:
             counter.give(key)
         if self.upload_slot is not None:
@@ -258,7 +261,7 @@ class RpcGuard(grpc.ServerInterceptor):
 
     def _enter_upload(self, gate: UploadGate, call: _Call, context: grpc.ServicerContext) -> None:
         """Hold one of the gate's slots before the upload's first chunk is read, or refuse the call."""
-        if not gate.enter(call.member, call.wake, call.ended.is_set):
+        if not gate.enter(call.member, call.wake, lambda: call.released):
             self.warn.info("uploads-full", "an upload waited %.0f s for one of %d upload slots: refused, to be retried",
                            gate.wait_s, gate.slots)
             context.set_trailing_metadata(tuple(RETRY_MD.items()))
